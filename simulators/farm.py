@@ -51,8 +51,9 @@ MODELS: dict[str, RigModel] = {
         RigModel("Antminer S19 Pro", 110.0, 3250.0, 1600.0, 3400.0, chips_per_board=114),
         RigModel("Antminer S19j Pro", 104.0, 3068.0, 1500.0, 3200.0, chips_per_board=126),
         RigModel("Antminer S19 XP", 141.0, 3010.0, 1500.0, 3150.0, chips_per_board=110),
-        RigModel("Antminer S21", 200.0, 3500.0, 1800.0, 3650.0, chips_per_board=108,
-                 wake_ramp_s=180.0),
+        RigModel(
+            "Antminer S21", 200.0, 3500.0, 1800.0, 3650.0, chips_per_board=108, wake_ramp_s=180.0
+        ),
     )
 }
 
@@ -152,7 +153,7 @@ class SimRig:
         if above <= 0 or not self.powered:
             return 0.0
         frac = min(1.5, above / (m.nominal_w - m.idle_w * 2))
-        h = m.nominal_ths * frac**_HASH_EXPONENT
+        h = m.nominal_ths * math.pow(frac, _HASH_EXPONENT)
         return h * (1.0 + 0.01 * math.sin(t / 11.0 + self._phase))
 
     def board_hashrates_ths(self, t: float) -> list[float]:
@@ -166,10 +167,14 @@ class SimRig:
     def board_temps_c(self, t: float) -> list[float]:
         """PCB temperature per board: ambient plus a rise proportional to load."""
         load = min(1.2, self._eval(t) / self.model.nominal_w)
-        return [25.0 + 40.0 * load + 1.5 * math.sin(self._phase + i) for i in range(self.model.boards)]
+        return [
+            25.0 + 40.0 * load + 1.5 * math.sin(self._phase + i) for i in range(self.model.boards)
+        ]
 
     def chip_temps_c(self, t: float) -> list[float]:
-        return [b + 8.0 * min(1.2, self._eval(t) / self.model.nominal_w) for b in self.board_temps_c(t)]
+        return [
+            b + 8.0 * min(1.2, self._eval(t) / self.model.nominal_w) for b in self.board_temps_c(t)
+        ]
 
     def fans_rpm(self, t: float) -> list[int]:
         if not self.powered:
@@ -232,9 +237,8 @@ class SimRig:
         """None restores the model's default (nominal) power."""
         self.command_count += 1
         if watts is not None and not (self.model.min_w <= watts <= self.model.max_w):
-            raise ValueError(
-                f"power target {watts:.0f} W outside {self.model.min_w:.0f}-{self.model.max_w:.0f} W"
-            )
+            m = self.model
+            raise ValueError(f"power target {watts:.0f} W outside {m.min_w:.0f}-{m.max_w:.0f} W")
         self.power_target_w = watts
         if self.mode == Mode.MINING and self.powered:
             p = self._eval(t)
@@ -420,7 +424,9 @@ class Farm:
         t = clock.now()
         for n in range(1, rigs + 1):
             rid = id_format.format(n=n)
-            farm.rigs[rid] = SimRig(rid, MODELS[rng.choices(names, w)[0]], t, seed=seed * 100_003 + n)
+            farm.rigs[rid] = SimRig(
+                rid, MODELS[rng.choices(names, w)[0]], t, seed=seed * 100_003 + n
+            )
         per = math.ceil(rigs / pdus)
         rig_list = list(farm.rigs.values())
         for p in range(pdus):

@@ -1,0 +1,531 @@
+"""The daemon's configuration: one TOML file, validated, overridable from the environment.
+
+A broken config must never reach a running daemon, so loading either returns a
+fully checked `Config` or raises `ConfigError` listing *every* problem with its
+dotted path and, where the file has it, its line: a technician fixes the file
+in one pass instead of one error per restart.
+
+Any setting can be overridden by an environment variable RIGD_<SECTION>__<KEY>
+(double underscore between levels), e.g. RIGD_MQTT__URL or RIGD_POLL__INTERVAL_S,
+so one file serves several environments and systemd can inject the broker.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "RIGD_"
+DEFAULT_CONFIG_PATH = Path("/etc/rigd/rigd.toml")
+
+# Ids end up in MQTT topics and file names: no '/', '+', '#', spaces.
+Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteConfig(_Strict):
+    id: Ident
+    name: str = ""
+    timezone: str = "UTC"
+    state_dir: Path = Path("/var/lib/rigd")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name like Asia/Bishkek)") from e
+        return v
+
+
+class MqttConfig(_Strict):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str | None = None  # default: rigd-<site id>
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    ca_file: Path | None = None  # mqtts: CA bundle; system CAs when unset
+    cert_file: Path | None = None  # mqtts: client certificate (mutual TLS)
+    key_file: Path | None = None
+    tls_insecure: bool = False  # skip hostname verification: test brokers only
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {v!r}")
+        if not parts.hostname:
+            raise ValueError(f"broker URL has no host: {v!r}")
+        try:
+            _ = parts.port
+        except ValueError as e:
+            raise ValueError(f"broker URL has a bad port: {v!r}") from e
+        if parts.path not in ("", "/"):
+            raise ValueError(f"broker URL must not have a path: {v!r}")
+        return v
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+class PollConfig(_Strict):
+    interval_s: float = Field(10.0, ge=0.2, le=3600)
+    concurrency: int = Field(256, ge=1, le=20_000)  # devices polled at once
+    timeout_s: float = Field(3.0, gt=0, le=60)  # per device call
+    retries: int = Field(1, ge=0, le=5)
+
+
+class MeterConfig(_Strict):
+    id: Ident
+    host: str
+    port: Port = 502
+    protocol: Literal["sdm630", "sunspec"] = "sdm630"
+    unit_id: int = Field(1, ge=0, le=255)
+    role: Literal["import"] = "import"  # the grid-connection meter the cap applies to
+
+
+class PduConfig(_Strict):
+    id: Ident
+    host: str
+    port: Port = 161
+    protocol: Literal["apc-rpdu2"] = "apc-rpdu2"
+    snmp_version: Literal["2c", "3"] = "2c"
+    community: SecretStr = SecretStr("public")
+    write_community: SecretStr | None = None  # outlet switching disabled when unset (v2c)
+    user: str = ""  # SNMPv3
+    auth_key: SecretStr | None = None
+    priv_key: SecretStr | None = None
+    auth_protocol: Literal["SHA", "SHA256", "MD5"] = "SHA"
+    priv_protocol: Literal["AES", "AES256", "DES"] = "AES"
+    outlets: dict[int, Ident] = Field(default_factory=dict)  # outlet number -> rig id
+
+    @field_validator("outlets")
+    @classmethod
+    def _outlet_numbers(cls, v: dict[int, str]) -> dict[int, str]:
+        bad = [n for n in v if n < 1]
+        if bad:
+            raise ValueError(f"outlet numbers start at 1, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _v3_complete(self) -> PduConfig:
+        if self.snmp_version == "3" and not (self.user and self.auth_key and self.priv_key):
+            raise ValueError("snmp_version 3 needs user, auth_key and priv_key")
+        return self
+
+
+def expand_range(spec: str) -> list[ipaddress.IPv4Address]:
+    """Addresses of "10.0.2.10-10.0.2.200", "10.0.2.10-200" or a CIDR (hosts only)."""
+    spec = spec.strip()
+    if "/" in spec:
+        net = ipaddress.IPv4Network(spec, strict=False)
+        return list(net.hosts()) if net.num_addresses > 2 else list(net)
+    if "-" in spec:
+        lo_s, hi_s = (s.strip() for s in spec.split("-", 1))
+        lo = ipaddress.IPv4Address(lo_s)
+        hi = (
+            ipaddress.IPv4Address(hi_s)
+            if "." in hi_s
+            else ipaddress.IPv4Address(int(lo) - (int(lo) & 0xFF) + int(hi_s))
+        )
+        if hi < lo:
+            raise ValueError(f"range {spec!r} ends before it starts")
+        return [ipaddress.IPv4Address(i) for i in range(int(lo), int(hi) + 1)]
+    return [ipaddress.IPv4Address(spec)]
+
+
+MAX_RANGE = 65_536
+
+
+class MinerConfig(_Strict):
+    """One miner (`id` + `host`) or a range of them (`range`, ids made by `id_format`)."""
+
+    id: Ident | None = None
+    host: str | None = None
+    range: str | None = None
+    id_format: str = "{prefix}-{c}-{d}"  # fields: prefix, a, b, c, d (octets), n (1-based)
+    id_prefix: str = "rig"
+    port: Port = 4028
+    driver: Literal["luxos", "cgminer"] = "luxos"
+    username: str = ""
+    password: SecretStr | None = None
+    group: str | None = None
+
+    @model_validator(mode="after")
+    def _one_or_range(self) -> MinerConfig:
+        if self.range is None:
+            if not self.id or not self.host:
+                raise ValueError("a miner needs `id` and `host`, or a `range`")
+            return self
+        if self.host is not None or self.id is not None:
+            raise ValueError("give either `range` or `id` + `host`, not both")
+        try:
+            addrs = expand_range(self.range)
+        except ValueError as e:
+            raise ValueError(f"bad address range {self.range!r}: {e}") from e
+        if len(addrs) > MAX_RANGE:
+            raise ValueError(f"range {self.range!r} has {len(addrs)} addresses (max {MAX_RANGE})")
+        try:
+            self._format_id(addrs[0], 1)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"bad id_format {self.id_format!r}: {e}") from e
+        return self
+
+    def _format_id(self, addr: ipaddress.IPv4Address, n: int) -> str:
+        a, b, c, d = addr.packed
+        return self.id_format.format(prefix=self.id_prefix, a=a, b=b, c=c, d=d, n=n)
+
+    def expand(self) -> list[tuple[str, str]]:
+        """(rig id, host) for each miner this entry describes."""
+        if self.range is None:
+            assert self.id is not None and self.host is not None
+            return [(self.id, self.host)]
+        return [(self._format_id(a, n), str(a)) for n, a in enumerate(expand_range(self.range), 1)]
+
+
+class GroupConfig(_Strict):
+    priority: int = 0  # higher: shed later, restored sooner
+    description: str = ""
+
+
+class Config(_Strict):
+    site: SiteConfig
+    mqtt: MqttConfig = MqttConfig()
+    poll: PollConfig = PollConfig()
+    meters: list[MeterConfig] = Field(default_factory=list)
+    pdus: list[PduConfig] = Field(default_factory=list)
+    miners: list[MinerConfig] = Field(default_factory=list)
+    groups: dict[Ident, GroupConfig] = Field(default_factory=dict)
+
+    def rigs(self) -> list[RigEntry]:
+        """Every miner, ranges expanded, with its outlet if a PDU maps it."""
+        outlet_of = {rig: (p.id, n) for p in self.pdus for n, rig in p.outlets.items()}
+        out: list[RigEntry] = []
+        for m in self.miners:
+            for rid, host in m.expand():
+                out.append(RigEntry(rid, host, m, outlet_of.get(rid)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RigEntry:
+    id: str
+    host: str
+    miner: MinerConfig
+    outlet: tuple[str, int] | None  # (pdu id, outlet number)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str  # dotted, e.g. "pdus[1].outlets.3"
+    message: str
+    line: int | None = None  # 1-based line in the file, when known
+    source: str = ""  # the file, or the environment variable that set it
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where = f"{where}:{self.line}" if where else f"line {self.line}"
+        head = f"{where}: " if where else ""
+        return f"{head}{self.path or '(top level)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config that must not be used, with every problem found in it."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str = "") -> None:
+        self.issues = issues
+        self.source = source
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(
+    r"^\s*((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+))*)\s*="
+)
+
+
+def _split_key(key: str) -> list[str]:
+    parts = re.findall(r"\"([^\"]*)\"|'([^']*)'|([A-Za-z0-9_-]+)", key)
+    return [a or b or c for a, b, c in parts]
+
+
+def locate_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each table and key path in a TOML text to its line, for error messages.
+
+    tomllib gives values but no positions; this scan covers what configs use
+    (tables, arrays of tables, dotted and quoted keys). Array-of-table entries
+    are keyed by their index, as pydantic reports them.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    counts: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    in_multiline = False
+    for no, raw in enumerate(text.splitlines(), start=1):
+        if in_multiline:
+            if raw.count('"""') % 2 == 1 or raw.count("'''") % 2 == 1:
+                in_multiline = False
+            continue
+        m = _HEADER.match(raw)
+        if m and not _KEY.match(raw):
+            names = _split_key(m.group(2))
+            if m.group(1) == "[[":
+                # An array-of-tables entry: index it under its parent path.
+                parent = _resolve(names[:-1], counts)
+                base = (*parent, names[-1])
+                idx = counts.get(base, -1) + 1
+                counts[base] = idx
+                table = (*base, str(idx))
+            else:
+                table = (*_resolve(names[:-1], counts), names[-1])
+            lines.setdefault(table, no)
+            continue
+        k = _KEY.match(raw)
+        if k:
+            path = (*table, *_split_key(k.group(1)))
+            lines.setdefault(path, no)
+            rest = raw[k.end() :]
+            if rest.count('"""') % 2 == 1 or rest.count("'''") % 2 == 1:
+                in_multiline = True
+    return lines
+
+
+def _resolve(names: list[str], counts: dict[tuple[str, ...], int]) -> tuple[str, ...]:
+    """A dotted header prefix, with the current index of any array of tables on the way."""
+    out: tuple[str, ...] = ()
+    for name in names:
+        out = (*out, name)
+        if out in counts:
+            out = (*out, str(counts[out]))
+    return out
+
+
+def _line_for(loc: tuple[Any, ...], lines: Mapping[tuple[str, ...], int]) -> int | None:
+    key = tuple(str(p) for p in loc)
+    while key:
+        if key in lines:
+            return lines[key]
+        key = key[:-1]
+    return None
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def env_overrides(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[str, ...], Any]]:
+    """(variable, path, value) for every RIGD_A__B[__C] variable."""
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+        if not all(path):
+            continue
+        parsed: Any = value
+        if value[:1] in ("[", "{"):
+            # Lists and tables are given in TOML syntax: RIGD_X__Y='["a", "b"]'.
+            try:
+                parsed = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                parsed = value
+        yield name, path, parsed
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    applied: dict[tuple[str, ...], str] = {}
+    for name, path, value in env_overrides(environ):
+        node = raw
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+        applied[path] = name
+    return applied
+
+
+def _cross_check(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """Checks that span sections: unique ids, outlets naming real rigs, known groups."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    seen: dict[str, tuple[Any, ...]] = {}
+    hosts: dict[tuple[str, int], str] = {}
+    for i, m in enumerate(cfg.miners):
+        if m.group is not None and m.group not in cfg.groups:
+            known = ", ".join(sorted(cfg.groups)) or "none defined"
+            problems.append(
+                (("miners", i, "group"), f"unknown group {m.group!r} (groups: {known})")
+            )
+        for rid, host in m.expand():
+            if rid in seen:
+                problems.append(
+                    (("miners", i), f"duplicate rig id {rid!r} (also {_dotted(seen[rid])})")
+                )
+            else:
+                seen[rid] = ("miners", i)
+            where = (host, m.port)
+            if where in hosts and hosts[where] != rid:
+                problems.append((("miners", i), f"{host}:{m.port} is also rig {hosts[where]!r}"))
+            hosts.setdefault(where, rid)
+    outlet_owner: dict[str, str] = {}
+    for section, dev_ids in (
+        ("meters", [m.id for m in cfg.meters]),
+        ("pdus", [p.id for p in cfg.pdus]),
+    ):
+        ids: set[str] = set()
+        for i, dev_id in enumerate(dev_ids):
+            if dev_id in ids:
+                problems.append(((section, i, "id"), f"duplicate {section[:-1]} id {dev_id!r}"))
+            ids.add(dev_id)
+    for i, pdu in enumerate(cfg.pdus):
+        for n, rid in pdu.outlets.items():
+            loc = ("pdus", i, "outlets", str(n))  # a table key, not a list index
+            if rid not in seen:
+                problems.append((loc, f"rig {rid!r} is not a configured miner"))
+            elif rid in outlet_owner:
+                problems.append((loc, f"rig {rid!r} is already on {outlet_owner[rid]}"))
+            else:
+                outlet_owner[rid] = f"{pdu.id} outlet {n}"
+    if len([m for m in cfg.meters if m.role == "import"]) > 1:
+        problems.append(
+            (("meters",), "more than one import meter: which one does the cap apply to?")
+        )
+    return problems
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate TOML text (plus environment overrides); raise ConfigError listing every issue."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = int(m.group(1)) if m else None
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError([ConfigIssue("", f"not valid TOML: {msg}", line, source)], source) from e
+    applied = _apply_env(raw, os.environ if environ is None else environ)
+    lines = locate_lines(text)
+
+    def issue(loc: tuple[Any, ...], msg: str) -> ConfigIssue:
+        key = tuple(str(p) for p in loc)
+        for path, var in applied.items():
+            if key[: len(path)] == path:
+                return ConfigIssue(_dotted(loc), msg, None, f"environment {var}")
+        return ConfigIssue(_dotted(loc), msg, _line_for(loc, lines), source)
+
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        issues = []
+        for err in e.errors():
+            loc = tuple(
+                p for p in err["loc"] if p not in ("[key]",) and not str(p).startswith("function-")
+            )
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting (check the spelling; see config/example.toml)"
+            elif err["type"] == "string_pattern_mismatch":
+                msg = (
+                    f"{err['input']!r} is not a valid id: use letters, digits, '-', '_' and '.', "
+                    "starting with a letter or digit, at most 64 characters"
+                )
+            elif err["type"] == "missing":
+                msg = "required setting is missing"
+            issues.append(issue(loc, msg))
+        raise ConfigError(issues, source) from e
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError([issue(loc, msg) for loc, msg in problems], source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(
+            [ConfigIssue("", f"cannot read config: {e.strerror}", None, str(p))], str(p)
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [ConfigIssue("", "config is not UTF-8 text", None, str(p))], str(p)
+        ) from e
+    return parse_config(text, source=str(p), environ=environ)
+
+
+def summarize(cfg: Config) -> str:
+    """What a technician wants confirmed after `check-config`: counts, not a dump."""
+    rigs = cfg.rigs()
+    mapped = sum(len(p.outlets) for p in cfg.pdus)
+    ranges = sum(1 for m in cfg.miners if m.range is not None)
+    drivers: dict[str, int] = {}
+    for r in rigs:
+        drivers[r.miner.driver] = drivers.get(r.miner.driver, 0) + 1
+    by_driver = ", ".join(f"{n} {d}" for d, n in sorted(drivers.items())) or "none"
+    lines = [
+        f"site {cfg.site.id} ({cfg.site.timezone}), state in {cfg.site.state_dir}",
+        f"broker {cfg.mqtt.url}, poll every {cfg.poll.interval_s:g} s "
+        f"({cfg.poll.concurrency} at once, timeout {cfg.poll.timeout_s:g} s)",
+        f"{len(cfg.meters)} meter(s): "
+        + (", ".join(f"{m.id} ({m.protocol})" for m in cfg.meters) or "none"),
+        f"{len(cfg.pdus)} PDU(s), {mapped} outlet(s) mapped to rigs",
+        f"{len(rigs)} miner(s) ({by_driver})"
+        + (f", {ranges} address range(s) expanded" if ranges else "")
+        + f", {len(rigs) - mapped} without an outlet",
+        f"{len(cfg.groups)} group(s)"
+        + (": " + ", ".join(sorted(cfg.groups)) if cfg.groups else ""),
+    ]
+    if not cfg.meters:
+        lines.append("warning: no import meter; the farm's import will not be measured")
+    return "\n".join(lines)

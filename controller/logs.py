@@ -1,0 +1,58 @@
+"""Structured logging: JSON lines under systemd (or any non-terminal), readable in a terminal.
+
+Every log line is an event with key-value context (device, operation, error
+kind), so journald and log shippers can filter on fields instead of parsing
+prose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+
+def _under_systemd() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+
+
+def configure_logging(
+    level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
+) -> None:
+    """Route structlog (and the stdlib loggers of our libraries) to one stream."""
+    out = stream if stream is not None else sys.stderr
+    if json is None:
+        json = _under_systemd() or not out.isatty()
+    lvl = logging.getLevelName(level.upper())
+    if not isinstance(lvl, int):
+        raise ValueError(f"unknown log level {level!r}")
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries log through stdlib logging; keep their noise (hex dumps, broker chatter)
+    # out unless it is a warning.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(lvl, logging.WARNING))
+    for noisy in ("pymodbus", "amqtt", "transitions", "pysnmp", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,155 @@
+"""Shared fixtures: a real mosquitto broker on a free loopback port, and an MQTT watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
+        None,
+    )
+    if not found:
+        pytest.fail(
+            "mosquitto is not installed: run the tests with scripts/test.sh, which installs it"
+        )
+    return found
+
+
+class Mosquitto:
+    """A mosquitto process the test owns: can be stopped and started again on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.host = "127.0.0.1"
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"mosquitto exited: {err}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+class Watcher:
+    """Subscribes to a topic filter and keeps the latest payload of every topic."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.latest: dict[str, bytes] = {}
+        self.retained: dict[str, bool] = {}
+        self.count = 0
+        self._changed = asyncio.Condition()
+
+    async def _pump(self) -> None:
+        async for msg in self.client.messages:
+            payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
+            self.latest[str(msg.topic)] = payload
+            self.retained[str(msg.topic)] = bool(msg.retain)
+            self.count += 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    def json(self, topic: str) -> Any:
+        return json.loads(self.latest[topic])
+
+    async def wait_for(
+        self, topic: str, pred: Callable[[bytes], bool] = lambda _: True, within: float = 10.0
+    ) -> bytes:
+        async def check() -> bytes:
+            async with self._changed:
+                while True:
+                    p = self.latest.get(topic)
+                    if p is not None and pred(p):
+                        return p
+                    await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(check(), within)
+        except TimeoutError:
+            last = self.latest.get(topic)
+            raise AssertionError(
+                f"{topic}: condition not met in {within} s; last: {last!r}"
+            ) from None
+
+    async def wait_json(
+        self, topic: str, pred: Callable[[Any], bool] = lambda _: True, within: float = 10.0
+    ) -> Any:
+        p = await self.wait_for(topic, lambda b: bool(pred(json.loads(b))), within)
+        return json.loads(p)
+
+
+@contextlib.asynccontextmanager
+async def watch(url_host: str, port: int, topic: str = "rigd/#") -> AsyncIterator[Watcher]:
+    async with aiomqtt.Client(url_host, port, identifier=f"watcher-{_free_port()}") as client:
+        await client.subscribe(topic, qos=1)
+        w = Watcher(client)
+        task = asyncio.create_task(w._pump())
+        try:
+            yield w
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
