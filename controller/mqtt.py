@@ -181,12 +181,16 @@ class MqttLink:
             return False
 
     async def close(self, task: asyncio.Task[None] | None) -> None:
-        """Say offline on purpose (a clean stop does not fire the Last Will), then disconnect."""
+        """Say offline on purpose (a clean stop does not fire the Last Will), then disconnect.
+
+        Lets the running flush task drain what is queued first, so nothing is in
+        flight when the connection closes.
+        """
         self._stopping = True
+        if self.connected.is_set():
+            await self.flush(within_s=3.0)
         client = self._client
         if client is not None and self.connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await asyncio.wait_for(self._flush(client), 3.0)
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await asyncio.wait_for(
                     client.publish(self.status_topic, OFFLINE, qos=1, retain=True), 3.0

@@ -286,6 +286,11 @@ class Outlet:
         self.on = True
         self._pending: tuple[float, bool] | None = None  # (when, state) for reboot
 
+    @property
+    def command_pending(self) -> bool:
+        """A delayed action (the "on" half of a reboot) is still to happen."""
+        return self._pending is not None
+
 
 class SimPdu:
     """A switched, outlet-metered PDU. Outlet numbers are 1-based."""

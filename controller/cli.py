@@ -1,0 +1,260 @@
+"""`rigd`: the daemon (`run`), its config checker, the farm simulator and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+
+from controller.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config, summarize
+from controller.logs import configure_logging
+
+# sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
+EXIT_CONFIG = 78
+
+log = structlog.get_logger("rigd")
+
+
+def default_config_path() -> str:
+    return os.environ.get("RIGD_CONFIG", str(DEFAULT_CONFIG_PATH))
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _stop_after(stop: asyncio.Event, seconds: float | None) -> None:
+    if seconds is None:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    stop.set()
+
+
+def print_config_error(e: ConfigError, out: TextIO) -> None:
+    n = len(e.issues)
+    print(f"config {e.source or ''} is invalid: {n} problem{'s' if n != 1 else ''}", file=out)
+    for issue in e.issues:
+        print(f"  {issue}", file=out)
+
+
+# -- rigd check-config ------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print_config_error(e, sys.stdout)
+        return 1
+    print(f"{args.config}: OK")
+    print(summarize(cfg))
+    return 0
+
+
+# -- rigd run ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print_config_error(e, sys.stderr)
+        return EXIT_CONFIG
+    from controller.daemon import Daemon
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _install_stop(stop)
+        daemon = Daemon(cfg)
+        await daemon.run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+# -- rigd sim ---------------------------------------------------------------------------------
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    from simulators.site import SimSite
+
+    async def main() -> None:
+        site = SimSite(
+            rigs=args.rigs,
+            pdus=args.pdus,
+            speed=args.speed,
+            subnet=args.subnet,
+            meter_protocol=args.meter_protocol,
+            seed=args.seed,
+        )
+        await site.start()
+        try:
+            text = site.config_toml(
+                site_id=args.site,
+                broker_url=args.broker,
+                state_dir=args.state_dir,
+                interval_s=args.interval,
+            )
+            parse_config(text, source="<generated>", environ={})  # never write a bad config
+            if args.write_config:
+                await asyncio.to_thread(Path(args.write_config).write_text, text, "utf-8")
+            farm = site.farm
+            first = next(iter(farm.rigs))
+            host, port = site.fleet.address_of(first)
+            print(
+                f"simulated farm: {len(farm.rigs)} rigs on {len(farm.pdus)} PDUs, "
+                f"meter {site.meter.host}:{site.meter.port} ({args.meter_protocol}), "
+                f"clock x{args.speed:g}",
+                flush=True,
+            )
+            print(f"  first miner {first} at {host}:{port} (CGMiner API, LuxOS)", flush=True)
+            for pid, agent in site.pdu_agents.items():
+                print(f"  PDU {pid} SNMP at {agent.host}:{agent.port} (public/private)", flush=True)
+            if args.write_config:
+                print(f"config written to {args.write_config}; run the daemon with:", flush=True)
+                print(f"  rigd run -c {args.write_config}", flush=True)
+            print("Ctrl-C stops the farm.", flush=True)
+            stop = asyncio.Event()
+            _install_stop(stop)
+            await asyncio.gather(stop.wait(), _stop_after(stop, args.duration))
+        finally:
+            await site.stop()
+
+    try:
+        asyncio.run(main())
+    except (ValueError, OSError) as e:
+        print(f"rigd sim: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- rigd demo --------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from controller.demo import run_demo
+
+    try:
+        return asyncio.run(run_demo(args))
+    except (ValueError, OSError) as e:
+        print(f"rigd demo: {e}", file=sys.stderr)
+        return 2
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def _positive(v: str) -> float:
+    f = float(v)
+    if f <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rigd",
+        description="Keeps a mining farm inside its electricity budget.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-c",
+            "--config",
+            default=default_config_path(),
+            help="config file (default: $RIGD_CONFIG or /etc/rigd/rigd.toml)",
+        )
+
+    def log_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+    sp = sub.add_parser("run", help="run the daemon", description="Run the daemon.")
+    config_arg(sp)
+    log_arg(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file (and RIGD_* environment overrides). Exit 1 with "
+        "every problem and its line, or 0 with a summary.",
+    )
+    config_arg(sp)
+    sp.set_defaults(func=cmd_check_config)
+
+    sp = sub.add_parser(
+        "sim",
+        help="run a simulated farm on loopback",
+        description="Start a simulated farm (miners, PDUs, meter) on loopback and optionally "
+        "write a daemon config pointing at it.",
+    )
+    sp.add_argument("--rigs", type=int, default=100, help="number of miners (default 100)")
+    sp.add_argument("--pdus", type=int, default=4, help="number of PDUs (default 4)")
+    sp.add_argument("--write-config", metavar="FILE", help="write a daemon config for this farm")
+    sp.add_argument(
+        "--subnet",
+        metavar="127.0.X.0/24",
+        help="give each miner its own loopback address on port 4028, as on a farm subnet",
+    )
+    sp.add_argument("--speed", type=_positive, default=1.0, help="farm clock speed (default 1)")
+    sp.add_argument("--meter-protocol", choices=("sdm630", "sunspec"), default="sdm630")
+    sp.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL for the config")
+    sp.add_argument("--site", default="sim", help="site id for the config (default sim)")
+    sp.add_argument("--state-dir", default="./state", help="state_dir for the config")
+    sp.add_argument("--interval", type=_positive, default=10.0, help="poll interval for the config")
+    sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
+    sp.add_argument("--duration", type=_positive, help="stop after this many seconds")
+    log_arg(sp)
+    sp.set_defaults(func=cmd_sim)
+
+    sp = sub.add_parser(
+        "demo",
+        help="a simulated farm, a broker and the daemon, live in the terminal",
+        description="Start a simulated farm, an MQTT broker inside the process (unless --broker) "
+        "and the daemon, and show the farm live until Ctrl-C.",
+    )
+    sp.add_argument("--rigs", type=int, default=100, help="number of miners (default 100)")
+    sp.add_argument("--pdus", type=int, default=4, help="number of PDUs (default 4)")
+    sp.add_argument("--broker", metavar="URL", help="use this broker instead of the built-in one")
+    sp.add_argument("--duration", type=_positive, help="stop after this many (wall) seconds")
+    sp.add_argument("--speed", type=_positive, default=10.0, help="farm clock speed (default 10)")
+    sp.add_argument(
+        "--interval",
+        type=_positive,
+        default=10.0,
+        help="poll interval in farm seconds (default 10)",
+    )
+    sp.add_argument(
+        "--headless",
+        action="store_true",
+        help="print one JSON line of site state per interval instead of the live view",
+    )
+    sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
+    log_arg(sp)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

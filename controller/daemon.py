@@ -1,0 +1,200 @@
+"""The daemon's run loop: poll every device each interval, then publish the farm's state.
+
+Data flows one way: devices -> SiteState -> frozen SiteSnapshot -> MQTT (and any
+other consumer). A device failing, hanging or answering garbage costs only its
+own reading: each read is bounded in time and its error recorded as health, so
+the cycle always completes and the daemon keeps its cadence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import structlog
+
+from controller.clock import Clock, SystemClock
+from controller.config import Config
+from controller.devices import Devices, build_devices
+from controller.mqtt import MqttLink
+from controller.state import Health, SiteSnapshot, SiteState
+from drivers.errors import DeviceError
+
+log = structlog.get_logger(__name__)
+
+SnapshotHook = Callable[[SiteSnapshot], Awaitable[None] | None]
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Clock | None = None,
+        devices: Devices | None = None,
+        link: MqttLink | None = None,
+        on_snapshot: SnapshotHook | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
+        self.devices = devices or build_devices(cfg)
+        self.state = SiteState(
+            cfg.site.id,
+            self.devices.rigs,
+            list(self.devices.meters),
+            list(self.devices.pdus),
+            self.devices.import_meter,
+        )
+        self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
+        self.on_snapshot = on_snapshot
+        self.snapshot: SiteSnapshot | None = None
+        self._sem = asyncio.Semaphore(cfg.poll.concurrency)
+        # A driver has its own timeout and retries; this guard only catches a driver bug.
+        self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
+
+    # -- one cycle ------------------------------------------------------------------
+
+    async def _read(
+        self,
+        kind: str,
+        dev_id: str,
+        call: Callable[[], Awaitable[Any]],
+        ok: Callable[[Any], None],
+        failed: Callable[[BaseException], None],
+        health: Health,
+    ) -> None:
+        was = health.reachable
+        async with self._sem:
+            try:
+                reading = await asyncio.wait_for(call(), self._guard_s)
+            except DeviceError as e:
+                failed(e)
+            except TimeoutError as e:
+                failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
+                log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
+            except Exception as e:  # a driver bug must not stop the farm's control
+                failed(e)
+                log.exception("driver_error", kind=kind, device=dev_id)
+            else:
+                ok(reading)
+        # Log changes only: a farm of thousands of rigs must not log every first contact.
+        if health.reachable is False and was is not False:
+            log.warning(
+                "device_unreachable",
+                kind=kind,
+                device=dev_id,
+                error=health.last_error,
+                error_kind=health.last_error_kind,
+            )
+        elif health.reachable and was is False:
+            log.info("device_recovered", kind=kind, device=dev_id)
+
+    async def poll_cycle(self) -> SiteSnapshot:
+        st, devs = self.state, self.devices
+        ts = self.clock.now()
+        t0 = time.monotonic()
+        jobs: list[Awaitable[None]] = []
+        for rig_id, miner in devs.miners.items():
+            jobs.append(
+                self._read(
+                    "miner",
+                    rig_id,
+                    partial(miner.read, ts),
+                    partial(st.rig_ok, rig_id),
+                    partial(st.rig_failed, rig_id, ts),
+                    st.rig_health(rig_id),
+                )
+            )
+        for meter_id, meter in devs.meters.items():
+            jobs.append(
+                self._read(
+                    "meter",
+                    meter_id,
+                    partial(meter.read, ts),
+                    partial(st.meter_ok, meter_id),
+                    partial(st.meter_failed, meter_id, ts),
+                    st.meter_health(meter_id),
+                )
+            )
+        for pdu_id, pdu in devs.pdus.items():
+            jobs.append(
+                self._read(
+                    "pdu",
+                    pdu_id,
+                    partial(pdu.read, ts),
+                    partial(st.pdu_ok, pdu_id),
+                    partial(st.pdu_failed, pdu_id, ts),
+                    st.pdu_health(pdu_id),
+                )
+            )
+        await asyncio.gather(*jobs)
+        st.cycle += 1
+        snap = st.snapshot(ts, time.monotonic() - t0)
+        self.snapshot = snap
+        return snap
+
+    def publish(self, snap: SiteSnapshot) -> None:
+        link = self.link
+        link.set_retained("state", snap.site_document())
+        for rig_id, rig in snap.rigs.items():
+            link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+        for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
+            for dev_id, view in views.items():
+                link.set_retained(f"{kind}/{dev_id}/state", view.as_dict())
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll and publish every interval until `stop` is set; then go offline cleanly.
+
+        Stopping sends no command to any device: rigs stay exactly as they are.
+        """
+        interval = self.cfg.poll.interval_s
+        log.info(
+            "rigd_starting",
+            site=self.cfg.site.id,
+            rigs=len(self.devices.miners),
+            pdus=len(self.devices.pdus),
+            meters=len(self.devices.meters),
+            interval_s=interval,
+            broker=self.cfg.mqtt.url,
+        )
+        link_task = asyncio.create_task(self.link.run(), name="mqtt")
+        try:
+            next_t = self.clock.monotonic()
+            while not stop.is_set():
+                snap = await self.poll_cycle()
+                self.publish(snap)
+                log.debug("poll_cycle", cycle=snap.cycle, duration_s=round(snap.poll_duration_s, 3))
+                if self.on_snapshot is not None:
+                    res = self.on_snapshot(snap)
+                    if res is not None:
+                        await res
+                next_t += interval
+                delay = next_t - self.clock.monotonic()
+                if delay < 0:
+                    log.warning("poll_overrun", cycle=snap.cycle, behind_s=round(-delay, 3))
+                    next_t = self.clock.monotonic()
+                    delay = 0.0
+                await _sleep_or_stop(self.clock, delay, stop)
+        finally:
+            log.info("rigd_stopping", site=self.cfg.site.id)
+            await self.link.close(link_task)
+            await self.devices.close()
+            log.info("rigd_stopped", site=self.cfg.site.id)
+
+
+async def _sleep_or_stop(clock: Clock, delay: float, stop: asyncio.Event) -> None:
+    sleeper = asyncio.ensure_future(clock.sleep(delay))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in (sleeper, stopper):
+            f.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await f

@@ -1,0 +1,91 @@
+"""Builds the drivers a config describes; the only place that knows config -> driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controller.config import Config
+from controller.state import RigInfo
+from drivers.apc_snmp import ApcPdu, close_engines
+from drivers.miner import MinerDriver, make_miner_driver
+from drivers.modbus_meter import ModbusMeter
+from drivers.telemetry import MeterReading, PduReading
+
+
+class MeterDriver(Protocol):
+    async def read(self, ts: float) -> MeterReading: ...
+    async def close(self) -> None: ...
+
+
+class PduDriver(Protocol):
+    async def read(self, ts: float) -> PduReading: ...
+    async def close(self) -> None: ...
+
+
+def _secret(v: object) -> str:
+    get = getattr(v, "get_secret_value", None)
+    return str(get()) if get is not None else ("" if v is None else str(v))
+
+
+@dataclass
+class Devices:
+    rigs: list[RigInfo]
+    miners: dict[str, MinerDriver] = field(default_factory=dict)
+    meters: dict[str, MeterDriver] = field(default_factory=dict)
+    pdus: dict[str, PduDriver] = field(default_factory=dict)
+    import_meter: str | None = None
+
+    async def close(self) -> None:
+        for group in (self.miners, self.meters, self.pdus):
+            for d in group.values():
+                await d.close()
+        await close_engines()  # the SNMP engine shared by all PDUs on this loop
+
+
+def build_devices(cfg: Config) -> Devices:
+    timeout, retries = cfg.poll.timeout_s, cfg.poll.retries
+    rigs: list[RigInfo] = []
+    devs = Devices(rigs)
+    for r in cfg.rigs():
+        m = r.miner
+        rigs.append(RigInfo(r.id, r.host, m.port, m.driver, m.group, r.outlet))
+        devs.miners[r.id] = make_miner_driver(
+            m.driver,
+            r.id,
+            r.host,
+            m.port,
+            username=m.username,
+            password=_secret(m.password),
+            timeout=timeout,
+            retries=retries,
+        )
+    for mc in cfg.meters:
+        devs.meters[mc.id] = ModbusMeter(
+            mc.id,
+            mc.host,
+            mc.port,
+            model=mc.protocol,
+            unit_id=mc.unit_id,
+            timeout=timeout,
+            retries=retries,
+        )
+        if mc.role == "import":
+            devs.import_meter = mc.id
+    for p in cfg.pdus:
+        devs.pdus[p.id] = ApcPdu(
+            p.id,
+            p.host,
+            p.port,
+            version=p.snmp_version,
+            community=_secret(p.community),
+            write_community=_secret(p.write_community),
+            user=p.user,
+            auth_key=_secret(p.auth_key),
+            priv_key=_secret(p.priv_key),
+            auth_protocol=p.auth_protocol,
+            priv_protocol=p.priv_protocol,
+            timeout=min(timeout, 2.0),
+            retries=retries,
+        )
+    return devs

@@ -1,0 +1,100 @@
+"""The demo's live terminal view of the farm, drawn from each cycle's snapshot."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from controller.state import SiteSnapshot
+from drivers.telemetry import RigState
+
+_STATE_STYLE = {
+    RigState.MINING: "green",
+    RigState.WAKING: "cyan",
+    RigState.SLEEPING: "yellow",
+    RigState.OFF: "magenta",
+    RigState.UNREACHABLE: "red",
+}
+
+
+def _fmt(v: float | None, nd: int = 1, unit: str = "") -> str:
+    return "-" if v is None else f"{v:,.{nd}f}{unit}"
+
+
+def render(snap: SiteSnapshot, *, broker: str, speed: float, rows: int = 12) -> RenderableType:
+    doc = snap.site_document()
+    when = dt.datetime.fromtimestamp(snap.ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    head = Text.assemble(
+        ("rigd demo", "bold"),
+        f"  site {snap.site}  ·  farm time {when}  ·  x{speed:g}  ·  broker {broker}  ·  "
+        f"cycle {snap.cycle} ({snap.poll_duration_s * 1000:.0f} ms)",
+    )
+    summary = Table.grid(padding=(0, 3))
+    for _ in range(4):
+        summary.add_column(justify="right")
+    summary.add_row(
+        "import",
+        Text(_fmt(doc["import_kw"], 1, " kW"), style="bold"),
+        "rig power",
+        _fmt(doc["rig_power_kw"], 1, " kW"),
+    )
+    summary.add_row(
+        "hashrate",
+        Text(_fmt(doc["hashrate_ths"] / 1000.0, 2, " PH/s"), style="bold"),
+        "meter energy",
+        _fmt(doc["import_kwh"], 1, " kWh"),
+    )
+    counts = Text()
+    for state in RigState:
+        counts.append(f"{state.value} {doc['rigs'][state.value]}   ", style=_STATE_STYLE[state])
+    unreach = doc["unreachable"]
+    health = Text(
+        f"unreachable: miners {unreach['miners']}, PDUs {unreach['pdus']}, "
+        f"meters {unreach['meters']}",
+        style="red" if any(unreach.values()) else "dim",
+    )
+
+    table = Table(expand=True, title="rigs (first by state, then by power)", title_justify="left")
+    for col, just in (
+        ("rig", "left"),
+        ("model", "left"),
+        ("state", "left"),
+        ("TH/s", "right"),
+        ("W", "right"),
+        ("J/TH", "right"),
+        ("temp °C", "right"),
+        ("outlet", "left"),
+        ("last error", "left"),
+    ):
+        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+    order = {s: i for i, s in enumerate(RigState)}
+    rigs = sorted(
+        snap.rigs.values(),
+        key=lambda r: (-order[r.state], -(r.power_w or 0.0)),
+    )
+    for r in rigs[:rows]:
+        t = r.telemetry
+        outlet = "-"
+        if r.info.outlet:
+            on = {True: "on", False: "off", None: "?"}[r.outlet_on]
+            outlet = f"{r.info.outlet[0]}/{r.info.outlet[1]} {on}"
+        table.add_row(
+            r.info.id,
+            (t.identity.model.removeprefix("Antminer ") if t else "-"),
+            Text(r.state.value, style=_STATE_STYLE[r.state]),
+            _fmt(r.hashrate_ths, 1),
+            _fmt(r.power_w, 0),
+            _fmt(t.efficiency_j_per_th if t else None, 1),
+            _fmt(t.temp_c if t else None, 0),
+            outlet,
+            Text((r.health.last_error or "")[:40], style="red"),
+        )
+    if len(rigs) > rows:
+        table.caption = (
+            f"... and {len(rigs) - rows} more; all on MQTT rigd/{snap.site}/rigs/+/state"
+        )
+    return Panel(Group(head, Text(), summary, counts, health, table), border_style="blue")

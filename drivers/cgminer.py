@@ -1,0 +1,532 @@
+"""The CGMiner-compatible RPC ("port 4028") transport, and parsing its replies into telemetry.
+
+Stock Antminer (bmminer), LuxOS, BOSminer and others all speak this protocol, each with
+quirks: numbers sent as strings, joined replies missing commas, replies that end at a NUL or
+only at EOF. This module absorbs those so the drivers above see plain dicts and
+`RigTelemetry`, and every failure surfaces as one of the typed `DeviceError`s: a farm
+daemon must tell "rig is off" (unreachable) from "rig is sick" (malformed) from "rig said
+no" (rejected) without reading wire bytes.
+
+One TCP connection per request is the protocol (the server closes after replying), so
+there is no connection to pool or keep alive; the cost of a poll is one connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import structlog
+
+from drivers.errors import (
+    CommandRejected,
+    DeviceError,
+    DeviceTimeout,
+    DeviceUnreachable,
+    MalformedReply,
+)
+from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+
+log = structlog.get_logger(__name__)
+
+Json = dict[str, Any]
+
+DEFAULT_PORT: Final = 4028
+MAX_REPLY_BYTES: Final = 1 << 20  # a stats reply is a few KiB; 1 MiB means something is wrong
+READ_CHUNK: Final = 65_536
+MAX_FANS: Final = 32
+_SUCCESS_LETTERS: Final = frozenset({"S", "I", "W"})
+_ERROR_LETTERS: Final = frozenset({"E", "F"})
+_SPECIAL_STATUS: Final = frozenset({"BYE", "RESTART"})
+_SNIPPET: Final = 80
+
+
+class CGMinerRejected(CommandRejected):
+    """A STATUS E/F reply; keeps the firmware's code so callers can react to specific ones."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        device: str = "",
+        operation: str = "",
+        code: int | None = None,
+        reply_msg: str = "",
+    ) -> None:
+        super().__init__(message, device=device, operation=operation)
+        self.code = code
+        self.reply_msg = reply_msg
+
+
+def _snippet(data: bytes | str) -> str:
+    text = data if isinstance(data, str) else data[:_SNIPPET].decode("utf-8", "replace")
+    return repr(text[:_SNIPPET]) + ("..." if len(data) > _SNIPPET else "")
+
+
+def decode_reply(raw: bytes, *, device: str = "", operation: str = "") -> Json:
+    """Bytes off the wire -> the reply object, tolerating the NUL and missing-comma quirks."""
+    data = raw.split(b"\x00", 1)[0]
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise MalformedReply(
+            f"reply is not UTF-8 text: {_snippet(data)}", device=device, operation=operation
+        ) from exc
+    if not text:
+        raise MalformedReply("empty reply", device=device, operation=operation)
+    try:
+        obj = json.loads(text, strict=False)
+    except (ValueError, RecursionError) as exc:
+        # Some bmminer builds join objects without a comma ("}{"); pyasic repairs it the same way.
+        if "}{" not in text:
+            raise MalformedReply(
+                f"reply is not JSON ({exc}): {_snippet(text)}", device=device, operation=operation
+            ) from exc
+        try:
+            obj = json.loads(text.replace("}{", "},{"), strict=False)
+        except (ValueError, RecursionError) as exc2:
+            raise MalformedReply(
+                f"reply is not JSON ({exc2}): {_snippet(text)}",
+                device=device,
+                operation=operation,
+            ) from exc2
+    if not isinstance(obj, dict):
+        raise MalformedReply(
+            f"reply is JSON {type(obj).__name__}, not an object", device=device, operation=operation
+        )
+    return obj
+
+
+def check_status(reply: Mapping[str, Any], *, device: str = "", operation: str = "") -> None:
+    """Raise unless the reply's STATUS says success; E/F become `CGMinerRejected`."""
+    status = reply.get("STATUS")
+    if isinstance(status, str) and status in _SPECIAL_STATUS:
+        return  # quit/restart answer with a bare string
+    if isinstance(status, list) and status and isinstance(status[0], Mapping):
+        entry: Mapping[str, Any] = status[0]
+    elif isinstance(status, Mapping):
+        entry = status  # btminer-native replies use a flat STATUS object
+    else:
+        raise MalformedReply("reply has no STATUS", device=device, operation=operation)
+    letter = entry.get("STATUS")
+    if letter in _SUCCESS_LETTERS:
+        return
+    code = to_int(entry.get("Code"))
+    msg = str(entry.get("Msg", ""))
+    if letter in _ERROR_LETTERS:
+        if code == 45:
+            text = f"access denied to {operation or 'command'} (Code 45: {msg})"
+        else:
+            text = f"command refused (STATUS {letter}, Code {code}: {msg})"
+        raise CGMinerRejected(text, device=device, operation=operation, code=code, reply_msg=msg)
+    raise MalformedReply(f"unknown STATUS letter {letter!r}", device=device, operation=operation)
+
+
+class CGMinerClient:
+    """Talks the 4028 protocol to one miner: one connection per request, bounded everything.
+
+    Retries (with a short backoff) only cover failures that can be transient on a farm LAN,
+    timeouts and unreachable hosts; a rejection or a malformed reply would be the same the
+    second time, so those raise at once.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float = 3.0,
+        retries: int = 1,
+        device: str = "",
+        backoff_s: float = 0.1,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.retries = retries
+        self.device = device or f"{host}:{port}"
+        self.backoff_s = backoff_s
+        self.max_reply_bytes = max_reply_bytes
+        self._join_ok = True  # cleared once a joined request failed but single ones worked
+
+    async def command(self, cmd: str, parameter: str | None = None) -> Json:
+        """Run one command; returns the whole reply (STATUS, section, id) after checking it."""
+        payload: Json = {"command": cmd}
+        if parameter is not None:
+            payload["parameter"] = parameter
+        raw = await self._request(payload, cmd)
+        reply = decode_reply(raw, device=self.device, operation=cmd)
+        check_status(reply, device=self.device, operation=cmd)
+        return reply
+
+    async def multi(self, *cmds: str) -> dict[str, Json]:
+        """Run parameterless report commands in one `a+b+c` request; {cmd: its full reply}.
+
+        Falls back to one connection per command if the joined reply is unusable (some
+        firmware mangles or refuses joins), and remembers that for the next call.
+        """
+        names = list(dict.fromkeys(c.strip() for c in cmds if c.strip()))
+        if not names:
+            raise ValueError("multi() needs at least one command")
+        for name in names:
+            if any(ch in name for ch in "+|,"):
+                raise ValueError(f"{name!r} cannot be joined: only plain command names")
+        if len(names) == 1:
+            return {names[0]: await self.command(names[0])}
+        joined_error: MalformedReply | None = None
+        if self._join_ok:
+            try:
+                return await self._joined(names)
+            except MalformedReply as exc:
+                joined_error = exc
+                log.info("cgminer.join_failed_fallback", device=self.device, error=str(exc))
+        out = {name: await self.command(name) for name in names}
+        if joined_error is not None:
+            self._join_ok = False
+        return out
+
+    async def _joined(self, names: Sequence[str]) -> dict[str, Json]:
+        op = "+".join(names)
+        raw = await self._request({"command": op}, op)
+        reply = decode_reply(raw, device=self.device, operation=op)
+        if "STATUS" in reply:
+            # A firmware without join support answers the whole thing as one (bad) command.
+            raise MalformedReply(
+                f"joined request answered as a single reply: {_snippet(json.dumps(reply))}",
+                device=self.device,
+                operation=op,
+            )
+        out: dict[str, Json] = {}
+        for name in names:
+            slot = reply.get(name, reply.get(name.lower()))
+            if not (isinstance(slot, list) and slot and isinstance(slot[0], dict)):
+                raise MalformedReply(
+                    f"joined reply has no {name!r} slot", device=self.device, operation=op
+                )
+            check_status(slot[0], device=self.device, operation=name)
+            out[name] = slot[0]
+        return out
+
+    async def _request(self, payload: Json, operation: str) -> bytes:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            try:
+                return await self._exchange(data, operation)
+            except (DeviceTimeout, DeviceUnreachable) as exc:
+                if attempt + 1 >= attempts:
+                    raise
+                log.debug(
+                    "cgminer.retry",
+                    device=self.device,
+                    operation=operation,
+                    attempt=attempt + 1,
+                    error=str(exc),
+                )
+                await asyncio.sleep(self.backoff_s * (2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _exchange(self, data: bytes, operation: str) -> bytes:
+        """One connect/send/read-to-NUL-or-EOF under a single deadline."""
+        connected = False
+        writer: asyncio.StreamWriter | None = None
+        buf = bytearray()
+        where = {"device": self.device, "operation": operation}
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                connected = True
+                writer.write(data)
+                await writer.drain()
+                while True:
+                    chunk = await reader.read(READ_CHUNK)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    nul = buf.find(b"\x00", len(buf) - len(chunk))  # only the new bytes
+                    if nul >= 0:
+                        del buf[nul:]
+                    if len(buf) > self.max_reply_bytes:
+                        raise MalformedReply(f"reply exceeds {self.max_reply_bytes} bytes", **where)
+                    if nul >= 0:
+                        break
+        except TimeoutError as exc:
+            if not connected:
+                raise DeviceUnreachable(
+                    f"connect to {self.host}:{self.port} timed out after {self.timeout:g}s",
+                    **where,
+                ) from exc
+            raise DeviceTimeout(f"no reply within {self.timeout:g}s", **where) from exc
+        except DeviceError:
+            raise
+        except OSError as exc:  # refused, reset, unreachable network, ...
+            raise DeviceUnreachable(
+                f"{self.host}:{self.port}: {exc.strerror or type(exc).__name__}", **where
+            ) from exc
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        if not buf:
+            raise DeviceUnreachable("connection closed without a reply", **where)
+        return bytes(buf)
+
+
+# -- reply parsing ----------------------------------------------------------------------
+
+
+def to_float(value: Any) -> float | None:
+    """Numbers as firmware sends them: int, float, or a string ("31947.78", "3250 W", "")."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        f = float(value)
+    elif isinstance(value, str):
+        m = re.match(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", value)
+        if not m:
+            return None
+        f = float(m.group(1))
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def to_int(value: Any) -> int | None:
+    f = to_float(value)
+    return None if f is None else int(f)
+
+
+def section(reply: Mapping[str, Any] | None, name: str) -> list[Mapping[str, Any]]:
+    """The list under a section key (SUMMARY, STATS, ...), keeping only object items."""
+    if reply is None:
+        return []
+    items = reply.get(name)
+    if isinstance(items, Mapping):
+        return [items]
+    if not isinstance(items, list):
+        return []
+    return [i for i in items if isinstance(i, Mapping)]
+
+
+def first(reply: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
+    items = section(reply, name)
+    return items[0] if items else {}
+
+
+_UNIT_TO_THS: Final = {"H": 1e-12, "KH": 1e-9, "MH": 1e-6, "GH": 1e-3, "TH": 1.0, "PH": 1e3}
+
+
+def _rate_ths(entry: Mapping[str, Any], suffix: str) -> float | None:
+    """`GHS 5s`/`MHS 5s`/`THS 5s` -> TH/s."""
+    for prefix in ("GHS", "THS", "MHS", "KHS"):
+        value = to_float(entry.get(f"{prefix} {suffix}"))
+        if value is not None:
+            return value * _UNIT_TO_THS[prefix[:-1]]
+    return None
+
+
+def _temps(value: Any) -> list[float]:
+    """Sensor strings like "73-45-64-65" (or a plain number) -> non-zero readings."""
+    if isinstance(value, str):
+        parts = [to_float(p) for p in value.split("-")]
+        return [p for p in parts if p is not None and p > 0]
+    f = to_float(value)
+    return [f] if f is not None and f > 0 else []
+
+
+def _device_stats(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The STATS item that carries the chains (STATS[1] on Antminer; STATS[0] is the version)."""
+    items = section(stats, "STATS")
+    for item in items:
+        if any(str(k).startswith(("chain_rate", "chain_acn")) for k in item):
+            return item
+    return items[-1] if items else {}
+
+
+def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:
+    nums: set[int] = set()
+    for key in dev:
+        m = re.fullmatch(r"chain_(?:acn|rate)(\d+)", str(key))
+        if m:
+            nums.add(int(m.group(1)))
+    return sorted(nums)
+
+
+def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
+    """Per-board rates, chips and temps from Antminer-style `chain_*`/`temp_*` keys.
+
+    Chain numbering starts at 1 on S19, 6 on S9, 11 elsewhere; a slot with no chips and an
+    empty rate is an empty slot, not a dead board.
+    """
+    dev = _device_stats(stats)
+    nums = _chain_numbers(dev)
+    if not nums:
+        return ()
+    unit = str(dev.get("rate_unit", "GH")).upper().removesuffix("/S")
+    scale = _UNIT_TO_THS.get(unit, 1e-3)
+    boards = []
+    for n in nums:
+        acn = to_int(dev.get(f"chain_acn{n}"))
+        rate_raw = dev.get(f"chain_rate{n}")
+        rate = to_float(rate_raw)
+        if not acn and (rate_raw in (None, "") or rate is None):
+            continue
+        pcb = _temps(dev.get(f"temp_pcb{n}")) or _temps(dev.get(f"temp{n}"))
+        chip = _temps(dev.get(f"temp_chip{n}")) or _temps(dev.get(f"temp2_{n}"))
+        ths = None if rate is None else rate * scale
+        boards.append(
+            Hashboard(
+                index=n - nums[0],
+                hashrate_ths=ths,
+                temp_c=max(pcb) if pcb else None,
+                chip_temp_c=max(chip) if chip else None,
+                chips=acn if acn else None,
+                active=bool(ths and ths > 0),
+            )
+        )
+    return tuple(boards)
+
+
+def parse_fans(stats: Mapping[str, Any] | None) -> tuple[int, ...]:
+    dev = _device_stats(stats)
+    count = to_int(dev.get("fan_num"))
+    if count is None:
+        keys = [int(m.group(1)) for k in dev if (m := re.fullmatch(r"fan(\d+)", str(k)))]
+        count = max(keys, default=0)
+    fans = []
+    for i in range(1, min(count, MAX_FANS) + 1):  # fan_num is firmware-supplied: bound it
+        rpm = to_int(dev.get(f"fan{i}"))
+        if rpm is not None:
+            fans.append(rpm)
+    return tuple(fans)
+
+
+def parse_identity(
+    version: Mapping[str, Any] | None,
+    stats: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> RigIdentity:
+    """Make/model/firmware from `version` (or the version block heading `stats`)."""
+    info = first(version, "VERSION") or (section(stats, "STATS") or [{}])[0]
+    model = str(info.get("Type") or first(config, "CONFIG").get("Model") or "")
+    model = re.sub(r"\s*\(.*\)\s*$", "", model).strip()  # "Antminer S17 Pro (A.P. 2.0.3)"
+    make = "Antminer" if model.lower().startswith("antminer") else (model.split() or [""])[0]
+    firmware, fw_version = "", ""
+    if "LUXminer" in info:
+        firmware, fw_version = "LuxOS", str(info["LUXminer"])
+    elif "BMMiner" in info:
+        firmware, fw_version = "bmminer", str(info.get("Miner") or info["BMMiner"])
+    elif "CGMiner" in info:
+        firmware, fw_version = "cgminer", str(info.get("Miner") or info["CGMiner"])
+    else:
+        desc = str(first(version, "STATUS").get("Description", ""))
+        if desc.lower().startswith("luxminer"):
+            firmware, fw_version = "LuxOS", desc.partition(" ")[2]
+        elif desc:
+            firmware, _, fw_version = desc.partition(" ")
+    return RigIdentity(make=make, model=model, firmware=firmware, firmware_version=fw_version)
+
+
+def parse_power_limit(
+    atm: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+    profile_watts: Mapping[str, float] | None = None,
+) -> float | None:
+    """The power target in force: ATM's PowerTarget when ATM drives it, else the profile's."""
+    atm_entry = first(atm, "ATM")
+    if atm_entry.get("Enabled") is True:
+        target = to_float(atm_entry.get("PowerTarget"))
+        if target:
+            return target
+    name = first(config, "CONFIG").get("Profile")
+    if not isinstance(name, str) or not profile_watts:
+        return None
+    return profile_watts.get(name)
+
+
+def parse_telemetry(
+    ts: float,
+    *,
+    summary: Mapping[str, Any] | None,
+    stats: Mapping[str, Any] | None = None,
+    power: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    version: Mapping[str, Any] | None = None,
+    atm: Mapping[str, Any] | None = None,
+    profile_watts: Mapping[str, float] | None = None,
+    identity: RigIdentity | None = None,
+    device: str = "",
+) -> RigTelemetry:
+    """Whole command replies (as `CGMinerClient` returns them) -> one `RigTelemetry`.
+
+    Only `summary` or `stats` is required; anything else missing becomes None, never a
+    guess (stock firmware has no power reading, and inventing one would corrupt budgets).
+    `profile_watts` maps LuxOS profile names to watts (from `profiles`, which rarely
+    changes and so is not fetched every poll); `identity` is reused when `version` was not
+    fetched this time.
+    """
+    summ = first(summary, "SUMMARY")
+    dev = _device_stats(stats)
+    if not summ and not dev:
+        raise MalformedReply(
+            "neither SUMMARY nor device STATS in the replies", device=device, operation="read"
+        )
+    boards = parse_hashboards(stats)
+    hashrate = _rate_ths(summ, "5s")
+    if hashrate is None:
+        hashrate = _rate_ths(dev, "5s")
+    if hashrate is None and boards:
+        rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
+        hashrate = sum(rates) if rates else None
+
+    power_w = to_float(first(power, "POWER").get("Watts"))
+    if power_w is None:
+        power_w = to_float(dev.get("chain_power"))  # some stock builds: "3250 W"
+
+    conf = first(config, "CONFIG")
+    nominal = to_float(conf.get("NameplateTHS"))
+    if nominal is None:
+        ideal = to_float(dev.get("total_rateideal"))
+        unit = str(dev.get("rate_unit", "GH")).upper().removesuffix("/S")
+        nominal = None if ideal is None else ideal * _UNIT_TO_THS.get(unit, 1e-3)
+
+    curtail = str(conf.get("CurtailMode", "")).strip().lower()
+    if curtail in ("sleep", "sleeping", "idle"):
+        state = RigState.SLEEPING
+    elif hashrate is not None and hashrate > 0:
+        state = RigState.MINING
+    else:
+        state = RigState.WAKING
+
+    board_temps = [b.temp_c for b in boards if b.temp_c is not None]
+    chip_temps = [b.chip_temp_c for b in boards if b.chip_temp_c is not None]
+    uptime = to_int(summ.get("Elapsed"))
+    if uptime is None:
+        uptime = to_int(dev.get("Elapsed"))
+    if version is not None or identity is None:
+        identity = parse_identity(version, stats, config)
+    return RigTelemetry(
+        ts=ts,
+        state=state,
+        hashrate_ths=hashrate,
+        power_w=power_w,
+        power_limit_w=parse_power_limit(atm, config, profile_watts),
+        nominal_hashrate_ths=nominal,
+        temp_c=max(board_temps) if board_temps else None,
+        chip_temp_c=max(chip_temps) if chip_temps else None,
+        fans_rpm=parse_fans(stats),
+        hashboards=boards,
+        uptime_s=uptime,
+        identity=identity,
+    )

@@ -1,0 +1,191 @@
+"""What the daemon sees of a miner, whatever its firmware: read, sleep, wake, power target.
+
+The control loop only knows `MinerDriver` and `MinerCapabilities`; a rig on stock firmware
+and one on LuxOS differ in what they can do (the capabilities say so up front) and in
+which `UnsupportedOperation` they raise, not in how they are called. Reads are one request
+per poll, because a farm polls thousands of rigs and each connection costs the miner's
+single-threaded API server too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import structlog
+
+from drivers.cgminer import DEFAULT_PORT, CGMinerClient, parse_telemetry
+from drivers.errors import UnsupportedOperation
+from drivers.luxos import LuxOSControl, parse_profiles
+from drivers.telemetry import RigIdentity, RigTelemetry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class MinerCapabilities:
+    can_sleep: bool
+    can_power_target: bool
+    power_target_min_w: float | None = None
+    power_target_max_w: float | None = None
+    # API sleep leaves the control board (and on stock, everything) drawing: only the PDU
+    # takes a rig to zero.
+    needs_pdu_to_power_off: bool = True
+
+
+@runtime_checkable
+class MinerDriver(Protocol):
+    device: str  # the rig id
+    capabilities: MinerCapabilities  # may be refined after the first read (profile range)
+
+    async def read(self, ts: float) -> RigTelemetry: ...  # ts: daemon clock time of the poll
+    async def sleep(self) -> None: ...
+    async def wake(self) -> None: ...
+    async def set_power_target(self, watts: float | None) -> None: ...
+    async def close(self) -> None: ...
+
+
+class CGMinerDriver:
+    """Any CGMiner-compatible firmware, stock Antminer included: telemetry only.
+
+    Stock firmware denies control over RPC (Code 45) and its web-UI sleep is unreliable
+    (ignored writes, 20 s answers, reboots needed), so this driver does not pretend:
+    control raises `UnsupportedOperation` and the daemon uses the PDU instead.
+    """
+
+    def __init__(self, device: str, client: CGMinerClient) -> None:
+        self.device = device
+        self.capabilities = MinerCapabilities(can_sleep=False, can_power_target=False)
+        self._client = client
+        self._identity: RigIdentity | None = None
+        self._last_uptime: int | None = None
+
+    def _note_reading(self, tel: RigTelemetry) -> None:
+        """Cache identity; a reboot (uptime went backwards) may mean new firmware, so re-ask."""
+        rebooted = (
+            self._last_uptime is not None
+            and tel.uptime_s is not None
+            and tel.uptime_s < self._last_uptime
+        )
+        self._last_uptime = tel.uptime_s
+        self._identity = None if rebooted else tel.identity
+        if rebooted:
+            log.info("miner.rebooted", device=self.device, uptime_s=tel.uptime_s)
+
+    async def read(self, ts: float) -> RigTelemetry:
+        cmds = ["summary", "stats"] + (["version"] if self._identity is None else [])
+        replies = await self._client.multi(*cmds)
+        tel = parse_telemetry(
+            ts,
+            summary=replies["summary"],
+            stats=replies["stats"],
+            version=replies.get("version"),
+            identity=self._identity,
+            device=self.device,
+        )
+        self._note_reading(tel)
+        return tel
+
+    def _unsupported(self, operation: str) -> UnsupportedOperation:
+        return UnsupportedOperation(
+            "this firmware offers no control over its API; switch the rig's PDU outlet",
+            device=self.device,
+            operation=operation,
+        )
+
+    async def sleep(self) -> None:
+        raise self._unsupported("sleep")
+
+    async def wake(self) -> None:
+        raise self._unsupported("wake")
+
+    async def set_power_target(self, watts: float | None) -> None:
+        raise self._unsupported("set_power_target")
+
+    async def close(self) -> None:
+        """Nothing to release: the protocol opens one connection per request."""
+
+
+class LuxOSDriver(CGMinerDriver):
+    """LuxOS: full telemetry (including its power estimate) plus sleep/wake/power target."""
+
+    def __init__(self, device: str, client: CGMinerClient) -> None:
+        super().__init__(device, client)
+        self.control = LuxOSControl(client, device=device)
+        self.capabilities = MinerCapabilities(can_sleep=True, can_power_target=True)
+
+    def _refine_capabilities(self) -> None:
+        span = self.control.power_range()
+        if span is not None:
+            self.capabilities = MinerCapabilities(
+                can_sleep=True,
+                can_power_target=True,
+                power_target_min_w=span[0],
+                power_target_max_w=span[1],
+            )
+
+    async def read(self, ts: float) -> RigTelemetry:
+        cmds = ["summary", "stats", "power", "config", "atm"]
+        refresh = self._identity is None or not self.control.profiles
+        if refresh:
+            cmds += ["version", "profiles"]  # rarely change: first poll and after a reboot
+        replies = await self._client.multi(*cmds)
+        if "profiles" in replies:
+            self.control.profiles = parse_profiles(replies["profiles"], device=self.device)
+            self._refine_capabilities()
+        tel = parse_telemetry(
+            ts,
+            summary=replies["summary"],
+            stats=replies["stats"],
+            power=replies["power"],
+            config=replies["config"],
+            atm=replies["atm"],
+            version=replies.get("version"),
+            profile_watts={p.name: p.watts for p in self.control.profiles},
+            identity=self._identity,
+            device=self.device,
+        )
+        self._note_reading(tel)
+        return tel
+
+    async def sleep(self) -> None:
+        await self.control.sleep()
+
+    async def wake(self) -> None:
+        await self.control.wake()
+
+    async def set_power_target(self, watts: float | None) -> None:
+        try:
+            await self.control.set_power_target(watts)
+        finally:
+            self._refine_capabilities()  # profiles may have been loaded just now
+
+
+_KINDS: dict[str, Callable[[str, CGMinerClient], MinerDriver]] = {
+    "luxos": LuxOSDriver,
+    "cgminer": CGMinerDriver,
+}
+
+
+def make_miner_driver(
+    kind: str,
+    device: str,
+    host: str,
+    port: int = DEFAULT_PORT,
+    *,
+    username: str = "",
+    password: str = "",
+    timeout: float = 3.0,
+    retries: int = 1,
+) -> MinerDriver:
+    """A driver for one rig. `kind` is "luxos" (full control) or "cgminer" (reads only).
+
+    `username`/`password` are accepted so every kind is configured the same way; neither
+    4028 dialect has credentials (LuxOS sessions are coordination, not authentication).
+    """
+    builder = _KINDS.get(kind.strip().lower())
+    if builder is None:
+        raise ValueError(f"unknown miner kind {kind!r}; known kinds: {', '.join(_KINDS)}")
+    client = CGMinerClient(host, port, timeout=timeout, retries=retries, device=device)
+    return builder(device, client)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs lint, types and the test suite.
+#   - Python dependencies into .venv (scripts/bootstrap.sh dev)
+#   - the mosquitto broker binary via apt when missing (the tests start their own on a free port)
+# Extra arguments go to pytest, e.g. scripts/test.sh -k config
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh dev
+
+have_mosquitto() { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; }
+if ! have_mosquitto; then
+  echo "installing mosquitto (the tests run a real broker)..."
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    mosquitto mosquitto-clients
+  # The tests start their own broker; Debian's service on 1883 is not needed.
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  fi
+fi
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,943 @@
+"""Simulated miners speaking the CGMiner-compatible JSON API (the "4028" protocol) over TCP.
+
+The daemon's miner drivers must be exercised against real sockets, real framing and the
+firmware quirks seen in captures, not against mocks; this module puts each `SimRig` of a
+`Farm` behind its own loopback listener. Every reply is computed from the rig at
+`farm.now()`, so the network side has no state of its own beyond what firmware keeps
+(a LuxOS session, the ATM switch, the active profile).
+
+Framing, as cgminer/LuxOS do it: one request per connection (JSON `{"command":..,
+"parameter":..}` or text `cmd|param`), one JSON reply followed by a single NUL byte, then
+the server closes the connection. `a+b+c` joins parameterless report commands.
+
+Two dialects, chosen by `rig.firmware`:
+
+- ``"luxos"``: LUXminer 2025.4.8; adds `power`, `config`, `profiles`, `atm` and the session
+  write commands (`logon`, `session`, `logoff`, `curtail`, `profileset`, `atmset`,
+  `powertargetset`).
+- ``"bmminer"`` (and any other value): stock Antminer; only the default api-groups
+  commands (`stats`, `pools`, `devs`, `summary`, `version`) are allowed, other cgminer
+  commands get Code 45 "Access denied".
+
+Simulator assumptions (where the reference material is silent or unverified):
+
+- Text-mode requests are answered in JSON (real cgminer answers text mode with its
+  pipe-separated format, which no client of this project uses).
+- A request ends at a NUL, a newline, a complete JSON object, EOF, 4095 bytes or the
+  read timeout, whichever comes first; a text request is whatever the first read returned
+  (cgminer does a single `recv`).
+- Status codes not documented publicly: `logoff` answers Code 317 "Session terminated";
+  a missing, wrong or expired session id is STATUS E Code 401 "Invalid session";
+  `profileset` while ATM is enabled is E Code 323; an unknown profile selector is E 322;
+  a bad `curtail` action E 336; a bad `atmset` E 341; `powertargetset` answers Code 350
+  "Power target set" and is refused (E 351) outside `PowerMin..PowerLimit` or while ATM is
+  disabled (it is an ATM feature). Its parameter format `<sid>,<watts>` is assumed too.
+- Profiles: eight, from `model.min_w` up to `model.nominal_w` ("default"), named by their
+  frequency ("NNNMHz") with `Step` -7..0; hashrate follows the farm model's power law.
+- On bmminer, LuxOS-only commands (`curtail`, `logon`, `power`, ...) are unknown to the
+  firmware and so answer Code 14 "Invalid command"; only commands cgminer itself knows are
+  "Access denied" (Code 45). That mirrors cgminer's order: command lookup, then access check.
+- A joined member that is not a parameterless report command gets Code 45 in its slot.
+- A rig that is not `api_up` (outlet off, still booting) behaves like a dead host as far as a
+  listener shared with other state allows: the connection is accepted and immediately reset
+  (RST, no bytes), which clients see as "connection reset". A real powered-off host would
+  not answer the SYN at all; faking that would need a listener per rig toggled by a timer.
+- `chain_acn` is 0 while a board is not hashing (sleeping, booting): LuxOS sleep powers the
+  hashboards off, so no chips enumerate.
+
+Fault injection (`MinerServer.fault`, set with `set_fault`): ``"silent"`` reads the request
+and never answers, holding the socket; ``"garbage"`` answers non-JSON bytes plus NUL;
+``"truncated"`` answers the first half of the JSON and closes; ``"refuse"`` closes the
+listener so connections are refused (re-opened on the same port when cleared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+import math
+import secrets
+import socket
+import string
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from simulators.farm import Farm, Mode, SimPdu, SimRig
+
+log = structlog.get_logger(__name__)
+
+Json = dict[str, Any]
+
+MAX_REQUEST_BYTES: Final = 4095  # cgminer: a single recv of TMPBUFSIZ/2 - 1 bytes
+DEFAULT_READ_TIMEOUT_S: Final = 10.0
+SESSION_TTL_S: Final = 60.0
+SILENT_HOLD_S: Final = 600.0
+FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse"})
+
+LUXOS_VERSION: Final = "2025.4.8.220305-57b389c7"
+LUXOS_DESCRIPTION: Final = f"LUXminer {LUXOS_VERSION}"
+BMMINER_DESCRIPTION: Final = "cgminer 1.0.0"
+BMMINER_COMPILE_TIME: Final = "Tue Dec  6 16:12:30 CST 2022"
+BMMINER_MINER_VERSION: Final = "49.0.1.3"
+LUXOS_COMPILE_TIME: Final = "Tue Apr  8 22:03:05 UTC 2025"
+
+POOL_URL: Final = "stratum+tcp://btc.global.luxor.tech:700"
+SHARE_DIFFICULTY: Final = 524_288
+
+# Stock cgminer's default api-groups let network clients run only these.
+BMMINER_ALLOWED: Final = frozenset({"stats", "pools", "devs", "summary", "version"})
+# Commands cgminer itself knows: on stock firmware these are "access denied", not "invalid".
+CGMINER_KNOWN: Final = BMMINER_ALLOWED | frozenset(
+    {
+        "config", "devdetails", "estats", "coin", "notify", "privileged", "check", "lcd",
+        "usbstats", "asc", "asccount", "ascenable", "ascdisable", "ascidentify", "ascset",
+        "pga", "pgacount", "pgaenable", "pgadisable", "pgaidentify", "pgaset",
+        "addpool", "removepool", "switchpool", "enablepool", "disablepool", "poolpriority",
+        "poolquota", "save", "quit", "restart", "zero", "hotplug", "failover-only",
+        "setconfig", "debug",
+    }
+)  # fmt: skip
+LUXOS_READS: Final = frozenset(
+    {
+        "summary", "stats", "pools", "devs", "version", "devdetails", "config", "power",
+        "profiles", "atm", "session",
+    }
+)  # fmt: skip
+LUXOS_WRITES: Final = frozenset(
+    {"logon", "logoff", "curtail", "profileset", "atmset", "powertargetset"}
+)
+
+# Nominal chip frequency per model, so profile names look like the firmware's.
+_DEFAULT_FREQ_MHZ: Final = {"Antminer S19 Pro": 525, "Antminer S21": 490}
+# atmset keys the firmware accepts besides "enabled" (stored nowhere: no effect in the model).
+_ATM_KEYS: Final = frozenset(
+    {
+        "startup_minutes",
+        "post_ramp_minutes",
+        "temp_window",
+        "min_profile",
+        "max_profile",
+        "prevent_oc",
+    }
+)
+# profileset selectors by unit suffix: (suffix, multiplier, Profile attribute compared).
+_SELECTOR_UNITS: Final = (
+    ("kw", 1000.0, "watts"),
+    ("w", 1.0, "watts"),
+    ("ths", 1.0, "hashrate_ths"),
+)
+_SESSION_ALPHABET: Final = string.ascii_letters + string.digits
+_GARBAGE: Final = b"\x1f\x8b\x08\x00<html><body>502 Bad Gateway</body></html>\xff\xfe{]"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """One LuxOS clock/voltage profile as the `profiles` command lists it."""
+
+    name: str
+    step: int
+    frequency_mhz: int
+    voltage: float
+    watts: int
+    hashrate_ths: float
+
+    def as_reply(self) -> Json:
+        return {
+            "Profile Name": self.name,
+            "Frequency": self.frequency_mhz,
+            "Voltage": self.voltage,
+            "Hashrate": self.hashrate_ths,
+            "Watts": self.watts,
+            "Step": str(self.step),
+            "IsTuned": True,
+            "IsDynamic": True,
+            "CanRestore": True,
+            "HasOverrides": False,
+        }
+
+
+def build_profiles(rig: SimRig, count: int = 8) -> tuple[Profile, ...]:
+    """Profiles low -> high from the model's minimum power to its nominal ("default")."""
+    m = rig.model
+    base_freq = _DEFAULT_FREQ_MHZ.get(m.name, 500)
+    floor = m.idle_w * 2
+    out: list[Profile] = []
+    for i in range(count):
+        step = i - (count - 1)
+        watts = round(m.min_w + (m.nominal_w - m.min_w) * i / (count - 1))
+        ths = m.nominal_ths * ((watts - floor) / (m.nominal_w - floor)) ** 0.85
+        freq = round(base_freq * ths / m.nominal_ths / 5) * 5
+        name = "default" if step == 0 else f"{freq}MHz"
+        volt = round(11.0 + 2.0 * i / (count - 1), 2)
+        out.append(Profile(name, step, freq, volt, watts, round(ths, 1)))
+    return tuple(out)
+
+
+def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> str:
+    """Four-sensor strings like "73-45-64-65": hottest first, others cooler, all >= ambient."""
+    rise = max(0.0, t_max - ambient)
+    return "-".join(str(round(ambient + rise * f)) for f in fractions)
+
+
+_PCB_FRACTIONS: Final = (1.0, 0.42, 0.81, 0.83)
+_CHIP_FRACTIONS: Final = (1.0, 0.5, 0.83, 0.85)
+_PIC_FRACTIONS: Final = (0.78, 0.2, 0.6, 0.62)
+
+
+def _acs(chips: int) -> str:
+    """Chip-status string: groups of three 'o' separated by spaces, as stock firmware prints."""
+    groups = [3] * (chips // 3) + ([chips % 3] if chips % 3 else [])
+    return "".join(" " + "o" * g for g in groups)
+
+
+class MinerServer:
+    """One simulated miner's 4028 listener. See the module docstring for the dialects."""
+
+    def __init__(
+        self,
+        farm: Farm,
+        rig_id: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+        outlet: tuple[SimPdu, int] | None = None,
+    ) -> None:
+        if rig_id not in farm.rigs:
+            raise ValueError(f"no rig {rig_id!r} in the farm")
+        self.farm = farm
+        self.rig_id = rig_id
+        self.rig: SimRig = farm.rigs[rig_id]
+        self.host = host
+        self.port = port
+        self.read_timeout = read_timeout
+        self.fault: str | None = None
+        # Test knobs for firmware variants seen in the field.
+        self.hide_session_id = False  # `session` answers "" even while one is live
+        self.offer_powertargetset = True
+        self.joined_without_commas = False  # bmminer bug: "}{" between joined objects
+        self.requests = 0  # requests answered or attempted, for tests counting retries
+        self.profiles = build_profiles(self.rig)
+        self.profile = self.profiles[-1].name
+        self.atm_enabled = True
+        self.session_id = ""
+        self.session_expires = 0.0
+        if outlet is None:
+            where = farm.outlet_of(rig_id)
+            outlet = (farm.pdus[where[0]], where[1]) if where else None
+        self._outlet = outlet
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        await self._listen()
+        log.debug("miner_server.started", rig=self.rig_id, host=self.host, port=self.port)
+
+    async def _listen(self) -> None:
+        server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True, limit=MAX_REQUEST_BYTES + 1
+        )
+        # Port 0 asks for an ephemeral port; keep the real one so "refuse" can re-open it.
+        self.port = server.sockets[0].getsockname()[1]
+        self._server = server
+
+    async def _close_listener(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def stop(self) -> None:
+        await self._close_listener()
+        conns = list(self._conns)
+        for task in conns:
+            task.cancel()
+        if conns:
+            await asyncio.gather(*conns, return_exceptions=True)
+        self._conns.clear()
+
+    async def set_fault(self, fault: str | None) -> None:
+        """Switch fault mode; "refuse" closes the listener, clearing it listens again."""
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
+        was_listening = self._server is not None
+        self.fault = fault
+        if fault == "refuse" and was_listening:
+            await self._close_listener()
+        elif fault != "refuse" and not was_listening:
+            await self._listen()
+
+    # -- connection handling ---------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass  # server stopping: drop the connection quietly
+        except (ConnectionError, TimeoutError):
+            pass  # clients hang up or stall all the time; that is not a server problem
+        except Exception:  # never let one connection take the listener down
+            log.exception("miner_server.connection_failed", rig=self.rig_id)
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _api_up(self) -> bool:
+        t = self.farm.now()
+        if self._outlet is not None:
+            pdu, number = self._outlet
+            pdu.outlet_on(number, t)  # applies due reboots before asking the rig
+        return self.rig.api_up(t)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._api_up() or self.fault == "refuse":
+            _reset(writer)
+            return
+        request = await self._read_request(reader)
+        if not request:
+            return  # idle or empty connection: cgminer just closes
+        self.requests += 1
+        fault = self.fault
+        if fault == "silent":
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SILENT_HOLD_S):
+                    while await reader.read(4096):
+                        pass
+            return
+        if fault == "garbage":
+            writer.write(_GARBAGE + b"\x00")
+            await writer.drain()
+            return
+        body = self.respond(request)
+        if fault == "truncated":
+            writer.write(body[: max(1, (len(body) - 1) // 2)])
+        else:
+            writer.write(body)
+        await writer.drain()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes:
+        buf = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.read_timeout):
+                while len(buf) < MAX_REQUEST_BYTES:
+                    chunk = await reader.read(MAX_REQUEST_BYTES - len(buf))
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if _request_complete(buf):
+                        break
+        return buf[:MAX_REQUEST_BYTES]
+
+    # -- protocol --------------------------------------------------------------
+
+    @property
+    def luxos(self) -> bool:
+        return self.rig.firmware == "luxos"
+
+    @property
+    def description(self) -> str:
+        return LUXOS_DESCRIPTION if self.luxos else BMMINER_DESCRIPTION
+
+    def respond(self, raw: bytes) -> bytes:
+        """The reply bytes (JSON + NUL) for one raw request; never raises on any input."""
+        t = self.farm.now()
+        try:
+            reply = self._dispatch_raw(raw, t)
+        except Exception:
+            log.exception("miner_server.handler_failed", rig=self.rig_id)
+            reply = self._status_only(t, "F", 999, "Internal error")
+        text = json.dumps(reply, separators=(",", ":"))
+        if self.joined_without_commas and not self.luxos:
+            text = text.replace("},{", "}{")
+        return text.encode() + b"\x00"
+
+    def _dispatch_raw(self, raw: bytes, t: float) -> Json:
+        text = raw.split(b"\x00", 1)[0].decode("utf-8", "replace").strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except (ValueError, RecursionError):
+                return self._status_only(t, "E", 23, "Invalid JSON")
+            if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
+                return self._status_only(t, "E", 24, "Missing JSON 'command'")
+            command: str = obj["command"]
+            param = obj.get("parameter")
+            if isinstance(param, bool) or not isinstance(param, str | int | float):
+                param = None
+            parameter = None if param is None else str(param)
+        else:
+            command, sep, rest = text.partition("|")
+            parameter = rest if sep else None
+        command = command.strip()
+        if "+" in command:
+            return self._joined(command, t)
+        return self._command(command, parameter, t)
+
+    def _joined(self, command: str, t: float) -> Json:
+        names = list(dict.fromkeys(n.strip() for n in command.split("+") if n.strip()))
+        out: Json = {}
+        for name in names:
+            if not self._known(name):
+                slot = self._status_only(t, "E", 14, "Invalid command")
+            elif name not in self._joinable():
+                slot = self._status_only(t, "E", 45, f"Access denied to '{name}' command")
+            else:
+                slot = self._command(name, None, t)
+            out[name.lower()] = [slot]
+        out["id"] = 1
+        return out
+
+    def _known(self, name: str) -> bool:
+        return name in (LUXOS_READS | LUXOS_WRITES) if self.luxos else name in CGMINER_KNOWN
+
+    def _joinable(self) -> frozenset[str]:
+        return LUXOS_READS if self.luxos else BMMINER_ALLOWED
+
+    def _command(self, name: str, param: str | None, t: float) -> Json:
+        if not self._known(name):
+            return self._status_only(t, "E", 14, "Invalid command")
+        if not self.luxos and name not in BMMINER_ALLOWED:
+            return self._status_only(t, "E", 45, f"Access denied to '{name}' command")
+        if name in LUXOS_WRITES:
+            return self._write(name, param or "", t)
+        handler = getattr(self, f"_cmd_{name}")
+        result: Json = handler(t)
+        return result
+
+    # -- reply builders --------------------------------------------------------
+
+    def _status(self, t: float, letter: str, code: int, msg: str) -> list[Json]:
+        return [
+            {
+                "STATUS": letter,
+                "When": int(t),
+                "Code": code,
+                "Msg": msg,
+                "Description": self.description,
+            }
+        ]
+
+    def _status_only(self, t: float, letter: str, code: int, msg: str) -> Json:
+        return {"STATUS": self._status(t, letter, code, msg), "id": 1}
+
+    def _ok(self, t: float, code: int, msg: str, section: str, items: list[Json]) -> Json:
+        return {"STATUS": self._status(t, "S", code, msg), section: items, "id": 1}
+
+    def _avg_ghs(self, t: float, window: float, samples: int = 6) -> float:
+        start = max(self.rig.boot_t, t - window)
+        if t <= start:
+            return self.rig.hashrate_ths(t) * 1000.0
+        pts = [start + (t - start) * i / (samples - 1) for i in range(samples)]
+        return sum(self.rig.hashrate_ths(p) for p in pts) / samples * 1000.0
+
+    def _accepted(self, t: float) -> int:
+        elapsed = self.rig.uptime_s(t)
+        return int(self._avg_ghs(t, elapsed) * 1e9 * elapsed / (SHARE_DIFFICULTY * 2**32))
+
+    def _cmd_summary(self, t: float) -> Json:
+        rig = self.rig
+        elapsed = rig.uptime_s(t)
+        ghs = rig.hashrate_ths(t) * 1000.0
+        avg = self._avg_ghs(t, elapsed)
+        accepted = self._accepted(t)
+        entry: Json = {
+            "Elapsed": elapsed,
+            "GHS 5s": round(ghs, 2),
+            "GHS av": round(avg, 2),
+            "GHS 30m": round(self._avg_ghs(t, 1800.0), 2),
+            "Found Blocks": 0,
+            "Getwork": elapsed // 13,
+            "Accepted": accepted,
+            "Rejected": accepted // 400,
+            "Hardware Errors": elapsed // 90,
+            "Utility": round(accepted / max(1, elapsed) * 60.0, 2),
+            "Discarded": elapsed * 90,
+            "Stale": 1 if elapsed > 600 else 0,
+            "Get Failures": 1 if elapsed > 600 else 0,
+            "Local Work": elapsed * 90,
+            "Remote Failures": 0,
+            "Network Blocks": elapsed // 600,
+            "Total MH": round(avg * 1000.0 * elapsed, 1),
+            "Work Utility": round(avg * 13.9, 2),
+            "Difficulty Accepted": float(accepted * SHARE_DIFFICULTY),
+            "Difficulty Rejected": float(accepted // 400 * SHARE_DIFFICULTY),
+            "Difficulty Stale": 0.0,
+            "Best Share": accepted * 3_180_000,
+            "Device Hardware%": 0.0,
+            "Device Rejected%": 0.0,
+            "Pool Rejected%": 0.0,
+            "Pool Stale%": 0.0,
+            "Last getwork": int(t),
+        }
+        if self.luxos:
+            entry["GHS 1m"] = round(self._avg_ghs(t, 60.0), 2)
+            entry["GHS 5m"] = round(self._avg_ghs(t, 300.0), 2)
+            entry["GHS 15m"] = round(self._avg_ghs(t, 900.0), 2)
+            entry["GHS 24h"] = round(self._avg_ghs(t, 86_400.0), 2)
+        return self._ok(t, 11, "Summary", "SUMMARY", [entry])
+
+    def _version_entry(self) -> Json:
+        if self.luxos:
+            return {
+                "API": "3.7",
+                "LUXminer": LUXOS_VERSION,
+                "Miner": LUXOS_VERSION.split("-", 1)[0],
+                "CompileTime": LUXOS_COMPILE_TIME,
+                "Type": self.rig.model.name,
+            }
+        return {
+            "API": "3.1",
+            "BMMiner": "1.0.0",
+            "CompileTime": BMMINER_COMPILE_TIME,
+            "Miner": BMMINER_MINER_VERSION,
+            "Type": self.rig.model.name,
+        }
+
+    def _cmd_version(self, t: float) -> Json:
+        msg = "LUXminer versions" if self.luxos else "CGMiner versions"
+        return self._ok(t, 22, msg, "VERSION", [self._version_entry()])
+
+    def _cmd_stats(self, t: float) -> Json:
+        rig, m = self.rig, self.rig.model
+        head = self._version_entry()
+        head.pop("API")
+        elapsed = rig.uptime_s(t)
+        hashing = rig.is_hashing(t)
+        ghs = rig.hashrate_ths(t) * 1000.0
+        base_freq = _DEFAULT_FREQ_MHZ.get(m.name, 500)
+        freq = round(base_freq * min(1.5, ghs / 1000.0 / m.nominal_ths)) if hashing else 0
+        boards = rig.board_hashrates_ths(t)
+        pcb, chip = rig.board_temps_c(t), rig.chip_temps_c(t)
+        fans = rig.fans_rpm(t)
+        miner_id = f"{zlib.crc32(rig.serial.encode()):08x}{zlib.crc32(rig.mac.encode()):08x}"
+        dev: Json = {
+            "Calls": 0,
+            "Elapsed": elapsed,
+            "GHS 5s": round(ghs, 2),
+            "GHS av": round(self._avg_ghs(t, elapsed), 2),
+            "ID": "BTM_SOC0",
+            "Max": 0,
+            "Min": 99_999_999,
+            "Mode": 2,
+            "STATS": 0,
+            "Wait": 0,
+            "fan_num": m.fans,
+            "frequency": base_freq,
+            "miner_count": m.boards,
+            "miner_id": miner_id,
+            "miner_version": BMMINER_MINER_VERSION,
+            "no_matching_work": elapsed // 90,
+            "rate_30m": round(self._avg_ghs(t, 1800.0), 2),
+            "rate_unit": "GH",
+            "temp_max": round(max(pcb)) if pcb else 0,
+            "temp_num": m.boards,
+            "total rate": round(ghs, 2),
+            "total_acn": m.boards * m.chips_per_board if hashing else 0,
+            "total_freqavg": freq,
+            "total_rateideal": round(m.nominal_ths * 1000.0, 1),
+        }
+        for i in range(max(4, m.fans)):
+            dev[f"fan{i + 1}"] = fans[i] if i < len(fans) else 0
+        for b in range(max(4, m.boards)):
+            n = b + 1
+            present = b < m.boards
+            acn = m.chips_per_board if present and hashing else 0
+            dev[f"chain_acn{n}"] = acn
+            dev[f"chain_acs{n}"] = _acs(acn)
+            dev[f"chain_hw{n}"] = (elapsed // 270 + 7 * b) if present else 0
+            dev[f"chain_rate{n}"] = f"{boards[b] * 1000.0:.2f}" if present else ""
+            dev[f"freq{n}"] = freq if present else 0
+            zero = "0-0-0-0"
+            dev[f"temp_pcb{n}"] = _sensor_string(pcb[b], _PCB_FRACTIONS) if present else zero
+            dev[f"temp_chip{n}"] = _sensor_string(chip[b], _CHIP_FRACTIONS) if present else zero
+            dev[f"temp_pic{n}"] = _sensor_string(pcb[b], _PIC_FRACTIONS) if present else zero
+            if present:
+                dev[f"temp{n}"] = round(pcb[b])
+                dev[f"temp2_{n}"] = round(chip[b])
+        return self._ok(t, 70, "CGMiner stats", "STATS", [head, dev])
+
+    def _cmd_pools(self, t: float) -> Json:
+        accepted = self._accepted(t)
+        pools = []
+        for i in range(3):
+            active = i == 0
+            pools.append(
+                {
+                    "POOL": i,
+                    "URL": POOL_URL,
+                    "Status": "Alive",
+                    "Priority": i,
+                    "Quota": 1,
+                    "Long Poll": "N",
+                    "Getworks": self.rig.uptime_s(t) // 13 if active else 3,
+                    "Accepted": accepted if active else 0,
+                    "Rejected": accepted // 400 if active else 0,
+                    "Discarded": 0,
+                    "Stale": 0,
+                    "Get Failures": 0,
+                    "Remote Failures": 0,
+                    "User": f"rigd.{self.rig_id}",
+                    "Last Share Time": "0:00:03" if active else "0",
+                    "Diff": "524K" if active else "",
+                    "Diff1 Shares": 0,
+                    "Proxy Type": "",
+                    "Proxy": "",
+                    "Difficulty Accepted": float(accepted * SHARE_DIFFICULTY) if active else 0.0,
+                    "Difficulty Rejected": 0.0,
+                    "Difficulty Stale": 0.0,
+                    "Last Share Difficulty": float(SHARE_DIFFICULTY) if active else 0.0,
+                    "Has Stratum": True,
+                    "Stratum Active": active,
+                    "Stratum URL": "btc.global.luxor.tech" if active else "",
+                    "Has GBT": False,
+                    "Best Share": float(accepted * 3_180_000) if active else 0.0,
+                    "Pool Rejected%": 0.0,
+                    "Pool Stale%%": 0.0,
+                }
+            )
+        return self._ok(t, 7, "3 Pool(s)", "POOLS", pools)
+
+    def _cmd_devs(self, t: float) -> Json:
+        rig = self.rig
+        elapsed = rig.uptime_s(t)
+        if not self.luxos:
+            # Stock firmware's one pseudo-device: zero hashrates, share counters only.
+            accepted = self._accepted(t)
+            last_share = int(t) - 3
+            dev: Json = {
+                "ASC": 0,
+                "Name": "BTM_SOC",
+                "ID": 0,
+                "Enabled": "Y",
+                "Status": "Alive",
+                "Tenperature": 0.0,
+                "MHS av": 0.0,
+                "MHS 5s": 0.0,
+                "Accepted": accepted,
+                "Rejected": accepted // 400,
+                "Hardware Errors": 0,
+                "Utility": 0.0,
+                "Last Share Pool": 0,
+                "Last Share Time": last_share,
+                "Total MH": 0.0,
+                "Diff1 Work": 0,
+                "Difficulty Accepted": accepted * SHARE_DIFFICULTY,
+                "Difficulty Rejected": accepted // 400 * SHARE_DIFFICULTY,
+                "Last Share Difficulty": last_share,
+                "Last Valid Work": last_share,
+                "Device Hardware%": 0.0,
+                "Device Rejected%": 0.0,
+                "Device Elapsed": elapsed,
+            }
+            return self._ok(t, 9, "1 ASC(s)", "DEVS", [dev])
+        temps = rig.board_temps_c(t)
+        devs = [
+            {
+                "ASC": b,
+                "Name": "BTM_SOC",
+                "ID": b,
+                "Enabled": "Y",
+                "Status": "Alive" if rig.is_hashing(t) else "Dead",
+                "Temperature": round(temps[b], 1),
+                "MHS 5s": round(ths * 1e6, 2),
+                "MHS av": round(ths * 1e6, 2),
+                "Device Elapsed": elapsed,
+            }
+            for b, ths in enumerate(rig.board_hashrates_ths(t))
+        ]
+        return self._ok(t, 9, f"{len(devs)} ASC(s)", "DEVS", devs)
+
+    def _cmd_devdetails(self, t: float) -> Json:
+        m = self.rig.model
+        items = [
+            {
+                "DEVDETAILS": b,
+                "Name": "BTM_SOC",
+                "ID": b,
+                "Driver": "bitmain",
+                "Kernel": "",
+                "Model": m.name,
+                "Device Path": "",
+                "Chips": m.chips_per_board,
+            }
+            for b in range(m.boards)
+        ]
+        return self._ok(t, 69, "Device Details", "DEVDETAILS", items)
+
+    def _active_profile(self) -> Profile:
+        for p in self.profiles:
+            if p.name == self.profile:
+                return p
+        return self.profiles[-1]
+
+    def _cmd_config(self, t: float) -> Json:
+        rig = self.rig
+        sleeping = rig.mode == Mode.SLEEPING
+        entry = {
+            "ASC Count": rig.model.boards,
+            "PGA Count": 0,
+            "Pool Count": 3,
+            "Strategy": "Failover",
+            "Log Interval": 5,
+            "Device Code": "",
+            "OS": "Linux",
+            "Failover-Only": False,
+            "ScanTime": 60,
+            "Queue": 0,
+            "Expiry": 120,
+            "Profile": self.profile,
+            "ProfileStep": str(self._active_profile().step),
+            "IsAtmEnabled": self.atm_enabled,
+            "IsTuning": False,
+            "CurtailMode": "Sleep" if sleeping else "None",
+            "IsPowerSupplyOn": not sleeping,
+            "NameplateTHS": rig.model.nominal_ths,
+            "Model": rig.model.name,
+            "SerialNumber": rig.serial,
+            "MACAddr": rig.mac,
+            "Hostname": f"luxos-{self.rig_id}",
+        }
+        return self._ok(t, 33, "LUXminer config", "CONFIG", [entry])
+
+    def _cmd_power(self, t: float) -> Json:
+        watts = round(self.rig.power_w(t)) if self.rig.powered else 0
+        return self._ok(t, 311, "Power usage", "POWER", [{"Watts": watts, "PSU": False}])
+
+    def _cmd_profiles(self, t: float) -> Json:
+        return self._ok(t, 327, "Profiles", "PROFILES", [p.as_reply() for p in self.profiles])
+
+    def _atm_entry(self) -> Json:
+        m = self.rig.model
+        return {
+            "Enabled": self.atm_enabled,
+            "MaxProfile": "default",
+            "MinProfile": "",
+            "PostRampMinutes": 15,
+            "StartupMinutes": 15,
+            "TempWindow": 5.0,
+            "ChipTempWindow": 8.0,
+            "WaterInletTempWindow": 7.0,
+            "PowerLimit": round(m.max_w),
+            "PowerMin": round(m.min_w),
+            "PowerTarget": round(self.rig.target_w),
+        }
+
+    def _cmd_atm(self, t: float) -> Json:
+        return self._ok(t, 339, "ATM configuration values", "ATM", [self._atm_entry()])
+
+    def _live_session(self, t: float) -> str:
+        if self.session_id and t >= self.session_expires:
+            self.session_id = ""
+        return self.session_id
+
+    def _cmd_session(self, t: float) -> Json:
+        sid = "" if self.hide_session_id else self._live_session(t)
+        return self._ok(t, 319, "Session", "SESSION", [{"SessionID": sid}])
+
+    # -- LuxOS writes ----------------------------------------------------------
+
+    def _write(self, name: str, param: str, t: float) -> Json:
+        if name == "logon":
+            if self._live_session(t):
+                return self._status_only(t, "E", 402, "Another session is active")
+            self.session_id = "".join(secrets.choice(_SESSION_ALPHABET) for _ in range(8))
+            self.session_expires = t + SESSION_TTL_S
+            return self._ok(t, 316, "Session created", "SESSION", [{"SessionID": self.session_id}])
+        sid, _, rest = param.partition(",")
+        live = self._live_session(t)
+        if not live or sid.strip() != live:
+            return self._status_only(t, "E", 401, "Invalid session")
+        self.session_expires = t + SESSION_TTL_S  # any use refreshes the session
+        args = [a.strip() for a in rest.split(",")] if rest else []
+        if name == "logoff":
+            self.session_id = ""
+            return self._status_only(t, "S", 317, "Session terminated")
+        if name == "curtail":
+            return self._curtail(args, t)
+        if name == "atmset":
+            return self._atmset(args, t)
+        if name == "profileset":
+            return self._profileset(args, t)
+        return self._powertargetset(args, t)
+
+    def _curtail(self, args: list[str], t: float) -> Json:
+        action = args[0].lower() if args else ""
+        if action == "sleep":
+            self.rig.sleep(t)
+            label = "sleep mode"
+        elif action == "wakeup":
+            self.rig.wake(t)
+            label = "wake up"
+        else:
+            return self._status_only(t, "E", 336, f"Invalid curtail action '{action}'")
+        return self._ok(t, 335, "Curtailment command sent", "CURTAIL", [{"Action": label}])
+
+    def _atmset(self, args: list[str], t: float) -> Json:
+        updates: dict[str, bool] = {}
+        for arg in args:
+            key, sep, value = arg.partition("=")
+            key, value = key.strip().lower(), value.strip().lower()
+            if not sep or not key:
+                return self._status_only(t, "E", 341, f"Invalid ATM setting '{arg}'")
+            if key == "enabled":
+                if value not in ("true", "false"):
+                    return self._status_only(t, "E", 341, f"Invalid value for enabled: '{value}'")
+                updates[key] = value == "true"
+            elif key not in _ATM_KEYS:
+                return self._status_only(t, "E", 341, f"Unknown ATM setting '{key}'")
+        if not args:
+            return self._status_only(t, "E", 341, "Missing ATM settings")
+        if "enabled" in updates:
+            self.atm_enabled = updates["enabled"]
+        return self._ok(t, 340, "ATM configuration updated", "ATM", [self._atm_entry()])
+
+    def _select_profile(self, selector: str) -> Profile | None:
+        sel = selector.strip()
+        low = sel.lower()
+        for p in self.profiles:
+            if p.name.lower() == low:
+                return p
+        idx = self.profiles.index(self._active_profile())
+        if sel[:1] in "+-" and sel[1:].isdigit():
+            j = idx + int(sel)
+            return self.profiles[j] if 0 <= j < len(self.profiles) else None
+        for suffix, scale, attr in _SELECTOR_UNITS:
+            if low.endswith(suffix):
+                try:
+                    want = float(low[: -len(suffix)]) * scale
+                except ValueError:
+                    return None
+                fitting = [p for p in self.profiles if getattr(p, attr) <= want]
+                return fitting[-1] if fitting else None
+        return None
+
+    def _profileset(self, args: list[str], t: float) -> Json:
+        if self.atm_enabled:
+            return self._status_only(
+                t, "E", 323, "Cannot change profile while ATM is enabled; disable ATM first"
+            )
+        if not args or not args[0]:
+            return self._status_only(t, "E", 322, "Missing profile")
+        profile = self._select_profile(args[0])
+        if profile is None:
+            return self._status_only(t, "E", 322, f"Invalid profile '{args[0]}'")
+        self.profile = profile.name
+        target = None if profile is self.profiles[-1] else float(profile.watts)
+        self.rig.set_power_target(target, t)
+        items = [
+            {"Board": b, "Profile": profile.name, "FrequencyStep": 5, "VoltageStep": 0.05}
+            for b in range(self.rig.model.boards)
+        ]
+        return self._ok(t, 321, "Profile Set", "PROFILE", items)
+
+    def _powertargetset(self, args: list[str], t: float) -> Json:
+        if not self.offer_powertargetset:
+            return self._status_only(t, "E", 14, "Invalid command")
+        m = self.rig.model
+        try:
+            watts = float(args[0]) if args else math.nan
+        except ValueError:
+            watts = math.nan
+        if not self.atm_enabled:
+            return self._status_only(t, "E", 351, "Power target needs ATM enabled")
+        if not (m.min_w <= watts <= m.max_w):
+            return self._status_only(
+                t, "E", 351, f"Power target must be {m.min_w:.0f}-{m.max_w:.0f} W"
+            )
+        self.rig.set_power_target(watts, t)
+        return self._ok(t, 350, "Power target set", "ATM", [self._atm_entry()])
+
+
+def _request_complete(buf: bytes) -> bool:
+    """Whether a request read so far can be answered without waiting for more bytes."""
+    if b"\x00" in buf or buf.endswith(b"\n"):
+        return True
+    stripped = buf.strip()
+    if not stripped.startswith(b"{"):
+        return bool(stripped)  # text mode: whatever one recv returned
+    try:
+        json.loads(stripped)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST so the client sees a reset, the nearest thing to a dead host."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class MinerFleet:
+    """Every rig of a farm behind its own 4028 listener.
+
+    With `subnet` each miner gets its own loopback address on the real port, so a daemon
+    can be configured exactly as on a farm LAN (one IP per rig, port 4028).
+    """
+
+    def __init__(
+        self,
+        farm: Farm,
+        *,
+        host: str = "127.0.0.1",
+        subnet: str | None = None,
+        port: int = 4028,
+    ) -> None:
+        self.farm = farm
+        outlets: dict[str, tuple[SimPdu, int]] = {}
+        for pdu in farm.pdus.values():
+            for number, outlet in pdu.outlets.items():
+                if outlet.rig is not None:
+                    outlets[outlet.rig.id] = (pdu, number)
+        addresses: list[tuple[str, int]]
+        if subnet is None:
+            addresses = [(host, 0)] * len(farm.rigs)
+        else:
+            net = ipaddress.ip_network(subnet, strict=False)
+            loopback = ipaddress.IPv4Network("127.0.0.0/8")
+            if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(loopback):
+                raise ValueError(f"subnet {subnet} must be inside 127.0.0.0/8 (loopback only)")
+            hosts = list(itertools.islice(net.hosts(), len(farm.rigs)))
+            if len(hosts) < len(farm.rigs):
+                raise ValueError(
+                    f"subnet {subnet} has {len(hosts)} host addresses for {len(farm.rigs)} rigs"
+                )
+            addresses = [(str(h), port) for h in hosts]
+        self.servers: dict[str, MinerServer] = {
+            rid: MinerServer(farm, rid, host=h, port=p, outlet=outlets.get(rid))
+            for rid, (h, p) in zip(farm.rigs, addresses, strict=True)
+        }
+
+    async def start(self) -> None:
+        try:
+            await asyncio.gather(*(s.start() for s in self.servers.values()))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.servers.values()), return_exceptions=True)
+
+    def address_of(self, rig_id: str) -> tuple[str, int]:
+        server = self.servers[rig_id]
+        return server.host, server.port
