@@ -136,6 +136,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except ConfigError as e:
+        print_config_error(e, sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         print(f"rigd sim: {e}", file=sys.stderr)
         return 2
@@ -150,6 +153,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run_demo(args))
+    except ConfigError as e:
+        print_config_error(e, sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         print(f"rigd demo: {e}", file=sys.stderr)
         return 2

@@ -110,6 +110,16 @@ class PollConfig(_Strict):
     timeout_s: float = Field(3.0, gt=0, le=60)  # per device call
     retries: int = Field(1, ge=0, le=5)
 
+    @model_validator(mode="after")
+    def _silence_fits_interval(self) -> PollConfig:
+        worst = self.timeout_s * (self.retries + 1)
+        if worst >= self.interval_s:
+            raise ValueError(
+                f"a device that never answers holds each cycle for timeout_s x (retries + 1) = "
+                f"{worst:g} s, not shorter than interval_s = {self.interval_s:g} s"
+            )
+        return self
+
 
 class MeterConfig(_Strict):
     id: Ident

@@ -25,7 +25,7 @@ from controller.daemon import Daemon
 from controller.liveview import render
 from controller.logs import configure_logging
 from controller.state import SiteSnapshot
-from simulators.site import SimSite
+from simulators.site import SimSite, poll_timeouts
 
 
 async def _stage_farm(site: SimSite) -> None:
@@ -64,9 +64,16 @@ async def run_demo(args: argparse.Namespace) -> int:
             broker = EmbeddedBroker()
             await broker.start()
             url = broker.url
+        # Timeouts are wall-clock; keep a silent device well inside one (scaled) interval.
+        timeout_s, retries = poll_timeouts(args.interval / args.speed)
         cfg = parse_config(
             site.config_toml(
-                site_id="demo", broker_url=url, state_dir=state_dir, interval_s=args.interval
+                site_id="demo",
+                broker_url=url,
+                state_dir=state_dir,
+                interval_s=args.interval,
+                timeout_s=timeout_s,
+                retries=retries,
             ),
             source="<demo>",
             environ={},
@@ -89,6 +96,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 
                 daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_live)
                 await asyncio.gather(daemon.run(stop), _stop_after(stop, args.duration))
+            console.print()
             console.print(f"demo stopped; daemon log: {log_path}")
     finally:
         if broker is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -58,19 +59,24 @@ def render(snap: SiteSnapshot, *, broker: str, speed: float, rows: int = 12) -> 
         style="red" if any(unreach.values()) else "dim",
     )
 
-    table = Table(expand=True, title="rigs (first by state, then by power)", title_justify="left")
-    for col, just in (
-        ("rig", "left"),
-        ("model", "left"),
-        ("state", "left"),
-        ("TH/s", "right"),
-        ("W", "right"),
-        ("J/TH", "right"),
-        ("temp °C", "right"),
-        ("outlet", "left"),
-        ("last error", "left"),
+    table = Table(
+        expand=True,
+        box=box.SIMPLE_HEAD,
+        title="rigs (first by state, then by power)",
+        title_justify="left",
+    )
+    for col, just, width in (
+        ("rig", "left", 7),
+        ("model", "left", 8),
+        ("state", "left", 11),
+        ("TH/s", "right", 5),
+        ("W", "right", 5),
+        ("J/TH", "right", 4),
+        ("°C", "right", 3),
+        ("outlet", "left", 10),
     ):
-        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+        table.add_column(col, justify=just, no_wrap=True, min_width=width)  # type: ignore[arg-type]
+    table.add_column("last error", ratio=1, no_wrap=True, overflow="ellipsis", max_width=60)
     order = {s: i for i, s in enumerate(RigState)}
     rigs = sorted(
         snap.rigs.values(),

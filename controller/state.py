@@ -229,13 +229,11 @@ class SiteSnapshot:
         """The retained `state` topic, and each `--headless` demo line."""
         meter = self.import_reading
         rig_power = sum(p for r in self.rigs.values() if (p := r.power_w) is not None)
+        # A rig whose outlet is off is silent by design: count only unexplained silence.
         unreachable = {
-            kind: sum(1 for d in devs if d.health.reachable is False)
-            for kind, devs in (
-                ("miners", [r for r in self.rigs.values()]),
-                ("pdus", list(self.pdus.values())),
-                ("meters", list(self.meters.values())),
-            )
+            "miners": sum(1 for r in self.rigs.values() if r.state is RigState.UNREACHABLE),
+            "pdus": sum(1 for d in self.pdus.values() if d.health.reachable is False),
+            "meters": sum(1 for d in self.meters.values() if d.health.reachable is False),
         }
         return {
             "ts": round(self.ts, 3),

@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final
 
 import structlog
@@ -169,11 +169,14 @@ class CGMinerClient:
         check_status(reply, device=self.device, operation=cmd)
         return reply
 
-    async def multi(self, *cmds: str) -> dict[str, Json]:
+    async def multi(self, *cmds: str, optional: Collection[str] = ()) -> dict[str, Json]:
         """Run parameterless report commands in one `a+b+c` request; {cmd: its full reply}.
 
         Falls back to one connection per command if the joined reply is unusable (some
         firmware mangles or refuses joins), and remembers that for the next call.
+        Commands in `optional` that the firmware rejects are left out of the result
+        instead of failing the whole read: a firmware build without `atm` or `profiles`
+        must still be monitored.
         """
         names = list(dict.fromkeys(c.strip() for c in cmds if c.strip()))
         if not names:
@@ -186,16 +189,24 @@ class CGMinerClient:
         joined_error: MalformedReply | None = None
         if self._join_ok:
             try:
-                return await self._joined(names)
+                return await self._joined(names, optional)
             except MalformedReply as exc:
                 joined_error = exc
                 log.info("cgminer.join_failed_fallback", device=self.device, error=str(exc))
-        out = {name: await self.command(name) for name in names}
+        out: dict[str, Json] = {}
+        for name in names:
+            try:
+                out[name] = await self.command(name)
+            except CommandRejected:
+                if name not in optional:
+                    raise
         if joined_error is not None:
             self._join_ok = False
         return out
 
-    async def _joined(self, names: Sequence[str]) -> dict[str, Json]:
+    async def _joined(
+        self, names: Sequence[str], optional: Collection[str] = ()
+    ) -> dict[str, Json]:
         op = "+".join(names)
         raw = await self._request({"command": op}, op)
         reply = decode_reply(raw, device=self.device, operation=op)
@@ -213,7 +224,12 @@ class CGMinerClient:
                 raise MalformedReply(
                     f"joined reply has no {name!r} slot", device=self.device, operation=op
                 )
-            check_status(slot[0], device=self.device, operation=name)
+            try:
+                check_status(slot[0], device=self.device, operation=name)
+            except CommandRejected:
+                if name not in optional:
+                    raise
+                continue
             out[name] = slot[0]
         return out
 

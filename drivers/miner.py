@@ -107,6 +107,9 @@ class CGMinerDriver:
         """Nothing to release: the protocol opens one connection per request."""
 
 
+_LUXOS_OPTIONAL = frozenset({"power", "config", "atm", "version", "profiles"})
+
+
 class LuxOSDriver(CGMinerDriver):
     """LuxOS: full telemetry (including its power estimate) plus sleep/wake/power target."""
 
@@ -127,10 +130,10 @@ class LuxOSDriver(CGMinerDriver):
 
     async def read(self, ts: float) -> RigTelemetry:
         cmds = ["summary", "stats", "power", "config", "atm"]
-        refresh = self._identity is None or not self.control.profiles
-        if refresh:
+        if self._identity is None:
             cmds += ["version", "profiles"]  # rarely change: first poll and after a reboot
-        replies = await self._client.multi(*cmds)
+        # Only summary and stats are needed to monitor a rig; the rest enrich the reading.
+        replies = await self._client.multi(*cmds, optional=_LUXOS_OPTIONAL)
         if "profiles" in replies:
             self.control.profiles = parse_profiles(replies["profiles"], device=self.device)
             self._refine_capabilities()
@@ -138,9 +141,9 @@ class LuxOSDriver(CGMinerDriver):
             ts,
             summary=replies["summary"],
             stats=replies["stats"],
-            power=replies["power"],
-            config=replies["config"],
-            atm=replies["atm"],
+            power=replies.get("power"),
+            config=replies.get("config"),
+            atm=replies.get("atm"),
             version=replies.get("version"),
             profile_watts={p.name: p.watts for p in self.control.profiles},
             identity=self._identity,

@@ -222,6 +222,9 @@ class MinerServer:
         # Test knobs for firmware variants seen in the field.
         self.hide_session_id = False  # `session` answers "" even while one is live
         self.offer_powertargetset = True
+        # Commands this firmware build lacks (answered "Invalid command"), e.g. an older
+        # LuxOS without `atm` or `profiles`.
+        self.missing_commands: set[str] = set()
         self.joined_without_commas = False  # bmminer bug: "}{" between joined objects
         self.requests = 0  # requests answered or attempted, for tests counting retries
         self.profiles = build_profiles(self.rig)
@@ -405,6 +408,8 @@ class MinerServer:
         return out
 
     def _known(self, name: str) -> bool:
+        if name in self.missing_commands:
+            return False
         return name in (LUXOS_READS | LUXOS_WRITES) if self.luxos else name in CGMINER_KNOWN
 
     def _joinable(self) -> frozenset[str]:

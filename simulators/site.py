@@ -25,6 +25,12 @@ def _q(s: str) -> str:
     return json.dumps(s)
 
 
+def poll_timeouts(wall_interval_s: float) -> tuple[float, int]:
+    """(timeout_s, retries) that keep a silent device well inside one poll interval."""
+    timeout = round(min(2.0, max(0.1, 0.4 * wall_interval_s)), 2)
+    return timeout, (1 if wall_interval_s >= 5 * timeout else 0)
+
+
 def check_loopback_subnet(subnet: str) -> ipaddress.IPv4Network:
     net = ipaddress.IPv4Network(subnet, strict=False)
     if not net.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")):
@@ -93,10 +99,15 @@ class SimSite:
         broker_url: str = "mqtt://127.0.0.1:1883",
         state_dir: str | Path = "./state",
         interval_s: float = 10.0,
-        timeout_s: float = 2.0,
-        retries: int = 1,
+        timeout_s: float | None = None,
+        retries: int | None = None,
     ) -> str:
-        """A daemon config pointing at this running site (call after `start`)."""
+        """A daemon config pointing at this running site (call after `start`).
+
+        Timeouts default to what fits the interval (see `poll_timeouts`)."""
+        auto_timeout, auto_retries = poll_timeouts(interval_s)
+        timeout_s = auto_timeout if timeout_s is None else timeout_s
+        retries = auto_retries if retries is None else retries
         out = [
             "# Written by `rigd sim`: a simulated farm on loopback.",
             "[site]",

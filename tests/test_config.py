@@ -54,6 +54,7 @@ def test_env_overrides_any_setting() -> None:
     env = {
         "RIGD_MQTT__URL": "mqtt://127.0.0.1:18830",
         "RIGD_POLL__INTERVAL_S": "2.5",
+        "RIGD_POLL__TIMEOUT_S": "1",
         "RIGD_SITE__NAME": "from env",
         "RIGD_CONFIG": "/ignored/not/a/setting.toml",
     }
@@ -151,8 +152,17 @@ host = "127.0.0.5"
     assert lines["miners[1]"] == 19
 
 
+def test_timeouts_must_fit_inside_the_interval() -> None:
+    """One silent device must not stretch every poll cycle past its interval."""
+    text = MINIMAL + "\n[poll]\ninterval_s = 5\ntimeout_s = 3\nretries = 1\n"
+    ((path, line, msg),) = errors(text)
+    assert path == "poll" and line == 9
+    assert "timeout_s x (retries + 1) = 6 s" in msg and "interval_s = 5 s" in msg
+    parse_config(MINIMAL + "\n[poll]\ninterval_s = 5\ntimeout_s = 2\nretries = 1\n", environ={})
+
+
 def test_missing_site_is_reported() -> None:
-    ((path, _, msg),) = errors("[poll]\ninterval_s = 5\n")
+    ((path, _, msg),) = errors("[poll]\ninterval_s = 8\n")
     assert path == "site" and msg == "required setting is missing"
 
 

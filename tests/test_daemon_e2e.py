@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,33 @@ async def test_garbage_and_refused_devices_do_not_stop_the_loop(
             )
 
 
+async def _stock_mosquitto_sub_sees_retained_topics(broker: Mosquitto) -> None:
+    """What the README promises a user: `mosquitto_sub -t 'rigd/#' -v` shows the farm."""
+    sub = shutil.which("mosquitto_sub")
+    if sub is None:
+        pytest.fail("mosquitto_sub is not installed: run the tests with scripts/test.sh")
+    proc = await asyncio.create_subprocess_exec(
+        sub,
+        "-h",
+        broker.host,
+        "-p",
+        str(broker.port),
+        "-t",
+        "rigd/#",
+        "-v",
+        "-W",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()  # -W 2: exits after 2 s without new messages
+    lines = out.decode().splitlines()
+    topics = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if " " in line}
+    assert topics["rigd/sim/status"] == "online"
+    assert json.loads(topics["rigd/sim/state"])["rigs_total"] == 8
+    assert {f"rigd/sim/rigs/rig-00{n}/state" for n in range(1, 9)} <= set(topics)
+    assert {"rigd/sim/pdus/pdu-01/state", "rigd/sim/meters/meter-main/state"} <= set(topics)
+
+
 def _rigd(*args: str) -> list[str]:
     return [sys.executable, "-m", "controller.cli", *args]
 
@@ -237,6 +265,8 @@ async def test_cli_sim_and_run_publish_and_sigterm_leaves_rigs_alone(
                     await w.wait_json(
                         "rigd/sim/state", lambda d: d["rigs"]["mining"] == 8, within=20
                     )
+                    if sig == signal.SIGTERM:
+                        await _stock_mosquitto_sub_sees_retained_topics(mosquitto)
                     daemon.send_signal(sig)
                     rc = await asyncio.wait_for(daemon.wait(), 20)
                     await w.wait_for("rigd/sim/status", lambda p: p == b"offline", within=20)
@@ -259,6 +289,48 @@ async def test_cli_sim_and_run_publish_and_sigterm_leaves_rigs_alone(
         if sim.returncode is None:
             sim.kill()
             await sim.wait()
+
+
+async def test_miners_on_their_own_loopback_addresses(tmp_path: Path) -> None:
+    """`--subnet`: each miner on 127.0.x.y:4028, as on a farm subnet; the daemon and any
+    third-party client reach them there."""
+    try:
+        site = SimSite(rigs=3, pdus=1, subnet="127.0.77.0/24", clock=ScaledClock(SPEED))
+        await site.start()
+    except OSError as e:  # pragma: no cover - a host that forbids binding 127.0.77.x
+        pytest.skip(f"cannot bind loopback aliases here: {e}")
+    try:
+        assert [site.fleet.address_of(r) for r in site.farm.rigs] == [
+            ("127.0.77.1", 4028),
+            ("127.0.77.2", 4028),
+            ("127.0.77.3", 4028),
+        ]
+        cfg = parse_config(site.config_toml(state_dir=tmp_path), environ={})
+        daemon = Daemon(cfg, clock=site.clock)
+        snap = await daemon.poll_cycle()
+        assert snap.rig_counts()["mining"] == 3
+        assert snap.rigs["rig-002"].info.host == "127.0.77.2"
+        # What any CGMiner-API tool does: connect, send JSON, read to the NUL.
+        reader, writer = await asyncio.open_connection("127.0.77.2", 4028)
+        writer.write(b'{"command":"version"}')
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert raw.endswith(b"\x00")
+        version = json.loads(raw[:-1])
+        assert version["VERSION"][0]["Type"] == site.farm.rigs["rig-002"].model.name
+        await daemon.devices.close()
+    finally:
+        await site.stop()
+
+
+def test_sim_refuses_a_subnet_outside_loopback() -> None:
+    r = subprocess.run(
+        _rigd("sim", "--rigs", "2", "--subnet", "10.0.0.0/24", "--duration", "1"),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "loopback only" in r.stderr
 
 
 def test_run_with_bad_config_exits_78(tmp_path: Path) -> None:

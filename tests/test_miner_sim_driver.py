@@ -778,3 +778,41 @@ async def test_fleet_on_a_loopback_subnet_at_port_4028() -> None:
             assert reply["CONFIG"][0]["Hostname"] == f"luxos-{rid}"
     finally:
         await fleet.stop()
+
+
+async def test_luxos_build_without_optional_commands_is_still_monitored(env: Env) -> None:
+    """An older LuxOS lacking atm/profiles/power still reads; only control detail is lost."""
+    env.lux.missing_commands = {"atm", "profiles", "power"}
+    driver = env.driver("luxos", env.lux)
+    tel = await driver.read(1.0)
+    assert tel.state is RigState.MINING
+    assert tel.hashrate_ths and tel.hashrate_ths > 50
+    assert tel.power_w is None  # not reported: not guessed
+    # Essential commands are still essential.
+    env.lux.missing_commands = {"summary"}
+    with pytest.raises(CommandRejected):
+        await driver.read(2.0)
+
+
+async def test_optional_commands_also_tolerated_without_joins(env: Env) -> None:
+    """The one-command-per-connection fallback skips rejected optional commands too."""
+    env.lux.missing_commands = {"atm", "profiles"}
+
+    async def no_joins(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await r.read(4096)
+        if b"+" in req:
+            w.write(json.dumps({"STATUS": [{"STATUS": "E", "Code": 14}], "id": 1}).encode())
+        else:
+            w.write(env.lux.respond(req))
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(no_joins, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        drv = make_miner_driver("luxos", "old-lux", "127.0.0.1", port)
+        tel = await drv.read(1.0)
+        assert tel.state is RigState.MINING and tel.power_w is not None
+    finally:
+        server.close()
+        await server.wait_closed()
