@@ -171,6 +171,20 @@ def _positive(v: str) -> float:
     return f
 
 
+def _count(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return n
+
+
+def farm_args(sp: argparse.ArgumentParser) -> None:
+    """The simulated farm's shape, shared by `sim` and `demo`."""
+    sp.add_argument("--rigs", type=_count, default=100, help="number of miners (default 100)")
+    sp.add_argument("--pdus", type=_count, default=4, help="number of PDUs (default 4)")
+    sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rigd",
@@ -209,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated farm (miners, PDUs, meter) on loopback and optionally "
         "write a daemon config pointing at it.",
     )
-    sp.add_argument("--rigs", type=int, default=100, help="number of miners (default 100)")
-    sp.add_argument("--pdus", type=int, default=4, help="number of PDUs (default 4)")
+    farm_args(sp)
     sp.add_argument("--write-config", metavar="FILE", help="write a daemon config for this farm")
     sp.add_argument(
         "--subnet",
@@ -223,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--site", default="sim", help="site id for the config (default sim)")
     sp.add_argument("--state-dir", default="./state", help="state_dir for the config")
     sp.add_argument("--interval", type=_positive, default=10.0, help="poll interval for the config")
-    sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
     sp.add_argument("--duration", type=_positive, help="stop after this many seconds")
     log_arg(sp)
     sp.set_defaults(func=cmd_sim)
@@ -234,8 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated farm, an MQTT broker inside the process (unless --broker) "
         "and the daemon, and show the farm live until Ctrl-C.",
     )
-    sp.add_argument("--rigs", type=int, default=100, help="number of miners (default 100)")
-    sp.add_argument("--pdus", type=int, default=4, help="number of PDUs (default 4)")
+    farm_args(sp)
     sp.add_argument("--broker", metavar="URL", help="use this broker instead of the built-in one")
     sp.add_argument("--duration", type=_positive, help="stop after this many (wall) seconds")
     sp.add_argument("--speed", type=_positive, default=10.0, help="farm clock speed (default 10)")
@@ -250,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON line of site state per interval instead of the live view",
     )
-    sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
     log_arg(sp)
     sp.set_defaults(func=cmd_demo)
     return p

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,6 +27,14 @@ from drivers.errors import DeviceError
 log = structlog.get_logger(__name__)
 
 SnapshotHook = Callable[[SiteSnapshot], Awaitable[None] | None]
+
+
+class _Reader(Protocol):
+    def read(self, ts: float) -> Awaitable[Any]: ...
+
+
+_Sink = Callable[..., None]
+_HealthOf = Callable[[str], Health]
 
 
 class Daemon:
@@ -98,39 +106,23 @@ class Daemon:
         ts = self.clock.now()
         t0 = time.monotonic()
         jobs: list[Awaitable[None]] = []
-        for rig_id, miner in devs.miners.items():
-            jobs.append(
-                self._read(
-                    "miner",
-                    rig_id,
-                    partial(miner.read, ts),
-                    partial(st.rig_ok, rig_id),
-                    partial(st.rig_failed, rig_id, ts),
-                    st.rig_health(rig_id),
+        kinds: tuple[tuple[str, Mapping[str, _Reader], _Sink, _Sink, _HealthOf], ...] = (
+            ("miner", devs.miners, st.rig_ok, st.rig_failed, st.rig_health),
+            ("meter", devs.meters, st.meter_ok, st.meter_failed, st.meter_health),
+            ("pdu", devs.pdus, st.pdu_ok, st.pdu_failed, st.pdu_health),
+        )
+        for kind, drivers, ok, failed, health in kinds:
+            for dev_id, driver in drivers.items():
+                jobs.append(
+                    self._read(
+                        kind,
+                        dev_id,
+                        partial(driver.read, ts),
+                        partial(ok, dev_id),
+                        partial(failed, dev_id, ts),
+                        health(dev_id),
+                    )
                 )
-            )
-        for meter_id, meter in devs.meters.items():
-            jobs.append(
-                self._read(
-                    "meter",
-                    meter_id,
-                    partial(meter.read, ts),
-                    partial(st.meter_ok, meter_id),
-                    partial(st.meter_failed, meter_id, ts),
-                    st.meter_health(meter_id),
-                )
-            )
-        for pdu_id, pdu in devs.pdus.items():
-            jobs.append(
-                self._read(
-                    "pdu",
-                    pdu_id,
-                    partial(pdu.read, ts),
-                    partial(st.pdu_ok, pdu_id),
-                    partial(st.pdu_failed, pdu_id, ts),
-                    st.pdu_health(pdu_id),
-                )
-            )
         await asyncio.gather(*jobs)
         st.cycle += 1
         snap = st.snapshot(ts, time.monotonic() - t0)

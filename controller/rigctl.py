@@ -10,19 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from controller.cli import default_config_path, print_config_error
-from controller.config import ConfigError, load_config, summarize
-
-
-def cmd_config_check(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print_config_error(e, sys.stdout)
-        return 1
-    print(f"{args.config}: OK")
-    print(summarize(cfg))
-    return 0
+from controller.cli import cmd_check_config, default_config_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk = cfg_sub.add_parser(
         "check", help="validate the config file; exit 1 listing every problem with its line"
     )
-    chk.set_defaults(func=cmd_config_check)
+    chk.set_defaults(func=cmd_check_config)  # the very check `rigd check-config` runs
     return p
 
 

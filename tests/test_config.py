@@ -210,3 +210,17 @@ def test_check_config_cli(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "51 miner(s)" in r.stdout and "2 PDU(s), 6 outlet(s)" in r.stdout
+
+
+def test_rigctl_config_check_finds_the_config_from_the_environment(tmp_path: Path) -> None:
+    bad = tmp_path / "rigd.toml"
+    bad.write_text('[site]\nid = "s"\n[[miners]]\nid = "r1"\n')
+    env = {"PATH": "/usr/bin:/bin", "RIGD_CONFIG": str(bad)}
+    r = subprocess.run(
+        [sys.executable, "-m", "controller.rigctl", "config", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 1
+    assert f"{bad}:3: miners[0]: a miner needs `id` and `host`, or a `range`" in r.stdout
