@@ -128,13 +128,19 @@ class MqttLink:
                     self._dirty = dict.fromkeys(self._retained)
                     self.connected.set()
                     await self._flush_forever(client)
-            except aiomqtt.MqttError as e:
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, ValueError) as e:
+                # OSError/SSLError/ValueError: unreadable CA or client key, bad TLS material.
+                # Publishing must never die for good while the daemon keeps polling.
                 if self._stopping:
                     break
                 self.connected.clear()
                 self._client = None
                 log.warning(
-                    "mqtt_disconnected", broker=self.cfg.url, error=str(e), retry_in_s=backoff
+                    "mqtt_disconnected",
+                    broker=self.cfg.url,
+                    error=str(e) or type(e).__name__,
+                    error_type=type(e).__name__,
+                    retry_in_s=backoff,
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)

@@ -39,19 +39,24 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A mosquitto process the test owns: can be stopped and started again on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, listener: str = "", scheme: str = "mqtt") -> None:
+        """`listener`: extra lines for the listener (TLS files, password_file, ...)."""
         self.port = _free_port()
         self.host = "127.0.0.1"
+        self.scheme = scheme
         self.conf = workdir / "mosquitto.conf"
+        anonymous = "false" if "password_file" in listener else "true"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            # `user root`: when the tests run as root, keep reading the test's own files.
+            f"user root\nper_listener_settings false\nlistener {self.port} 127.0.0.1\n"
+            f"{listener}\nallow_anonymous {anonymous}\npersistence false\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
