@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         _install_stop(stop)
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, dry_run=args.dry_run)
         await daemon.run(stop)
 
     asyncio.run(main())
@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run the daemon", description="Run the daemon.")
     config_arg(sp)
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the whole control loop, log and publish what it would do, send no command",
+    )
     log_arg(sp)
     sp.set_defaults(func=cmd_run)
 
@@ -255,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=10.0,
         help="poll interval in farm seconds (default 10)",
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan and publish what control would do, but send no command",
     )
     sp.add_argument(
         "--headless",

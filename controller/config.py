@@ -234,6 +234,84 @@ class GroupConfig(_Strict):
     description: str = ""
 
 
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
+
+
+class ScheduleConfig(_Strict):
+    """A recurring cap in the site's local time, e.g. the winter evening peak."""
+
+    name: str
+    days: list[Day] = Field(default_factory=lambda: list(_DAYS))
+    months: list[Annotated[int, Field(ge=1, le=12)]] = Field(
+        default_factory=lambda: list(range(1, 13))
+    )
+    start: str  # "17:00", local time
+    end: str  # "21:00"; an end before the start runs past midnight
+    cap_kw: float | None = Field(None, ge=0)
+    cap_pct: float | None = Field(None, ge=0, le=100)  # of control.max_import_kw
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not _HHMM.match(v):
+            raise ValueError(f"time must be HH:MM (24 h), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> ScheduleConfig:
+        if (self.cap_kw is None) == (self.cap_pct is None):
+            raise ValueError("give exactly one of cap_kw and cap_pct")
+        if self.start == self.end:
+            raise ValueError("start and end are the same time: the window would be empty")
+        return self
+
+
+class BudgetConfig(_Strict):
+    """An energy budget that must last its period (a contracted import volume)."""
+
+    period: Literal["day", "month"]
+    kwh: float = Field(gt=0)
+    # Kept back from pacing so control lag at the period's end never overdraws the budget.
+    reserve_pct: float = Field(0.5, ge=0, le=50)
+
+
+class ModelTiming(_Strict):
+    """How long a rig model takes to show a command in its power (seconds)."""
+
+    sleep_s: float = Field(ge=0)
+    wake_s: float = Field(ge=0)  # boot plus ramp to full power
+    power_change_s: float = Field(ge=0)
+
+
+class ControlConfig(_Strict):
+    enabled: bool = True  # false: monitor only, never command
+    dry_run: bool = False  # plan, log and publish, send nothing (also `rigd run --dry-run`)
+    max_import_kw: float = Field(gt=0)  # contracted maximum at the grid connection
+    headroom_kw: float = Field(0.0, ge=0)  # keep measured import this far below the cap
+    headroom_pct: float = Field(2.0, ge=0, le=50)  # ... or this share of the cap, whichever is more
+    deadband_kw: float = Field(0.0, ge=0)  # no restoring unless this far below target
+    deadband_pct: float = Field(3.0, ge=0, le=50)
+    ramp_kw_per_interval: float = Field(0.0, ge=0)  # max kW being added at once; 0: 10 % of cap
+    min_on_s: float = Field(300, ge=0)  # a woken rig runs at least this long (unless over cap)
+    min_off_s: float = Field(300, ge=0)  # a slept rig sleeps at least this long
+    power_targets: bool = True  # throttle where firmware allows, before sleeping rigs
+    escalate_after_s: float = Field(120, gt=0)  # sleep not effective by then: outlet off
+    allow_outlet_off: bool = True
+    sleeping_w: float = Field(100, ge=0)  # a rig drawing more than this is not asleep
+    meter_stale_s: float = Field(30, gt=0)  # older import readings are not trusted
+    estimate_margin_pct: float = Field(10, ge=0, le=100)  # added to estimates without a meter
+    safe_state: Literal["sleep", "hold"] = "sleep"  # with no trustworthy reading at all
+    rig_default_w: float = Field(3500, gt=0)  # a rig's full power until it is measured
+    timing_default: ModelTiming = ModelTiming(sleep_s=15, wake_s=300, power_change_s=60)
+    timing: dict[str, ModelTiming] = Field(default_factory=dict)  # by model, e.g. "Antminer S21"
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
+
+    def timing_for(self, model: str) -> ModelTiming:
+        return self.timing.get(model, self.timing_default)
+
+
 class Config(_Strict):
     site: SiteConfig
     mqtt: MqttConfig = MqttConfig()
@@ -242,6 +320,8 @@ class Config(_Strict):
     pdus: list[PduConfig] = Field(default_factory=list)
     miners: list[MinerConfig] = Field(default_factory=list)
     groups: dict[Ident, GroupConfig] = Field(default_factory=dict)
+    control: ControlConfig | None = None  # absent: monitor only
+    budget: BudgetConfig | None = None
 
     def rigs(self) -> list[RigEntry]:
         """Every miner, ranges expanded, with its outlet if a PDU maps it."""
@@ -445,6 +525,13 @@ def _cross_check(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
                 problems.append((loc, f"rig {rid!r} is already on {outlet_owner[rid]}"))
             else:
                 outlet_owner[rid] = f"{pdu.id} outlet {n}"
+    if cfg.budget is not None:
+        if cfg.control is None:
+            problems.append((("budget",), "an energy budget needs a [control] section to act on"))
+        if not any(m.role == "import" for m in cfg.meters):
+            problems.append(
+                (("budget",), "an energy budget is counted from an import meter: add one")
+            )
     if len([m for m in cfg.meters if m.role == "import"]) > 1:
         problems.append(
             (("meters",), "more than one import meter: which one does the cap apply to?")

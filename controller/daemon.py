@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -19,14 +20,26 @@ import structlog
 
 from controller.clock import Clock, SystemClock
 from controller.config import Config
+from controller.control import Controller, ControlStatus
 from controller.devices import Devices, build_devices
 from controller.mqtt import MqttLink
 from controller.state import Health, SiteSnapshot, SiteState
+from controller.store import StateStore
 from drivers.errors import DeviceError
 
 log = structlog.get_logger(__name__)
 
-SnapshotHook = Callable[[SiteSnapshot], Awaitable[None] | None]
+
+@dataclass(frozen=True, slots=True)
+class CycleResult:
+    """One cycle's outcome: the farm, what control decided, and the published document."""
+
+    snapshot: SiteSnapshot
+    control: ControlStatus | None
+    document: dict[str, Any]
+
+
+SnapshotHook = Callable[[CycleResult], Awaitable[None] | None]
 
 
 class _Reader(Protocol):
@@ -46,6 +59,7 @@ class Daemon:
         devices: Devices | None = None,
         link: MqttLink | None = None,
         on_snapshot: SnapshotHook | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
@@ -60,6 +74,21 @@ class Daemon:
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
         self.on_snapshot = on_snapshot
         self.snapshot: SiteSnapshot | None = None
+        self.last: CycleResult | None = None
+        self.store: StateStore | None = None
+        self.controller: Controller | None = None
+        if cfg.control is not None and cfg.control.enabled:
+            # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
+            self.store = StateStore.open(cfg.site.state_dir)
+            self.controller = Controller(
+                cfg,
+                cfg.control,
+                self.devices,
+                self.store,
+                link=self.link,
+                now=self.clock.now,
+                dry_run=dry_run,
+            )
         self._sem = asyncio.Semaphore(cfg.poll.concurrency)
         # A driver has its own timeout and retries; this guard only catches a driver bug.
         self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
@@ -129,9 +158,24 @@ class Daemon:
         self.snapshot = snap
         return snap
 
-    def publish(self, snap: SiteSnapshot) -> None:
+    async def cycle(self) -> CycleResult:
+        """Poll, decide, publish: one turn of the loop."""
+        snap = await self.poll_cycle()
+        status = await self.controller.step(snap) if self.controller is not None else None
+        doc = snap.site_document()
+        if status is not None:
+            doc.update(status.site_fields())
+        else:
+            doc.update({"cap_kw": None, "cap_source": None})
+        result = CycleResult(snap, status, doc)
+        self.last = result
+        self.publish(result)
+        return result
+
+    def publish(self, result: CycleResult) -> None:
         link = self.link
-        link.set_retained("state", snap.site_document())
+        snap = result.snapshot
+        link.set_retained("state", result.document)
         for rig_id, rig in snap.rigs.items():
             link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
@@ -159,11 +203,11 @@ class Daemon:
         try:
             next_t = self.clock.monotonic()
             while not stop.is_set():
-                snap = await self.poll_cycle()
-                self.publish(snap)
+                result = await self.cycle()
+                snap = result.snapshot
                 log.debug("poll_cycle", cycle=snap.cycle, duration_s=round(snap.poll_duration_s, 3))
                 if self.on_snapshot is not None:
-                    res = self.on_snapshot(snap)
+                    res = self.on_snapshot(result)
                     if res is not None:
                         await res
                 next_t += interval
@@ -175,8 +219,12 @@ class Daemon:
                 await _sleep_or_stop(self.clock, delay, stop)
         finally:
             log.info("rigd_stopping", site=self.cfg.site.id)
+            if self.controller is not None:
+                await self.controller.close()
             await self.link.close(link_task)
             await self.devices.close()
+            if self.store is not None:
+                self.store.close()
             log.info("rigd_stopped", site=self.cfg.site.id)
 
 

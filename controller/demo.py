@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -21,10 +22,9 @@ from rich.live import Live
 from controller.broker import EmbeddedBroker
 from controller.cli import _install_stop, _stop_after
 from controller.config import parse_config
-from controller.daemon import Daemon
+from controller.daemon import CycleResult, Daemon
 from controller.liveview import render
 from controller.logs import configure_logging
-from controller.state import SiteSnapshot
 from simulators.site import SimSite, poll_timeouts
 
 
@@ -39,6 +39,48 @@ async def _stage_farm(site: SimSite) -> None:
     if where is not None:
         site.farm.pdus[where[0]].switch(where[1], "off", site.farm.now())
     await site.fleet.servers[hung].set_fault("silent")
+
+
+SCRIPT_PERIOD_S = 180.0  # wall seconds the cap script spans when no --duration is given
+
+
+def _control_toml(site: SimSite, args: argparse.Namespace) -> str:
+    """The demo site's contract: room for the whole farm, brisk dwell times to watch."""
+    full = site.nominal_import_kw()
+    return f"""
+[control]
+max_import_kw = {math.ceil(full * 1.1)}
+headroom_pct = 2
+deadband_pct = 3
+ramp_kw_per_interval = {math.ceil(full * 0.2)}
+min_on_s = 60
+min_off_s = 60
+escalate_after_s = 60
+"""
+
+
+async def _script(daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    """A third of the way in, the cap drops to about half of the farm's load; at two
+    thirds it is restored. Told as a technician's override, so it shows as such."""
+    ctl = daemon.controller
+    if ctl is None:
+        return
+    span = args.duration or SCRIPT_PERIOD_S
+
+    async def until(t: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), t)
+        return not stop.is_set()
+
+    if not await until(span / 3):
+        return
+    last = daemon.last
+    load = last.document.get("import_kw") if last else None
+    kw = round((load or ctl.control.max_import_kw) * 0.5, 1)
+    ctl.set_override(kw, ctl.now() + 86_400, "demo script: the grid is short of power", "demo")
+    if not await until(span / 3):
+        return
+    ctl.clear_override()
 
 
 async def run_demo(args: argparse.Namespace) -> int:
@@ -74,6 +116,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 interval_s=args.interval,
                 timeout_s=timeout_s,
                 retries=retries,
+                extra=_control_toml(site, args),
             ),
             source="<demo>",
             environ={},
@@ -83,19 +126,23 @@ async def run_demo(args: argparse.Namespace) -> int:
 
         if args.headless:
 
-            def on_snapshot(snap: SiteSnapshot) -> None:
-                print(json.dumps(snap.site_document(), separators=(",", ":")), flush=True)
+            def on_snapshot(result: CycleResult) -> None:
+                print(json.dumps(result.document, separators=(",", ":")), flush=True)
 
-            daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_snapshot)
-            await asyncio.gather(daemon.run(stop), _stop_after(stop, args.duration))
+            daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_snapshot, dry_run=args.dry_run)
+            await asyncio.gather(
+                daemon.run(stop), _stop_after(stop, args.duration), _script(daemon, args, stop)
+            )
         else:
             with Live(console=console, auto_refresh=False, screen=False) as live:
 
-                def on_live(snap: SiteSnapshot) -> None:
-                    live.update(render(snap, broker=url, speed=args.speed), refresh=True)
+                def on_live(result: CycleResult) -> None:
+                    live.update(render(result, broker=url, speed=args.speed), refresh=True)
 
-                daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_live)
-                await asyncio.gather(daemon.run(stop), _stop_after(stop, args.duration))
+                daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_live, dry_run=args.dry_run)
+                await asyncio.gather(
+                    daemon.run(stop), _stop_after(stop, args.duration), _script(daemon, args, stop)
+                )
             console.print()
             console.print(f"demo stopped; daemon log: {log_path}")
     finally:

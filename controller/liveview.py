@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from controller.state import SiteSnapshot
+from controller.daemon import CycleResult
 from drivers.telemetry import RigState
 
 _STATE_STYLE = {
@@ -26,8 +26,8 @@ def _fmt(v: float | None, nd: int = 1, unit: str = "") -> str:
     return "-" if v is None else f"{v:,.{nd}f}{unit}"
 
 
-def render(snap: SiteSnapshot, *, broker: str, speed: float, rows: int = 12) -> RenderableType:
-    doc = snap.site_document()
+def render(result: CycleResult, *, broker: str, speed: float, rows: int = 12) -> RenderableType:
+    snap, doc = result.snapshot, result.document
     when = dt.datetime.fromtimestamp(snap.ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     head = Text.assemble(
         ("rigd demo", "bold"),
@@ -49,6 +49,24 @@ def render(snap: SiteSnapshot, *, broker: str, speed: float, rows: int = 12) -> 
         "meter energy",
         _fmt(doc["import_kwh"], 1, " kWh"),
     )
+    cap = Text()
+    if doc.get("cap_kw") is not None:
+        cap.append("cap ", style="bold")
+        cap.append(f"{doc['cap_kw']:,.1f} kW", style="bold yellow")
+        cap.append(f"  set by {doc['cap_source']}: {doc.get('cap_detail', '')}")
+        ctl = doc.get("control", {})
+        if ctl.get("target_kw") is not None:
+            cap.append(f"   target {ctl['target_kw']:,.1f} kW ({ctl.get('basis', '')})")
+        if ctl.get("mode") == "dry_run":
+            cap.append("   DRY RUN: no commands sent", style="bold red")
+        budget = doc.get("budget")
+        if budget:
+            cap.append(
+                f"\nbudget {budget['used_kwh']:,.0f} of {budget['budget_kwh']:,.0f} kWh used "
+                f"this {budget['period']}"
+            )
+    else:
+        cap.append("monitoring only (no [control] in config)", style="dim")
     counts = Text()
     for state in RigState:
         counts.append(f"{state.value} {doc['rigs'][state.value]}   ", style=_STATE_STYLE[state])
@@ -103,4 +121,4 @@ def render(snap: SiteSnapshot, *, broker: str, speed: float, rows: int = 12) -> 
         table.caption = (
             f"... and {len(rigs) - rows} more; all on MQTT rigd/{snap.site}/rigs/+/state"
         )
-    return Panel(Group(head, Text(), summary, counts, health, table), border_style="blue")
+    return Panel(Group(head, Text(), summary, cap, counts, health, table), border_style="blue")

@@ -101,6 +101,7 @@ class SimSite:
         interval_s: float = 10.0,
         timeout_s: float | None = None,
         retries: int | None = None,
+        extra: str = "",
     ) -> str:
         """A daemon config pointing at this running site (call after `start`).
 
@@ -158,4 +159,12 @@ class SimSite:
                 f"port = {port}",
                 f"driver = {_q(driver)}",
             ]
+        if extra:
+            out += ["", extra.strip()]
         return "\n".join(out) + "\n"
+
+    def nominal_import_kw(self) -> float:
+        """What the meter reads with every rig at full power: sizes caps for demos and tests."""
+        m = self.farm.meter
+        rigs_w = sum(r.model.nominal_w for r in self.farm.rigs.values())
+        return (m.overhead_base_w + rigs_w * (1.0 + m.overhead_frac)) / 1000.0

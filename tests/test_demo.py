@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import Mosquitto, watch
 
@@ -26,16 +29,47 @@ def test_headless_prints_one_state_document_per_interval() -> None:
     assert len(docs) >= 3  # speed 20, interval 10 farm-s: a cycle every 0.5 s
     cycles = [d["cycle"] for d in docs]
     assert cycles == sorted(cycles) and len(set(cycles)) == len(cycles)
-    last = docs[-1]
-    assert {"ts", "import_kw", "rigs", "hashrate_ths", "rig_power_kw"} <= set(last)
-    assert last["rigs_total"] == 12 and last["meter_ok"] is True
+    first = docs[0]
+    keys = {"ts", "import_kw", "rigs", "hashrate_ths", "rig_power_kw", "cap_kw", "cap_source"}
+    assert keys <= set(first)
+    assert first["rigs_total"] == 12 and first["meter_ok"] is True
     # The staged farm: one spare switched off at its outlet, one control board silent.
-    assert last["rigs"]["off"] == 1 and last["rigs"]["unreachable"] == 1
-    assert last["rigs"]["mining"] == 10
-    assert 10 * 2.9 < last["import_kw"] < 10 * 4.0 + 30
+    assert first["rigs"]["off"] == 1 and first["rigs"]["unreachable"] == 1
+    assert first["rigs"]["mining"] == 10
+    assert 10 * 2.9 < first["import_kw"] < 10 * 4.0 + 30
+    assert first["cap_source"] == "max_import"
     # Logs are JSON lines on stderr, apart from the state on stdout.
     events = [json.loads(line)["event"] for line in r.stderr.splitlines() if line.strip()]
     assert "rigd_starting" in events and "rigd_stopped" in events
+
+
+def test_demo_script_holds_the_cap_and_restores_without_overshoot() -> None:
+    """Done-when of the control loop: the cap drops to about half the load a third of the
+    way in, import settles under it within the rigs' stop time, and comes back gradually."""
+    r = demo("--headless", "--duration", "15", "--rigs", "30", "--pdus", "2", "--speed", "20")
+    assert r.returncode == 0, r.stderr
+    docs = [json.loads(line) for line in r.stdout.splitlines()]
+    dropped = [i for i, d in enumerate(docs) if d["cap_source"] == "override"]
+    assert dropped, "the script never dropped the cap"
+    i0, i1 = dropped[0], dropped[-1]
+    before, low_cap = docs[i0 - 1], docs[i0]["cap_kw"]
+    assert low_cap == pytest.approx(before["import_kw"] * 0.5, rel=0.05)
+    # Throttling takes 30 farm-s, sleeping 6: allow that plus two 10 s polls.
+    settle = 30 + 2 * 10
+    t_drop = docs[i0]["ts"]
+    after = [d for d in docs[i0 : i1 + 1] if d["ts"] >= t_drop + settle]
+    assert after, "the low cap did not last long enough to judge"
+    assert all(d["import_kw"] <= low_cap for d in after), [d["import_kw"] for d in after]
+    assert docs[i1]["rigs"]["sleeping"] > 0
+    assert docs[i1]["hashrate_ths"] > 0.3 * before["hashrate_ths"]  # throttled, not all asleep
+    # Restored: the cap is back, import climbs gradually and never over the cap.
+    restored = docs[i1 + 1 :]
+    assert restored and all(d["cap_source"] == "max_import" for d in restored)
+    assert all(d["import_kw"] <= d["cap_kw"] for d in restored)
+    steps = [b["import_kw"] - a["import_kw"] for a, b in itertools.pairwise(restored)]
+    ramp = docs[0]["cap_kw"] / 1.1 * 0.2  # the demo's ramp_kw_per_interval
+    assert max(steps, default=0) <= ramp * 1.2
+    assert restored[-1]["import_kw"] > docs[i1]["import_kw"]
 
 
 def test_live_view_runs_and_stops() -> None:

@@ -1,0 +1,70 @@
+"""Energy used in the current budget period, counted from the meter's own energy register.
+
+Differences of the register are what the utility bills, so rigd never integrates
+power samples: a missed poll or a restart loses nothing. The counter is plain data
+(persisted by the daemon after each update), and handles the awkward cases: a new
+period, a daemon that was down across a period boundary, and a meter whose
+register went backwards (replaced or reset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from controller.caps import period_bounds
+
+
+@dataclass(slots=True)
+class EnergyCounter:
+    period: str  # "day" or "month"
+    period_start: float
+    period_end: float
+    used_kwh: float = 0.0  # this period, up to the last reading
+    last_register_kwh: float | None = None
+    last_ts: float | None = None
+    resets: int = 0  # times the register went backwards
+
+    @classmethod
+    def new(cls, period: str, tz: str, now: float) -> EnergyCounter:
+        start, end = period_bounds(period, tz, now)
+        return cls(period, start, end)
+
+    def update(self, register_kwh: float, ts: float, tz: str) -> None:
+        """Account for a new register reading taken at `ts`."""
+        if self.last_register_kwh is None or self.last_ts is None:
+            self._roll(ts, tz)
+            self.last_register_kwh, self.last_ts = register_kwh, ts
+            return
+        delta = register_kwh - self.last_register_kwh
+        if delta < 0:
+            # Meter replaced or reset: the new register starts from its own zero. Nothing is
+            # known of the gap, so count nothing for it rather than a huge negative.
+            self.resets += 1
+            delta = 0.0
+        if ts >= self.period_end:
+            # The reading spans the boundary: split the energy in proportion to time, and
+            # start as many new periods as have passed.
+            span = max(ts - self.last_ts, 1e-9)
+            self._roll(ts, tz)
+            in_new = max(0.0, ts - self.period_start) / span
+            self.used_kwh += delta * min(1.0, in_new)
+        else:
+            self.used_kwh += delta
+        self.last_register_kwh, self.last_ts = register_kwh, ts
+
+    def advance(self, now: float, tz: str) -> None:
+        """Start the period `now` is in, even before a reading arrives in it."""
+        self._roll(now, tz)
+
+    def _roll(self, ts: float, tz: str) -> None:
+        if ts >= self.period_end or ts < self.period_start:
+            self.period_start, self.period_end = period_bounds(self.period, tz, ts)
+            self.used_kwh = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EnergyCounter:
+        return cls(**d)

@@ -1,0 +1,140 @@
+"""The effective cap: the lowest of every limit in force at one moment, and who set it.
+
+Pure functions of config, state and time, so every limit can be tested at any
+instant (a winter evening in Bishkek, the last minute of a month) without a clock.
+Each source may only tighten the cap, never loosen another's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from controller.config import BudgetConfig, ControlConfig, ScheduleConfig
+
+# cap_source values, in the order a tie is reported (the first listed wins a tie).
+GRID = "grid"
+OVERRIDE = "override"
+SCHEDULE = "schedule"
+BUDGET = "budget"
+MAX_IMPORT = "max_import"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit in force: where it comes from, its value, and why."""
+
+    source: str  # one of the constants above
+    kw: float
+    detail: str = ""  # the schedule's name, the order's id, the override's reason
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cap:
+    kw: float
+    source: str
+    detail: str
+    limits: tuple[Limit, ...]  # every limit considered, lowest first
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cap_kw": round(self.kw, 3),
+            "cap_source": self.source,
+            "cap_detail": self.detail,
+            "limits": [
+                {"source": lim.source, "kw": round(lim.kw, 3), "detail": lim.detail}
+                for lim in self.limits
+            ],
+        }
+
+
+_TIE_ORDER = {s: i for i, s in enumerate((GRID, OVERRIDE, SCHEDULE, BUDGET, MAX_IMPORT))}
+
+
+def effective_cap(limits: list[Limit]) -> Cap:
+    if not limits:
+        raise ValueError("no limits: the site's max import is always one")
+    ordered = sorted(limits, key=lambda lim: (lim.kw, _TIE_ORDER.get(lim.source, 99)))
+    low = ordered[0]
+    return Cap(max(0.0, low.kw), low.source, low.detail, tuple(ordered))
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+
+def _minutes(hhmm: str) -> int:
+    h, m = hhmm.split(":")
+    return int(h) * 60 + int(m)
+
+
+def schedule_active(s: ScheduleConfig, local: dt.datetime) -> bool:
+    """Whether `local` (site time) falls in the window; a window past midnight belongs to the
+    day (and month) it starts on."""
+    start, end = _minutes(s.start), _minutes(s.end)
+    now = local.hour * 60 + local.minute
+    days = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    if start < end:
+        return days[local.weekday()] in s.days and local.month in s.months and start <= now < end
+    # Past midnight: the evening part today, or the morning part of a window that began yesterday.
+    if now >= start:
+        return days[local.weekday()] in s.days and local.month in s.months
+    if now < end:
+        y = local - dt.timedelta(days=1)
+        return days[y.weekday()] in s.days and y.month in s.months
+    return False
+
+
+def schedule_limits(control: ControlConfig, tz: str, now: float) -> list[Limit]:
+    local = dt.datetime.fromtimestamp(now, ZoneInfo(tz))
+    out = []
+    for s in control.schedules:
+        if schedule_active(s, local):
+            kw = (
+                s.cap_kw if s.cap_kw is not None else control.max_import_kw * (s.cap_pct or 0) / 100
+            )
+            out.append(Limit(SCHEDULE, kw, s.name))
+    return out
+
+
+# -- energy budget pacing -------------------------------------------------------------------
+
+
+def period_bounds(period: str, tz: str, now: float) -> tuple[float, float]:
+    """Start and end (epoch seconds) of the budget period containing `now`, in site time.
+
+    Computed from local calendar dates, so a day is 23 or 25 hours across a DST change,
+    as the contract's day is.
+    """
+    zone = ZoneInfo(tz)
+    local = dt.datetime.fromtimestamp(now, zone)
+    if period == "day":
+        start = dt.datetime(local.year, local.month, local.day, tzinfo=zone)
+        nxt = start.date() + dt.timedelta(days=1)
+        end = dt.datetime(nxt.year, nxt.month, nxt.day, tzinfo=zone)
+    elif period == "month":
+        start = dt.datetime(local.year, local.month, 1, tzinfo=zone)
+        y, m = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        end = dt.datetime(y, m, 1, tzinfo=zone)
+    else:
+        raise ValueError(f"unknown budget period {period!r}")
+    return start.timestamp(), end.timestamp()
+
+
+def pacing_limit(budget: BudgetConfig, used_kwh: float, period_end: float, now: float) -> Limit:
+    """Spread what remains of the budget over what remains of the period.
+
+    The reserve is kept back so that the lag between a cap and the farm obeying it can
+    never overdraw the budget; what is not used early raises the cap later, so pacing
+    self-corrects towards using (almost) all of the budget.
+    """
+    reserve = budget.kwh * budget.reserve_pct / 100.0
+    remaining_kwh = budget.kwh - used_kwh - reserve
+    remaining_h = max(period_end - now, 1.0) / 3600.0
+    kw = max(0.0, remaining_kwh) / remaining_h
+    detail = (
+        f"{max(0.0, budget.kwh - used_kwh):.0f} of {budget.kwh:.0f} kWh left "
+        f"for {remaining_h:.1f} h ({budget.period})"
+    )
+    return Limit(BUDGET, kw, detail)

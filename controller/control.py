@@ -1,0 +1,410 @@
+"""The control loop's stateful shell around the pure planner.
+
+Each cycle: read the frozen snapshot, update the energy counter from the meter's
+register, work out the effective cap, build the planner's view of every rig, plan,
+and hand new actions to the executor as background tasks. Everything a restart
+must not forget (planner memory, energy counter, overrides, maintenance and pins,
+what was learned of each rig) is written to the state database as it changes, and
+read back at start, before the first cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from controller.budget import EnergyCounter
+from controller.caps import (
+    MAX_IMPORT,
+    OVERRIDE,
+    Cap,
+    Limit,
+    effective_cap,
+    pacing_limit,
+    schedule_limits,
+)
+from controller.config import Config, ControlConfig
+from controller.devices import Devices
+from controller.executor import ActionResult, Executor
+from controller.mqtt import MqttLink
+from controller.planner import (
+    Action,
+    Mode,
+    Plan,
+    PlanInput,
+    RigInput,
+    RigMemory,
+    plan,
+    remember,
+)
+from controller.state import RigView, SiteSnapshot
+from controller.store import StateStore, StoreError
+from drivers.telemetry import RigState
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    kw: float
+    expires_at: float
+    reason: str
+    actor: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kw": self.kw,
+            "expires_at": self.expires_at,
+            "reason": self.reason,
+            "actor": self.actor,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A technician's exclusion of a rig from control (maintenance or pin)."""
+
+    reason: str
+    actor: str
+    expires_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "actor": self.actor, "expires_at": self.expires_at}
+
+
+@dataclass(slots=True)
+class Learned:
+    """What rigd has learned of a rig by watching it at full power."""
+
+    full_w: float | None = None
+    efficiency_j_th: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlStatus:
+    cap: Cap
+    plan: Plan | None
+    budget: dict[str, Any] | None
+    dry_run: bool
+    inflight: int
+    held: dict[str, int] = field(default_factory=dict)
+
+    def site_fields(self) -> dict[str, Any]:
+        """Fields merged into the `state` document."""
+        doc: dict[str, Any] = {
+            "cap_kw": round(self.cap.kw, 3),
+            "cap_source": self.cap.source,
+            "cap_detail": self.cap.detail,
+            "control": {
+                "mode": "dry_run" if self.dry_run else "active",
+                "inflight_actions": self.inflight,
+                **(self.plan.as_dict() if self.plan else {}),
+                **self.held,
+            },
+        }
+        if self.budget is not None:
+            doc["budget"] = self.budget
+        return doc
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: Config,
+        control: ControlConfig,
+        devices: Devices,
+        store: StateStore,
+        *,
+        link: MqttLink | None,
+        now: Any,
+        dry_run: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.control = control
+        self.devices = devices
+        self.store = store
+        self.now = now
+        self.dry_run = dry_run or control.dry_run
+        self.executor = Executor(devices, store=store, link=link, now=now)
+        self.memory: dict[str, RigMemory] = {}
+        self.learned: dict[str, Learned] = {}
+        self.override: Override | None = None
+        self.maintenance: dict[str, Hold] = {}
+        self.pinned: dict[str, Hold] = {}
+        self.external: dict[str, Limit] = {}  # the seam for grid orders: name -> limit
+        self.nonrig_kw: float | None = None
+        self.energy: EnergyCounter | None = None
+        self._inflight: dict[str, asyncio.Task[ActionResult]] = {}
+        self._prior: dict[str, RigMemory] = {}  # memory before an in-flight action
+        self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
+        self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
+        self._load()
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def _load(self) -> None:
+        st = self.store
+        self.memory = {k: RigMemory.from_dict(v) for k, v in st.get("planner.memory", {}).items()}
+        self.learned = {k: Learned(**v) for k, v in st.get("rigs.learned", {}).items()}
+        ov = st.get("control.override")
+        self.override = Override(**ov) if ov else None
+        self.maintenance = {k: Hold(**v) for k, v in st.get("control.maintenance", {}).items()}
+        self.pinned = {k: Hold(**v) for k, v in st.get("control.pinned", {}).items()}
+        self.nonrig_kw = st.get("control.nonrig_kw")
+        if self.cfg.budget is not None:
+            saved = st.get("budget.energy")
+            if saved and saved.get("period") == self.cfg.budget.period:
+                self.energy = EnergyCounter.from_dict(saved)
+            else:
+                self.energy = EnergyCounter.new(
+                    self.cfg.budget.period, self.cfg.site.timezone, self.now()
+                )
+        asleep = sum(1 for m in self.memory.values() if m.mode in (Mode.SLEEP, Mode.OFF))
+        log.info(
+            "control_state_loaded",
+            rigs_remembered=len(self.memory),
+            asleep_or_off=asleep,
+            override=self.override is not None,
+            energy_used_kwh=None if self.energy is None else round(self.energy.used_kwh, 3),
+        )
+
+    def _save(self, items: dict[str, Any]) -> None:
+        try:
+            self.store.put_many(items)
+        except StoreError as e:
+            log.error("state_write_failed", error=str(e))
+
+    def _save_memory(self) -> None:
+        self._save({"planner.memory": {k: v.as_dict() for k, v in self.memory.items()}})
+
+    # -- what technicians (and, later, the grid) set ----------------------------------------
+
+    def set_override(self, kw: float, expires_at: float, reason: str, actor: str) -> Override:
+        if kw < 0:
+            raise ValueError("an override cap cannot be negative")
+        self.override = Override(kw, expires_at, reason, actor)
+        self._save({"control.override": self.override.as_dict()})
+        return self.override
+
+    def clear_override(self) -> None:
+        self.override = None
+        self._save({"control.override": None})
+
+    def set_maintenance(self, rig_id: str, hold: Hold | None) -> None:
+        self._set_hold(self.maintenance, "control.maintenance", rig_id, hold)
+
+    def set_pinned(self, rig_id: str, hold: Hold | None) -> None:
+        self._set_hold(self.pinned, "control.pinned", rig_id, hold)
+
+    def _set_hold(self, holds: dict[str, Hold], key: str, rig_id: str, hold: Hold | None) -> None:
+        if rig_id not in self.devices.miners:
+            raise KeyError(f"unknown rig {rig_id!r}")
+        if hold is None:
+            holds.pop(rig_id, None)
+        else:
+            holds[rig_id] = hold
+        self._save({key: {k: v.as_dict() for k, v in holds.items()}})
+
+    def set_external(self, name: str, limit: Limit | None) -> None:
+        """Seam for other cap sources (grid orders): set or clear a named limit."""
+        if limit is None:
+            self.external.pop(name, None)
+        else:
+            self.external[name] = limit
+
+    # -- one cycle -----------------------------------------------------------------------
+
+    def _expire(self, now: float) -> None:
+        if self.override is not None and now >= self.override.expires_at:
+            log.info("override_expired", kw=self.override.kw, reason=self.override.reason)
+            self.clear_override()
+        for holds, key in (
+            (self.maintenance, "control.maintenance"),
+            (self.pinned, "control.pinned"),
+        ):
+            gone = [k for k, h in holds.items() if h.expires_at is not None and now >= h.expires_at]
+            for k in gone:
+                log.info("hold_expired", rig=k, kind=key.rsplit(".", 1)[-1])
+                del holds[k]
+            if gone:
+                self._save({key: {k: v.as_dict() for k, v in holds.items()}})
+        for name, lim in list(self.external.items()):
+            if lim.expires_at is not None and now >= lim.expires_at:
+                del self.external[name]
+
+    def _update_energy(self, snap: SiteSnapshot) -> dict[str, Any] | None:
+        budget = self.cfg.budget
+        if budget is None or self.energy is None:
+            return None
+        reading = snap.import_reading
+        if reading is not None:
+            self.energy.update(reading.import_kwh, reading.ts, self.cfg.site.timezone)
+            self._save({"budget.energy": self.energy.as_dict()})
+        e = self.energy
+        return {
+            "period": budget.period,
+            "period_start": e.period_start,
+            "period_end": e.period_end,
+            "budget_kwh": budget.kwh,
+            "used_kwh": round(e.used_kwh, 3),
+            "remaining_kwh": round(budget.kwh - e.used_kwh, 3),
+        }
+
+    def limits(self, now: float) -> list[Limit]:
+        c = self.control
+        out = [Limit(MAX_IMPORT, c.max_import_kw, "site maximum import")]
+        out += schedule_limits(c, self.cfg.site.timezone, now)
+        if self.cfg.budget is not None and self.energy is not None:
+            e = self.energy
+            e.advance(now, self.cfg.site.timezone)  # a new period starts with or without a reading
+            out.append(
+                pacing_limit(self.cfg.budget, self.energy.used_kwh, self.energy.period_end, now)
+            )
+        out += self.external.values()
+        if self.override is not None:
+            o = self.override
+            out.append(Limit(OVERRIDE, o.kw, f"{o.reason} ({o.actor})", o.expires_at))
+        return out
+
+    def _learn(self, rig: RigView) -> None:
+        t = rig.telemetry
+        mm = self.memory.get(rig.info.id)
+        if (
+            t is None
+            or rig.state is not RigState.MINING
+            or (mm is not None and mm.mode is not Mode.RUN)
+        ):
+            return
+        if mm is not None and self.now() < mm.settle_until:
+            return  # still ramping: not its full power
+        learned = self.learned.setdefault(rig.info.id, Learned())
+        if t.power_w:
+            learned.full_w = max(learned.full_w or 0.0, t.power_w) if learned.full_w else t.power_w
+        if t.efficiency_j_per_th:
+            learned.efficiency_j_th = t.efficiency_j_per_th
+
+    def _rig_input(self, rig: RigView) -> RigInput:
+        info = rig.info
+        driver = self.devices.miners[info.id]
+        caps = driver.capabilities
+        learned = self.learned.get(info.id, Learned())
+        t = rig.telemetry
+        model = t.identity.model if t else ""
+        full = caps.power_target_max_w or learned.full_w or self.control.rig_default_w
+        eff = learned.efficiency_j_th
+        if eff is None and t is not None and rig.state is RigState.MINING:
+            eff = t.efficiency_j_per_th
+        has_outlet = False
+        if info.outlet is not None and self.control.allow_outlet_off:
+            pdu_cfg = next(p for p in self.cfg.pdus if p.id == info.outlet[0])
+            has_outlet = pdu_cfg.snmp_version == "3" or pdu_cfg.write_community is not None
+        return RigInput(
+            id=info.id,
+            state=rig.state,
+            power_w=rig.power_w if rig.health.reachable or rig.outlet_power_w is not None else None,
+            last_known_w=(t.power_w if t is not None else None) or rig.outlet_power_w,
+            full_w=full,
+            efficiency_j_th=eff,
+            priority=self._group_priority.get(info.group or "", 0),
+            can_sleep=caps.can_sleep,
+            can_power_target=caps.can_power_target and caps.power_target_min_w is not None,
+            min_w=caps.power_target_min_w,
+            max_w=caps.power_target_max_w,
+            has_outlet=has_outlet,
+            outlet_on=rig.outlet_on,
+            timing=self.control.timing_for(model),
+            maintenance=info.id in self.maintenance,
+            pinned=info.id in self.pinned,
+            busy=info.id in self._inflight,
+        )
+
+    def _harvest(self) -> None:
+        """Fold finished actions back into memory: keep successes, undo failures."""
+        changed = False
+        for rig_id, task in list(self._inflight.items()):
+            if not task.done():
+                continue
+            del self._inflight[rig_id]
+            prior = self._prior.pop(rig_id, RigMemory())
+            res = None if task.cancelled() else task.result()
+            if res is not None and res.ok:
+                continue
+            backoff = min(300.0, 10.0 * 2**prior.failures)
+            self.memory[rig_id] = replace(
+                prior, failures=prior.failures + 1, retry_at=self.now() + backoff
+            )
+            changed = True
+        if changed:
+            self._save_memory()
+
+    async def step(self, snap: SiteSnapshot) -> ControlStatus:
+        now = self.now()
+        self._expire(now)
+        self._harvest()
+        budget_doc = self._update_energy(snap)
+        cap = effective_cap(self.limits(now))
+        for rig in snap.rigs.values():
+            self._learn(rig)
+        reading = snap.import_reading
+        inp = PlanInput(
+            now=now,
+            cap=cap,
+            control=self.control,
+            rigs=tuple(self._rig_input(r) for r in snap.rigs.values()),
+            import_kw=None if reading is None else reading.power_w / 1000.0,
+            import_age_s=None if reading is None else max(0.0, now - reading.ts),
+            memory=self.memory,
+            nonrig_kw=self.nonrig_kw,
+        )
+        result = plan(inp)
+        self.nonrig_kw = result.nonrig_kw
+        if self.dry_run:
+            self._report_dry_run(result.actions)
+        else:
+            self._launch(result.actions, inp)
+        self._save(
+            {
+                "control.nonrig_kw": self.nonrig_kw,
+                "rigs.learned": {
+                    k: {"full_w": v.full_w, "efficiency_j_th": v.efficiency_j_th}
+                    for k, v in self.learned.items()
+                },
+            }
+        )
+        held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
+        return ControlStatus(cap, result, budget_doc, self.dry_run, len(self._inflight), held)
+
+    def _launch(self, actions: tuple[Action, ...], inp: PlanInput) -> None:
+        if not actions:
+            return
+        by_id = {r.id: r for r in inp.rigs}
+        for a in actions:
+            r = by_id[a.rig_id]
+            self._prior[a.rig_id] = self.memory.get(a.rig_id, RigMemory())
+            # Optimistic: count the action as in flight now; undone if it fails.
+            self.memory = remember(self.memory, a, True, inp.now, r.timing, r.full_w)
+            self._inflight[a.rig_id] = asyncio.create_task(
+                self.executor.execute(a), name=f"action-{a.rig_id}"
+            )
+        self._save_memory()
+
+    def _report_dry_run(self, actions: tuple[Action, ...]) -> None:
+        """Log and publish what would be done, once per change of plan (not every cycle)."""
+        key = tuple((a.rig_id, a.kind.value, a.watts) for a in actions)
+        if key == self._last_dry:
+            return
+        self._last_dry = key
+        for a in actions:
+            self.executor.record(ActionResult(a, True, None, 0, 0.0), actor="planner", dry_run=True)
+
+    async def close(self) -> None:
+        """Let in-flight actions finish (briefly): a cut-off command is worse than a late one."""
+        tasks = list(self._inflight.values())
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
+        self._harvest()

@@ -1,0 +1,151 @@
+"""The executor: sends the planner's actions to devices, retrying what may succeed later.
+
+Each action runs as its own task (bounded in number), so a rig that takes 20 s to
+answer never holds up the poll loop or the rest of the farm. Transport failures
+(timeouts, refused connections) are retried with backoff; a refusal, bad
+credentials or an unsupported command is final. Every attempt's outcome goes to
+the audit log and to `rigd/<site>/events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from controller.devices import Devices
+from controller.mqtt import MqttLink
+from controller.planner import Action, ActionKind
+from controller.store import StateStore, StoreError
+from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    action: Action
+    ok: bool
+    error: str | None
+    attempts: int
+    duration_s: float
+
+
+class Executor:
+    def __init__(
+        self,
+        devices: Devices,
+        *,
+        store: StateStore | None,
+        link: MqttLink | None,
+        now: Callable[[], float],
+        concurrency: int = 64,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.devices = devices
+        self.store = store
+        self.link = link
+        self.now = now
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self._sem = asyncio.Semaphore(concurrency)
+
+    async def _send(self, a: Action) -> None:
+        if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
+            info = next(r for r in self.devices.rigs if r.id == a.rig_id)
+            if info.outlet is None:
+                raise DeviceError("rig has no PDU outlet", device=a.rig_id, operation=a.kind)
+            pdu_id, number = info.outlet
+            pdu: Any = self.devices.pdus[pdu_id]
+            await pdu.set_outlet(number, "off" if a.kind is ActionKind.OUTLET_OFF else "on")
+            return
+        miner = self.devices.miners[a.rig_id]
+        if a.kind is ActionKind.SLEEP:
+            await miner.sleep()
+        elif a.kind is ActionKind.SET_POWER:
+            await miner.set_power_target(a.watts)
+        elif a.kind is ActionKind.WAKE:
+            if miner.capabilities.can_power_target:
+                # Wake at the planned power (None: full), not at whatever was set before.
+                await miner.set_power_target(a.watts)
+            await miner.wake()
+        else:  # pragma: no cover - ActionKind is closed
+            raise ValueError(f"unknown action {a.kind}")
+
+    async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
+        """Send one action, with retries; record it; never raises for device errors."""
+        t0 = time.monotonic()
+        error: str | None = None
+        attempt = 0
+        async with self._sem:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    await self._send(a)
+                    error = None
+                    break
+                except (DeviceTimeout, DeviceUnreachable) as e:
+                    error = str(e)
+                    if attempt < self.attempts:
+                        await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                except DeviceError as e:
+                    error = str(e)  # rejected, auth, unsupported: retrying will not help
+                    break
+                except ValueError as e:  # e.g. a power target outside the rig's range
+                    error = f"invalid: {e}"
+                    break
+                except Exception as e:  # a driver bug must not take the controller down
+                    error = f"{type(e).__name__}: {e}"
+                    log.exception("action_crashed", rig=a.rig_id, action=a.kind.value)
+                    break
+        result = ActionResult(a, error is None, error, attempt, time.monotonic() - t0)
+        self.record(result, actor=actor)
+        return result
+
+    def record(self, r: ActionResult, *, actor: str, dry_run: bool = False) -> None:
+        a = r.action
+        outcome = "dry_run" if dry_run else ("ok" if r.ok else "failed")
+        params = {"watts": None if a.watts is None else round(a.watts), "attempts": r.attempts}
+        ts = self.now()
+        (log.info if r.ok or dry_run else log.warning)(
+            "action",
+            rig=a.rig_id,
+            action=a.kind.value,
+            watts=params["watts"],
+            reason=a.reason,
+            result=outcome,
+            error=r.error,
+            actor=actor,
+        )
+        if self.store is not None:
+            try:
+                self.store.audit(
+                    ts=ts,
+                    actor=actor,
+                    action=a.kind.value,
+                    rig_id=a.rig_id,
+                    params=params,
+                    reason=a.reason,
+                    result=outcome,
+                    error=r.error,
+                    dry_run=dry_run,
+                )
+            except StoreError as e:
+                log.error("audit_write_failed", error=str(e))
+        if self.link is not None:
+            self.link.event(
+                "events",
+                {
+                    "ts": round(ts, 3),
+                    "type": "action",
+                    **a.as_dict(),
+                    "result": outcome,
+                    "error": r.error,
+                    "actor": actor,
+                    "dry_run": dry_run,
+                },
+            )

@@ -1,0 +1,491 @@
+"""The planner: who runs, who is throttled, who sleeps, who is switched off. Pure.
+
+Inputs are a frozen view of the farm, the cap, the planner's own memory of what it
+commanded, and the time; output is a list of actions. No sockets, no clock: every
+rule below is tested by feeding it states.
+
+The policy, in order:
+
+1. Never re-command a rig before its model has had time to show the last command
+   in its power; never touch rigs in maintenance, pinned, unreachable, or held
+   asleep/off by someone else (rigd only wakes what it put to sleep).
+2. A rig told to sleep that still draws power after `escalate_after_s` has its
+   PDU outlet switched off (where mapped and allowed).
+3. Import is the meter's reading when fresh; otherwise an estimate (rig and outlet
+   readings, unreachable rigs at their last known power, plus the non-rig load last
+   seen by the meter, plus a safety margin); with no trustworthy reading at all, the
+   configured safe state. To it are added the changes already in flight (rigs still
+   ramping up, still going to sleep), so a decision never double-counts or forgets one.
+4. Above the target (cap minus headroom): shed. Least useful rigs go first (lowest
+   group priority, then worst J/TH). Throttling keeps more hashrate per kW shed than
+   sleeping (hashrate falls slower than power), so: sleep the worst rigs only until
+   throttling the rest can cover what remains, then throttle, worst first. If that is
+   not enough, rigs inside their minimum on-time or still waking are slept too (the
+   cap comes first), then rigs without API control are switched off at their outlet.
+5. Below the target by more than the deadband: restore, best rigs first (highest
+   priority, then best J/TH), raising throttled rigs and waking slept ones, never
+   adding more than `ramp_kw_per_interval` counting rigs still ramping, and never
+   beyond the target. A rig slept less than `min_off_s` ago stays asleep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from controller.caps import Cap
+from controller.config import ControlConfig, ModelTiming
+from drivers.telemetry import RigState
+
+IDLE_W = 20.0  # a sleeping rig's control board and fans
+NONRIG_SMOOTHING = 0.2  # weight of a new meter sample in the non-rig load estimate
+
+
+class ActionKind(StrEnum):
+    SLEEP = "sleep"
+    WAKE = "wake"  # with `watts`: wake at that power target
+    SET_POWER = "set_power"  # `watts`; None restores the default (full) power
+    OUTLET_OFF = "outlet_off"
+    OUTLET_ON = "outlet_on"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    rig_id: str
+    kind: ActionKind
+    reason: str
+    watts: float | None = None
+    expected_w: float = 0.0  # the rig's power once the action has taken effect
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rig": self.rig_id,
+            "action": self.kind.value,
+            "watts": None if self.watts is None else round(self.watts),
+            "reason": self.reason,
+        }
+
+
+class Mode(StrEnum):
+    """What rigd last made a rig do (successfully)."""
+
+    RUN = "run"  # full (default) power
+    THROTTLE = "throttle"  # a power target below full
+    SLEEP = "sleep"
+    OFF = "off"  # outlet switched off by rigd
+
+
+@dataclass(frozen=True, slots=True)
+class RigMemory:
+    """The planner's memory of one rig; persisted so a restart keeps dwell times."""
+
+    mode: Mode = Mode.RUN
+    since: float = 0.0  # when `mode` was entered
+    settle_until: float = 0.0  # no re-command before this
+    expected_w: float | None = None  # power once settled, for in-flight accounting
+    target_w: float | None = None  # throttle target
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode.value,
+            "since": self.since,
+            "settle_until": self.settle_until,
+            "expected_w": self.expected_w,
+            "target_w": self.target_w,
+            "failures": self.failures,
+            "retry_at": self.retry_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RigMemory:
+        return cls(
+            Mode(d.get("mode", "run")),
+            float(d.get("since", 0.0)),
+            float(d.get("settle_until", 0.0)),
+            d.get("expected_w"),
+            d.get("target_w"),
+            int(d.get("failures", 0)),
+            float(d.get("retry_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RigInput:
+    """One rig as the planner sees it this cycle."""
+
+    id: str
+    state: RigState
+    power_w: float | None  # current best figure; None if unknown now
+    last_known_w: float | None  # for rigs gone silent
+    full_w: float  # expected power at its default target
+    efficiency_j_th: float | None
+    priority: int = 0
+    can_sleep: bool = True
+    can_power_target: bool = False
+    min_w: float | None = None
+    max_w: float | None = None
+    has_outlet: bool = False  # mapped and switching allowed
+    outlet_on: bool | None = None
+    timing: ModelTiming = field(
+        default_factory=lambda: ModelTiming(sleep_s=15, wake_s=300, power_change_s=60)
+    )
+    maintenance: bool = False
+    pinned: bool = False
+    busy: bool = False  # an action is still being sent to it
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInput:
+    now: float
+    cap: Cap
+    control: ControlConfig
+    rigs: tuple[RigInput, ...]
+    import_kw: float | None  # the meter's reading, if any
+    import_age_s: float | None  # how old that reading is
+    memory: dict[str, RigMemory]
+    nonrig_kw: float | None = None  # facility load last seen by the meter (not rigs)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    actions: tuple[Action, ...]
+    target_kw: float
+    measured_kw: float | None  # import used for the decision (metered or estimated)
+    predicted_kw: float | None  # once everything in flight has settled
+    basis: str  # "meter", "estimate" or "safe"
+    nonrig_kw: float | None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target_kw": round(self.target_kw, 3),
+            "measured_kw": None if self.measured_kw is None else round(self.measured_kw, 3),
+            "predicted_kw": None if self.predicted_kw is None else round(self.predicted_kw, 3),
+            "basis": self.basis,
+            "note": self.note,
+        }
+
+
+_Pred = Callable[[RigInput], bool]
+_Add = Callable[[RigInput, ActionKind, str, float | None, float], None]
+
+
+def _efficiency(r: RigInput) -> float:
+    """J/TH, with unknown treated as the worst: we would rather shed what we cannot judge."""
+    return r.efficiency_j_th if r.efficiency_j_th and r.efficiency_j_th > 0 else math.inf
+
+
+def _consuming(r: RigInput) -> bool:
+    return r.state in (RigState.MINING, RigState.WAKING)
+
+
+def _current_w(r: RigInput) -> float:
+    if r.power_w is not None:
+        return r.power_w
+    if r.last_known_w is not None:
+        return r.last_known_w
+    return r.full_w
+
+
+def settle_s(kind: ActionKind, t: ModelTiming) -> float:
+    if kind is ActionKind.SLEEP:
+        return t.sleep_s
+    if kind in (ActionKind.WAKE, ActionKind.OUTLET_ON):
+        return t.wake_s
+    if kind is ActionKind.SET_POWER:
+        return t.power_change_s
+    return 5.0  # outlet off: immediate, give the PDU a few seconds to report
+
+
+def plan(inp: PlanInput) -> Plan:
+    cfg = inp.control
+    now = inp.now
+    cap_kw = inp.cap.kw
+    headroom = max(cfg.headroom_kw, cap_kw * cfg.headroom_pct / 100.0)
+    deadband = max(cfg.deadband_kw, cap_kw * cfg.deadband_pct / 100.0)
+    target = max(0.0, cap_kw - headroom)
+    ramp_limit = cfg.ramp_kw_per_interval or 0.1 * cfg.max_import_kw
+    mem = inp.memory
+    actions: list[Action] = []
+    touched: set[str] = set()
+
+    def m(r: RigInput) -> RigMemory:
+        return mem.get(r.id, RigMemory())
+
+    def free(r: RigInput) -> bool:
+        """May rigd command this rig now at all?"""
+        if r.maintenance or r.pinned or r.busy or r.id in touched:
+            return False
+        if r.state is RigState.UNREACHABLE:
+            return False
+        mm = m(r)
+        return now >= mm.retry_at
+
+    def settled(r: RigInput) -> bool:
+        return now >= m(r).settle_until
+
+    def add(
+        r: RigInput, kind: ActionKind, reason: str, watts: float | None, expected: float
+    ) -> None:
+        actions.append(Action(r.id, kind, reason, watts, expected))
+        touched.add(r.id)
+
+    # -- 1. confirm and escalate what was commanded ------------------------------------
+    for r in inp.rigs:
+        mm = m(r)
+        if not free(r) or not settled(r):
+            continue
+        if mm.mode is Mode.SLEEP:
+            drawing = r.power_w is not None and r.power_w > cfg.sleeping_w
+            overdue = now >= mm.since + cfg.escalate_after_s
+            if drawing and overdue and r.has_outlet and cfg.allow_outlet_off and r.outlet_on:
+                add(
+                    r,
+                    ActionKind.OUTLET_OFF,
+                    f"still drawing {r.power_w:.0f} W {now - mm.since:.0f} s after sleep",
+                    None,
+                    0.0,
+                )
+            elif r.state in (RigState.MINING, RigState.WAKING) and r.can_sleep and not overdue:
+                add(r, ActionKind.SLEEP, "sleep did not take: sending it again", None, IDLE_W)
+
+    # -- 2. what is the import, and what will it be ------------------------------------
+    fresh = (
+        inp.import_kw is not None
+        and inp.import_age_s is not None
+        and inp.import_age_s <= cfg.meter_stale_s
+    )
+    rig_sum_kw = sum(_current_w(r) for r in inp.rigs if r.state is not RigState.OFF) / 1000.0
+    nonrig = inp.nonrig_kw
+    if fresh:
+        assert inp.import_kw is not None
+        measured: float = inp.import_kw
+        basis = "meter"
+        known_kw = sum(r.power_w for r in inp.rigs if r.power_w is not None) / 1000.0
+        sample = max(0.0, inp.import_kw - known_kw)
+        nonrig = sample if nonrig is None else nonrig + NONRIG_SMOOTHING * (sample - nonrig)
+    else:
+        known = [r for r in inp.rigs if r.power_w is not None or r.state is RigState.OFF]
+        coverage = len(known) / len(inp.rigs) if inp.rigs else 1.0
+        if coverage < 0.5:
+            return _safe_plan(inp, target, actions, touched, nonrig)
+        measured = (rig_sum_kw + (nonrig or 0.0)) * (1.0 + cfg.estimate_margin_pct / 100.0)
+        basis = "estimate"
+
+    in_flight = 0.0  # kW still to come (+) or go (-) from commands not yet settled
+    ramping_up = 0.0
+    for r in inp.rigs:
+        mm = m(r)
+        if mm.expected_w is None or settled(r) or r.power_w is None:
+            continue
+        delta = (mm.expected_w - r.power_w) / 1000.0
+        in_flight += delta
+        if delta > 0:
+            ramping_up += delta
+    for a in actions:  # confirmations just planned
+        r = next(x for x in inp.rigs if x.id == a.rig_id)
+        in_flight += (a.expected_w - _current_w(r)) / 1000.0
+    predicted = measured + in_flight
+
+    upper = target
+    lower = target - deadband
+    note = ""
+    if predicted > upper:
+        need = predicted - (upper - 0.25 * deadband)
+        shed = _shed(inp, need, free, settled, add)
+        predicted -= shed
+        if predicted > upper + 1e-6:
+            note = f"cannot shed enough: {predicted - upper:.1f} kW over target"
+    elif predicted < lower:
+        room = min((target - 0.5 * deadband) - predicted, ramp_limit - ramping_up)
+        if room > 0:
+            predicted += _restore(inp, room, free, settled, add)
+    return Plan(tuple(actions), target, measured, predicted, basis, nonrig, note)
+
+
+def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add) -> float:
+    """Plan commands that take `need_kw` off the import; return what they will take."""
+    cfg = inp.control
+    now = inp.now
+    mem = inp.memory
+
+    def order(rs: list[RigInput]) -> list[RigInput]:
+        return sorted(rs, key=lambda r: (r.priority, -_efficiency(r), r.id))
+
+    def dwell_ok(r: RigInput) -> bool:
+        mm = mem.get(r.id)
+        return mm is None or mm.mode is not Mode.RUN or now >= mm.since + cfg.min_on_s
+
+    base = [r for r in inp.rigs if _consuming(r) and free(r)]
+    first = order([r for r in base if settled(r) and dwell_ok(r)])
+    shed = 0.0
+
+    def throttle_room(r: RigInput) -> float:
+        if not (cfg.power_targets and r.can_power_target and r.min_w is not None):
+            return 0.0
+        return max(0.0, (_current_w(r) - r.min_w) / 1000.0)
+
+    # Sleep the worst rigs until throttling the rest can cover what remains.
+    sleepers = [r for r in first if r.can_sleep]
+    throttle_total = sum(throttle_room(r) for r in first)
+    slept: set[str] = set()
+    for r in sleepers:
+        if shed >= need_kw or need_kw - shed <= throttle_total:
+            break
+        save = max(0.0, _current_w(r) - IDLE_W) / 1000.0
+        add(
+            r,
+            ActionKind.SLEEP,
+            f"over target: shed {need_kw:.1f} kW, least efficient first",
+            None,
+            IDLE_W,
+        )
+        shed += save
+        throttle_total -= throttle_room(r)
+        slept.add(r.id)
+    for r in first:
+        if shed >= need_kw:
+            break
+        room = throttle_room(r)
+        if r.id in slept or room <= 0:
+            continue
+        take = min(room, need_kw - shed)
+        watts = _current_w(r) - take * 1000.0
+        add(r, ActionKind.SET_POWER, f"over target: throttle to shed {take:.2f} kW", watts, watts)
+        shed += take
+    if shed >= need_kw:
+        return shed
+    # Still over: the cap comes first. Sleep rigs inside their on-time or still waking.
+    done = {r.id for r in first if r.id in slept} | {
+        r.id for r in first if throttle_room(r) > 0 and r.id not in slept
+    }
+    rest = order([r for r in base if r.id not in done and r.can_sleep])
+    for r in rest:
+        if shed >= need_kw:
+            break
+        save = max(0.0, _current_w(r) - IDLE_W) / 1000.0
+        add(r, ActionKind.SLEEP, "over target: cap before dwell", None, IDLE_W)
+        shed += save
+    if shed >= need_kw or not cfg.allow_outlet_off:
+        return shed
+    # Last: rigs with no API control, at their outlet.
+    hard = order([r for r in base if not r.can_sleep and r.has_outlet and r.outlet_on])
+    for r in hard:
+        if shed >= need_kw:
+            break
+        add(
+            r, ActionKind.OUTLET_OFF, "over target: no API control, switching outlet off", None, 0.0
+        )
+        shed += _current_w(r) / 1000.0
+    return shed
+
+
+def _restore(inp: PlanInput, room_kw: float, free: _Pred, settled: _Pred, add: _Add) -> float:
+    """Plan commands that add at most `room_kw`; return what they will add."""
+    cfg = inp.control
+    now = inp.now
+    mem = inp.memory
+    added = 0.0
+
+    def order(rs: list[RigInput]) -> list[RigInput]:
+        return sorted(rs, key=lambda r: (-r.priority, _efficiency(r), r.id))
+
+    candidates = []
+    for r in inp.rigs:
+        mm = mem.get(r.id)
+        if mm is None or not free(r) or not settled(r):
+            continue
+        if (mm.mode is Mode.THROTTLE and _consuming(r)) or (
+            mm.mode in (Mode.SLEEP, Mode.OFF) and now >= mm.since + cfg.min_off_s
+        ):
+            candidates.append(r)
+    for r in order(candidates):
+        left = room_kw - added
+        if left <= 0.05:
+            break
+        mm = mem[r.id]
+        if mm.mode is Mode.THROTTLE:
+            current = _current_w(r)
+            want = min(r.full_w, current + left * 1000.0)
+            if want - current < 1.0:
+                continue
+            watts = None if want >= r.full_w - 1.0 else want
+            add(r, ActionKind.SET_POWER, "under target: raise power target", watts, want)
+            added += (want - current) / 1000.0
+            continue
+        base_w = IDLE_W if mm.mode is Mode.SLEEP else 0.0
+        full_add = (r.full_w - base_w) / 1000.0
+        if mm.mode is Mode.OFF:
+            if not r.has_outlet or full_add > left:
+                continue
+            add(r, ActionKind.OUTLET_ON, "under target: power back on", None, r.full_w)
+            added += full_add
+        elif full_add <= left:
+            add(r, ActionKind.WAKE, "under target: wake, most efficient first", None, r.full_w)
+            added += full_add
+        elif (
+            cfg.power_targets
+            and r.can_power_target
+            and r.min_w is not None
+            and (r.min_w - base_w) / 1000.0 <= left
+        ):
+            watts = base_w + left * 1000.0
+            add(r, ActionKind.WAKE, "under target: wake at a power target that fits", watts, watts)
+            added += left
+    return added
+
+
+def _safe_plan(
+    inp: PlanInput, target: float, actions: list[Action], touched: set[str], nonrig: float | None
+) -> Plan:
+    """No meter and too few rig readings to estimate import: the configured safe state."""
+    cfg = inp.control
+    if cfg.safe_state == "sleep":
+        for r in inp.rigs:
+            if r.id in touched or r.maintenance or r.pinned or r.busy or not _consuming(r):
+                continue
+            if r.can_sleep and inp.now >= inp.memory.get(r.id, RigMemory()).retry_at:
+                actions.append(
+                    Action(
+                        r.id, ActionKind.SLEEP, "no trustworthy reading: safe state", None, IDLE_W
+                    )
+                )
+                touched.add(r.id)
+    return Plan(tuple(actions), target, None, None, "safe", nonrig, f"safe state: {cfg.safe_state}")
+
+
+def remember(
+    memory: dict[str, RigMemory],
+    action: Action,
+    ok: bool,
+    now: float,
+    timing: ModelTiming,
+    full_w: float,
+) -> dict[str, RigMemory]:
+    """The planner's memory after an action was sent (`ok`) or failed."""
+    mm = memory.get(action.rig_id, RigMemory())
+    out = dict(memory)
+    if not ok:
+        backoff = min(300.0, 10.0 * 2**mm.failures)
+        out[action.rig_id] = replace(mm, failures=mm.failures + 1, retry_at=now + backoff)
+        return out
+    kind = action.kind
+    settle = now + settle_s(kind, timing)
+    if kind is ActionKind.SLEEP:
+        mode, target = Mode.SLEEP, None
+    elif kind is ActionKind.OUTLET_OFF:
+        mode, target = Mode.OFF, None
+    elif kind in (ActionKind.WAKE, ActionKind.OUTLET_ON):
+        mode = Mode.RUN if action.watts is None else Mode.THROTTLE
+        target = action.watts
+    else:  # SET_POWER
+        full = action.watts is None or action.watts >= full_w - 1.0
+        mode, target = (Mode.RUN, None) if full else (Mode.THROTTLE, action.watts)
+    since = mm.since if mode is mm.mode else now
+    out[action.rig_id] = RigMemory(mode, since, settle, action.expected_w, target, 0, 0.0)
+    return out
