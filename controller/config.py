@@ -623,6 +623,16 @@ def summarize(cfg: Config) -> str:
         f"{len(cfg.groups)} group(s)"
         + (": " + ", ".join(sorted(cfg.groups)) if cfg.groups else ""),
     ]
+    c = cfg.control
+    if c is None or not c.enabled:
+        lines.append("control: off (monitoring only)")
+    else:
+        lines.append(
+            f"control: max import {c.max_import_kw:,.0f} kW, {len(c.schedules)} schedule(s)"
+            + (", DRY RUN" if c.dry_run else "")
+        )
+    if cfg.budget is not None:
+        lines.append(f"budget: {cfg.budget.kwh:,.0f} kWh per {cfg.budget.period}")
     if not cfg.meters:
         lines.append("warning: no import meter; the farm's import will not be measured")
     return "\n".join(lines)

@@ -224,3 +224,35 @@ def test_rigctl_config_check_finds_the_config_from_the_environment(tmp_path: Pat
     )
     assert r.returncode == 1
     assert f"{bad}:3: miners[0]: a miner needs `id` and `host`, or a `range`" in r.stdout
+
+
+CONTROL = """
+[[meters]]
+id = "m"
+host = "127.0.0.1"
+
+[control]
+max_import_kw = 1000
+"""
+
+
+def test_control_and_budget_sections() -> None:
+    cfg = parse_config(
+        MINIMAL + CONTROL + '\n[budget]\nperiod = "month"\nkwh = 500000\n', environ={}
+    )
+    assert cfg.control is not None and cfg.control.max_import_kw == 1000
+    assert cfg.control.timing_for("Antminer S21") == cfg.control.timing_default
+    assert cfg.budget is not None and cfg.budget.reserve_pct == 0.5
+
+
+def test_budget_needs_control_and_an_import_meter() -> None:
+    msgs = [m for _, _, m in errors(MINIMAL + '\n[budget]\nperiod = "day"\nkwh = 10\n')]
+    assert any("needs a [control] section" in m for m in msgs)
+    assert any("counted from an import meter" in m for m in msgs)
+
+
+def test_schedule_errors_are_located() -> None:
+    text = MINIMAL + CONTROL + '\n[[control.schedules]]\nname = "peak"\nstart = "25:00"\n'
+    got = {p: line for p, line, _ in errors(text)}
+    assert got["control.schedules[0].start"] == 18
+    assert got["control.schedules[0].end"] == 16  # missing: located at its table

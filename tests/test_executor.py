@@ -1,0 +1,112 @@
+"""The executor against the real drivers and the socket simulators."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controller.config import parse_config
+from controller.devices import Devices, build_devices
+from controller.executor import Executor
+from controller.mqtt import MqttLink
+from controller.planner import Action, ActionKind
+from controller.store import StateStore
+from simulators.clock import ManualClock
+from simulators.farm import Mode
+from simulators.site import SimSite
+
+
+class _Env:
+    def __init__(self, site: SimSite, devices: Devices, store: StateStore, link: MqttLink) -> None:
+        self.site, self.devices, self.store, self.link = site, devices, store, link
+        self.clock = site.clock
+        self.farm = site.farm
+
+    def executor(self, **kw: float) -> Executor:
+        return Executor(
+            self.devices,
+            store=self.store,
+            link=self.link,
+            now=self.farm.now,
+            attempts=int(kw.get("attempts", 3)),
+            backoff_s=kw.get("backoff_s", 0.01),
+        )
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[_Env]:
+    site = SimSite(rigs=4, pdus=1, clock=ManualClock())
+    site.farm.rigs["rig-004"].firmware = "bmminer"  # stock: no API control
+    async with site:
+        cfg = parse_config(site.config_toml(state_dir=tmp_path, timeout_s=0.3), environ={})
+        devices = build_devices(cfg)
+        store = StateStore.open(tmp_path)
+        link = MqttLink(cfg.mqtt, cfg.site.id)  # never connected: events stay queued
+        try:
+            yield _Env(site, devices, store, link)
+        finally:
+            await devices.close()
+            store.close()
+
+
+async def test_sleep_is_sent_recorded_and_published(env: _Env) -> None:
+    rig = env.farm.rigs["rig-001"]
+    res = await env.executor().execute(Action("rig-001", ActionKind.SLEEP, "over target"))
+    assert res.ok and res.attempts == 1
+    assert rig.mode is Mode.SLEEPING
+    (entry,) = env.store.audit_since(0)
+    assert (entry.action, entry.rig_id, entry.result, entry.actor) == (
+        "sleep",
+        "rig-001",
+        "ok",
+        "planner",
+    )
+    assert entry.reason == "over target"
+    topic, payload = env.link._events[-1]
+    assert topic == "rigd/sim/events" and b'"action":"sleep"' in payload
+
+
+async def test_wake_at_a_power_target(env: _Env) -> None:
+    rig = env.farm.rigs["rig-002"]
+    rig.sleep(env.farm.now())
+    low = rig.model.min_w + 100
+    await env.devices.miners["rig-002"].read(env.farm.now())  # learns the profiles
+    res = await env.executor().execute(Action("rig-002", ActionKind.WAKE, "room", low))
+    assert res.ok, res.error
+    assert rig.mode is Mode.MINING
+    assert rig.power_target_w is not None and rig.power_target_w <= low
+    env.clock.advance(rig.model.boot_s + rig.model.wake_ramp_s + 1)
+    assert rig.power_w(env.farm.now()) == pytest.approx(rig.power_target_w, rel=0.01)
+
+
+async def test_outlet_off_over_snmp(env: _Env) -> None:
+    res = await env.executor().execute(Action("rig-003", ActionKind.OUTLET_OFF, "ignored sleep"))
+    assert res.ok, res.error
+    assert env.farm.rigs["rig-003"].powered is False
+    res = await env.executor().execute(Action("rig-003", ActionKind.OUTLET_ON, "room"))
+    assert res.ok and env.farm.rigs["rig-003"].powered is True
+
+
+async def test_timeouts_are_retried_then_reported(env: _Env) -> None:
+    await env.site.fleet.servers["rig-001"].set_fault("silent")
+    res = await env.executor(attempts=3).execute(Action("rig-001", ActionKind.SLEEP, "r"))
+    assert not res.ok and res.attempts == 3
+    assert res.error is not None and "timeout" in res.error
+    assert env.farm.rigs["rig-001"].mode is Mode.MINING
+    assert env.store.audit_since(0)[-1].result == "failed"
+
+
+async def test_unsupported_is_final_not_retried(env: _Env) -> None:
+    res = await env.executor(attempts=3).execute(Action("rig-004", ActionKind.SLEEP, "r"))
+    assert not res.ok and res.attempts == 1
+    assert res.error is not None and "unsupported" in res.error
+
+
+async def test_power_target_out_of_range_is_refused_before_sending(env: _Env) -> None:
+    await env.devices.miners["rig-001"].read(env.farm.now())
+    before = env.farm.rigs["rig-001"].command_count
+    res = await env.executor().execute(Action("rig-001", ActionKind.SET_POWER, "r", 50.0))
+    assert not res.ok and res.error is not None and res.error.startswith("invalid")
+    assert env.farm.rigs["rig-001"].command_count == before
