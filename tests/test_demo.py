@@ -103,6 +103,16 @@ async def test_demo_publishes_to_a_given_broker(mosquitto: Mosquitto) -> None:
         state = await w.wait_json("rigd/demo/state", lambda d: d["rigs_total"] == 5, within=30)
         assert state["meter_ok"] is True
         await w.wait_json("rigd/demo/rigs/rig-001/state", lambda d: d["state"] == "mining")
+        # The script's cap drop makes the control loop act; each action is an event.
+        event = await w.wait_json("rigd/demo/events", within=30)
+        assert event["type"] == "action" and event["result"] == "ok"
+        assert event["action"] in ("sleep", "set_power") and event["reason"]
+        assert w.retained["rigd/demo/events"] is False
+        state = await w.wait_json("rigd/demo/state", lambda d: d["cap_source"] == "override")
+        assert (
+            state["cap_kw"] < state["control"]["measured_kw"]
+            or state["control"]["inflight_actions"] >= 0
+        )
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         await w.wait_for("rigd/demo/status", lambda p: p == b"offline")
 
