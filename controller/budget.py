@@ -53,9 +53,16 @@ class EnergyCounter:
             self.used_kwh += delta
         self.last_register_kwh, self.last_ts = register_kwh, ts
 
-    def advance(self, now: float, tz: str) -> None:
-        """Start the period `now` is in, even before a reading arrives in it."""
-        self._roll(now, tz)
+    def used_at(self, now: float, tz: str) -> tuple[float, float]:
+        """(kWh used, period end) for the period `now` is in, without changing the counter.
+
+        Before the first reading of a new period nothing is known of it yet: 0 kWh. The
+        counter itself rolls only on a reading, so that reading's energy is split
+        between the periods by time.
+        """
+        if self.period_start <= now < self.period_end:
+            return self.used_kwh, self.period_end
+        return 0.0, period_bounds(self.period, tz, now)[1]
 
     def _roll(self, ts: float, tz: str) -> None:
         if ts >= self.period_end or ts < self.period_start:

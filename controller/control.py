@@ -259,11 +259,8 @@ class Controller:
         out = [Limit(MAX_IMPORT, c.max_import_kw, "site maximum import")]
         out += schedule_limits(c, self.cfg.site.timezone, now)
         if self.cfg.budget is not None and self.energy is not None:
-            e = self.energy
-            e.advance(now, self.cfg.site.timezone)  # a new period starts with or without a reading
-            out.append(
-                pacing_limit(self.cfg.budget, self.energy.used_kwh, self.energy.period_end, now)
-            )
+            used, end = self.energy.used_at(now, self.cfg.site.timezone)
+            out.append(pacing_limit(self.cfg.budget, used, end, now))
         out += self.external.values()
         if self.override is not None:
             o = self.override

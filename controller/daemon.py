@@ -120,8 +120,11 @@ class Daemon:
                 ok(reading)
         # Log changes only: a farm of thousands of rigs must not log every first contact.
         if health.reachable is False and was is not False:
-            log.warning(
+            # A rig behind an outlet known to be off is silent by design, not a fault.
+            expected = kind == "miner" and self.state.outlet_known_off(dev_id)
+            (log.info if expected else log.warning)(
                 "device_unreachable",
+                outlet_off=expected,
                 kind=kind,
                 device=dev_id,
                 error=health.last_error,

@@ -325,6 +325,10 @@ class SiteState:
                 return o.on, o.power_w
         return None, None
 
+    def outlet_known_off(self, rig_id: str) -> bool:
+        info = self.rig_info.get(rig_id)
+        return info is not None and self._outlet(info)[0] is False
+
     def _rig_view(self, info: RigInfo) -> RigView:
         d = self._rigs[info.id]
         outlet_on, outlet_w = self._outlet(info)

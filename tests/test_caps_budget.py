@@ -153,6 +153,12 @@ def test_energy_counter_splits_a_reading_across_the_period_boundary() -> None:
     c.update(400.0, t0 + 4 * 3600, BISHKEK)
     assert c.period_start == at(BISHKEK, 2026, 12, 2)
     assert c.used_kwh == pytest.approx(200.0)
-    # Advancing into a new period without a reading starts it at zero.
-    c.advance(at(BISHKEK, 2026, 12, 3, 0, 1), BISHKEK)
-    assert c.used_kwh == 0.0 and c.period_start == at(BISHKEK, 2026, 12, 3)
+    # In a new period before any reading: nothing used yet, and the counter is left as it
+    # is, so the next reading is split between the two periods.
+    used, end = c.used_at(at(BISHKEK, 2026, 12, 3, 0, 1), BISHKEK)
+    assert (used, end) == (0.0, at(BISHKEK, 2026, 12, 4))
+    assert c.period_start == at(BISHKEK, 2026, 12, 2) and c.used_kwh == pytest.approx(200.0)
+    # 200 kWh over the 24 h since the last reading (02:00 on the 2nd); 2 h are the 3rd's.
+    c.update(600.0, at(BISHKEK, 2026, 12, 3, 2), BISHKEK)
+    assert c.period_start == at(BISHKEK, 2026, 12, 3)
+    assert c.used_kwh == pytest.approx(200.0 * 2 / 24)
