@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -32,6 +32,20 @@ def _install_stop(stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+
+def _install_reload(daemon: Any) -> None:
+    """SIGHUP reloads the config (systemd's ExecReload); a bad config is refused, logged."""
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> None:
+        try:
+            await daemon.reload()
+        except ConfigError as e:
+            log.error("config_reload_refused", problems=[str(i) for i in e.issues])
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
 
 
 async def _stop_after(stop: asyncio.Event, seconds: float | None) -> None:
@@ -78,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         _install_stop(stop)
-        daemon = Daemon(cfg, dry_run=args.dry_run)
+        daemon = Daemon(cfg, dry_run=args.dry_run, config_path=args.config)
+        _install_reload(daemon)
         await daemon.run(stop)
 
     asyncio.run(main())

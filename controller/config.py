@@ -312,6 +312,13 @@ class ControlConfig(_Strict):
         return self.timing.get(model, self.timing_default)
 
 
+class AdminConfig(_Strict):
+    """The local admin API that `rigctl` talks to."""
+
+    socket: Path = Path("/run/rigd/rigd.sock")  # systemd RuntimeDirectory=rigd
+    group: str | None = None  # technicians' group: may use the socket (mode 0660)
+
+
 class Config(_Strict):
     site: SiteConfig
     mqtt: MqttConfig = MqttConfig()
@@ -320,6 +327,7 @@ class Config(_Strict):
     pdus: list[PduConfig] = Field(default_factory=list)
     miners: list[MinerConfig] = Field(default_factory=list)
     groups: dict[Ident, GroupConfig] = Field(default_factory=dict)
+    admin: AdminConfig = AdminConfig()
     control: ControlConfig | None = None  # absent: monitor only
     budget: BudgetConfig | None = None
 

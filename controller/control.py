@@ -33,6 +33,7 @@ from controller.executor import ActionResult, Executor
 from controller.mqtt import MqttLink
 from controller.planner import (
     Action,
+    ActionKind,
     Mode,
     Plan,
     PlanInput,
@@ -46,6 +47,10 @@ from controller.store import StateStore, StoreError
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
+
+
+class ManualRefused(Exception):
+    """A technician's request that the safety checks refuse; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +147,8 @@ class Controller:
         self._prior: dict[str, RigMemory] = {}  # memory before an in-flight action
         self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
         self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
+        self.last_input: PlanInput | None = None
+        self.last_plan: Plan | None = None
         self._load()
 
     # -- persistence ---------------------------------------------------------------------
@@ -358,6 +365,7 @@ class Controller:
             nonrig_kw=self.nonrig_kw,
         )
         result = plan(inp)
+        self.last_input, self.last_plan = inp, result
         self.nonrig_kw = result.nonrig_kw
         if self.dry_run:
             self._report_dry_run(result.actions)
@@ -397,6 +405,103 @@ class Controller:
         self._last_dry = key
         for a in actions:
             self.executor.record(ActionResult(a, True, None, 0, 0.0), actor="planner", dry_run=True)
+
+    # -- a technician's actions (through the same executor, with the same checks) --------
+
+    def audit_change(
+        self, action: str, rig_id: str | None, params: dict[str, Any], reason: str, actor: str
+    ) -> None:
+        """Record a change made by a person (override, maintenance) in the audit log."""
+        try:
+            self.store.audit(
+                ts=self.now(),
+                actor=actor,
+                action=action,
+                rig_id=rig_id,
+                params=params,
+                reason=reason,
+                result="ok",
+            )
+        except StoreError as e:
+            log.error("audit_write_failed", error=str(e))
+        log.info("admin_change", action=action, rig=rig_id, actor=actor, reason=reason, **params)
+
+    def check_manual(self, kind: ActionKind, rig_ids: list[str], watts: float | None) -> None:
+        """Refuse, with a reason a technician understands, what the control loop would refuse."""
+        inp, last = self.last_input, self.last_plan
+        if inp is None or last is None:
+            raise ManualRefused("not ready: rigd has not completed its first cycle yet")
+        rigs = {r.id: r for r in inp.rigs}
+        for rid in rig_ids:
+            if rid not in rigs:
+                raise ManualRefused(f"unknown rig {rid!r}")
+            r = rigs[rid]
+            if r.state is RigState.UNREACHABLE:
+                raise ManualRefused(
+                    f"{rid} is unreachable: its last error is in `rigctl rig {rid}`"
+                )
+            if rid in self._inflight:
+                raise ManualRefused(f"{rid} has a command in flight; try again in a moment")
+            if kind is ActionKind.SLEEP and not r.can_sleep:
+                raise ManualRefused(f"{rid}'s firmware cannot sleep over its API")
+            if kind is ActionKind.SET_POWER:
+                if not r.can_power_target or r.min_w is None or r.max_w is None:
+                    raise ManualRefused(f"{rid}'s firmware takes no power target")
+                if watts is None or not (r.min_w <= watts <= r.max_w):
+                    raise ManualRefused(
+                        f"{watts} W is outside {rid}'s range {r.min_w:.0f}-{r.max_w:.0f} W"
+                    )
+        if kind in (ActionKind.WAKE, ActionKind.SET_POWER):
+            added = 0.0
+            for rid in rig_ids:
+                r = rigs[rid]
+                now_w = r.power_w or 0.0
+                want = watts if kind is ActionKind.SET_POWER and watts is not None else r.full_w
+                added += max(0.0, want - now_w) / 1000.0
+            predicted = last.predicted_kw if last.predicted_kw is not None else last.measured_kw
+            if predicted is None:
+                raise ManualRefused("no trustworthy import reading: adding load is refused")
+            if added > 0 and predicted + added > last.target_kw:
+                cap = inp.cap
+                raise ManualRefused(
+                    f"refused: this would add {added:.1f} kW and import would reach "
+                    f"{predicted + added:.1f} kW, over the {last.target_kw:.1f} kW target "
+                    f"(cap {cap.kw:.1f} kW set by {cap.source}: {cap.detail})"
+                )
+
+    async def manual(
+        self, kind: ActionKind, rig_ids: list[str], watts: float | None, reason: str, actor: str
+    ) -> list[ActionResult]:
+        """A technician's sleep, wake or power limit.
+
+        A rig a technician slept or limited is pinned there, so the control loop does not
+        undo it; waking it unpins it and hands it back to the control loop.
+        """
+        if not reason.strip():
+            raise ManualRefused("a reason is required (--reason)")
+        self.check_manual(kind, rig_ids, watts)
+        assert self.last_input is not None
+        rigs = {r.id: r for r in self.last_input.rigs}
+        actions = []
+        for rid in rig_ids:
+            r = rigs[rid]
+            expected = {ActionKind.SLEEP: 20.0, ActionKind.WAKE: r.full_w}.get(
+                kind, watts or r.full_w
+            )
+            actions.append(Action(rid, kind, f"technician: {reason}", watts, expected))
+        results = await asyncio.gather(*(self.executor.execute(a, actor=actor) for a in actions))
+        for a, res in zip(actions, results, strict=True):
+            r = rigs[a.rig_id]
+            self.memory = remember(self.memory, a, res.ok, self.now(), r.timing, r.full_w)
+            if not res.ok:
+                continue
+            if kind is ActionKind.WAKE:
+                self.pinned.pop(a.rig_id, None)
+            else:
+                self.pinned[a.rig_id] = Hold(f"{kind.value} by technician: {reason}", actor)
+        self._save_memory()
+        self._save({"control.pinned": {k: v.as_dict() for k, v in self.pinned.items()}})
+        return list(results)
 
     async def close(self) -> None:
         """Let in-flight actions finish (briefly): a cut-off command is worse than a late one."""

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 import structlog
 
+from controller.admin import AdminServer
 from controller.clock import Clock, SystemClock
-from controller.config import Config
+from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.control import Controller, ControlStatus
 from controller.devices import Devices, build_devices
 from controller.mqtt import MqttLink
@@ -60,8 +61,12 @@ class Daemon:
         link: MqttLink | None = None,
         on_snapshot: SnapshotHook | None = None,
         dry_run: bool = False,
+        config_path: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # where `reload` reads the config again
+        self.dry_run = dry_run
+        self._cycle_lock = asyncio.Lock()
         self.clock: Clock = clock or SystemClock()
         self.devices = devices or build_devices(cfg)
         self.state = SiteState(
@@ -163,6 +168,69 @@ class Daemon:
 
     async def cycle(self) -> CycleResult:
         """Poll, decide, publish: one turn of the loop."""
+        async with self._cycle_lock:
+            return await self._cycle()
+
+    async def reload(self) -> list[str]:
+        """Read the config file again and apply it between two cycles, keeping state.
+
+        A config that does not validate raises ConfigError and changes nothing. Control
+        state (what rigd commanded, energy counter, overrides, holds) lives in the state
+        database and is read back by the new controller; device health and readings are
+        carried over for devices that stay. Returns notes on settings that only take
+        effect after a restart.
+        """
+        if self.config_path is None:
+            raise ConfigError([ConfigIssue("", "this daemon was not started from a file")])
+        new = await asyncio.to_thread(load_config, self.config_path)
+        notes = []
+        for name, old_v, new_v in (
+            ("site.id", self.cfg.site.id, new.site.id),
+            ("site.state_dir", self.cfg.site.state_dir, new.site.state_dir),
+            ("mqtt", self.cfg.mqtt, new.mqtt),
+            ("admin", self.cfg.admin, new.admin),
+        ):
+            if old_v != new_v:
+                notes.append(f"{name} changed: takes effect after a restart")
+        async with self._cycle_lock:
+            if self.controller is not None:
+                await self.controller.close()  # let in-flight actions land first
+            old_devices, old_state = self.devices, self.state
+            cfg = new.model_copy(
+                update={"site": self.cfg.site, "mqtt": self.cfg.mqtt, "admin": self.cfg.admin}
+            )
+            self.devices = build_devices(cfg)
+            self.state = SiteState(
+                cfg.site.id,
+                self.devices.rigs,
+                list(self.devices.meters),
+                list(self.devices.pdus),
+                self.devices.import_meter,
+            )
+            self.state.adopt(old_state)
+            self.cfg = cfg
+            self._sem = asyncio.Semaphore(cfg.poll.concurrency)
+            self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
+            self.controller = None
+            if cfg.control is not None and cfg.control.enabled:
+                if self.store is None:
+                    self.store = StateStore.open(cfg.site.state_dir)
+                self.controller = Controller(
+                    cfg,
+                    cfg.control,
+                    self.devices,
+                    self.store,
+                    link=self.link,
+                    now=self.clock.now,
+                    dry_run=self.dry_run,
+                )
+            await old_devices.close_drivers()
+        log.info(
+            "config_reloaded", path=self.config_path, rigs=len(self.devices.miners), notes=notes
+        )
+        return notes
+
+    async def _cycle(self) -> CycleResult:
         snap = await self.poll_cycle()
         status = await self.controller.step(snap) if self.controller is not None else None
         doc = snap.site_document()
@@ -203,6 +271,12 @@ class Daemon:
             broker=self.cfg.mqtt.url,
         )
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
+        admin = AdminServer(self, self.cfg.admin.socket, self.cfg.admin.group)
+        try:
+            await admin.start()
+        except (OSError, ValueError) as e:
+            # Without the admin socket rigctl cannot reach us, but the farm must stay controlled.
+            log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
         try:
             next_t = self.clock.monotonic()
             while not stop.is_set():
@@ -222,6 +296,7 @@ class Daemon:
                 await _sleep_or_stop(self.clock, delay, stop)
         finally:
             log.info("rigd_stopping", site=self.cfg.site.id)
+            await admin.stop()
             if self.controller is not None:
                 await self.controller.close()
             await self.link.close(link_task)

@@ -36,10 +36,14 @@ class Devices:
     pdus: dict[str, PduDriver] = field(default_factory=dict)
     import_meter: str | None = None
 
-    async def close(self) -> None:
+    async def close_drivers(self) -> None:
+        """Close these drivers only (a reload: the shared SNMP engine stays in use)."""
         for group in (self.miners, self.meters, self.pdus):
             for d in group.values():
                 await d.close()
+
+    async def close(self) -> None:
+        await self.close_drivers()
         await close_engines()  # the SNMP engine shared by all PDUs on this loop
 
 

@@ -7,12 +7,15 @@ slow publisher never sees a half-updated farm.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from drivers.errors import DeviceError
 from drivers.telemetry import MeterReading, PduReading, RigState, RigTelemetry
+
+HISTORY = 50  # state changes kept per rig
 
 
 @dataclass(slots=True)
@@ -275,6 +278,10 @@ class SiteState:
         self._pdus = {p: _Device() for p in pdus}
         self.import_meter = import_meter
         self.cycle = 0
+        # Recent state changes per rig, for `rigctl rig`: bounded, in memory only.
+        self.history: dict[str, deque[tuple[float, str]]] = {
+            r.id: deque(maxlen=HISTORY) for r in rigs
+        }
 
     # writers ------------------------------------------------------------------
 
@@ -325,6 +332,21 @@ class SiteState:
                 return o.on, o.power_w
         return None, None
 
+    def adopt(self, old: SiteState) -> None:
+        """Carry readings, health and history over from before a reload, device by device."""
+        self.cycle = old.cycle
+        for mine, theirs in (
+            (self._rigs, old._rigs),
+            (self._meters, old._meters),
+            (self._pdus, old._pdus),
+        ):
+            for k, dev in mine.items():
+                if k in theirs:
+                    dev.reading, dev.health = theirs[k].reading, theirs[k].health
+        for k, h in old.history.items():
+            if k in self.history:
+                self.history[k].extend(h)
+
     def outlet_known_off(self, rig_id: str) -> bool:
         info = self.rig_info.get(rig_id)
         return info is not None and self._outlet(info)[0] is False
@@ -347,12 +369,17 @@ class SiteState:
                 {k: DeviceView(k, kind, d.health.copy(), d.reading) for k, d in src.items()}
             )
 
+        rigs = {k: self._rig_view(i) for k, i in self.rig_info.items()}
+        for k, view in rigs.items():
+            h = self.history[k]
+            if not h or h[-1][1] != view.state.value:
+                h.append((ts, view.state.value))
         return SiteSnapshot(
             site=self.site,
             ts=ts,
             cycle=self.cycle,
             poll_duration_s=poll_duration_s,
-            rigs=MappingProxyType({k: self._rig_view(i) for k, i in self.rig_info.items()}),
+            rigs=MappingProxyType(rigs),
             meters=devs("meter", self._meters),
             pdus=devs("pdu", self._pdus),
             import_meter=self.import_meter,

@@ -164,14 +164,20 @@ class StateStore:
         except sqlite3.Error as e:
             raise StoreError(f"cannot write the audit log in {self.path}: {e}") from e
 
-    def audit_since(self, since: float, *, limit: int = 10_000) -> list[AuditEntry]:
+    _COLUMNS = "id, ts, actor, action, rig_id, params, reason, result, error, dry_run"
+
+    def _entries(self, where: str, args: tuple[Any, ...]) -> list[AuditEntry]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, ts, actor, action, rig_id, params, reason, result, error, dry_run "
-                "FROM audit WHERE ts >= ? ORDER BY id LIMIT ?",
-                (since, limit),
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM audit {where}", args).fetchall()
         return [
             AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], bool(r[9]))
             for r in rows
         ]
+
+    def audit_since(self, since: float, *, limit: int = 10_000) -> list[AuditEntry]:
+        return self._entries("WHERE ts >= ? ORDER BY id LIMIT ?", (since, limit))
+
+    def audit_for_rig(self, rig_id: str, *, limit: int = 20) -> list[AuditEntry]:
+        """The rig's most recent entries, oldest first."""
+        newest = self._entries("WHERE rig_id = ? ORDER BY id DESC LIMIT ?", (rig_id, limit))
+        return newest[::-1]
