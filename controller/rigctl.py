@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import socket
 import sys
@@ -528,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rigctl: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `rigctl rigs | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
