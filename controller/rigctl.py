@@ -342,6 +342,67 @@ def _emit(args: argparse.Namespace, result: Any, printer: Any) -> None:
         printer(result, Console(highlight=False))
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Scan from this host (no daemon needed); optionally add what is new to the config."""
+    import asyncio
+
+    from rich.progress import Progress
+
+    from controller.discovery import add_to_config, addresses, scan
+
+    try:
+        hosts = addresses(args.cidrs)
+    except ValueError as e:
+        print(f"rigctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=args.json) as bar:
+        task = bar.add_task(
+            f"probing {len(hosts)} address(es) on port {args.port}", total=len(hosts)
+        )
+        t0 = time.monotonic()
+        found = asyncio.run(
+            scan(
+                hosts,
+                port=args.port,
+                concurrency=args.concurrency,
+                wait_s=args.timeout,
+                progress=lambda: bar.advance(task),
+            )
+        )
+    took = time.monotonic() - t0
+    if args.json:
+        print(json.dumps([f.as_dict() for f in found], indent=2))
+    else:
+        t = Table(box=None, header_style="bold")
+        for col in ("address", "make", "model", "firmware", "version", "driver"):
+            t.add_column(col)
+        for f in found:
+            t.add_row(
+                f"{f.host}:{f.port}", f.make, f.model, f.firmware, f.firmware_version, f.driver
+            )
+        out = Console(highlight=False)
+        out.print(t)
+        out.print(f"{len(found)} miner(s) among {len(hosts)} address(es) in {took:.1f} s")
+    if args.add and found:
+        try:
+            added = add_to_config(Path(args.config), found)
+        except ConfigError as e:
+            print_config_error(e, sys.stderr)
+            print("rigctl: nothing added; fix the config first", file=sys.stderr)
+            return EXIT_REFUSED
+        except OSError as e:
+            print(f"rigctl: cannot update {args.config}: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        print(
+            f"added {len(added)} miner(s) to {args.config}"
+            + (": " + ", ".join(added) if added else "")
+        )
+        if added:
+            print("apply with: rigctl config reload")
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     c = _client(args)
     cmd = args.command
@@ -502,6 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     sp.add_argument("--rows", type=int, default=15, help="rigs shown, hottest first")
     sp.add_argument("--duration", type=parse_duration, help=argparse.SUPPRESS)
+    sp = sub.add_parser("scan", help="find miners on the network and identify them")
+    sp.add_argument("cidrs", nargs="+", metavar="CIDR", help="e.g. 10.0.2.0/24 or 10.0.2.10-60")
+    sp.add_argument("--port", type=int, default=4028, help="miner API port (default 4028)")
+    sp.add_argument("--timeout", type=float, default=1.0, help="per address, seconds (default 1)")
+    sp.add_argument("--concurrency", type=int, default=256, help="addresses probed at once")
+    sp.add_argument("--add", action="store_true", help="add new miners to the config file")
+    json_arg(sp)
+    sp.set_defaults(func=cmd_scan)
     cfg = sub.add_parser("config", help="work with the config file")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     chk = cfg_sub.add_parser(
