@@ -7,8 +7,10 @@ rule below is tested by feeding it states.
 The policy, in order:
 
 1. Never re-command a rig before its model has had time to show the last command
-   in its power; never touch rigs in maintenance, pinned, unreachable, or held
-   asleep/off by someone else (rigd only wakes what it put to sleep).
+   in its power (the one exception: a rig still waking may be slept when the cap needs
+   it; a rig still going down is never told again); never touch rigs in maintenance,
+   pinned, unreachable, or held asleep/off by someone else (rigd only wakes what it put
+   to sleep). At most one command per rig per plan.
 2. A rig told to sleep that still draws power after `escalate_after_s` has its
    PDU outlet switched off (where mapped and allowed).
 3. Import is the meter's reading when fresh; otherwise an estimate (rig and outlet
@@ -20,12 +22,17 @@ The policy, in order:
    group priority, then worst J/TH). Throttling keeps more hashrate per kW shed than
    sleeping (hashrate falls slower than power), so: sleep the worst rigs only until
    throttling the rest can cover what remains, then throttle, worst first. If that is
-   not enough, rigs inside their minimum on-time or still waking are slept too (the
-   cap comes first), then rigs without API control are switched off at their outlet.
+   not enough, rigs inside their minimum on-time or still waking are slept too, or
+   throttled where they cannot sleep (the cap comes first), then rigs without API sleep
+   are switched off at their outlet. Every saving is counted from the power the rig is
+   heading for (what the prediction counts), so nothing in flight is counted twice.
 5. Below the target by more than the deadband: restore, best rigs first (highest
    priority, then best J/TH), raising throttled rigs and waking slept ones, never
    adding more than `ramp_kw_per_interval` counting rigs still ramping, and never
-   beyond the target. A rig slept less than `min_off_s` ago stays asleep.
+   beyond the target. A rig slept less than `min_off_s` ago stays asleep. A wake counts
+   from what the rig draws now (nothing, if unknown), so it is never under-counted.
+   Power targets stay inside the rig's range; without power targets (in config or
+   firmware), a throttled rig goes straight back to full power once that fits.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from drivers.telemetry import RigState
 
 IDLE_W = 20.0  # a sleeping rig's control board and fans
 NONRIG_SMOOTHING = 0.2  # weight of a new meter sample in the non-rig load estimate
+_EPS_KW = 1e-9  # float slack when comparing sums of kW
 
 
 class ActionKind(StrEnum):
@@ -192,6 +200,22 @@ def _current_w(r: RigInput) -> float:
     return r.full_w
 
 
+def _final_w(r: RigInput, mm: RigMemory, now: float) -> float:
+    """The rig's power once what is in flight has settled, as the prediction counts it."""
+    if mm.expected_w is not None and now < mm.settle_until and r.power_w is not None:
+        return mm.expected_w
+    return _current_w(r)
+
+
+def _going_down(r: RigInput, mm: RigMemory, now: float) -> bool:
+    """A command that lowers the rig's power has not had time to show yet."""
+    if now >= mm.settle_until:
+        return False
+    if mm.mode in (Mode.SLEEP, Mode.OFF):
+        return True
+    return mm.expected_w is not None and r.power_w is not None and mm.expected_w < r.power_w
+
+
 def settle_s(kind: ActionKind, t: ModelTiming) -> float:
     if kind is ActionKind.SLEEP:
         return t.sleep_s
@@ -321,67 +345,84 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         mm = mem.get(r.id)
         return mm is None or mm.mode is not Mode.RUN or now >= mm.since + cfg.min_on_s
 
-    base = [r for r in inp.rigs if _consuming(r) and free(r)]
-    first = order([r for r in base if settled(r) and dwell_ok(r)])
-    shed = 0.0
+    def final(r: RigInput) -> float:
+        return _final_w(r, mem.get(r.id, RigMemory()), now)
+
+    def sleep_save(r: RigInput) -> float:
+        return max(0.0, final(r) - IDLE_W) / 1000.0
 
     def throttle_room(r: RigInput) -> float:
         if not (cfg.power_targets and r.can_power_target and r.min_w is not None):
             return 0.0
-        return max(0.0, (_current_w(r) - r.min_w) / 1000.0)
+        room = (final(r) - r.min_w) / 1000.0
+        return room if room > _EPS_KW else 0.0  # float dust is no room: no 0 kW commands
+
+    # A rig already on its way down is not told again: its fall is counted in flight.
+    base = [
+        r
+        for r in inp.rigs
+        if _consuming(r) and free(r) and not _going_down(r, mem.get(r.id, RigMemory()), now)
+    ]
+    first = order([r for r in base if settled(r) and dwell_ok(r)])
+    # Collected first, sent last: a throttle may still become an outlet switch-off below.
+    planned: dict[str, tuple[RigInput, ActionKind, str, float | None, float]] = {}
+    shed = 0.0
+
+    def enough() -> bool:
+        return shed >= need_kw - _EPS_KW
+
+    def throttle(r: RigInput, reason: str) -> float:
+        room = throttle_room(r)
+        assert r.min_w is not None  # room > 0
+        take = min(room, need_kw - shed)
+        # All the room: exactly the minimum, not a float's width off it.
+        watts = r.min_w if take >= room else final(r) - take * 1000.0
+        # Never a target above the rig's range (the firmware refuses it): a rig drawing more
+        # than its maximum sheds the excess too.
+        watts = min(watts, r.full_w if r.max_w is None else r.max_w)
+        take = (final(r) - watts) / 1000.0
+        planned[r.id] = (r, ActionKind.SET_POWER, f"{reason} {take:.2f} kW", watts, watts)
+        return take
 
     # Sleep the worst rigs until throttling the rest can cover what remains.
-    sleepers = [r for r in first if r.can_sleep]
+    sleepers = [r for r in first if r.can_sleep and sleep_save(r) > 0]
     throttle_total = sum(throttle_room(r) for r in first)
-    slept: set[str] = set()
     for r in sleepers:
-        if shed >= need_kw or need_kw - shed <= throttle_total:
+        if enough() or need_kw - shed <= throttle_total:
             break
-        save = max(0.0, _current_w(r) - IDLE_W) / 1000.0
-        add(
-            r,
-            ActionKind.SLEEP,
-            f"over target: shed {need_kw:.1f} kW, least efficient first",
-            None,
-            IDLE_W,
-        )
-        shed += save
+        reason = f"over target: shed {need_kw:.1f} kW, least efficient first"
+        planned[r.id] = (r, ActionKind.SLEEP, reason, None, IDLE_W)
+        shed += sleep_save(r)
         throttle_total -= throttle_room(r)
-        slept.add(r.id)
     for r in first:
-        if shed >= need_kw:
+        if enough():
             break
-        room = throttle_room(r)
-        if r.id in slept or room <= 0:
-            continue
-        take = min(room, need_kw - shed)
-        watts = _current_w(r) - take * 1000.0
-        add(r, ActionKind.SET_POWER, f"over target: throttle to shed {take:.2f} kW", watts, watts)
-        shed += take
-    if shed >= need_kw:
-        return shed
-    # Still over: the cap comes first. Sleep rigs inside their on-time or still waking.
-    done = {r.id for r in first if r.id in slept} | {
-        r.id for r in first if throttle_room(r) > 0 and r.id not in slept
-    }
-    rest = order([r for r in base if r.id not in done and r.can_sleep])
-    for r in rest:
-        if shed >= need_kw:
+        if r.id not in planned and throttle_room(r) > 0:
+            shed += throttle(r, "over target: throttle to shed")
+    # Still over: the cap comes first. Sleep rigs inside their on-time or still waking
+    # (throttle those that cannot sleep).
+    for r in order([r for r in base if r.id not in planned]):
+        if enough():
             break
-        save = max(0.0, _current_w(r) - IDLE_W) / 1000.0
-        add(r, ActionKind.SLEEP, "over target: cap before dwell", None, IDLE_W)
-        shed += save
-    if shed >= need_kw or not cfg.allow_outlet_off:
-        return shed
-    # Last: rigs with no API control, at their outlet.
-    hard = order([r for r in base if not r.can_sleep and r.has_outlet and r.outlet_on])
-    for r in hard:
-        if shed >= need_kw:
-            break
-        add(
-            r, ActionKind.OUTLET_OFF, "over target: no API control, switching outlet off", None, 0.0
-        )
-        shed += _current_w(r) / 1000.0
+        if r.can_sleep and sleep_save(r) > 0:
+            planned[r.id] = (r, ActionKind.SLEEP, "over target: cap before dwell", None, IDLE_W)
+            shed += sleep_save(r)
+        elif not r.can_sleep and throttle_room(r) > 0:
+            shed += throttle(r, "over target: cap before dwell, throttle to shed")
+    if not enough() and cfg.allow_outlet_off:
+        # Last: rigs with no sleep through their API, at their outlet (a throttle planned
+        # above becomes the switch-off: one command per rig).
+        hard = order([r for r in base if not r.can_sleep and r.has_outlet and r.outlet_on])
+        for r in hard:
+            if enough():
+                break
+            prior = planned.get(r.id)
+            counted = 0.0 if prior is None else (final(r) - prior[4]) / 1000.0
+            reason = "over target: no API control, switching outlet off"
+            planned[r.id] = (r, ActionKind.OUTLET_OFF, reason, None, 0.0)
+            shed += final(r) / 1000.0 - counted
+    for r, kind, reason, watts, expected in planned.values():
+        add(r, kind, reason, watts, expected)
     return shed
 
 
@@ -412,14 +453,19 @@ def _restore(inp: PlanInput, room_kw: float, free: _Pred, settled: _Pred, add: _
         if mm.mode is Mode.THROTTLE:
             current = _current_w(r)
             want = min(r.full_w, current + left * 1000.0)
-            if want - current < 1.0:
+            if want < r.full_w and not (
+                cfg.power_targets and r.can_power_target and r.min_w is not None
+            ):
+                continue  # no power targets (any more): back to full power only when it fits
+            if want - current < 1.0 or (want < r.full_w and r.min_w is not None and want < r.min_w):
                 continue
-            watts = None if want >= r.full_w - 1.0 else want
+            watts = None if want >= r.full_w else want
             add(r, ActionKind.SET_POWER, "under target: raise power target", watts, want)
             added += (want - current) / 1000.0
             continue
-        base_w = IDLE_W if mm.mode is Mode.SLEEP else 0.0
-        full_add = (r.full_w - base_w) / 1000.0
+        # What the import counts it at now; unknown counts as nothing, so never under-counted.
+        base_w = r.power_w if r.power_w is not None else 0.0
+        full_add = max(0.0, r.full_w - base_w) / 1000.0
         if mm.mode is Mode.OFF:
             if not r.has_outlet or full_add > left:
                 continue
@@ -449,6 +495,8 @@ def _safe_plan(
         for r in inp.rigs:
             if r.id in touched or r.maintenance or r.pinned or r.busy or not _consuming(r):
                 continue
+            if _going_down(r, inp.memory.get(r.id, RigMemory()), inp.now):
+                continue  # already told, not yet shown
             if r.can_sleep and inp.now >= inp.memory.get(r.id, RigMemory()).retry_at:
                 actions.append(
                     Action(
