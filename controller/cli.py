@@ -123,6 +123,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 broker_url=args.broker,
                 state_dir=args.state_dir,
                 interval_s=args.interval,
+                extra=(
+                    f"[control]\nmax_import_kw = {args.max_import_kw:g}\n"
+                    if args.max_import_kw
+                    else ""
+                ),
             )
             parse_config(text, source="<generated>", environ={})  # never write a bad config
             if args.write_config:
@@ -256,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--site", default="sim", help="site id for the config (default sim)")
     sp.add_argument("--state-dir", default="./state", help="state_dir for the config")
     sp.add_argument("--interval", type=_positive, default=10.0, help="poll interval for the config")
+    sp.add_argument(
+        "--max-import-kw",
+        type=_positive,
+        help="also write a [control] section with this max import (default: monitor only)",
+    )
     sp.add_argument("--duration", type=_positive, help="stop after this many seconds")
     log_arg(sp)
     sp.set_defaults(func=cmd_sim)

@@ -121,14 +121,13 @@ def print_status(doc: dict[str, Any], out: Console) -> None:
     out.print(f"[bold]site {doc['site']}[/bold]  at {_when(doc['ts'])} UTC (cycle {doc['cycle']})")
     cap = doc.get("cap_kw")
     imp = doc.get("import_kw")
-    out.print(
-        f"import {_fmt(imp, 1, ' kW')}  vs cap {_fmt(cap, 1, ' kW')}"
-        + (
-            f"  set by {doc.get('cap_source')}: {doc.get('cap_detail', '')}"
-            if cap is not None
-            else ""
+    if cap is None:
+        out.print(f"import {_fmt(imp, 1, ' kW')}  (control off: monitoring only)")
+    else:
+        out.print(
+            f"import {_fmt(imp, 1, ' kW')}  vs cap {_fmt(cap, 1, ' kW')}  "
+            f"set by {doc.get('cap_source')}: {doc.get('cap_detail', '')}"
         )
-    )
     if not doc.get("meter_ok"):
         out.print("[red]the import meter is not answering: import is estimated[/red]")
     ov = doc.get("override")
@@ -477,23 +476,35 @@ def _budget(args: argparse.Namespace, c: AdminClient) -> int:
 
 
 def _top(args: argparse.Namespace, c: AdminClient) -> int:
-    from rich.console import Group
+    """Refresh in place on a terminal; elsewhere (a pipe, a log) print each frame in turn."""
+    import io
+
     from rich.live import Live
+    from rich.text import Text
 
     console = Console()
     deadline = None if args.duration is None else time.monotonic() + args.duration
-    with Live(console=console, auto_refresh=False, screen=False) as live:
-        while deadline is None or time.monotonic() < deadline:
-            status = c.call("status")
-            rigs = c.call("rigs")
-            hot = sorted(rigs, key=lambda r: -((r.get("telemetry") or {}).get("temp_c") or 0))
-            cap = Console(record=True, width=console.width)
-            with cap.capture():
-                print_status(status, cap)
-                print_rigs(hot[: args.rows], cap)
-            from rich.text import Text
 
-            live.update(Group(Text.from_ansi(cap.export_text(styles=True))), refresh=True)
+    def frame() -> Text:
+        status = c.call("status")
+        rigs = c.call("rigs")
+        hot = sorted(rigs, key=lambda r: -((r.get("telemetry") or {}).get("temp_c") or 0))
+        buf = Console(record=True, file=io.StringIO(), width=console.width, highlight=False)
+        print_status(status, buf)
+        print_rigs(hot[: args.rows], buf)
+        return Text.from_ansi(buf.export_text(styles=True))
+
+    def running() -> bool:
+        return deadline is None or time.monotonic() < deadline
+
+    if not console.is_terminal:
+        while running():
+            console.print(frame())
+            time.sleep(args.interval)
+        return 0
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        while running():
+            live.update(frame(), refresh=True)
             time.sleep(args.interval)
     return 0
 

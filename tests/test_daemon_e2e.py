@@ -339,3 +339,30 @@ def test_run_with_bad_config_exits_78(tmp_path: Path) -> None:
     r = subprocess.run(_rigd("run", "-c", str(bad)), capture_output=True, text=True)
     assert r.returncode == 78
     assert f"{bad}:4: mqtt.url" in r.stderr
+
+
+def test_sim_can_write_a_controlling_config(tmp_path: Path) -> None:
+    out = tmp_path / "sim.toml"
+    r = subprocess.run(
+        _rigd(
+            "sim",
+            "--rigs",
+            "2",
+            "--pdus",
+            "1",
+            "--write-config",
+            str(out),
+            "--max-import-kw",
+            "50",
+            "--duration",
+            "1",
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    from controller.config import load_config
+
+    cfg = load_config(out, environ={})
+    assert cfg.control is not None and cfg.control.max_import_kw == 50
+    assert cfg.admin.socket.name == "rigd.sock"

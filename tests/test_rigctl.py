@@ -293,3 +293,10 @@ async def test_daemon_refuses_an_invalid_config_on_reload(env: Env) -> None:
     assert env.daemon.cfg is before
     await asyncio.sleep(0.5)
     assert env.daemon.last is not None and env.daemon.last.document["rigs_total"] == 8
+
+
+async def test_top_refreshes_in_place(env: Env) -> None:
+    rc, out, err = await env.rigctl("top", "--interval", "0.3", "--duration", "1s", "--rows", "3")
+    assert rc == 0, err
+    assert out.count("site sim") >= 2  # redrawn, not printed once
+    assert "3 rig(s)" in out
