@@ -300,3 +300,17 @@ async def test_top_refreshes_in_place(env: Env) -> None:
     assert rc == 0, err
     assert out.count("site sim") >= 2  # redrawn, not printed once
     assert "3 rig(s)" in out
+
+
+async def test_tables_of_budget_events_and_audit(env: Env) -> None:
+    rc, _, err = await env.rigctl("budget", "override", "30", "--for", "1h", "--reason", "peak")
+    assert rc == 0, err
+    rc, out, err = await env.rigctl("budget", "show")
+    assert rc == 0, err
+    assert "set by override" in out and "max_import" in out and "override" in out
+    for cmd in ("events", "audit"):
+        rc, out, err = await env.rigctl(cmd, "--since", "10m")
+        assert rc == 0, err
+        assert "budget_override" in out and "peak" in out and "user:" in out
+        entries = await env.json(cmd, "--since", "10m")
+        assert isinstance(entries, list) and any(e["action"] == "budget_override" for e in entries)
