@@ -81,22 +81,9 @@ class Daemon:
         self.snapshot: SiteSnapshot | None = None
         self.last: CycleResult | None = None
         self.store: StateStore | None = None
-        self.controller: Controller | None = None
-        if cfg.control is not None and cfg.control.enabled:
-            # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
-            self.store = StateStore.open(cfg.site.state_dir)
-            self.controller = Controller(
-                cfg,
-                cfg.control,
-                self.devices,
-                self.store,
-                link=self.link,
-                now=self.clock.now,
-                dry_run=dry_run,
-            )
-        self._sem = asyncio.Semaphore(cfg.poll.concurrency)
-        # A driver has its own timeout and retries; this guard only catches a driver bug.
-        self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
+        # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
+        self.controller = self._make_controller(cfg)
+        self._apply_poll(cfg)
 
     # -- one cycle ------------------------------------------------------------------
 
@@ -209,26 +196,34 @@ class Daemon:
             )
             self.state.adopt(old_state)
             self.cfg = cfg
-            self._sem = asyncio.Semaphore(cfg.poll.concurrency)
-            self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
-            self.controller = None
-            if cfg.control is not None and cfg.control.enabled:
-                if self.store is None:
-                    self.store = StateStore.open(cfg.site.state_dir)
-                self.controller = Controller(
-                    cfg,
-                    cfg.control,
-                    self.devices,
-                    self.store,
-                    link=self.link,
-                    now=self.clock.now,
-                    dry_run=self.dry_run,
-                )
+            self._apply_poll(cfg)
+            self.controller = self._make_controller(cfg)
             await old_devices.close_drivers()
         log.info(
             "config_reloaded", path=self.config_path, rigs=len(self.devices.miners), notes=notes
         )
         return notes
+
+    def _make_controller(self, cfg: Config) -> Controller | None:
+        """The control loop for `cfg`, its state read back from the database; None if off."""
+        if cfg.control is None or not cfg.control.enabled:
+            return None
+        if self.store is None:
+            self.store = StateStore.open(cfg.site.state_dir)
+        return Controller(
+            cfg,
+            cfg.control,
+            self.devices,
+            self.store,
+            link=self.link,
+            now=self.clock.now,
+            dry_run=self.dry_run,
+        )
+
+    def _apply_poll(self, cfg: Config) -> None:
+        self._sem = asyncio.Semaphore(cfg.poll.concurrency)
+        # A driver has its own timeout and retries; this guard only catches a driver bug.
+        self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
 
     async def _cycle(self) -> CycleResult:
         snap = await self.poll_cycle()
