@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from controller.caps import effective_cap
 from controller.config import ConfigError
 from controller.control import Hold, ManualRefused
 from controller.planner import ActionKind
@@ -275,13 +276,15 @@ class AdminServer:
         ctl = self._controller()
         last = self.daemon.last
         doc = last.document if last else {}
+        # Computed now, from the limits in force now: a technician who just set an override
+        # sees it, not the cap of the last cycle.
+        cap = effective_cap(ctl.limits(self._now()))
         return {
-            "cap_kw": doc.get("cap_kw"),
-            "cap_source": doc.get("cap_source"),
-            "cap_detail": doc.get("cap_detail"),
+            "cap_kw": cap.kw,
+            "cap_source": cap.source,
+            "cap_detail": cap.detail,
             "limits": [
-                {"source": lim.source, "kw": lim.kw, "detail": lim.detail}
-                for lim in ctl.limits(self._now())
+                {"source": lim.source, "kw": lim.kw, "detail": lim.detail} for lim in cap.limits
             ],
             "budget": doc.get("budget"),
             "override": ctl.override.as_dict() if ctl.override else None,
