@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -32,6 +32,7 @@ from controller.devices import Devices
 from controller.executor import ActionResult, Executor
 from controller.mqtt import MqttLink
 from controller.planner import (
+    IDLE_W,
     Action,
     ActionKind,
     Mode,
@@ -39,6 +40,7 @@ from controller.planner import (
     PlanInput,
     RigInput,
     RigMemory,
+    failed,
     plan,
     remember,
 )
@@ -147,6 +149,10 @@ class Controller:
         self._prior: dict[str, RigMemory] = {}  # memory before an in-flight action
         self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
         self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
+        # PDUs rigd may switch outlets on: SNMPv3, or v2c with a write community.
+        self._switchable_pdus = frozenset(
+            p.id for p in cfg.pdus if p.snmp_version == "3" or p.write_community is not None
+        )
         self.last_input: PlanInput | None = None
         self.last_plan: Plan | None = None
         self._load()
@@ -302,10 +308,11 @@ class Controller:
         eff = learned.efficiency_j_th
         if eff is None and t is not None and rig.state is RigState.MINING:
             eff = t.efficiency_j_per_th
-        has_outlet = False
-        if info.outlet is not None and self.control.allow_outlet_off:
-            pdu_cfg = next(p for p in self.cfg.pdus if p.id == info.outlet[0])
-            has_outlet = pdu_cfg.snmp_version == "3" or pdu_cfg.write_community is not None
+        has_outlet = (
+            info.outlet is not None
+            and self.control.allow_outlet_off
+            and info.outlet[0] in self._switchable_pdus
+        )
         return RigInput(
             id=info.id,
             state=rig.state,
@@ -337,10 +344,7 @@ class Controller:
             res = None if task.cancelled() else task.result()
             if res is not None and res.ok:
                 continue
-            backoff = min(300.0, 10.0 * 2**prior.failures)
-            self.memory[rig_id] = replace(
-                prior, failures=prior.failures + 1, retry_at=self.now() + backoff
-            )
+            self.memory[rig_id] = failed(prior, self.now())
             changed = True
         if changed:
             self._save_memory()
@@ -485,7 +489,7 @@ class Controller:
         actions = []
         for rid in rig_ids:
             r = rigs[rid]
-            expected = {ActionKind.SLEEP: 20.0, ActionKind.WAKE: r.full_w}.get(
+            expected = {ActionKind.SLEEP: IDLE_W, ActionKind.WAKE: r.full_w}.get(
                 kind, watts or r.full_w
             )
             actions.append(Action(rid, kind, f"technician: {reason}", watts, expected))

@@ -54,11 +54,12 @@ class Executor:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self._sem = asyncio.Semaphore(concurrency)
+        self._rigs = {r.id: r for r in devices.rigs}
 
     async def _send(self, a: Action) -> None:
         if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
-            info = next(r for r in self.devices.rigs if r.id == a.rig_id)
-            if info.outlet is None:
+            info = self._rigs.get(a.rig_id)
+            if info is None or info.outlet is None:
                 raise DeviceError("rig has no PDU outlet", device=a.rig_id, operation=a.kind)
             pdu_id, number = info.outlet
             pdu: Any = self.devices.pdus[pdu_id]

@@ -507,6 +507,12 @@ def _safe_plan(
     return Plan(tuple(actions), target, None, None, "safe", nonrig, f"safe state: {cfg.safe_state}")
 
 
+def failed(mm: RigMemory, now: float) -> RigMemory:
+    """Memory after a failed command: unchanged mode, retried after a growing backoff."""
+    backoff = min(300.0, 10.0 * 2**mm.failures)
+    return replace(mm, failures=mm.failures + 1, retry_at=now + backoff)
+
+
 def remember(
     memory: dict[str, RigMemory],
     action: Action,
@@ -519,8 +525,7 @@ def remember(
     mm = memory.get(action.rig_id, RigMemory())
     out = dict(memory)
     if not ok:
-        backoff = min(300.0, 10.0 * 2**mm.failures)
-        out[action.rig_id] = replace(mm, failures=mm.failures + 1, retry_at=now + backoff)
+        out[action.rig_id] = failed(mm, now)
         return out
     kind = action.kind
     settle = now + settle_s(kind, timing)

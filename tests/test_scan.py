@@ -44,11 +44,7 @@ async def test_scan_finds_and_identifies(subnet_site: SimSite) -> None:
     assert took < 5.0  # 254 addresses, 234 of them empty
 
 
-async def test_rigctl_scan_add_writes_a_valid_config(subnet_site: SimSite, tmp_path: Path) -> None:
-    cfg = tmp_path / "rigd.toml"
-    cfg.write_text(
-        '# my farm\n[site]\nid = "s"\n\n[[miners]]\nid = "old"\nhost = "127.0.88.1"\nport = 4028\n'
-    )
+async def _scan_add(cfg: Path, *extra: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -60,12 +56,22 @@ async def test_rigctl_scan_add_writes_a_valid_config(subnet_site: SimSite, tmp_p
         "--timeout",
         "0.5",
         "--add",
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err
-    text = out.decode()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_rigctl_scan_add_writes_a_valid_config(subnet_site: SimSite, tmp_path: Path) -> None:
+    cfg = tmp_path / "rigd.toml"
+    cfg.write_text(
+        '# my farm\n[site]\nid = "s"\n\n[[miners]]\nid = "old"\nhost = "127.0.88.1"\nport = 4028\n'
+    )
+    rc, text, err = await _scan_add(cfg)
+    assert rc == 0, err
     assert "20 miner(s) among 30 address(es)" in text
     assert "added 19 miner(s)" in text and "rigctl config reload" in text
     loaded = load_config(cfg, environ={})
@@ -74,25 +80,10 @@ async def test_rigctl_scan_add_writes_a_valid_config(subnet_site: SimSite, tmp_p
     assert rigs["rig-88-5"].miner.driver == "cgminer" and rigs["rig-88-2"].miner.driver == "luxos"
     assert cfg.read_text().startswith("# my farm")  # comments kept
     # Scanning again adds nothing.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "controller.rigctl",
-        "-c",
-        str(cfg),
-        "scan",
-        "127.0.88.1-30",
-        "--timeout",
-        "0.5",
-        "--add",
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0
-    assert len(json.loads(out.decode().split("\nadded")[0])) == 20
-    assert "added 0 miner(s)" in out.decode()
+    rc, text, _ = await _scan_add(cfg, "--json")
+    assert rc == 0
+    assert len(json.loads(text.split("\nadded")[0])) == 20
+    assert "added 0 miner(s)" in text
 
 
 def test_bad_ranges_are_refused() -> None:
