@@ -91,6 +91,7 @@ class AdminServer:
             "events": self._events,
             "audit": self._audit,
             "reload": self._reload,
+            "grid": self._grid,
         }
 
     async def start(self) -> None:
@@ -260,6 +261,12 @@ class AdminServer:
             [e.as_dict() for e in store.audit_for_rig(rid, limit=20)] if store is not None else []
         )
         return d
+
+    async def _grid(self, req: dict[str, Any], user: str) -> Any:
+        grid = self.daemon.grid
+        if grid is None:
+            raise AdminError("no_grid", "grid orders are not enabled in this config")
+        return {"summary": grid.summary(), "orders": grid.orders()}
 
     async def _events(self, req: dict[str, Any], user: str) -> Any:
         return await self._audit(req, user)

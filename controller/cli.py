@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -14,7 +15,14 @@ from typing import Any, TextIO
 
 import structlog
 
-from controller.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config, summarize
+from controller.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+    summarize,
+)
 from controller.logs import configure_logging
 
 # sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
@@ -66,9 +74,22 @@ def print_config_error(e: ConfigError, out: TextIO) -> None:
 # -- rigd check-config ------------------------------------------------------------------------
 
 
+def load_checked(path: str) -> Config:
+    """The config, plus what only reading files can check (the grid operator's keys)."""
+    cfg = load_config(path)
+    if cfg.grid is not None and cfg.grid.enabled:
+        from controller.grid.verify import load_keys
+
+        try:
+            load_keys(cfg.grid)
+        except ConfigError as e:
+            raise ConfigError(e.issues, path) from e
+    return cfg
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config)
+        cfg = load_checked(args.config)
     except ConfigError as e:
         print_config_error(e, sys.stdout)
         return 1
@@ -83,7 +104,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
-        cfg = load_config(args.config)
+        cfg = load_checked(args.config)
     except ConfigError as e:
         print_config_error(e, sys.stderr)
         return EXIT_CONFIG
@@ -298,7 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     log_arg(sp)
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser(
+        "grid-schema",
+        help="print the JSON Schema of grid orders, acks and reports",
+        description="Print the JSON Schema generated from the grid-order models "
+        "(docs/grid-protocol.schema.json is this output).",
+    )
+    sp.set_defaults(func=cmd_grid_schema)
     return p
+
+
+def cmd_grid_schema(args: argparse.Namespace) -> int:
+    from controller.grid.orders import json_schema
+
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,6 +73,11 @@ class MqttConfig(_Strict):
     cert_file: Path | None = None  # mqtts: client certificate (mutual TLS)
     key_file: Path | None = None
     tls_insecure: bool = False  # skip hostname verification: test brokers only
+    # MQTT 5 gives grid orders a response topic and correlation data; "3.1.1" is for brokers
+    # that lack 5 (the demo's embedded one). Both keep a persistent session.
+    protocol: Literal["5", "3.1.1"] = "5"
+    # How long the broker keeps our session (and queues QoS 1 grid orders) while we are away.
+    session_expiry_s: int = Field(7 * 86_400, ge=0, le=4_294_967_295)
 
     @field_validator("url")
     @classmethod
@@ -312,6 +317,58 @@ class ControlConfig(_Strict):
         return self.timing.get(model, self.timing_default)
 
 
+class GridKeyConfig(_Strict):
+    """One of the grid operator's public keys; orders name it in their JWS `kid` header."""
+
+    kid: str = Field(min_length=1, max_length=200)
+    alg: Literal["EdDSA", "ES256"]
+    public_key: str | None = None  # PEM text
+    public_key_file: Path | None = None  # or a PEM file (e.g. $CREDENTIALS_DIRECTORY/...)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GridKeyConfig:
+        if (self.public_key is None) == (self.public_key_file is None):
+            raise ValueError("give exactly one of public_key (PEM) or public_key_file")
+        return self
+
+
+class HeartbeatConfig(_Strict):
+    """The operator's liveness signal and what rigd does without it (the EEBus LPC pattern)."""
+
+    topic: str = Field(min_length=1)  # published by the operator; any payload format below
+    timeout_s: float = Field(120, gt=0)  # silence longer than this is a lost heartbeat
+    failsafe_kw: float = Field(ge=0)  # the cap while the heartbeat is lost
+    min_failsafe_s: float = Field(7200, ge=0)  # failsafe held at least this long
+    recovery_s: float = Field(120, ge=0)  # heartbeat back this long releases the failsafe
+    always: bool = False  # the contract wants a heartbeat even with no open-ended order
+
+    @field_validator("topic")
+    @classmethod
+    def _no_wildcards(cls, v: str) -> str:
+        if "+" in v or "#" in v:
+            raise ValueError("the heartbeat topic must not contain MQTT wildcards")
+        return v
+
+
+class GridConfig(_Strict):
+    """Curtailment orders from the grid operator (docs/grid-protocol.md)."""
+
+    enabled: bool = True
+    allow_unsigned: bool = False  # plain JSON orders: demos and tests only
+    keys: list[GridKeyConfig] = Field(default_factory=list)
+    max_message_bytes: int = Field(16_384, ge=512, le=1_048_576)
+    clock_skew_s: float = Field(30, ge=0, le=3600)  # tolerated difference between clocks
+    max_age_s: float = Field(900, gt=0)  # a message issued longer ago is refused as expired
+    respond_within_s: float = Field(60, gt=0)  # default when an order does not say
+    report_interval_s: float = Field(5, ge=1)  # compliance reports while an order is active
+    # Caps for `level` orders 0-3: kW each, or else percent of control.max_import_kw.
+    levels_kw: list[Annotated[float, Field(ge=0)]] | None = Field(None, min_length=4, max_length=4)
+    levels_pct: list[Annotated[float, Field(ge=0, le=100)]] = Field(
+        default_factory=lambda: [100.0, 66.0, 33.0, 0.0], min_length=4, max_length=4
+    )
+    heartbeat: HeartbeatConfig | None = None
+
+
 class AdminConfig(_Strict):
     """The local admin API that `rigctl` talks to."""
 
@@ -330,6 +387,7 @@ class Config(_Strict):
     admin: AdminConfig = AdminConfig()
     control: ControlConfig | None = None  # absent: monitor only
     budget: BudgetConfig | None = None
+    grid: GridConfig | None = None  # absent: no grid orders
 
     def rigs(self) -> list[RigEntry]:
         """Every miner, ranges expanded, with its outlet if a PDU maps it."""
@@ -540,6 +598,17 @@ def _cross_check(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
             problems.append(
                 (("budget",), "an energy budget is counted from an import meter: add one")
             )
+    if cfg.grid is not None and cfg.grid.enabled:
+        if cfg.control is None or not cfg.control.enabled:
+            problems.append((("grid",), "grid orders need an enabled [control] section to obey"))
+        if not cfg.grid.allow_unsigned and not cfg.grid.keys:
+            problems.append(
+                (("grid", "keys"), "no operator keys and unsigned orders refused: add a key")
+            )
+        kids = [k.kid for k in cfg.grid.keys]
+        for i, kid in enumerate(kids):
+            if kid in kids[:i]:
+                problems.append((("grid", "keys", i, "kid"), f"duplicate key id {kid!r}"))
     if len([m for m in cfg.meters if m.role == "import"]) > 1:
         problems.append(
             (("meters",), "more than one import meter: which one does the cap apply to?")
@@ -641,6 +710,19 @@ def summarize(cfg: Config) -> str:
         )
     if cfg.budget is not None:
         lines.append(f"budget: {cfg.budget.kwh:,.0f} kWh per {cfg.budget.period}")
+    g = cfg.grid
+    if g is not None and g.enabled:
+        hb = g.heartbeat
+        lines.append(
+            f"grid orders: {len(g.keys)} operator key(s)"
+            + (", UNSIGNED ORDERS ACCEPTED" if g.allow_unsigned else ", signed only")
+            + (
+                f", heartbeat on {hb.topic} (failsafe {hb.failsafe_kw:,.0f} kW after "
+                f"{hb.timeout_s:g} s)"
+                if hb
+                else ", no heartbeat"
+            )
+        )
     if not cfg.meters:
         lines.append("warning: no import meter; the farm's import will not be measured")
     return "\n".join(lines)

@@ -143,6 +143,8 @@ class Controller:
         self.maintenance: dict[str, Hold] = {}
         self.pinned: dict[str, Hold] = {}
         self.external: dict[str, Limit] = {}  # the seam for grid orders: name -> limit
+        # An active grid order not yet complied with: shed by the fastest means until then.
+        self.comply_by: float | None = None
         self.nonrig_kw: float | None = None
         self.energy: EnergyCounter | None = None
         self._inflight: dict[str, asyncio.Task[ActionResult]] = {}
@@ -367,6 +369,7 @@ class Controller:
             import_age_s=None if reading is None else max(0.0, now - reading.ts),
             memory=self.memory,
             nonrig_kw=self.nonrig_kw,
+            urgent=self.comply_by is not None,
         )
         result = plan(inp)
         self.last_input, self.last_plan = inp, result

@@ -23,6 +23,7 @@ from controller.clock import Clock, SystemClock
 from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.control import Controller, ControlStatus
 from controller.devices import Devices, build_devices
+from controller.grid.service import GridService
 from controller.mqtt import MqttLink
 from controller.state import Health, SiteSnapshot, SiteState
 from controller.store import StateStore
@@ -83,6 +84,12 @@ class Daemon:
         self.store: StateStore | None = None
         # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
         self.controller = self._make_controller(cfg)
+        self.grid: GridService | None = None
+        if cfg.grid is not None and cfg.grid.enabled and self.store is not None:
+            # Before the first connect: the limits of orders in force apply from cycle 1.
+            self.grid = GridService(cfg, self.store, self.link, now=self.clock.now)
+            if self.controller is not None:
+                self.grid.attach(self.controller)
         self._apply_poll(cfg)
 
     # -- one cycle ------------------------------------------------------------------
@@ -176,6 +183,7 @@ class Daemon:
             ("site.state_dir", self.cfg.site.state_dir, new.site.state_dir),
             ("mqtt", self.cfg.mqtt, new.mqtt),
             ("admin", self.cfg.admin, new.admin),
+            ("grid", self.cfg.grid, new.grid),
         ):
             if old_v != new_v:
                 notes.append(f"{name} changed: takes effect after a restart")
@@ -184,7 +192,12 @@ class Daemon:
                 await self.controller.close()  # let in-flight actions land first
             old_devices, old_state = self.devices, self.state
             cfg = new.model_copy(
-                update={"site": self.cfg.site, "mqtt": self.cfg.mqtt, "admin": self.cfg.admin}
+                update={
+                    "site": self.cfg.site,
+                    "mqtt": self.cfg.mqtt,
+                    "admin": self.cfg.admin,
+                    "grid": self.cfg.grid,
+                }
             )
             self.devices = build_devices(cfg)
             self.state = SiteState(
@@ -198,6 +211,8 @@ class Daemon:
             self.cfg = cfg
             self._apply_poll(cfg)
             self.controller = self._make_controller(cfg)
+            if self.grid is not None and self.controller is not None:
+                self.grid.attach(self.controller)
             await old_devices.close_drivers()
         log.info(
             "config_reloaded", path=self.config_path, rigs=len(self.devices.miners), notes=notes
@@ -227,12 +242,20 @@ class Daemon:
 
     async def _cycle(self) -> CycleResult:
         snap = await self.poll_cycle()
+        grid = self.grid
+        if grid is not None:
+            grid.kick.clear()
+            grid.before_step(self.clock.now(), self.controller)
         status = await self.controller.step(snap) if self.controller is not None else None
+        if grid is not None:
+            grid.after_step(self.clock.now(), snap, status, self.controller)
         doc = snap.site_document()
         if status is not None:
             doc.update(status.site_fields())
         else:
             doc.update({"cap_kw": None, "cap_source": None})
+        if grid is not None:
+            doc["grid"] = grid.summary()
         result = CycleResult(snap, status, doc)
         self.last = result
         self.publish(result)
@@ -274,6 +297,7 @@ class Daemon:
             log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
         try:
             next_t = self.clock.monotonic()
+            kicked = False
             while not stop.is_set():
                 result = await self.cycle()
                 snap = result.snapshot
@@ -282,13 +306,15 @@ class Daemon:
                     res = self.on_snapshot(result)
                     if res is not None:
                         await res
-                next_t += interval
+                if not kicked:  # a kicked cycle came early: keep the schedule
+                    next_t += interval
                 delay = next_t - self.clock.monotonic()
                 if delay < 0:
                     log.warning("poll_overrun", cycle=snap.cycle, behind_s=round(-delay, 3))
                     next_t = self.clock.monotonic()
                     delay = 0.0
-                await _sleep_or_stop(self.clock, delay, stop)
+                kick = self.grid.kick if self.grid is not None else None
+                kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
         finally:
             log.info("rigd_stopping", site=self.cfg.site.id)
             await admin.stop()
@@ -301,13 +327,19 @@ class Daemon:
             log.info("rigd_stopped", site=self.cfg.site.id)
 
 
-async def _sleep_or_stop(clock: Clock, delay: float, stop: asyncio.Event) -> None:
-    sleeper = asyncio.ensure_future(clock.sleep(delay))
-    stopper = asyncio.ensure_future(stop.wait())
+async def _sleep_or_stop(
+    clock: Clock, delay: float, stop: asyncio.Event, kick: asyncio.Event | None = None
+) -> bool:
+    """Wait out the interval, unless stopped, or kicked (a grid order changed the limits:
+    the next cycle runs now rather than up to an interval later)."""
+    waits = [asyncio.ensure_future(clock.sleep(delay)), asyncio.ensure_future(stop.wait())]
+    if kick is not None:
+        waits.append(asyncio.ensure_future(kick.wait()))
     try:
-        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return kick is not None and kick.is_set() and not stop.is_set()
     finally:
-        for f in (sleeper, stopper):
+        for f in waits:
             f.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await f

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import structlog
+from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.live import Live
 
@@ -23,9 +25,12 @@ from controller.broker import EmbeddedBroker
 from controller.cli import _install_stop, _stop_after
 from controller.config import parse_config
 from controller.daemon import CycleResult, Daemon
+from controller.grid.sign import KeyPair, build, generate, send, sign
 from controller.liveview import render
 from controller.logs import configure_logging
 from simulators.site import SimSite, poll_timeouts
+
+log = structlog.get_logger(__name__)
 
 
 async def _stage_farm(site: SimSite) -> None:
@@ -59,9 +64,30 @@ escalate_after_s = 60
 """
 
 
-async def _script(daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event) -> None:
-    """A third of the way in, the cap drops to about half of the farm's load; at two
-    thirds it is restored. Told as a technician's override, so it shows as such."""
+def _grid_toml(operator: KeyPair) -> str:
+    """Signed orders only, as in production: the demo plays the operator with its own key."""
+    pem = operator.public_pem.decode().strip()
+    return f"""
+[grid]
+allow_unsigned = false
+report_interval_s = 5
+
+[[grid.keys]]
+kid = "demo-operator"
+alg = "EdDSA"
+public_key = \"\"\"
+{pem}
+\"\"\"
+"""
+
+
+async def _script(
+    daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event, operator: KeyPair
+) -> None:
+    """A third of the way in, the grid operator orders the farm down to about half of its
+    load for a third of the run, sent as a signed order over MQTT exactly as a dispatch
+    system would (rigctl grid send does the same); rigd acknowledges, complies, reports
+    and, when the order ends, brings the rigs back gradually."""
     ctl = daemon.controller
     if ctl is None:
         return
@@ -77,10 +103,26 @@ async def _script(daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event)
     last = daemon.last
     load = last.document.get("import_kw") if last else None
     kw = round((load or ctl.control.max_import_kw) * 0.5, 1)
-    ctl.set_override(kw, ctl.now() + 86_400, "demo script: the grid is short of power", "demo")
-    if not await until(span / 3):
+    now = daemon.clock.now()
+    msg = build(
+        "curtail",
+        daemon.cfg.site.id,
+        now=now,
+        ttl_s=600 * args.speed,
+        iss="demo dispatch",
+        order_id=f"demo-{int(now)}",
+        target={"max_import_kw": kw},
+        duration_s=round(span / 3 * args.speed),
+        respond_within_s=round(max(60.0, 3 * args.interval)),
+    )
+    key = serialization.load_pem_private_key(operator.private_pem, password=None)
+    token = sign(msg, key, "EdDSA", "demo-operator").encode()
+    try:
+        ack = await send(daemon.cfg.mqtt, daemon.cfg.site.id, token, wait_s=10.0)
+    except Exception as e:  # the demo goes on: the failure is in the log
+        log.error("demo_order_not_sent", error=str(e))
         return
-    ctl.clear_override()
+    log.info("demo_order_acknowledged", ack=ack)
 
 
 async def run_demo(args: argparse.Namespace) -> int:
@@ -95,6 +137,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         configure_logging(args.log_level, json=True, stream=log_file)
 
     site = SimSite(rigs=args.rigs, pdus=args.pdus, speed=args.speed, seed=args.seed)
+    operator = generate("EdDSA")  # the demo's grid operator, a fresh key each run
     broker: EmbeddedBroker | None = None
     console = Console()
     try:
@@ -116,7 +159,9 @@ async def run_demo(args: argparse.Namespace) -> int:
                 interval_s=args.interval,
                 timeout_s=timeout_s,
                 retries=retries,
-                extra=_control_toml(site, args),
+                extra=_control_toml(site, args) + _grid_toml(operator),
+                # The embedded broker (amqtt) speaks MQTT 3.1.1 only.
+                mqtt_protocol="5" if args.broker else "3.1.1",
             ),
             source="<demo>",
             environ={},
@@ -131,7 +176,9 @@ async def run_demo(args: argparse.Namespace) -> int:
 
             daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_snapshot, dry_run=args.dry_run)
             await asyncio.gather(
-                daemon.run(stop), _stop_after(stop, args.duration), _script(daemon, args, stop)
+                daemon.run(stop),
+                _stop_after(stop, args.duration),
+                _script(daemon, args, stop, operator),
             )
         else:
             with Live(console=console, auto_refresh=False, screen=False) as live:
@@ -141,7 +188,9 @@ async def run_demo(args: argparse.Namespace) -> int:
 
                 daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_live, dry_run=args.dry_run)
                 await asyncio.gather(
-                    daemon.run(stop), _stop_after(stop, args.duration), _script(daemon, args, stop)
+                    daemon.run(stop),
+                    _stop_after(stop, args.duration),
+                    _script(daemon, args, stop, operator),
                 )
             console.print()
             console.print(f"demo stopped; daemon log: {log_path}")

@@ -65,6 +65,17 @@ def render(result: CycleResult, *, broker: str, speed: float, rows: int = 12) ->
                 f"\nbudget {budget['used_kwh']:,.0f} of {budget['budget_kwh']:,.0f} kWh used "
                 f"this {budget['period']}"
             )
+        grid = doc.get("grid")
+        if grid:
+            for o in grid["active"]:
+                ok = {True: "compliant", False: "NOT YET COMPLIANT", None: "measuring"}
+                cap.append(
+                    f"\ngrid order {o['order_id']} active: cap {_fmt(o['cap_kw'], 1, ' kW')}, "
+                    f"{ok[o['compliant']]}",
+                    style="bold magenta",
+                )
+            if grid["failsafe"]:
+                cap.append("\ngrid FAILSAFE: operator heartbeat lost", style="bold red")
     else:
         cap.append("monitoring only (no [control] in config)", style="dim")
     counts = Text()

@@ -6,6 +6,16 @@ is connected, and on every (re)connect republishes availability and every
 retained topic, since a broker restarted without persistence has lost them.
 Events (not retained) wait in a bounded queue: if the broker is gone for long,
 the oldest are dropped and the count of dropped ones is logged.
+
+Grid orders come in on the same connection. It is an MQTT 5 (or 3.1.1) *persistent*
+session with a fixed client id, so QoS 1 orders published while rigd was away are
+queued by the broker and delivered on reconnect. Incoming QoS 1 messages are
+acknowledged (PUBACK) only after the handler returns, i.e. after the order is in the
+state database: a daemon killed in between gets the message again, and the grid
+service recognises the redelivery by its jti. What the grid service must publish
+(acks, final reports) goes out first, before any telemetry; progress reports keep only
+the latest per order while disconnected (each carries cumulative figures) and count
+the ones they replaced.
 """
 
 from __future__ import annotations
@@ -15,10 +25,14 @@ import contextlib
 import json
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from controller.config import MqttConfig
 
@@ -34,6 +48,10 @@ def topic_base(site: str) -> str:
 
 def encode(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+Done = Callable[[], None]
 
 
 class MqttLink:
@@ -64,6 +82,10 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.connects = 0
         self._stopping = False
+        self.subscriptions: dict[str, int] = {}  # full topic -> QoS
+        self.on_message: MessageHandler | None = None
+        self._urgent: deque[tuple[str, bytes, bytes | None, Done | None]] = deque()
+        self._latest: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (topic, doc)
 
     # -- what the rest of the daemon calls ---------------------------------------------
 
@@ -86,6 +108,35 @@ class MqttLink:
         self._idle.clear()
         self._wake.set()
 
+    def send(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        correlation: bytes | None = None,
+        done: Done | None = None,
+    ) -> None:
+        """Queue a message that must not be dropped (acks, final reports), sent before all
+        else; `done` runs once the broker has it. `topic` is full (a response topic may lie
+        outside rigd/<site>)."""
+        self._urgent.append((topic, payload, correlation, done))
+        self._idle.clear()
+        self._wake.set()
+
+    def set_latest(self, key: str, subtopic: str, doc: dict[str, Any]) -> None:
+        """Queue a progress message of which only the newest matters; one replaced before
+        it could be sent is counted in the newer one's `missed_reports`."""
+        prev = self._latest.get(key)
+        if prev is not None:
+            doc = {**doc, "missed_reports": int(prev[1].get("missed_reports", 0)) + 1}
+        self._latest[key] = (f"{self.base}/{subtopic}", doc)
+        self._idle.clear()
+        self._wake.set()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now and after every reconnect."""
+        self.subscriptions[topic] = qos
+
     # -- connection management -----------------------------------------------------------
 
     def _make_client(self) -> aiomqtt.Client:
@@ -101,7 +152,12 @@ class MqttLink:
                 )
             if cfg.tls_insecure:
                 tls_context.check_hostname = False
-        return aiomqtt.Client(
+        v5 = cfg.protocol == "5"
+        connect_props: Properties | None = None
+        if v5:
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = cfg.session_expiry_s
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -111,7 +167,16 @@ class MqttLink:
             keepalive=cfg.keepalive_s,
             tls_context=tls_context,
             timeout=10.0,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            # Persistent session: the broker queues QoS 1 orders while we are away.
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_session=None if v5 else False,
+            properties=connect_props,
         )
+        # PUBACK only once the handler has stored the order (see the module docstring).
+        # aiomqtt has no switch for it; paho's manual-ack mode is on its wrapped client.
+        client._client.manual_ack_set(True)
+        return client
 
     async def run(self) -> None:
         """Stay connected until cancelled; publishes on every connect and on every change."""
@@ -126,8 +191,10 @@ class MqttLink:
                     await client.publish(self.status_topic, ONLINE, qos=1, retain=True)
                     # Republish everything: the broker may have lost retained state.
                     self._dirty = dict.fromkeys(self._retained)
+                    for topic, qos in self.subscriptions.items():
+                        await client.subscribe(topic, qos=qos)
                     self.connected.set()
-                    await self._flush_forever(client)
+                    await self._serve(client)
             except (aiomqtt.MqttError, OSError, ssl.SSLError, ValueError) as e:
                 # OSError/SSLError/ValueError: unreadable CA or client key, bad TLS material.
                 # Publishing must never die for good while the daemon keeps polling.
@@ -149,6 +216,32 @@ class MqttLink:
                 self._idle.clear()
                 self._client = None
 
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Publish and receive until either side fails; the failure ends the connection."""
+        tasks = [asyncio.create_task(self._flush_forever(client), name="mqtt-flush")]
+        if self.subscriptions:
+            tasks.append(asyncio.create_task(self._receive(client), name="mqtt-receive"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # re-raise the MqttError that ended it
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await t
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if self.on_message is not None:
+                try:
+                    await self.on_message(message)
+                except Exception:  # a handler bug must not take the link down
+                    log.exception("mqtt_handler_failed", topic=str(message.topic))
+            if message.qos > 0:
+                client._client.ack(message.mid, message.qos)
+
     async def _flush_forever(self, client: aiomqtt.Client) -> None:
         while True:
             await self._flush(client)
@@ -156,11 +249,27 @@ class MqttLink:
                 log.warning("mqtt_events_dropped", count=self._dropped_events)
                 self._dropped_events = 0
             self._wake.clear()
-            if not self._dirty and not self._events:
+            if not self._dirty and not self._events and not self._urgent and not self._latest:
                 self._idle.set()
                 await self._wake.wait()
 
     async def _flush(self, client: aiomqtt.Client) -> None:
+        while self._urgent:
+            topic, payload, correlation, done = self._urgent[0]
+            props: Properties | None = None
+            if correlation is not None and self.cfg.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = correlation
+            await client.publish(topic, payload, qos=1, retain=False, properties=props)
+            self._urgent.popleft()
+            if done is not None:
+                done()
+        while self._latest:
+            key = next(iter(self._latest))
+            topic, doc = self._latest[key]
+            await client.publish(topic, encode(doc), qos=1, retain=False)
+            if self._latest.get(key, (None, None))[1] is doc:
+                del self._latest[key]
         while self._dirty:
             topics = list(self._dirty)[: self._batch]
             for t in topics:

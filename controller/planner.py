@@ -157,6 +157,7 @@ class PlanInput:
     import_age_s: float | None  # how old that reading is
     memory: dict[str, RigMemory]
     nonrig_kw: float | None = None  # facility load last seen by the meter (not rigs)
+    urgent: bool = False  # a grid order awaits compliance: fastest shedding first
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +267,9 @@ def plan(inp: PlanInput) -> Plan:
             continue
         if mm.mode is Mode.SLEEP:
             drawing = r.power_w is not None and r.power_w > cfg.sleeping_w
-            overdue = now >= mm.since + cfg.escalate_after_s
+            # Under a grid deadline a sleep that has not shown by its settle time is not
+            # waited for: the outlet is the next fastest way down.
+            overdue = inp.urgent or now >= mm.since + cfg.escalate_after_s
             if drawing and overdue and r.has_outlet and cfg.allow_outlet_off and r.outlet_on:
                 add(
                     r,
@@ -275,7 +278,11 @@ def plan(inp: PlanInput) -> Plan:
                     None,
                     0.0,
                 )
-            elif r.state in (RigState.MINING, RigState.WAKING) and r.can_sleep and not overdue:
+            elif (
+                r.state in (RigState.MINING, RigState.WAKING)
+                and r.can_sleep
+                and now < mm.since + cfg.escalate_after_s
+            ):
                 add(r, ActionKind.SLEEP, "sleep did not take: sending it again", None, IDLE_W)
 
     # -- 2. what is the import, and what will it be ------------------------------------
@@ -384,9 +391,11 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         planned[r.id] = (r, ActionKind.SET_POWER, f"{reason} {take:.2f} kW", watts, watts)
         return take
 
-    # Sleep the worst rigs until throttling the rest can cover what remains.
+    # Sleep the worst rigs until throttling the rest can cover what remains. Under a grid
+    # deadline, sleep only: a power target takes minutes to show, a sleep seconds.
+    urgent = inp.urgent
     sleepers = [r for r in first if r.can_sleep and sleep_save(r) > 0]
-    throttle_total = sum(throttle_room(r) for r in first)
+    throttle_total = 0.0 if urgent else sum(throttle_room(r) for r in first)
     for r in sleepers:
         if enough() or need_kw - shed <= throttle_total:
             break
@@ -394,7 +403,7 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         planned[r.id] = (r, ActionKind.SLEEP, reason, None, IDLE_W)
         shed += sleep_save(r)
         throttle_total -= throttle_room(r)
-    for r in first:
+    for r in [] if urgent else first:
         if enough():
             break
         if r.id not in planned and throttle_room(r) > 0:
@@ -407,7 +416,7 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         if r.can_sleep and sleep_save(r) > 0:
             planned[r.id] = (r, ActionKind.SLEEP, "over target: cap before dwell", None, IDLE_W)
             shed += sleep_save(r)
-        elif not r.can_sleep and throttle_room(r) > 0:
+        elif not urgent and not r.can_sleep and throttle_room(r) > 0:
             shed += throttle(r, "over target: cap before dwell, throttle to shed")
     if not enough() and cfg.allow_outlet_off:
         # Last: rigs with no sleep through their API, at their outlet (a throttle planned
@@ -421,6 +430,13 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
             reason = "over target: no API control, switching outlet off"
             planned[r.id] = (r, ActionKind.OUTLET_OFF, reason, None, 0.0)
             shed += final(r) / 1000.0 - counted
+    if urgent:
+        # Last resort under a deadline: throttle what can neither sleep nor be switched off.
+        for r in order([r for r in base if r.id not in planned]):
+            if enough():
+                break
+            if throttle_room(r) > 0:
+                shed += throttle(r, "over target: grid deadline, throttle what is left")
     for r, kind, reason, watts, expected in planned.values():
         add(r, kind, reason, watts, expected)
     return shed

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from controller.cli import cmd_check_config, default_config_path, print_config_error
 from controller.config import AdminConfig, ConfigError, load_config
+from controller.grid import cli as grid_cli
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 2
@@ -441,6 +442,8 @@ def run_command(args: argparse.Namespace) -> int:
         _emit(args, entries, print_audit)
     elif cmd == "top":
         return _top(args, c)
+    elif cmd == "grid":  # status; keygen and send have their own func
+        _emit(args, c.call("grid"), grid_cli.print_grid)
     elif cmd == "config":  # reload; `check` has its own func
         res = c.call("reload")
         print(f"config reloaded: {res['rigs']} rig(s)")
@@ -582,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--add", action="store_true", help="add new miners to the config file")
     json_arg(sp)
     sp.set_defaults(func=cmd_scan)
+    grid_cli.add_parser(sub, parse_duration)
     cfg = sub.add_parser("config", help="work with the config file")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     chk = cfg_sub.add_parser(

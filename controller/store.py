@@ -34,6 +34,18 @@ CREATE TABLE IF NOT EXISTS audit (
     dry_run INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE TABLE IF NOT EXISTS grid_seen (
+    jti     TEXT PRIMARY KEY,
+    digest  TEXT NOT NULL,
+    exp     REAL NOT NULL,
+    ack     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grid_outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic       TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    correlation BLOB
+);
 """
 
 
@@ -127,6 +139,90 @@ class StateStore:
                 self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
         except sqlite3.Error as e:
             raise StoreError(f"cannot write state to {self.path}: {e}") from e
+
+    # -- grid messages: replay protection and the outbox of what must be published -----------
+
+    def grid_seen(self, jti: str) -> tuple[str, dict[str, Any]] | None:
+        """(digest, ack) of a message already answered, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT digest, ack FROM grid_seen WHERE jti = ?", (jti,)
+            ).fetchone()
+        return None if row is None else (row[0], json.loads(row[1]))
+
+    def grid_accept(
+        self,
+        *,
+        jti: str,
+        digest: str,
+        exp: float,
+        ack: dict[str, Any],
+        state: dict[str, Any] | None,
+        outbox: list[tuple[str, bytes, bytes | None]],
+        prune_before: float,
+    ) -> list[int]:
+        """One transaction: the message is seen, the book (if changed) saved, and what must
+        be published queued; so a crash leaves either all of it or none."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN")
+                try:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO grid_seen (jti, digest, exp, ack) VALUES (?,?,?,?)",
+                        (jti, digest, exp, json.dumps(ack, separators=(",", ":"))),
+                    )
+                    self._db.execute("DELETE FROM grid_seen WHERE exp < ?", (prune_before,))
+                    if state is not None:
+                        self._db.execute(
+                            "INSERT INTO kv (key, value) VALUES ('grid.book', ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (json.dumps(state, separators=(",", ":")),),
+                        )
+                    ids = [
+                        int(
+                            self._db.execute(
+                                "INSERT INTO grid_outbox (topic, payload, correlation) "
+                                "VALUES (?,?,?)",
+                                row,
+                            ).lastrowid
+                            or 0
+                        )
+                        for row in outbox
+                    ]
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write grid state to {self.path}: {e}") from e
+        return ids
+
+    def outbox_add(self, topic: str, payload: bytes, correlation: bytes | None = None) -> int:
+        try:
+            with self._lock:
+                cur = self._db.execute(
+                    "INSERT INTO grid_outbox (topic, payload, correlation) VALUES (?,?,?)",
+                    (topic, payload, correlation),
+                )
+                return int(cur.lastrowid or 0)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write grid outbox in {self.path}: {e}") from e
+
+    def outbox(self) -> list[tuple[int, str, bytes, bytes | None]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, correlation FROM grid_outbox ORDER BY id"
+            ).fetchall()
+        return [
+            (int(r[0]), str(r[1]), bytes(r[2]), None if r[3] is None else bytes(r[3])) for r in rows
+        ]
+
+    def outbox_done(self, row_id: int) -> None:
+        try:
+            with self._lock:
+                self._db.execute("DELETE FROM grid_outbox WHERE id = ?", (row_id,))
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write grid outbox in {self.path}: {e}") from e
 
     # -- audit log ---------------------------------------------------------------------
 

@@ -102,6 +102,7 @@ class SimSite:
         timeout_s: float | None = None,
         retries: int | None = None,
         extra: str = "",
+        mqtt_protocol: str = "5",
     ) -> str:
         """A daemon config pointing at this running site (call after `start`).
 
@@ -119,6 +120,7 @@ class SimSite:
             "",
             "[mqtt]",
             f"url = {_q(broker_url)}",
+            f"protocol = {_q(mqtt_protocol)}",
             "",
             "[admin]",
             f"socket = {_q(str(Path(state_dir) / 'rigd.sock'))}",
