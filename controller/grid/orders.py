@@ -36,7 +36,6 @@ REJECT_REASONS: dict[str, str] = {
     "unknown_order": "modify or cancel for an order rigd does not know",
     "order_closed": "modify for an order that has already ended",
     "duplicate_order": "curtail with an order_id in use and no higher modification",
-    "unknown_level": "a level with no cap configured",
     "not_applicable": "the order cannot apply (e.g. its end is already past)",
 }
 RejectReason = Literal[
@@ -55,7 +54,6 @@ RejectReason = Literal[
     "unknown_order",
     "order_closed",
     "duplicate_order",
-    "unknown_level",
     "not_applicable",
 ]
 

@@ -328,6 +328,32 @@ class GridService:
 
     def _rejected(self, ack: dict[str, Any], raw: bytes) -> None:
         self.rejected += 1
+        if ack["reason"] in (
+            "too_large",
+            "malformed",
+            "unsigned_not_allowed",
+            "unsupported_algorithm",
+            "unknown_key",
+            "bad_signature",
+            "invalid",
+            "wrong_site",
+            "expired",
+            "not_yet_valid",
+            "replayed",
+        ):
+            # Refused before the book (the book's own refusals are audited with the order).
+            try:
+                self.store.audit(
+                    ts=self.now(),
+                    actor="grid:unverified",
+                    action=f"grid_{ack.get('kind') or 'message'}",
+                    rig_id=None,
+                    params={k: ack[k] for k in ("jti", "order_id") if ack.get(k)},
+                    reason=ack["detail"][:300],
+                    result=f"rejected:{ack['reason']}",
+                )
+            except StoreError as e:
+                log.error("audit_write_failed", error=str(e))
         log.warning(
             "grid_order_rejected",
             reason=ack["reason"],
