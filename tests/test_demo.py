@@ -44,12 +44,13 @@ def test_headless_prints_one_state_document_per_interval() -> None:
 
 
 def test_demo_script_holds_the_cap_and_restores_without_overshoot() -> None:
-    """Done-when of the control loop: the cap drops to about half the load a third of the
-    way in, import settles under it within the rigs' stop time, and comes back gradually."""
+    """Done-when of the control loop: a grid order drops the cap to about half the load a
+    third of the way in, import settles under it within the rigs' stop time, and comes back
+    gradually after it ends."""
     r = demo("--headless", "--duration", "15", "--rigs", "30", "--pdus", "2", "--speed", "20")
     assert r.returncode == 0, r.stderr
     docs = [json.loads(line) for line in r.stdout.splitlines()]
-    dropped = [i for i, d in enumerate(docs) if d["cap_source"] == "override"]
+    dropped = [i for i, d in enumerate(docs) if d["cap_source"] == "grid"]
     assert dropped, "the script never dropped the cap"
     i0, i1 = dropped[0], dropped[-1]
     before, low_cap = docs[i0 - 1], docs[i0]["cap_kw"]
@@ -108,8 +109,11 @@ async def test_demo_publishes_to_a_given_broker(mosquitto: Mosquitto) -> None:
         assert event["type"] == "action" and event["result"] == "ok"
         assert event["action"] in ("sleep", "set_power") and event["reason"]
         assert w.retained["rigd/demo/events"] is False
-        state = await w.wait_json("rigd/demo/state", lambda d: d["cap_source"] == "override")
-        assert state["cap_detail"].startswith("demo script")
+        state = await w.wait_json("rigd/demo/state", lambda d: d["cap_source"] == "grid")
+        assert state["cap_detail"].startswith("order demo-")
+        assert state["grid"]["active"][0]["order_id"].startswith("demo-")
+        report = await w.wait_json("rigd/demo/grid/reports", within=30)
+        assert report["order_id"] == state["grid"]["active"][0]["order_id"]
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         await w.wait_for("rigd/demo/status", lambda p: p == b"offline")
 

@@ -169,6 +169,39 @@ async def test_forged_and_malformed_orders_are_rejected_on_the_acks_topic(
                 n.startswith("grid:") for n in d.controller.external
             )
             assert d.grid is not None and d.grid.rejected == len(cases)
+            # a genuine order from stock mosquitto_pub, MQTT 5 with a response topic
+            async with watch(mosquitto.host, mosquitto.port, "dispatch/#") as dw:
+                good = op.sign(
+                    order(
+                        now=site.clock.now(),
+                        jti="ok-1",
+                        duration_s=3600,
+                        target={"max_import_kw": 20.0},
+                    )
+                )
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        *pub,
+                        "-V",
+                        "5",
+                        "-D",
+                        "publish",
+                        "response-topic",
+                        "dispatch/acks",
+                        "-D",
+                        "publish",
+                        "correlation-data",
+                        "c-1",
+                        "-s",
+                    ],
+                    input=good,
+                    check=True,
+                    timeout=10,
+                )
+                ack = await dw.wait_json("dispatch/acks")
+                assert ack["status"] == "accepted" and ack["jti"] == "ok-1"
+            await w.wait_json("rigd/sim/state", lambda s: s["cap_source"] == "grid")
 
 
 async def test_the_broker_restarted_mid_order(mosquitto: Mosquitto, tmp_path: Path) -> None:

@@ -436,3 +436,17 @@ def test_urgent_shedding_sleeps_instead_of_throttling_and_switches_off_what_cann
     assert ActionKind.SET_POWER not in deep.values()
     assert deep["stock"] is ActionKind.OUTLET_OFF
     assert sum(k is ActionKind.SLEEP for k in deep.values()) == 10
+
+
+def test_heartbeats_must_be_signed_where_orders_must_be(tmp_path: Path) -> None:
+    op = Operator.new()
+    clock = [NOW]
+    hb = '\n[grid.heartbeat]\ntopic = "op/hb"\ntimeout_s = 60\nfailsafe_kw = 100\n'
+    cfg = parse_config(BASE.format(state=tmp_path / "s2") + grid_toml(op) + hb, environ={})
+    svc = GridService(cfg, StateStore.open(cfg.site.state_dir), None, now=lambda: clock[0])
+    assert not svc.handle_heartbeat(b'{"seq": 1}')  # plain: could be anyone
+    assert not svc.handle_heartbeat(Operator.new().sign({"iat": NOW}))  # unknown key
+    assert svc.handle_heartbeat(op.sign({"iat": NOW, "seq": 1}))
+    assert not svc.handle_heartbeat(op.sign({"iat": NOW - 1}))  # older than the last: replay
+    assert not svc.handle_heartbeat(op.sign({"iat": NOW - 500}))  # stale
+    assert svc.book.failsafe.heartbeats == 1
