@@ -25,6 +25,8 @@ import pytest
 from controller.config import Config, parse_config
 from controller.daemon import Daemon
 from controller.grid.sign import send
+from controller.rigctl import AdminClient
+from controller.rigctl import main as rigctl
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, Watcher, watch
@@ -202,6 +204,13 @@ async def test_forged_and_malformed_orders_are_rejected_on_the_acks_topic(
                 ack = await dw.wait_json("dispatch/acks")
                 assert ack["status"] == "accepted" and ack["jti"] == "ok-1"
             await w.wait_json("rigd/sim/state", lambda s: s["cap_source"] == "grid")
+            # the technician's view over the admin socket (rigctl grid status)
+            client = AdminClient(cfg.admin.socket)
+            got = await asyncio.to_thread(client.call, "grid")
+            assert [o["order_id"] for o in got["orders"]] == ["ord-1"]
+            assert got["orders"][0]["status"] == "active" and got["summary"]["failsafe"] is False
+            args = ["-c", str(tmp_path / "rigd.toml"), "grid", "status"]
+            assert await asyncio.to_thread(rigctl, args) == 0
 
 
 async def test_the_broker_restarted_mid_order(mosquitto: Mosquitto, tmp_path: Path) -> None:

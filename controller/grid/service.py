@@ -270,7 +270,7 @@ class GridService:
                 iss=msg.iss,
             )
         else:
-            self._rejected(ack, raw)
+            self._rejected(ack, raw, audit=False)  # audited below, with the order
         outbox = [(reply_to, encode(ack), correlation)]
         final: Order | None = None
         if outcome.accepted and outcome.order is not None and outcome.order.status == CANCELLED:
@@ -326,22 +326,10 @@ class GridService:
             return self._ack(**fields)
         return self._ack(status="rejected", reason=outcome.reason, detail=outcome.detail, **fields)
 
-    def _rejected(self, ack: dict[str, Any], raw: bytes) -> None:
+    def _rejected(self, ack: dict[str, Any], raw: bytes, *, audit: bool = True) -> None:
+        """Count, log and (unless the caller audits it with the order) audit a refusal."""
         self.rejected += 1
-        if ack["reason"] in (
-            "too_large",
-            "malformed",
-            "unsigned_not_allowed",
-            "unsupported_algorithm",
-            "unknown_key",
-            "bad_signature",
-            "invalid",
-            "wrong_site",
-            "expired",
-            "not_yet_valid",
-            "replayed",
-        ):
-            # Refused before the book (the book's own refusals are audited with the order).
+        if audit:
             try:
                 self.store.audit(
                     ts=self.now(),
