@@ -124,6 +124,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- rigd sim ---------------------------------------------------------------------------------
 
 
+def _sim_grid_toml(args: argparse.Namespace) -> str:
+    """A [grid] section trusting the operator's public key, for trying grid orders."""
+    if not args.grid_key:
+        return ""
+    path = Path(args.grid_key).resolve()
+    alg = "EdDSA"
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        if isinstance(load_pem_public_key(path.read_bytes()), ec.EllipticCurvePublicKey):
+            alg = "ES256"
+    except (OSError, ValueError):
+        pass  # check-config names the problem with the file
+    kid = path.name.removesuffix(".pub")
+    return (
+        f'\n[grid]\n[[grid.keys]]\nkid = "{kid}"\nalg = "{alg}"\n'
+        f"public_key_file = {json.dumps(str(path))}\n"
+    )
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     from simulators.site import SimSite
@@ -148,7 +169,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     f"[control]\nmax_import_kw = {args.max_import_kw:g}\n"
                     if args.max_import_kw
                     else ""
-                ),
+                )
+                + _sim_grid_toml(args),
             )
             parse_config(text, source="<generated>", environ={})  # never write a bad config
             if args.write_config:
@@ -286,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-import-kw",
         type=_positive,
         help="also write a [control] section with this max import (default: monitor only)",
+    )
+    sp.add_argument(
+        "--grid-key",
+        metavar="PUB",
+        help="also write a [grid] section trusting this operator public key (needs "
+        "--max-import-kw); from `rigctl grid keygen`",
     )
     sp.add_argument("--duration", type=_positive, help="stop after this many seconds")
     log_arg(sp)

@@ -364,12 +364,17 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         room = (final(r) - r.min_w) / 1000.0
         return room if room > _EPS_KW else 0.0  # float dust is no room: no 0 kW commands
 
-    # A rig already on its way down is not told again: its fall is counted in flight.
-    base = [
-        r
-        for r in inp.rigs
-        if _consuming(r) and free(r) and not _going_down(r, mem.get(r.id, RigMemory()), now)
-    ]
+    urgent = inp.urgent
+
+    def may_shed(r: RigInput) -> bool:
+        """A rig already on its way down is not told again: its fall is counted in flight.
+        Under a grid deadline a slow throttle in progress may still become a fast sleep."""
+        mm = mem.get(r.id, RigMemory())
+        if not _going_down(r, mm, now):
+            return True
+        return urgent and mm.mode is Mode.THROTTLE and r.can_sleep
+
+    base = [r for r in inp.rigs if _consuming(r) and free(r) and may_shed(r)]
     first = order([r for r in base if settled(r) and dwell_ok(r)])
     # Collected first, sent last: a throttle may still become an outlet switch-off below.
     planned: dict[str, tuple[RigInput, ActionKind, str, float | None, float]] = {}
@@ -393,7 +398,6 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
 
     # Sleep the worst rigs until throttling the rest can cover what remains. Under a grid
     # deadline, sleep only: a power target takes minutes to show, a sleep seconds.
-    urgent = inp.urgent
     sleepers = [r for r in first if r.can_sleep and sleep_save(r) > 0]
     throttle_total = 0.0 if urgent else sum(throttle_room(r) for r in first)
     for r in sleepers:

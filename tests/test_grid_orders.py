@@ -450,3 +450,33 @@ def test_heartbeats_must_be_signed_where_orders_must_be(tmp_path: Path) -> None:
     assert not svc.handle_heartbeat(op.sign({"iat": NOW - 1}))  # older than the last: replay
     assert not svc.handle_heartbeat(op.sign({"iat": NOW - 500}))  # stale
     assert svc.book.failsafe.heartbeats == 1
+
+
+def test_urgent_shedding_may_sleep_a_rig_still_settling_a_throttle() -> None:
+    from controller.caps import GRID, Cap, Limit
+    from controller.config import ControlConfig
+    from controller.planner import ActionKind, Mode, PlanInput, RigInput, RigMemory, plan
+    from drivers.telemetry import RigState
+
+    control = ControlConfig(max_import_kw=100.0, min_on_s=0)
+    rig = RigInput(
+        "r1",
+        RigState.MINING,
+        3000.0,
+        3000.0,
+        3000.0,
+        30.0,
+        can_power_target=True,
+        min_w=2000.0,
+        max_w=3000.0,
+    )
+    # throttled to 2.5 kW 10 s ago; the firmware takes 60 s to show it
+    memory = {"r1": RigMemory(Mode.THROTTLE, NOW - 10, NOW + 50, 2500.0, 2500.0)}
+    cap = Cap(1.0, GRID, "order", (Limit(GRID, 1.0),))
+
+    def run(urgent: bool) -> list[ActionKind]:
+        inp = PlanInput(NOW, cap, control, (rig,), 3.0, 1.0, memory, urgent=urgent)
+        return [a.kind for a in plan(inp).actions]
+
+    assert run(False) == []  # not told again while its throttle shows
+    assert run(True) == [ActionKind.SLEEP]
