@@ -58,6 +58,7 @@ from drivers.errors import (
     DeviceUnreachable,
     MalformedReply,
     UnsupportedOperation,
+    snippet,
 )
 from drivers.miner import CGMinerDriver, MinerCapabilities
 from drivers.telemetry import RigIdentity, RigState, RigTelemetry
@@ -102,13 +103,7 @@ _POST_HEADERS: Final = {
     "Content-Type": "text/plain;charset=UTF-8",
     "X-Requested-With": "XMLHttpRequest",
 }
-_SNIPPET: Final = 80
 _REALM_RE: Final = re.compile(r'realm\s*=\s*"([^"]*)"', re.IGNORECASE)
-
-
-def _snippet(data: bytes | str) -> str:
-    text = data if isinstance(data, str) else data[: _SNIPPET * 4].decode("utf-8", "replace")
-    return repr(text[:_SNIPPET]) + ("..." if len(text) > _SNIPPET else "")
 
 
 def mode_name(mode: int | None) -> str:
@@ -239,7 +234,7 @@ def check_set_reply(reply: Mapping[str, Any], *, device: str = "", operation: st
     stats = reply.get("stats")
     if not isinstance(stats, str):
         raise MalformedReply(
-            f"set_miner_conf.cgi reply has no stats: {_snippet(json.dumps(reply))}",
+            f"set_miner_conf.cgi reply has no stats: {snippet(json.dumps(reply))}",
             device=device,
             operation=operation,
         )
@@ -385,13 +380,13 @@ class AntminerWebControl:
         if status == 404:
             raise UnsupportedOperation(f"this firmware's web UI has no {cgi}", **where)
         if status != 200:
-            raise CommandRejected(f"{cgi} answered HTTP {status}: {_snippet(raw)}", **where)
+            raise CommandRejected(f"{cgi} answered HTTP {status}: {snippet(raw)}", **where)
         if len(raw) > MAX_BODY_BYTES:
             raise MalformedReply(f"{cgi} reply exceeds {MAX_BODY_BYTES} bytes", **where)
         try:
             obj = json.loads(raw.decode("utf-8"), strict=False)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise MalformedReply(f"{cgi} reply is not JSON: {_snippet(raw)}", **where) from exc
+            raise MalformedReply(f"{cgi} reply is not JSON: {snippet(raw)}", **where) from exc
         if not isinstance(obj, dict):
             raise MalformedReply(
                 f"{cgi} reply is JSON {type(obj).__name__}, not an object", **where

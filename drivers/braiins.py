@@ -56,6 +56,7 @@ from drivers.errors import (
     DeviceUnreachable,
     MalformedReply,
     UnsupportedOperation,
+    snippet,
 )
 from drivers.miner import MinerCapabilities
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
@@ -98,11 +99,6 @@ class BraiinsRejected(CommandRejected):
         super().__init__(message, device=device, operation=operation)
         self.status = status
         self.body = body
-
-
-def _snippet(text: str) -> str:
-    text = text.strip()
-    return repr(text[:_SNIPPET]) + ("..." if len(text) > _SNIPPET else "")
 
 
 # -- REST transport -----------------------------------------------------------------------
@@ -239,7 +235,7 @@ class BraiinsRestClient:
         token = reply.get("token") if isinstance(reply, dict) else None
         if not isinstance(token, str) or not token.strip():
             raise MalformedReply(
-                f"login reply has no token: {_snippet(data.decode('utf-8', 'replace'))}",
+                f"login reply has no token: {snippet(data.decode('utf-8', 'replace'), _SNIPPET)}",
                 device=self.device,
                 operation=operation,
             )
@@ -318,7 +314,7 @@ class BraiinsRestClient:
         if not 200 <= status < 300:
             kind = "firmware error" if status >= 500 else "refused"
             raise BraiinsRejected(
-                f"{method} {path} {kind} (HTTP {status}: {_snippet(text)})",
+                f"{method} {path} {kind} (HTTP {status}: {snippet(text, _SNIPPET)})",
                 status=status,
                 body=text,
                 **where,
@@ -329,7 +325,7 @@ class BraiinsRestClient:
             return json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise MalformedReply(
-                f"{method} {path} answered non-JSON: {_snippet(text)}", **where
+                f"{method} {path} answered non-JSON: {snippet(text, _SNIPPET)}", **where
             ) from exc
 
 
@@ -444,7 +440,7 @@ def parse_watt(reply: Any, *, device: str = "", operation: str = "") -> float:
     value = None if isinstance(watt, bool) else to_float(watt)
     if value is None or value < 0 or isinstance(watt, str):
         raise MalformedReply(
-            f"expected {{'watt': N}}, got {_snippet(json.dumps(reply))}",
+            f"expected {{'watt': N}}, got {snippet(json.dumps(reply), _SNIPPET)}",
             device=device,
             operation=operation,
         )
@@ -680,7 +676,8 @@ class BraiinsDriver:
         reply = await self.rest.put(path, operation=operation)
         if not isinstance(reply, bool):
             raise MalformedReply(
-                f"expected a JSON boolean from PUT {path}, got {_snippet(json.dumps(reply))}",
+                f"expected a JSON boolean from PUT {path}, "
+                f"got {snippet(json.dumps(reply), _SNIPPET)}",
                 device=self.device,
                 operation=operation,
             )

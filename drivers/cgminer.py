@@ -29,6 +29,7 @@ from drivers.errors import (
     DeviceTimeout,
     DeviceUnreachable,
     MalformedReply,
+    snippet,
 )
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
 
@@ -43,7 +44,6 @@ MAX_FANS: Final = 32
 _SUCCESS_LETTERS: Final = frozenset({"S", "I", "W"})
 _ERROR_LETTERS: Final = frozenset({"E", "F"})
 _SPECIAL_STATUS: Final = frozenset({"BYE", "RESTART"})
-_SNIPPET: Final = 80
 
 
 class CGMinerRejected(CommandRejected):
@@ -63,11 +63,6 @@ class CGMinerRejected(CommandRejected):
         self.reply_msg = reply_msg
 
 
-def _snippet(data: bytes | str) -> str:
-    text = data if isinstance(data, str) else data[:_SNIPPET].decode("utf-8", "replace")
-    return repr(text[:_SNIPPET]) + ("..." if len(data) > _SNIPPET else "")
-
-
 def decode_reply(raw: bytes, *, device: str = "", operation: str = "") -> Json:
     """Bytes off the wire -> the reply object, tolerating the NUL and missing-comma quirks."""
     data = raw.split(b"\x00", 1)[0]
@@ -75,7 +70,7 @@ def decode_reply(raw: bytes, *, device: str = "", operation: str = "") -> Json:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         raise MalformedReply(
-            f"reply is not UTF-8 text: {_snippet(data)}", device=device, operation=operation
+            f"reply is not UTF-8 text: {snippet(data)}", device=device, operation=operation
         ) from exc
     if not text:
         raise MalformedReply("empty reply", device=device, operation=operation)
@@ -85,13 +80,13 @@ def decode_reply(raw: bytes, *, device: str = "", operation: str = "") -> Json:
         # Some bmminer builds join objects without a comma ("}{"); pyasic repairs it the same way.
         if "}{" not in text:
             raise MalformedReply(
-                f"reply is not JSON ({exc}): {_snippet(text)}", device=device, operation=operation
+                f"reply is not JSON ({exc}): {snippet(text)}", device=device, operation=operation
             ) from exc
         try:
             obj = json.loads(text.replace("}{", "},{"), strict=False)
         except (ValueError, RecursionError) as exc2:
             raise MalformedReply(
-                f"reply is not JSON ({exc2}): {_snippet(text)}",
+                f"reply is not JSON ({exc2}): {snippet(text)}",
                 device=device,
                 operation=operation,
             ) from exc2
@@ -213,7 +208,7 @@ class CGMinerClient:
         if "STATUS" in reply:
             # A firmware without join support answers the whole thing as one (bad) command.
             raise MalformedReply(
-                f"joined request answered as a single reply: {_snippet(json.dumps(reply))}",
+                f"joined request answered as a single reply: {snippet(json.dumps(reply))}",
                 device=self.device,
                 operation=op,
             )

@@ -57,3 +57,9 @@ class UnsupportedOperation(DeviceError):
     """The device or its firmware cannot do what was asked (no sleep, no power target)."""
 
     kind = "unsupported"
+
+
+def snippet(data: bytes | str, limit: int = 80) -> str:
+    """The start of a bad reply for an error message: enough to recognise it, never a dump."""
+    text = data[:limit].decode("utf-8", "replace") if isinstance(data, bytes) else data.strip()
+    return repr(text[:limit]) + ("..." if len(data) > limit else "")

@@ -53,6 +53,7 @@ from drivers.cgminer import (
     MAX_REPLY_BYTES,
     READ_CHUNK,
     CGMinerClient,
+    CGMinerRejected,
     check_status,
     decode_reply,
     first,
@@ -68,6 +69,7 @@ from drivers.errors import (
     DeviceUnreachable,
     MalformedReply,
     UnsupportedOperation,
+    snippet,
 )
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
 from drivers.whatsminer_crypto import (
@@ -118,21 +120,8 @@ _SUCCESS: Final = frozenset({"S", "I", "W"})
 _SNIPPET: Final = 80
 
 
-class WhatsminerRejected(CommandRejected):
+class WhatsminerRejected(CGMinerRejected):
     """An error status from btminer; keeps its code so callers can react to specific ones."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        device: str = "",
-        operation: str = "",
-        code: int | None = None,
-        reply_msg: str = "",
-    ) -> None:
-        super().__init__(message, device=device, operation=operation)
-        self.code = code
-        self.reply_msg = reply_msg
 
 
 # -- small parsing helpers ----------------------------------------------------------------
@@ -456,12 +445,6 @@ def parse_v3_telemetry(
 # -- transports -----------------------------------------------------------------------------
 
 
-def _snippet(data: bytes) -> str:
-    return repr(data[:_SNIPPET].decode("utf-8", "replace")) + (
-        "..." if len(data) > _SNIPPET else ""
-    )
-
-
 async def _with_retries(
     attempt: Callable[[], Awaitable[T]],
     *,
@@ -605,7 +588,7 @@ class BTMinerV2Client:
         fields = [msg.get(k) for k in ("time", "salt", "newsalt")]
         if not all(isinstance(f, str | int) and str(f) for f in fields):
             raise MalformedReply(
-                f"get_token reply lacks time/salt/newsalt: {_snippet(json.dumps(reply).encode())}",
+                f"get_token reply lacks time/salt/newsalt: {snippet(json.dumps(reply).encode())}",
                 device=self.device,
                 operation="get_token",
             )
@@ -739,7 +722,7 @@ class BTMinerV3Client:
             if got == 0 and not exc.partial:
                 raise DeviceUnreachable("connection closed without a reply", **where) from exc
             raise MalformedReply(
-                f"reply truncated after {got + len(exc.partial)} bytes: {_snippet(exc.partial)}",
+                f"reply truncated after {got + len(exc.partial)} bytes: {snippet(exc.partial)}",
                 **where,
             ) from exc
         except TimeoutError as exc:
@@ -759,7 +742,7 @@ class BTMinerV3Client:
         try:
             reply = json.loads(payload.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise MalformedReply(f"reply is not JSON: {_snippet(payload)}", **where) from exc
+            raise MalformedReply(f"reply is not JSON: {snippet(payload)}", **where) from exc
         if not isinstance(reply, dict):
             raise MalformedReply("reply is not a JSON object", **where)
         when = reply.get("when")
@@ -771,7 +754,7 @@ class BTMinerV3Client:
         code = reply.get("code")
         if not isinstance(code, int) or isinstance(code, bool):
             raise MalformedReply(
-                f"reply has no integer code: {_snippet(json.dumps(reply).encode())}",
+                f"reply has no integer code: {snippet(json.dumps(reply).encode())}",
                 device=self.device,
                 operation=operation,
             )

@@ -320,7 +320,6 @@ class OrderBook:
                 # A new target is a new obligation: its own deadline from now.
                 order.compliant = None
                 order.first_compliant_at = None
-                order.start = min(order.start, now)
                 order.respond_within_s = (now - order.start) + (
                     msg.respond_within_s or self.grid.respond_within_s
                 )

@@ -295,8 +295,7 @@ class GridService:
             ids = [0] * len(outbox)
         if self.link is not None:
             for row_id, (topic, payload, corr) in zip(ids, outbox, strict=True):
-                done = partial(self._sent, row_id) if row_id else None
-                self.link.send(topic, payload, correlation=corr, done=done)
+                self._send(topic, payload, corr, row_id)
         if outcome.changed:
             self.kick.set()
         return ack
@@ -330,18 +329,13 @@ class GridService:
         """Count, log and (unless the caller audits it with the order) audit a refusal."""
         self.rejected += 1
         if audit:
-            try:
-                self.store.audit(
-                    ts=self.now(),
-                    actor="grid:unverified",
-                    action=f"grid_{ack.get('kind') or 'message'}",
-                    rig_id=None,
-                    params={k: ack[k] for k in ("jti", "order_id") if ack.get(k)},
-                    reason=ack["detail"][:300],
-                    result=f"rejected:{ack['reason']}",
-                )
-            except StoreError as e:
-                log.error("audit_write_failed", error=str(e))
+            self._audit_entry(
+                actor="grid:unverified",
+                action=f"grid_{ack.get('kind') or 'message'}",
+                params={k: ack[k] for k in ("jti", "order_id") if ack.get(k)},
+                reason=ack["detail"][:300],
+                result=f"rejected:{ack['reason']}",
+            )
         log.warning(
             "grid_order_rejected",
             reason=ack["reason"],
@@ -354,20 +348,13 @@ class GridService:
 
     def _audit(self, v: Verified, ack: dict[str, Any]) -> None:
         msg = v.message
-        try:
-            self.store.audit(
-                ts=self.now(),
-                actor=f"grid:{msg.iss or v.kid or ('unsigned' if not v.signed else 'operator')}",
-                action=f"grid_{msg.kind}",
-                rig_id=None,
-                params={
-                    k: ack[k] for k in ("jti", "order_id", "modification", "cap_kw") if ack.get(k)
-                },
-                reason=ack["detail"] or ack["status"],
-                result=ack["status"] if ack["reason"] is None else f"rejected:{ack['reason']}",
-            )
-        except StoreError as e:
-            log.error("audit_write_failed", error=str(e))
+        self._audit_entry(
+            actor=f"grid:{msg.iss or v.kid or ('unsigned' if not v.signed else 'operator')}",
+            action=f"grid_{msg.kind}",
+            params={k: ack[k] for k in ("jti", "order_id", "modification", "cap_kw") if ack.get(k)},
+            reason=ack["detail"] or ack["status"],
+            result=ack["status"] if ack["reason"] is None else f"rejected:{ack['reason']}",
+        )
 
     def _publish(
         self, topic: str, doc: dict[str, Any], correlation: bytes | None, *, persist: bool
@@ -381,8 +368,13 @@ class GridService:
                 row_id = self.store.outbox_add(topic, payload, correlation)
             except StoreError as e:
                 log.error("grid_state_write_failed", error=str(e))
-        done = partial(self._sent, row_id) if row_id else None
-        self.link.send(topic, payload, correlation=correlation, done=done)
+        self._send(topic, payload, correlation, row_id)
+
+    def _send(self, topic: str, payload: bytes, correlation: bytes | None, row_id: int) -> None:
+        """Hand a message to the link; once sent, its outbox row (if any) is done."""
+        if self.link is not None:
+            done = partial(self._sent, row_id) if row_id else None
+            self.link.send(topic, payload, correlation=correlation, done=done)
 
     def _sent(self, row_id: int) -> None:
         try:
@@ -437,15 +429,27 @@ class GridService:
         self._save()
 
     def _audit_note(self, action: str, detail: str, order_id: str | None = None) -> None:
+        self._audit_entry(
+            actor="rigd",
+            action=action,
+            params={"order_id": order_id} if order_id else {},
+            reason=detail,
+            result="ok",
+        )
+
+    def _audit_entry(
+        self, *, actor: str, action: str, params: dict[str, Any], reason: str, result: str
+    ) -> None:
+        """An audit line; a failing disk is logged, never allowed to stop an order."""
         try:
             self.store.audit(
                 ts=self.now(),
-                actor="rigd",
+                actor=actor,
                 action=action,
                 rig_id=None,
-                params={"order_id": order_id} if order_id else {},
-                reason=detail,
-                result="ok",
+                params=params,
+                reason=reason,
+                result=result,
             )
         except StoreError as e:
             log.error("audit_write_failed", error=str(e))

@@ -9,6 +9,7 @@ answer. Signing is PyJWT's (compact JWS; any standard JOSE library produces the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import time
@@ -26,6 +27,7 @@ from paho.mqtt.properties import Properties
 
 from controller.config import MqttConfig
 from controller.grid.orders import GridMessage
+from controller.grid.verify import peek_jws_payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +118,6 @@ async def send(
 
     With MQTT 5 the ack comes on a response topic of our own, matched by correlation
     data; with 3.1.1 on rigd/<site>/grid/acks, matched by the message's jti."""
-    import json
-
     v5 = mqtt.protocol == "5"
     orders = f"rigd/{site}/grid/orders"
     corr = secrets.token_bytes(12)
@@ -173,14 +173,11 @@ def _tls(mqtt: MqttConfig) -> Any:
 
 
 def _jti_of(payload: bytes) -> str | None:
-    import json
-
-    from jwt.utils import base64url_decode
-
-    try:
-        text = payload.strip()
-        data = json.loads(text if text.startswith(b"{") else base64url_decode(text.split(b".")[1]))
-        jti = data.get("jti")
+    text = payload.strip()
+    if text.startswith(b"{"):
+        try:
+            jti = json.loads(text).get("jti")
+        except (ValueError, AttributeError):
+            return None
         return jti if isinstance(jti, str) else None
-    except Exception:
-        return None
+    return peek_jws_payload(text.decode("ascii", "replace")).get("jti")

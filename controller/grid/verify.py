@@ -136,7 +136,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _peek_jws_payload(token: str) -> dict[str, Any]:
+def peek_jws_payload(token: str) -> dict[str, Any]:
     """The unverified payload, only to name the message in a rejection."""
     try:
         data = json.loads(base64url_decode(token.split(".")[1]))
@@ -201,7 +201,7 @@ class Verifier:
             header = jwt.get_unverified_header(token)
         except (UnicodeDecodeError, jwt.DecodeError) as e:
             raise Rejected("malformed", f"not a compact JWS: {e}") from e
-        hint = _peek_jws_payload(token)
+        hint = peek_jws_payload(token)
         alg = header.get("alg")
         if alg not in ALGORITHMS:
             raise Rejected(
