@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -191,16 +191,58 @@ MAX_RANGE = 65_536
 class MinerConfig(_Strict):
     """One miner (`id` + `host`) or a range of them (`range`, ids made by `id_format`)."""
 
+    WHATSMINER_V3_PORT: ClassVar[int] = 4433
+    # Driver-specific settings, by the drivers that use them.
+    DRIVER_SETTINGS: ClassVar[dict[str, frozenset[str]]] = {
+        "antminer": frozenset({"web_port", "low_power_w"}),
+        "braiins": frozenset({"web_port"}),
+        "whatsminer": frozenset({"power_min_w", "power_max_w"}),
+        "whatsminer-v3": frozenset({"power_min_w", "power_max_w"}),
+    }
+
     id: Ident | None = None
     host: str | None = None
     range: str | None = None
     id_format: str = "{prefix}-{c}-{d}"  # fields: prefix, a, b, c, d (octets), n (1-based)
     id_prefix: str = "rig"
-    port: Port = 4028
-    driver: Literal["luxos", "cgminer"] = "luxos"
+    port: Port = 4028  # whatsminer-v3: 4433 unless given (see `_v3_port`)
+    driver: Literal["luxos", "cgminer", "antminer", "whatsminer", "whatsminer-v3", "braiins"] = (
+        "luxos"
+    )
     username: str = ""
     password: SecretStr | None = None
     group: str | None = None
+    web_port: Port = 80  # antminer: the web UI; braiins: the REST API
+    power_min_w: float | None = Field(None, gt=0)  # whatsminer: lowest power limit to set
+    power_max_w: float | None = Field(None, gt=0)  # whatsminer: highest power limit to set
+    low_power_w: float | None = Field(None, gt=0)  # antminer: measured draw in low-power mode
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v3_port(cls, data: Any) -> Any:
+        """API v3 Whatsminers listen on 4433, so a row that names only the driver works."""
+        if (
+            isinstance(data, Mapping)
+            and data.get("driver") == "whatsminer-v3"
+            and "port" not in data
+        ):
+            return {**data, "port": cls.WHATSMINER_V3_PORT}
+        return data
+
+    @model_validator(mode="after")
+    def _settings_fit_driver(self) -> MinerConfig:
+        """A setting the driver ignores is most likely a mistake: say so, as for unknown keys."""
+        for key in sorted(set().union(*self.DRIVER_SETTINGS.values()) & self.model_fields_set):
+            if key not in self.DRIVER_SETTINGS.get(self.driver, frozenset()):
+                kinds = sorted(d for d, keys in self.DRIVER_SETTINGS.items() if key in keys)
+                raise ValueError(
+                    f"`{key}` does not apply to driver {self.driver!r}; "
+                    f"it is a setting of driver {' and '.join(kinds)}"
+                )
+        lo, hi = self.power_min_w, self.power_max_w
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"power_min_w ({lo:g}) must be below power_max_w ({hi:g})")
+        return self
 
     @model_validator(mode="after")
     def _one_or_range(self) -> MinerConfig:

@@ -63,6 +63,10 @@ def build_devices(cfg: Config) -> Devices:
             password=_secret(m.password),
             timeout=timeout,
             retries=retries,
+            web_port=m.web_port,
+            power_min_w=m.power_min_w,
+            power_max_w=m.power_max_w,
+            low_power_w=m.low_power_w,
         )
     for mc in cfg.meters:
         devs.meters[mc.id] = ModbusMeter(

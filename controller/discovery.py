@@ -1,40 +1,54 @@
 """Finding miners on a network: probe addresses concurrently, identify what answers.
 
-A probe is one CGMiner-API `version` request on the miner port with a short
-timeout, so a farm subnet of a thousand addresses, most of them empty, is scanned
-in seconds: refused connections fail at once and silent addresses cost one
+Each firmware is recognised by its own probe (btminer's `devdetails` Driver "bitmicro" or
+its v3 API on 4433, BOS markers in `version`, the stock web UI's digest realm on port 80,
+LuxOS/cgminer in `version`), and one rig may answer several of them, since they all speak
+cgminer on 4028. So every probe of a host runs at once and the most specific answer wins:
+the driver is then right for the firmware, not merely for the protocol it imitates.
+
+Probes are short, so a farm subnet of a thousand addresses, most of them empty, is
+scanned in seconds: refused connections fail at once and silent addresses cost one
 timeout, all in parallel up to a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
-from collections.abc import Callable, Iterable
+import resource
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.config import expand_range, parse_config
+import drivers.antminer_web as antminer_web
+import drivers.braiins as braiins
+import drivers.whatsminer as whatsminer
+from controller.config import MinerConfig, expand_range, parse_config
 from drivers.cgminer import CGMinerClient, parse_identity
 from drivers.errors import DeviceError
+from drivers.telemetry import RigIdentity
 
 MAX_ADDRESSES = 65_536
+# Connections one host's probes may hold at once (4028 x4, 4433, port 80 x2), to keep a
+# wide scan inside the process's file-descriptor limit.
+SOCKETS_PER_HOST = 7
 
 
 @dataclass(frozen=True, slots=True)
 class Found:
     host: str
-    port: int
+    port: int  # the API port the driver talks to (4433 for an API v3 Whatsminer)
     make: str
     model: str
     firmware: str
     firmware_version: str
+    driver: str = ""  # the rigd driver kind; empty: guessed from the firmware
 
-    @property
-    def driver(self) -> str:
-        """The rigd driver for this firmware."""
-        return "luxos" if self.firmware == "LuxOS" else "cgminer"
+    def __post_init__(self) -> None:
+        if not self.driver:
+            object.__setattr__(self, "driver", "luxos" if self.firmware == "LuxOS" else "cgminer")
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -63,7 +77,7 @@ def addresses(specs: Iterable[str]) -> list[str]:
 
 
 async def probe(host: str, port: int, wait_s: float) -> Found | None:
-    """What answers at host:port, or None (nothing, or not a miner)."""
+    """What answers the CGMiner-API `version` at host:port, or None (nothing, or not a miner)."""
     client = CGMinerClient(host, port, timeout=wait_s, retries=0, device=host)
     try:
         reply = await client.command("version")
@@ -75,6 +89,83 @@ async def probe(host: str, port: int, wait_s: float) -> Found | None:
     return Found(host, port, ident.make, ident.model, ident.firmware, ident.firmware_version)
 
 
+def _found(host: str, port: int, ident: RigIdentity, driver: str) -> Found:
+    return Found(
+        host, port, ident.make, ident.model, ident.firmware, ident.firmware_version, driver
+    )
+
+
+async def _listening(host: str, port: int, wait_s: float) -> bool:
+    """Whether anything accepts a TCP connection at host:port within `wait_s`."""
+    try:
+        async with asyncio.timeout(wait_s):
+            _reader, writer = await asyncio.open_connection(host, port)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def identify(host: str, port: int, wait_s: float) -> Found | None:
+    """The host's firmware and the driver kind for it, or None, within about 4 x `wait_s`.
+
+    A host that accepts neither the API port nor 4433 is empty and costs two connects, so
+    a wide scan does not flood its own event loop. On one that does, every probe runs at
+    once; a probe that errs or overruns counts as "not this firmware", so one slow surface
+    (the stock web UI is slow) cannot hide what the others found.
+    Precedence goes from the most specific probe to the least: Whatsminer and Braiins
+    answer cgminer's `version` too, and a stock Antminer is "cgminer" without its web UI.
+    """
+    # Most addresses of a farm subnet are empty: two connects tell, before seven probes.
+    api, v3 = await asyncio.gather(
+        _listening(host, port, wait_s), _listening(host, MinerConfig.WHATSMINER_V3_PORT, wait_s)
+    )
+    if not (api or v3):
+        return None
+    budget = wait_s * 3 + 0.5
+
+    async def bounded(aw: Awaitable[RigIdentity | Found | None]) -> RigIdentity | Found | None:
+        try:
+            async with asyncio.timeout(budget):
+                return await aw
+        except (TimeoutError, DeviceError, OSError):
+            return None
+
+    wm, bos, stock, cg = await asyncio.gather(
+        bounded(whatsminer.identify(host, timeout=wait_s, v2_port=port)),
+        bounded(braiins.identify(host, timeout=wait_s, port=port)),
+        bounded(antminer_web.identify(host, timeout=wait_s, rpc_port=port)),
+        bounded(probe(host, port, wait_s)),
+    )
+    if isinstance(wm, RigIdentity):
+        kind = whatsminer.driver_kind_for(wm)
+        api_port = MinerConfig.WHATSMINER_V3_PORT if kind == "whatsminer-v3" else port
+        return _found(host, api_port, wm, kind)
+    if isinstance(bos, RigIdentity):
+        return _found(host, port, bos, "braiins")
+    if isinstance(stock, RigIdentity):
+        return _found(host, port, stock, "antminer")
+    return cg if isinstance(cg, Found) else None
+
+
+def _fd_bound(concurrency: int) -> int:
+    """Hosts probed at once, lowered if the open-files limit could not hold their sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = concurrency * SOCKETS_PER_HOST + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return concurrency
+    return max(1, min(concurrency, (soft - 64) // SOCKETS_PER_HOST))
+
+
 async def scan(
     hosts: list[str],
     *,
@@ -83,12 +174,12 @@ async def scan(
     wait_s: float = 1.0,
     progress: Callable[[], None] | None = None,
 ) -> list[Found]:
-    sem = asyncio.Semaphore(concurrency)
+    sem = asyncio.Semaphore(_fd_bound(concurrency))
 
     async def one(h: str) -> Found | None:
         async with sem:
             try:
-                return await probe(h, port, wait_s)
+                return await identify(h, port, wait_s)
             finally:
                 if progress is not None:
                     progress()
@@ -107,10 +198,14 @@ def add_to_config(path: Path, found: list[Found], *, id_prefix: str = "rig") -> 
     text = path.read_text(encoding="utf-8")
     cfg = parse_config(text, source=str(path))
     known = {(r.host, r.miner.port) for r in cfg.rigs()}
+    # A Whatsminer listens on 4028 and 4433; whichever port it is configured on, it is known.
+    whatsminers = {r.host for r in cfg.rigs() if r.miner.driver.startswith("whatsminer")}
     ids = {r.id for r in cfg.rigs()}
     blocks, added = [], []
     for f in found:
-        if (f.host, f.port) in known:
+        if (f.host, f.port) in known or (
+            f.driver.startswith("whatsminer") and f.host in whatsminers
+        ):
             continue
         _a, _b, c, d = ipaddress.IPv4Address(f.host).packed
         rid = f"{id_prefix}-{c}-{d}"

@@ -358,7 +358,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=args.json) as bar:
         task = bar.add_task(
-            f"probing {len(hosts)} address(es) on port {args.port}", total=len(hosts)
+            f"probing {len(hosts)} address(es) (ports {args.port}, 4433, 80)", total=len(hosts)
         )
         t0 = time.monotonic()
         found = asyncio.run(
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--duration", type=parse_duration, help=argparse.SUPPRESS)
     sp = sub.add_parser("scan", help="find miners on the network and identify them")
     sp.add_argument("cidrs", nargs="+", metavar="CIDR", help="e.g. 10.0.2.0/24 or 10.0.2.10-60")
-    sp.add_argument("--port", type=int, default=4028, help="miner API port (default 4028)")
+    sp.add_argument("--port", type=int, default=4028, help="cgminer-API port (default 4028)")
     sp.add_argument("--timeout", type=float, default=1.0, help="per address, seconds (default 1)")
     sp.add_argument("--concurrency", type=int, default=256, help="addresses probed at once")
     sp.add_argument("--add", action="store_true", help="add new miners to the config file")

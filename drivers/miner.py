@@ -169,26 +169,81 @@ _KINDS: dict[str, Callable[[str, CGMinerClient], MinerDriver]] = {
     "luxos": LuxOSDriver,
     "cgminer": CGMinerDriver,
 }
+# Kinds whose drivers live in their own modules, which import this one: built lazily.
+WHATSMINER_KINDS = ("whatsminer", "whatsminer-v3")
+MINER_KINDS = (*_KINDS, "antminer", *WHATSMINER_KINDS, "braiins")
 
 
 def make_miner_driver(
     kind: str,
     device: str,
     host: str,
-    port: int = DEFAULT_PORT,
+    port: int | None = None,
     *,
     username: str = "",
     password: str = "",
     timeout: float = 3.0,
     retries: int = 1,
+    web_port: int | None = None,
+    power_min_w: float | None = None,
+    power_max_w: float | None = None,
+    low_power_w: float | None = None,
 ) -> MinerDriver:
-    """A driver for one rig. `kind` is "luxos" (full control) or "cgminer" (reads only).
+    """A driver for one rig, whatever its firmware; every kind is configured the same way.
 
-    `username`/`password` are accepted so every kind is configured the same way; neither
-    4028 dialect has credentials (LuxOS sessions are coordination, not authentication).
+    "luxos" (full control over 4028) and "cgminer" (reads only) need no credentials (LuxOS
+    sessions are coordination, not authentication). "antminer" is stock firmware controlled
+    through its web UI on `web_port`; "braiins" reads 4028 and controls over REST on
+    `web_port`; "whatsminer"/"whatsminer-v3" are btminer's API v2 (4028) and v3 (4433).
+    `port` None means the kind's usual API port, so a v3 Whatsminer need not say 4433.
+    Settings a kind has no use for are ignored, so one config row shape fits all kinds.
     """
-    builder = _KINDS.get(kind.strip().lower())
+    k = kind.strip().lower()
+    if k in WHATSMINER_KINDS:
+        import drivers.whatsminer as whatsminer  # imports this module: not at the top
+
+        return whatsminer.make_whatsminer_driver(
+            k,
+            device,
+            host,
+            port,
+            username=username,
+            password=password,
+            timeout=timeout,
+            retries=retries,
+            power_min_w=power_min_w,
+            power_max_w=power_max_w,
+        )
+    api_port = DEFAULT_PORT if port is None else port
+    if k == "antminer":
+        import drivers.antminer_web as antminer_web  # imports this module: not at the top
+
+        return antminer_web.make_antminer_driver(
+            device,
+            host,
+            api_port,
+            username=username,
+            password=password,
+            timeout=timeout,
+            retries=retries,
+            web_port=antminer_web.WEB_PORT if web_port is None else web_port,
+            low_power_w=low_power_w,
+        )
+    if k == "braiins":
+        import drivers.braiins as braiins  # imports this module: not at the top
+
+        return braiins.make_braiins_driver(
+            device,
+            host,
+            api_port,
+            username=username,
+            password=password,
+            timeout=timeout,
+            retries=retries,
+            rest_port=braiins.DEFAULT_REST_PORT if web_port is None else web_port,
+        )
+    builder = _KINDS.get(k)
     if builder is None:
-        raise ValueError(f"unknown miner kind {kind!r}; known kinds: {', '.join(_KINDS)}")
-    client = CGMinerClient(host, port, timeout=timeout, retries=retries, device=device)
+        raise ValueError(f"unknown miner kind {kind!r}; known kinds: {', '.join(MINER_KINDS)}")
+    client = CGMinerClient(host, api_port, timeout=timeout, retries=retries, device=device)
     return builder(device, client)

@@ -256,3 +256,77 @@ def test_schedule_errors_are_located() -> None:
     got = {p: line for p, line, _ in errors(text)}
     assert got["control.schedules[0].start"] == 18
     assert got["control.schedules[0].end"] == 16  # missing: located at its table
+
+
+def test_miner_driver_settings() -> None:
+    text = (
+        MINIMAL
+        + """driver = "antminer"
+low_power_w = 2300
+web_port = 8080
+
+[[miners]]
+id = "wm3"
+host = "127.0.0.2"
+driver = "whatsminer-v3"
+power_min_w = 1800
+power_max_w = 3400
+
+[[miners]]
+id = "wm3b"
+host = "127.0.0.3"
+driver = "whatsminer-v3"
+port = 14433
+
+[[miners]]
+id = "bos"
+host = "127.0.0.4"
+driver = "braiins"
+"""
+    )
+    rigs = {r.id: r.miner for r in parse_config(text, source="t.toml", environ={}).rigs()}
+    assert (rigs["r1"].driver, rigs["r1"].port, rigs["r1"].web_port) == ("antminer", 4028, 8080)
+    assert rigs["r1"].low_power_w == 2300
+    assert rigs["wm3"].port == 4433  # API v3's own port when none is given
+    assert (rigs["wm3"].power_min_w, rigs["wm3"].power_max_w) == (1800, 3400)
+    assert rigs["wm3b"].port == 14433
+    assert (rigs["bos"].port, rigs["bos"].web_port) == (4028, 80)
+
+
+def test_miner_driver_setting_errors_name_the_driver() -> None:
+    text = (
+        MINIMAL
+        + """driver = "luxos"
+low_power_w = 2300
+
+[[miners]]
+id = "wm"
+host = "127.0.0.2"
+driver = "whatsminer"
+power_min_w = 3000
+power_max_w = 2000
+
+[[miners]]
+id = "x"
+host = "127.0.0.3"
+driver = "avalon"
+"""
+    )
+    got = {p: (line, msg) for p, line, msg in errors(text)}
+    assert got["miners[0]"][0] == 5  # the table's line
+    assert "`low_power_w` does not apply to driver 'luxos'" in got["miners[0]"][1]
+    assert "driver antminer" in got["miners[0]"][1]
+    assert "power_min_w (3000) must be below power_max_w (2000)" in got["miners[1]"][1]
+    assert "whatsminer-v3" in got["miners[2].driver"][1]
+
+
+def test_summary_counts_every_driver() -> None:
+    from controller.config import summarize
+
+    cfg = parse_config(
+        MINIMAL
+        + 'driver = "braiins"\n\n[[miners]]\nrange = "127.0.0.2-4"\ndriver = "whatsminer"\n',
+        source="t.toml",
+        environ={},
+    )
+    assert "4 miner(s) (1 braiins, 3 whatsminer)" in summarize(cfg)
