@@ -157,6 +157,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             subnet=args.subnet,
             meter_protocol=args.meter_protocol,
             seed=args.seed,
+            mix=args.mix,
         )
         await site.start()
         try:
@@ -184,7 +185,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 f"clock x{args.speed:g}",
                 flush=True,
             )
-            print(f"  first miner {first} at {host}:{port} (CGMiner API, LuxOS)", flush=True)
+            for dialect in site.mix:  # the first rig of each firmware, to try by hand
+                rid = next(r for r, d in site.dialects.items() if d == dialect)
+                host, port = site.address_of(rid)
+                print(f"  {dialect} miner {rid} at {host}:{port}", flush=True)
             for pid, agent in site.pdu_agents.items():
                 print(f"  PDU {pid} SNMP at {agent.host}:{agent.port} (public/private)", flush=True)
             if args.write_config:
@@ -241,11 +245,18 @@ def _count(v: str) -> int:
     return n
 
 
-def farm_args(sp: argparse.ArgumentParser) -> None:
+def farm_args(sp: argparse.ArgumentParser, *, mix: str = "luxos") -> None:
     """The simulated farm's shape, shared by `sim` and `demo`."""
     sp.add_argument("--rigs", type=_count, default=100, help="number of miners (default 100)")
     sp.add_argument("--pdus", type=_count, default=4, help="number of PDUs (default 4)")
     sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
+    sp.add_argument(
+        "--mix",
+        default=mix,
+        metavar="DIALECTS",
+        help="firmware of the rigs, taken in turn: comma-separated from luxos, antminer, "
+        f"whatsminer, whatsminer-v3, braiins (default {mix})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated farm, an MQTT broker inside the process (unless --broker) "
         "and the daemon, and show the farm live until Ctrl-C.",
     )
-    farm_args(sp)
+    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins")
     sp.add_argument("--broker", metavar="URL", help="use this broker instead of the built-in one")
     sp.add_argument("--duration", type=_positive, help="stop after this many (wall) seconds")
     sp.add_argument("--speed", type=_positive, default=10.0, help="farm clock speed (default 10)")

@@ -67,6 +67,7 @@ Json = dict[str, Any]
 
 DEFAULT_REST_PORT: Final = 80
 DEFAULT_USERNAME: Final = "root"
+DEFAULT_PASSWORD: Final = "root"  # the factory login (pyasic's default too)
 FIRMWARE: Final = "Braiins OS"
 LOGIN_PATH: Final = "/api/v1/auth/login"
 PAUSE_PATH: Final = "/api/v1/actions/pause"
@@ -740,15 +741,16 @@ def make_braiins_driver(
 ) -> BraiinsDriver:
     """A driver for one BOS rig, configured like `make_miner_driver`'s kinds.
 
-    `port` is the 4028 API's; `username` (default "root") and `password` are the BOS web
-    credentials, used only by the REST API on `rest_port`.
+    `port` is the 4028 API's; `username` and `password` are the BOS web credentials, used
+    only by the REST API on `rest_port`; empty means the factory root/root, as for every
+    kind, so a scanned rig left on its defaults is controlled without editing the config.
     """
     client = CGMinerClient(host, port, timeout=timeout, retries=retries, device=device)
     rest = BraiinsRestClient(
         host,
         rest_port,
         username=username or DEFAULT_USERNAME,
-        password=password,
+        password=password or DEFAULT_PASSWORD,
         timeout=timeout,
         retries=retries,
         device=device,

@@ -90,6 +90,7 @@ import socket
 import string
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -1305,7 +1306,10 @@ class MinerFleet:
         host: str = "127.0.0.1",
         subnet: str | None = None,
         port: int = 4028,
+        rig_ids: Iterable[str] | None = None,
     ) -> None:
+        """`rig_ids` serves only those rigs (the rest speak another dialect); addresses still
+        follow the farm's order, so the n-th rig of the farm is always the n-th address."""
         self.farm = farm
         outlets: dict[str, tuple[SimPdu, int]] = {}
         for pdu in farm.pdus.values():
@@ -1326,9 +1330,11 @@ class MinerFleet:
                     f"subnet {subnet} has {len(hosts)} host addresses for {len(farm.rigs)} rigs"
                 )
             addresses = [(str(h), port) for h in hosts]
+        wanted = set(farm.rigs if rig_ids is None else rig_ids)
         self.servers: dict[str, MinerServer] = {
             rid: MinerServer(farm, rid, host=h, port=p, outlet=outlets.get(rid))
             for rid, (h, p) in zip(farm.rigs, addresses, strict=True)
+            if rid in wanted
         }
 
     async def start(self) -> None:

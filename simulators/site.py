@@ -8,16 +8,47 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
+from simulators import antminer_web, braiins_rest
+from simulators.antminer_web import AntminerWebFleet
+from simulators.braiins_rest import BraiinsRestFleet
 from simulators.clock import ManualClock, ScaledClock
 from simulators.farm import Farm
 from simulators.meter_modbus import MeterServer
 from simulators.miner_server import MinerFleet
 from simulators.pdu_snmp import PduAgent
+from simulators.whatsminer_server import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
 
 MeterProtocol = Literal["sdm630", "sunspec"]
+
+# The firmware dialects a simulated farm can mix, named as the daemon's driver kinds, with
+# the `SimRig.firmware` each one serves.
+DIALECTS: Final = {
+    "luxos": "luxos",
+    "antminer": "bmminer",  # stock firmware: 4028 reads, web UI control
+    "whatsminer": "btminer",  # API v2 on 4028
+    "whatsminer-v3": "btminer",  # API v3 on 4433
+    "braiins": "bosminer",  # 4028 reads, REST control
+}
+# Every simulated firmware keeps its factory credentials, which the drivers default to, so
+# the config (like one `rigctl scan --add` writes) needs none.
+BRAIINS_USER, BRAIINS_PASSWORD = "root", "root"
+
+
+def parse_mix(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Dialects from "luxos,antminer,..." (rigs take them in turn), checked."""
+    names = [d.strip().lower() for d in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [d for d in names if d]
+    if not names:
+        raise ValueError("a firmware mix needs at least one dialect")
+    unknown = [d for d in names if d not in DIALECTS]
+    if unknown:
+        raise ValueError(f"unknown firmware dialect {unknown[0]!r}; known: {', '.join(DIALECTS)}")
+    return tuple(names)
 
 
 def _q(s: str) -> str:
@@ -54,14 +85,49 @@ class SimSite:
         seed: int = 7,
         clock: ScaledClock | ManualClock | None = None,
         models: dict[str, float] | None = None,
+        mix: str | Sequence[str] = ("luxos",),
     ) -> None:
+        """`mix` names the firmware dialects (see `DIALECTS`); rigs take them in turn, so
+        "luxos,whatsminer" makes every other rig a Whatsminer. Each dialect is served by its
+        own simulator on its real ports (with `subnet`), as on a mixed farm LAN."""
         if subnet is not None:
             check_loopback_subnet(subnet)
         self.clock = clock if clock is not None else ScaledClock(speed)
         self.farm = Farm.build(self.clock, rigs=rigs, pdus=pdus, seed=seed, models=models)
         self.subnet = subnet
         self.meter_protocol: MeterProtocol = meter_protocol
-        self.fleet = MinerFleet(self.farm, subnet=subnet)
+        self.mix = parse_mix(mix)
+        self.dialects: dict[str, str] = {
+            rid: self.mix[n % len(self.mix)] for n, rid in enumerate(self.farm.rigs)
+        }
+        self._make_firmware(seed)
+        by = {d: [r for r, rd in self.dialects.items() if rd == d] for d in DIALECTS}
+        self.fleet = MinerFleet(
+            self.farm,
+            subnet=subnet,
+            rig_ids=[r for r, d in self.dialects.items() if not d.startswith("whatsminer")],
+        )
+        # Firmware delays are real seconds on real rigs: on a faster clock they shrink with it.
+        speed_up = self.clock.speed if isinstance(self.clock, ScaledClock) else 1000.0
+        self.antminer_web = AntminerWebFleet(
+            self.farm,
+            rpc=self.fleet,
+            port=80 if subnet else 0,
+            set_delay_s=antminer_web.SET_DELAY_S / speed_up,
+            get_delay_s=antminer_web.GET_DELAY_S / speed_up,
+            rpc_restart_s=antminer_web.RPC_RESTART_S / speed_up,
+        )
+        self.braiins_rest = BraiinsRestFleet(
+            self.farm,
+            {r: self.fleet.address_of(r)[0] for r in by["braiins"]},
+            port=braiins_rest.DEFAULT_PORT if subnet else 0,
+            username=BRAIINS_USER,
+            password=BRAIINS_PASSWORD,
+        )
+        self.whatsminers = {
+            "v2": WhatsminerFleet(self.farm, subnet=subnet, api="v2", rig_ids=by["whatsminer"]),
+            "v3": WhatsminerFleet(self.farm, subnet=subnet, api="v3", rig_ids=by["whatsminer-v3"]),
+        }
         self.pdu_agents = {
             pid: PduAgent(self.farm, pid, community="public", write_community="private")
             for pid in self.farm.pdus
@@ -69,11 +135,43 @@ class SimSite:
         self.meter = MeterServer(self.farm, model=meter_protocol)
         self._started = False
 
+    def _make_firmware(self, seed: int) -> None:
+        """Set each rig's firmware; a Whatsminer is a rig of its own models, put in the
+        place (and on the PDU outlet) of the Antminer the farm was built with."""
+        rng = random.Random(seed)
+        names = list(WHATSMINER_MODELS)
+        outlets = {
+            o.rig.id: o for p in self.farm.pdus.values() for o in p.outlets.values() if o.rig
+        }
+        t = self.clock.now()
+        for n, (rid, dialect) in enumerate(self.dialects.items()):
+            if dialect.startswith("whatsminer"):
+                rig = whatsminer_rig(rid, rng.choice(names), t, seed=seed * 100_003 + n)
+                self.farm.rigs[rid] = rig
+                if rid in outlets:
+                    outlets[rid].rig = rig
+            else:
+                self.farm.rigs[rid].firmware = DIALECTS[dialect]
+
+    def _servers(self) -> list[MinerFleet | AntminerWebFleet | BraiinsRestFleet | WhatsminerFleet]:
+        """In start order: a web UI needs its rig's 4028 server running first."""
+        return [self.fleet, self.antminer_web, self.braiins_rest, *self.whatsminers.values()]
+
     async def start(self) -> None:
-        await self.fleet.start()
-        for agent in self.pdu_agents.values():
-            await agent.start()
-        await self.meter.start()
+        started: list[MinerFleet | AntminerWebFleet | BraiinsRestFleet | WhatsminerFleet] = []
+        try:
+            for fleet in self._servers():
+                await fleet.start()
+                started.append(fleet)
+            for agent in self.pdu_agents.values():
+                await agent.start()
+            await self.meter.start()
+        except BaseException:
+            for agent in self.pdu_agents.values():
+                await agent.stop()
+            for fleet in reversed(started):
+                await fleet.stop()
+            raise
         self._started = True
 
     async def stop(self) -> None:
@@ -83,7 +181,45 @@ class SimSite:
         await self.meter.stop()
         for agent in self.pdu_agents.values():
             await agent.stop()
-        await self.fleet.stop()
+        for fleet in reversed(self._servers()):
+            await fleet.stop()
+
+    def address_of(self, rig_id: str) -> tuple[str, int]:
+        """Where the daemon reaches a rig's API (4433 for an API v3 Whatsminer)."""
+        dialect = self.dialects[rig_id]
+        if dialect.startswith("whatsminer"):
+            host, v2, v3 = self.whatsminers["v3" if dialect.endswith("v3") else "v2"].address_of(
+                rig_id
+            )
+            return host, v3 or v2
+        return self.fleet.address_of(rig_id)
+
+    def miner_rows(self, rig_id: str) -> list[str]:
+        """The `[[miners]]` settings for one rig, as an operator would write them."""
+        host, port = self.address_of(rig_id)
+        dialect = self.dialects[rig_id]
+        driver = (
+            "cgminer"
+            if dialect == "luxos" and self.farm.rigs[rig_id].firmware != "luxos"
+            else dialect
+        )
+        rows = [
+            f"id = {_q(rig_id)}",
+            f"host = {_q(host)}",
+            f"port = {port}",
+            f"driver = {_q(driver)}",
+        ]
+        if driver == "antminer":
+            web = self.antminer_web.servers[rig_id]
+            if web.port != 80:
+                rows.append(f"web_port = {web.port}")
+            if web.low_power_w is not None:
+                rows.append(f"low_power_w = {web.low_power_w:g}  # measured on its outlet")
+        elif driver == "braiins":
+            rest = self.braiins_rest.servers[rig_id]
+            if rest.port != braiins_rest.DEFAULT_PORT:
+                rows.append(f"web_port = {rest.port}")
+        return rows
 
     async def __aenter__(self) -> SimSite:
         await self.start()
@@ -103,10 +239,13 @@ class SimSite:
         retries: int | None = None,
         extra: str = "",
         mqtt_protocol: str = "5",
+        miners: bool = True,
     ) -> str:
         """A daemon config pointing at this running site (call after `start`).
 
-        Timeouts default to what fits the interval (see `poll_timeouts`)."""
+        Timeouts default to what fits the interval (see `poll_timeouts`). `miners=False`
+        leaves the miners out, for `rigctl scan --add` to find, and with them the PDUs,
+        whose outlet maps name rigs by id."""
         auto_timeout, auto_retries = poll_timeouts(interval_s)
         timeout_s = auto_timeout if timeout_s is None else timeout_s
         retries = auto_retries if retries is None else retries
@@ -137,7 +276,7 @@ class SimSite:
             f"protocol = {_q(self.meter_protocol)}",
             "unit_id = 1",
         ]
-        for pid, pdu in self.farm.pdus.items():
+        for pid, pdu in self.farm.pdus.items() if miners else ():
             agent = self.pdu_agents[pid]
             outlets = ", ".join(
                 f"{n} = {_q(o.rig.id)}" for n, o in pdu.outlets.items() if o.rig is not None
@@ -153,17 +292,8 @@ class SimSite:
                 'write_community = "private"',
                 f"outlets = {{ {outlets} }}",
             ]
-        for rig in self.farm.rigs.values():
-            host, port = self.fleet.address_of(rig.id)
-            driver = "luxos" if rig.firmware == "luxos" else "cgminer"
-            out += [
-                "",
-                "[[miners]]",
-                f"id = {_q(rig.id)}",
-                f"host = {_q(host)}",
-                f"port = {port}",
-                f"driver = {_q(driver)}",
-            ]
+        for rid in self.farm.rigs if miners else ():
+            out += ["", "[[miners]]", *self.miner_rows(rid)]
         if extra:
             out += ["", extra.strip()]
         return "\n".join(out) + "\n"

@@ -1358,12 +1358,15 @@ class WhatsminerFleet:
             loopback = ipaddress.IPv4Network("127.0.0.0/8")
             if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(loopback):
                 raise ValueError(f"subnet {subnet} must be inside 127.0.0.0/8 (loopback only)")
-            hosts = list(itertools.islice(net.hosts(), len(ids)))
-            if len(hosts) < len(ids):
+            # The n-th rig of the farm on the n-th address, as MinerFleet numbers them, so
+            # fleets of several dialects share one subnet without colliding.
+            hosts = list(itertools.islice(net.hosts(), len(farm.rigs)))
+            if len(hosts) < len(farm.rigs):
                 raise ValueError(
-                    f"subnet {subnet} has {len(hosts)} host addresses for {len(ids)} rigs"
+                    f"subnet {subnet} has {len(hosts)} host addresses for {len(farm.rigs)} rigs"
                 )
-            addresses = [(str(h), V2_PORT, V3_PORT) for h in hosts]
+            index = {rid: n for n, rid in enumerate(farm.rigs)}
+            addresses = [(str(hosts[index[rid]]), V2_PORT, V3_PORT) for rid in ids]
         self.servers: dict[str, WhatsminerServer] = {
             rid: WhatsminerServer(
                 farm, rid, host=h, api=api, port_v2=p2, port_v3=p3, outlet=outlets.get(rid),
