@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import grp
 import json
+import math
 import os
 import pwd
 import socket
@@ -63,9 +64,11 @@ def _arg(req: dict[str, Any], key: str, kind: type, *, required: bool = True) ->
             raise AdminError("bad_request", f"missing {key!r}")
         return None
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
+        v = float(v) if abs(v) < 1e300 else math.inf
     if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
         raise AdminError("bad_request", f"{key!r} must be {kind.__name__}")
+    if isinstance(v, float) and not math.isfinite(v):  # JSON's NaN would become a NaN cap
+        raise AdminError("bad_request", f"{key!r} must be a finite number")
     return v
 
 
@@ -109,7 +112,10 @@ class AdminServer:
         if self.group:
             try:
                 gid = grp.getgrnam(self.group).gr_gid
-                os.chown(self.path, -1, gid)
+                # Already ours when the group is the daemon's own: no chown, which the unit's
+                # system call filter (~@privileged) refuses.
+                if self.path.stat().st_gid != gid:
+                    os.chown(self.path, -1, gid)
                 os.chmod(self.path, 0o660)
             except (KeyError, OSError) as e:
                 log.error("admin_socket_group", group=self.group, error=str(e))
@@ -158,14 +164,15 @@ class AdminServer:
     async def dispatch(self, line: bytes, user: str) -> dict[str, Any]:
         try:
             req = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the decoder
+            return self._error("bad_request", "request is not JSON")
+        try:
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise AdminError("bad_request", 'a request is a JSON object with a "cmd"')
             handler = self._handlers.get(req["cmd"])
             if handler is None:
                 raise AdminError("unknown_command", f"unknown command {req['cmd']!r}")
             return {"ok": True, "result": await handler(req, user)}
-        except json.JSONDecodeError:
-            return self._error("bad_request", "request is not JSON")
         except AdminError as e:
             return self._error(e.code, e.message)
         except ManualRefused as e:

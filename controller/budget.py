@@ -24,6 +24,10 @@ class EnergyCounter:
     last_register_kwh: float | None = None
     last_ts: float | None = None
     resets: int = 0  # times the register went backwards
+    # The period before this one and what it used, so a wall clock stepped back across
+    # the boundary (an NTP correction) returns to its count instead of starting from zero.
+    prev_start: float | None = None
+    prev_used_kwh: float = 0.0
 
     @classmethod
     def new(cls, period: str, tz: str, now: float) -> EnergyCounter:
@@ -46,9 +50,14 @@ class EnergyCounter:
             # The reading spans the boundary: split the energy in proportion to time, and
             # start as many new periods as have passed.
             span = max(ts - self.last_ts, 1e-9)
+            self.used_kwh += delta * min(1.0, max(0.0, self.period_end - self.last_ts) / span)
             self._roll(ts, tz)
-            in_new = max(0.0, ts - self.period_start) / span
-            self.used_kwh += delta * min(1.0, in_new)
+            self.used_kwh += delta * min(1.0, max(0.0, ts - self.period_start) / span)
+        elif ts < self.period_start:
+            # The wall clock was stepped back across the boundary: the energy belongs to the
+            # earlier period, which gets back what it had counted.
+            self._roll(ts, tz)
+            self.used_kwh += delta
         else:
             self.used_kwh += delta
         self.last_register_kwh, self.last_ts = register_kwh, ts
@@ -62,12 +71,23 @@ class EnergyCounter:
         """
         if self.period_start <= now < self.period_end:
             return self.used_kwh, self.period_end
-        return 0.0, period_bounds(self.period, tz, now)[1]
+        start, end = period_bounds(self.period, tz, now)
+        if start == self.prev_start:  # the clock stepped back into the period just left
+            return self.prev_used_kwh + self.used_kwh, end
+        return 0.0, end
 
     def _roll(self, ts: float, tz: str) -> None:
         if ts >= self.period_end or ts < self.period_start:
-            self.period_start, self.period_end = period_bounds(self.period, tz, ts)
-            self.used_kwh = 0.0
+            start, end = period_bounds(self.period, tz, ts)
+            if start == self.prev_start:
+                # Back into the period just left: its count goes on, and what was counted
+                # since (on a clock that was ahead) was used in it too.
+                used = self.prev_used_kwh + self.used_kwh
+                self.prev_start, self.prev_used_kwh = None, 0.0
+            else:
+                self.prev_start, self.prev_used_kwh = self.period_start, self.used_kwh
+                used = 0.0
+            self.period_start, self.period_end, self.used_kwh = start, end, used
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from controller.config import BudgetConfig, ControlConfig, ScheduleConfig
 
 # cap_source values, in the order a tie is reported (the first listed wins a tie).
 GRID = "grid"
+ZONE = "zone"  # this zone's share of a site shared by several rigd instances
 OVERRIDE = "override"
 SCHEDULE = "schedule"
 BUDGET = "budget"
@@ -50,7 +51,7 @@ class Cap:
         }
 
 
-_TIE_ORDER = {s: i for i, s in enumerate((GRID, OVERRIDE, SCHEDULE, BUDGET, MAX_IMPORT))}
+_TIE_ORDER = {s: i for i, s in enumerate((GRID, OVERRIDE, ZONE, SCHEDULE, BUDGET, MAX_IMPORT))}
 
 
 def effective_cap(limits: list[Limit]) -> Cap:

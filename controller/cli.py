@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from controller import eventloop
 from controller.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -23,10 +25,17 @@ from controller.config import (
     parse_config,
     summarize,
 )
+from controller.credentials import CREDENTIALS_ENV, Credentials, unread
 from controller.logs import configure_logging
+from controller.sdnotify import Notifier, ServiceNotifications
 
 # sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
 EXIT_CONFIG = 78
+# The state database at start (README "Faults"): damaged or unreadable state needs a person,
+# so systemd does not restart on EX_DATAERR; a disk that is full, read-only or missing may
+# come back, so EX_IOERR is restarted. Neither run has sent a command to any rig.
+EXIT_STATE_CORRUPT = 65
+EXIT_STATE_IO = 74
 
 log = structlog.get_logger("rigd")
 
@@ -42,15 +51,25 @@ def _install_stop(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-def _install_reload(daemon: Any) -> None:
-    """SIGHUP reloads the config (systemd's ExecReload); a bad config is refused, logged."""
+def _install_reload(daemon: Any, notify: ServiceNotifications | None = None) -> None:
+    """SIGHUP reloads the config (systemd's ExecReload); a bad config is refused, logged.
+
+    systemd hears RELOADING=1 and then READY=1 either way: rigd runs on, on the old config
+    if the new one was refused."""
     loop = asyncio.get_running_loop()
 
     async def reload() -> None:
+        if notify is not None:
+            notify.reloading()
+        refused: list[str] | None = None
         try:
             await daemon.reload()
         except ConfigError as e:
-            log.error("config_reload_refused", problems=[str(i) for i in e.issues])
+            refused = [str(i) for i in e.issues]
+            log.error("config_reload_refused", problems=refused)
+        finally:
+            if notify is not None:
+                notify.reloaded(refused)
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
@@ -64,6 +83,15 @@ async def _stop_after(stop: asyncio.Event, seconds: float | None) -> None:
     stop.set()
 
 
+def credentials_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--credentials-dir",
+        metavar="DIR",
+        help='read { credential = "NAME" } settings from DIR/NAME (default: systemd\'s '
+        "$CREDENTIALS_DIRECTORY; without either they are not read)",
+    )
+
+
 def print_config_error(e: ConfigError, out: TextIO) -> None:
     n = len(e.issues)
     print(f"config {e.source or ''} is invalid: {n} problem{'s' if n != 1 else ''}", file=out)
@@ -74,27 +102,46 @@ def print_config_error(e: ConfigError, out: TextIO) -> None:
 # -- rigd check-config ------------------------------------------------------------------------
 
 
-def load_checked(path: str) -> Config:
+def load_checked(path: str, credentials: Credentials | None = None) -> Config:
     """The config, plus what only reading files can check (the grid operator's keys)."""
-    cfg = load_config(path)
+    cfg = load_config(path, credentials=credentials)
     if cfg.grid is not None and cfg.grid.enabled:
         from controller.grid.verify import load_keys
 
+        # A key in a credential that was not read cannot be checked here.
+        keys = [k for k in cfg.grid.keys if not (k.public_key_file and unread(k.public_key_file))]
         try:
-            load_keys(cfg.grid)
+            load_keys(cfg.grid.model_copy(update={"keys": keys}))
         except ConfigError as e:
             raise ConfigError(e.issues, path) from e
     return cfg
 
 
+def check_credentials(args: argparse.Namespace) -> Credentials:
+    """`--credentials-dir`, else systemd's $CREDENTIALS_DIRECTORY; without either, credential
+    references are checked for form but not read (a technician cannot read them anyway)."""
+    d = getattr(args, "credentials_dir", None) or os.environ.get(CREDENTIALS_ENV)
+    return Credentials(Path(d)) if d else Credentials(None, read=False)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    creds = check_credentials(args)
     try:
-        cfg = load_checked(args.config)
+        cfg = load_checked(args.config, creds)
     except ConfigError as e:
         print_config_error(e, sys.stdout)
         return 1
     print(f"{args.config}: OK")
     print(summarize(cfg))
+    if creds.used:
+        names = ", ".join(creds.used)
+        if creds.read:
+            print(f"credentials: {len(creds.used)} read from {creds.directory}: {names}")
+        else:
+            print(
+                f"credentials: {len(creds.used)} referenced, not read: {names} "
+                "(give --credentials-dir DIR to check them)"
+            )
     return 0
 
 
@@ -103,6 +150,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
+    # A watchdog restart is SIGABRT: leave every thread's Python stack in the journal.
+    faulthandler.enable()
     try:
         cfg = load_checked(args.config)
     except ConfigError as e:
@@ -114,10 +163,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _install_stop(stop)
         daemon = Daemon(cfg, dry_run=args.dry_run, config_path=args.config)
-        _install_reload(daemon)
-        await daemon.run(stop)
+        notify = ServiceNotifications(Notifier.from_environ(), daemon)
+        daemon.on_snapshot = notify.on_cycle
+        _install_reload(daemon, notify)
+        notify.starting()
+        notifying = asyncio.create_task(notify.run(stop), name="sd-notify")
+        try:
+            await daemon.run(stop)
+        finally:
+            stop.set()
+            await notifying
 
-    asyncio.run(main())
+    from controller.store import StoreError
+
+    try:
+        eventloop.run(main())
+    except StoreError as e:
+        log.critical(
+            "state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir)
+        )
+        print(f"rigd: {e}", file=sys.stderr)
+        return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
     return 0
 
 
@@ -177,8 +243,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
             if args.write_config:
                 await asyncio.to_thread(Path(args.write_config).write_text, text, "utf-8")
             farm = site.farm
-            first = next(iter(farm.rigs))
-            host, port = site.fleet.address_of(first)
             print(
                 f"simulated farm: {len(farm.rigs)} rigs on {len(farm.pdus)} PDUs, "
                 f"meter {site.meter.host}:{site.meter.port} ({args.meter_protocol}), "
@@ -202,7 +266,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             await site.stop()
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     except ConfigError as e:
         print_config_error(e, sys.stderr)
         return 2
@@ -245,10 +309,19 @@ def _count(v: str) -> int:
     return n
 
 
+def _count_or_none(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return n
+
+
 def farm_args(sp: argparse.ArgumentParser, *, mix: str = "luxos") -> None:
     """The simulated farm's shape, shared by `sim` and `demo`."""
     sp.add_argument("--rigs", type=_count, default=100, help="number of miners (default 100)")
-    sp.add_argument("--pdus", type=_count, default=4, help="number of PDUs (default 4)")
+    sp.add_argument(
+        "--pdus", type=_count_or_none, default=4, help="number of PDUs (default 4; 0: none)"
+    )
     sp.add_argument("--seed", type=int, default=7, help="random seed of the farm's model mix")
     sp.add_argument(
         "--mix",
@@ -294,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "every problem and its line, or 0 with a summary.",
     )
     config_arg(sp)
+    credentials_arg(sp)
     sp.set_defaults(func=cmd_check_config)
 
     sp = sub.add_parser(
@@ -355,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--headless",
         action="store_true",
         help="print one JSON line of site state per interval instead of the live view",
+    )
+    sp.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on this address while the demo runs",
+    )
+    sp.add_argument(
+        "--report",
+        metavar="FILE",
+        help="when the demo ends, write the report of the run (FILE.png or FILE.html)",
     )
     log_arg(sp)
     sp.set_defaults(func=cmd_demo)

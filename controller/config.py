@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -33,12 +34,25 @@ from pydantic import (
     model_validator,
 )
 
+from controller.credentials import (
+    CONTEXT_KEY,
+    Credentials,
+    file_or_credential,
+    secret_or_credential,
+)
+
 ENV_PREFIX = "RIGD_"
 DEFAULT_CONFIG_PATH = Path("/etc/rigd/rigd.toml")
 
 # Ids end up in MQTT topics and file names: no '/', '+', '#', spaces.
-Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+_IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_IDENT_RE = re.compile(_IDENT)
+Ident = Annotated[str, Field(pattern=_IDENT)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# A secret or file setting may instead name a systemd credential: { credential = "NAME" }.
+Secret = Annotated[SecretStr, BeforeValidator(secret_or_credential)]
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(secret_or_credential)]
+OptionalFile = Annotated[Path | None, BeforeValidator(file_or_credential)]
 
 
 class _Strict(BaseModel):
@@ -58,7 +72,7 @@ class SiteConfig(_Strict):
     def _known_zone(cls, v: str) -> str:
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as e:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as e:  # OSError: name too long
             raise ValueError(f"unknown time zone {v!r} (use an IANA name like Asia/Bishkek)") from e
         return v
 
@@ -66,12 +80,12 @@ class SiteConfig(_Strict):
 class MqttConfig(_Strict):
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
-    password: SecretStr | None = None
+    password: OptionalSecret = None
     client_id: str | None = None  # default: rigd-<site id>
     keepalive_s: int = Field(30, ge=5, le=3600)
-    ca_file: Path | None = None  # mqtts: CA bundle; system CAs when unset
-    cert_file: Path | None = None  # mqtts: client certificate (mutual TLS)
-    key_file: Path | None = None
+    ca_file: OptionalFile = None  # mqtts: CA bundle; system CAs when unset
+    cert_file: OptionalFile = None  # mqtts: client certificate (mutual TLS)
+    key_file: OptionalFile = None
     tls_insecure: bool = False  # skip hostname verification: test brokers only
     # MQTT 5 gives grid orders a response topic and correlation data; "3.1.1" is for brokers
     # that lack 5 (the demo's embedded one). Both keep a persistent session.
@@ -114,6 +128,8 @@ class PollConfig(_Strict):
     concurrency: int = Field(256, ge=1, le=20_000)  # devices polled at once
     timeout_s: float = Field(3.0, gt=0, le=60)  # per device call
     retries: int = Field(1, ge=0, le=5)
+    # How often `driver = "auto"` ranges are scanned again for new miners (0: at start only).
+    discover_interval_s: float = Field(600.0, ge=0)
 
     @model_validator(mode="after")
     def _silence_fits_interval(self) -> PollConfig:
@@ -141,11 +157,11 @@ class PduConfig(_Strict):
     port: Port = 161
     protocol: Literal["apc-rpdu2"] = "apc-rpdu2"
     snmp_version: Literal["2c", "3"] = "2c"
-    community: SecretStr = SecretStr("public")
-    write_community: SecretStr | None = None  # outlet switching disabled when unset (v2c)
+    community: Secret = SecretStr("public")
+    write_community: OptionalSecret = None  # outlet switching disabled when unset (v2c)
     user: str = ""  # SNMPv3
-    auth_key: SecretStr | None = None
-    priv_key: SecretStr | None = None
+    auth_key: OptionalSecret = None
+    priv_key: OptionalSecret = None
     auth_protocol: Literal["SHA", "SHA256", "MD5"] = "SHA"
     priv_protocol: Literal["AES", "AES256", "DES"] = "AES"
     outlets: dict[int, Ident] = Field(default_factory=dict)  # outlet number -> rig id
@@ -170,6 +186,7 @@ def expand_range(spec: str) -> list[ipaddress.IPv4Address]:
     spec = spec.strip()
     if "/" in spec:
         net = ipaddress.IPv4Network(spec, strict=False)
+        _check_range_size(spec, net.num_addresses - 2)  # before listing a /8's 16 M hosts
         return list(net.hosts()) if net.num_addresses > 2 else list(net)
     if "-" in spec:
         lo_s, hi_s = (s.strip() for s in spec.split("-", 1))
@@ -181,11 +198,17 @@ def expand_range(spec: str) -> list[ipaddress.IPv4Address]:
         )
         if hi < lo:
             raise ValueError(f"range {spec!r} ends before it starts")
+        _check_range_size(spec, int(hi) - int(lo) + 1)
         return [ipaddress.IPv4Address(i) for i in range(int(lo), int(hi) + 1)]
     return [ipaddress.IPv4Address(spec)]
 
 
 MAX_RANGE = 65_536
+
+
+def _check_range_size(spec: str, count: int) -> None:
+    if count > MAX_RANGE:
+        raise ValueError(f"range {spec!r} has {count} addresses (max {MAX_RANGE})")
 
 
 class MinerConfig(_Strict):
@@ -206,11 +229,12 @@ class MinerConfig(_Strict):
     id_format: str = "{prefix}-{c}-{d}"  # fields: prefix, a, b, c, d (octets), n (1-based)
     id_prefix: str = "rig"
     port: Port = 4028  # whatsminer-v3: 4433 unless given (see `_v3_port`)
-    driver: Literal["luxos", "cgminer", "antminer", "whatsminer", "whatsminer-v3", "braiins"] = (
-        "luxos"
-    )
+    # "auto" (ranges only): the daemon scans the range and picks each rig's driver and port.
+    driver: Literal[
+        "luxos", "cgminer", "antminer", "whatsminer", "whatsminer-v3", "braiins", "auto"
+    ] = "luxos"
     username: str = ""
-    password: SecretStr | None = None
+    password: OptionalSecret = None
     group: str | None = None
     web_port: Port = 80  # antminer: the web UI; braiins: the REST API
     power_min_w: float | None = Field(None, gt=0)  # whatsminer: lowest power limit to set
@@ -232,7 +256,14 @@ class MinerConfig(_Strict):
     @model_validator(mode="after")
     def _settings_fit_driver(self) -> MinerConfig:
         """A setting the driver ignores is most likely a mistake: say so, as for unknown keys."""
+        if self.driver == "auto" and self.range is None:
+            raise ValueError(
+                'driver "auto" is for a `range`, which the daemon scans; give a single '
+                "miner its driver (rigctl scan names it)"
+            )
         for key in sorted(set().union(*self.DRIVER_SETTINGS.values()) & self.model_fields_set):
+            if self.driver == "auto":
+                break  # found rigs of each kind take the settings of their kind
             if key not in self.DRIVER_SETTINGS.get(self.driver, frozenset()):
                 kinds = sorted(d for d, keys in self.DRIVER_SETTINGS.items() if key in keys)
                 raise ValueError(
@@ -259,9 +290,16 @@ class MinerConfig(_Strict):
         if len(addrs) > MAX_RANGE:
             raise ValueError(f"range {self.range!r} has {len(addrs)} addresses (max {MAX_RANGE})")
         try:
-            self._format_id(addrs[0], 1)
-        except (KeyError, IndexError, ValueError) as e:
+            ids = [self._format_id(addrs[0], 1), self._format_id(addrs[-1], len(addrs))]
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:  # "{a.x}"
             raise ValueError(f"bad id_format {self.id_format!r}: {e}") from e
+        for rid in ids:  # rig ids go into MQTT topics and file names: same rule as `id`
+            if not _IDENT_RE.fullmatch(rid):
+                raise ValueError(
+                    f"id_format {self.id_format!r} (id_prefix {self.id_prefix!r}) makes rig id "
+                    f"{rid!r}: use letters, digits, '-', '_' and '.', starting with a letter "
+                    "or digit, at most 64 characters"
+                )
         return self
 
     def _format_id(self, addr: ipaddress.IPv4Address, n: int) -> str:
@@ -365,7 +403,7 @@ class GridKeyConfig(_Strict):
     kid: str = Field(min_length=1, max_length=200)
     alg: Literal["EdDSA", "ES256"]
     public_key: str | None = None  # PEM text
-    public_key_file: Path | None = None  # or a PEM file (e.g. $CREDENTIALS_DIRECTORY/...)
+    public_key_file: OptionalFile = None  # or a PEM file
 
     @model_validator(mode="after")
     def _one_source(self) -> GridKeyConfig:
@@ -418,6 +456,95 @@ class AdminConfig(_Strict):
     group: str | None = None  # technicians' group: may use the socket (mode 0660)
 
 
+def split_listen(v: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"."""
+    host, sep, port_s = v.strip().rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"listen must be HOST:PORT, e.g. 127.0.0.1:9108, got {v!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"listen has a bad host: {v!r}")
+    return host, int(port_s)
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus metrics endpoint (controller/metrics.py)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:9108"  # HOST:PORT; bind a farm-LAN address to let Prometheus in
+    per_rig: bool = True  # per-rig series (a few per rig); false for very large farms
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        split_listen(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+class HistoryConfig(_Strict):
+    """The bounded, downsampled site history in the state database (controller/history.py)."""
+
+    enabled: bool = True
+    step_s: int = Field(60, ge=1, le=3600)  # one row per step
+    keep_days: float = Field(2, gt=0, le=366)
+    rollup_step_s: int = Field(900, ge=60, le=86_400)  # coarser rows, kept longer
+    rollup_keep_days: float = Field(90, gt=0, le=3660)
+
+    @model_validator(mode="after")
+    def _rollup_coarser(self) -> HistoryConfig:
+        if self.rollup_step_s <= self.step_s or self.rollup_step_s % self.step_s:
+            raise ValueError("rollup_step_s must be a multiple of step_s, and larger")
+        if self.rollup_keep_days < self.keep_days:
+            raise ValueError("rollup_keep_days must not be shorter than keep_days")
+        return self
+
+
+class HomeAssistantConfig(_Strict):
+    """Home Assistant MQTT discovery (controller/hass.py)."""
+
+    enabled: bool = False
+    discovery_prefix: str = Field("homeassistant", min_length=1, max_length=200)
+    per_rig: bool = True  # a device per rig with its sensors
+    switches: bool = True  # a sleep/wake switch per rig (needs per_rig and [control])
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        if any(c in v for c in "+#\x00") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"discovery_prefix must be a plain topic prefix, got {v!r}")
+        return v
+
+
+class ZoneConfig(_Strict):
+    """This daemon owns one zone of a site shared by several (controller/zones.py)."""
+
+    group: Ident  # the shared site: zones meet on rigd/<group>/zones/<zone>
+    id: Ident | None = None  # this zone; default the site id
+    site_max_import_kw: float = Field(gt=0, allow_inf_nan=False)  # the whole site's cap
+    # What this zone may import before it has heard the others (the fallbacks of all
+    # zones must fit in the site cap together).
+    fallback_kw: float = Field(ge=0, allow_inf_nan=False)
+    stale_s: float = Field(60.0, gt=0)  # a zone unheard this long is counted at its last load
+
+    @model_validator(mode="after")
+    def _fallback_fits(self) -> ZoneConfig:
+        if self.fallback_kw > self.site_max_import_kw:
+            raise ValueError(
+                f"fallback_kw ({self.fallback_kw:g}) is more than the whole site may import "
+                f"({self.site_max_import_kw:g})"
+            )
+        return self
+
+
 class Config(_Strict):
     site: SiteConfig
     mqtt: MqttConfig = MqttConfig()
@@ -430,6 +557,10 @@ class Config(_Strict):
     control: ControlConfig | None = None  # absent: monitor only
     budget: BudgetConfig | None = None
     grid: GridConfig | None = None  # absent: no grid orders
+    zone: ZoneConfig | None = None  # absent: this daemon has the site to itself
+    metrics: MetricsConfig = MetricsConfig()
+    history: HistoryConfig = HistoryConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
     def rigs(self) -> list[RigEntry]:
         """Every miner, ranges expanded, with its outlet if a PDU maps it."""
@@ -572,7 +703,7 @@ def env_overrides(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[str, 
             # Lists and tables are given in TOML syntax: RIGD_X__Y='["a", "b"]'.
             try:
                 parsed = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
+            except (ValueError, RecursionError):  # not TOML, too deep, too many digits
                 parsed = value
         yield name, path, parsed
 
@@ -651,6 +782,11 @@ def _cross_check(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
         for i, kid in enumerate(kids):
             if kid in kids[:i]:
                 problems.append((("grid", "keys", i, "kid"), f"duplicate key id {kid!r}"))
+    if cfg.zone is not None:
+        if cfg.control is None or not cfg.control.enabled:
+            problems.append((("zone",), "a zone's share of the site needs an enabled [control]"))
+        if not any(m.role == "import" for m in cfg.meters):
+            problems.append((("zone",), "a zone reports its load from its sub-meter: add one"))
     if len([m for m in cfg.meters if m.role == "import"]) > 1:
         problems.append(
             (("meters",), "more than one import meter: which one does the cap apply to?")
@@ -659,18 +795,29 @@ def _cross_check(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
 
 
 def parse_config(
-    text: str, *, source: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    credentials: Credentials | None = None,
 ) -> Config:
-    """Validate TOML text (plus environment overrides); raise ConfigError listing every issue."""
+    """Validate TOML text (plus environment overrides); raise ConfigError listing every issue.
+
+    `{ credential = "NAME" }` settings are read from `credentials`, by default the directory
+    systemd names in $CREDENTIALS_DIRECTORY (of `environ`).
+    """
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, or an int of 5000 digits
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
         line = int(m.group(1)) if m else None
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        msg = "nested too deeply" if isinstance(e, RecursionError) else msg
         raise ConfigError([ConfigIssue("", f"not valid TOML: {msg}", line, source)], source) from e
-    applied = _apply_env(raw, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    applied = _apply_env(raw, env)
     lines = locate_lines(text)
+    creds = credentials if credentials is not None else Credentials.from_environ(env)
 
     def issue(loc: tuple[Any, ...], msg: str) -> ConfigIssue:
         key = tuple(str(p) for p in loc)
@@ -680,7 +827,7 @@ def parse_config(
         return ConfigIssue(_dotted(loc), msg, _line_for(loc, lines), source)
 
     try:
-        cfg = Config.model_validate(raw)
+        cfg = Config.model_validate(raw, context={CONTEXT_KEY: creds})
     except ValidationError as e:
         issues = []
         for err in e.errors():
@@ -705,7 +852,11 @@ def parse_config(
     return cfg
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    credentials: Credentials | None = None,
+) -> Config:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -717,14 +868,16 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(
             [ConfigIssue("", "config is not UTF-8 text", None, str(p))], str(p)
         ) from e
-    return parse_config(text, source=str(p), environ=environ)
+    return parse_config(text, source=str(p), environ=environ, credentials=credentials)
 
 
 def summarize(cfg: Config) -> str:
     """What a technician wants confirmed after `check-config`: counts, not a dump."""
-    rigs = cfg.rigs()
+    everything = cfg.rigs()
+    rigs = [r for r in everything if r.miner.driver != "auto"]
+    to_scan = len(everything) - len(rigs)
     mapped = sum(len(p.outlets) for p in cfg.pdus)
-    ranges = sum(1 for m in cfg.miners if m.range is not None)
+    ranges = sum(1 for m in cfg.miners if m.range is not None and m.driver != "auto")
     drivers: dict[str, int] = {}
     for r in rigs:
         drivers[r.miner.driver] = drivers.get(r.miner.driver, 0) + 1
@@ -738,7 +891,8 @@ def summarize(cfg: Config) -> str:
         f"{len(cfg.pdus)} PDU(s), {mapped} outlet(s) mapped to rigs",
         f"{len(rigs)} miner(s) ({by_driver})"
         + (f", {ranges} address range(s) expanded" if ranges else "")
-        + f", {len(rigs) - mapped} without an outlet",
+        + f", {len(rigs) - mapped} without an outlet"
+        + (f"; {to_scan} address(es) to scan (driver auto)" if to_scan else ""),
         f"{len(cfg.groups)} group(s)"
         + (": " + ", ".join(sorted(cfg.groups)) if cfg.groups else ""),
     ]

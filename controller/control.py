@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +44,18 @@ from controller.planner import (
     failed,
     plan,
     remember,
+    remembered,
 )
 from controller.state import RigView, SiteSnapshot
 from controller.store import StateStore, StoreError
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
+
+# What rigd learned of each rig (full power, J/TH) changes a little every cycle; it is
+# saved at most this often, and when a rig is learned for the first time: a farm's worth
+# every cycle is a write of megabytes, and a few minutes lost is relearned by watching.
+LEARNED_SAVE_S = 300.0
 
 
 class ManualRefused(Exception):
@@ -136,7 +143,10 @@ class Controller:
         self.store = store
         self.now = now
         self.dry_run = dry_run or control.dry_run
-        self.executor = Executor(devices, store=store, link=link, now=now)
+        # As many commands at once as reads: a grid order may put thousands of rigs to sleep.
+        self.executor = Executor(
+            devices, store=store, link=link, now=now, concurrency=max(64, cfg.poll.concurrency)
+        )
         self.memory: dict[str, RigMemory] = {}
         self.learned: dict[str, Learned] = {}
         self.override: Override | None = None
@@ -149,15 +159,27 @@ class Controller:
         self.energy: EnergyCounter | None = None
         self._inflight: dict[str, asyncio.Task[ActionResult]] = {}
         self._prior: dict[str, RigMemory] = {}  # memory before an in-flight action
+        # Commands a previous run sent but never saw the outcome of (it was killed): their
+        # memory before the command, until the rig shows whether the command landed.
+        self._unconfirmed: dict[str, RigMemory] = {}
         self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
         self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
         # PDUs rigd may switch outlets on: SNMPv3, or v2c with a write community.
         self._switchable_pdus = frozenset(
             p.id for p in cfg.pdus if p.snmp_version == "3" or p.write_community is not None
         )
+        self._learned_saved = (-math.inf, 0)  # when, and how many rigs were known then
         self.last_input: PlanInput | None = None
         self.last_plan: Plan | None = None
-        self._load()
+        try:
+            self._load()
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            # State written by another rigd version or edited by hand: refuse to start rather
+            # than guess who was put to sleep.
+            raise StoreError(
+                f"state database {store.path} holds state this rigd cannot read: {e!r}",
+                kind="corrupt",
+            ) from e
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -170,6 +192,11 @@ class Controller:
         self.maintenance = {k: Hold(**v) for k, v in st.get("control.maintenance", {}).items()}
         self.pinned = {k: Hold(**v) for k, v in st.get("control.pinned", {}).items()}
         self.nonrig_kw = st.get("control.nonrig_kw")
+        self._unconfirmed = {
+            k: RigMemory.from_dict(v)
+            for k, v in st.get("control.inflight", {}).items()
+            if k in self.memory
+        }
         if self.cfg.budget is not None:
             saved = st.get("budget.energy")
             if saved and saved.get("period") == self.cfg.budget.period:
@@ -185,6 +212,7 @@ class Controller:
             asleep_or_off=asleep,
             override=self.override is not None,
             energy_used_kwh=None if self.energy is None else round(self.energy.used_kwh, 3),
+            unconfirmed=sorted(self._unconfirmed),
         )
 
     def _save(self, items: dict[str, Any]) -> None:
@@ -194,7 +222,41 @@ class Controller:
             log.error("state_write_failed", error=str(e))
 
     def _save_memory(self) -> None:
-        self._save({"planner.memory": {k: v.as_dict() for k, v in self.memory.items()}})
+        # With the memory, the memory before every command still in flight: a daemon killed
+        # before it saw a command land can tell, once restarted, whether it did.
+        inflight = {**self._unconfirmed, **self._prior}
+        self._save(
+            {
+                "planner.memory": {k: v.as_dict() for k, v in self.memory.items()},
+                "control.inflight": {k: v.as_dict() for k, v in inflight.items()},
+            }
+        )
+
+    def shift_times(self, dt: float) -> None:
+        """The wall clock stepped by `dt` s (see controller.clock): move every stamp that
+        measures a duration with it, so dwell, settle and backoff times, overrides and holds
+        set "for" a while, and the energy counter's interval are as long as they were."""
+        self.memory = {k: m.shifted(dt) for k, m in self.memory.items()}
+        self._prior = {k: m.shifted(dt) for k, m in self._prior.items()}
+        self._unconfirmed = {k: m.shifted(dt) for k, m in self._unconfirmed.items()}
+        items: dict[str, Any] = {}
+        if self.override is not None:
+            o = self.override
+            self.override = Override(o.kw, o.expires_at + dt, o.reason, o.actor)
+            items["control.override"] = self.override.as_dict()
+        for holds, key in (
+            (self.maintenance, "control.maintenance"),
+            (self.pinned, "control.pinned"),
+        ):
+            for k, h in list(holds.items()):
+                if h.expires_at is not None:
+                    holds[k] = Hold(h.reason, h.actor, h.expires_at + dt)
+            items[key] = {k: v.as_dict() for k, v in holds.items()}
+        if self.energy is not None and self.energy.last_ts is not None:
+            self.energy.last_ts += dt
+            items["budget.energy"] = self.energy.as_dict()
+        self._save_memory()
+        self._save(items)
 
     # -- what technicians (and, later, the grid) set ----------------------------------------
 
@@ -343,11 +405,43 @@ class Controller:
                 continue
             del self._inflight[rig_id]
             prior = self._prior.pop(rig_id, RigMemory())
+            changed = True  # one command fewer in flight
             res = None if task.cancelled() else task.result()
             if res is not None and res.ok:
                 continue
             self.memory[rig_id] = failed(prior, self.now())
+        if changed:
+            self._save_memory()
+
+    def _reconcile(self, snap: SiteSnapshot, now: float) -> None:
+        """Settle the commands a killed predecessor never saw land: once a command has had
+        its settle time, a rig whose state contradicts it (told to wake and still asleep or
+        off; told to sleep or switched off and still running) never got it, and its memory
+        goes back to what it was before, so the planner decides afresh. Without this, a rig
+        whose wake was lost would sleep on, as if someone else had put it to sleep."""
+        changed = False
+        for rig_id, prior in list(self._unconfirmed.items()):
+            rig = snap.rigs.get(rig_id)
+            mm = self.memory.get(rig_id)
+            if rig is None or mm is None:
+                del self._unconfirmed[rig_id]
+                changed = True
+                continue
+            if now < mm.settle_until or rig.state is RigState.UNREACHABLE:
+                continue  # not shown yet, or cannot be seen
+            del self._unconfirmed[rig_id]
             changed = True
+            running = rig.state in (RigState.MINING, RigState.WAKING)
+            lost = running if mm.mode in (Mode.SLEEP, Mode.OFF) else not running
+            if lost:
+                log.warning(
+                    "command_not_confirmed",
+                    rig=rig_id,
+                    mode=mm.mode.value,
+                    state=rig.state.value,
+                    back_to=prior.mode.value,
+                )
+                self.memory[rig_id] = prior
         if changed:
             self._save_memory()
 
@@ -355,6 +449,8 @@ class Controller:
         now = self.now()
         self._expire(now)
         self._harvest()
+        if self._unconfirmed:
+            self._reconcile(snap, now)
         budget_doc = self._update_energy(snap)
         cap = effective_cap(self.limits(now))
         for rig in snap.rigs.values():
@@ -378,30 +474,36 @@ class Controller:
             self._report_dry_run(result.actions)
         else:
             self._launch(result.actions, inp)
-        self._save(
-            {
-                "control.nonrig_kw": self.nonrig_kw,
-                "rigs.learned": {
-                    k: {"full_w": v.full_w, "efficiency_j_th": v.efficiency_j_th}
-                    for k, v in self.learned.items()
-                },
-            }
-        )
+        items: dict[str, Any] = {"control.nonrig_kw": self.nonrig_kw}
+        if len(self.learned) != self._learned_saved[1] or not (
+            0.0 <= now - self._learned_saved[0] < LEARNED_SAVE_S
+        ):
+            items["rigs.learned"] = self._learned_doc()
+            self._learned_saved = (now, len(self.learned))
+        self._save(items)
         held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
         return ControlStatus(cap, result, budget_doc, self.dry_run, len(self._inflight), held)
+
+    def _learned_doc(self) -> dict[str, Any]:
+        return {
+            k: {"full_w": v.full_w, "efficiency_j_th": v.efficiency_j_th}
+            for k, v in self.learned.items()
+        }
 
     def _launch(self, actions: tuple[Action, ...], inp: PlanInput) -> None:
         if not actions:
             return
         by_id = {r.id: r for r in inp.rigs}
+        memory = dict(self.memory)
         for a in actions:
             r = by_id[a.rig_id]
-            self._prior[a.rig_id] = self.memory.get(a.rig_id, RigMemory())
+            prior = self._prior[a.rig_id] = memory.get(a.rig_id, RigMemory())
             # Optimistic: count the action as in flight now; undone if it fails.
-            self.memory = remember(self.memory, a, True, inp.now, r.timing, r.full_w)
+            memory[a.rig_id] = remembered(prior, a, True, inp.now, r.timing, r.full_w)
             self._inflight[a.rig_id] = asyncio.create_task(
                 self.executor.execute(a), name=f"action-{a.rig_id}"
             )
+        self.memory = memory
         self._save_memory()
 
     def _report_dry_run(self, actions: tuple[Action, ...]) -> None:
@@ -517,3 +619,4 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
         self._harvest()
+        self._save({"rigs.learned": self._learned_doc()})

@@ -18,15 +18,19 @@ from typing import Any, Protocol
 
 import structlog
 
+from controller import autodiscover
 from controller.admin import AdminServer
-from controller.clock import Clock, SystemClock
+from controller.clock import Clock, StepGuard, SystemClock
 from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.control import Controller, ControlStatus
 from controller.devices import Devices, build_devices
+from controller.discovery import Found
+from controller.exports import Exports
 from controller.grid.service import GridService
 from controller.mqtt import MqttLink
-from controller.state import Health, SiteSnapshot, SiteState
-from controller.store import StateStore
+from controller.state import Health, RigView, SiteSnapshot, SiteState
+from controller.store import StateStore, StoreError
+from controller.zones import ZoneService
 from drivers.errors import DeviceError
 
 log = structlog.get_logger(__name__)
@@ -50,6 +54,7 @@ class _Reader(Protocol):
 
 _Sink = Callable[..., None]
 _HealthOf = Callable[[str], Health]
+_Job = tuple[str, str, _Reader, _Sink, _Sink, _HealthOf]  # kind, id, driver, ok, failed, health
 
 
 class Daemon:
@@ -68,7 +73,14 @@ class Daemon:
         self.config_path = config_path  # where `reload` reads the config again
         self.dry_run = dry_run
         self._cycle_lock = asyncio.Lock()
-        self.clock: Clock = clock or SystemClock()
+        # Epoch time that cannot step between two cycles: see controller/clock.py.
+        self.clock = StepGuard(clock or SystemClock())
+        self.store: StateStore | None = None
+        # The config as written; `self.cfg` has its `driver = "auto"` ranges resolved to the
+        # miners found in them (controller/autodiscover.py), remembered ones from cycle 1.
+        self.source_cfg = cfg
+        self.found = self._remembered_miners(cfg)
+        cfg = self.cfg = autodiscover.resolve(cfg, self.found)
         self.devices = devices or build_devices(cfg)
         self.state = SiteState(
             cfg.site.id,
@@ -79,9 +91,10 @@ class Daemon:
         )
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
         self.on_snapshot = on_snapshot
+        self._published: dict[str, RigView] = {}  # what each rig's retained topic shows
+        self._polled_all = False  # every device read once: a cycle may then skip the rigs
         self.snapshot: SiteSnapshot | None = None
         self.last: CycleResult | None = None
-        self.store: StateStore | None = None
         # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
         self.controller = self._make_controller(cfg)
         self.grid: GridService | None = None
@@ -90,7 +103,15 @@ class Daemon:
             self.grid = GridService(cfg, self.store, self.link, now=self.clock.now)
             if self.controller is not None:
                 self.grid.attach(self.controller)
+        # A zone of a shared site: its share of the site's cap is a limit like an order's.
+        self.zones: ZoneService | None = None
+        if cfg.zone is not None:
+            self.zones = ZoneService(cfg, self.link, now=self.clock.now)
+            self.zones.attach(self.controller)
+        # Metrics, history and Home Assistant: after the grid service (they share its link).
+        self.exports = Exports(self)
         self._apply_poll(cfg)
+        self._clock_stepped(self.clock.step_since(self._saved_mark()), startup=True)
 
     # -- one cycle ------------------------------------------------------------------
 
@@ -132,38 +153,77 @@ class Daemon:
         elif health.reachable and was is False:
             log.info("device_recovered", kind=kind, device=dev_id)
 
-    async def poll_cycle(self) -> SiteSnapshot:
+    async def poll_cycle(self, *, rigs: bool = True) -> SiteSnapshot:
+        """Read every device (`rigs` False: the meters only, the rigs' last readings kept)."""
         st, devs = self.state, self.devices
         ts = self.clock.now()
         t0 = time.monotonic()
-        jobs: list[Awaitable[None]] = []
+        jobs: list[_Job] = []
         kinds: tuple[tuple[str, Mapping[str, _Reader], _Sink, _Sink, _HealthOf], ...] = (
-            ("miner", devs.miners, st.rig_ok, st.rig_failed, st.rig_health),
+            ("miner", devs.miners if rigs else {}, st.rig_ok, st.rig_failed, st.rig_health),
             ("meter", devs.meters, st.meter_ok, st.meter_failed, st.meter_health),
-            ("pdu", devs.pdus, st.pdu_ok, st.pdu_failed, st.pdu_health),
+            ("pdu", devs.pdus if rigs else {}, st.pdu_ok, st.pdu_failed, st.pdu_health),
         )
         for kind, drivers, ok, failed, health in kinds:
             for dev_id, driver in drivers.items():
-                jobs.append(
-                    self._read(
-                        kind,
-                        dev_id,
-                        partial(driver.read, ts),
-                        partial(ok, dev_id),
-                        partial(failed, dev_id, ts),
-                        health(dev_id),
-                    )
-                )
-        await asyncio.gather(*jobs)
+                jobs.append((kind, dev_id, driver, ok, failed, health))
+        if await self._read_all(jobs, ts, stop_on_kick=rigs and self._polled_all):
+            # Cut short by a grid order: decide on a fresh import reading all the same.
+            await self._read_all([j for j in jobs if j[0] == "meter"], ts)
+        elif rigs:
+            self._polled_all = True
         st.cycle += 1
         snap = st.snapshot(ts, time.monotonic() - t0)
         self.snapshot = snap
         return snap
 
-    async def cycle(self) -> CycleResult:
-        """Poll, decide, publish: one turn of the loop."""
+    async def _read_all(self, jobs: list[_Job], ts: float, *, stop_on_kick: bool = False) -> bool:
+        """Read the devices `poll.concurrency` at a time (as many workers, not a task per
+        device: 10,000 waiting tasks cost memory and time). With `stop_on_kick`, a grid order
+        that changes the limits stops the reads and this returns True: control then acts at
+        once on the readings so far, the rest being the last cycle's, since reading a farm
+        of thousands of rigs takes seconds and a grid deadline cannot wait for it."""
+        todo = iter(jobs)
+
+        async def worker() -> None:
+            for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
+                await self._read(
+                    kind,
+                    dev_id,
+                    partial(driver.read, ts),
+                    partial(ok, dev_id),
+                    partial(failed, dev_id, ts),
+                    health(dev_id),
+                )
+
+        reads = asyncio.gather(*(worker() for _ in range(min(self._concurrency, len(jobs)))))
+        kick = self.grid.kick if self.grid is not None and stop_on_kick else None
+        if kick is None:
+            await reads
+            return False
+        kicked = asyncio.ensure_future(kick.wait())
+        cut = False
+        try:
+            await asyncio.wait((reads, kicked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            kicked.cancel()
+            if not reads.done():  # a grid order, or this cycle itself cancelled
+                cut = reads.cancel()
+                await asyncio.wait((reads,))
+        if not cut:
+            reads.result()
+            return False
+        with contextlib.suppress(asyncio.CancelledError):
+            reads.exception()  # retrieved: it is the cancellation just made
+        left = sum(1 for _ in todo)
+        log.info("poll_cut_short", reason="grid limits changed", devices_not_read=left)
+        return True
+
+    async def cycle(self, *, rigs: bool = True) -> CycleResult:
+        """Poll, decide, publish: one turn of the loop. `rigs` False reads the meters only
+        (a grid order between two cycles: decide now rather than after a full poll)."""
         async with self._cycle_lock:
-            return await self._cycle()
+            return await self._cycle(rigs=rigs or not self._polled_all)
 
     async def reload(self) -> list[str]:
         """Read the config file again and apply it between two cycles, keeping state.
@@ -184,47 +244,123 @@ class Daemon:
             ("mqtt", self.cfg.mqtt, new.mqtt),
             ("admin", self.cfg.admin, new.admin),
             ("grid", self.cfg.grid, new.grid),
+            ("zone", self.cfg.zone, new.zone),
+            ("metrics", self.cfg.metrics, new.metrics),
+            ("history", self.cfg.history, new.history),
+            ("homeassistant", self.cfg.homeassistant, new.homeassistant),
         ):
             if old_v != new_v:
                 notes.append(f"{name} changed: takes effect after a restart")
+        source = new.model_copy(
+            update={
+                "site": self.cfg.site,
+                "mqtt": self.cfg.mqtt,
+                "admin": self.cfg.admin,
+                "grid": self.cfg.grid,
+                "zone": self.cfg.zone,
+                "metrics": self.cfg.metrics,
+                "history": self.cfg.history,
+                "homeassistant": self.cfg.homeassistant,
+            }
+        )
         async with self._cycle_lock:
-            if self.controller is not None:
-                await self.controller.close()  # let in-flight actions land first
-            old_devices, old_state = self.devices, self.state
-            cfg = new.model_copy(
-                update={
-                    "site": self.cfg.site,
-                    "mqtt": self.cfg.mqtt,
-                    "admin": self.cfg.admin,
-                    "grid": self.cfg.grid,
-                }
-            )
-            self.devices = build_devices(cfg)
-            self.state = SiteState(
-                cfg.site.id,
-                self.devices.rigs,
-                list(self.devices.meters),
-                list(self.devices.pdus),
-                self.devices.import_meter,
-            )
-            self.state.adopt(old_state)
-            self.cfg = cfg
-            self._apply_poll(cfg)
-            self.controller = self._make_controller(cfg)
-            if self.grid is not None and self.controller is not None:
-                self.grid.attach(self.controller)
-            await old_devices.close_drivers()
+            # Rigs found in a range the new config still has stay; the rest are forgotten.
+            hosts = autodiscover.auto_hosts(source)
+            self.found = {h: f for h, f in self.found.items() if h in hosts}
+            await self._swap(source)
         log.info(
             "config_reloaded", path=self.config_path, rigs=len(self.devices.miners), notes=notes
         )
         return notes
+
+    async def _swap(self, source: Config) -> None:
+        """Run on `source` (found miners resolved) from the next cycle, keeping all state.
+
+        Call under the cycle lock, between two cycles."""
+        if self.controller is not None:
+            await self.controller.close()  # let in-flight actions land first
+        old_devices, old_state = self.devices, self.state
+        self.source_cfg = source
+        cfg = autodiscover.resolve(source, self.found)
+        self.devices = build_devices(cfg)
+        self.state = SiteState(
+            cfg.site.id,
+            self.devices.rigs,
+            list(self.devices.meters),
+            list(self.devices.pdus),
+            self.devices.import_meter,
+        )
+        self.state.adopt(old_state)
+        self.cfg = cfg
+        self._apply_poll(cfg)
+        self._polled_all = False  # new rigs have no reading yet
+        self.controller = self._make_controller(cfg)
+        if self.grid is not None and self.controller is not None:
+            self.grid.attach(self.controller)
+        if self.zones is not None:
+            self.zones.attach(self.controller)
+        await old_devices.close_drivers()
+
+    # -- miners found in `driver = "auto"` ranges -------------------------------------
+
+    def _remembered_miners(self, cfg: Config) -> dict[str, Found]:
+        """Miners found in auto ranges before a restart (the state database is opened
+        early for them): a rig switched off at its outlet answers no scan."""
+        if not autodiscover.auto_entries(cfg):
+            return {}
+        self.store = StateStore.open(cfg.site.state_dir, now=self.clock.now)
+        try:
+            raw = self.store.get(autodiscover.STORE_KEY)
+        except StoreError as e:
+            log.error("discovery_not_remembered", error=str(e))
+            return {}
+        return autodiscover.load_found(raw, cfg)
+
+    async def rediscover(self) -> bool:
+        """Scan the auto ranges once; rebuild the devices if a miner is new or re-flashed.
+        True when something changed."""
+        source = self.source_cfg
+        if not autodiscover.auto_entries(source):
+            return False
+        fresh = await autodiscover.discover(
+            source, concurrency=source.poll.concurrency, wait_s=source.poll.timeout_s
+        )
+        merged = autodiscover.merge(self.found, fresh)
+        if merged == self.found:
+            return False
+        added = sorted(set(merged) - set(self.found))
+        changed = sorted(h for h in self.found if merged[h] != self.found[h])
+        async with self._cycle_lock:
+            self.found = merged
+            if self.store is not None:
+                self.store.put(autodiscover.STORE_KEY, autodiscover.dump_found(merged))
+            await self._swap(self.source_cfg)
+        log.info(
+            "miners_discovered",
+            added=added,
+            changed=changed,
+            rigs=len(self.devices.miners),
+        )
+        return True
+
+    async def _discover_loop(self, stop: asyncio.Event) -> None:
+        """Scan at start, then every `poll.discover_interval_s` (0: at start only)."""
+        while not stop.is_set():
+            try:
+                await self.rediscover()
+            except Exception:  # a scan problem must never stop the farm's control
+                log.exception("discovery_failed")
+            every = self.source_cfg.poll.discover_interval_s
+            if every <= 0:
+                return
+            await _sleep_or_stop(self.clock, every, stop)
 
     def _make_controller(self, cfg: Config) -> Controller | None:
         """The control loop for `cfg`, its state read back from the database; None if off."""
         if cfg.control is None or not cfg.control.enabled:
             return None
         if self.store is None:
-            self.store = StateStore.open(cfg.site.state_dir)
+            self.store = StateStore.open(cfg.site.state_dir, now=self.clock.now)
         return Controller(
             cfg,
             cfg.control,
@@ -237,11 +373,28 @@ class Daemon:
 
     def _apply_poll(self, cfg: Config) -> None:
         self._sem = asyncio.Semaphore(cfg.poll.concurrency)
+        self._concurrency = cfg.poll.concurrency
         # A driver has its own timeout and retries; this guard only catches a driver bug.
         self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
 
-    async def _cycle(self) -> CycleResult:
-        snap = await self.poll_cycle()
+    def _saved_mark(self) -> object:
+        return self.store.get("clock.mark") if self.store is not None else None
+
+    def _clock_stepped(self, step: float, *, startup: bool = False) -> None:
+        """Apply a wall-clock step to everything that remembers a stamp (controller.clock):
+        what rigd timed itself keeps its length; grid orders keep the operator's times."""
+        if step:
+            log.warning("clock_stepped", step_s=round(step, 3), while_down=startup)
+            if self.controller is not None:
+                self.controller.shift_times(step)
+            if self.grid is not None:
+                # At start the heartbeat was just given a fresh timeout from now.
+                self.grid.book.shift_local_times(step, heartbeat=not startup)
+        if self.store is not None:
+            self.store.put("clock.mark", self.clock.mark())
+
+    async def _control(self, snap: SiteSnapshot) -> ControlStatus | None:
+        """The grid's limits, then one control step on `snap`."""
         grid = self.grid
         if grid is not None:
             grid.kick.clear()
@@ -249,6 +402,14 @@ class Daemon:
         status = await self.controller.step(snap) if self.controller is not None else None
         if grid is not None:
             grid.after_step(self.clock.now(), snap, status, self.controller)
+        return status
+
+    async def _cycle(self, *, rigs: bool = True) -> CycleResult:
+        self._clock_stepped(self.clock.check())
+        snap = await self.poll_cycle(rigs=rigs)
+        status = await self._control(snap)
+        await asyncio.sleep(0)  # commands just launched start before the publishing below
+        grid = self.grid
         doc = snap.site_document()
         if status is not None:
             doc.update(status.site_fields())
@@ -256,17 +417,32 @@ class Daemon:
             doc.update({"cap_kw": None, "cap_source": None})
         if grid is not None:
             doc["grid"] = grid.summary()
+        if self.zones is not None:
+            load = doc.get("import_kw")
+            ctl = self.controller
+            self.zones.after_step(
+                load if isinstance(load, int | float) else None,
+                ctl.last_input if ctl is not None else None,
+            )
+            doc["zone"] = self.zones.summary()
+        if self.store is not None:
+            doc["state_db"] = self.store.health()
         result = CycleResult(snap, status, doc)
         self.last = result
         self.publish(result)
+        self.exports.on_cycle(result)
         return result
 
     def publish(self, result: CycleResult) -> None:
         link = self.link
         snap = result.snapshot
         link.set_retained("state", result.document)
+        seen = self._published
         for rig_id, rig in snap.rigs.items():
-            link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+            # A rig not read again since (a meters-only cycle) would make the same document.
+            if not _same_view(seen.get(rig_id), rig):
+                seen[rig_id] = rig
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
             for dev_id, view in views.items():
                 link.set_retained(f"{kind}/{dev_id}/state", view.as_dict())
@@ -295,11 +471,13 @@ class Daemon:
         except (OSError, ValueError) as e:
             # Without the admin socket rigctl cannot reach us, but the farm must stay controlled.
             log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
+        await self.exports.start()
+        discovering = asyncio.create_task(self._discover_loop(stop), name="discovery")
         try:
             next_t = self.clock.monotonic()
             kicked = False
             while not stop.is_set():
-                result = await self.cycle()
+                result = await self.cycle(rigs=not kicked)
                 snap = result.snapshot
                 log.debug("poll_cycle", cycle=snap.cycle, duration_s=round(snap.poll_duration_s, 3))
                 if self.on_snapshot is not None:
@@ -317,7 +495,11 @@ class Daemon:
                 kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
         finally:
             log.info("rigd_stopping", site=self.cfg.site.id)
+            discovering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await discovering
             await admin.stop()
+            await self.exports.stop()
             if self.controller is not None:
                 await self.controller.close()
             await self.link.close(link_task)
@@ -325,6 +507,18 @@ class Daemon:
             if self.store is not None:
                 self.store.close()
             log.info("rigd_stopped", site=self.cfg.site.id)
+
+
+def _same_view(a: RigView | None, b: RigView) -> bool:
+    return (
+        a is not None
+        and a.telemetry is b.telemetry
+        and a.info is b.info
+        and a.state is b.state
+        and a.health == b.health
+        and a.outlet_on == b.outlet_on
+        and a.outlet_power_w == b.outlet_power_w
+    )
 
 
 async def _sleep_or_stop(

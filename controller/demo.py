@@ -84,6 +84,40 @@ public_key = \"\"\"
 """
 
 
+HISTORY_STEPS_S = (1, 2, 5, 10, 15, 20, 30, 60)  # divide the 15-minute rollup
+
+
+def _exports_toml(args: argparse.Namespace) -> str:
+    """--metrics serves Prometheus metrics; history is kept at the poll interval (up to a
+    minute), so the --report of a short run still has a point per cycle."""
+    step = max(s for s in HISTORY_STEPS_S if s <= max(1.0, args.interval))
+    out = f"\n[history]\nstep_s = {step}\n"
+    if args.metrics:
+        out += f"\n[metrics]\nenabled = true\nlisten = {json.dumps(args.metrics)}\n"
+    return out
+
+
+async def _write_report(args: argparse.Namespace, state_dir: Path, console: Console) -> int:
+    """The report of the run, from the history the daemon kept in its state database."""
+    from controller.history import HistoryError, read
+    from controller.report import ReportError, write_report
+
+    out = Path(args.report)
+    title = f"rigd demo: {args.rigs} rigs on {args.pdus} PDUs, farm clock x{args.speed:g}"
+    try:
+        rows = await asyncio.to_thread(read, state_dir / "rigd.sqlite", 0.0)
+        await asyncio.to_thread(write_report, rows, out, title)
+    except (HistoryError, ReportError, OSError) as e:
+        log.error("demo_report_failed", path=str(out), error=str(e))
+        if not args.headless:
+            console.print(f"[red]report not written: {e}[/red]")
+        return 1
+    log.info("demo_report_written", path=str(out), steps=len(rows))
+    if not args.headless:
+        console.print(f"report of the run: {out}")
+    return 0
+
+
 async def _script(
     daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event, operator: KeyPair
 ) -> None:
@@ -129,6 +163,8 @@ async def _script(
 
 
 async def run_demo(args: argparse.Namespace) -> int:
+    if args.report and Path(args.report).suffix.lower() not in (".png", ".html"):
+        raise ValueError(f"--report writes FILE.png or FILE.html, not {args.report!r}")
     state_dir = Path(tempfile.mkdtemp(prefix="rigd-demo-"))
     log_path = state_dir / "rigd.log"
     log_file = None
@@ -162,7 +198,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 interval_s=args.interval,
                 timeout_s=timeout_s,
                 retries=retries,
-                extra=_control_toml(site, args) + _grid_toml(operator),
+                extra=_control_toml(site, args) + _grid_toml(operator) + _exports_toml(args),
                 # The embedded broker (amqtt) speaks MQTT 3.1.1 only.
                 mqtt_protocol="5" if args.broker else "3.1.1",
             ),
@@ -197,6 +233,8 @@ async def run_demo(args: argparse.Namespace) -> int:
                 )
             console.print()
             console.print(f"demo stopped; daemon log: {log_path}")
+        if args.report:
+            return await _write_report(args, state_dir, console)
     finally:
         if broker is not None:
             await broker.stop()

@@ -53,6 +53,8 @@ def build_devices(cfg: Config) -> Devices:
     devs = Devices(rigs)
     for r in cfg.rigs():
         m = r.miner
+        if m.driver == "auto":
+            continue  # an unscanned range: controller/autodiscover.py resolves it first
         rigs.append(RigInfo(r.id, r.host, m.port, m.driver, m.group, r.outlet))
         devs.miners[r.id] = make_miner_driver(
             m.driver,

@@ -26,6 +26,7 @@ import drivers.antminer_web as antminer_web
 import drivers.braiins as braiins
 import drivers.whatsminer as whatsminer
 from controller.config import MinerConfig, expand_range, parse_config
+from controller.credentials import Credentials
 from drivers.cgminer import CGMinerClient, parse_identity
 from drivers.errors import DeviceError
 from drivers.telemetry import RigIdentity
@@ -196,7 +197,8 @@ def add_to_config(path: Path, found: list[Found], *, id_prefix: str = "rig") -> 
     replaced atomically: a config that would not load is never written.
     """
     text = path.read_text(encoding="utf-8")
-    cfg = parse_config(text, source=str(path))
+    # Validated, not used to talk to devices: credentials stay unread (rigd's, not ours).
+    cfg = parse_config(text, source=str(path), credentials=Credentials(None, read=False))
     known = {(r.host, r.miner.port) for r in cfg.rigs()}
     # A Whatsminer listens on 4028 and 4433; whichever port it is configured on, it is known.
     whatsminers = {r.host for r in cfg.rigs() if r.miner.driver.startswith("whatsminer")}
@@ -222,7 +224,8 @@ def add_to_config(path: Path, found: list[Found], *, id_prefix: str = "rig") -> 
     if not blocks:
         return []
     new_text = text.rstrip("\n") + "\n" + "".join(blocks)
-    parse_config(new_text, source=str(path))  # raises ConfigError: nothing written
+    # Raises ConfigError: nothing written.
+    parse_config(new_text, source=str(path), credentials=Credentials(None, read=False))
     tmp = path.with_name(path.name + ".rigctl-tmp")
     tmp.write_text(new_text, encoding="utf-8")
     tmp.replace(path)

@@ -109,6 +109,20 @@ class RigMemory:
             "retry_at": self.retry_at,
         }
 
+    def shifted(self, dt: float) -> RigMemory:
+        """The same memory on a wall clock stepped by `dt` s: what remains of every dwell,
+        settle and backoff is what remained before the step. 0 means "never": kept."""
+
+        def sh(t: float) -> float:
+            return t + dt if t else t
+
+        return replace(
+            self,
+            since=sh(self.since),
+            settle_until=sh(self.settle_until),
+            retry_at=sh(self.retry_at),
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RigMemory:
         return cls(
@@ -120,6 +134,9 @@ class RigMemory:
             int(d.get("failures", 0)),
             float(d.get("retry_at", 0.0)),
         )
+
+
+_NO_MEMORY = RigMemory()  # a rig rigd never commanded (frozen: one instance serves all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +257,7 @@ def plan(inp: PlanInput) -> Plan:
     touched: set[str] = set()
 
     def m(r: RigInput) -> RigMemory:
-        return mem.get(r.id, RigMemory())
+        return mem.get(r.id, _NO_MEMORY)
 
     def free(r: RigInput) -> bool:
         """May rigd command this rig now at all?"""
@@ -318,9 +335,10 @@ def plan(inp: PlanInput) -> Plan:
         in_flight += delta
         if delta > 0:
             ramping_up += delta
-    for a in actions:  # confirmations just planned
-        r = next(x for x in inp.rigs if x.id == a.rig_id)
-        in_flight += (a.expected_w - _current_w(r)) / 1000.0
+    if actions:  # confirmations just planned
+        by_id = {r.id: r for r in inp.rigs}
+        for a in actions:
+            in_flight += (a.expected_w - _current_w(by_id[a.rig_id])) / 1000.0
     predicted = measured + in_flight
 
     upper = target
@@ -353,7 +371,7 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         return mm is None or mm.mode is not Mode.RUN or now >= mm.since + cfg.min_on_s
 
     def final(r: RigInput) -> float:
-        return _final_w(r, mem.get(r.id, RigMemory()), now)
+        return _final_w(r, mem.get(r.id, _NO_MEMORY), now)
 
     def sleep_save(r: RigInput) -> float:
         return max(0.0, final(r) - IDLE_W) / 1000.0
@@ -369,7 +387,7 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
     def may_shed(r: RigInput) -> bool:
         """A rig already on its way down is not told again: its fall is counted in flight.
         Under a grid deadline a slow throttle in progress may still become a fast sleep."""
-        mm = mem.get(r.id, RigMemory())
+        mm = mem.get(r.id, _NO_MEMORY)
         if not _going_down(r, mm, now):
             return True
         return urgent and mm.mode is Mode.THROTTLE and r.can_sleep
@@ -542,11 +560,26 @@ def remember(
     full_w: float,
 ) -> dict[str, RigMemory]:
     """The planner's memory after an action was sent (`ok`) or failed."""
-    mm = memory.get(action.rig_id, RigMemory())
     out = dict(memory)
+    out[action.rig_id] = remembered(
+        memory.get(action.rig_id, RigMemory()), action, ok, now, timing, full_w
+    )
+    return out
+
+
+def remembered(
+    mm: RigMemory,
+    action: Action,
+    ok: bool,
+    now: float,
+    timing: ModelTiming,
+    full_w: float,
+) -> RigMemory:
+    """One rig's memory `mm` after `action` was sent (`ok`) or failed: `remember` for a
+    caller that updates many rigs at once (a copy of the whole memory per rig would make
+    a curtailment of thousands of rigs quadratic)."""
     if not ok:
-        out[action.rig_id] = failed(mm, now)
-        return out
+        return failed(mm, now)
     kind = action.kind
     settle = now + settle_s(kind, timing)
     if kind is ActionKind.SLEEP:
@@ -560,5 +593,4 @@ def remember(
         full = action.watts is None or action.watts >= full_w - 1.0
         mode, target = (Mode.RUN, None) if full else (Mode.THROTTLE, action.watts)
     since = mm.since if mode is mm.mode else now
-    out[action.rig_id] = RigMemory(mode, since, settle, action.expected_w, target, 0, 0.0)
-    return out
+    return RigMemory(mode, since, settle, action.expected_w, target, 0, 0.0)

@@ -27,8 +27,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli import cmd_check_config, default_config_path, print_config_error
+from controller.cli import (
+    cmd_check_config,
+    credentials_arg,
+    default_config_path,
+    print_config_error,
+)
 from controller.config import AdminConfig, ConfigError, load_config
+from controller.credentials import Credentials
 from controller.grid import cli as grid_cli
 
 EXIT_REFUSED = 1
@@ -131,6 +137,12 @@ def print_status(doc: dict[str, Any], out: Console) -> None:
         )
     if not doc.get("meter_ok"):
         out.print("[red]the import meter is not answering: import is estimated[/red]")
+    db = doc.get("state_db")
+    if db and not db.get("ok"):
+        out.print(
+            f"[red]state database failing ({db.get('error_kind')}) since {_when(db['since'])} UTC: "
+            f"{db.get('unsaved')} write(s) wait in memory; {db.get('error')}[/red]"
+        )
     ov = doc.get("override")
     if ov:
         out.print(
@@ -318,7 +330,8 @@ def _socket_of_broken(path: str) -> Path:
 
 def _client(args: argparse.Namespace) -> AdminClient:
     try:
-        cfg = load_config(args.config)
+        # Only the socket is needed: rigd's credentials are its own, not the technician's.
+        cfg = load_config(args.config, credentials=Credentials(None, read=False))
     except ConfigError as e:
         if args.command == "config":  # reload: the daemon would refuse this file anyway
             print_config_error(e, sys.stderr)
@@ -400,6 +413,45 @@ def cmd_scan(args: argparse.Namespace) -> int:
         )
         if added:
             print("apply with: rigctl config reload")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Draw the site's history; reads the state database itself (read-only), so it works
+    whether or not the daemon runs, and on a copy of the file (--db)."""
+    from controller.history import HistoryError, read_last
+    from controller.report import FORMATS, ReportError, write_report
+
+    out = Path(args.out)
+    if out.suffix.lower() not in FORMATS:
+        print(f"rigctl: --out must end in .png or .html, not {out.name!r}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    site = "rigd"
+    if args.db:
+        db = Path(args.db)
+    else:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print_config_error(e, sys.stderr)
+            print("rigctl: cannot find the state database; name it with --db", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        db, site = cfg.site.state_dir / "rigd.sqlite", f"site {cfg.site.id}"
+    try:
+        rows = read_last(db, args.since)
+    except HistoryError as e:
+        print(f"rigctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if not rows:
+        print(f"rigctl: no history in {db} (rigd keeps it while [control] is on)", file=sys.stderr)
+        return EXIT_REFUSED
+    title = f"rigd {site}: {_when(rows[0].ts)} to {_when(rows[-1].end)} UTC"
+    try:
+        write_report(rows, out, title)
+    except (ReportError, OSError) as e:
+        print(f"rigctl: report not written: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"{out}: {len(rows)} steps, {title.split(': ', 1)[1]}")
     return 0
 
 
@@ -585,12 +637,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--add", action="store_true", help="add new miners to the config file")
     json_arg(sp)
     sp.set_defaults(func=cmd_scan)
+    sp = sub.add_parser(
+        "report",
+        help="a picture of import vs cap, grid orders, the budget and rigs, from the history",
+        description="Draw the site's history from the state database (read-only; the daemon "
+        "need not run): import vs cap with grid orders shaded, the energy budget's burn-down, "
+        "rigs by state and hashrate. The window ends at the newest history row.",
+    )
+    sp.add_argument("--since", type=parse_duration, default=86400.0, help="e.g. 24h (default)")
+    sp.add_argument("--out", required=True, metavar="FILE", help="FILE.png or FILE.html")
+    sp.add_argument("--db", metavar="FILE", help="a state database (default: from the config)")
+    sp.set_defaults(func=cmd_report)
     grid_cli.add_parser(sub, parse_duration)
     cfg = sub.add_parser("config", help="work with the config file")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     chk = cfg_sub.add_parser(
         "check", help="validate the config file; exit 1 listing every problem with its line"
     )
+    credentials_arg(chk)
     chk.set_defaults(func=cmd_check_config)  # the very check `rigd check-config` runs
     cfg_sub.add_parser(
         "reload", help="make the running daemon read its config again, keeping its state"

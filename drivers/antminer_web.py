@@ -172,7 +172,7 @@ def parse_work_mode(conf: Mapping[str, Any], *, device: str = "") -> int | None:
         stripped = value.strip()
         if stripped == "":
             return NORMAL
-        if stripped.isdigit():
+        if re.fullmatch(r"[0-9]{1,9}", stripped):  # not isdigit(): "²" is a digit to it
             return int(stripped)
     raise MalformedReply(
         f"bitmain-work-mode is {value!r}, not a mode number",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -229,7 +230,7 @@ def snmp_text(value: Any, *, device: str = "", what: str = "") -> str | None:
     if isinstance(value, univ.OctetString):
         raw = bytes(value)
     elif isinstance(value, bytes | str):
-        raw = value.encode() if isinstance(value, str) else value
+        raw = value.encode(errors="replace") if isinstance(value, str) else value
     else:
         raise MalformedReply(
             f"{what or 'value'} is {type(value).__name__}, expected a string",
@@ -242,7 +243,10 @@ def snmp_text(value: Any, *, device: str = "", what: str = "") -> str | None:
 def _scaled(raw: int | None, scale: float, limit: float, *, device: str, what: str) -> float | None:
     if raw is None:
         return None
-    value = raw * scale
+    try:
+        value = raw * scale
+    except OverflowError:  # BER integers have no size limit; no float holds this one
+        value = math.inf
     if not 0.0 <= value <= limit:
         raise MalformedReply(
             f"{what} {value:g} outside the plausible 0..{limit:g}", device=device, operation="read"

@@ -41,8 +41,11 @@ from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
     MAX_REPLY_BYTES,
+    MAX_RIG_HASHRATE_THS,
+    MAX_RIG_POWER_W,
     CGMinerClient,
     first,
+    measure,
     parse_telemetry,
     section,
     to_float,
@@ -240,6 +243,13 @@ class BraiinsRestClient:
                 device=self.device,
                 operation=operation,
             )
+        if not (token.isascii() and token.strip().isprintable()):
+            # It goes back in an HTTP header, where control characters could inject others.
+            raise MalformedReply(
+                f"login reply has a token that cannot be an HTTP header: {snippet(repr(token))}",
+                device=self.device,
+                operation=operation,
+            )
         timeout_s = to_float(reply.get("timeout_s"))
         self._token = token.strip()
         self._token_timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
@@ -349,7 +359,7 @@ def _positive(value: Any) -> float | None:
 
 def _mhs_to_ths(value: Any) -> float | None:
     f = to_float(value)
-    return None if f is None else f * 1e-6
+    return None if f is None else measure(f * 1e-6, MAX_RIG_HASHRATE_THS)
 
 
 def _dict(value: Any) -> Mapping[str, Any]:
@@ -495,7 +505,7 @@ def parse_bosminer_telemetry(
     hashrate = base.hashrate_ths
     if hashrate is None:
         rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
-        hashrate = sum(rates) if rates else None
+        hashrate = measure(sum(rates), MAX_RIG_HASHRATE_THS) if rates else None
     nominals = [n for d in dev_by_id.values() if (n := _positive(d.get("Nominal MHS")))]
     fan_rpms = [
         rpm
@@ -507,13 +517,14 @@ def parse_bosminer_telemetry(
     chip_temps = [b.chip_temp_c for b in boards if b.chip_temp_c is not None]
     if version is not None or devdetails is not None or identity is None:
         identity = parse_bos_identity(version, devdetails)
+    nominal = measure(sum(nominals) * 1e-6, MAX_RIG_HASHRATE_THS) if nominals else None
     return dataclasses.replace(
         base,
         state=RigState.MINING if hashrate and hashrate > 0 else RigState.WAKING,
         hashrate_ths=hashrate,
-        power_w=to_float(tuner.get("ApproximateMinerPowerConsumption")),
-        power_limit_w=_positive(tuner.get("PowerLimit")),
-        nominal_hashrate_ths=sum(nominals) * 1e-6 if nominals else None,
+        power_w=measure(to_float(tuner.get("ApproximateMinerPowerConsumption")), MAX_RIG_POWER_W),
+        power_limit_w=measure(_positive(tuner.get("PowerLimit")), MAX_RIG_POWER_W),
+        nominal_hashrate_ths=nominal,
         temp_c=max(board_temps) if board_temps else None,
         chip_temp_c=max(chip_temps) if chip_temps else None,
         fans_rpm=tuple(fan_rpms),

@@ -14,12 +14,11 @@ there is no connection to pool or keep alive; the cost of a poll is one connect.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 
@@ -41,9 +40,18 @@ DEFAULT_PORT: Final = 4028
 MAX_REPLY_BYTES: Final = 1 << 20  # a stats reply is a few KiB; 1 MiB means something is wrong
 READ_CHUNK: Final = 65_536
 MAX_FANS: Final = 32
+# Plausibility bounds of one rig's figures: a reply beyond them is misread, not a rig, and
+# the planner adds rig powers up, so one absurd figure would distort the whole farm's estimate.
+MAX_RIG_POWER_W: Final = 100_000.0  # ten times the hungriest hydro-cooled rig
+MAX_RIG_HASHRATE_THS: Final = 100_000.0  # 100 PH/s; the fastest rigs do about 1 PH/s
 _SUCCESS_LETTERS: Final = frozenset({"S", "I", "W"})
 _ERROR_LETTERS: Final = frozenset({"E", "F"})
 _SPECIAL_STATUS: Final = frozenset({"BYE", "RESTART"})
+# Compiled once: a farm parses thousands of replies a second.
+_NUMBER: Final = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+_CHAIN_KEY: Final = re.compile(r"chain_(?:acn|rate)(\d+)")
+_CHAIN_PREFIXES: Final = ("chain_acn", "chain_rate")
+_FAN_KEY: Final = re.compile(r"fan(\d+)")
 
 
 class CGMinerRejected(CommandRejected):
@@ -109,6 +117,12 @@ def check_status(reply: Mapping[str, Any], *, device: str = "", operation: str =
     else:
         raise MalformedReply("reply has no STATUS", device=device, operation=operation)
     letter = entry.get("STATUS")
+    if not isinstance(letter, str):
+        raise MalformedReply(
+            f"STATUS is {snippet(repr(letter))}, not a status letter",
+            device=device,
+            operation=operation,
+        )
     if letter in _SUCCESS_LETTERS:
         return
     code = to_int(entry.get("Code"))
@@ -233,7 +247,7 @@ class CGMinerClient:
         attempts = self.retries + 1
         for attempt in range(attempts):
             try:
-                return await self._exchange(data, operation)
+                return await self.exchange(data, operation)
             except (DeviceTimeout, DeviceUnreachable) as exc:
                 if attempt + 1 >= attempts:
                     raise
@@ -247,32 +261,26 @@ class CGMinerClient:
                 await asyncio.sleep(self.backoff_s * (2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    async def _exchange(self, data: bytes, operation: str) -> bytes:
-        """One connect/send/read-to-NUL-or-EOF under a single deadline."""
-        connected = False
-        writer: asyncio.StreamWriter | None = None
-        buf = bytearray()
+    async def exchange(self, data: bytes, operation: str) -> bytes:
+        """One connect/send/read-to-NUL-or-EOF under a single deadline, no retries: the
+        raw framing of 4028, which btminer's native commands share (drivers/whatsminer.py).
+
+        A bare protocol rather than streams: a farm makes thousands of these a second, and a
+        StreamReader/StreamWriter pair per request costs a third more CPU than the exchange."""
+        loop = asyncio.get_running_loop()
         where = {"device": self.device, "operation": operation}
+        done: asyncio.Future[bytes] = loop.create_future()
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-                connected = True
-                writer.write(data)
-                await writer.drain()
-                while True:
-                    chunk = await reader.read(READ_CHUNK)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    nul = buf.find(b"\x00", len(buf) - len(chunk))  # only the new bytes
-                    if nul >= 0:
-                        del buf[nul:]
-                    if len(buf) > self.max_reply_bytes:
-                        raise MalformedReply(f"reply exceeds {self.max_reply_bytes} bytes", **where)
-                    if nul >= 0:
-                        break
+                transport, _ = await loop.create_connection(
+                    lambda: _OneReply(data, self.max_reply_bytes, done, where),
+                    self.host,
+                    self.port,
+                )
+                buf = await done
         except TimeoutError as exc:
-            if not connected:
+            if transport is None:
                 raise DeviceUnreachable(
                     f"connect to {self.host}:{self.port} timed out after {self.timeout:g}s",
                     **where,
@@ -285,13 +293,53 @@ class CGMinerClient:
                 f"{self.host}:{self.port}: {exc.strerror or type(exc).__name__}", **where
             ) from exc
         finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+            if transport is not None:
+                transport.close()
+            if not done.done():
+                done.cancel()
         if not buf:
             raise DeviceUnreachable("connection closed without a reply", **where)
-        return bytes(buf)
+        return buf
+
+
+class _OneReply(asyncio.Protocol):
+    """Sends one request and collects the reply: up to a NUL (which is dropped) or EOF."""
+
+    def __init__(
+        self, data: bytes, limit: int, done: asyncio.Future[bytes], where: dict[str, str]
+    ) -> None:
+        self.data = data
+        self.limit = limit
+        self.done = done
+        self.where = where
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.WriteTransport, transport).write(self.data)  # uvloop's is not a subclass
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.done.done():
+            return
+        nul = chunk.find(b"\x00")
+        self.buf += chunk if nul < 0 else chunk[:nul]
+        if len(self.buf) > self.limit:
+            self.done.set_exception(
+                MalformedReply(f"reply exceeds {self.limit} bytes", **self.where)
+            )
+        elif nul >= 0:
+            self.done.set_result(bytes(self.buf))
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(bytes(self.buf))
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(bytes(self.buf))
+            else:
+                self.done.set_exception(exc)
 
 
 # -- reply parsing ----------------------------------------------------------------------
@@ -302,15 +350,30 @@ def to_float(value: Any) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        f = float(value)
-    elif isinstance(value, str):
-        m = re.match(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", value)
-        if not m:
+        try:
+            f = float(value)
+        except OverflowError:  # a JSON integer beyond any float
             return None
-        f = float(m.group(1))
+    elif isinstance(value, str):
+        whole, dot, frac = value.partition(".")
+        if whole.isdecimal() and (not dot or frac.isdecimal()):
+            f = float(value)  # the common "64" or "36544.52": what the pattern would read
+        else:
+            m = _NUMBER.match(value)
+            if not m:
+                return None
+            f = float(m.group(1))
     else:
         return None
     return f if math.isfinite(f) else None
+
+
+def measure(value: float | None, limit: float) -> float | None:
+    """A power or hashrate fit for telemetry: finite, not negative and at most `limit`.
+
+    Anything else is None, "not known", as for a field the firmware does not send.
+    """
+    return value if value is not None and 0.0 <= value <= limit else None
 
 
 def to_int(value: Any) -> int | None:
@@ -343,7 +406,7 @@ def _rate_ths(entry: Mapping[str, Any], suffix: str) -> float | None:
     for prefix in ("GHS", "THS", "MHS", "KHS"):
         value = to_float(entry.get(f"{prefix} {suffix}"))
         if value is not None:
-            return value * _UNIT_TO_THS[prefix[:-1]]
+            return measure(value * _UNIT_TO_THS[prefix[:-1]], MAX_RIG_HASHRATE_THS)
     return None
 
 
@@ -360,7 +423,7 @@ def _device_stats(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """The STATS item that carries the chains (STATS[1] on Antminer; STATS[0] is the version)."""
     items = section(stats, "STATS")
     for item in items:
-        if any(str(k).startswith(("chain_rate", "chain_acn")) for k in item):
+        if any(str(k).startswith(_CHAIN_PREFIXES) for k in item):
             return item
     return items[-1] if items else {}
 
@@ -368,7 +431,11 @@ def _device_stats(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
 def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:
     nums: set[int] = set()
     for key in dev:
-        m = re.fullmatch(r"chain_(?:acn|rate)(\d+)", str(key))
+        m = (
+            _CHAIN_KEY.fullmatch(key)
+            if isinstance(key, str) and key.startswith(_CHAIN_PREFIXES)
+            else None
+        )
         if m:
             nums.add(int(m.group(1)))
     return sorted(nums)
@@ -380,7 +447,10 @@ def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
     Chain numbering starts at 1 on S19, 6 on S9, 11 elsewhere; a slot with no chips and an
     empty rate is an empty slot, not a dead board.
     """
-    dev = _device_stats(stats)
+    return _hashboards(_device_stats(stats))
+
+
+def _hashboards(dev: Mapping[str, Any]) -> tuple[Hashboard, ...]:
     nums = _chain_numbers(dev)
     if not nums:
         return ()
@@ -395,7 +465,7 @@ def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
             continue
         pcb = _temps(dev.get(f"temp_pcb{n}")) or _temps(dev.get(f"temp{n}"))
         chip = _temps(dev.get(f"temp_chip{n}")) or _temps(dev.get(f"temp2_{n}"))
-        ths = None if rate is None else rate * scale
+        ths = None if rate is None else measure(rate * scale, MAX_RIG_HASHRATE_THS)
         boards.append(
             Hashboard(
                 index=n - nums[0],
@@ -410,10 +480,13 @@ def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
 
 
 def parse_fans(stats: Mapping[str, Any] | None) -> tuple[int, ...]:
-    dev = _device_stats(stats)
+    return _fans(_device_stats(stats))
+
+
+def _fans(dev: Mapping[str, Any]) -> tuple[int, ...]:
     count = to_int(dev.get("fan_num"))
     if count is None:
-        keys = [int(m.group(1)) for k in dev if (m := re.fullmatch(r"fan(\d+)", str(k)))]
+        keys = [int(m.group(1)) for k in dev if (m := _FAN_KEY.fullmatch(str(k)))]
         count = max(keys, default=0)
     fans = []
     for i in range(1, min(count, MAX_FANS) + 1):  # fan_num is firmware-supplied: bound it
@@ -457,13 +530,13 @@ def parse_power_limit(
     """The power target in force: ATM's PowerTarget when ATM drives it, else the profile's."""
     atm_entry = first(atm, "ATM")
     if atm_entry.get("Enabled") is True:
-        target = to_float(atm_entry.get("PowerTarget"))
+        target = measure(to_float(atm_entry.get("PowerTarget")), MAX_RIG_POWER_W)
         if target:
             return target
     name = first(config, "CONFIG").get("Profile")
     if not isinstance(name, str) or not profile_watts:
         return None
-    return profile_watts.get(name)
+    return measure(profile_watts.get(name), MAX_RIG_POWER_W)
 
 
 def parse_telemetry(
@@ -493,24 +566,25 @@ def parse_telemetry(
         raise MalformedReply(
             "neither SUMMARY nor device STATS in the replies", device=device, operation="read"
         )
-    boards = parse_hashboards(stats)
+    boards = _hashboards(dev)
     hashrate = _rate_ths(summ, "5s")
     if hashrate is None:
         hashrate = _rate_ths(dev, "5s")
     if hashrate is None and boards:
         rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
-        hashrate = sum(rates) if rates else None
+        hashrate = measure(sum(rates), MAX_RIG_HASHRATE_THS) if rates else None
 
-    power_w = to_float(first(power, "POWER").get("Watts"))
-    if power_w is None:
-        power_w = to_float(dev.get("chain_power"))  # some stock builds: "3250 W"
+    power_w = measure(to_float(first(power, "POWER").get("Watts")), MAX_RIG_POWER_W)
+    if power_w is None:  # some stock builds: "3250 W"
+        power_w = measure(to_float(dev.get("chain_power")), MAX_RIG_POWER_W)
 
     conf = first(config, "CONFIG")
-    nominal = to_float(conf.get("NameplateTHS"))
+    nominal = measure(to_float(conf.get("NameplateTHS")), MAX_RIG_HASHRATE_THS)
     if nominal is None:
         ideal = to_float(dev.get("total_rateideal"))
         unit = str(dev.get("rate_unit", "GH")).upper().removesuffix("/S")
-        nominal = None if ideal is None else ideal * _UNIT_TO_THS.get(unit, 1e-3)
+        scale = _UNIT_TO_THS.get(unit, 1e-3)
+        nominal = None if ideal is None else measure(ideal * scale, MAX_RIG_HASHRATE_THS)
 
     curtail = str(conf.get("CurtailMode", "")).strip().lower()
     if curtail in ("sleep", "sleeping", "idle"):
@@ -536,7 +610,7 @@ def parse_telemetry(
         nominal_hashrate_ths=nominal,
         temp_c=max(board_temps) if board_temps else None,
         chip_temp_c=max(chip_temps) if chip_temps else None,
-        fans_rpm=parse_fans(stats),
+        fans_rpm=_fans(dev),
         hashboards=boards,
         uptime_s=uptime,
         identity=identity,

@@ -8,6 +8,7 @@ never a guessed zero.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -59,10 +60,15 @@ class RigTelemetry:
 
     @property
     def efficiency_j_per_th(self) -> float | None:
-        """Joules per terahash; None unless both power and a non-zero hashrate are known."""
+        """Joules per terahash; None unless both power and a non-zero hashrate are known.
+
+        Also None when the ratio is not finite (a trickle of hashrate under full power):
+        the state document goes out as strict JSON, which has no Infinity.
+        """
         if self.power_w is None or not self.hashrate_ths:
             return None
-        return self.power_w / self.hashrate_ths
+        eff = self.power_w / self.hashrate_ths
+        return eff if math.isfinite(eff) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,12 +51,14 @@ import structlog
 import drivers.miner as miner_api
 from drivers.cgminer import (
     MAX_REPLY_BYTES,
-    READ_CHUNK,
+    MAX_RIG_HASHRATE_THS,
+    MAX_RIG_POWER_W,
     CGMinerClient,
     CGMinerRejected,
     check_status,
     decode_reply,
     first,
+    measure,
     section,
     to_float,
     to_int,
@@ -153,6 +155,23 @@ def _positive(value: float | None) -> float | None:
     return value if value is not None and value > 0 else None
 
 
+def _ths(value: float | None) -> float | None:
+    return measure(value, MAX_RIG_HASHRATE_THS)
+
+
+def _watts(value: float | None) -> float | None:
+    return measure(value, MAX_RIG_POWER_W)
+
+
+def _encodable(text: str) -> bool:
+    """Whether text can go into a hash or onto the wire (JSON may carry lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _first_number(entry: Mapping[str, Any], keys: Sequence[str]) -> float | None:
     for key in keys:
         v = to_float(entry.get(key))
@@ -169,7 +188,10 @@ def fw_date(version: str) -> int | None:
 
 def api_version_tuple(text: str) -> tuple[int, ...] | None:
     parts = re.findall(r"\d+", text)
-    return tuple(int(p) for p in parts[:3]) if parts else None
+    try:
+        return tuple(int(p) for p in parts[:3]) if parts else None
+    except ValueError:  # more digits than int() converts: not a version
+        return None
 
 
 def model_name(miner_type: str) -> str:
@@ -252,7 +274,7 @@ def parse_v2_boards(devs: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
         if index is None:
             index = to_int(item.get("ASC"))
         mhs = _first_number(item, ("MHS 5s", "MHS 1m", "MHS av"))
-        ths = None if mhs is None else mhs * 1e-6
+        ths = None if mhs is None else _ths(mhs * 1e-6)
         chips = to_int(item.get("Effective Chips"))
         boards.append(
             Hashboard(
@@ -307,14 +329,14 @@ def parse_v2_telemetry(
         raise MalformedReply("no SUMMARY in the summary reply", device=device, operation="read")
     boards = parse_v2_boards(devs)
     mhs = _first_number(summ, ("HS RT", "MHS 5s", "MHS 1m", "MHS av"))
-    hashrate = None if mhs is None else mhs * 1e-6
+    hashrate = None if mhs is None else _ths(mhs * 1e-6)
     if hashrate is None and boards:
         rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
-        hashrate = sum(rates) if rates else None
+        hashrate = _ths(sum(rates)) if rates else None
     st = v2_msg(status)
-    limit = _positive(to_float(summ.get("Power Limit")))
+    limit = _positive(_watts(to_float(summ.get("Power Limit"))))
     if limit is None:
-        limit = _positive(to_float(st.get("power_limit_set")))
+        limit = _positive(_watts(to_float(st.get("power_limit_set"))))
     factory_ghs = to_float(summ.get("Factory GHS"))
     fans = tuple(
         v
@@ -336,9 +358,9 @@ def parse_v2_telemetry(
         ts=ts,
         state=state,
         hashrate_ths=hashrate,
-        power_w=_first_number(summ, ("Power", "Power_RT")),
+        power_w=_watts(_first_number(summ, ("Power", "Power_RT"))),
         power_limit_w=limit,
-        nominal_hashrate_ths=None if factory_ghs is None else factory_ghs * 1e-3,
+        nominal_hashrate_ths=None if factory_ghs is None else _ths(factory_ghs * 1e-3),
         temp_c=max(board_temps) if board_temps else _positive(to_float(summ.get("Temperature"))),
         chip_temp_c=max(chip_temps)
         if chip_temps
@@ -395,7 +417,7 @@ def parse_v3_telemetry(
         if index is None:
             index = to_int(item.get("id"))
         index = n if index is None else index
-        ths = _first_number(item, ("hash-realtime", "hash-average"))
+        ths = _ths(_first_number(item, ("hash-realtime", "hash-average")))
         chips = to_int(item.get("effective-chips"))
         temp = to_float(board_temps[index]) if 0 <= index < len(board_temps) else None
         boards.append(
@@ -408,7 +430,7 @@ def parse_v3_telemetry(
                 active=bool(ths and ths > 0),
             )
         )
-    hashrate = _first_number(summ, ("hash-realtime", "hash-1min", "hash-average"))
+    hashrate = _ths(_first_number(summ, ("hash-realtime", "hash-1min", "hash-average")))
     working = _bool(_mapping(v3_msg(device_info).get("miner")).get("working"))
     if working is False:
         state = RigState.SLEEPING
@@ -430,9 +452,9 @@ def parse_v3_telemetry(
         ts=ts,
         state=state,
         hashrate_ths=hashrate,
-        power_w=_first_number(summ, ("power-realtime", "power-5min")),
-        power_limit_w=_positive(to_float(summ.get("power-limit"))),
-        nominal_hashrate_ths=to_float(summ.get("factory-hash")),
+        power_w=_watts(_first_number(summ, ("power-realtime", "power-5min"))),
+        power_limit_w=_positive(_watts(to_float(summ.get("power-limit")))),
+        nominal_hashrate_ths=_ths(to_float(summ.get("factory-hash"))),
         temp_c=max(temps) if temps else None,
         chip_temp_c=_positive(to_float(summ.get("chip-temp-max"))),
         fans_rpm=fans,
@@ -516,53 +538,12 @@ class BTMinerV2Client:
         self._token_t = 0.0
         self.token_fetches = 0
 
-    async def _exchange(self, data: bytes, operation: str) -> bytes:
-        """One connect/send/read-to-NUL-or-EOF under a single deadline."""
-        connected = False
-        writer: asyncio.StreamWriter | None = None
-        buf = bytearray()
-        where = {"device": self.device, "operation": operation}
-        try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-                connected = True
-                writer.write(data)
-                await writer.drain()
-                while True:
-                    chunk = await reader.read(READ_CHUNK)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    nul = buf.find(b"\x00", len(buf) - len(chunk))
-                    if nul >= 0:
-                        del buf[nul:]
-                        break
-                    if len(buf) > self.max_reply_bytes:
-                        raise MalformedReply(f"reply exceeds {self.max_reply_bytes} bytes", **where)
-        except TimeoutError as exc:
-            if not connected:
-                raise DeviceUnreachable(
-                    f"connect to {self.host}:{self.port} timed out after {self.timeout:g}s", **where
-                ) from exc
-            raise DeviceTimeout(f"no reply within {self.timeout:g}s", **where) from exc
-        except DeviceError:
-            raise
-        except OSError as exc:
-            raise DeviceUnreachable(
-                f"{self.host}:{self.port}: {exc.strerror or type(exc).__name__}", **where
-            ) from exc
-        finally:
-            await _close(writer)
-        if not buf:
-            raise DeviceUnreachable("connection closed without a reply", **where)
-        return bytes(buf)
-
     async def native(self, cmd: str, **params: str) -> Json:
         """A plaintext btminer command (`status`, `get_version`, ...), status checked."""
         data = json.dumps({"command": cmd, **params}, separators=(",", ":")).encode()
 
         async def once() -> bytes:
-            return await self._exchange(data, cmd)
+            return await self.cg.exchange(data, cmd)
 
         raw = await _with_retries(
             once, retries=self.retries, backoff_s=self.backoff_s, device=self.device, operation=cmd
@@ -586,9 +567,10 @@ class BTMinerV2Client:
         reply = await self.native("get_token")
         msg = v2_msg(reply)
         fields = [msg.get(k) for k in ("time", "salt", "newsalt")]
-        if not all(isinstance(f, str | int) and str(f) for f in fields):
+        if not all(isinstance(f, str | int) and str(f) and _encodable(str(f)) for f in fields):
             raise MalformedReply(
-                f"get_token reply lacks time/salt/newsalt: {snippet(json.dumps(reply).encode())}",
+                "get_token reply lacks a usable time/salt/newsalt:"
+                f" {snippet(json.dumps(reply).encode())}",
                 device=self.device,
                 operation="get_token",
             )
@@ -626,7 +608,7 @@ class BTMinerV2Client:
             token = await self.token(fresh=attempt > 0)
             plain = json.dumps({"cmd": cmd, **params, "token": token.sign}, separators=(",", ":"))
             envelope = {"enc": 1, "data": aes_ecb_encrypt_b64(token.aes_key, plain.encode())}
-            raw = await self._exchange(json.dumps(envelope).encode(), cmd)
+            raw = await self.cg.exchange(json.dumps(envelope).encode(), cmd)
             reply = self._open(raw, token, cmd)
             try:
                 check_v2_status(reply, device=self.device, operation=cmd)
@@ -746,7 +728,8 @@ class BTMinerV3Client:
         if not isinstance(reply, dict):
             raise MalformedReply("reply is not a JSON object", **where)
         when = reply.get("when")
-        if isinstance(when, int) and not isinstance(when, bool) and when > 0:
+        # Epoch seconds; a value past any plausible clock is ignored, not subtracted.
+        if isinstance(when, int) and not isinstance(when, bool) and 0 < when < 10**12:
             self._offset = when - self.clock()
         return reply
 
@@ -785,7 +768,7 @@ class BTMinerV3Client:
         if self._salt is not None and not fresh:
             return self._salt
         salt = v3_msg(await self.get("get.device.info", "salt")).get("salt")
-        if not isinstance(salt, str) or not salt:
+        if not isinstance(salt, str) or not salt or not _encodable(salt):
             raise MalformedReply(
                 "get.device.info salt reply has no salt", device=self.device, operation="salt"
             )
@@ -861,7 +844,7 @@ class _WhatsminerBase:
 
     def _learn_max(self, *values: float | None) -> None:
         for v in values:
-            if v is not None and v > 0 and math.isfinite(v):
+            if v is not None and 0 < v <= MAX_RIG_POWER_W:  # a misread figure is no maximum
                 self._learned_max = max(self._learned_max or 0.0, v)
         self.capabilities = self._capabilities()
 

@@ -77,6 +77,7 @@ import structlog
 from aiohttp import web
 
 from simulators.farm import Farm, Mode, SimPdu, SimRig
+from simulators.fleet import Fleet
 from simulators.miner_server import (
     BMMINER_COMPILE_TIME,
     POOL_URL,
@@ -591,7 +592,7 @@ class AntminerWebServer:
         task.add_done_callback(self._tasks.discard)
 
 
-class AntminerWebFleet:
+class AntminerWebFleet(Fleet[AntminerWebServer]):
     """The web UI of every stock (bmminer) rig of a farm.
 
     Given the farm's `MinerFleet`, each UI sits on its rig's 4028 address (on `port`, 80 by
@@ -642,17 +643,3 @@ class AntminerWebFleet:
             )
             for rid, (h, p) in addresses.items()
         }
-
-    async def start(self) -> None:
-        try:
-            await asyncio.gather(*(s.start() for s in self.servers.values()))
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self.servers.values()), return_exceptions=True)
-
-    def address_of(self, rig_id: str) -> tuple[str, int]:
-        server = self.servers[rig_id]
-        return server.host, server.port

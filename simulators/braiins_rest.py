@@ -74,6 +74,7 @@ import structlog
 from aiohttp import web
 
 from simulators.farm import Farm, Mode, SimPdu, SimRig
+from simulators.fleet import Fleet
 
 log = structlog.get_logger(__name__)
 
@@ -594,7 +595,7 @@ class BraiinsRestServer:
         return _json({"fans": fans, "highest_temperature": highest})
 
 
-class BraiinsRestFleet:
+class BraiinsRestFleet(Fleet[BraiinsRestServer]):
     """The REST side of every "bosminer" rig of a farm, one server per rig address.
 
     `hosts` maps rig id to the loopback address its 4028 simulator listens on (for a
@@ -618,17 +619,3 @@ class BraiinsRestFleet:
             for rid, host in hosts.items()
             if farm.rigs[rid].firmware == "bosminer"
         }
-
-    async def start(self) -> None:
-        try:
-            await asyncio.gather(*(s.start() for s in self.servers.values()))
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self.servers.values()), return_exceptions=True)
-
-    def address_of(self, rig_id: str) -> tuple[str, int]:
-        server = self.servers[rig_id]
-        return server.host, server.port

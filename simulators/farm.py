@@ -411,9 +411,11 @@ class Farm:
         seed: int = 7,
         id_format: str = "rig-{n:03d}",
     ) -> Farm:
-        """A farm of `rigs` miners spread evenly over `pdus` PDUs, models mixed by weight."""
-        if rigs < 1 or pdus < 1:
-            raise ValueError("a farm needs at least one rig and one PDU")
+        """A farm of `rigs` miners spread evenly over `pdus` PDUs, models mixed by weight.
+
+        `pdus` 0 is a farm without switched PDUs, whose rigs only their firmware controls."""
+        if rigs < 1 or pdus < 0:
+            raise ValueError("a farm needs at least one rig (and no negative count of PDUs)")
         farm = cls(clock)
         weights = models or {
             "Antminer S19 Pro": 0.4,
@@ -432,7 +434,7 @@ class Farm:
             farm.rigs[rid] = SimRig(
                 rid, MODELS[rng.choices(names, w)[0]], t, seed=seed * 100_003 + n
             )
-        per = math.ceil(rigs / pdus)
+        per = math.ceil(rigs / pdus) if pdus else 0
         rig_list = list(farm.rigs.values())
         for p in range(pdus):
             chunk = rig_list[p * per : (p + 1) * per]

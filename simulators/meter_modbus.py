@@ -32,7 +32,7 @@ from simulators.farm import Farm
 log = structlog.get_logger(__name__)
 
 MeterModel = Literal["sdm630", "sunspec"]
-Fault = Literal["silent", "exception", "garbage"]
+Fault = Literal["silent", "exception", "garbage", "slow"]
 
 # Not a Modbus/TCP frame: the protocol-id field (bytes 2-3) is non-zero and the rest is text,
 # the kind of thing a misconfigured serial gateway or a web server on port 502 sends back.
@@ -308,7 +308,8 @@ class MeterServer:
 
     `fault` can be changed at any time and applies to the next request:
     "silent" accepts connections and swallows requests, "exception" answers every read with
-    Modbus exception 4 (device failure), "garbage" answers with bytes that are no Modbus frame.
+    Modbus exception 4 (device failure), "garbage" answers with bytes that are no Modbus frame,
+    "slow" answers each request `slow_s` wall seconds late (a meter behind a busy gateway).
     """
 
     def __init__(
@@ -335,6 +336,7 @@ class MeterServer:
         self.model: MeterModel = model
         self.unit_id = unit_id
         self.fault: Fault | None = None
+        self.slow_s = 1.0
         self.requests = 0  # reads answered from the register map (not counting faults)
         self._bind = (host, port)
         self.host = host
@@ -496,6 +498,8 @@ class MeterServer:
                 writer.write(GARBAGE)
                 await writer.drain()
                 continue
+            if fault == "slow":
+                await asyncio.sleep(self.slow_s)
             up_writer.write(data)
             await up_writer.drain()
 

@@ -74,7 +74,8 @@ Simulator assumptions (where the reference material is silent or unverified):
 Fault injection (`MinerServer.fault`, set with `set_fault`): ``"silent"`` reads the request
 and never answers, holding the socket; ``"garbage"`` answers non-JSON bytes plus NUL;
 ``"truncated"`` answers the first half of the JSON and closes; ``"refuse"`` closes the
-listener so connections are refused (re-opened on the same port when cleared).
+listener so connections are refused (re-opened on the same port when cleared); ``"slow"``
+answers `slow_s` wall seconds late (an overloaded controller board).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ from typing import Any, Final
 import structlog
 
 from simulators.farm import Farm, Mode, SimPdu, SimRig
+from simulators.fleet import Fleet, cancel_connections
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +108,7 @@ MAX_REQUEST_BYTES: Final = 4095  # cgminer: a single recv of TMPBUFSIZ/2 - 1 byt
 DEFAULT_READ_TIMEOUT_S: Final = 10.0
 SESSION_TTL_S: Final = 60.0
 SILENT_HOLD_S: Final = 600.0
-FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse"})
+FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse", "slow"})
 
 LUXOS_VERSION: Final = "2025.4.8.220305-57b389c7"
 LUXOS_DESCRIPTION: Final = f"LUXminer {LUXOS_VERSION}"
@@ -267,6 +269,7 @@ class MinerServer:
         self.port = port
         self.read_timeout = read_timeout
         self.fault: str | None = None
+        self.slow_s = 1.0
         # Test knobs for firmware variants seen in the field.
         self.hide_session_id = False  # `session` answers "" even while one is live
         self.offer_powertargetset = True
@@ -311,12 +314,7 @@ class MinerServer:
 
     async def stop(self) -> None:
         await self._close_listener()
-        conns = list(self._conns)
-        for task in conns:
-            task.cancel()
-        if conns:
-            await asyncio.gather(*conns, return_exceptions=True)
-        self._conns.clear()
+        await cancel_connections(self._conns)
 
     async def set_fault(self, fault: str | None) -> None:
         """Switch fault mode; "refuse" closes the listener, clearing it listens again."""
@@ -376,6 +374,8 @@ class MinerServer:
             writer.write(_GARBAGE + b"\x00")
             await writer.drain()
             return
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
         body = self.respond(request)
         if fault == "truncated":
             writer.write(body[: max(1, (len(body) - 1) // 2)])
@@ -1292,7 +1292,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class MinerFleet:
+class MinerFleet(Fleet[MinerServer]):
     """Every rig of a farm behind its own 4028 listener.
 
     With `subnet` each miner gets its own loopback address on the real port, so a daemon
@@ -1336,17 +1336,3 @@ class MinerFleet:
             for rid, (h, p) in zip(farm.rigs, addresses, strict=True)
             if rid in wanted
         }
-
-    async def start(self) -> None:
-        try:
-            await asyncio.gather(*(s.start() for s in self.servers.values()))
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self.servers.values()), return_exceptions=True)
-
-    def address_of(self, rig_id: str) -> tuple[str, int]:
-        server = self.servers[rig_id]
-        return server.host, server.port

@@ -19,7 +19,7 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final, Literal
 
 import structlog
 from pysnmp.carrier.asyncio.dgram import udp
@@ -63,11 +63,19 @@ _POWER_FACTOR = 0.98  # PSUs of mining rigs run at about this at full load
 _PHASE_RATED_A = 63.0  # for the load-state column only
 
 
+PduFault = Literal["silent", "garbage", "slow"]
+PDU_FAULTS: Final = frozenset({"silent", "garbage", "slow"})
+GARBAGE: Final = b"\x13\x37 not BER at all \xde\xad\xbe\xef"
+
+
 class PduAgent:
     """One simulated PDU on its own UDP port, answering SNMP v1/v2c and v3 (authPriv SHA/AES).
 
-    Set `silent = True` at runtime to drop every datagram unanswered, the way a PDU whose
-    network card has hung looks from the network.
+    `fault` can be changed at any time and applies to the next datagram: "silent" drops
+    every datagram unanswered, the way a PDU whose network card has hung looks from the
+    network (`silent = True` is the same); "garbage" answers each with bytes that are no
+    SNMP message; "slow" answers each `slow_s` seconds late (wall seconds: a management
+    card's latency does not scale with the farm's clock).
     """
 
     MODEL = "AP8959"
@@ -96,7 +104,8 @@ class PduAgent:
         self.pdu: SimPdu = farm.pdus[pdu_id]
         self.host = host
         self.port = port
-        self.silent = False
+        self.fault: PduFault | None = None
+        self.slow_s = 1.0
         self._community = community
         self._write_community = write_community
         self._v3_user = v3_user
@@ -113,6 +122,21 @@ class PduAgent:
         # Object OIDs (a column or a scalar): an absent instance under one is
         # noSuchInstance, anything else noSuchObject, as RFC 3416 asks.
         self._object_prefixes: set[Oid] = {k[:-1] for k in self._keys}
+
+    @property
+    def silent(self) -> bool:
+        return self.fault == "silent"
+
+    @silent.setter
+    def silent(self, value: bool) -> None:
+        self.fault = "silent" if value else None
+
+    def set_fault(self, fault: PduFault | None, *, slow_s: float | None = None) -> None:
+        if fault is not None and fault not in PDU_FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(PDU_FAULTS))}")
+        self.fault = fault
+        if slow_s is not None:
+            self.slow_s = slow_s
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -478,7 +502,15 @@ class _AgentTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
         self._agent = agent
 
     def datagram_received(self, datagram: bytes, transportAddress: Any) -> None:
-        if self._agent.silent or self._callback_function is None:
+        fault = self._agent.fault
+        if fault == "silent" or self._callback_function is None:
+            return
+        if fault == "garbage":
+            if self.transport is not None:
+                self.transport.sendto(GARBAGE, transportAddress)
+            return
+        if fault == "slow":
+            self.loop.call_later(self._agent.slow_s, self._deliver, transportAddress, datagram)
             return
         self.loop.call_soon(self._deliver, transportAddress, datagram)
 

@@ -188,10 +188,7 @@ class SimSite:
         """Where the daemon reaches a rig's API (4433 for an API v3 Whatsminer)."""
         dialect = self.dialects[rig_id]
         if dialect.startswith("whatsminer"):
-            host, v2, v3 = self.whatsminers["v3" if dialect.endswith("v3") else "v2"].address_of(
-                rig_id
-            )
-            return host, v3 or v2
+            return self.whatsminers["v3" if dialect.endswith("v3") else "v2"].address_of(rig_id)
         return self.fleet.address_of(rig_id)
 
     def miner_rows(self, rig_id: str) -> list[str]:

@@ -99,6 +99,7 @@ from drivers.whatsminer_crypto import (
     v3_token,
 )
 from simulators.farm import Clock, Farm, Mode, RigModel, SimPdu, SimRig
+from simulators.fleet import Fleet, cancel_connections
 
 log = structlog.get_logger(__name__)
 
@@ -402,6 +403,11 @@ class WhatsminerServer:
     def serves_v3(self) -> bool:
         return self.api in ("v3", "both")
 
+    @property
+    def port(self) -> int:
+        """The API port a client is configured with: v2's, or v3's when only v3 is served."""
+        return self.port_v2 if self.serves_v2 else self.port_v3
+
     async def start(self) -> None:
         if self._servers:
             return
@@ -441,12 +447,7 @@ class WhatsminerServer:
 
     async def stop(self) -> None:
         await self._close_listeners()
-        conns = list(self._conns)
-        for task in conns:
-            task.cancel()
-        if conns:
-            await asyncio.gather(*conns, return_exceptions=True)
-        self._conns.clear()
+        await cancel_connections(self._conns)
 
     async def set_fault(self, fault: str | None) -> None:
         """Switch fault mode; "refuse" closes the listeners, clearing it listens again."""
@@ -1321,7 +1322,7 @@ class WhatsminerServer:
         return ok
 
 
-class WhatsminerFleet:
+class WhatsminerFleet(Fleet[WhatsminerServer]):
     """Every Whatsminer of a farm (rigs whose firmware is "btminer") behind its own server.
 
     With `subnet` each miner gets its own loopback address on the real ports (4028 and/or
@@ -1375,17 +1376,7 @@ class WhatsminerFleet:
             for rid, (h, p2, p3) in zip(ids, addresses, strict=True)
         }  # fmt: skip
 
-    async def start(self) -> None:
-        try:
-            await asyncio.gather(*(s.start() for s in self.servers.values()))
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self.servers.values()), return_exceptions=True)
-
-    def address_of(self, rig_id: str) -> tuple[str, int, int]:
+    def ports_of(self, rig_id: str) -> tuple[str, int, int]:
         """(host, v2 port, v3 port) of a rig's server (a port is 0 if that API is off)."""
         s = self.servers[rig_id]
         return s.host, s.port_v2 if s.serves_v2 else 0, s.port_v3 if s.serves_v3 else 0

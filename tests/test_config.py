@@ -34,8 +34,9 @@ def test_example_config_loads() -> None:
     assert cfg.site.id == "kg-chui-01"
     assert cfg.site.timezone == "Asia/Bishkek"
     assert cfg.mqtt.tls and cfg.mqtt.port == 8883
-    rigs = {r.id: r for r in cfg.rigs()}
+    rigs = {r.id: r for r in cfg.rigs() if r.miner.driver != "auto"}
     assert len(rigs) == 51
+    assert sum(r.miner.driver == "auto" for r in cfg.rigs()) == 254  # hall-c, to be scanned
     assert rigs["rig-2-11"].host == "10.10.2.11" and rigs["rig-2-60"].host == "10.10.2.60"
     assert rigs["rig-2-11"].outlet == ("pdu-a1", 1)
     assert rigs["s21-spare"].outlet is None and rigs["s21-spare"].miner.driver == "cgminer"
@@ -330,3 +331,9 @@ def test_summary_counts_every_driver() -> None:
         environ={},
     )
     assert "4 miner(s) (1 braiins, 3 whatsminer)" in summarize(cfg)
+
+
+def test_a_range_whose_ids_would_not_be_valid_ids_is_refused() -> None:
+    """Rig ids become MQTT topic levels: a range may not make one with '/' in it."""
+    with pytest.raises(ConfigError, match="makes rig id 'a/b-0-1'"):
+        parse_config('[site]\nid = "s"\n[[miners]]\nrange = "10.0.0.1-3"\nid_prefix = "a/b"\n')

@@ -49,7 +49,11 @@ def test_demo_script_holds_the_cap_and_restores_without_overshoot() -> None:
     gradually after it ends."""
     r = demo("--headless", "--duration", "15", "--rigs", "30", "--pdus", "2", "--speed", "20")
     assert r.returncode == 0, r.stderr
-    docs = [json.loads(line) for line in r.stdout.splitlines()]
+    everything = [json.loads(line) for line in r.stdout.splitlines()]
+    # A cycle whose meter read timed out (a loaded CI host) has no import figure: judge the
+    # cap on the cycles that measured it, and require that nearly all did.
+    docs = [d for d in everything if d["import_kw"] is not None]
+    assert len(docs) >= 0.8 * len(everything), len(everything) - len(docs)
     dropped = [i for i, d in enumerate(docs) if d["cap_source"] == "grid"]
     assert dropped, "the script never dropped the cap"
     i0, i1 = dropped[0], dropped[-1]

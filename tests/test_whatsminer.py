@@ -909,7 +909,7 @@ async def test_fleet_on_a_subnet_serves_both_apis() -> None:
     fleet = WhatsminerFleet(farm, subnet=subnet, api="both", super_password=PASSWORD)
     await fleet.start()
     try:
-        host, p2, p3 = fleet.address_of("wm-002")
+        host, p2, p3 = fleet.ports_of("wm-002")
         assert (p2, p3) == (4028, 4433) and host.endswith(".2")
         rig = farm.rigs["wm-002"]
         v2 = WhatsminerDriver("wm-002", host, p2, clock=clock.now)
@@ -922,7 +922,7 @@ async def test_fleet_on_a_subnet_serves_both_apis() -> None:
         assert rig.mode is Mode.SLEEPING
         with socket.socket() as probe:
             probe.settimeout(1)
-            probe.connect(fleet.address_of("wm-003")[:2])
+            probe.connect(fleet.ports_of("wm-003")[:2])
     finally:
         await fleet.stop()
 

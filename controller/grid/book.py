@@ -170,6 +170,31 @@ class OrderBook:
         li = d.get("last_import")
         self.last_import = (float(li[0]), float(li[1])) if li else None
 
+    def shift_local_times(self, dt: float, *, heartbeat: bool = True) -> None:
+        """The wall clock stepped by `dt` s: move what rigd timed itself (heartbeat timeout,
+        failsafe durations, report pacing, the compliance clock), not the orders' own start,
+        end and deadline, which are the operator's wall-clock times. `heartbeat=False` keeps
+        the heartbeat's stamp (`load` has just given it a fresh timeout from now)."""
+
+        def sh(t: float | None) -> float | None:
+            return None if t is None else t + dt
+
+        f = self.failsafe
+        if heartbeat:
+            f.last_heartbeat = sh(f.last_heartbeat)
+        f.back_since, f.since, f.fresh_order_at = (
+            sh(f.back_since),
+            sh(f.since),
+            sh(f.fresh_order_at),
+        )
+        for o in self.orders.values():
+            o.received_at += dt
+            o.last_obs_ts = sh(o.last_obs_ts)
+            if o.last_report_ts:
+                o.last_report_ts += dt
+        if self.last_import is not None:
+            self.last_import = (self.last_import[0] + dt, self.last_import[1])
+
     # -- messages ---------------------------------------------------------------------------
 
     def level_kw(self, level: int) -> float:

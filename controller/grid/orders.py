@@ -9,7 +9,6 @@ one refused: a misspelt `max_import_kW` silently ignored would leave the farm un
 from __future__ import annotations
 
 import datetime as dt
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -67,7 +66,8 @@ def parse_time(v: object) -> float:
     if isinstance(v, bool):
         raise ValueError("a time is a number of epoch seconds or RFC 3339 text, not a boolean")
     if isinstance(v, int | float):
-        if not math.isfinite(v) or not 0 <= v <= 1e11:
+        # Compared, not converted: a JSON integer may be too large for a float (and NaN fails).
+        if not 0 <= v <= 1e11:
             raise ValueError("epoch seconds out of range")
         return float(v)
     if isinstance(v, str):

@@ -133,6 +133,12 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         raise Rejected("malformed", f"not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise Rejected("malformed", "the order must be a JSON object")
+    try:  # "\ud800" is valid JSON but no text: it could not be logged, stored or echoed
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise Rejected(
+            "malformed", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+        ) from e
     return data
 
 
@@ -182,8 +188,8 @@ class Verifier:
             raise Rejected("too_large", f"{len(raw)} bytes")
         data, _ = self._verify_jws(raw.strip())
         iat = data.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, int | float):
-            raise Rejected("invalid", "a heartbeat needs a numeric iat")
+        if isinstance(iat, bool) or not isinstance(iat, int | float) or not 0 <= iat <= 1e11:
+            raise Rejected("invalid", "a heartbeat needs a numeric iat (epoch seconds)")
         skew = self.grid.clock_skew_s
         hb = self.grid.heartbeat
         if iat > now + skew:
@@ -199,7 +205,7 @@ class Verifier:
         try:
             token = text.decode("ascii")
             header = jwt.get_unverified_header(token)
-        except (UnicodeDecodeError, jwt.DecodeError) as e:
+        except (UnicodeDecodeError, jwt.InvalidTokenError) as e:  # e.g. a kid that is no string
             raise Rejected("malformed", f"not a compact JWS: {e}") from e
         hint = peek_jws_payload(token)
         alg = header.get("alg")

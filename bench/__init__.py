@@ -1,0 +1,1 @@
+"""Benchmarks: timing and scale targets, measured on simulated farms over loopback."""
