@@ -16,6 +16,15 @@ from typing import Any
 
 import aiomqtt
 import pytest
+import structlog
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """A test that configures logging in-process (the bench, rigd's CLI at "warning") must
+    not silence the info events a later test captures with `capture_logs`."""
+    yield
+    structlog.reset_defaults()
 
 
 def _free_port() -> int:
