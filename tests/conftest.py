@@ -18,6 +18,10 @@ import aiomqtt
 import pytest
 import structlog
 
+from controller.config import Config
+from controller.daemon import Daemon
+from simulators.site import SimSite
+
 
 @pytest.fixture(autouse=True)
 def _fresh_structlog() -> Iterator[None]:
@@ -167,3 +171,16 @@ async def watch(url_host: str, port: int, topic: str = "rigd/#") -> AsyncIterato
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await task
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config, site: SimSite) -> AsyncIterator[Daemon]:
+    """The daemon's loop over a simulated site, in this process, stopped cleanly on exit."""
+    daemon = Daemon(cfg, clock=site.clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from controller.config import Config, parse_config
 from controller.daemon import Daemon
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
-from tests.conftest import Mosquitto, watch
+from tests.conftest import Mosquitto, running, watch
 
 SPEED = 20.0  # farm seconds per wall second: a 6 s sleep shows in 0.3 s
 
@@ -33,18 +32,6 @@ def make_config(site: SimSite, broker: Mosquitto, tmp_path: Path, **kw: float) -
         retries=int(kw.get("retries", 0)),
     )
     return parse_config(text, environ={})
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config, site: SimSite) -> AsyncIterator[Daemon]:
-    daemon = Daemon(cfg, clock=site.clock)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 async def test_retained_topics_carry_the_farm_and_track_it(

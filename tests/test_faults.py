@@ -43,7 +43,7 @@ from simulators.clock import ScaledClock
 from simulators.farm import Farm
 from simulators.farm import Mode as RigMode
 from simulators.site import SimSite
-from tests.conftest import Mosquitto, watch
+from tests.conftest import Mosquitto, running, watch
 from tests.grid_helpers import Operator, grid_toml, order
 from tests.sim_harness import SimHarness
 
@@ -165,18 +165,6 @@ escalate_after_s = 120
 ramp_kw_per_interval = {full * 0.25:.1f}
 timing_default = {{ sleep_s = 15, wake_s = 200, power_change_s = 40 }}
 """
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config, site: SimSite) -> AsyncIterator[Daemon]:
-    daemon = Daemon(cfg, clock=site.clock)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 async def test_broker_restart_reconnects_with_backoff_and_republishes_retained_state(

@@ -16,20 +16,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controller.config import Config, parse_config
-from controller.daemon import Daemon
 from controller.grid.sign import send
 from controller.rigctl import AdminClient
 from controller.rigctl import main as rigctl
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
-from tests.conftest import Mosquitto, Watcher, watch
+from tests.conftest import Mosquitto, Watcher, running, watch
 from tests.grid_helpers import Operator, grid_toml, order
 
 SPEED = 20.0  # farm seconds per wall second
@@ -65,18 +63,6 @@ def make_config(
     )
     (tmp_path / "rigd.toml").write_text(text)
     return parse_config(text, environ={})
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config, site: SimSite) -> AsyncIterator[Daemon]:
-    daemon = Daemon(cfg, clock=site.clock)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 def reports(w: Watcher) -> Any:
