@@ -62,8 +62,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
-import itertools
 import json
 import re
 import secrets
@@ -77,7 +75,7 @@ import structlog
 from aiohttp import web
 
 from simulators.farm import Farm, Mode, SimPdu, SimRig
-from simulators.fleet import Fleet
+from simulators.fleet import Fleet, subnet_hosts
 from simulators.miner_server import (
     BMMINER_COMPILE_TIME,
     POOL_URL,
@@ -617,19 +615,8 @@ class AntminerWebFleet(Fleet[AntminerWebServer]):
                 h, p = rpc.address_of(rid)
                 addresses[rid] = (h, port if p == 4028 else 0)
         elif subnet is not None:
-            net = ipaddress.ip_network(subnet, strict=False)
-            if not (
-                isinstance(net, ipaddress.IPv4Network)
-                and net.subnet_of(ipaddress.IPv4Network("127.0.0.0/8"))
-            ):
-                raise ValueError(f"subnet {subnet} must be inside 127.0.0.0/8 (loopback only)")
-            # Same numbering as MinerFleet: the n-th rig of the farm on the n-th address.
-            hosts = dict(
-                zip(farm.rigs, itertools.islice(net.hosts(), len(farm.rigs)), strict=False)
-            )
-            if len(hosts) < len(farm.rigs):
-                raise ValueError(f"subnet {subnet} is too small for {len(farm.rigs)} rigs")
-            addresses = {rid: (str(hosts[rid]), port) for rid in stock}
+            hosts = subnet_hosts(farm, subnet)
+            addresses = {rid: (hosts[rid], port) for rid in stock}
         else:
             addresses = {rid: (host, 0) for rid in stock}
         self.servers: dict[str, AntminerWebServer] = {

@@ -8,7 +8,11 @@ and stopping the ones that did start when one cannot bind, is the same for all.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import itertools
 from typing import Any, Generic, Protocol, TypeVar
+
+from simulators.farm import Farm, SimPdu
 
 
 class Server(Protocol):
@@ -51,3 +55,30 @@ async def cancel_connections(conns: set[asyncio.Task[Any]]) -> None:
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
     conns.clear()
+
+
+def subnet_hosts(farm: Farm, subnet: str) -> dict[str, str]:
+    """The n-th rig of the farm on the n-th host address of `subnet`, loopback only.
+
+    Every dialect's fleet numbers rigs the same way, so fleets of several firmwares share
+    one subnet without colliding, and a rig keeps its address whatever its firmware."""
+    net = ipaddress.ip_network(subnet, strict=False)
+    loopback = ipaddress.IPv4Network("127.0.0.0/8")
+    if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(loopback):
+        raise ValueError(f"subnet {subnet} must be inside 127.0.0.0/8 (loopback only)")
+    hosts = list(itertools.islice(net.hosts(), len(farm.rigs)))
+    if len(hosts) < len(farm.rigs):
+        raise ValueError(
+            f"subnet {subnet} has {len(hosts)} host addresses for {len(farm.rigs)} rigs"
+        )
+    return {rid: str(h) for rid, h in zip(farm.rigs, hosts, strict=False)}
+
+
+def outlets_of(farm: Farm) -> dict[str, tuple[SimPdu, int]]:
+    """Rig id -> (its PDU, outlet number), for servers that go dark with their outlet."""
+    out: dict[str, tuple[SimPdu, int]] = {}
+    for pdu in farm.pdus.values():
+        for number, outlet in pdu.outlets.items():
+            if outlet.rig is not None:
+                out[outlet.rig.id] = (pdu, number)
+    return out

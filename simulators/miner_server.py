@@ -82,8 +82,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import itertools
 import json
 import math
 import secrets
@@ -98,7 +96,7 @@ from typing import Any, Final
 import structlog
 
 from simulators.farm import Farm, Mode, SimPdu, SimRig
-from simulators.fleet import Fleet, cancel_connections
+from simulators.fleet import Fleet, cancel_connections, outlets_of, subnet_hosts
 
 log = structlog.get_logger(__name__)
 
@@ -1311,25 +1309,12 @@ class MinerFleet(Fleet[MinerServer]):
         """`rig_ids` serves only those rigs (the rest speak another dialect); addresses still
         follow the farm's order, so the n-th rig of the farm is always the n-th address."""
         self.farm = farm
-        outlets: dict[str, tuple[SimPdu, int]] = {}
-        for pdu in farm.pdus.values():
-            for number, outlet in pdu.outlets.items():
-                if outlet.rig is not None:
-                    outlets[outlet.rig.id] = (pdu, number)
+        outlets = outlets_of(farm)
         addresses: list[tuple[str, int]]
         if subnet is None:
             addresses = [(host, 0)] * len(farm.rigs)
         else:
-            net = ipaddress.ip_network(subnet, strict=False)
-            loopback = ipaddress.IPv4Network("127.0.0.0/8")
-            if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(loopback):
-                raise ValueError(f"subnet {subnet} must be inside 127.0.0.0/8 (loopback only)")
-            hosts = list(itertools.islice(net.hosts(), len(farm.rigs)))
-            if len(hosts) < len(farm.rigs):
-                raise ValueError(
-                    f"subnet {subnet} has {len(hosts)} host addresses for {len(farm.rigs)} rigs"
-                )
-            addresses = [(str(h), port) for h in hosts]
+            addresses = [(h, port) for h in subnet_hosts(farm, subnet).values()]
         wanted = set(farm.rigs if rig_ids is None else rig_ids)
         self.servers: dict[str, MinerServer] = {
             rid: MinerServer(farm, rid, host=h, port=p, outlet=outlets.get(rid))

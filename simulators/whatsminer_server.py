@@ -74,8 +74,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import itertools
 import json
 import math
 import random
@@ -99,7 +97,7 @@ from drivers.whatsminer_crypto import (
     v3_token,
 )
 from simulators.farm import Clock, Farm, Mode, RigModel, SimPdu, SimRig
-from simulators.fleet import Fleet, cancel_connections
+from simulators.fleet import Fleet, cancel_connections, outlets_of, subnet_hosts
 
 log = structlog.get_logger(__name__)
 
@@ -1346,28 +1344,13 @@ class WhatsminerFleet(Fleet[WhatsminerServer]):
             if rig_ids is not None
             else [rid for rid, r in farm.rigs.items() if r.firmware == FIRMWARE]
         )
-        outlets: dict[str, tuple[SimPdu, int]] = {}
-        for pdu in farm.pdus.values():
-            for number, outlet in pdu.outlets.items():
-                if outlet.rig is not None:
-                    outlets[outlet.rig.id] = (pdu, number)
+        outlets = outlets_of(farm)
         addresses: list[tuple[str, int, int]]
         if subnet is None:
             addresses = [(host, 0, 0)] * len(ids)
         else:
-            net = ipaddress.ip_network(subnet, strict=False)
-            loopback = ipaddress.IPv4Network("127.0.0.0/8")
-            if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(loopback):
-                raise ValueError(f"subnet {subnet} must be inside 127.0.0.0/8 (loopback only)")
-            # The n-th rig of the farm on the n-th address, as MinerFleet numbers them, so
-            # fleets of several dialects share one subnet without colliding.
-            hosts = list(itertools.islice(net.hosts(), len(farm.rigs)))
-            if len(hosts) < len(farm.rigs):
-                raise ValueError(
-                    f"subnet {subnet} has {len(hosts)} host addresses for {len(farm.rigs)} rigs"
-                )
-            index = {rid: n for n, rid in enumerate(farm.rigs)}
-            addresses = [(str(hosts[index[rid]]), V2_PORT, V3_PORT) for rid in ids]
+            hosts = subnet_hosts(farm, subnet)
+            addresses = [(hosts[rid], V2_PORT, V3_PORT) for rid in ids]
         self.servers: dict[str, WhatsminerServer] = {
             rid: WhatsminerServer(
                 farm, rid, host=h, api=api, port_v2=p2, port_v3=p3, outlet=outlets.get(rid),
