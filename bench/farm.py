@@ -200,8 +200,13 @@ def _start_profiler(
     if s.profile is None:
         return None
     out = s.profile.with_name(s.profile.stem + suffix + s.profile.suffix)
+    # Beside this interpreter first: the venv's bin is rarely on PATH.
+    here = Path(sys.executable).parent / "py-spy"
+    spy = str(here) if here.exists() else shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy, or scripts/bootstrap.sh dev)")
     p = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+        [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
          "--output", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -448,6 +453,7 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
             "curtail_rigs_commanded": len(lat) + failed,
             "curtail_rigs_acknowledged": len(lat),
             "curtail_failed": failed,
+            "curtail_commanded_first_s": round(min(lat), 3) if lat else math.nan,
             "curtail_commanded_p50_s": round(percentile(lat, 50), 3),
             "curtail_commanded_p99_s": round(percentile(lat, 99), 3),
             "curtail_commanded_max_s": round(max(lat), 3) if lat else math.nan,

@@ -162,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         _install_stop(stop)
-        daemon = Daemon(cfg, dry_run=args.dry_run, config_path=args.config)
+        daemon = Daemon(cfg, dry_run=args.dry_run, config_path=args.config, settle_gc=True)
         notify = ServiceNotifications(Notifier.from_environ(), daemon)
         daemon.on_snapshot = notify.on_cycle
         _install_reload(daemon, notify)
@@ -226,6 +226,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             mix=args.mix,
         )
         await site.start()
+        eventloop.settle_gc()  # the farm model and its servers live as long as the process
         try:
             text = site.config_toml(
                 site_id=args.site,

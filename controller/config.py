@@ -217,6 +217,7 @@ class MinerConfig(_Strict):
     WHATSMINER_V3_PORT: ClassVar[int] = 4433
     # Driver-specific settings, by the drivers that use them.
     DRIVER_SETTINGS: ClassVar[dict[str, frozenset[str]]] = {
+        "luxos": frozenset({"session"}),
         "antminer": frozenset({"web_port", "low_power_w"}),
         "braiins": frozenset({"web_port"}),
         "whatsminer": frozenset({"power_min_w", "power_max_w"}),
@@ -240,6 +241,10 @@ class MinerConfig(_Strict):
     power_min_w: float | None = Field(None, gt=0)  # whatsminer: lowest power limit to set
     power_max_w: float | None = Field(None, gt=0)  # whatsminer: highest power limit to set
     low_power_w: float | None = Field(None, gt=0)  # antminer: measured draw in low-power mode
+    # luxos: "hold" keeps the miner's single write session open between commands (one
+    # connection per command; Luxor's own tools are refused meanwhile), "per-write" logs
+    # on and off around each command. See drivers/luxos.py.
+    session: Literal["hold", "per-write"] = "hold"
 
     @model_validator(mode="before")
     @classmethod
@@ -561,6 +566,24 @@ class Config(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     history: HistoryConfig = HistoryConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @model_validator(mode="after")
+    def _held_sessions_fit_poll(self) -> Config:
+        """A LuxOS session lapses after 60 s unused, so holding one needs a poll at least
+        every ~50 s. The default then quietly logs on per write; asking for it explicitly
+        is an error worth seeing."""
+        from drivers.luxos import renew_after_s  # drivers do not import the config
+
+        if renew_after_s(self.poll.interval_s) is not None:
+            return self
+        for i, m in enumerate(self.miners):
+            if "session" in m.model_fields_set and m.session == "hold":
+                raise ValueError(
+                    f'miners[{i}]: session = "hold" needs poll.interval_s under '
+                    f"{60 - 5:g} s (a LuxOS session lapses after 60 s unused); "
+                    f'poll.interval_s is {self.poll.interval_s:g}: use session = "per-write"'
+                )
+        return self
 
     def rigs(self) -> list[RigEntry]:
         """Every miner, ranges expanded, with its outlet if a PDU maps it."""

@@ -618,5 +618,6 @@ class Controller:
         if tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
+        await self.executor.drain()
         self._harvest()
         self._save({"rigs.learned": self._learned_doc()})

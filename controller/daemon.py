@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from controller import autodiscover
+from controller import autodiscover, eventloop
 from controller.admin import AdminServer
 from controller.clock import Clock, StepGuard, SystemClock
 from controller.config import Config, ConfigError, ConfigIssue, load_config
@@ -68,9 +68,13 @@ class Daemon:
         on_snapshot: SnapshotHook | None = None,
         dry_run: bool = False,
         config_path: str | None = None,
+        settle_gc: bool = False,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path  # where `reload` reads the config again
+        # Freeze start-up objects out of the collector's walks (controller/eventloop.py):
+        # for a process that is only this daemon, not for one shared with tests.
+        self._settle_gc = settle_gc
         self.dry_run = dry_run
         self._cycle_lock = asyncio.Lock()
         # Epoch time that cannot step between two cycles: see controller/clock.py.
@@ -171,6 +175,8 @@ class Daemon:
             # Cut short by a grid order: decide on a fresh import reading all the same.
             await self._read_all([j for j in jobs if j[0] == "meter"], ts)
         elif rigs:
+            if not self._polled_all and self._settle_gc:
+                eventloop.settle_gc()  # drivers, state and a first reading of every rig
             self._polled_all = True
         st.cycle += 1
         snap = st.snapshot(ts, time.monotonic() - t0)
@@ -184,9 +190,13 @@ class Daemon:
         once on the readings so far, the rest being the last cycle's, since reading a farm
         of thousands of rigs takes seconds and a grid deadline cannot wait for it."""
         todo = iter(jobs)
+        ctl = self.controller
+        executor = ctl.executor if ctl is not None else None
 
         async def worker() -> None:
             for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
+                if executor is not None and kind != "meter":
+                    await executor.room_for_reads()  # commands first (controller/executor.py)
                 await self._read(
                     kind,
                     dev_id,
@@ -283,6 +293,7 @@ class Daemon:
         self.source_cfg = source
         cfg = autodiscover.resolve(source, self.found)
         self.devices = build_devices(cfg)
+        self.devices.adopt_sessions(old_devices)
         self.state = SiteState(
             cfg.site.id,
             self.devices.rigs,
@@ -406,6 +417,8 @@ class Daemon:
 
     async def _cycle(self, *, rigs: bool = True) -> CycleResult:
         self._clock_stepped(self.clock.check())
+        ctl = self.controller
+        self.devices.hold_sessions(except_for=ctl.maintenance if ctl is not None else ())
         snap = await self.poll_cycle(rigs=rigs)
         status = await self._control(snap)
         await asyncio.sleep(0)  # commands just launched start before the publishing below

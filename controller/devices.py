@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from controller.config import Config
 from controller.state import RigInfo
 from drivers.apc_snmp import ApcPdu, close_engines
-from drivers.miner import MinerDriver, make_miner_driver
+from drivers.luxos import renew_after_s
+from drivers.miner import LuxOSDriver, MinerDriver, make_miner_driver
 from drivers.modbus_meter import ModbusMeter
 from drivers.telemetry import MeterReading, PduReading
 
@@ -36,6 +38,20 @@ class Devices:
     pdus: dict[str, PduDriver] = field(default_factory=dict)
     import_meter: str | None = None
 
+    def hold_sessions(self, *, except_for: Collection[str]) -> None:
+        """Let LuxOS rigs keep their write session, but for `except_for` (rigs in
+        maintenance: a technician's tools must be able to log on)."""
+        for rid, d in self.miners.items():
+            if isinstance(d, LuxOSDriver):
+                d.hold_session = rid not in except_for
+
+    def adopt_sessions(self, old: Devices) -> None:
+        """After a reload: the new drivers take over the sessions the old ones hold."""
+        for rid, d in self.miners.items():
+            prev = old.miners.get(rid)
+            if isinstance(d, LuxOSDriver) and isinstance(prev, LuxOSDriver):
+                d.adopt_session(prev)
+
     async def close_drivers(self) -> None:
         """Close these drivers only (a reload: the shared SNMP engine stays in use)."""
         for group in (self.miners, self.meters, self.pdus):
@@ -51,6 +67,7 @@ def build_devices(cfg: Config) -> Devices:
     timeout, retries = cfg.poll.timeout_s, cfg.poll.retries
     rigs: list[RigInfo] = []
     devs = Devices(rigs)
+    hold_after = renew_after_s(cfg.poll.interval_s)
     for r in cfg.rigs():
         m = r.miner
         if m.driver == "auto":
@@ -69,6 +86,7 @@ def build_devices(cfg: Config) -> Devices:
             power_min_w=m.power_min_w,
             power_max_w=m.power_max_w,
             low_power_w=m.low_power_w,
+            renew_session_after=hold_after if m.session == "hold" else None,
         )
     for mc in cfg.meters:
         devs.meters[mc.id] = ModbusMeter(

@@ -10,6 +10,7 @@ complete fallback: where uvloop is not installed, or with RIGD_EVENT_LOOP=asynci
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 ENV = "RIGD_EVENT_LOOP"
+GC_THRESHOLD_0 = 20_000  # allocations between young collections (Python: 700)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -40,6 +42,24 @@ def name() -> str:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run(main)`, on uvloop where available."""
+    """`asyncio.run(main)`, on uvloop where available, with the collector tuned for a
+    long-running process holding a farm's state (`tune_gc`)."""
+    tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+def tune_gc() -> None:
+    """Collect garbage less often: a farm's worth of readings lives about one poll
+    interval, long enough to reach the oldest generation, and with the default thresholds
+    the collector then walked the whole heap (0.2 s at 10,000 rigs) dozens of times a
+    minute, in the middle of curtailments too. Cycles are rare in rigd's data, so a
+    larger young generation frees nearly everything by reference counting anyway."""
+    gc.set_threshold(GC_THRESHOLD_0, 50, 100)
+
+
+def settle_gc() -> None:
+    """After start-up (config, drivers, first readings): move what lives for the whole
+    run out of the collector's sight, so that later full collections skip it."""
+    gc.collect()
+    gc.freeze()

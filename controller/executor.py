@@ -1,7 +1,12 @@
 """The executor: sends the planner's actions to devices, retrying what may succeed later.
 
 Each action runs as its own task (bounded in number), so a rig that takes 20 s to
-answer never holds up the poll loop or the rest of the farm. Transport failures
+answer never holds up the poll loop or the rest of the farm. Commands come before reads:
+while actions queue for a slot (a grid order sleeping thousands of rigs), the poll waits
+(`room_for_reads`), since every connection it opened would delay a command, and on a
+busy host the connections are what limits how fast the farm is curtailed. For the same
+reason, while actions queue, their outcomes (log line, audit row, MQTT event) are kept
+and written once the queue has drained, each with the time the device answered. Transport failures
 (timeouts, refused connections) are retried with backoff; a refusal, bad
 credentials or an unsupported command is final. Every attempt's outcome goes to
 the audit log and to `rigd/<site>/events`.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +30,8 @@ from controller.store import StateStore, StoreError
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
 log = structlog.get_logger(__name__)
+
+RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +62,30 @@ class Executor:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self._sem = asyncio.Semaphore(concurrency)
+        self._slots = concurrency
+        self._pending = 0  # actions started and not finished, queued ones included
+        self._room = asyncio.Event()
+        self._room.set()
+        self._deferred: deque[tuple[ActionResult, str, float]] = deque()
+        self._recorder: asyncio.Task[None] | None = None
         self._rigs = {r.id: r for r in devices.rigs}
+
+    @property
+    def queued(self) -> int:
+        """Actions waiting for a slot."""
+        return max(0, self._pending - self._slots)
+
+    async def room_for_reads(self) -> None:
+        """Return once no action waits for a slot (at once, nearly always)."""
+        if not self._room.is_set():
+            await self._room.wait()
+
+    def _count(self, delta: int) -> None:
+        self._pending += delta
+        if self._pending > self._slots:
+            self._room.clear()
+        else:
+            self._room.set()
 
     async def _send(self, a: Action) -> None:
         if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
@@ -83,35 +114,63 @@ class Executor:
         t0 = time.monotonic()
         error: str | None = None
         attempt = 0
-        async with self._sem:
-            for attempt in range(1, self.attempts + 1):
-                try:
-                    await self._send(a)
-                    error = None
-                    break
-                except (DeviceTimeout, DeviceUnreachable) as e:
-                    error = str(e)
-                    if attempt < self.attempts:
-                        await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-                except DeviceError as e:
-                    error = str(e)  # rejected, auth, unsupported: retrying will not help
-                    break
-                except ValueError as e:  # e.g. a power target outside the rig's range
-                    error = f"invalid: {e}"
-                    break
-                except Exception as e:  # a driver bug must not take the controller down
-                    error = f"{type(e).__name__}: {e}"
-                    log.exception("action_crashed", rig=a.rig_id, action=a.kind.value)
-                    break
+        self._count(1)
+        try:
+            async with self._sem:
+                for attempt in range(1, self.attempts + 1):
+                    try:
+                        await self._send(a)
+                        error = None
+                        break
+                    except (DeviceTimeout, DeviceUnreachable) as e:
+                        error = str(e)
+                        if attempt < self.attempts:
+                            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                    except DeviceError as e:
+                        error = str(e)  # rejected, auth, unsupported: retrying will not help
+                        break
+                    except ValueError as e:  # e.g. a power target outside the rig's range
+                        error = f"invalid: {e}"
+                        break
+                    except Exception as e:  # a driver bug must not take the controller down
+                        error = f"{type(e).__name__}: {e}"
+                        log.exception("action_crashed", rig=a.rig_id, action=a.kind.value)
+                        break
+        finally:
+            self._count(-1)
         result = ActionResult(a, error is None, error, attempt, time.monotonic() - t0)
-        self.record(result, actor=actor)
+        if self._room.is_set() and not self._deferred:
+            self.record(result, actor=actor)
+        else:  # commands are queued: book this one once they are sent
+            self._deferred.append((result, actor, self.now()))
+            if self._recorder is None or self._recorder.done():
+                self._recorder = asyncio.create_task(self._record_deferred(), name="audit")
         return result
 
-    def record(self, r: ActionResult, *, actor: str, dry_run: bool = False) -> None:
+    async def _record_deferred(self) -> None:
+        while self._deferred:
+            await self.room_for_reads()
+            for _ in range(min(RECORD_CHUNK, len(self._deferred))):
+                r, actor, ts = self._deferred.popleft()
+                self.record(r, actor=actor, ts=ts)
+            await asyncio.sleep(0)  # the last commands' replies first
+
+    async def drain(self) -> None:
+        """Book every outcome kept back during a burst, now (shutting down)."""
+        if self._recorder is not None:
+            self._recorder.cancel()
+            await asyncio.wait((self._recorder,))
+        while self._deferred:
+            r, actor, ts = self._deferred.popleft()
+            self.record(r, actor=actor, ts=ts)
+
+    def record(
+        self, r: ActionResult, *, actor: str, dry_run: bool = False, ts: float | None = None
+    ) -> None:
         a = r.action
         outcome = "dry_run" if dry_run else ("ok" if r.ok else "failed")
         params = {"watts": None if a.watts is None else round(a.watts), "attempts": r.attempts}
-        ts = self.now()
+        ts = self.now() if ts is None else ts
         (log.info if r.ok or dry_run else log.warning)(
             "action",
             rig=a.rig_id,

@@ -1,9 +1,20 @@
 """LuxOS (LUXminer) control over the CGMiner transport: sessions, curtail, profiles, ATM.
 
 Writes on LuxOS need a session, and the firmware allows only one at a time across all
-clients (pool dashboards, Luxor's own tools, us). So each control operation logs on, does
-its writes, and logs off straight away, leaving the miner free for the next actor. If
-someone else holds the session we borrow it (as pyasic does) rather than fail a
+clients (pool dashboards, Luxor's own tools, us); it ends a session after 60 s unused.
+
+Two ways to hold it:
+- "per-write": each control operation logs on, writes, and logs off at once, leaving the
+  miner free for the next actor, at three connections per command.
+- "hold" (the daemon's default): the poll keeps one session open between writes, renewed
+  before it lapses, so a command is a single connection. That is what lets a grid order
+  reach 10,000 rigs within seconds; the cost is that Luxor's own tools, which log on for
+  each write, are refused ("Another session is active") while we hold it, so a rig in
+  maintenance is let go. A held session that the firmware no longer accepts (expired,
+  ended by someone else) is replaced by a fresh logon and the write tried again: a refused
+  session id means the write did nothing.
+
+If someone else holds the session we borrow it (as pyasic does) rather than fail a
 curtailment that the electricity budget depends on, and we never log off a session we did
 not create.
 
@@ -15,11 +26,12 @@ profile) off around `profileset`, restore it, and read back what the firmware re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -30,7 +42,20 @@ log = structlog.get_logger(__name__)
 
 Json = dict[str, Any]
 
+T = TypeVar("T")
+
 ANOTHER_SESSION_CODE = 402
+SESSION_TTL_S = 60.0  # the firmware ends a session after this long unused
+# A held session is renewed at the first poll after it is this much short of lapsing
+# less a poll interval: the poll's own timing varies by a few seconds.
+RENEW_MARGIN_S = 5.0
+
+
+def renew_after_s(poll_interval_s: float) -> float | None:
+    """Age at which a poll renews a held session, or None if polls come too seldom to
+    keep one alive (a session would lapse between two of them)."""
+    age = SESSION_TTL_S - poll_interval_s - RENEW_MARGIN_S
+    return age if age > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +112,26 @@ class LuxOSControl:
     otherwise fight over the single firmware session.
     """
 
-    def __init__(self, client: CGMinerClient, *, device: str = "") -> None:
+    def __init__(
+        self, client: CGMinerClient, *, device: str = "", renew_after: float | None = None
+    ) -> None:
+        """`renew_after` (see `renew_after_s`): hold a session between writes, renewed by
+        `keep_session` once this old (by the poll's clock); None logs off after each write."""
         self._client = client
         self.device = device or client.device
         self.profiles: tuple[LuxProfile, ...] = ()
         self._lock = asyncio.Lock()
+        self.renew_after = renew_after
+        self.hold = renew_after is not None  # False while a technician needs the miner
+        self._held: str | None = None  # a session we created and keep between writes
+        # When to renew it is reckoned from this poll time; see `_phase`.
+        self._held_ts = -math.inf
+        self._last_ts = -math.inf  # the latest poll's time
+        self._arm_after = -math.inf  # someone else held the session: leave it until then
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
 
     def power_range(self) -> tuple[float, float] | None:
         if not self.profiles:
@@ -129,17 +169,103 @@ class LuxOSControl:
             )
         return sid, True
 
-    @asynccontextmanager
-    async def session(self, operation: str) -> AsyncIterator[str]:
-        sid, owned = await self._logon(operation)
+    async def _logoff(self, sid: str) -> None:
         try:
-            yield sid
-        finally:
+            await self._client.command("logoff", sid)
+        except DeviceError as exc:  # it expires by itself within 60 s
+            log.warning("luxos.logoff_failed", device=self.device, error=str(exc))
+
+    async def _with_session(self, operation: str, body: Callable[[str], Awaitable[T]]) -> T:
+        """Run `body(session id)`: on the held session if there is one, else after a logon.
+
+        Call under `self._lock`."""
+        if self._held is not None:
+            try:
+                result = await body(self._held)
+            except DeviceAuthError as exc:  # lapsed or ended elsewhere: the write did nothing
+                log.info("luxos.session_lapsed", device=self.device, error=str(exc))
+                self._held = None
+            else:
+                return result
+        sid, owned = await self._logon(operation)
+        keep = owned and self.hold
+        try:
+            result = await body(sid)
+        except BaseException:
             if owned:
-                try:
+                await self._logoff(sid)
+            raise
+        if keep:
+            self._held, self._held_ts = sid, self._phase(self._last_ts)
+        elif owned:
+            await self._logoff(sid)
+        return result
+
+    async def keep_session(self, ts: float) -> None:
+        """At a poll (`ts`: its time): hold a live session for the next write, or let it go.
+
+        Holding means logging on before any command is due, and renewing (logoff, logon)
+        before the firmware's 60 s idle timeout: two connections a minute per rig, so that
+        a curtailment is one. Never raises for device errors: the reading matters more."""
+        self._last_ts = ts
+        if self._lock.locked():
+            return  # a write is in progress, and uses (so refreshes) the session
+        if not self.hold:
+            if self._held is not None:
+                async with self._lock:
+                    sid, self._held = self._held, None
+                    if sid is not None:
+                        await self._logoff(sid)
+                        log.info("luxos.session_released", device=self.device)
+            return
+        assert self.renew_after is not None
+        if self._held is not None and ts - self._held_ts < self.renew_after:
+            return
+        if self._held is None and ts < self._arm_after:
+            return
+        async with self._lock:
+            renewing = self._held is not None
+            if self._held is not None:
+                sid, self._held = self._held, None
+                with contextlib.suppress(DeviceError):  # already lapsed: log on all the same
                     await self._client.command("logoff", sid)
-                except DeviceError as exc:  # it expires by itself within 60 s
-                    log.warning("luxos.logoff_failed", device=self.device, error=str(exc))
+            try:
+                reply = await self._client.command("logon")
+            except CGMinerRejected as exc:
+                if exc.code == ANOTHER_SESSION_CODE:  # not ours: a write will borrow it
+                    self._arm_after = ts + SESSION_TTL_S
+                else:
+                    log.info("luxos.session_not_held", device=self.device, error=str(exc))
+                return
+            except DeviceError as exc:
+                log.info("luxos.session_not_held", device=self.device, error=str(exc))
+                return
+            new = first(reply, "SESSION").get("SessionID")
+            if isinstance(new, str) and new:
+                self._held, self._held_ts = new, (ts if renewing else self._phase(ts))
+
+    def adopt(self, old: LuxOSControl) -> None:
+        """Take over `old`'s held session (the same miner's control before a reload)."""
+        same = (old._client.host, old._client.port) == (self._client.host, self._client.port)
+        if old._held is not None and self.hold and same:
+            self._held, self._held_ts, self._last_ts = old._held, old._held_ts, old._last_ts
+        old._held = None
+
+    def _phase(self, ts: float) -> float:
+        """A new session's renewal clock, set back by a random part of a period: rigs
+        armed together (the first poll, a farm-wide curtailment) then renew a few at each
+        poll rather than all in one. Renewals keep the phase; a write's use of the session
+        does not move it (renewing early is harmless, a burst of renewals is not)."""
+        assert self.renew_after is not None
+        return ts - random.random() * self.renew_after
+
+    async def release(self) -> None:
+        """Log off a held session (the daemon stopping, a technician taking over)."""
+        self.hold = False
+        async with self._lock:
+            sid, self._held = self._held, None
+            if sid is not None:
+                await self._logoff(sid)
 
     async def _write(self, sid: str, cmd: str, *args: str) -> Json:
         try:
@@ -156,8 +282,11 @@ class LuxOSControl:
     # -- operations ------------------------------------------------------------
 
     async def _curtail(self, action: str, expect: str) -> None:
-        async with self._lock, self.session(f"curtail {action}") as sid:
-            reply = await self._write(sid, "curtail", action)
+        async def body(sid: str) -> Json:
+            return await self._write(sid, "curtail", action)
+
+        async with self._lock:
+            reply = await self._with_session(f"curtail {action}", body)
         got = str(first(reply, "CURTAIL").get("Action", ""))
         if expect not in got.lower():
             raise MalformedReply(
@@ -190,11 +319,12 @@ class LuxOSControl:
                 )
             target = choose_profile(self.profiles, watts)
             atm_on = first(await self._client.command("atm"), "ATM").get("Enabled") is True
-            async with self.session("set_power_target") as sid:
+
+            async def body(sid: str) -> Json:
                 if atm_on:
                     await self._write(sid, "atmset", "enabled=false")
                 try:
-                    reply = await self._write(sid, "profileset", target.name)
+                    return await self._write(sid, "profileset", target.name)
                 finally:
                     if atm_on:
                         try:
@@ -203,6 +333,8 @@ class LuxOSControl:
                             log.warning(
                                 "luxos.atm_restore_failed", device=self.device, error=str(exc)
                             )
+
+            reply = await self._with_session("set_power_target", body)
             applied = first(reply, "PROFILE").get("Profile")
             config = first(await self._client.command("config"), "CONFIG")
             for got in (applied, config.get("Profile")):

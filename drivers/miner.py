@@ -113,10 +113,26 @@ _LUXOS_OPTIONAL = frozenset({"power", "config", "atm", "version", "profiles"})
 class LuxOSDriver(CGMinerDriver):
     """LuxOS: full telemetry (including its power estimate) plus sleep/wake/power target."""
 
-    def __init__(self, device: str, client: CGMinerClient) -> None:
+    def __init__(
+        self, device: str, client: CGMinerClient, *, renew_session_after: float | None = None
+    ) -> None:
         super().__init__(device, client)
-        self.control = LuxOSControl(client, device=device)
+        self.control = LuxOSControl(client, device=device, renew_after=renew_session_after)
         self.capabilities = MinerCapabilities(can_sleep=True, can_power_target=True)
+
+    @property
+    def hold_session(self) -> bool:
+        """Whether the poll keeps a write session open (see drivers/luxos.py). The daemon
+        turns it off for a rig in maintenance, so a technician's tools can log on."""
+        return self.control.hold
+
+    @hold_session.setter
+    def hold_session(self, on: bool) -> None:
+        self.control.hold = on and self.control.renew_after is not None
+
+    def adopt_session(self, old: LuxOSDriver) -> None:
+        """Take over the session `old` (this rig's driver before a reload) holds."""
+        self.control.adopt(old.control)
 
     def _refine_capabilities(self) -> None:
         span = self.control.power_range()
@@ -150,6 +166,7 @@ class LuxOSDriver(CGMinerDriver):
             device=self.device,
         )
         self._note_reading(tel)
+        await self.control.keep_session(ts)
         return tel
 
     async def sleep(self) -> None:
@@ -188,6 +205,7 @@ def make_miner_driver(
     power_min_w: float | None = None,
     power_max_w: float | None = None,
     low_power_w: float | None = None,
+    renew_session_after: float | None = None,
 ) -> MinerDriver:
     """A driver for one rig, whatever its firmware; every kind is configured the same way.
 
@@ -197,6 +215,8 @@ def make_miner_driver(
     `web_port`; "whatsminer"/"whatsminer-v3" are btminer's API v2 (4028) and v3 (4433).
     `port` None means the kind's usual API port, so a v3 Whatsminer need not say 4433.
     Settings a kind has no use for are ignored, so one config row shape fits all kinds.
+    `renew_session_after` (luxos): hold a write session between commands, renewed at the
+    poll once this old (`drivers.luxos.renew_after_s`); None: log on and off per command.
     """
     k = kind.strip().lower()
     if k in WHATSMINER_KINDS:
@@ -246,4 +266,6 @@ def make_miner_driver(
     if builder is None:
         raise ValueError(f"unknown miner kind {kind!r}; known kinds: {', '.join(MINER_KINDS)}")
     client = CGMinerClient(host, api_port, timeout=timeout, retries=retries, device=device)
+    if k == "luxos":
+        return LuxOSDriver(device, client, renew_session_after=renew_session_after)
     return builder(device, client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -110,3 +111,29 @@ async def test_power_target_out_of_range_is_refused_before_sending(env: _Env) ->
     res = await env.executor().execute(Action("rig-001", ActionKind.SET_POWER, "r", 50.0))
     assert not res.ok and res.error is not None and res.error.startswith("invalid")
     assert env.farm.rigs["rig-001"].command_count == before
+
+
+async def test_commands_come_before_reads_and_their_bookkeeping(env: _Env) -> None:
+    """While actions queue for a slot, reads wait and outcomes are booked afterwards,
+    each with the time its device answered."""
+    ex = Executor(env.devices, store=env.store, link=env.link, now=env.farm.now, concurrency=1)
+    rigs = ("rig-001", "rig-002", "rig-003")
+    burst = [
+        asyncio.create_task(ex.execute(Action(r, ActionKind.SLEEP, "grid order"))) for r in rigs
+    ]
+    await asyncio.sleep(0)
+    assert ex.queued == 2  # one slot: two wait for it
+    read = asyncio.create_task(ex.room_for_reads())
+    await asyncio.sleep(0)
+    assert not read.done()  # the poll holds back while commands queue
+    first = await burst[0]
+    assert first.ok and env.farm.rigs["rig-001"].mode is Mode.SLEEPING
+    assert env.store.audit_since(0) == []  # kept back: two commands still queued
+    results = await asyncio.gather(*burst)
+    assert all(r.ok for r in results)
+    assert read.done() and ex.queued == 0
+    await ex.drain()
+    assert sorted(str(e.rig_id) for e in env.store.audit_since(0)) == list(rigs)  # ...none lost
+    events = [p for _, p in env.link._events if b'"type":"action"' in p]
+    assert len(events) == 3
+    assert all(env.farm.rigs[r].mode is Mode.SLEEPING for r in rigs)
