@@ -7,7 +7,6 @@ slow publisher never sees a half-updated farm.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -278,10 +277,9 @@ class SiteState:
         self._pdus = {p: _Device() for p in pdus}
         self.import_meter = import_meter
         self.cycle = 0
-        # Recent state changes per rig, for `rigctl rig`: bounded, in memory only.
-        self.history: dict[str, deque[tuple[float, str]]] = {
-            r.id: deque(maxlen=HISTORY) for r in rigs
-        }
+        # Recent state changes per rig, for `rigctl rig`: bounded, in memory only. Lists,
+        # not deques: most rigs hold one entry, and an empty deque alone is 600 bytes.
+        self.history: dict[str, list[tuple[float, str]]] = {r.id: [] for r in rigs}
 
     # writers ------------------------------------------------------------------
 
@@ -345,7 +343,7 @@ class SiteState:
                     dev.reading, dev.health = theirs[k].reading, theirs[k].health
         for k, h in old.history.items():
             if k in self.history:
-                self.history[k].extend(h)
+                self.history[k] = (h + self.history[k])[-HISTORY:]
 
     def outlet_known_off(self, rig_id: str) -> bool:
         info = self.rig_info.get(rig_id)
@@ -374,6 +372,8 @@ class SiteState:
             h = self.history[k]
             if not h or h[-1][1] != view.state.value:
                 h.append((ts, view.state.value))
+                if len(h) > HISTORY:
+                    del h[0]
         return SiteSnapshot(
             site=self.site,
             ts=ts,

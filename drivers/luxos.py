@@ -81,7 +81,16 @@ def parse_profiles(reply: Mapping[str, Any], *, device: str = "") -> tuple[LuxPr
         raise MalformedReply(
             "profiles reply lists no usable profile", device=device, operation="profiles"
         )
-    return tuple(sorted(out, key=lambda p: p.watts))
+    profiles = tuple(sorted(out, key=lambda p: p.watts))
+    if len(_SHARED_PROFILES) < MAX_SHARED_PROFILES:  # bounded: replies come from devices
+        return _SHARED_PROFILES.setdefault(profiles, profiles)
+    return _SHARED_PROFILES.get(profiles, profiles)
+
+
+# One copy of each distinct profile table, shared by every miner that reports it: a farm
+# has a few models, and 10,000 private copies of eight profiles are 6 MB.
+_SHARED_PROFILES: dict[tuple[LuxProfile, ...], tuple[LuxProfile, ...]] = {}
+MAX_SHARED_PROFILES = 256
 
 
 def default_profile(profiles: Sequence[LuxProfile]) -> LuxProfile:
