@@ -31,6 +31,7 @@ COLUMNS = (
     ("poll_cycle_p50_s", "poll p50 s", "{:.2f}"),
     ("poll_cycle_p99_s", "poll p99 s", "{:.2f}"),
     ("polls_per_s", "polls/s", "{:.0f}"),
+    ("curtail_commanded_first_s", "curtail first s", "{:.2f}"),
     ("curtail_commanded_p50_s", "curtail p50 s", "{:.2f}"),
     ("curtail_commanded_p99_s", "curtail p99 s", "{:.2f}"),
     ("curtail_commanded_max_s", "curtail max s", "{:.2f}"),

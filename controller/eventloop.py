@@ -1,10 +1,12 @@
 """Which asyncio event loop the daemon and the simulators run on: uvloop when it is there.
 
-A farm of 10,000 rigs is 1,000 TCP connections a second just to poll, and three times that
-many for a moment when a grid order puts every rig to sleep; uvloop's connection handling
+A farm of 10,000 rigs is 1,000 TCP connections a second just to poll, and five times that
+for a moment when a grid order puts every rig to sleep; uvloop's connection handling
 (libuv, in C) costs a fraction of the pure-Python selector loop's (`python -m bench`
 measures both). Everything rigd does is plain asyncio, so the standard loop remains a
 complete fallback: where uvloop is not installed, or with RIGD_EVENT_LOOP=asyncio.
+
+The garbage collector is tuned here too (`tune_gc`, `settle_gc`), for the same processes.
 """
 
 from __future__ import annotations
