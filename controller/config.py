@@ -92,6 +92,9 @@ class MqttConfig(_Strict):
     protocol: Literal["5", "3.1.1"] = "5"
     # How long the broker keeps our session (and queues QoS 1 grid orders) while we are away.
     session_expiry_s: int = Field(7 * 86_400, ge=0, le=4_294_967_295)
+    # A rig's retained state goes out when something changes (controller/rig_updates.py)
+    # and at least this often; 0: every poll that brings a new reading.
+    rig_refresh_s: float = Field(60.0, ge=0, le=86_400)
 
     @field_validator("url")
     @classmethod

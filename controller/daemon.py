@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from controller import autodiscover, eventloop
+from controller import autodiscover, eventloop, rig_updates
 from controller.admin import AdminServer
 from controller.clock import Clock, StepGuard, SystemClock
 from controller.config import Config, ConfigError, ConfigIssue, load_config
@@ -95,7 +96,8 @@ class Daemon:
         )
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
         self.on_snapshot = on_snapshot
-        self._published: dict[str, RigView] = {}  # what each rig's retained topic shows
+        # What each rig's retained topic shows, and when it was sent (controller/rig_updates.py).
+        self._published: dict[str, tuple[RigView, float]] = {}
         self._polled_all = False  # every device read once: a cycle may then skip the rigs
         self.snapshot: SiteSnapshot | None = None
         self.last: CycleResult | None = None
@@ -417,8 +419,12 @@ class Daemon:
 
     async def _cycle(self, *, rigs: bool = True) -> CycleResult:
         self._clock_stepped(self.clock.check())
+        # Write sessions only where commands may follow: not monitoring, not a dry run.
         ctl = self.controller
-        self.devices.hold_sessions(except_for=ctl.maintenance if ctl is not None else ())
+        commanding = ctl is not None and not self.dry_run
+        self.devices.hold_sessions(
+            commanding, except_for=ctl.maintenance if ctl is not None else ()
+        )
         snap = await self.poll_cycle(rigs=rigs)
         status = await self._control(snap)
         await asyncio.sleep(0)  # commands just launched start before the publishing below
@@ -451,10 +457,16 @@ class Daemon:
         snap = result.snapshot
         link.set_retained("state", result.document)
         seen = self._published
+        refresh = self.cfg.mqtt.rig_refresh_s
+        now = snap.ts
         for rig_id, rig in snap.rigs.items():
-            # A rig not read again since (a meters-only cycle) would make the same document.
-            if not _same_view(seen.get(rig_id), rig):
-                seen[rig_id] = rig
+            sent = seen.get(rig_id)
+            if sent is None:
+                # A random age, so that rigs first seen together refresh at different polls.
+                seen[rig_id] = (rig, now - random.random() * refresh)
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+            elif rig_updates.update_due(sent[0], rig, now - sent[1], refresh):
+                seen[rig_id] = (rig, now)
                 link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
             for dev_id, view in views.items():
@@ -520,18 +532,6 @@ class Daemon:
             if self.store is not None:
                 self.store.close()
             log.info("rigd_stopped", site=self.cfg.site.id)
-
-
-def _same_view(a: RigView | None, b: RigView) -> bool:
-    return (
-        a is not None
-        and a.telemetry is b.telemetry
-        and a.info is b.info
-        and a.state is b.state
-        and a.health == b.health
-        and a.outlet_on == b.outlet_on
-        and a.outlet_power_w == b.outlet_power_w
-    )
 
 
 async def _sleep_or_stop(

@@ -38,12 +38,12 @@ class Devices:
     pdus: dict[str, PduDriver] = field(default_factory=dict)
     import_meter: str | None = None
 
-    def hold_sessions(self, *, except_for: Collection[str]) -> None:
-        """Let LuxOS rigs keep their write session, but for `except_for` (rigs in
-        maintenance: a technician's tools must be able to log on)."""
+    def hold_sessions(self, on: bool, *, except_for: Collection[str] = ()) -> None:
+        """Let LuxOS rigs keep their write session (`on`: the daemon sends commands), but
+        for `except_for` (rigs in maintenance: a technician's tools must be able to log on)."""
         for rid, d in self.miners.items():
             if isinstance(d, LuxOSDriver):
-                d.hold_session = rid not in except_for
+                d.hold_session = on and rid not in except_for
 
     def adopt_sessions(self, old: Devices) -> None:
         """After a reload: the new drivers take over the sessions the old ones hold."""

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from controller.config import ConfigError, parse_config
+from controller.control import Hold
+from controller.daemon import Daemon
 from controller.devices import build_devices
 from drivers.cgminer import CGMinerClient
 from drivers.luxos import renew_after_s
@@ -17,6 +19,7 @@ from drivers.miner import LuxOSDriver, make_miner_driver
 from simulators.clock import ManualClock
 from simulators.farm import Farm, Mode
 from simulators.miner_server import MinerServer
+from simulators.site import SimSite
 
 RENEW = renew_after_s(10.0)
 
@@ -195,6 +198,42 @@ async def test_maintenance_and_reload_hand_the_session_on(tmp_path: Path, env: E
     before = env.server.requests
     await new.sleep()
     assert env.server.requests == before + 1 and env.server.session_id == sid
-    again.hold_sessions(except_for={"r1"})  # in maintenance
+    again.hold_sessions(True, except_for={"r1"})  # in maintenance
     await new.read(env.clock.now())
     assert env.server.session_id == ""
+    again.hold_sessions(True)
+    await new.read(env.clock.now())
+    assert env.server.session_id
+    again.hold_sessions(False)  # monitoring only, or a dry run: no session at all
+    await new.read(env.clock.now())
+    assert env.server.session_id == ""
+
+
+@pytest.mark.parametrize(
+    ("control", "dry_run", "held"),
+    [(True, False, True), (True, True, False), (False, False, False)],
+    ids=["controlling", "dry-run", "monitor-only"],
+)
+async def test_the_daemon_holds_sessions_only_where_it_may_command(
+    tmp_path: Path, control: bool, dry_run: bool, held: bool
+) -> None:
+    site = SimSite(rigs=2, pdus=0, clock=ManualClock())
+    async with site:
+        extra = "[control]\nmax_import_kw = 100\n" if control else ""
+        cfg = parse_config(site.config_toml(state_dir=tmp_path, extra=extra), environ={})
+        daemon = Daemon(cfg, clock=site.clock, dry_run=dry_run)
+        try:
+            await daemon.cycle()
+            sessions = {rid: s.session_id for rid, s in site.fleet.servers.items()}
+            assert all(bool(sid) is held for sid in sessions.values()), sessions
+            if not held:
+                return
+            assert daemon.controller is not None
+            daemon.controller.set_maintenance("rig-001", Hold("board swap", "tech"))
+            await daemon.cycle()
+            assert site.fleet.servers["rig-001"].session_id == ""  # free for Luxor's tools
+            assert site.fleet.servers["rig-002"].session_id == sessions["rig-002"]
+        finally:
+            if daemon.controller is not None:
+                await daemon.controller.close()
+            await daemon.devices.close()
