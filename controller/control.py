@@ -11,7 +11,6 @@ read back at start, before the first cycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,6 @@ from controller.planner import (
     RigMemory,
     failed,
     plan,
-    remember,
     remembered,
 )
 from controller.state import RigView, SiteSnapshot
@@ -56,6 +54,7 @@ log = structlog.get_logger(__name__)
 # saved at most this often, and when a rig is learned for the first time: a farm's worth
 # every cycle is a write of megabytes, and a few minutes lost is relearned by watching.
 LEARNED_SAVE_S = 300.0
+CLOSE_WAIT_S = 10.0  # how long a stop or reload waits for commands in flight
 
 
 class ManualRefused(Exception):
@@ -221,21 +220,25 @@ class Controller:
         except StoreError as e:
             log.error("state_write_failed", error=str(e))
 
-    def _save_memory(self) -> None:
+    def _memory_items(self) -> dict[str, Any]:
         # With the memory, the memory before every command still in flight: a daemon killed
         # before it saw a command land can tell, once restarted, whether it did.
         inflight = {**self._unconfirmed, **self._prior}
-        self._save(
-            {
-                "planner.memory": {k: v.as_dict() for k, v in self.memory.items()},
-                "control.inflight": {k: v.as_dict() for k, v in inflight.items()},
-            }
-        )
+        return {
+            "planner.memory": {k: v.as_dict() for k, v in self.memory.items()},
+            "control.inflight": {k: v.as_dict() for k, v in inflight.items()},
+        }
 
-    def shift_times(self, dt: float) -> None:
+    def _save_memory(self) -> None:
+        self._save(self._memory_items())
+
+    def shift_times(self, dt: float) -> dict[str, Any]:
         """The wall clock stepped by `dt` s (see controller.clock): move every stamp that
         measures a duration with it, so dwell, settle and backoff times, overrides and holds
-        set "for" a while, and the energy counter's interval are as long as they were."""
+        set "for" a while, and the energy counter's interval are as long as they were.
+
+        Returns what changed, for the caller to save in one transaction with the clock mark
+        that says the step was applied (a restart between the two would apply it again)."""
         self.memory = {k: m.shifted(dt) for k, m in self.memory.items()}
         self._prior = {k: m.shifted(dt) for k, m in self._prior.items()}
         self._unconfirmed = {k: m.shifted(dt) for k, m in self._unconfirmed.items()}
@@ -255,8 +258,7 @@ class Controller:
         if self.energy is not None and self.energy.last_ts is not None:
             self.energy.last_ts += dt
             items["budget.energy"] = self.energy.as_dict()
-        self._save_memory()
-        self._save(items)
+        return {**self._memory_items(), **items}
 
     # -- what technicians (and, later, the grid) set ----------------------------------------
 
@@ -598,10 +600,26 @@ class Controller:
                 kind, watts or r.full_w
             )
             actions.append(Action(rid, kind, f"technician: {reason}", watts, expected))
-        results = await asyncio.gather(*(self.executor.execute(a, actor=actor) for a in actions))
-        for a, res in zip(actions, results, strict=True):
+        # In flight like the planner's own commands: the cycles running meanwhile see these
+        # rigs as busy, and a daemon killed now settles them at its next start.
+        memory = dict(self.memory)
+        tasks: dict[str, asyncio.Task[ActionResult]] = {}
+        for a in actions:
             r = rigs[a.rig_id]
-            self.memory = remember(self.memory, a, res.ok, self.now(), r.timing, r.full_w)
+            prior = self._prior[a.rig_id] = memory.get(a.rig_id, RigMemory())
+            memory[a.rig_id] = remembered(prior, a, True, self.now(), r.timing, r.full_w)
+            tasks[a.rig_id] = self._inflight[a.rig_id] = asyncio.create_task(
+                self.executor.execute(a, actor=actor), name=f"manual-{a.rig_id}"
+            )
+        self.memory = memory
+        self._save_memory()
+        results = await asyncio.gather(*tasks.values())
+        for a, res in zip(actions, results, strict=True):
+            if self._inflight.get(a.rig_id) is tasks[a.rig_id]:  # else a cycle harvested it
+                del self._inflight[a.rig_id]
+                prior = self._prior.pop(a.rig_id, RigMemory())
+                if not res.ok:
+                    self.memory[a.rig_id] = failed(prior, self.now())
             if not res.ok:
                 continue
             if kind is ActionKind.WAKE:
@@ -613,11 +631,21 @@ class Controller:
         return list(results)
 
     async def close(self) -> None:
-        """Let in-flight actions finish (briefly): a cut-off command is worse than a late one."""
+        """Let in-flight actions finish (briefly): a cut-off command is worse than a late one.
+
+        A command still unanswered after that may or may not have landed: it is left
+        unconfirmed (as if this daemon had been killed), and the next controller settles it
+        against what the rig shows (`_reconcile`), rather than booking it as failed."""
         tasks = list(self._inflight.values())
         if tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10.0)
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        cut = [rid for rid, t in self._inflight.items() if not t.done()]
+        for rid in cut:
+            self._inflight.pop(rid).cancel()
+            self._unconfirmed[rid] = self._prior.pop(rid, RigMemory())
+            log.warning("command_cut_off_at_stop", rig=rid, mode=self.memory[rid].mode.value)
         await self.executor.drain()
         self._harvest()
+        if cut:
+            self._save_memory()
         self._save({"rigs.learned": self._learned_doc()})

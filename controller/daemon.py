@@ -194,11 +194,17 @@ class Daemon:
         todo = iter(jobs)
         ctl = self.controller
         executor = ctl.executor if ctl is not None else None
+        # Commands go first, but a burst of failing rigs must not stall the poll for good.
+        wait_until = time.monotonic() + self.cfg.poll.interval_s
 
         async def worker() -> None:
             for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
-                if executor is not None and kind != "meter":
-                    await executor.room_for_reads()  # commands first (controller/executor.py)
+                if executor is not None and kind != "meter" and executor.queued:
+                    left = wait_until - time.monotonic()
+                    if left > 0:  # commands first (controller/executor.py), for a while
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(left):
+                                await executor.room_for_reads()
                 await self._read(
                     kind,
                     dev_id,
@@ -312,6 +318,10 @@ class Daemon:
             self.grid.attach(self.controller)
         if self.zones is not None:
             self.zones.attach(self.controller)
+        gone = old_devices.miners.keys() - self.devices.miners.keys()
+        for rid in gone:  # not a rig any more: its retained state would outlive it
+            self._published.pop(rid, None)
+            self.link.set_retained_raw(f"{self.link.base}/rigs/{rid}/state", b"")
         await old_devices.close_drivers()
 
     # -- miners found in `driver = "auto"` ranges -------------------------------------
@@ -421,7 +431,7 @@ class Daemon:
         self._clock_stepped(self.clock.check())
         # Write sessions only where commands may follow: not monitoring, not a dry run.
         ctl = self.controller
-        commanding = ctl is not None and not self.dry_run
+        commanding = ctl is not None and not ctl.dry_run  # the flag or the config's
         self.devices.hold_sessions(
             commanding, except_for=ctl.maintenance if ctl is not None else ()
         )

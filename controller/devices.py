@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import structlog
 
 from controller.config import Config
 from controller.state import RigInfo
@@ -23,6 +26,12 @@ class MeterDriver(Protocol):
 class PduDriver(Protocol):
     async def read(self, ts: float) -> PduReading: ...
     async def close(self) -> None: ...
+
+
+log = structlog.get_logger(__name__)
+
+CLOSE_S = 5.0
+CLOSE_CONCURRENCY = 256
 
 
 def _secret(v: object) -> str:
@@ -53,10 +62,29 @@ class Devices:
                 d.adopt_session(prev)
 
     async def close_drivers(self) -> None:
-        """Close these drivers only (a reload: the shared SNMP engine stays in use)."""
-        for group in (self.miners, self.meters, self.pdus):
-            for d in group.values():
-                await d.close()
+        """Close these drivers only (a reload: the shared SNMP engine stays in use).
+
+        Concurrently and within CLOSE_S: closing a LuxOS driver logs off its session, one
+        request per rig, and a stop must not take minutes on a big farm (a session not
+        logged off lapses by itself within 60 s)."""
+        sem = asyncio.Semaphore(CLOSE_CONCURRENCY)
+
+        async def close(d: MinerDriver | MeterDriver | PduDriver) -> None:
+            async with sem:
+                try:
+                    await d.close()
+                except Exception as e:  # a device gone: its driver is closed all the same
+                    log.info("driver_close_failed", error=str(e) or type(e).__name__)
+
+        drivers = [d for group in (self.miners, self.meters, self.pdus) for d in group.values()]
+        tasks = [asyncio.ensure_future(close(d)) for d in drivers]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=CLOSE_S)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.wait(late)
+                log.info("drivers_close_cut_short", left=len(late))
 
     async def close(self) -> None:
         await self.close_drivers()

@@ -54,6 +54,7 @@ class Executor:
         concurrency: int = 64,
         attempts: int = 3,
         backoff_s: float = 0.5,
+        attempt_timeout_s: float = 60.0,
     ) -> None:
         self.devices = devices
         self.store = store
@@ -61,6 +62,9 @@ class Executor:
         self.now = now
         self.attempts = attempts
         self.backoff_s = backoff_s
+        # Drivers time out their own requests; this bounds an attempt whatever a driver
+        # does (a stock Antminer's mode write takes ~21 s), so no slot is held for good.
+        self.attempt_timeout_s = attempt_timeout_s
         self._sem = asyncio.Semaphore(concurrency)
         self._slots = concurrency
         self._pending = 0  # actions started and not finished, queued ones included
@@ -119,7 +123,15 @@ class Executor:
             async with self._sem:
                 for attempt in range(1, self.attempts + 1):
                     try:
-                        await self._send(a)
+                        try:
+                            async with asyncio.timeout(self.attempt_timeout_s):
+                                await self._send(a)
+                        except TimeoutError as e:
+                            raise DeviceTimeout(
+                                f"no answer within {self.attempt_timeout_s:g} s",
+                                device=a.rig_id,
+                                operation=a.kind.value,
+                            ) from e
                         error = None
                         break
                     except (DeviceTimeout, DeviceUnreachable) as e:

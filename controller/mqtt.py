@@ -261,16 +261,7 @@ class MqttLink:
                 await self._wake.wait()
 
     async def _flush(self, client: aiomqtt.Client) -> None:
-        while self._urgent:
-            topic, payload, correlation, done = self._urgent[0]
-            props: Properties | None = None
-            if correlation is not None and self.cfg.protocol == "5":
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.CorrelationData = correlation
-            await client.publish(topic, payload, qos=1, retain=False, properties=props)
-            self._urgent.popleft()
-            if done is not None:
-                done()
+        await self._flush_urgent(client)
         while self._latest:
             key = next(iter(self._latest))
             topic, doc = self._latest[key]
@@ -281,21 +272,42 @@ class MqttLink:
             topics = list(itertools.islice(self._dirty, self._batch))
             for t in topics:
                 del self._dirty[t]
+            sent = False
             try:
                 await _publish_batch(client, [(t, self._retained[t], True) for t in topics])
-            except aiomqtt.MqttError:
-                for t in topics:  # not sent: send again after reconnect
-                    self._dirty[t] = None
-                raise
+                sent = True
+            finally:
+                if not sent:  # failed, or cancelled (the broker went away): again later
+                    for t in topics:
+                        self._dirty.setdefault(t, None)
+            await self._flush_urgent(client)  # grid acks do not wait for a long flush
         while self._events:
             # In batches, like retained topics: one PUBACK awaited at a time would let a
             # burst (a grid order sleeping thousands of rigs) overflow the queue.
             batch = [self._events.popleft() for _ in range(min(self._batch, len(self._events)))]
+            sent = False
             try:
                 await _publish_batch(client, [(t, p, False) for t, p in batch])
-            except aiomqtt.MqttError:
-                self._events.extendleft(reversed(batch))  # not all sent: again on reconnect
-                raise
+                sent = True
+            finally:
+                if not sent:  # not all sent: again on reconnect, oldest first
+                    cap = self._events.maxlen
+                    if cap is not None:  # a full queue gives way at its newest end: count
+                        self._dropped_events += max(0, len(self._events) + len(batch) - cap)
+                    self._events.extendleft(reversed(batch))
+            await self._flush_urgent(client)
+
+    async def _flush_urgent(self, client: aiomqtt.Client) -> None:
+        while self._urgent:
+            topic, payload, correlation, done = self._urgent[0]
+            props: Properties | None = None
+            if correlation is not None and self.cfg.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = correlation
+            await client.publish(topic, payload, qos=1, retain=False, properties=props)
+            self._urgent.popleft()
+            if done is not None:
+                done()
 
     async def flush(self, within_s: float = 5.0) -> bool:
         """Wait until everything recorded so far is sent; False if that took too long."""

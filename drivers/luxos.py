@@ -258,7 +258,7 @@ class LuxOSControl:
         same = (old._client.host, old._client.port) == (self._client.host, self._client.port)
         if old._held is not None and self.hold and same:
             self._held, self._held_ts, self._last_ts = old._held, old._held_ts, old._last_ts
-        old._held = None
+            old._held = None  # else `old` logs it off when closed
 
     def _phase(self, ts: float) -> float:
         """A new session's renewal clock, set back by a random part of a period: rigs
@@ -269,7 +269,7 @@ class LuxOSControl:
         return ts - random.random() * self.renew_after
 
     async def release(self) -> None:
-        """Log off a held session (the daemon stopping, a technician taking over)."""
+        """Log off a held session (the driver closed: a stop, a reload, a rig removed)."""
         self.hold = False
         async with self._lock:
             sid, self._held = self._held, None

@@ -169,6 +169,10 @@ class LuxOSDriver(CGMinerDriver):
         await self.control.keep_session(ts)
         return tel
 
+    async def close(self) -> None:
+        """Let go of the write session, so Luxor's tools need not wait for it to lapse."""
+        await self.control.release()
+
     async def sleep(self) -> None:
         await self.control.sleep()
 

@@ -211,15 +211,20 @@ async def test_maintenance_and_reload_hand_the_session_on(tmp_path: Path, env: E
 
 @pytest.mark.parametrize(
     ("control", "dry_run", "held"),
-    [(True, False, True), (True, True, False), (False, False, False)],
-    ids=["controlling", "dry-run", "monitor-only"],
+    [
+        ("max_import_kw = 100", False, True),
+        ("max_import_kw = 100", True, False),
+        ("max_import_kw = 100\ndry_run = true", False, False),
+        (None, False, False),
+    ],
+    ids=["controlling", "dry-run", "dry-run-in-config", "monitor-only"],
 )
 async def test_the_daemon_holds_sessions_only_where_it_may_command(
-    tmp_path: Path, control: bool, dry_run: bool, held: bool
+    tmp_path: Path, control: str | None, dry_run: bool, held: bool
 ) -> None:
     site = SimSite(rigs=2, pdus=0, clock=ManualClock())
     async with site:
-        extra = "[control]\nmax_import_kw = 100\n" if control else ""
+        extra = f"[control]\n{control}\n" if control else ""
         cfg = parse_config(site.config_toml(state_dir=tmp_path, extra=extra), environ={})
         daemon = Daemon(cfg, clock=site.clock, dry_run=dry_run)
         try:
