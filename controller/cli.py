@@ -57,22 +57,27 @@ def _install_reload(daemon: Any, notify: ServiceNotifications | None = None) -> 
     systemd hears RELOADING=1 and then READY=1 either way: rigd runs on, on the old config
     if the new one was refused."""
     loop = asyncio.get_running_loop()
-
-    async def reload() -> None:
-        if notify is not None:
-            notify.reloading()
-        refused: list[str] | None = None
-        try:
-            await daemon.reload()
-        except ConfigError as e:
-            refused = [str(i) for i in e.issues]
-            log.error("config_reload_refused", problems=refused)
-        finally:
-            if notify is not None:
-                notify.reloaded(refused)
-
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(reload_config(daemon, notify))
+        )
+
+
+async def reload_config(daemon: Any, notify: ServiceNotifications | None = None) -> None:
+    """One SIGHUP reload. Never raises: whatever fails, rigd runs on and says so."""
+    if notify is not None:
+        notify.reloading()
+    refused: list[str] | None = None
+    try:
+        await daemon.reload()
+    except ConfigError as e:
+        refused = [str(i) for i in e.issues]
+        log.error("config_reload_refused", problems=refused)
+    except Exception as e:  # e.g. StoreError: state the new controller cannot read
+        refused = [f"reload failed: {e}"]
+        log.exception("config_reload_failed", error=str(e))
+    if notify is not None:
+        notify.reloaded(refused)
 
 
 async def _stop_after(stop: asyncio.Event, seconds: float | None) -> None:

@@ -30,8 +30,11 @@ from pydantic import SecretStr, ValidationInfo
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 CONTEXT_KEY = "credentials"  # in the pydantic validation context
 
-# systemd accepts any file name; a conservative set keeps unit lines and error messages clear.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:-]{0,254}$")
+# systemd takes a credential's name up to the first ':' of LoadCredential=NAME:FILE, and
+# refuses a name that is not a valid file name or holds ':' or control characters; a
+# conservative subset of the rest keeps unit lines and error messages clear. Checked with
+# fullmatch: `$` would let a trailing newline through.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,254}")
 _MAX_BYTES = 1 << 20  # systemd's own limit for one credential
 
 
@@ -116,9 +119,9 @@ def reference(value: Any) -> str | None:
     if set(value) != {"credential"}:
         raise ValueError('give a value, or a systemd credential as { credential = "NAME" }')
     name = value["credential"]
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
-            f"bad credential name {name!r}: use letters, digits, '_', '.', '@', ':' and '-'"
+            f"bad credential name {name!r}: use letters, digits, '_', '.', '@' and '-'"
         )
     return name
 

@@ -331,7 +331,9 @@ class Daemon:
         early for them): a rig switched off at its outlet answers no scan."""
         if not autodiscover.auto_entries(cfg):
             return {}
-        self.store = StateStore.open(cfg.site.state_dir, now=self.clock.now)
+        self.store = StateStore.open(
+            cfg.site.state_dir, now=self.clock.now, monotonic=self.clock.monotonic
+        )
         try:
             raw = self.store.get(autodiscover.STORE_KEY)
         except StoreError as e:
@@ -383,7 +385,9 @@ class Daemon:
         if cfg.control is None or not cfg.control.enabled:
             return None
         if self.store is None:
-            self.store = StateStore.open(cfg.site.state_dir, now=self.clock.now)
+            self.store = StateStore.open(
+                cfg.site.state_dir, now=self.clock.now, monotonic=self.clock.monotonic
+            )
         return Controller(
             cfg,
             cfg.control,
@@ -405,16 +409,21 @@ class Daemon:
 
     def _clock_stepped(self, step: float, *, startup: bool = False) -> None:
         """Apply a wall-clock step to everything that remembers a stamp (controller.clock):
-        what rigd timed itself keeps its length; grid orders keep the operator's times."""
+        what rigd timed itself keeps its length; grid orders keep the operator's times.
+
+        The shifted state and the new clock mark are saved in one transaction: a restart
+        then finds either both (no step left to apply) or neither (the step, once)."""
+        shifted: dict[str, Any] = {}
         if step:
             log.warning("clock_stepped", step_s=round(step, 3), while_down=startup)
             if self.controller is not None:
-                self.controller.shift_times(step)
+                shifted.update(self.controller.shift_times(step))
             if self.grid is not None:
                 # At start the heartbeat was just given a fresh timeout from now.
                 self.grid.book.shift_local_times(step, heartbeat=not startup)
+                shifted["grid.book"] = self.grid.book.as_dict()
         if self.store is not None:
-            self.store.put("clock.mark", self.clock.mark())
+            self.store.put_many({**shifted, "clock.mark": self.clock.mark()})
 
     async def _control(self, snap: SiteSnapshot) -> ControlStatus | None:
         """The grid's limits, then one control step on `snap`."""
@@ -487,16 +496,16 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll and publish every interval until `stop` is set; then go offline cleanly.
 
-        Stopping sends no command to any device: rigs stay exactly as they are.
+        Stopping sends no control command to any device: rigs stay exactly as they are
+        (LuxOS rigs only have rigd's write session logged off, see drivers/luxos.py).
         """
-        interval = self.cfg.poll.interval_s
         log.info(
             "rigd_starting",
             site=self.cfg.site.id,
             rigs=len(self.devices.miners),
             pdus=len(self.devices.pdus),
             meters=len(self.devices.meters),
-            interval_s=interval,
+            interval_s=self.cfg.poll.interval_s,
             broker=self.cfg.mqtt.url,
         )
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
@@ -520,7 +529,9 @@ class Daemon:
                     if res is not None:
                         await res
                 if not kicked:  # a kicked cycle came early: keep the schedule
-                    next_t += interval
+                    # Read at each pass: a reload may have changed it, and the watchdog's
+                    # promise (controller/sdnotify.py) is made on the current config.
+                    next_t += self.cfg.poll.interval_s
                 delay = next_t - self.clock.monotonic()
                 if delay < 0:
                     log.warning("poll_overrun", cycle=snap.cycle, behind_s=round(-delay, 3))

@@ -4,7 +4,8 @@ Under `Type=notify` systemd counts rigd as started on READY=1, shows the STATUS=
 `systemctl status`, and with `WatchdogSec=` restarts rigd when the keep-alives stop. rigd
 sends:
 
-- READY=1 after its first control cycle, so "started" means the farm is under control;
+- READY=1 after its first control cycle, so "started" means the farm is under control,
+  and EXTEND_TIMEOUT_USEC= before it: that first cycle may outlast TimeoutStartSec;
 - STATUS= after each cycle: import against the cap, rigs by state, the broker connection;
 - WATCHDOG=1 while cycles keep completing (see `Watchdog`), WATCHDOG=trigger once they stop;
 - RELOADING=1 with MONOTONIC_USEC, then READY=1, around a SIGHUP reload;
@@ -41,6 +42,8 @@ log = structlog.get_logger(__name__)
 # Slack on top of a cycle's worst case (every device silent): deciding, publishing, a reload
 # waiting for the cycle lock. A loop this late is stuck, not slow.
 CYCLE_SLACK_S = 30.0
+# Before READY=1, how often the start-up deadline given to systemd is looked at again.
+START_CHECK_S = 5.0
 
 
 def _address(raw: str) -> str | None:
@@ -142,17 +145,20 @@ class Watchdog:
         return None
 
 
-def next_cycle_within_s(cfg: Config, devices: int, slack_s: float = CYCLE_SLACK_S) -> float:
-    """How soon after one cycle ends the next must have ended, at the latest.
-
-    The wait for the next interval, plus a cycle in which every device is silent: reads run
+def cycle_within_s(cfg: Config, devices: int, slack_s: float = CYCLE_SLACK_S) -> float:
+    """The longest one cycle may take: a cycle in which every device is silent (reads run
     `poll.concurrency` at a time and each is cut off after the daemon's guard of
-    timeout_s x (retries + 1) + 2 s (Daemon._apply_poll), plus `slack_s`.
-    """
+    timeout_s x (retries + 1) + 2 s, Daemon._apply_poll), plus `slack_s`."""
     p = cfg.poll
     guard = p.timeout_s * (p.retries + 1) + 2.0
     batches = max(1, math.ceil(devices / p.concurrency))
-    return p.interval_s + batches * guard + slack_s
+    return batches * guard + slack_s
+
+
+def next_cycle_within_s(cfg: Config, devices: int, slack_s: float = CYCLE_SLACK_S) -> float:
+    """How soon after one cycle ends the next must have ended, at the latest: the wait for
+    the next interval, plus the longest a cycle may take (`cycle_within_s`)."""
+    return cfg.poll.interval_s + cycle_within_s(cfg, devices, slack_s)
 
 
 def status_line(doc: Mapping[str, Any], mqtt_connected: bool) -> str:
@@ -185,15 +191,48 @@ class ServiceNotifications:
         self.watchdog = Watchdog()
         self._monotonic = monotonic
         self._slack_s = slack_s
-        self._ready = False
+        self._ready = False  # READY=1 reached systemd (a dropped one is sent again)
         self._note = ""  # appended to the status line: a refused reload stays visible
+        # Start-up: when it began (monotonic), and the deadline for the first cycle that
+        # systemd was last given with EXTEND_TIMEOUT_USEC (see `starting`).
+        self._started_at: float | None = None
+        self._start_deadline: float | None = None
 
     def _devices(self) -> int:
         d = self.daemon.devices
         return len(d.miners) + len(d.meters) + len(d.pdus)
 
     def starting(self) -> None:
-        self.notifier.send(f"STATUS=starting: first poll of {self._devices()} devices")
+        """Before the first cycle. READY=1 waits for that cycle, which on a large fleet that is
+        still booting (every device silent) takes minutes: 10,000 rigs at 256 at a time and
+        3 s x 2 tries each take over 5 min, beyond TimeoutStartSec. So systemd is asked
+        to wait for that cycle's worst case (`cycle_within_s`) with EXTEND_TIMEOUT_USEC;
+        `run` asks again if the worst case grows before READY=1 (more devices found)."""
+        self._started_at = self._monotonic()
+        fields = [f"STATUS=starting: first poll of {self._devices()} devices"]
+        extend = self._start_extension(force=True)
+        if extend is not None:
+            fields.append(extend)
+        if not self.notifier.send(*fields):
+            self._start_deadline = None  # not given: `run` sends it again
+
+    def _start_extension(self, *, force: bool = False) -> str | None:
+        """EXTEND_TIMEOUT_USEC= for the first cycle's worst case, counted from `starting`,
+        when that is later than the deadline systemd already has (or `force`); else None.
+
+        Never past it: a first cycle that outlasts its own worst case is stuck, and
+        systemd's start timeout is then what restarts rigd."""
+        if self._ready or self._started_at is None or not self.notifier.enabled:
+            return None
+        cfg = self.daemon.cfg
+        deadline = self._started_at + cycle_within_s(cfg, self._devices(), self._slack_s)
+        if not force and self._start_deadline is not None and deadline <= self._start_deadline:
+            return None
+        left = deadline - self._monotonic()
+        if left <= 0:
+            return None
+        self._start_deadline = deadline
+        return f"EXTEND_TIMEOUT_USEC={math.ceil(left * 1e6)}"
 
     def on_cycle(self, result: CycleResult) -> None:
         """After each completed cycle (the daemon's on_snapshot hook)."""
@@ -205,11 +244,13 @@ class ServiceNotifications:
         fields = [f"STATUS={status}"]
         if not self._ready:
             fields.insert(0, "READY=1")
-            self._ready = True
-            log.info("sd_notify_ready", watchdog_s=self.notifier.watchdog_s)
         if self.notifier.watchdog_s is not None:
             fields.append("WATCHDOG=1")
-        self.notifier.send(*fields)
+        sent = self.notifier.send(*fields)
+        # A READY=1 that was not sent (EAGAIN: systemd busy) goes with the next cycle's.
+        if sent and not self._ready:
+            self._ready = True
+            log.info("sd_notify_ready", watchdog_s=self.notifier.watchdog_s)
 
     def reloading(self) -> None:
         usec = time.monotonic_ns() // 1000  # CLOCK_MONOTONIC, as systemd wants it
@@ -233,9 +274,11 @@ class ServiceNotifications:
         if not self.notifier.enabled:
             await stop.wait()
             return
-        period = self.notifier.watchdog_s / 4 if self.notifier.watchdog_s else None
+        feed = self.notifier.watchdog_s / 4 if self.notifier.watchdog_s else None
         try:
             while not stop.is_set():
+                # Until READY=1, also look every START_CHECK_S at the start-up deadline.
+                period = feed if self._ready else min(feed or START_CHECK_S, START_CHECK_S)
                 if period is None:
                     await stop.wait()
                     break
@@ -243,6 +286,9 @@ class ServiceNotifications:
                     await asyncio.wait_for(stop.wait(), period)
                 if stop.is_set():
                     break
+                extend = self._start_extension()
+                if extend is not None and not self.notifier.send(extend):
+                    self._start_deadline = None  # not given: try again next time
                 self._feed()
             self.notifier.send(
                 "STOPPING=1", "STATUS=stopping: going offline, rigs left as they are"

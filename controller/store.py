@@ -10,7 +10,9 @@ A disk that fills up or turns read-only while rigd runs must not stop the farm's
 control, so state and audit writes are *write-behind on failure*: a write that fails
 is kept in memory (the newest value per key, and audit rows up to a bound), the failure
 is logged once and shown by `health()`, and every later write, at most every
-`RETRY_S`, tries to write everything still pending, in order. The control loop goes on
+`RETRY_S` (on the monotonic clock: a wall-clock step must not stop the retries), tries to
+write everything still pending, in order. Values are serialised when they are given, so one
+that cannot be is refused there and never stays pending. The control loop goes on
 from its in-memory state meanwhile; reads see the pending values. What cannot be opened
 or read at start raises `StoreError`, whose `kind` tells the daemon how to exit.
 """
@@ -152,13 +154,30 @@ class AuditEntry:
 _AuditRow = tuple[float, str, str, str | None, str, str, str, str | None, int]
 
 
+def _dumps(key: str, value: Any) -> str:
+    """`value` as the JSON text stored for `key`; the error names the key."""
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        e.add_note(f"state key {key!r}: not saved")
+        raise
+
+
 class StateStore:
     FILENAME = "rigd.sqlite"
 
-    def __init__(self, path: Path, *, now: Callable[[], float] = time.time) -> None:
-        """`now` stamps when a failure began (the daemon's clock) and paces retries."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        now: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`now` stamps when a failure began (the daemon's clock); `monotonic` paces the
+        retries (the daemon's monotonic clock)."""
         self.path = path
         self.now = now
+        self.monotonic = monotonic
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -173,15 +192,23 @@ class StateStore:
             kind = error_kind(e)
             raise StoreError(f"cannot open state database {path}: {e} ({kind})", kind=kind) from e
         self._lock = threading.Lock()
-        self._pending: dict[str, Any] = {}  # key -> newest value not yet written (or _DELETED)
+        # key -> newest value not yet written, as JSON text (or _DELETED)
+        self._pending: dict[str, str | object] = {}
         self._pending_audit: deque[_AuditRow] = deque()
         self._dropped_audit = 0
         self._failure: tuple[ErrorKind, str, float] | None = None  # kind, message, since
-        self._last_try = -float("inf")
+        self._failing_since = 0.0  # monotonic, while failing
+        self._last_try = -float("inf")  # monotonic
 
     @classmethod
-    def open(cls, state_dir: Path, *, now: Callable[[], float] = time.time) -> StateStore:
-        return cls(Path(state_dir) / cls.FILENAME, now=now)
+    def open(
+        cls,
+        state_dir: Path,
+        *,
+        now: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> StateStore:
+        return cls(Path(state_dir) / cls.FILENAME, now=now, monotonic=monotonic)
 
     def close(self) -> None:
         """Write what is pending one last time (a stop is a good moment), then close."""
@@ -232,6 +259,7 @@ class StateStore:
         msg = f"cannot write {what} to {self.path}: {e}"
         if self._failure is None:
             self._failure = (kind, msg, self.now())
+            self._failing_since = self.monotonic()
             log.error(
                 "state_db_write_failed",
                 path=str(self.path),
@@ -246,13 +274,13 @@ class StateStore:
 
     def _recovered(self, written: int) -> None:
         if self._failure is not None:
-            kind, _, since = self._failure
+            kind = self._failure[0]
             self._failure = None
             log.warning(
                 "state_db_recovered",
                 path=str(self.path),
                 was=kind,
-                failing_s=round(self.now() - since, 1),
+                failing_s=round(self.monotonic() - self._failing_since, 1),
                 written=written,
                 audit_dropped=self._dropped_audit,
             )
@@ -262,15 +290,11 @@ class StateStore:
         While failing, only every RETRY_S unless `force`."""
         if not self._pending and not self._pending_audit:
             return
-        now = self.now()
+        now = self.monotonic()
         if not force and self._failure is not None and now - self._last_try < RETRY_S:
             return
         self._last_try = now
-        puts = [
-            (k, json.dumps(v, separators=(",", ":")))
-            for k, v in self._pending.items()
-            if v is not _DELETED
-        ]
+        puts = [(k, v) for k, v in self._pending.items() if isinstance(v, str)]
         dels = [(k,) for k, v in self._pending.items() if v is _DELETED]
         rows = list(self._pending_audit)
         try:
@@ -308,7 +332,7 @@ class StateStore:
         with self._lock:
             if key in self._pending:
                 v = self._pending[key]
-                return default if v is _DELETED else v
+                return json.loads(v) if isinstance(v, str) else default
             try:
                 row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
                 return default if row is None else json.loads(row[0])
@@ -320,9 +344,11 @@ class StateStore:
 
     def put_many(self, items: dict[str, Any]) -> None:
         """Write several keys in one transaction: all or none land. If the disk fails, they
-        are kept pending (see the module docstring) and this does not raise."""
+        are kept pending (see the module docstring) and this does not raise. A value that
+        JSON cannot hold raises TypeError or ValueError here, and none of `items` is kept."""
+        texts = {k: _dumps(k, v) for k, v in items.items()}
         with self._lock:
-            self._pending.update(items)
+            self._pending.update(texts)
             self._flush_locked(force=False)
 
     def put(self, key: str, value: Any) -> None:
@@ -378,6 +404,7 @@ class StateStore:
         """One transaction: the message is seen, the book (if changed) saved, and what must
         be published queued; so a crash leaves either all of it or none. On failure the
         book is kept pending like any state write, and StoreError is raised."""
+        book = None if state is None else _dumps("grid.book", state)
         with self._lock:
             try:
                 self._db.execute("BEGIN")
@@ -387,11 +414,11 @@ class StateStore:
                         (jti, digest, exp, json.dumps(ack, separators=(",", ":"))),
                     )
                     self._db.execute("DELETE FROM grid_seen WHERE exp < ?", (prune_before,))
-                    if state is not None:
+                    if book is not None:
                         self._db.execute(
                             "INSERT INTO kv (key, value) VALUES ('grid.book', ?) "
                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            (json.dumps(state, separators=(",", ":")),),
+                            (book,),
                         )
                     ids = [
                         int(
@@ -409,10 +436,10 @@ class StateStore:
                     self._rollback()
                     raise
             except sqlite3.Error as e:
-                if state is not None:
-                    self._pending["grid.book"] = state
+                if book is not None:
+                    self._pending["grid.book"] = book
                 raise self._failed(e, "grid state") from e
-            if state is not None:
+            if book is not None:
                 self._pending.pop("grid.book", None)  # an older book must not land after it
         return ids
 
@@ -488,7 +515,7 @@ class StateStore:
                     return int(cur.lastrowid or 0)
                 except sqlite3.Error as e:
                     self._failed(e, "the audit log")
-                    self._last_try = self.now()
+                    self._last_try = self.monotonic()
             if len(self._pending_audit) >= MAX_PENDING_AUDIT:
                 self._pending_audit.popleft()
                 self._dropped_audit += 1

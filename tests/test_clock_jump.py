@@ -10,6 +10,7 @@ wall time the daemon reads, never its monotonic clock or the farm's physics, as
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -28,11 +29,13 @@ from controller.daemon import CycleResult, Daemon
 from controller.grid.book import OrderBook
 from controller.grid.orders import GridMessage
 from controller.planner import ActionKind, Mode, RigMemory
+from controller.store import RETRY_S
 from simulators.clock import SteppedWall
 from simulators.direct import build_direct_devices
 from simulators.farm import Mode as RigMode
 from tests.grid_helpers import order, plain
 from tests.sim_harness import START, OfflineLink, SimHarness
+from tests.test_store_faults import fill_disk, free_disk, on_disk
 
 HOUR = 3600.0
 STEPS = [pytest.param(2 * HOUR, id="forward-2h"), pytest.param(-2 * HOUR, id="back-2h")]
@@ -325,6 +328,82 @@ async def test_a_step_while_down_is_found_from_the_saved_mark(
     wakes = acts.times(ActionKind.WAKE)
     assert wakes and min(wakes) >= slept + min_off
     assert min(wakes) <= slept + min_off + 2 * h.interval_s
+
+
+async def test_a_step_back_while_the_disk_is_full_does_not_hold_the_retries_back(
+    made: Callable[..., SteppedHarness],
+) -> None:
+    """The state database's retries are paced on the daemon's monotonic clock: the wall
+    clock put back an hour while the disk is full must not keep what waits in memory off
+    the disk for that hour once the disk has room again."""
+    h = made(rigs=8, pdus=1, control={"power_targets": False})
+    ctl = h.cfg.control
+    assert ctl is not None
+    await h.run_for(60)
+    fill_disk(h.store)
+    h.set_override(0.6 * ctl.max_import_kw, HOUR, "feeder work")  # rigs slept, audited
+    await h.run_for(60)
+    assert h.store.health()["ok"] is False
+    h.wall.step(-HOUR)
+    await h.step()  # the step is found and applied, in memory: the disk is still full
+    free_disk(h.store)
+    docs: list[dict[str, Any]] = []
+    await h.run_for(RETRY_S + 2 * h.interval_s, lambda r: docs.append(r.document["state_db"]))
+    assert docs[-1]["ok"] is True and docs[-1]["unsaved"] == 0, docs
+    assert on_disk(h.store.path, "clock.mark")["wall"] == pytest.approx(h.wall.now(), abs=60)
+
+
+class Killed(Exception):
+    """rigd killed (SIGKILL, power cut) at a write: that write and every later one are lost."""
+
+
+@pytest.mark.parametrize("kill_at", [0, 1, 2])
+async def test_a_kill_while_a_step_is_saved_never_applies_it_twice(
+    made: Callable[..., SteppedHarness], kill_at: int
+) -> None:
+    """rigd is killed at its `kill_at`-th state write after a step is found: whatever had
+    landed, the restarted rigd moves each stamp by the step exactly once (the shifted state
+    and the clock mark saying it was applied land together, or neither does)."""
+    h = made(rigs=12, pdus=2, control={"power_targets": False, "min_off_s": 1800.0})
+    ctl = h.cfg.control
+    assert ctl is not None
+    t0 = h.now
+    h.at(t0 + 603, lambda: h.set_override(0.6 * ctl.max_import_kw, HOUR, "feeder work"))
+    await h.run_until(t0 + 700)
+    asleep = {rid for rid, r in h.farm.rigs.items() if r.mode is RigMode.SLEEPING}
+    assert asleep
+    before = {rid: h.controller.memory[rid].since for rid in asleep}
+    expires = h.controller.override.expires_at if h.controller.override else None
+    assert expires is not None
+
+    store = h.store
+    put_many = store.put_many
+    writes: list[list[str]] = []
+    dead = False
+
+    def dying(items: dict[str, Any]) -> None:
+        nonlocal dead
+        if dead:
+            return  # the process is gone: nothing more reaches the disk
+        writes.append(sorted(items))
+        if len(writes) > kill_at:
+            dead = True
+            raise Killed
+        put_many(items)
+
+    store.put_many = dying  # type: ignore[method-assign]
+    h.wall.step(2 * HOUR)
+    with contextlib.suppress(Killed):
+        await h.step()
+    dead = True  # killed after that cycle at the latest
+    # The cycle's first write is the step's: the shifted state with the mark.
+    assert {"clock.mark", "planner.memory", "control.override"} <= set(writes[0]), writes
+    await h.restart()
+    c = h.controller
+    for rid in asleep:
+        assert c.memory[rid].since == pytest.approx(before[rid] + 2 * HOUR), (rid, writes)
+    assert c.override is not None
+    assert c.override.expires_at == pytest.approx(expires + 2 * HOUR), writes
 
 
 async def test_heartbeat_and_report_pacing_survive_steps(

@@ -89,7 +89,7 @@ def test_writes_wait_in_memory_while_the_disk_is_full_and_land_when_it_frees(
     tmp_path: Path,
 ) -> None:
     now = Clock()
-    s = StateStore.open(tmp_path, now=now)
+    s = StateStore.open(tmp_path, now=now, monotonic=now)
     s.put("a", 1)
     fill_disk(s)
     with capture_logs() as logs:
@@ -142,6 +142,58 @@ def test_writes_wait_in_memory_while_the_disk_is_full_and_land_when_it_frees(
     assert on_disk(s.path, "b") is None and on_disk(s.path, "e") == 5
     audit = [e for e in s.audit_since(0) if e.actor != FILLER]
     assert [e.rig_id for e in audit] == [f"r{i}" for i in range(50)], "in order, none lost"
+    s.close()
+
+
+def test_retries_are_paced_on_the_monotonic_clock_not_the_wall_clock(tmp_path: Path) -> None:
+    """The wall clock put back an hour (NTP, a mis-set clock corrected) while the disk is
+    full must not hold the retries back for that hour, nor a step forward hurry them."""
+    wall, mono = Clock(), Clock()
+    s = StateStore.open(tmp_path, now=wall, monotonic=mono)
+    fill_disk(s)
+    s.put("a", {"big": "x" * 20_000})
+    assert s.health()["ok"] is False and s.health()["since"] == wall.t
+    free_disk(s)
+    wall.t += HOUR  # a step forward is no reason to retry early
+    mono.t += 1.0
+    s.put("b", 2)
+    assert s.health()["unsaved"] == 2 and on_disk(s.path, "a") is None
+    wall.t -= 2 * HOUR  # and a step back none to wait an hour
+    mono.t += store_mod.RETRY_S
+    with capture_logs() as logs:
+        s.put("c", 3)
+    assert s.health()["ok"] is True and s.health()["unsaved"] == 0
+    assert on_disk(s.path, "a") == {"big": "x" * 20_000} and on_disk(s.path, "c") == 3
+    assert [(e["event"], e["failing_s"]) for e in logs] == [
+        ("state_db_recovered", 1.0 + store_mod.RETRY_S)
+    ]
+    s.close()
+
+
+def test_a_value_json_cannot_hold_is_refused_and_nothing_is_queued(tmp_path: Path) -> None:
+    """A value that cannot be serialised raises to its caller, and none of the values given
+    with it is kept: it must not stay pending and fail every later write."""
+    s = StateStore.open(tmp_path, now=Clock())
+    s.put("a", 1)
+    with pytest.raises(TypeError, match="not JSON serializable") as e:
+        s.put_many({"a": 2, "bad": {"rigs": {"r1", "r2"}}})
+    assert s.get("a") == 1 and s.get("bad") is None, "all or none"
+    assert "state key 'bad': not saved" in getattr(e.value, "__notes__", [])
+    # Every later write goes on as before (the daemon writes its clock mark every cycle).
+    s.put("clock.mark", {"wall": 1.0})
+    s.delete("a")
+    assert s.flush() and s.health()["ok"] is True
+    assert on_disk(s.path, "clock.mark") == {"wall": 1.0} and on_disk(s.path, "a") is None
+    # The same while the disk fails and writes wait in memory.
+    fill_disk(s)
+    s.put("c", "y" * 10_000)
+    with pytest.raises(ValueError, match="Circular reference"):
+        loop: dict[str, Any] = {}
+        loop["self"] = loop
+        s.put("d", loop)
+    assert s.get("d") is None and s.health()["unsaved"] == 1
+    free_disk(s)
+    assert s.flush() and on_disk(s.path, "c") == "y" * 10_000
     s.close()
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,8 +33,13 @@ from pydantic import BaseModel, BeforeValidator
 from structlog.testing import capture_logs
 
 from controller.config import Config, ConfigError, load_config, parse_config
-from controller.credentials import Credentials, file_or_credential, secret_or_credential
-from controller.daemon import Daemon
+from controller.credentials import (
+    Credentials,
+    file_or_credential,
+    reference,
+    secret_or_credential,
+)
+from controller.daemon import CycleResult, Daemon
 from controller.sdnotify import (
     Notifier,
     ServiceNotifications,
@@ -40,6 +47,7 @@ from controller.sdnotify import (
     next_cycle_within_s,
     status_line,
 )
+from simulators.clock import ManualClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto
 
@@ -245,6 +253,143 @@ async def test_a_stalled_loop_stops_feeding_and_asks_for_a_restart(tmp_path: Pat
     assert any("poll_or_hang" in w for w in starved[0]["waiting"]), starved[0]["waiting"]
 
 
+async def test_a_reload_that_shortens_the_interval_paces_cycles_and_feeds_the_watchdog(
+    tmp_path: Path,
+) -> None:
+    """poll.interval_s 60 s reloaded to 10 s: cycles come every 10 s from then on, and each
+    comes while the watchdog's promise (made on the current config) still holds. On the
+    daemon's virtual clock, so that minutes of farm time take a moment."""
+    clock = ManualClock()
+    async with SimSite(rigs=3, pdus=1) as site:
+        path = tmp_path / "rigd.toml"
+        text = site.config_toml(
+            broker_url="mqtt://127.0.0.1:9",
+            state_dir=tmp_path / "state",
+            interval_s=60,
+            timeout_s=0.5,
+            retries=0,
+        )
+        # No rescans: the only sleeps on the virtual clock are the loop's own.
+        text = text.replace("[poll]\n", "[poll]\ndiscover_interval_s = 0\n")
+        path.write_text(text)
+        daemon = Daemon(parse_config(text, environ={}), clock=clock, config_path=str(path))
+        notify = ServiceNotifications(Notifier(None), daemon, monotonic=clock.monotonic)
+        stop = asyncio.Event()
+        seen: list[tuple[float, str | None]] = []  # each cycle: when, what the feeder sends
+
+        async def on_cycle(result: CycleResult) -> None:
+            now = clock.monotonic()
+            seen.append((now, notify.watchdog.tick(now)))
+            notify.on_cycle(result)
+            if len(seen) == 3:  # systemctl reload, between two cycles
+                path.write_text(text.replace("interval_s = 60", "interval_s = 10"))
+                await daemon.reload()
+            if len(seen) == 8:
+                stop.set()
+
+        daemon.on_snapshot = on_cycle
+        await asyncio.wait_for(daemon.run(stop), 60)
+    gaps = [round(b[0] - a[0], 6) for a, b in itertools.pairwise(seen)]
+    assert gaps == [60.0, 60.0] + [10.0] * 5, gaps
+    # Within its promise every time: the feeder never asks systemd for a restart.
+    assert [msg for _, msg in seen] == [None] + ["WATCHDOG=1"] * 7
+
+
+def _start_config(site: SimSite, tmp_path: Path, concurrency: int) -> str:
+    text = site.config_toml(
+        broker_url="mqtt://127.0.0.1:9",
+        state_dir=tmp_path / "state",
+        interval_s=10,
+        timeout_s=3,
+        retries=1,
+    )
+    return text.replace("[poll]\n", f"[poll]\nconcurrency = {concurrency}\n")
+
+
+async def test_start_up_asks_systemd_to_wait_for_the_first_cycles_worst_case(
+    tmp_path: Path,
+) -> None:
+    """READY=1 comes after the first cycle, which on a fleet still booting (every device
+    silent) outlasts TimeoutStartSec: systemd is given EXTEND_TIMEOUT_USEC for that cycle's
+    worst case at start, again if the worst case grows before READY=1, never after it."""
+    ns = NotifySocket(str(tmp_path / "notify"))
+    t = [1000.0]
+    try:
+        async with SimSite(rigs=6, pdus=1) as site:
+            path = tmp_path / "rigd.toml"
+            path.write_text(_start_config(site, tmp_path, concurrency=2))
+            cfg = parse_config(path.read_text(), environ={})
+            daemon = Daemon(cfg, clock=ManualClock(), config_path=str(path))
+            notifier = Notifier(ns.address, watchdog_s=0.4)  # looked at every 0.1 s
+            notify = ServiceNotifications(notifier, daemon, monotonic=lambda: t[0])
+            notify.starting()
+            # 8 devices, 2 at a time: 4 batches of reads cut off at 3 s x 2 + 2 s, + 30 s.
+            first = await ns.expect(lambda m: "STATUS" in m)
+            assert first == {
+                "STATUS": "starting: first poll of 8 devices",
+                "EXTEND_TIMEOUT_USEC": str((4 * 8 + 30) * 1_000_000),
+            }
+            stop = asyncio.Event()
+            feeding = asyncio.create_task(notify.run(stop))
+            try:
+                start = len(ns.messages)
+                await asyncio.sleep(0.35)
+                assert ns.since(start) == [], "the deadline stands: nothing to send again"
+                # Before the first cycle the worst case grows (a reload: 1 device at a time):
+                # the start-up deadline moves out, counted from the start, not from now.
+                path.write_text(_start_config(site, tmp_path, concurrency=1))
+                await daemon.reload()
+                t[0] += 10.0
+                again = await ns.expect(lambda m: "EXTEND_TIMEOUT_USEC" in m, within=5)
+                assert again == {"EXTEND_TIMEOUT_USEC": str((8 * 8 + 30 - 10) * 1_000_000)}
+                notify.on_cycle(await daemon.cycle())
+                ready = await ns.expect(lambda m: m.get("READY") == "1")
+                assert _cycle(ready) == 1
+                # Started: no more extensions, whatever changes.
+                path.write_text(_start_config(site, tmp_path, concurrency=2))
+                await daemon.reload()
+                path.write_text(_start_config(site, tmp_path, concurrency=1))
+                await daemon.reload()
+                start = len(ns.messages)
+                await asyncio.sleep(0.35)
+                assert not [m for m in ns.since(start) if "EXTEND_TIMEOUT_USEC" in m]
+            finally:
+                stop.set()
+                await asyncio.wait_for(feeding, 10)
+                await daemon.devices.close()
+    finally:
+        ns.close()
+
+
+async def test_a_ready_that_could_not_be_sent_goes_with_the_next_cycle(tmp_path: Path) -> None:
+    """systemd busy (its socket's queue full: EAGAIN) when READY=1 is due: the next cycle
+    sends it, since systemd would otherwise keep rigd "activating" until its start timeout."""
+    ns = NotifySocket(str(tmp_path / "notify"))
+    try:
+        async with SimSite(rigs=2, pdus=1) as site:
+            text = site.config_toml(broker_url="mqtt://127.0.0.1:9", state_dir=tmp_path / "s")
+            daemon = Daemon(parse_config(text, environ={}))
+            notifier = Notifier(ns.address)
+            notify = ServiceNotifications(notifier, daemon)
+            try:
+                for _ in range(100_000):  # fill systemd's queue
+                    if not notifier.send("STATUS=filler"):
+                        break
+                else:
+                    raise AssertionError("the notify socket's queue never filled")
+                notify.on_cycle(await daemon.cycle())  # READY=1 lost: EAGAIN
+                ns._drain()  # systemd catches up
+                start = len(ns.messages)
+                for _ in range(2):
+                    notify.on_cycle(await daemon.cycle())
+                got = [m for m in ns.since(start) if "cycle" in m.get("STATUS", "")]
+                assert [(m.get("READY"), _cycle(m)) for m in got] == [("1", 2), (None, 3)]
+            finally:
+                await daemon.devices.close()
+    finally:
+        ns.close()
+
+
 # -- credentials --------------------------------------------------------------------------------
 
 
@@ -394,7 +539,7 @@ def test_credential_errors_name_the_setting_its_line_and_the_credential(tmp_path
     base = '[site]\nid = "s"\n[mqtt]\npassword = '
     assert _problems(base + '{ credential = "../../etc/shadow" }', environ=env) == [
         "<config>:4: mqtt.password: bad credential name '../../etc/shadow': use letters, "
-        "digits, '_', '.', '@', ':' and '-'"
+        "digits, '_', '.', '@' and '-'"
     ]
     assert _problems(base + '{ credentials = "x" }', environ=env) == [
         "<config>:4: mqtt.password: give a value, or a systemd credential as "
@@ -404,6 +549,22 @@ def test_credential_errors_name_the_setting_its_line_and_the_credential(tmp_path
     assert (
         "mqtt.username" in _problems('[site]\nid = "s"\n[mqtt]\nusername = { credential = "u" }')[0]
     )
+
+
+def test_a_credential_name_is_one_load_credential_can_pass(tmp_path: Path) -> None:
+    """`LoadCredential=a:b:FILE` passes a credential named `a`: a name with ':' can never
+    arrive, and neither can one with a newline (a `$`-anchored match lets one through)."""
+    creds = _credentials_dir(tmp_path / "creds")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    base = '[site]\nid = "s"\n[mqtt]\npassword = '
+    for bad in ("mqtt:password", "mqtt-password\\n", ".mqtt-password", "-x", ""):
+        problems = _problems(base + f'{{ credential = "{bad}" }}', environ=env)
+        assert len(problems) == 1 and "bad credential name" in problems[0], (bad, problems)
+    with pytest.raises(ValueError, match="bad credential name 'mqtt-password\\\\n'"):
+        reference({"credential": "mqtt-password\n"})
+    assert reference({"credential": "rigd@site_2.mqtt-password"}) == "rigd@site_2.mqtt-password"
+    cfg = parse_config(base + '{ credential = "mqtt-password" }', environ=env)
+    assert cfg.mqtt.password and cfg.mqtt.password.get_secret_value() == "S3cret-mqtt-password"
 
 
 def test_no_secret_reaches_an_error_message(tmp_path: Path) -> None:
@@ -558,6 +719,8 @@ async def test_rigd_run_talks_to_systemd_and_reloads_without_losing_state(tmp_pa
                 ns.sender = (proc, log)
                 starting = await ns.expect(lambda m: "STATUS" in m)
                 assert starting["STATUS"] == "starting: first poll of 9 devices"
+                # systemd waits for the first cycle's worst case: at least the 30 s slack.
+                assert int(starting["EXTEND_TIMEOUT_USEC"]) > 30_000_000
                 # Started means controlled: READY=1 comes with the first cycle's status.
                 ready = await ns.expect(lambda m: m.get("READY") == "1")
                 assert _cycle(ready) == 1, ready
@@ -610,6 +773,50 @@ async def test_rigd_run_talks_to_systemd_and_reloads_without_losing_state(tmp_pa
     assert "config_reloaded" in events and "config_reload_refused" in events
     assert "rigd_stopped" in events
     assert secret not in text  # the broker password never reaches the journal
+
+
+async def test_a_reload_that_fails_otherwise_than_on_the_config_is_reported_failed(
+    tmp_path: Path,
+) -> None:
+    """A reload can fail past the config check: here the state database holds control state
+    the new controller cannot read (StoreError). rigd runs on, logs it, and tells systemd
+    the reload was refused, never "config reloaded"."""
+    ns = NotifySocket(str(tmp_path / "notify"))
+    cfg, log, state = tmp_path / "rigd.toml", tmp_path / "rigd.log", tmp_path / "state"
+    try:
+        async with SimSite(rigs=3, pdus=1) as site:
+            cfg.write_text(
+                site.config_toml(
+                    broker_url="mqtt://127.0.0.1:9",
+                    state_dir=state,
+                    interval_s=0.5,
+                    extra="[control]\nmax_import_kw = 500\n",
+                )
+            )
+            async with _rigd_run(cfg, {"NOTIFY_SOCKET": ns.address}, log) as proc:
+                ns.sender = (proc, log)
+                await ns.expect(lambda m: m.get("READY") == "1")
+                # Holds as another rigd version wrote them, put in while rigd runs.
+                with sqlite3.connect(state / "rigd.sqlite") as db:
+                    db.execute(
+                        "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                        ("control.maintenance", '{"rig-001": {"why": "fans", "until": 1}}'),
+                    )
+                proc.send_signal(signal.SIGHUP)
+                await ns.expect(lambda m: m.get("RELOADING") == "1")
+                done = await ns.expect(lambda m: m.get("READY") == "1")
+                assert done["STATUS"].startswith("config reload refused"), done
+                later = await ns.expect(lambda m: _cycle(m) > 0)
+                assert later["STATUS"].endswith("; last reload refused (1 problem)"), later
+                await ns.expect(lambda m: _cycle(m) > _cycle(later))  # control goes on
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        ns.close()
+    logged = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    failed = [e for e in logged if e["event"] == "config_reload_failed"]
+    assert len(failed) == 1 and "cannot read" in failed[0]["error"], failed
+    assert "config_reloaded" not in [e["event"] for e in logged]
 
 
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
