@@ -513,6 +513,12 @@ class HistoryConfig(_Strict):
             raise ValueError("rollup_step_s must be a multiple of step_s, and larger")
         if self.rollup_keep_days < self.keep_days:
             raise ValueError("rollup_keep_days must not be shorter than keep_days")
+        if self.keep_days * 86_400 < self.rollup_step_s:
+            # A rollup row is made of its fine rows: they must outlive its step.
+            raise ValueError(
+                f"keep_days ({self.keep_days:g} days = {self.keep_days * 86_400:g} s) must be "
+                f"at least one rollup step (rollup_step_s = {self.rollup_step_s} s)"
+            )
         return self
 
 

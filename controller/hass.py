@@ -30,7 +30,7 @@ import structlog
 
 from controller.config import HomeAssistantConfig
 from controller.control import ManualRefused
-from controller.metrics import VERSION
+from controller.metrics import CAP_SOURCES, VERSION
 from controller.mqtt import MessageHandler, MqttLink
 from controller.planner import ActionKind
 
@@ -42,7 +42,6 @@ log = structlog.get_logger(__name__)
 ACTOR = "mqtt:homeassistant"
 REASON = "Home Assistant switch"
 RIG_STATES = ["mining", "waking", "sleeping", "off", "unreachable"]
-CAP_SOURCES = ["max_import", "schedule", "budget", "grid", "override"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -146,7 +145,7 @@ def _site_entities(site: str, f: SiteFeatures) -> list[tuple[str, str, dict[str,
                 st,
                 "{{ value_json.cap_source }}",
                 device_class="enum",
-                options=CAP_SOURCES,
+                options=list(CAP_SOURCES),  # the one list: metrics and the state document
             )
         )
     if f.budget:
@@ -262,6 +261,69 @@ def _rig_entities(
     return out
 
 
+def _origin() -> dict[str, Any]:
+    return {"name": "rigd", "sw_version": VERSION}
+
+
+def _message(
+    cfg: HomeAssistantConfig,
+    site: str,
+    object_id: str,
+    component: str,
+    body: dict[str, Any],
+    device: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
+    """One discovery message: (topic, config payload)."""
+    topic = f"{cfg.discovery_prefix}/{component}/{node_id(site)}/{object_id}/config"
+    return topic, {
+        **body,
+        "unique_id": object_id,
+        "availability_topic": f"rigd/{site}/status",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": device,
+        "origin": _origin(),
+    }
+
+
+def site_discovery(
+    site: str, site_name: str, cfg: HomeAssistantConfig, features: SiteFeatures
+) -> dict[str, dict[str, Any]]:
+    """The site device's discovery messages: topic -> config payload (pure)."""
+    node = node_id(site)
+    device = {
+        "identifiers": [node],
+        "name": site_name or f"rigd {site}",
+        "manufacturer": "rigd",
+        "model": "Mining farm power controller",
+        "sw_version": VERSION,
+    }
+    return dict(
+        _message(cfg, site, f"{node}_{key}", component, body, device)
+        for key, component, body in _site_entities(site, features)
+    )
+
+
+def rig_discovery(
+    site: str, cfg: HomeAssistantConfig, features: SiteFeatures, rig: RigDevice
+) -> dict[str, dict[str, Any]]:
+    """One rig's discovery messages: topic -> config payload (pure)."""
+    node = node_id(site)
+    rig_node = f"{node}_{_UNSAFE.sub('_', rig.id)}"
+    device: dict[str, Any] = {"identifiers": [rig_node], "name": rig.id, "via_device": node}
+    if rig.make:
+        device["manufacturer"] = rig.make
+    if rig.model:
+        device["model"] = rig.model
+    fw = " ".join(x for x in (rig.firmware, rig.firmware_version) if x)
+    if fw:
+        device["sw_version"] = fw
+    return dict(
+        _message(cfg, site, f"{rig_node}_{key}", component, body, device)
+        for key, component, body in _rig_entities(site, rig, cfg, features)
+    )
+
+
 def discovery(
     site: str,
     site_name: str,
@@ -270,55 +332,26 @@ def discovery(
     rigs: Sequence[RigDevice],
 ) -> dict[str, dict[str, Any]]:
     """Every discovery message: topic -> config payload (pure)."""
-    node = node_id(site)
-    origin = {"name": "rigd", "sw_version": VERSION}
-    availability = {
-        "availability_topic": f"rigd/{site}/status",
-        "payload_available": "online",
-        "payload_not_available": "offline",
-    }
-    site_device = {
-        "identifiers": [node],
-        "name": site_name or f"rigd {site}",
-        "manufacturer": "rigd",
-        "model": "Mining farm power controller",
-        "sw_version": VERSION,
-    }
-    out: dict[str, dict[str, Any]] = {}
-
-    def put(object_id: str, component: str, body: dict[str, Any], device: dict[str, Any]) -> None:
-        out[f"{cfg.discovery_prefix}/{component}/{node}/{object_id}/config"] = {
-            **body,
-            "unique_id": object_id,
-            **availability,
-            "device": device,
-            "origin": origin,
-        }
-
-    for key, component, body in _site_entities(site, features):
-        put(f"{node}_{key}", component, body, site_device)
+    out = site_discovery(site, site_name, cfg, features)
     if cfg.per_rig:
         for rig in rigs:
-            rig_node = f"{node}_{_UNSAFE.sub('_', rig.id)}"
-            device: dict[str, Any] = {
-                "identifiers": [rig_node],
-                "name": rig.id,
-                "via_device": node,
-            }
-            if rig.make:
-                device["manufacturer"] = rig.make
-            if rig.model:
-                device["model"] = rig.model
-            fw = " ".join(x for x in (rig.firmware, rig.firmware_version) if x)
-            if fw:
-                device["sw_version"] = fw
-            for key, component, body in _rig_entities(site, rig, cfg, features):
-                put(f"{rig_node}_{key}", component, body, device)
+            out.update(rig_discovery(site, cfg, features, rig))
     return out
 
 
+def _encode(msgs: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    return {
+        topic: json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        for topic, payload in msgs.items()
+    }
+
+
 class HomeAssistantBridge:
-    """Publishes discovery when the farm's shape changes, and takes the switches' commands."""
+    """Publishes discovery when the farm's shape changes, and takes the switches' commands.
+
+    Each device's messages are kept as published: when one rig's identity changes (rigs
+    give theirs at their first reading, a few at a time), only that rig's are rebuilt,
+    not the tens of thousands of a large farm on the event loop every cycle."""
 
     def __init__(self, daemon: Daemon, cfg: HomeAssistantConfig) -> None:
         self.daemon = daemon
@@ -327,7 +360,10 @@ class HomeAssistantBridge:
         self.link: MqttLink = daemon.link
         self._prefix = f"rigd/{self.site}/rigs/"
         self._signature: tuple[Any, ...] | None = None
-        self._published: set[str] = set()
+        # What is published, kept per device so that one rig's change rebuilds that rig only.
+        self._features: SiteFeatures | None = None
+        self._site_msgs: dict[str, bytes] = {}
+        self._rig_msgs: dict[str, tuple[RigDevice, dict[str, bytes]]] = {}
         self._tasks: set[asyncio.Task[bool]] = set()
         self._next: MessageHandler | None = None
         if cfg.per_rig and cfg.switches:
@@ -364,15 +400,39 @@ class HomeAssistantBridge:
         if signature == self._signature:
             return  # the common case: nothing to recompute for thousands of rigs
         self._signature = signature
-        msgs = discovery(self.site, cfg.site.name, self.cfg, features, rigs)
-        for topic in self._published - msgs.keys():
-            self.link.set_retained_raw(topic, b"")  # an empty retained config removes it
-        for topic, payload in msgs.items():
-            self.link.set_retained_raw(
-                topic, json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-            )
-        self._published = set(msgs)
-        log.info("hass_discovery_published", entities=len(msgs), rigs=len(rigs))
+        link = self.link
+        if features != self._features:  # the site's entities, and every rig's switch
+            msgs = _encode(site_discovery(self.site, cfg.site.name, self.cfg, features))
+            for topic in self._site_msgs.keys() - msgs.keys():
+                link.set_retained_raw(topic, b"")  # an empty retained config removes it
+            for topic, payload in msgs.items():
+                link.set_retained_raw(topic, payload)
+            self._site_msgs = msgs
+            self._features = features
+            rebuild_all = True
+        else:
+            rebuild_all = False
+        old_rigs = self._rig_msgs
+        new_rigs: dict[str, tuple[RigDevice, dict[str, bytes]]] = {}
+        changed = 0
+        for rig in rigs if self.cfg.per_rig else ():
+            known = old_rigs.get(rig.id)
+            if known is not None and not rebuild_all and known[0] == rig:
+                new_rigs[rig.id] = known  # unchanged: not rebuilt, not handed to the link
+                continue
+            changed += 1
+            msgs = _encode(rig_discovery(self.site, self.cfg, features, rig))
+            for topic in (known[1].keys() - msgs.keys()) if known is not None else ():
+                link.set_retained_raw(topic, b"")
+            for topic, payload in msgs.items():
+                link.set_retained_raw(topic, payload)
+            new_rigs[rig.id] = (rig, msgs)
+        for rid in old_rigs.keys() - new_rigs.keys():  # rigs that left the config
+            for topic in old_rigs[rid][1]:
+                link.set_retained_raw(topic, b"")
+        self._rig_msgs = new_rigs
+        entities = len(self._site_msgs) + sum(len(m) for _, m in new_rigs.values())
+        log.info("hass_discovery_published", entities=entities, rigs=len(rigs), changed=changed)
 
     # -- the switches -----------------------------------------------------------------
 

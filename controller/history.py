@@ -8,7 +8,11 @@ keep_days/step + rollup_keep_days/rollup_step rows (2 880 + 8 640 by default).
 
 A row is written once per step, when the step is over, not once per cycle: the
 cycles inside a step are folded into a `Bucket` in memory. A crash loses at most the
-step in progress; `Recorder.flush()` writes it on a clean stop.
+step in progress; `Recorder.flush()` writes it on a clean stop, and a restart inside
+that step adds to the row rather than replacing it. The rollup row the step belongs to
+is kept in memory too and each new step folded into it, so a write does not read the
+rollup's rows back (it is recomputed from its fine rows only after a start or a failed
+write, or when a step is written again).
 
 How cycles fold into a bucket is chosen for the argument a chart has to win: import is
 the mean (what the meter billed) and its maximum; the cap is the *lowest* in force
@@ -22,7 +26,7 @@ import json
 import math
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +144,7 @@ class Bucket:
     rigs: dict[str, float] = field(default_factory=dict)  # means
     grid_orders: list[str] = field(default_factory=list)  # every order active in the step
     _import_n: int = 0
+    _stored: bool = False  # holds what the database had for its step (see write_bucket)
 
     def add(self, p: Point) -> None:
         self.merge(
@@ -187,6 +192,17 @@ class Bucket:
             self.rigs[s] = (self.rigs.get(s, 0.0) * n + o.rigs.get(s, 0.0) * m) / (n + m)
         self.grid_orders += [x for x in o.grid_orders if x not in self.grid_orders]
         self.samples = n + m
+
+    def copy(self) -> Bucket:
+        return replace(self, rigs=dict(self.rigs), grid_orders=list(self.grid_orders))
+
+    def after(self, earlier: Bucket) -> None:
+        """Make this bucket `earlier` followed by what it holds: the row a stopped rigd
+        wrote for this step, then what the restarted one saw."""
+        merged = earlier.copy()
+        merged.merge(self)
+        for f in fields(self):
+            setattr(self, f.name, getattr(merged, f.name))
 
     @property
     def end(self) -> float:
@@ -251,29 +267,56 @@ def ensure_schema(db: sqlite3.Connection) -> None:
     db.execute(SCHEMA)  # one statement: executescript would commit the caller's transaction
 
 
-def write_bucket(db: sqlite3.Connection, b: Bucket, cfg: HistoryConfig) -> None:
-    """Store a finished step, refresh the rollup row it belongs to, prune what is too old.
+def write_bucket(
+    db: sqlite3.Connection, b: Bucket, cfg: HistoryConfig, roll: Bucket | None = None
+) -> Bucket:
+    """Store a finished step, fold it into the rollup row it belongs to, prune what is too
+    old; returns that rollup row, for the caller to pass back with the next step.
 
-    One transaction (the caller's); the rollup is recomputed from its fine rows, so
-    writing the same step twice (a restart inside a step) does not count it twice.
+    One transaction (the caller's). The first write of a step adds to a row already stored
+    for it (rigd stopped and restarted inside the step): the samples from before the stop,
+    their lowest cap and their grid orders are kept, and `b` then holds them too.
+
+    A new step after every other of its rollup is folded into `roll` (the row this returned
+    last time, left unchanged) or, first of its rollup, starts a new one: the rollup's
+    rows are not read back (two index lookups say whether that holds). Otherwise (a step
+    written again, one out of order, a rollup begun before a start) the rollup is
+    recomputed from its fine rows, so nothing is counted twice.
     """
-    db.execute(
-        f"INSERT OR REPLACE INTO history ({Bucket._COLS}) VALUES ({','.join('?' * 16)})",
-        b.row(),
-    )
+    cols, marks = Bucket._COLS, ",".join("?" * 16)
+    stored = db.execute(
+        f"SELECT {cols} FROM history WHERE step_s = ? AND ts = ?", (b.step_s, b.ts)
+    ).fetchone()
+    if stored is not None and not b._stored:
+        b.after(Bucket.from_row(stored))
+    b._stored = True
     coarse = cfg.rollup_step_s
     start = math.floor(b.ts / coarse) * coarse
-    rows = db.execute(
-        f"SELECT {Bucket._COLS} FROM history WHERE step_s = ? AND ts >= ? AND ts < ? ORDER BY ts",
-        (cfg.step_s, start, start + coarse),
-    ).fetchall()
-    roll = Bucket(coarse, start)
-    for r in rows:
-        roll.merge(Bucket.from_row(r))
-    db.execute(
-        f"INSERT OR REPLACE INTO history ({Bucket._COLS}) VALUES ({','.join('?' * 16)})",
-        roll.row(),
-    )
+    first, last = db.execute(
+        "SELECT MIN(ts), MAX(ts) FROM history WHERE step_s = ? AND ts >= ? AND ts < ?",
+        (b.step_s, start, start + coarse),
+    ).fetchone()
+    db.execute(f"INSERT OR REPLACE INTO history ({cols}) VALUES ({marks})", b.row())
+    if stored is None and first is None:
+        roll = Bucket(coarse, start)
+        roll.merge(b)
+    elif (
+        stored is None
+        and roll is not None
+        and (roll.step_s, roll.ts) == (coarse, start)
+        and last < b.ts
+    ):
+        roll = roll.copy()
+        roll.merge(b)
+    else:
+        rows = db.execute(
+            f"SELECT {cols} FROM history WHERE step_s = ? AND ts >= ? AND ts < ? ORDER BY ts",
+            (b.step_s, start, start + coarse),
+        ).fetchall()
+        roll = Bucket(coarse, start)
+        for r in rows:
+            roll.merge(Bucket.from_row(r))
+    db.execute(f"INSERT OR REPLACE INTO history ({cols}) VALUES ({marks})", roll.row())
     db.execute(
         "DELETE FROM history WHERE step_s = ? AND ts < ?",
         (cfg.step_s, b.ts - cfg.keep_days * 86_400),
@@ -282,6 +325,7 @@ def write_bucket(db: sqlite3.Connection, b: Bucket, cfg: HistoryConfig) -> None:
         "DELETE FROM history WHERE step_s = ? AND ts < ?",
         (coarse, b.ts - cfg.rollup_keep_days * 86_400),
     )
+    return roll
 
 
 class Recorder:
@@ -291,11 +335,14 @@ class Recorder:
         self.store = store
         self.cfg = cfg
         self.current: Bucket | None = None
+        self._roll: Bucket | None = None  # the rollup row last written, as stored
         self._failed = False
         store.transact(ensure_schema)
 
     def record(self, result: CycleResult) -> None:
-        p = point(result)
+        self.add(point(result))
+
+    def add(self, p: Point) -> None:
         step = self.cfg.step_s
         start = math.floor(p.ts / step) * step
         cur = self.current
@@ -313,8 +360,9 @@ class Recorder:
 
     def _write(self, b: Bucket) -> None:
         try:
-            self.store.transact(lambda db: write_bucket(db, b, self.cfg))
+            self._roll = self.store.transact(lambda db: write_bucket(db, b, self.cfg, self._roll))
         except StoreError as e:
+            self._roll = None  # whatever was written of it was rolled back: recompute
             if not self._failed:  # once per outage, not once a minute
                 log.error("history_write_failed", error=str(e))
             self._failed = True
@@ -342,22 +390,75 @@ def read_last(db_path: Path, seconds: float) -> list[Bucket]:
     """The last `seconds` of history, up to its newest row (now, while rigd runs)."""
 
     def window(db: sqlite3.Connection) -> tuple[float, float]:
-        row = db.execute("SELECT MAX(ts + step_s) FROM history").fetchone()
+        # The finest rows' end: a rollup row ends up to one rollup step after the newest
+        # of them, and would cut that much off the window.
+        row = db.execute(
+            "SELECT MAX(ts + step_s) FROM history WHERE step_s = (SELECT MIN(step_s) FROM history)"
+        ).fetchone()
         end = float(row[0]) if row and row[0] is not None else 0.0
         return end - seconds, math.inf
 
     return _read(db_path, window)
 
 
+def register_before(db_path: Path, ts: float) -> float | None:
+    """The meter's register at `ts`: the last reading of the step that ends there, the
+    start of a report's window. None if no step ends there (a gap: rigd was stopped)."""
+    db = _open(db_path)
+    try:
+        row = db.execute(
+            "SELECT import_kwh FROM history WHERE ts + step_s <= ? AND ts + step_s > ? "
+            "AND import_kwh IS NOT NULL ORDER BY ts + step_s DESC, step_s LIMIT 1",
+            (ts + 1e-6, ts - 1e-6),
+        ).fetchone()
+    except sqlite3.DatabaseError as e:
+        if "no such table" in str(e):
+            return None
+        raise HistoryError(f"cannot read history from {db_path}: {e}") from e
+    finally:
+        db.close()
+    return None if row is None else float(row[0])
+
+
+def _readonly_refused(e: sqlite3.Error) -> bool:
+    name = getattr(e, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")) or "readonly" in str(e)
+
+
+def _open(db_path: Path) -> sqlite3.Connection:
+    """The database, read-only. A WAL database (the daemon's) needs its shared-memory
+    index (`-shm`), which SQLite creates on first read after a clean stop removed it; a
+    user who may only read the directory cannot. With no `-wal` file either, the main
+    file holds everything, so it is opened immutable (no index, no locks) instead."""
+    if not db_path.is_file():
+        raise HistoryError(f"no state database at {db_path}")
+    uri = db_path.resolve().as_uri()
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise HistoryError(f"cannot open {db_path}: {e}") from e
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens the WAL index
+        return db
+    except sqlite3.Error as e:
+        db.close()
+        wal = db_path.resolve().with_name(db_path.resolve().name + "-wal")
+        if not _readonly_refused(e) or wal.exists():
+            raise HistoryError(f"cannot open {db_path}: {e}") from e
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as e:
+        db.close()
+        raise HistoryError(f"cannot open {db_path}: {e}") from e
+    log.debug("history_opened_immutable", path=str(db_path))
+    return db
+
+
 def _read(
     db_path: Path, window: Callable[[sqlite3.Connection], tuple[float, float]]
 ) -> list[Bucket]:
-    if not db_path.is_file():
-        raise HistoryError(f"no state database at {db_path}")
-    try:
-        db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise HistoryError(f"cannot open {db_path}: {e}") from e
+    db = _open(db_path)
     try:
         since, until = window(db)
         hi = until if math.isfinite(until) else 1e18

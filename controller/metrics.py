@@ -2,16 +2,19 @@
 
 `samples()` is a pure function from one cycle's result to metric values, so what a
 scrape shows is exactly what the cycle published on MQTT, and is testable without a
-server. `FarmCollector` hands the last cycle's samples to prometheus_client at scrape
-time: a rig that left the config (reload) leaves the exposition with it, and there are
-no stale label sets to clean up.
+server. `FarmCollector` turns the last cycle's result into samples at scrape time: a
+rig that left the config (reload) leaves the exposition with it, and there are no
+stale label sets to clean up.
 
 The endpoint is a small aiohttp handler on the daemon's own event loop (aiohttp is
-already a dependency), not prometheus_client's threaded server: the loop is where the
-samples are made, so a scrape can never see half of one cycle and half of the next.
-Rendering a large farm's exposition (tens of thousands of lines) is done in a worker
-thread so it never delays polling; it reads an immutable list swapped in whole once
-per cycle.
+already a dependency), not prometheus_client's threaded server. Once per cycle the
+loop hands the collector that cycle's result, frozen (an immutable snapshot, and a
+document and status nobody changes after the cycle), swapped in whole; so a scrape
+can never see half of one cycle and half of the next. Nothing more is done per cycle:
+a large farm's samples (eight per rig) are built, and the exposition rendered, only
+when Prometheus scrapes, in the scrape's worker thread. That thread still holds the
+GIL while it runs Python, so a scrape takes the loop's time in the interpreter's
+switch intervals (5 ms) rather than in one block; a daemon nobody scrapes pays nothing.
 
 Units follow Prometheus practice (watts, seconds), except energy, kept in kWh like the
 contract it is counted against, and hashrate in TH/s like the rest of rigd.
@@ -296,13 +299,33 @@ def _rig_samples(result: CycleResult, add: Any) -> None:
 
 
 class FarmCollector:
-    """Turns the last cycle's samples into metric families at scrape time."""
+    """Turns the last cycle's result into metric families at scrape time."""
 
     def __init__(self) -> None:
-        self.samples: list[Sample] = []  # replaced whole, never mutated: safe across threads
+        # Each replaced whole, never mutated: safe across threads without a lock.
+        self.cycle: tuple[CycleResult, Context] | None = None
+        self._built: tuple[tuple[CycleResult, Context], list[Sample]] | None = None
+
+    def update(self, result: CycleResult, ctx: Context) -> None:
+        """A new cycle (on the loop): kept as it is, its samples built when scraped."""
+        self.cycle = (result, ctx)
+        self._built = None  # let the last cycle's samples go
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The last cycle's samples: built by the first scrape of each cycle, then kept."""
+        cycle = self.cycle
+        if cycle is None:
+            return []
+        built = self._built
+        if built is not None and built[0] is cycle:
+            return built[1]
+        out = samples(*cycle)
+        self._built = (cycle, out)  # two scrapes at once may both build: the same list
+        return out
 
     def collect(self) -> Iterator[Metric]:
-        current = self.samples
+        current = self.samples  # the scrape's worker thread (MetricsServer._scrape)
         by_name: dict[str, list[Sample]] = {}
         for s in current:
             by_name.setdefault(s.name, []).append(s)
@@ -366,7 +389,7 @@ class Metrics:
             grid_rejected=grid_rejected,
         )
         self._last_mono = mono
-        self.collector.samples = samples(result, ctx)
+        self.collector.update(result, ctx)
         self.poll_duration.labels(self.site).observe(result.snapshot.poll_duration_s)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:

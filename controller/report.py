@@ -85,6 +85,7 @@ class Summary:
     budget_used_kwh: float | None
     budget_kwh: float | None
     orders: list[OrderSpan]
+    meter_resets: int = 0  # times the register went back (not counted in energy_kwh)
 
     def rows(self) -> list[tuple[str, str]]:
         def kw(v: float | None, unit: str = "kW") -> str:
@@ -94,21 +95,54 @@ class Summary:
             ("from", _utc(self.start)),
             ("to", _utc(self.end)),
             ("mean import", kw(self.mean_import_kw)),
-            ("peak import (step mean)", kw(self.peak_import_kw)),
+            ("peak import", kw(self.peak_import_kw)),
             ("lowest cap", kw(self.lowest_cap_kw)),
             ("steps with mean import over the cap", f"{self.steps_over_cap} of {self.steps}"),
             ("energy imported", kw(self.energy_kwh, "kWh")),
         ]
+        if self.meter_resets:
+            out[-1] = (
+                "energy imported",
+                f"{kw(self.energy_kwh, 'kWh')}, not counting {self.meter_resets} step(s) where "
+                "the meter's register went back (a meter reset or replacement)",
+            )
         if self.budget_kwh is not None:
             used = kw(self.budget_used_kwh, "kWh")
             out.append(("energy budget used", f"{used} of {self.budget_kwh:,.0f} kWh"))
         return out
 
 
-def summarize(rows: Sequence[Bucket]) -> Summary:
+def energy_imported(
+    rows: Sequence[Bucket], register_before: float | None = None
+) -> tuple[list[float], int]:
+    """Energy imported from the window's start to the end of each step (NaN before the
+    first reading), and how many times the register went back.
+
+    Counted from `register_before`, the meter's register when the window starts (the last
+    reading before it, history.register_before), so the first step counts too; without
+    it, from the first step's reading. A register that goes back (a meter reset or
+    replacement) adds nothing for its step, so the total is never negative."""
+    out: list[float] = []
+    last, total, resets = register_before, 0.0, 0
+    for b in rows:
+        reg = b.import_kwh
+        if reg is not None:
+            if last is not None and reg < last:
+                resets += 1
+            elif last is not None:
+                total += reg - last
+            last = reg
+        out.append(math.nan if last is None else total)
+    return out, resets
+
+
+def summarize(rows: Sequence[Bucket], register_before: float | None = None) -> Summary:
     imports = [b.import_kw for b in rows if b.import_kw is not None]
+    # each step's highest reading (its mean where an old row has no maximum)
+    peaks = [p for b in rows if (p := _max_or_mean(b)) is not None]
     caps = [b.cap_kw for b in rows if b.cap_kw is not None]
-    registers = [b.import_kwh for b in rows if b.import_kwh is not None]
+    readings = sum(1 for b in rows if b.import_kwh is not None) + (register_before is not None)
+    energy, resets = energy_imported(rows, register_before)
     over = sum(
         1
         for b in rows
@@ -124,16 +158,21 @@ def summarize(rows: Sequence[Bucket]) -> Summary:
     return Summary(
         start=rows[0].ts if rows else math.nan,
         end=rows[-1].end if rows else math.nan,
-        peak_import_kw=max(imports) if imports else None,
+        peak_import_kw=max(peaks) if peaks else None,
         mean_import_kw=mean,
         lowest_cap_kw=min(caps) if caps else None,
         steps_over_cap=over,
         steps=len(rows),
-        energy_kwh=registers[-1] - registers[0] if len(registers) >= 2 else None,
+        energy_kwh=energy[-1] if readings >= 2 else None,
         budget_used_kwh=None if last_budget is None else last_budget.budget_used_kwh,
         budget_kwh=None if last_budget is None else last_budget.budget_kwh,
         orders=order_spans(rows),
+        meter_resets=resets,
     )
+
+
+def _max_or_mean(b: Bucket) -> float | None:
+    return b.import_max_kw if b.import_max_kw is not None else b.import_kw
 
 
 def _utc(ts: float) -> str:
@@ -155,8 +194,11 @@ def _series(rows: Sequence[Bucket], name: str) -> list[float]:
     return [math.nan if (v := getattr(b, name)) is None else float(v) for b in rows]
 
 
-def build_figure(rows: Sequence[Bucket], title: str) -> Figure:
-    """The report's figure (no pyplot state: safe in a daemon or a test)."""
+def build_figure(
+    rows: Sequence[Bucket], title: str, register_before: float | None = None
+) -> Figure:
+    """The report's figure (no pyplot state: safe in a daemon or a test). `register_before`:
+    the meter's register when the window starts (see energy_imported)."""
     if not rows:
         raise ReportError("no history in the window: nothing to draw")
     import matplotlib
@@ -238,11 +280,7 @@ def build_figure(rows: Sequence[Bucket], title: str) -> Figure:
         ax_bud.set_ylabel("kWh left")
     else:
         ax_bud.set_title("Energy imported (no energy budget configured)")
-        first = next((b.import_kwh for b in rows if b.import_kwh is not None), None)
-        used = [
-            math.nan if b.import_kwh is None or first is None else b.import_kwh - first
-            for b in rows
-        ]
+        used, _ = energy_imported(rows, register_before)
         ax_bud.plot(t, used, color="#6a1b9a", lw=1.6, label="energy imported")
         ax_bud.set_ylabel("kWh")
     ax_bud.legend(loc="best", fontsize=8)
@@ -277,8 +315,8 @@ def build_figure(rows: Sequence[Bucket], title: str) -> Figure:
     return fig
 
 
-def render_png(rows: Sequence[Bucket], title: str) -> bytes:
-    fig = build_figure(rows, title)
+def render_png(rows: Sequence[Bucket], title: str, register_before: float | None = None) -> bytes:
+    fig = build_figure(rows, title, register_before)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -295,9 +333,9 @@ def _series_json(rows: Sequence[Bucket]) -> str:
     return text.replace("</", "<\\/")  # never closes the script element
 
 
-def render_html(rows: Sequence[Bucket], title: str) -> bytes:
-    png = base64.b64encode(render_png(rows, title)).decode()
-    s = summarize(rows)
+def render_html(rows: Sequence[Bucket], title: str, register_before: float | None = None) -> bytes:
+    png = base64.b64encode(render_png(rows, title, register_before)).decode()
+    s = summarize(rows, register_before)
     esc = html.escape
     summary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in s.rows())
     orders = (
@@ -354,10 +392,16 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
 
 
-def write_report(rows: Sequence[Bucket], out: Path, title: str) -> None:
-    """Write the report to `out`, as PNG or HTML by its suffix."""
+def write_report(
+    rows: Sequence[Bucket], out: Path, title: str, register_before: float | None = None
+) -> None:
+    """Write the report to `out`, as PNG or HTML by its suffix. `register_before`: the
+    meter's register when the window starts (history.register_before), if known."""
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
         raise ReportError(f"the report is written as .png or .html, not {out.name!r}")
-    data = render_png(rows, title) if suffix == ".png" else render_html(rows, title)
+    if suffix == ".png":
+        data = render_png(rows, title, register_before)
+    else:
+        data = render_html(rows, title, register_before)
     out.write_bytes(data)

@@ -32,6 +32,7 @@ from controller.hass import (
     discovery,
     node_id,
 )
+from controller.metrics import CAP_SOURCES
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, watch
@@ -154,6 +155,17 @@ def test_every_payload_is_what_home_assistant_accepts() -> None:
     assert not [p for p in no_switch.values() if "command_topic" in p]
 
 
+def test_cap_source_sensor_accepts_every_cap_source_rigd_publishes() -> None:
+    """A zoned site's cap source is `zone`: Home Assistant must be told it is a valid state."""
+    cfg = HomeAssistantConfig(enabled=True)
+    msgs = discovery("s", "", cfg, SiteFeatures(control=True), [])
+    (cap_source,) = [p for p in msgs.values() if p["name"] == "Cap source"]
+    assert "zone" in CAP_SOURCES
+    for source in CAP_SOURCES:
+        state = json.dumps({"cap_source": source}).encode()
+        assert check_value(cap_source, state) == source
+
+
 def test_discovery_is_off_by_default_and_its_prefix_is_checked() -> None:
     cfg = parse_config('[site]\nid = "x"\n', environ={})
     assert cfg.homeassistant.enabled is False
@@ -189,6 +201,47 @@ async def test_off_by_default_publishes_nothing_and_removed_rigs_are_cleared(
     bridge.on_cycle(CycleResult(smaller, result.control, result.document))
     assert all(h.link._retained[t] == b"" for t in gone)
     assert all(json.loads(h.link._retained[t]) for t in mine if t not in gone)
+    await h.close()
+
+
+async def test_a_rigs_new_identity_rebuilds_that_rig_only(tmp_path: Path) -> None:
+    """Rigs give their identity at their first reading, a few a cycle: each such change
+    must rebuild and hand to the link that rig's messages, not the whole farm's."""
+    h = SimHarness.create(tmp_path, rigs=5, pdus=1, control={})
+    h.cfg = h.cfg.model_copy(update={"homeassistant": HomeAssistantConfig(enabled=True)})
+    h.daemon = h._new_daemon()
+    result = await h.step()
+    bridge = h.daemon.exports.hass
+    assert bridge is not None
+    before = {t: p for t, p in h.link._retained.items() if t.startswith("homeassistant/")}
+    assert len(before) > 5 * 6
+    handed: list[str] = []
+    real = h.link.set_retained_raw
+
+    def counting(topic: str, payload: bytes) -> None:
+        handed.append(topic)
+        real(topic, payload)
+
+    h.link.set_retained_raw = counting  # type: ignore[method-assign]
+    rig = result.snapshot.rigs["rig-003"]
+    assert rig.telemetry is not None
+    tele = dataclasses.replace(
+        rig.telemetry,
+        identity=dataclasses.replace(rig.telemetry.identity, firmware_version="9.9.9-new"),
+    )
+    rigs = dict(result.snapshot.rigs)
+    rigs["rig-003"] = dataclasses.replace(rig, telemetry=tele)
+    snap = dataclasses.replace(result.snapshot, rigs=MappingProxyType(rigs))
+    bridge.on_cycle(CycleResult(snap, result.control, result.document))
+    node = node_id(h.cfg.site.id)
+    mine = [t for t in before if f"/{node}_rig-003_" in t]
+    assert mine and sorted(handed) == sorted(mine)  # that rig's messages, and no other's
+    for t in mine:
+        assert "9.9.9-new" in json.loads(h.link._retained[t])["device"]["sw_version"]
+    assert all(h.link._retained[t] == p for t, p in before.items() if t not in mine)
+    handed.clear()
+    bridge.on_cycle(CycleResult(snap, result.control, result.document))  # nothing changed
+    assert handed == []
     await h.close()
 
 
