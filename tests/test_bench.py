@@ -50,9 +50,9 @@ def test_a_small_farm_is_polled_and_curtailed(tmp_path: Path) -> None:
     assert 0 < r["poll_cycle_p50_s"] <= r["poll_cycle_p99_s"] < 1.0
     assert r["daemon_cpu_s_per_cycle"] > 0
     assert 20 < r["daemon_peak_rss_mb"] < 1000
-    # The whole farm's retained state every cycle: a topic per rig, the site and the meter.
-    assert r["mqtt_msgs_per_cycle"] >= rigs
-    assert r["mqtt_bytes_per_cycle"] > rigs * 300
+    # The site and the meter every cycle; rigs when they change, or every rig_refresh_s.
+    assert 2 <= r["mqtt_msgs_per_cycle"] <= rigs + 2
+    assert r["mqtt_bytes_per_cycle"] > 300
     # A full curtailment: every rig slept, each acknowledged after the order, and the
     # meter (read by the benchmark, not the daemon) under the order's cap.
     assert r["curtail_rigs_acknowledged"] == rigs
