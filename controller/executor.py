@@ -6,7 +6,8 @@ while actions queue for a slot (a grid order sleeping thousands of rigs), the po
 (`room_for_reads`), since every connection it opened would delay a command, and on a
 busy host the connections are what limits how fast the farm is curtailed. For the same
 reason, while actions queue, their outcomes (log line, audit row, MQTT event) are kept
-and written once the queue has drained, each with the time the device answered. Transport failures
+and written once the burst is nearly sent (audit rows in one transaction), each with the
+time the device answered, and the garbage collector waits for the burst too. Transport failures
 (timeouts, refused connections) are retried with backoff; a refusal, bad
 credentials or an unsupported command is final. Every attempt's outcome goes to
 the audit log and to `rigd/<site>/events`.
@@ -15,6 +16,8 @@ the audit log and to `rigd/<site>/events`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,12 +29,14 @@ import structlog
 from controller.devices import Devices
 from controller.mqtt import MqttLink
 from controller.planner import Action, ActionKind
-from controller.store import StateStore, StoreError
+from controller.store import AuditRow, StateStore, StoreError, audit_row
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
 log = structlog.get_logger(__name__)
 
 RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
+CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
+RECORD_WAIT_S = 10.0  # ...or after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,9 @@ class Executor:
         self._pending = 0  # actions started and not finished, queued ones included
         self._room = asyncio.Event()
         self._room.set()
+        self._calm = asyncio.Event()  # few actions left: time to book the kept-back ones
+        self._calm.set()
+        self._gc_paused = False
         self._deferred: deque[tuple[ActionResult, str, float]] = deque()
         self._recorder: asyncio.Task[None] | None = None
         self._rigs = {r.id: r for r in devices.rigs}
@@ -90,6 +98,18 @@ class Executor:
             self._room.clear()
         else:
             self._room.set()
+        if self._pending > CALM_PENDING:
+            self._calm.clear()
+            if self._pending > self._slots and gc.isenabled():
+                # A burst: no collector pauses until it is sent (it allocates little, for
+                # a few seconds; a full collection in it would hold every reply back).
+                gc.disable()
+                self._gc_paused = True
+        else:
+            self._calm.set()
+            if self._gc_paused:
+                self._gc_paused = False
+                gc.enable()
 
     async def _send(self, a: Action) -> None:
         if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
@@ -160,12 +180,26 @@ class Executor:
         return result
 
     async def _record_deferred(self) -> None:
+        # Once the burst is nearly done (or after a while: stragglers retrying must not
+        # hold the books back), so that the last commands' replies are not kept waiting.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECORD_WAIT_S):
+                await self._calm.wait()
         while self._deferred:
-            await self.room_for_reads()
-            for _ in range(min(RECORD_CHUNK, len(self._deferred))):
-                r, actor, ts = self._deferred.popleft()
-                self.record(r, actor=actor, ts=ts)
-            await asyncio.sleep(0)  # the last commands' replies first
+            self._record_chunk(RECORD_CHUNK)
+            await asyncio.sleep(0)
+
+    def _record_chunk(self, n: int) -> None:
+        """Book up to `n` kept-back outcomes, their audit rows in one transaction."""
+        rows: list[AuditRow] = []
+        for _ in range(min(n, len(self._deferred))):
+            r, actor, ts = self._deferred.popleft()
+            self.record(r, actor=actor, ts=ts, rows=rows)
+        if rows and self.store is not None:
+            try:
+                self.store.audit_many(rows)
+            except StoreError as e:
+                log.error("audit_write_failed", error=str(e))
 
     async def drain(self) -> None:
         """Book every outcome kept back during a burst, now (shutting down)."""
@@ -173,12 +207,19 @@ class Executor:
             self._recorder.cancel()
             await asyncio.wait((self._recorder,))
         while self._deferred:
-            r, actor, ts = self._deferred.popleft()
-            self.record(r, actor=actor, ts=ts)
+            self._record_chunk(len(self._deferred))
 
     def record(
-        self, r: ActionResult, *, actor: str, dry_run: bool = False, ts: float | None = None
+        self,
+        r: ActionResult,
+        *,
+        actor: str,
+        dry_run: bool = False,
+        ts: float | None = None,
+        rows: list[AuditRow] | None = None,
     ) -> None:
+        """Log, audit and publish one outcome; `rows` collects the audit row instead of
+        writing it (`_record_chunk` writes many at once)."""
         a = r.action
         outcome = "dry_run" if dry_run else ("ok" if r.ok else "failed")
         params = {"watts": None if a.watts is None else round(a.watts), "attempts": r.attempts}
@@ -193,7 +234,13 @@ class Executor:
             error=r.error,
             actor=actor,
         )
-        if self.store is not None:
+        if rows is not None:
+            rows.append(
+                audit_row(
+                    ts, actor, a.kind.value, a.rig_id, params, a.reason, outcome, r.error, dry_run
+                )
+            )
+        elif self.store is not None:
             try:
                 self.store.audit(
                     ts=ts,

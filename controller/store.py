@@ -151,7 +151,7 @@ class AuditEntry:
         }
 
 
-_AuditRow = tuple[float, str, str, str | None, str, str, str, str | None, int]
+AuditRow = tuple[float, str, str, str | None, str, str, str, str | None, int]
 
 
 def _dumps(key: str, value: Any) -> str:
@@ -161,6 +161,31 @@ def _dumps(key: str, value: Any) -> str:
     except (TypeError, ValueError) as e:
         e.add_note(f"state key {key!r}: not saved")
         raise
+
+
+def audit_row(
+    ts: float,
+    actor: str,
+    action: str,
+    rig_id: str | None,
+    params: dict[str, Any],
+    reason: str,
+    result: str,
+    error: str | None = None,
+    dry_run: bool = False,
+) -> AuditRow:
+    """One audit entry as stored, for `StateStore.audit_many`."""
+    return (
+        ts,
+        actor,
+        action,
+        rig_id,
+        json.dumps(params, separators=(",", ":")),
+        reason,
+        result,
+        error,
+        int(dry_run),
+    )
 
 
 class StateStore:
@@ -194,7 +219,7 @@ class StateStore:
         self._lock = threading.Lock()
         # key -> newest value not yet written, as JSON text (or _DELETED)
         self._pending: dict[str, str | object] = {}
-        self._pending_audit: deque[_AuditRow] = deque()
+        self._pending_audit: deque[AuditRow] = deque()
         self._dropped_audit = 0
         self._failure: tuple[ErrorKind, str, float] | None = None  # kind, message, since
         self._failing_since = 0.0  # monotonic, while failing
@@ -492,17 +517,7 @@ class StateStore:
     ) -> int:
         """Append an entry; its id, or 0 while the disk fails (the entry is then pending,
         and the oldest pending ones beyond MAX_PENDING_AUDIT are dropped and counted)."""
-        row: _AuditRow = (
-            ts,
-            actor,
-            action,
-            rig_id,
-            json.dumps(params, separators=(",", ":")),
-            reason,
-            result,
-            error,
-            int(dry_run),
-        )
+        row = audit_row(ts, actor, action, rig_id, params, reason, result, error, dry_run)
         with self._lock:
             if not self._pending and not self._pending_audit:
                 try:
@@ -522,6 +537,20 @@ class StateStore:
             self._pending_audit.append(row)
             self._flush_locked(force=False)
             return 0
+
+    def audit_many(self, rows: list[AuditRow]) -> None:
+        """Append many entries (`audit_row`s) in one transaction: a burst's worth of
+        commands booked one insert at a time would hold the event loop for a second."""
+        if not rows:
+            return
+        with self._lock:
+            self._dropped_audit += max(0, len(rows) - MAX_PENDING_AUDIT)  # as `audit` would
+            for row in rows[-MAX_PENDING_AUDIT:]:
+                if len(self._pending_audit) >= MAX_PENDING_AUDIT:
+                    self._pending_audit.popleft()
+                    self._dropped_audit += 1
+                self._pending_audit.append(row)
+            self._flush_locked(force=self._failure is None)
 
     _COLUMNS = "id, ts, actor, action, rig_id, params, reason, result, error, dry_run"
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from controller import executor as executor_mod
 from controller.config import parse_config
 from controller.devices import Devices, build_devices
 from controller.executor import Executor
@@ -113,9 +115,12 @@ async def test_power_target_out_of_range_is_refused_before_sending(env: _Env) ->
     assert env.farm.rigs["rig-001"].command_count == before
 
 
-async def test_commands_come_before_reads_and_their_bookkeeping(env: _Env) -> None:
+async def test_commands_come_before_reads_and_their_bookkeeping(
+    env: _Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While actions queue for a slot, reads wait and outcomes are booked afterwards,
     each with the time its device answered."""
+    monkeypatch.setattr(executor_mod, "CALM_PENDING", 0)  # a burst of three, booked at its end
     ex = Executor(env.devices, store=env.store, link=env.link, now=env.farm.now, concurrency=1)
     rigs = ("rig-001", "rig-002", "rig-003")
     burst = [
@@ -123,6 +128,7 @@ async def test_commands_come_before_reads_and_their_bookkeeping(env: _Env) -> No
     ]
     await asyncio.sleep(0)
     assert ex.queued == 2  # one slot: two wait for it
+    assert not gc.isenabled()  # no collector pause holds the burst's replies back
     read = asyncio.create_task(ex.room_for_reads())
     await asyncio.sleep(0)
     assert not read.done()  # the poll holds back while commands queue
@@ -132,6 +138,7 @@ async def test_commands_come_before_reads_and_their_bookkeeping(env: _Env) -> No
     results = await asyncio.gather(*burst)
     assert all(r.ok for r in results)
     assert read.done() and ex.queued == 0
+    assert gc.isenabled()
     await ex.drain()
     assert sorted(str(e.rig_id) for e in env.store.audit_since(0)) == list(rigs)  # ...none lost
     events = [p for _, p in env.link._events if b'"type":"action"' in p]
