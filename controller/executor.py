@@ -133,6 +133,17 @@ class Executor:
         else:  # pragma: no cover - ActionKind is closed
             raise ValueError(f"unknown action {a.kind}")
 
+    async def _attempt(self, a: Action) -> None:
+        try:
+            async with asyncio.timeout(self.attempt_timeout_s):
+                await self._send(a)
+        except TimeoutError as e:
+            raise DeviceTimeout(
+                f"no answer within {self.attempt_timeout_s:g} s",
+                device=a.rig_id,
+                operation=a.kind.value,
+            ) from e
+
     async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
         """Send one action, with retries; record it; never raises for device errors."""
         t0 = time.monotonic()
@@ -143,15 +154,7 @@ class Executor:
             async with self._sem:
                 for attempt in range(1, self.attempts + 1):
                     try:
-                        try:
-                            async with asyncio.timeout(self.attempt_timeout_s):
-                                await self._send(a)
-                        except TimeoutError as e:
-                            raise DeviceTimeout(
-                                f"no answer within {self.attempt_timeout_s:g} s",
-                                device=a.rig_id,
-                                operation=a.kind.value,
-                            ) from e
+                        await self._attempt(a)
                         error = None
                         break
                     except (DeviceTimeout, DeviceUnreachable) as e:

@@ -221,11 +221,8 @@ class LuxOSControl:
             return  # a write is in progress, and uses (so refreshes) the session
         if not self.hold:
             if self._held is not None:
-                async with self._lock:
-                    sid, self._held = self._held, None
-                    if sid is not None:
-                        await self._logoff(sid)
-                        log.info("luxos.session_released", device=self.device)
+                await self._let_go()
+                log.info("luxos.session_released", device=self.device)
             return
         assert self.renew_after is not None
         if self._held is not None and ts - self._held_ts < self.renew_after:
@@ -271,6 +268,9 @@ class LuxOSControl:
     async def release(self) -> None:
         """Log off a held session (the driver closed: a stop, a reload, a rig removed)."""
         self.hold = False
+        await self._let_go()
+
+    async def _let_go(self) -> None:
         async with self._lock:
             sid, self._held = self._held, None
             if sid is not None:
