@@ -21,6 +21,7 @@ import structlog
 from controller.config import Config
 from controller.daemon import Daemon
 from simulators.site import SimSite
+from tests.sim_harness import SimHarness
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +185,19 @@ async def running(cfg: Config, site: SimSite) -> AsyncIterator[Daemon]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Callable[..., SimHarness]]:
+    """Make simulated-time harnesses (tests/sim_harness.py), each in its own directory,
+    all closed at the end of the test."""
+    made: list[SimHarness] = []
+
+    def make(**kw: Any) -> SimHarness:
+        h = SimHarness.create(tmp_path / f"h{len(made)}", **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.close()

@@ -664,20 +664,6 @@ def _hang_commands(h: SimHarness) -> None:
     h.controller.executor.execute = never  # type: ignore[method-assign]
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Callable[..., SimHarness]]:
-    made: list[SimHarness] = []
-
-    def make(**kw: Any) -> SimHarness:
-        h = SimHarness.create(tmp_path / f"h{len(made)}", **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        await h.close()
-
-
 async def test_wakes_lost_to_a_kill_are_noticed_and_sent_again(
     harness: Callable[..., SimHarness],
 ) -> None:

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,20 +243,6 @@ def test_a_grid_order_write_that_fails_raises_and_keeps_the_book(tmp_path: Path)
 
 
 # -- the daemon with a full disk ---------------------------------------------------------------
-
-
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Callable[..., SimHarness]]:
-    made: list[SimHarness] = []
-
-    def make(**kw: Any) -> SimHarness:
-        h = SimHarness.create(tmp_path / f"h{len(made)}", **kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        await h.close()
 
 
 async def test_a_full_disk_mid_curtailment_changes_nothing_on_the_farm(
