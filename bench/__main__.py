@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import proc
 from bench.farm import BenchError, Settings, run
-from controller.logs import configure_logging
+from controller.cli.logs import configure_logging
 
 SIZES = (1_000, 5_000, 10_000)
 

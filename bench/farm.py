@@ -48,7 +48,7 @@ from typing import Any
 import aiomqtt
 
 from bench import proc
-from controller.grid.sign import build, generate, sign, write_keypair
+from controller.adapters.grid.sign import build, generate, sign, write_keypair
 from drivers.modbus_meter import ModbusMeter
 from simulators.farm import MODELS, SimMeter
 
@@ -162,7 +162,7 @@ def _start_farm(s: Settings, work: Path, broker: str, pub: Path, procs: _Procs) 
     cfg = work / "rigd.toml"
     max_import = round(s.rigs * 4.0 + 100.0)  # above the whole farm at full power
     p = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "sim", "--rigs", str(s.rigs),
+        [sys.executable, "-m", "controller.cli.rigd", "sim", "--rigs", str(s.rigs),
          "--pdus", str(s.pdus), "--subnet", s.subnet, "--mix", "luxos",
          "--write-config", str(cfg), "--broker", broker, "--site", SITE,
          "--state-dir", str(work / "state"), "--interval", f"{s.interval_s:g}",
@@ -184,7 +184,7 @@ def _start_farm(s: Settings, work: Path, broker: str, pub: Path, procs: _Procs) 
 
 def _start_daemon(s: Settings, cfg: Path, work: Path, procs: _Procs) -> subprocess.Popen[Any]:
     p = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "run", "-c", str(cfg), "--log-level", "info"],
+        [sys.executable, "-m", "controller.cli.rigd", "run", "-c", str(cfg), "--log-level", "info"],
         stdout=subprocess.DEVNULL,
         stderr=(work / "daemon.log").open("w"),
         env={**os.environ, **s.daemon_env},
@@ -337,7 +337,7 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
     try:
         kp = generate("EdDSA")
         key_path, pub_path = write_keypair(kp, work / "op")
-        from controller.grid.sign import load_private_key
+        from controller.adapters.grid.sign import load_private_key
 
         key, alg = load_private_key(key_path)
         port = _start_mosquitto(work, procs)

@@ -19,14 +19,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from controller.discovery import addresses, scan
+from controller.adapters.discovery import addresses, scan
 
 MIX = "luxos,antminer,whatsminer,whatsminer-v3,braiins"
 
 
 def _start_farm(rigs: int, subnet: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "sim", "--rigs", str(rigs), "--pdus", "4",
+        [sys.executable, "-m", "controller.cli.rigd", "sim", "--rigs", str(rigs), "--pdus", "4",
          "--subnet", subnet, "--mix", MIX, "--log-level", "warning"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from controller.config import Config
-from controller.daemon import Daemon
+from controller.runtime.daemon import Daemon
 from simulators.site import SimSite
 from tests.sim_harness import SimHarness
 

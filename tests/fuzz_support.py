@@ -8,7 +8,7 @@ Unicode digits and lone surrogates, lists where objects belong, truncated and pa
 
 The examples are derandomized (the same ones every run, seeded from the test's name) and the
 example database is off, so a CI failure reproduces on any machine. For a deeper search with
-new examples each run: FUZZ_RANDOM=1 FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_*.py
+new examples each run: FUZZ_RANDOM=1 FUZZ_EXAMPLES=5000 pytest tests/*/test_fuzz_*.py
 """
 
 from __future__ import annotations

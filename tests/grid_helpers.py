@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 
-from controller.grid.sign import KeyPair, generate
+from controller.adapters.grid.sign import KeyPair, generate
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A harness for control-loop scenarios over hours of farm time in seconds of wall time.
 
 The daemon runs its real cycle (poll, plan, execute, publish) against the farm model
-through in-process adapters (`simulators.direct`), on a `ManualClock` that only the
+through in-process adapters (`controller.cli.direct_farm`), on a `ManualClock` that only the
 harness advances. Between polls it samples the farm's *true* import (not the noisy
 meter the daemon sees) against the cap in force, at finer steps than the poll
 interval, because an overshoot between two polls is still an overshoot on the bill.
@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.caps import Cap, Limit, effective_cap
+from controller.adapters.mqtt import MqttLink
+from controller.adapters.store import AuditEntry, StateStore
+from controller.cli.direct_farm import DirectAdapters, build_direct_devices
 from controller.config import Config, MqttConfig, parse_config
-from controller.control import Controller, Override
-from controller.daemon import CycleResult, Daemon
-from controller.mqtt import MqttLink
-from controller.store import AuditEntry, StateStore
+from controller.core.caps import Cap, Limit, effective_cap
+from controller.runtime.control import Controller, Override
+from controller.runtime.daemon import CycleResult, Daemon
 from simulators.clock import ManualClock
-from simulators.direct import DirectAdapters, build_direct_devices
 from simulators.farm import Farm, SimRig
 
 START = 1_764_547_200.0  # 2025-12-01 00:00 UTC: a Monday, the first of a 31-day month

@@ -1,4 +1,4 @@
-"""`rigd run` as its own process, on a simulated farm's accelerated clock (tests/test_faults.py).
+"""`rigd run` as its own process, on a simulated farm's accelerated clock (tests/runtime/test_faults.py).
 
 The storm test must SIGKILL the daemon, so the daemon is a process; and it must run
 minutes of farm time in seconds, so the process runs the real `Daemon` on the farm's
@@ -18,9 +18,9 @@ import signal
 
 import structlog
 
+from controller.cli.logs import configure_logging
 from controller.config import load_config
-from controller.daemon import Daemon
-from controller.logs import configure_logging
+from controller.runtime.daemon import Daemon
 from simulators.clock import ScaledClock, SteppedWall
 
 log = structlog.get_logger("storm_daemon")

@@ -1,0 +1,232 @@
+"""Finding miners on a network: probe addresses concurrently, identify what answers.
+
+Each firmware is recognised by its own probe (btminer's `devdetails` Driver "bitmicro" or
+its v3 API on 4433, BOS markers in `version`, the stock web UI's digest realm on port 80,
+LuxOS/cgminer in `version`), and one rig may answer several of them, since they all speak
+cgminer on 4028. So every probe of a host runs at once and the most specific answer wins:
+the driver is then right for the firmware, not merely for the protocol it imitates.
+
+Probes are short, so a farm subnet of a thousand addresses, most of them empty, is
+scanned in seconds: refused connections fail at once and silent addresses cost one
+timeout, all in parallel up to a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import resource
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import drivers.antminer_web as antminer_web
+import drivers.braiins as braiins
+import drivers.whatsminer as whatsminer
+from controller.config import MinerConfig, expand_range, parse_config
+from controller.config.credentials import Credentials
+from drivers.cgminer import CGMinerClient, parse_identity
+from drivers.errors import DeviceError
+from drivers.telemetry import RigIdentity
+
+MAX_ADDRESSES = 65_536
+# Connections one host's probes may hold at once (4028 x4, 4433, port 80 x2), to keep a
+# wide scan inside the process's file-descriptor limit.
+SOCKETS_PER_HOST = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    host: str
+    port: int  # the API port the driver talks to (4433 for an API v3 Whatsminer)
+    make: str
+    model: str
+    firmware: str
+    firmware_version: str
+    driver: str = ""  # the rigd driver kind; empty: guessed from the firmware
+
+    def __post_init__(self) -> None:
+        if not self.driver:
+            object.__setattr__(self, "driver", "luxos" if self.firmware == "LuxOS" else "cgminer")
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "make": self.make,
+            "model": self.model,
+            "firmware": self.firmware,
+            "firmware_version": self.firmware_version,
+            "driver": self.driver,
+        }
+
+
+def addresses(specs: Iterable[str]) -> list[str]:
+    """Every address of CIDRs or ranges ("10.0.2.0/24", "10.0.2.10-60"), in order, once."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        try:
+            for a in expand_range(spec):
+                out[str(a)] = None
+        except ValueError as e:
+            raise ValueError(f"bad address range {spec!r}: {e}") from e
+        if len(out) > MAX_ADDRESSES:
+            raise ValueError(f"more than {MAX_ADDRESSES} addresses: scan smaller ranges")
+    return list(out)
+
+
+async def probe(host: str, port: int, wait_s: float) -> Found | None:
+    """What answers the CGMiner-API `version` at host:port, or None (nothing, or not a miner)."""
+    client = CGMinerClient(host, port, timeout=wait_s, retries=0, device=host)
+    try:
+        reply = await client.command("version")
+    except DeviceError:
+        return None
+    ident = parse_identity(reply)
+    if not (ident.model or ident.firmware):
+        return None
+    return Found(host, port, ident.make, ident.model, ident.firmware, ident.firmware_version)
+
+
+def _found(host: str, port: int, ident: RigIdentity, driver: str) -> Found:
+    return Found(
+        host, port, ident.make, ident.model, ident.firmware, ident.firmware_version, driver
+    )
+
+
+async def _listening(host: str, port: int, wait_s: float) -> bool:
+    """Whether anything accepts a TCP connection at host:port within `wait_s`."""
+    try:
+        async with asyncio.timeout(wait_s):
+            _reader, writer = await asyncio.open_connection(host, port)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def identify(host: str, port: int, wait_s: float) -> Found | None:
+    """The host's firmware and the driver kind for it, or None, within about 4 x `wait_s`.
+
+    A host that accepts neither the API port nor 4433 is empty and costs two connects, so
+    a wide scan does not flood its own event loop. On one that does, every probe runs at
+    once; a probe that errs or overruns counts as "not this firmware", so one slow surface
+    (the stock web UI is slow) cannot hide what the others found.
+    Precedence goes from the most specific probe to the least: Whatsminer and Braiins
+    answer cgminer's `version` too, and a stock Antminer is "cgminer" without its web UI.
+    """
+    # Most addresses of a farm subnet are empty: two connects tell, before seven probes.
+    api, v3 = await asyncio.gather(
+        _listening(host, port, wait_s), _listening(host, MinerConfig.WHATSMINER_V3_PORT, wait_s)
+    )
+    if not (api or v3):
+        return None
+    budget = wait_s * 3 + 0.5
+
+    async def bounded(aw: Awaitable[RigIdentity | Found | None]) -> RigIdentity | Found | None:
+        try:
+            async with asyncio.timeout(budget):
+                return await aw
+        except (TimeoutError, DeviceError, OSError):
+            return None
+
+    wm, bos, stock, cg = await asyncio.gather(
+        bounded(whatsminer.identify(host, timeout=wait_s, v2_port=port)),
+        bounded(braiins.identify(host, timeout=wait_s, port=port)),
+        bounded(antminer_web.identify(host, timeout=wait_s, rpc_port=port)),
+        bounded(probe(host, port, wait_s)),
+    )
+    if isinstance(wm, RigIdentity):
+        kind = whatsminer.driver_kind_for(wm)
+        api_port = MinerConfig.WHATSMINER_V3_PORT if kind == "whatsminer-v3" else port
+        return _found(host, api_port, wm, kind)
+    if isinstance(bos, RigIdentity):
+        return _found(host, port, bos, "braiins")
+    if isinstance(stock, RigIdentity):
+        return _found(host, port, stock, "antminer")
+    return cg if isinstance(cg, Found) else None
+
+
+def _fd_bound(concurrency: int) -> int:
+    """Hosts probed at once, lowered if the open-files limit could not hold their sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = concurrency * SOCKETS_PER_HOST + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return concurrency
+    return max(1, min(concurrency, (soft - 64) // SOCKETS_PER_HOST))
+
+
+async def scan(
+    hosts: list[str],
+    *,
+    port: int = 4028,
+    concurrency: int = 256,
+    wait_s: float = 1.0,
+    progress: Callable[[], None] | None = None,
+) -> list[Found]:
+    sem = asyncio.Semaphore(_fd_bound(concurrency))
+
+    async def one(h: str) -> Found | None:
+        async with sem:
+            try:
+                return await identify(h, port, wait_s)
+            finally:
+                if progress is not None:
+                    progress()
+
+    results = await asyncio.gather(*(one(h) for h in hosts))
+    found = [f for f in results if f is not None]
+    return sorted(found, key=lambda f: ipaddress.IPv4Address(f.host))
+
+
+def add_to_config(path: Path, found: list[Found], *, id_prefix: str = "rig") -> list[str]:
+    """Append [[miners]] for what the config does not have yet; return the new rig ids.
+
+    The file is appended to (comments and layout stay), validated as a whole, and
+    replaced atomically: a config that would not load is never written.
+    """
+    text = path.read_text(encoding="utf-8")
+    # Validated, not used to talk to devices: credentials stay unread (rigd's, not ours).
+    cfg = parse_config(text, source=str(path), credentials=Credentials(None, read=False))
+    known = {(r.host, r.miner.port) for r in cfg.rigs()}
+    # A Whatsminer listens on 4028 and 4433; whichever port it is configured on, it is known.
+    whatsminers = {r.host for r in cfg.rigs() if r.miner.driver.startswith("whatsminer")}
+    ids = {r.id for r in cfg.rigs()}
+    blocks, added = [], []
+    for f in found:
+        if (f.host, f.port) in known or (
+            f.driver.startswith("whatsminer") and f.host in whatsminers
+        ):
+            continue
+        _a, _b, c, d = ipaddress.IPv4Address(f.host).packed
+        rid = f"{id_prefix}-{c}-{d}"
+        n = 2
+        while rid in ids:
+            rid, n = f"{id_prefix}-{c}-{d}-{n}", n + 1
+        ids.add(rid)
+        added.append(rid)
+        blocks.append(
+            f"\n[[miners]]  # found by rigctl scan: {f.model or f.make} {f.firmware} "
+            f"{f.firmware_version}\nid = {json.dumps(rid)}\nhost = {json.dumps(f.host)}\n"
+            f"port = {f.port}\ndriver = {json.dumps(f.driver)}\n"
+        )
+    if not blocks:
+        return []
+    new_text = text.rstrip("\n") + "\n" + "".join(blocks)
+    # Raises ConfigError: nothing written.
+    parse_config(new_text, source=str(path), credentials=Credentials(None, read=False))
+    tmp = path.with_name(path.name + ".rigctl-tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    tmp.replace(path)
+    return added

@@ -1,0 +1,486 @@
+"""Home Assistant MQTT discovery: the site and each rig appear in Home Assistant by themselves.
+
+rigd already publishes retained JSON state on rigd/<site>/...; discovery only tells
+Home Assistant where to find each value: one retained config message per entity on
+`<discovery_prefix>/<component>/rigd_<site>/<object_id>/config`, each pointing at one
+of rigd's own state topics with a value template, with a device block (the site, and
+each rig as a device "via" the site) and rigd's status topic as availability. Nothing
+is published twice: Home Assistant reads the same documents `mosquitto_sub` shows.
+
+Each rig also gets a switch, "Mining": ON wakes it, OFF puts it to sleep. A command
+goes through exactly the path `rigctl wake`/`rigctl sleep` takes (Controller.manual),
+so its safety checks apply: a rig held asleep by the cap or a grid order is not woken
+past the cap, and the refusal is logged. Commands are taken at QoS 0, so a command
+sent while rigd was away is not replayed minutes later. An unknown payload is ignored
+with a log line. Anyone who may publish on rigd/<site>/rigs/+/set can sleep and wake
+rigs: restrict it in the broker's ACL to Home Assistant's user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import structlog
+
+from controller.adapters.metrics import CAP_SOURCES, VERSION
+from controller.adapters.mqtt import MessageHandler, MqttLink
+from controller.config import HomeAssistantConfig
+from controller.core.planner import ActionKind
+from controller.runtime.control import ManualRefused
+
+if TYPE_CHECKING:
+    from controller.runtime.daemon import CycleResult, Daemon
+
+log = structlog.get_logger(__name__)
+
+ACTOR = "mqtt:homeassistant"
+REASON = "Home Assistant switch"
+RIG_STATES = ["mining", "waking", "sleeping", "off", "unreachable"]
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def node_id(site: str) -> str:
+    """Discovery ids allow [A-Za-z0-9_-] only; site ids may also hold '.'."""
+    return "rigd_" + _UNSAFE.sub("_", site)
+
+
+def command_topic(site: str, rig_id: str) -> str:
+    return f"rigd/{site}/rigs/{rig_id}/set"
+
+
+@dataclass(frozen=True, slots=True)
+class RigDevice:
+    """What Home Assistant is told about one rig."""
+
+    id: str
+    make: str = ""
+    model: str = ""
+    firmware: str = ""
+    firmware_version: str = ""
+    can_sleep: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SiteFeatures:
+    control: bool = False
+    budget: bool = False
+    grid: bool = False
+
+
+def _entity(
+    key: str, component: str, name: str, topic: str, template: str, **extra: Any
+) -> tuple[str, str, dict[str, Any]]:
+    return key, component, {"name": name, "state_topic": topic, "value_template": template, **extra}
+
+
+def _site_entities(site: str, f: SiteFeatures) -> list[tuple[str, str, dict[str, Any]]]:
+    st = f"rigd/{site}/state"
+    kw = {"device_class": "power", "unit_of_measurement": "kW", "state_class": "measurement"}
+    out = [
+        _entity("import_power", "sensor", "Import", st, "{{ value_json.import_kw }}", **kw),
+        _entity(
+            "import_energy",
+            "sensor",
+            "Import energy",
+            st,
+            "{{ value_json.import_kwh }}",
+            device_class="energy",
+            unit_of_measurement="kWh",
+            state_class="total_increasing",
+        ),
+        _entity(
+            "meter",
+            "binary_sensor",
+            "Import meter",
+            st,
+            "{{ 'ON' if value_json.meter_ok else 'OFF' }}",
+            device_class="connectivity",
+            entity_category="diagnostic",
+        ),
+        _entity(
+            "hashrate",
+            "sensor",
+            "Hashrate",
+            st,
+            "{{ value_json.hashrate_ths }}",
+            unit_of_measurement="TH/s",
+            state_class="measurement",
+            icon="mdi:pickaxe",
+        ),
+        _entity(
+            "rig_power",
+            "sensor",
+            "Rig power",
+            st,
+            "{{ value_json.rig_power_kw }}",
+            **kw,
+        ),
+    ]
+    for state in RIG_STATES:
+        out.append(
+            _entity(
+                f"rigs_{state}",
+                "sensor",
+                f"Rigs {state}",
+                st,
+                f"{{{{ value_json.rigs.{state} }}}}",
+                unit_of_measurement="rigs",
+                state_class="measurement",
+                icon="mdi:server",
+            )
+        )
+    if f.control:
+        out.append(_entity("cap", "sensor", "Cap", st, "{{ value_json.cap_kw }}", **kw))
+        out.append(
+            _entity(
+                "cap_source",
+                "sensor",
+                "Cap source",
+                st,
+                "{{ value_json.cap_source }}",
+                device_class="enum",
+                options=list(CAP_SOURCES),  # the one list: metrics and the state document
+            )
+        )
+    if f.budget:
+        out.append(
+            _entity(
+                "budget_used",
+                "sensor",
+                "Energy budget used",
+                st,
+                "{{ value_json.budget.used_kwh }}",
+                device_class="energy",
+                unit_of_measurement="kWh",
+                state_class="total_increasing",
+            )
+        )
+        out.append(
+            _entity(
+                "budget_remaining",
+                "sensor",
+                "Energy budget left",
+                st,
+                "{{ value_json.budget.remaining_kwh }}",
+                device_class="energy_storage",
+                unit_of_measurement="kWh",
+                state_class="measurement",
+            )
+        )
+    if f.grid:
+        out.append(
+            _entity(
+                "grid_order",
+                "binary_sensor",
+                "Grid order active",
+                st,
+                "{{ 'ON' if value_json.grid is defined and value_json.grid.active else 'OFF' }}",
+                icon="mdi:transmission-tower",
+            )
+        )
+    return out
+
+
+def _rig_entities(
+    site: str, rig: RigDevice, cfg: HomeAssistantConfig, f: SiteFeatures
+) -> list[tuple[str, str, dict[str, Any]]]:
+    st = f"rigd/{site}/rigs/{rig.id}/state"
+    out = [
+        _entity(
+            "power",
+            "sensor",
+            "Power",
+            st,
+            "{{ value_json.power_w }}",
+            device_class="power",
+            unit_of_measurement="W",
+            state_class="measurement",
+        ),
+        _entity(
+            "hashrate",
+            "sensor",
+            "Hashrate",
+            st,
+            "{{ value_json.hashrate_ths }}",
+            unit_of_measurement="TH/s",
+            state_class="measurement",
+            icon="mdi:pickaxe",
+        ),
+        _entity(
+            "temperature",
+            "sensor",
+            "Temperature",
+            st,
+            "{{ value_json.telemetry.temp_c if value_json.telemetry else None }}",
+            device_class="temperature",
+            unit_of_measurement="°C",
+            state_class="measurement",
+        ),
+        _entity(
+            "state",
+            "sensor",
+            "State",
+            st,
+            "{{ value_json.state }}",
+            device_class="enum",
+            options=RIG_STATES,
+        ),
+        _entity(
+            "reachable",
+            "binary_sensor",
+            "Reachable",
+            st,
+            "{{ 'ON' if value_json.health.reachable else 'OFF' }}",
+            device_class="connectivity",
+            entity_category="diagnostic",
+        ),
+    ]
+    if cfg.switches and f.control and rig.can_sleep:
+        out.append(
+            _entity(
+                "mining",
+                "switch",
+                "Mining",
+                st,
+                "{{ 'ON' if value_json.state in ['mining', 'waking'] else 'OFF' }}",
+                command_topic=command_topic(site, rig.id),
+                payload_on="ON",
+                payload_off="OFF",
+                state_on="ON",
+                state_off="OFF",
+                optimistic=False,
+                icon="mdi:pickaxe",
+            )
+        )
+    return out
+
+
+def _origin() -> dict[str, Any]:
+    return {"name": "rigd", "sw_version": VERSION}
+
+
+def _message(
+    cfg: HomeAssistantConfig,
+    site: str,
+    object_id: str,
+    component: str,
+    body: dict[str, Any],
+    device: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
+    """One discovery message: (topic, config payload)."""
+    topic = f"{cfg.discovery_prefix}/{component}/{node_id(site)}/{object_id}/config"
+    return topic, {
+        **body,
+        "unique_id": object_id,
+        "availability_topic": f"rigd/{site}/status",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": device,
+        "origin": _origin(),
+    }
+
+
+def site_discovery(
+    site: str, site_name: str, cfg: HomeAssistantConfig, features: SiteFeatures
+) -> dict[str, dict[str, Any]]:
+    """The site device's discovery messages: topic -> config payload (pure)."""
+    node = node_id(site)
+    device = {
+        "identifiers": [node],
+        "name": site_name or f"rigd {site}",
+        "manufacturer": "rigd",
+        "model": "Mining farm power controller",
+        "sw_version": VERSION,
+    }
+    return dict(
+        _message(cfg, site, f"{node}_{key}", component, body, device)
+        for key, component, body in _site_entities(site, features)
+    )
+
+
+def rig_discovery(
+    site: str, cfg: HomeAssistantConfig, features: SiteFeatures, rig: RigDevice
+) -> dict[str, dict[str, Any]]:
+    """One rig's discovery messages: topic -> config payload (pure)."""
+    node = node_id(site)
+    rig_node = f"{node}_{_UNSAFE.sub('_', rig.id)}"
+    device: dict[str, Any] = {"identifiers": [rig_node], "name": rig.id, "via_device": node}
+    if rig.make:
+        device["manufacturer"] = rig.make
+    if rig.model:
+        device["model"] = rig.model
+    fw = " ".join(x for x in (rig.firmware, rig.firmware_version) if x)
+    if fw:
+        device["sw_version"] = fw
+    return dict(
+        _message(cfg, site, f"{rig_node}_{key}", component, body, device)
+        for key, component, body in _rig_entities(site, rig, cfg, features)
+    )
+
+
+def discovery(
+    site: str,
+    site_name: str,
+    cfg: HomeAssistantConfig,
+    features: SiteFeatures,
+    rigs: Sequence[RigDevice],
+) -> dict[str, dict[str, Any]]:
+    """Every discovery message: topic -> config payload (pure)."""
+    out = site_discovery(site, site_name, cfg, features)
+    if cfg.per_rig:
+        for rig in rigs:
+            out.update(rig_discovery(site, cfg, features, rig))
+    return out
+
+
+def _encode(msgs: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    return {
+        topic: json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        for topic, payload in msgs.items()
+    }
+
+
+class HomeAssistantBridge:
+    """Publishes discovery when the farm's shape changes, and takes the switches' commands.
+
+    Each device's messages are kept as published: when one rig's identity changes (rigs
+    give theirs at their first reading, a few at a time), only that rig's are rebuilt,
+    not the tens of thousands of a large farm on the event loop every cycle."""
+
+    def __init__(self, daemon: Daemon, cfg: HomeAssistantConfig) -> None:
+        self.daemon = daemon
+        self.cfg = cfg
+        self.site = daemon.cfg.site.id
+        self.link: MqttLink = daemon.link
+        self._prefix = f"rigd/{self.site}/rigs/"
+        self._signature: tuple[Any, ...] | None = None
+        # What is published, kept per device so that one rig's change rebuilds that rig only.
+        self._features: SiteFeatures | None = None
+        self._site_msgs: dict[str, bytes] = {}
+        self._rig_msgs: dict[str, tuple[RigDevice, dict[str, bytes]]] = {}
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._next: MessageHandler | None = None
+        if cfg.per_rig and cfg.switches:
+            # QoS 0: a command sent while rigd was away must not be replayed later.
+            self.link.subscribe(f"{self._prefix}+/set", 0)
+            self._next = self.link.on_message  # the grid service's, if any
+            self.link.on_message = self.on_message
+
+    # -- discovery --------------------------------------------------------------------
+
+    def on_cycle(self, result: CycleResult) -> None:
+        cfg = self.daemon.cfg
+        miners = self.daemon.devices.miners
+        rigs = []
+        for rid, view in result.snapshot.rigs.items():
+            ident = view.telemetry.identity if view.telemetry is not None else None
+            driver = miners.get(rid)
+            rigs.append(
+                RigDevice(
+                    rid,
+                    ident.make if ident else "",
+                    ident.model if ident else "",
+                    ident.firmware if ident else "",
+                    ident.firmware_version if ident else "",
+                    bool(driver is not None and driver.capabilities.can_sleep),
+                )
+            )
+        features = SiteFeatures(
+            control=self.daemon.controller is not None,
+            budget=cfg.budget is not None and self.daemon.controller is not None,
+            grid=self.daemon.grid is not None,
+        )
+        signature = (features, tuple(rigs))
+        if signature == self._signature:
+            return  # the common case: nothing to recompute for thousands of rigs
+        self._signature = signature
+        link = self.link
+        if features != self._features:  # the site's entities, and every rig's switch
+            msgs = _encode(site_discovery(self.site, cfg.site.name, self.cfg, features))
+            for topic in self._site_msgs.keys() - msgs.keys():
+                link.set_retained_raw(topic, b"")  # an empty retained config removes it
+            for topic, payload in msgs.items():
+                link.set_retained_raw(topic, payload)
+            self._site_msgs = msgs
+            self._features = features
+            rebuild_all = True
+        else:
+            rebuild_all = False
+        old_rigs = self._rig_msgs
+        new_rigs: dict[str, tuple[RigDevice, dict[str, bytes]]] = {}
+        changed = 0
+        for rig in rigs if self.cfg.per_rig else ():
+            known = old_rigs.get(rig.id)
+            if known is not None and not rebuild_all and known[0] == rig:
+                new_rigs[rig.id] = known  # unchanged: not rebuilt, not handed to the link
+                continue
+            changed += 1
+            msgs = _encode(rig_discovery(self.site, self.cfg, features, rig))
+            for topic in (known[1].keys() - msgs.keys()) if known is not None else ():
+                link.set_retained_raw(topic, b"")
+            for topic, payload in msgs.items():
+                link.set_retained_raw(topic, payload)
+            new_rigs[rig.id] = (rig, msgs)
+        for rid in old_rigs.keys() - new_rigs.keys():  # rigs that left the config
+            for topic in old_rigs[rid][1]:
+                link.set_retained_raw(topic, b"")
+        self._rig_msgs = new_rigs
+        entities = len(self._site_msgs) + sum(len(m) for _, m in new_rigs.values())
+        log.info("hass_discovery_published", entities=entities, rigs=len(rigs), changed=changed)
+
+    # -- the switches -----------------------------------------------------------------
+
+    def rig_of(self, topic: str) -> str | None:
+        if topic.startswith(self._prefix) and topic.endswith("/set"):
+            rid = topic[len(self._prefix) : -len("/set")]
+            if rid and "/" not in rid:
+                return rid
+        return None
+
+    async def on_message(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        rid = self.rig_of(topic)
+        if rid is None:
+            if self._next is not None:
+                await self._next(message)
+            return
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        # Not awaited here: a sleep takes seconds, and grid orders share this receive loop.
+        task = asyncio.create_task(self.command(rid, raw), name=f"hass-{rid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def command(self, rig_id: str, raw: bytes) -> bool:
+        """Carry out one switch command; True if the rig was commanded."""
+        text = raw.decode("utf-8", errors="replace").strip()
+        kind = {"ON": ActionKind.WAKE, "OFF": ActionKind.SLEEP}.get(text.upper())
+        if kind is None:
+            log.warning("hass_command_ignored", rig=rig_id, payload=text[:40], why="not ON/OFF")
+            return False
+        ctl = self.daemon.controller
+        if ctl is None:
+            log.warning("hass_command_ignored", rig=rig_id, payload=text, why="control is off")
+            return False
+        try:
+            results = await ctl.manual(kind, [rig_id], None, REASON, ACTOR)
+        except ManualRefused as e:
+            log.warning("hass_command_refused", rig=rig_id, command=kind.value, reason=str(e))
+            return False
+        except Exception:  # never let a switch take the daemon down
+            log.exception("hass_command_failed", rig=rig_id, command=kind.value)
+            return False
+        res = results[0]
+        log.info("hass_command", rig=rig_id, command=kind.value, ok=res.ok, error=res.error)
+        return res.ok
+
+    async def stop(self) -> None:
+        """Let commands in progress land: a cut-off command is worse than a late one."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10.0)

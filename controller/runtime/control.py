@@ -1,0 +1,651 @@
+"""The control loop's stateful shell around the pure planner.
+
+Each cycle: read the frozen snapshot, update the energy counter from the meter's
+register, work out the effective cap, build the planner's view of every rig, plan,
+and hand new actions to the executor as background tasks. Everything a restart
+must not forget (planner memory, energy counter, overrides, maintenance and pins,
+what was learned of each rig) is written to the state database as it changes, and
+read back at start, before the first cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from controller.adapters.mqtt import MqttLink
+from controller.adapters.store import StateStore, StoreError
+from controller.config import Config, ControlConfig
+from controller.core.budget import EnergyCounter
+from controller.core.caps import (
+    MAX_IMPORT,
+    OVERRIDE,
+    Cap,
+    Limit,
+    effective_cap,
+    pacing_limit,
+    schedule_limits,
+)
+from controller.core.planner import (
+    IDLE_W,
+    Action,
+    ActionKind,
+    Mode,
+    Plan,
+    PlanInput,
+    RigInput,
+    RigMemory,
+    failed,
+    plan,
+    remembered,
+)
+from controller.runtime.devices import Devices
+from controller.runtime.executor import ActionResult, Executor
+from controller.runtime.state import RigView, SiteSnapshot
+from drivers.telemetry import RigState
+
+log = structlog.get_logger(__name__)
+
+# What rigd learned of each rig (full power, J/TH) changes a little every cycle; it is
+# saved at most this often, and when a rig is learned for the first time: a farm's worth
+# every cycle is a write of megabytes, and a few minutes lost is relearned by watching.
+LEARNED_SAVE_S = 300.0
+CLOSE_WAIT_S = 10.0  # how long a stop or reload waits for commands in flight
+
+
+class ManualRefused(Exception):
+    """A technician's request that the safety checks refuse; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    kw: float
+    expires_at: float
+    reason: str
+    actor: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kw": self.kw,
+            "expires_at": self.expires_at,
+            "reason": self.reason,
+            "actor": self.actor,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A technician's exclusion of a rig from control (maintenance or pin)."""
+
+    reason: str
+    actor: str
+    expires_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "actor": self.actor, "expires_at": self.expires_at}
+
+
+@dataclass(slots=True)
+class Learned:
+    """What rigd has learned of a rig by watching it at full power."""
+
+    full_w: float | None = None
+    efficiency_j_th: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlStatus:
+    cap: Cap
+    plan: Plan | None
+    budget: dict[str, Any] | None
+    dry_run: bool
+    inflight: int
+    held: dict[str, int] = field(default_factory=dict)
+
+    def site_fields(self) -> dict[str, Any]:
+        """Fields merged into the `state` document."""
+        doc: dict[str, Any] = {
+            "cap_kw": round(self.cap.kw, 3),
+            "cap_source": self.cap.source,
+            "cap_detail": self.cap.detail,
+            "control": {
+                "mode": "dry_run" if self.dry_run else "active",
+                "inflight_actions": self.inflight,
+                **(self.plan.as_dict() if self.plan else {}),
+                **self.held,
+            },
+        }
+        if self.budget is not None:
+            doc["budget"] = self.budget
+        return doc
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: Config,
+        control: ControlConfig,
+        devices: Devices,
+        store: StateStore,
+        *,
+        link: MqttLink | None,
+        now: Any,
+        dry_run: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.control = control
+        self.devices = devices
+        self.store = store
+        self.now = now
+        self.dry_run = dry_run or control.dry_run
+        # As many commands at once as reads: a grid order may put thousands of rigs to sleep.
+        self.executor = Executor(
+            devices, store=store, link=link, now=now, concurrency=max(64, cfg.poll.concurrency)
+        )
+        self.memory: dict[str, RigMemory] = {}
+        self.learned: dict[str, Learned] = {}
+        self.override: Override | None = None
+        self.maintenance: dict[str, Hold] = {}
+        self.pinned: dict[str, Hold] = {}
+        self.external: dict[str, Limit] = {}  # the seam for grid orders: name -> limit
+        # An active grid order not yet complied with: shed by the fastest means until then.
+        self.comply_by: float | None = None
+        self.nonrig_kw: float | None = None
+        self.energy: EnergyCounter | None = None
+        self._inflight: dict[str, asyncio.Task[ActionResult]] = {}
+        self._prior: dict[str, RigMemory] = {}  # memory before an in-flight action
+        # Commands a previous run sent but never saw the outcome of (it was killed): their
+        # memory before the command, until the rig shows whether the command landed.
+        self._unconfirmed: dict[str, RigMemory] = {}
+        self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
+        self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
+        # PDUs rigd may switch outlets on: SNMPv3, or v2c with a write community.
+        self._switchable_pdus = frozenset(
+            p.id for p in cfg.pdus if p.snmp_version == "3" or p.write_community is not None
+        )
+        self._learned_saved = (-math.inf, 0)  # when, and how many rigs were known then
+        self.last_input: PlanInput | None = None
+        self.last_plan: Plan | None = None
+        try:
+            self._load()
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            # State written by another rigd version or edited by hand: refuse to start rather
+            # than guess who was put to sleep.
+            raise StoreError(
+                f"state database {store.path} holds state this rigd cannot read: {e!r}",
+                kind="corrupt",
+            ) from e
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def _load(self) -> None:
+        st = self.store
+        self.memory = {k: RigMemory.from_dict(v) for k, v in st.get("planner.memory", {}).items()}
+        self.learned = {k: Learned(**v) for k, v in st.get("rigs.learned", {}).items()}
+        ov = st.get("control.override")
+        self.override = Override(**ov) if ov else None
+        self.maintenance = {k: Hold(**v) for k, v in st.get("control.maintenance", {}).items()}
+        self.pinned = {k: Hold(**v) for k, v in st.get("control.pinned", {}).items()}
+        self.nonrig_kw = st.get("control.nonrig_kw")
+        self._unconfirmed = {
+            k: RigMemory.from_dict(v)
+            for k, v in st.get("control.inflight", {}).items()
+            if k in self.memory
+        }
+        if self.cfg.budget is not None:
+            saved = st.get("budget.energy")
+            if saved and saved.get("period") == self.cfg.budget.period:
+                self.energy = EnergyCounter.from_dict(saved)
+            else:
+                self.energy = EnergyCounter.new(
+                    self.cfg.budget.period, self.cfg.site.timezone, self.now()
+                )
+        asleep = sum(1 for m in self.memory.values() if m.mode in (Mode.SLEEP, Mode.OFF))
+        log.info(
+            "control_state_loaded",
+            rigs_remembered=len(self.memory),
+            asleep_or_off=asleep,
+            override=self.override is not None,
+            energy_used_kwh=None if self.energy is None else round(self.energy.used_kwh, 3),
+            unconfirmed=sorted(self._unconfirmed),
+        )
+
+    def _save(self, items: dict[str, Any]) -> None:
+        try:
+            self.store.put_many(items)
+        except StoreError as e:
+            log.error("state_write_failed", error=str(e))
+
+    def _memory_items(self) -> dict[str, Any]:
+        # With the memory, the memory before every command still in flight: a daemon killed
+        # before it saw a command land can tell, once restarted, whether it did.
+        inflight = {**self._unconfirmed, **self._prior}
+        return {
+            "planner.memory": {k: v.as_dict() for k, v in self.memory.items()},
+            "control.inflight": {k: v.as_dict() for k, v in inflight.items()},
+        }
+
+    def _save_memory(self) -> None:
+        self._save(self._memory_items())
+
+    def shift_times(self, dt: float) -> dict[str, Any]:
+        """The wall clock stepped by `dt` s (see controller.runtime.clock): move every stamp that
+        measures a duration with it, so dwell, settle and backoff times, overrides and holds
+        set "for" a while, and the energy counter's interval are as long as they were.
+
+        Returns what changed, for the caller to save in one transaction with the clock mark
+        that says the step was applied (a restart between the two would apply it again)."""
+        self.memory = {k: m.shifted(dt) for k, m in self.memory.items()}
+        self._prior = {k: m.shifted(dt) for k, m in self._prior.items()}
+        self._unconfirmed = {k: m.shifted(dt) for k, m in self._unconfirmed.items()}
+        items: dict[str, Any] = {}
+        if self.override is not None:
+            o = self.override
+            self.override = Override(o.kw, o.expires_at + dt, o.reason, o.actor)
+            items["control.override"] = self.override.as_dict()
+        for holds, key in (
+            (self.maintenance, "control.maintenance"),
+            (self.pinned, "control.pinned"),
+        ):
+            for k, h in list(holds.items()):
+                if h.expires_at is not None:
+                    holds[k] = Hold(h.reason, h.actor, h.expires_at + dt)
+            items[key] = {k: v.as_dict() for k, v in holds.items()}
+        if self.energy is not None and self.energy.last_ts is not None:
+            self.energy.last_ts += dt
+            items["budget.energy"] = self.energy.as_dict()
+        return {**self._memory_items(), **items}
+
+    # -- what technicians (and, later, the grid) set ----------------------------------------
+
+    def set_override(self, kw: float, expires_at: float, reason: str, actor: str) -> Override:
+        if kw < 0:
+            raise ValueError("an override cap cannot be negative")
+        self.override = Override(kw, expires_at, reason, actor)
+        self._save({"control.override": self.override.as_dict()})
+        return self.override
+
+    def clear_override(self) -> None:
+        self.override = None
+        self._save({"control.override": None})
+
+    def set_maintenance(self, rig_id: str, hold: Hold | None) -> None:
+        self._set_hold(self.maintenance, "control.maintenance", rig_id, hold)
+
+    def set_pinned(self, rig_id: str, hold: Hold | None) -> None:
+        self._set_hold(self.pinned, "control.pinned", rig_id, hold)
+
+    def _set_hold(self, holds: dict[str, Hold], key: str, rig_id: str, hold: Hold | None) -> None:
+        if rig_id not in self.devices.miners:
+            raise KeyError(f"unknown rig {rig_id!r}")
+        if hold is None:
+            holds.pop(rig_id, None)
+        else:
+            holds[rig_id] = hold
+        self._save({key: {k: v.as_dict() for k, v in holds.items()}})
+
+    def set_external(self, name: str, limit: Limit | None) -> None:
+        """Seam for other cap sources (grid orders): set or clear a named limit."""
+        if limit is None:
+            self.external.pop(name, None)
+        else:
+            self.external[name] = limit
+
+    # -- one cycle -----------------------------------------------------------------------
+
+    def _expire(self, now: float) -> None:
+        if self.override is not None and now >= self.override.expires_at:
+            log.info("override_expired", kw=self.override.kw, reason=self.override.reason)
+            self.clear_override()
+        for holds, key in (
+            (self.maintenance, "control.maintenance"),
+            (self.pinned, "control.pinned"),
+        ):
+            gone = [k for k, h in holds.items() if h.expires_at is not None and now >= h.expires_at]
+            for k in gone:
+                log.info("hold_expired", rig=k, kind=key.rsplit(".", 1)[-1])
+                del holds[k]
+            if gone:
+                self._save({key: {k: v.as_dict() for k, v in holds.items()}})
+        for name, lim in list(self.external.items()):
+            if lim.expires_at is not None and now >= lim.expires_at:
+                del self.external[name]
+
+    def _update_energy(self, snap: SiteSnapshot) -> dict[str, Any] | None:
+        budget = self.cfg.budget
+        if budget is None or self.energy is None:
+            return None
+        reading = snap.import_reading
+        if reading is not None:
+            self.energy.update(reading.import_kwh, reading.ts, self.cfg.site.timezone)
+            self._save({"budget.energy": self.energy.as_dict()})
+        e = self.energy
+        return {
+            "period": budget.period,
+            "period_start": e.period_start,
+            "period_end": e.period_end,
+            "budget_kwh": budget.kwh,
+            "used_kwh": round(e.used_kwh, 3),
+            "remaining_kwh": round(budget.kwh - e.used_kwh, 3),
+        }
+
+    def limits(self, now: float) -> list[Limit]:
+        c = self.control
+        out = [Limit(MAX_IMPORT, c.max_import_kw, "site maximum import")]
+        out += schedule_limits(c, self.cfg.site.timezone, now)
+        if self.cfg.budget is not None and self.energy is not None:
+            used, end = self.energy.used_at(now, self.cfg.site.timezone)
+            out.append(pacing_limit(self.cfg.budget, used, end, now))
+        out += self.external.values()
+        if self.override is not None:
+            o = self.override
+            out.append(Limit(OVERRIDE, o.kw, f"{o.reason} ({o.actor})", o.expires_at))
+        return out
+
+    def _learn(self, rig: RigView) -> None:
+        t = rig.telemetry
+        mm = self.memory.get(rig.info.id)
+        if (
+            t is None
+            or rig.state is not RigState.MINING
+            or (mm is not None and mm.mode is not Mode.RUN)
+        ):
+            return
+        if mm is not None and self.now() < mm.settle_until:
+            return  # still ramping: not its full power
+        learned = self.learned.setdefault(rig.info.id, Learned())
+        if t.power_w:
+            learned.full_w = max(learned.full_w or 0.0, t.power_w) if learned.full_w else t.power_w
+        if t.efficiency_j_per_th:
+            learned.efficiency_j_th = t.efficiency_j_per_th
+
+    def _rig_input(self, rig: RigView) -> RigInput:
+        info = rig.info
+        driver = self.devices.miners[info.id]
+        caps = driver.capabilities
+        learned = self.learned.get(info.id, Learned())
+        t = rig.telemetry
+        model = t.identity.model if t else ""
+        full = caps.power_target_max_w or learned.full_w or self.control.rig_default_w
+        eff = learned.efficiency_j_th
+        if eff is None and t is not None and rig.state is RigState.MINING:
+            eff = t.efficiency_j_per_th
+        has_outlet = (
+            info.outlet is not None
+            and self.control.allow_outlet_off
+            and info.outlet[0] in self._switchable_pdus
+        )
+        return RigInput(
+            id=info.id,
+            state=rig.state,
+            power_w=rig.power_w if rig.health.reachable or rig.outlet_power_w is not None else None,
+            last_known_w=(t.power_w if t is not None else None) or rig.outlet_power_w,
+            full_w=full,
+            efficiency_j_th=eff,
+            priority=self._group_priority.get(info.group or "", 0),
+            can_sleep=caps.can_sleep,
+            can_power_target=caps.can_power_target and caps.power_target_min_w is not None,
+            min_w=caps.power_target_min_w,
+            max_w=caps.power_target_max_w,
+            has_outlet=has_outlet,
+            outlet_on=rig.outlet_on,
+            timing=self.control.timing_for(model),
+            maintenance=info.id in self.maintenance,
+            pinned=info.id in self.pinned,
+            busy=info.id in self._inflight,
+        )
+
+    def _harvest(self) -> None:
+        """Fold finished actions back into memory: keep successes, undo failures."""
+        changed = False
+        for rig_id, task in list(self._inflight.items()):
+            if not task.done():
+                continue
+            del self._inflight[rig_id]
+            prior = self._prior.pop(rig_id, RigMemory())
+            changed = True  # one command fewer in flight
+            res = None if task.cancelled() else task.result()
+            if res is not None and res.ok:
+                continue
+            self.memory[rig_id] = failed(prior, self.now())
+        if changed:
+            self._save_memory()
+
+    def _reconcile(self, snap: SiteSnapshot, now: float) -> None:
+        """Settle the commands a killed predecessor never saw land: once a command has had
+        its settle time, a rig whose state contradicts it (told to wake and still asleep or
+        off; told to sleep or switched off and still running) never got it, and its memory
+        goes back to what it was before, so the planner decides afresh. Without this, a rig
+        whose wake was lost would sleep on, as if someone else had put it to sleep."""
+        changed = False
+        for rig_id, prior in list(self._unconfirmed.items()):
+            rig = snap.rigs.get(rig_id)
+            mm = self.memory.get(rig_id)
+            if rig is None or mm is None:
+                del self._unconfirmed[rig_id]
+                changed = True
+                continue
+            if now < mm.settle_until or rig.state is RigState.UNREACHABLE:
+                continue  # not shown yet, or cannot be seen
+            del self._unconfirmed[rig_id]
+            changed = True
+            running = rig.state in (RigState.MINING, RigState.WAKING)
+            lost = running if mm.mode in (Mode.SLEEP, Mode.OFF) else not running
+            if lost:
+                log.warning(
+                    "command_not_confirmed",
+                    rig=rig_id,
+                    mode=mm.mode.value,
+                    state=rig.state.value,
+                    back_to=prior.mode.value,
+                )
+                self.memory[rig_id] = prior
+        if changed:
+            self._save_memory()
+
+    async def step(self, snap: SiteSnapshot) -> ControlStatus:
+        now = self.now()
+        self._expire(now)
+        self._harvest()
+        if self._unconfirmed:
+            self._reconcile(snap, now)
+        budget_doc = self._update_energy(snap)
+        cap = effective_cap(self.limits(now))
+        for rig in snap.rigs.values():
+            self._learn(rig)
+        reading = snap.import_reading
+        inp = PlanInput(
+            now=now,
+            cap=cap,
+            control=self.control,
+            rigs=tuple(self._rig_input(r) for r in snap.rigs.values()),
+            import_kw=None if reading is None else reading.power_w / 1000.0,
+            import_age_s=None if reading is None else max(0.0, now - reading.ts),
+            memory=self.memory,
+            nonrig_kw=self.nonrig_kw,
+            urgent=self.comply_by is not None,
+        )
+        result = plan(inp)
+        self.last_input, self.last_plan = inp, result
+        self.nonrig_kw = result.nonrig_kw
+        if self.dry_run:
+            self._report_dry_run(result.actions)
+        else:
+            self._launch(result.actions, inp)
+        items: dict[str, Any] = {"control.nonrig_kw": self.nonrig_kw}
+        if len(self.learned) != self._learned_saved[1] or not (
+            0.0 <= now - self._learned_saved[0] < LEARNED_SAVE_S
+        ):
+            items["rigs.learned"] = self._learned_doc()
+            self._learned_saved = (now, len(self.learned))
+        self._save(items)
+        held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
+        return ControlStatus(cap, result, budget_doc, self.dry_run, len(self._inflight), held)
+
+    def _learned_doc(self) -> dict[str, Any]:
+        return {
+            k: {"full_w": v.full_w, "efficiency_j_th": v.efficiency_j_th}
+            for k, v in self.learned.items()
+        }
+
+    def _launch(self, actions: tuple[Action, ...], inp: PlanInput) -> None:
+        if not actions:
+            return
+        by_id = {r.id: r for r in inp.rigs}
+        memory = dict(self.memory)
+        for a in actions:
+            r = by_id[a.rig_id]
+            prior = self._prior[a.rig_id] = memory.get(a.rig_id, RigMemory())
+            # Optimistic: count the action as in flight now; undone if it fails.
+            memory[a.rig_id] = remembered(prior, a, True, inp.now, r.timing, r.full_w)
+            self._inflight[a.rig_id] = asyncio.create_task(
+                self.executor.execute(a), name=f"action-{a.rig_id}"
+            )
+        self.memory = memory
+        self._save_memory()
+
+    def _report_dry_run(self, actions: tuple[Action, ...]) -> None:
+        """Log and publish what would be done, once per change of plan (not every cycle)."""
+        key = tuple((a.rig_id, a.kind.value, a.watts) for a in actions)
+        if key == self._last_dry:
+            return
+        self._last_dry = key
+        for a in actions:
+            self.executor.record(ActionResult(a, True, None, 0, 0.0), actor="planner", dry_run=True)
+
+    # -- a technician's actions (through the same executor, with the same checks) --------
+
+    def audit_change(
+        self, action: str, rig_id: str | None, params: dict[str, Any], reason: str, actor: str
+    ) -> None:
+        """Record a change made by a person (override, maintenance) in the audit log."""
+        try:
+            self.store.audit(
+                ts=self.now(),
+                actor=actor,
+                action=action,
+                rig_id=rig_id,
+                params=params,
+                reason=reason,
+                result="ok",
+            )
+        except StoreError as e:
+            log.error("audit_write_failed", error=str(e))
+        log.info("admin_change", action=action, rig=rig_id, actor=actor, reason=reason, **params)
+
+    def check_manual(self, kind: ActionKind, rig_ids: list[str], watts: float | None) -> None:
+        """Refuse, with a reason a technician understands, what the control loop would refuse."""
+        inp, last = self.last_input, self.last_plan
+        if inp is None or last is None:
+            raise ManualRefused("not ready: rigd has not completed its first cycle yet")
+        rigs = {r.id: r for r in inp.rigs}
+        for rid in rig_ids:
+            if rid not in rigs:
+                raise ManualRefused(f"unknown rig {rid!r}")
+            r = rigs[rid]
+            if r.state is RigState.UNREACHABLE:
+                raise ManualRefused(
+                    f"{rid} is unreachable: its last error is in `rigctl rig {rid}`"
+                )
+            if rid in self._inflight:
+                raise ManualRefused(f"{rid} has a command in flight; try again in a moment")
+            if kind is ActionKind.SLEEP and not r.can_sleep:
+                raise ManualRefused(f"{rid}'s firmware cannot sleep over its API")
+            if kind is ActionKind.SET_POWER:
+                if not r.can_power_target or r.min_w is None or r.max_w is None:
+                    raise ManualRefused(f"{rid}'s firmware takes no power target")
+                if watts is None or not (r.min_w <= watts <= r.max_w):
+                    raise ManualRefused(
+                        f"{watts} W is outside {rid}'s range {r.min_w:.0f}-{r.max_w:.0f} W"
+                    )
+        if kind in (ActionKind.WAKE, ActionKind.SET_POWER):
+            added = 0.0
+            for rid in rig_ids:
+                r = rigs[rid]
+                now_w = r.power_w or 0.0
+                want = watts if kind is ActionKind.SET_POWER and watts is not None else r.full_w
+                added += max(0.0, want - now_w) / 1000.0
+            predicted = last.predicted_kw if last.predicted_kw is not None else last.measured_kw
+            if predicted is None:
+                raise ManualRefused("no trustworthy import reading: adding load is refused")
+            if added > 0 and predicted + added > last.target_kw:
+                cap = inp.cap
+                raise ManualRefused(
+                    f"refused: this would add {added:.1f} kW and import would reach "
+                    f"{predicted + added:.1f} kW, over the {last.target_kw:.1f} kW target "
+                    f"(cap {cap.kw:.1f} kW set by {cap.source}: {cap.detail})"
+                )
+
+    async def manual(
+        self, kind: ActionKind, rig_ids: list[str], watts: float | None, reason: str, actor: str
+    ) -> list[ActionResult]:
+        """A technician's sleep, wake or power limit.
+
+        A rig a technician slept or limited is pinned there, so the control loop does not
+        undo it; waking it unpins it and hands it back to the control loop.
+        """
+        if not reason.strip():
+            raise ManualRefused("a reason is required (--reason)")
+        self.check_manual(kind, rig_ids, watts)
+        assert self.last_input is not None
+        rigs = {r.id: r for r in self.last_input.rigs}
+        actions = []
+        for rid in rig_ids:
+            r = rigs[rid]
+            expected = {ActionKind.SLEEP: IDLE_W, ActionKind.WAKE: r.full_w}.get(
+                kind, watts or r.full_w
+            )
+            actions.append(Action(rid, kind, f"technician: {reason}", watts, expected))
+        # In flight like the planner's own commands: the cycles running meanwhile see these
+        # rigs as busy, and a daemon killed now settles them at its next start.
+        memory = dict(self.memory)
+        tasks: dict[str, asyncio.Task[ActionResult]] = {}
+        for a in actions:
+            r = rigs[a.rig_id]
+            prior = self._prior[a.rig_id] = memory.get(a.rig_id, RigMemory())
+            memory[a.rig_id] = remembered(prior, a, True, self.now(), r.timing, r.full_w)
+            tasks[a.rig_id] = self._inflight[a.rig_id] = asyncio.create_task(
+                self.executor.execute(a, actor=actor), name=f"manual-{a.rig_id}"
+            )
+        self.memory = memory
+        self._save_memory()
+        results = await asyncio.gather(*tasks.values())
+        for a, res in zip(actions, results, strict=True):
+            if self._inflight.get(a.rig_id) is tasks[a.rig_id]:  # else a cycle harvested it
+                del self._inflight[a.rig_id]
+                prior = self._prior.pop(a.rig_id, RigMemory())
+                if not res.ok:
+                    self.memory[a.rig_id] = failed(prior, self.now())
+            if not res.ok:
+                continue
+            if kind is ActionKind.WAKE:
+                self.pinned.pop(a.rig_id, None)
+            else:
+                self.pinned[a.rig_id] = Hold(f"{kind.value} by technician: {reason}", actor)
+        self._save_memory()
+        self._save({"control.pinned": {k: v.as_dict() for k, v in self.pinned.items()}})
+        return list(results)
+
+    async def close(self) -> None:
+        """Let in-flight actions finish (briefly): a cut-off command is worse than a late one.
+
+        A command still unanswered after that may or may not have landed: it is left
+        unconfirmed (as if this daemon had been killed), and the next controller settles it
+        against what the rig shows (`_reconcile`), rather than booking it as failed."""
+        tasks = list(self._inflight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        cut = [rid for rid, t in self._inflight.items() if not t.done()]
+        for rid in cut:
+            self._inflight.pop(rid).cancel()
+            self._unconfirmed[rid] = self._prior.pop(rid, RigMemory())
+            log.warning("command_cut_off_at_stop", rig=rid, mode=self.memory[rid].mode.value)
+        await self.executor.drain()
+        self._harvest()
+        if cut:
+            self._save_memory()
+        self._save({"rigs.learned": self._learned_doc()})

@@ -1,0 +1,575 @@
+"""The daemon's run loop: poll every device each interval, then publish the farm's state.
+
+Data flows one way: devices -> SiteState -> frozen SiteSnapshot -> MQTT (and any
+other consumer). A device failing, hanging or answering garbage costs only its
+own reading: each read is bounded in time and its error recorded as health, so
+the cycle always completes and the daemon keeps its cadence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import structlog
+
+from controller.adapters import autodiscover
+from controller.adapters.admin import AdminServer
+from controller.adapters.discovery import Found
+from controller.adapters.mqtt import MqttLink
+from controller.adapters.store import StateStore, StoreError
+from controller.adapters.zones import ZoneService
+from controller.config import Config, ConfigError, ConfigIssue, load_config
+from controller.core import rig_updates
+from controller.runtime import eventloop
+from controller.runtime.clock import Clock, StepGuard, SystemClock
+from controller.runtime.control import Controller, ControlStatus
+from controller.runtime.devices import Devices, build_devices
+from controller.runtime.exports import Exports
+from controller.runtime.grid_service import GridService
+from controller.runtime.state import Health, RigView, SiteSnapshot, SiteState
+from drivers.errors import DeviceError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CycleResult:
+    """One cycle's outcome: the farm, what control decided, and the published document."""
+
+    snapshot: SiteSnapshot
+    control: ControlStatus | None
+    document: dict[str, Any]
+
+
+SnapshotHook = Callable[[CycleResult], Awaitable[None] | None]
+
+
+class _Reader(Protocol):
+    def read(self, ts: float) -> Awaitable[Any]: ...
+
+
+_Sink = Callable[..., None]
+_HealthOf = Callable[[str], Health]
+_Job = tuple[str, str, _Reader, _Sink, _Sink, _HealthOf]  # kind, id, driver, ok, failed, health
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Clock | None = None,
+        devices: Devices | None = None,
+        link: MqttLink | None = None,
+        on_snapshot: SnapshotHook | None = None,
+        dry_run: bool = False,
+        config_path: str | None = None,
+        settle_gc: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path  # where `reload` reads the config again
+        # Freeze start-up objects out of the collector's walks (controller/runtime/eventloop.py):
+        # for a process that is only this daemon, not for one shared with tests.
+        self._settle_gc = settle_gc
+        self.dry_run = dry_run
+        self._cycle_lock = asyncio.Lock()
+        # Epoch time that cannot step between two cycles: see controller/runtime/clock.py.
+        self.clock = StepGuard(clock or SystemClock())
+        self.store: StateStore | None = None
+        # The config as written; `self.cfg` has its `driver = "auto"` ranges resolved to the
+        # miners found in them (controller/adapters/autodiscover.py), remembered ones from cycle 1.
+        self.source_cfg = cfg
+        self.found = self._remembered_miners(cfg)
+        cfg = self.cfg = autodiscover.resolve(cfg, self.found)
+        self.devices = devices or build_devices(cfg)
+        self.state = SiteState(
+            cfg.site.id,
+            self.devices.rigs,
+            list(self.devices.meters),
+            list(self.devices.pdus),
+            self.devices.import_meter,
+        )
+        self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
+        self.on_snapshot = on_snapshot
+        # What each rig's retained topic shows, and when it was sent (core/rig_updates.py).
+        self._published: dict[str, tuple[RigView, float]] = {}
+        self._polled_all = False  # every device read once: a cycle may then skip the rigs
+        self.snapshot: SiteSnapshot | None = None
+        self.last: CycleResult | None = None
+        # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
+        self.controller = self._make_controller(cfg)
+        self.grid: GridService | None = None
+        if cfg.grid is not None and cfg.grid.enabled and self.store is not None:
+            # Before the first connect: the limits of orders in force apply from cycle 1.
+            self.grid = GridService(cfg, self.store, self.link, now=self.clock.now)
+            if self.controller is not None:
+                self.grid.attach(self.controller)
+        # A zone of a shared site: its share of the site's cap is a limit like an order's.
+        self.zones: ZoneService | None = None
+        if cfg.zone is not None:
+            self.zones = ZoneService(cfg, self.link, now=self.clock.now)
+            self.zones.attach(self.controller)
+        # Metrics, history and Home Assistant: after the grid service (they share its link).
+        self.exports = Exports(self)
+        self._apply_poll(cfg)
+        self._clock_stepped(self.clock.step_since(self._saved_mark()), startup=True)
+
+    # -- one cycle ------------------------------------------------------------------
+
+    async def _read(
+        self,
+        kind: str,
+        dev_id: str,
+        call: Callable[[], Awaitable[Any]],
+        ok: Callable[[Any], None],
+        failed: Callable[[BaseException], None],
+        health: Health,
+    ) -> None:
+        was = health.reachable
+        async with self._sem:
+            try:
+                reading = await asyncio.wait_for(call(), self._guard_s)
+            except DeviceError as e:
+                failed(e)
+            except TimeoutError as e:
+                failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
+                log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
+            except Exception as e:  # a driver bug must not stop the farm's control
+                failed(e)
+                log.exception("driver_error", kind=kind, device=dev_id)
+            else:
+                ok(reading)
+        # Log changes only: a farm of thousands of rigs must not log every first contact.
+        if health.reachable is False and was is not False:
+            # A rig behind an outlet known to be off is silent by design, not a fault.
+            expected = kind == "miner" and self.state.outlet_known_off(dev_id)
+            (log.info if expected else log.warning)(
+                "device_unreachable",
+                outlet_off=expected,
+                kind=kind,
+                device=dev_id,
+                error=health.last_error,
+                error_kind=health.last_error_kind,
+            )
+        elif health.reachable and was is False:
+            log.info("device_recovered", kind=kind, device=dev_id)
+
+    async def poll_cycle(self, *, rigs: bool = True) -> SiteSnapshot:
+        """Read every device (`rigs` False: the meters only, the rigs' last readings kept)."""
+        st, devs = self.state, self.devices
+        ts = self.clock.now()
+        t0 = time.monotonic()
+        jobs: list[_Job] = []
+        kinds: tuple[tuple[str, Mapping[str, _Reader], _Sink, _Sink, _HealthOf], ...] = (
+            ("miner", devs.miners if rigs else {}, st.rig_ok, st.rig_failed, st.rig_health),
+            ("meter", devs.meters, st.meter_ok, st.meter_failed, st.meter_health),
+            ("pdu", devs.pdus if rigs else {}, st.pdu_ok, st.pdu_failed, st.pdu_health),
+        )
+        for kind, drivers, ok, failed, health in kinds:
+            for dev_id, driver in drivers.items():
+                jobs.append((kind, dev_id, driver, ok, failed, health))
+        if await self._read_all(jobs, ts, stop_on_kick=rigs and self._polled_all):
+            # Cut short by a grid order: decide on a fresh import reading all the same.
+            await self._read_all([j for j in jobs if j[0] == "meter"], ts)
+        elif rigs:
+            if not self._polled_all and self._settle_gc:
+                eventloop.settle_gc()  # drivers, state and a first reading of every rig
+            self._polled_all = True
+        st.cycle += 1
+        snap = st.snapshot(ts, time.monotonic() - t0)
+        self.snapshot = snap
+        return snap
+
+    async def _read_all(self, jobs: list[_Job], ts: float, *, stop_on_kick: bool = False) -> bool:
+        """Read the devices `poll.concurrency` at a time (as many workers, not a task per
+        device: 10,000 waiting tasks cost memory and time). With `stop_on_kick`, a grid order
+        that changes the limits stops the reads and this returns True: control then acts at
+        once on the readings so far, the rest being the last cycle's, since reading a farm
+        of thousands of rigs takes seconds and a grid deadline cannot wait for it."""
+        todo = iter(jobs)
+        ctl = self.controller
+        executor = ctl.executor if ctl is not None else None
+        # Commands go first, but a burst of failing rigs must not stall the poll for good.
+        wait_until = time.monotonic() + self.cfg.poll.interval_s
+
+        async def worker() -> None:
+            for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
+                if executor is not None and kind != "meter" and executor.queued:
+                    left = wait_until - time.monotonic()
+                    if left > 0:  # commands first (controller/runtime/executor.py), for a while
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(left):
+                                await executor.room_for_reads()
+                await self._read(
+                    kind,
+                    dev_id,
+                    partial(driver.read, ts),
+                    partial(ok, dev_id),
+                    partial(failed, dev_id, ts),
+                    health(dev_id),
+                )
+
+        reads = asyncio.gather(*(worker() for _ in range(min(self._concurrency, len(jobs)))))
+        kick = self.grid.kick if self.grid is not None and stop_on_kick else None
+        if kick is None:
+            await reads
+            return False
+        kicked = asyncio.ensure_future(kick.wait())
+        cut = False
+        try:
+            await asyncio.wait((reads, kicked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            kicked.cancel()
+            if not reads.done():  # a grid order, or this cycle itself cancelled
+                cut = reads.cancel()
+                await asyncio.wait((reads,))
+        if not cut:
+            reads.result()
+            return False
+        with contextlib.suppress(asyncio.CancelledError):
+            reads.exception()  # retrieved: it is the cancellation just made
+        left = sum(1 for _ in todo)
+        log.info("poll_cut_short", reason="grid limits changed", devices_not_read=left)
+        return True
+
+    async def cycle(self, *, rigs: bool = True) -> CycleResult:
+        """Poll, decide, publish: one turn of the loop. `rigs` False reads the meters only
+        (a grid order between two cycles: decide now rather than after a full poll)."""
+        async with self._cycle_lock:
+            return await self._cycle(rigs=rigs or not self._polled_all)
+
+    async def reload(self) -> list[str]:
+        """Read the config file again and apply it between two cycles, keeping state.
+
+        A config that does not validate raises ConfigError and changes nothing. Control
+        state (what rigd commanded, energy counter, overrides, holds) lives in the state
+        database and is read back by the new controller; device health and readings are
+        carried over for devices that stay. Returns notes on settings that only take
+        effect after a restart.
+        """
+        if self.config_path is None:
+            raise ConfigError([ConfigIssue("", "this daemon was not started from a file")])
+        new = await asyncio.to_thread(load_config, self.config_path)
+        notes = []
+        for name, old_v, new_v in (
+            ("site.id", self.cfg.site.id, new.site.id),
+            ("site.state_dir", self.cfg.site.state_dir, new.site.state_dir),
+            ("mqtt", self.cfg.mqtt, new.mqtt),
+            ("admin", self.cfg.admin, new.admin),
+            ("grid", self.cfg.grid, new.grid),
+            ("zone", self.cfg.zone, new.zone),
+            ("metrics", self.cfg.metrics, new.metrics),
+            ("history", self.cfg.history, new.history),
+            ("homeassistant", self.cfg.homeassistant, new.homeassistant),
+        ):
+            if old_v != new_v:
+                notes.append(f"{name} changed: takes effect after a restart")
+        source = new.model_copy(
+            update={
+                "site": self.cfg.site,
+                "mqtt": self.cfg.mqtt,
+                "admin": self.cfg.admin,
+                "grid": self.cfg.grid,
+                "zone": self.cfg.zone,
+                "metrics": self.cfg.metrics,
+                "history": self.cfg.history,
+                "homeassistant": self.cfg.homeassistant,
+            }
+        )
+        async with self._cycle_lock:
+            # Rigs found in a range the new config still has stay; the rest are forgotten.
+            hosts = autodiscover.auto_hosts(source)
+            self.found = {h: f for h, f in self.found.items() if h in hosts}
+            await self._swap(source)
+        log.info(
+            "config_reloaded", path=self.config_path, rigs=len(self.devices.miners), notes=notes
+        )
+        return notes
+
+    async def _swap(self, source: Config) -> None:
+        """Run on `source` (found miners resolved) from the next cycle, keeping all state.
+
+        Call under the cycle lock, between two cycles."""
+        if self.controller is not None:
+            await self.controller.close()  # let in-flight actions land first
+        old_devices, old_state = self.devices, self.state
+        self.source_cfg = source
+        cfg = autodiscover.resolve(source, self.found)
+        self.devices = build_devices(cfg)
+        self.devices.adopt_sessions(old_devices)
+        self.state = SiteState(
+            cfg.site.id,
+            self.devices.rigs,
+            list(self.devices.meters),
+            list(self.devices.pdus),
+            self.devices.import_meter,
+        )
+        self.state.adopt(old_state)
+        self.cfg = cfg
+        self._apply_poll(cfg)
+        self._polled_all = False  # new rigs have no reading yet
+        self.controller = self._make_controller(cfg)
+        if self.grid is not None and self.controller is not None:
+            self.grid.attach(self.controller)
+        if self.zones is not None:
+            self.zones.attach(self.controller)
+        gone = old_devices.miners.keys() - self.devices.miners.keys()
+        for rid in gone:  # not a rig any more: its retained state would outlive it
+            self._published.pop(rid, None)
+            self.link.set_retained_raw(f"{self.link.base}/rigs/{rid}/state", b"")
+        await old_devices.close_drivers()
+
+    # -- miners found in `driver = "auto"` ranges -------------------------------------
+
+    def _remembered_miners(self, cfg: Config) -> dict[str, Found]:
+        """Miners found in auto ranges before a restart (the state database is opened
+        early for them): a rig switched off at its outlet answers no scan."""
+        if not autodiscover.auto_entries(cfg):
+            return {}
+        self.store = StateStore.open(
+            cfg.site.state_dir, now=self.clock.now, monotonic=self.clock.monotonic
+        )
+        try:
+            raw = self.store.get(autodiscover.STORE_KEY)
+        except StoreError as e:
+            log.error("discovery_not_remembered", error=str(e))
+            return {}
+        return autodiscover.load_found(raw, cfg)
+
+    async def rediscover(self) -> bool:
+        """Scan the auto ranges once; rebuild the devices if a miner is new or re-flashed.
+        True when something changed."""
+        source = self.source_cfg
+        if not autodiscover.auto_entries(source):
+            return False
+        fresh = await autodiscover.discover(
+            source, concurrency=source.poll.concurrency, wait_s=source.poll.timeout_s
+        )
+        merged = autodiscover.merge(self.found, fresh)
+        if merged == self.found:
+            return False
+        added = sorted(set(merged) - set(self.found))
+        changed = sorted(h for h in self.found if merged[h] != self.found[h])
+        async with self._cycle_lock:
+            self.found = merged
+            if self.store is not None:
+                self.store.put(autodiscover.STORE_KEY, autodiscover.dump_found(merged))
+            await self._swap(self.source_cfg)
+        log.info(
+            "miners_discovered",
+            added=added,
+            changed=changed,
+            rigs=len(self.devices.miners),
+        )
+        return True
+
+    async def _discover_loop(self, stop: asyncio.Event) -> None:
+        """Scan at start, then every `poll.discover_interval_s` (0: at start only)."""
+        while not stop.is_set():
+            try:
+                await self.rediscover()
+            except Exception:  # a scan problem must never stop the farm's control
+                log.exception("discovery_failed")
+            every = self.source_cfg.poll.discover_interval_s
+            if every <= 0:
+                return
+            await _sleep_or_stop(self.clock, every, stop)
+
+    def _make_controller(self, cfg: Config) -> Controller | None:
+        """The control loop for `cfg`, its state read back from the database; None if off."""
+        if cfg.control is None or not cfg.control.enabled:
+            return None
+        if self.store is None:
+            self.store = StateStore.open(
+                cfg.site.state_dir, now=self.clock.now, monotonic=self.clock.monotonic
+            )
+        return Controller(
+            cfg,
+            cfg.control,
+            self.devices,
+            self.store,
+            link=self.link,
+            now=self.clock.now,
+            dry_run=self.dry_run,
+        )
+
+    def _apply_poll(self, cfg: Config) -> None:
+        self._sem = asyncio.Semaphore(cfg.poll.concurrency)
+        self._concurrency = cfg.poll.concurrency
+        # A driver has its own timeout and retries; this guard only catches a driver bug.
+        self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
+
+    def _saved_mark(self) -> object:
+        return self.store.get("clock.mark") if self.store is not None else None
+
+    def _clock_stepped(self, step: float, *, startup: bool = False) -> None:
+        """Apply a wall-clock step to everything that remembers a stamp (controller.runtime.clock):
+        what rigd timed itself keeps its length; grid orders keep the operator's times.
+
+        The shifted state and the new clock mark are saved in one transaction: a restart
+        then finds either both (no step left to apply) or neither (the step, once)."""
+        shifted: dict[str, Any] = {}
+        if step:
+            log.warning("clock_stepped", step_s=round(step, 3), while_down=startup)
+            if self.controller is not None:
+                shifted.update(self.controller.shift_times(step))
+            if self.grid is not None:
+                # At start the heartbeat was just given a fresh timeout from now.
+                self.grid.book.shift_local_times(step, heartbeat=not startup)
+                shifted["grid.book"] = self.grid.book.as_dict()
+        if self.store is not None:
+            self.store.put_many({**shifted, "clock.mark": self.clock.mark()})
+
+    async def _control(self, snap: SiteSnapshot) -> ControlStatus | None:
+        """The grid's limits, then one control step on `snap`."""
+        grid = self.grid
+        if grid is not None:
+            grid.kick.clear()
+            grid.before_step(self.clock.now(), self.controller)
+        status = await self.controller.step(snap) if self.controller is not None else None
+        if grid is not None:
+            grid.after_step(self.clock.now(), snap, status, self.controller)
+        return status
+
+    async def _cycle(self, *, rigs: bool = True) -> CycleResult:
+        self._clock_stepped(self.clock.check())
+        # Write sessions only where commands may follow: not monitoring, not a dry run.
+        ctl = self.controller
+        commanding = ctl is not None and not ctl.dry_run  # the flag or the config's
+        self.devices.hold_sessions(
+            commanding, except_for=ctl.maintenance if ctl is not None else ()
+        )
+        snap = await self.poll_cycle(rigs=rigs)
+        status = await self._control(snap)
+        await asyncio.sleep(0)  # commands just launched start before the publishing below
+        grid = self.grid
+        doc = snap.site_document()
+        if status is not None:
+            doc.update(status.site_fields())
+        else:
+            doc.update({"cap_kw": None, "cap_source": None})
+        if grid is not None:
+            doc["grid"] = grid.summary()
+        if self.zones is not None:
+            load = doc.get("import_kw")
+            ctl = self.controller
+            self.zones.after_step(
+                load if isinstance(load, int | float) else None,
+                ctl.last_input if ctl is not None else None,
+            )
+            doc["zone"] = self.zones.summary()
+        if self.store is not None:
+            doc["state_db"] = self.store.health()
+        result = CycleResult(snap, status, doc)
+        self.last = result
+        self.publish(result)
+        self.exports.on_cycle(result)
+        return result
+
+    def publish(self, result: CycleResult) -> None:
+        link = self.link
+        snap = result.snapshot
+        link.set_retained("state", result.document)
+        seen = self._published
+        refresh = self.cfg.mqtt.rig_refresh_s
+        now = snap.ts
+        for rig_id, rig in snap.rigs.items():
+            sent = seen.get(rig_id)
+            if sent is None:
+                # A random age, so that rigs first seen together refresh at different polls.
+                seen[rig_id] = (rig, now - random.random() * refresh)
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+            elif rig_updates.update_due(sent[0], rig, now - sent[1], refresh):
+                seen[rig_id] = (rig, now)
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+        for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
+            for dev_id, view in views.items():
+                link.set_retained(f"{kind}/{dev_id}/state", view.as_dict())
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll and publish every interval until `stop` is set; then go offline cleanly.
+
+        Stopping sends no control command to any device: rigs stay exactly as they are
+        (LuxOS rigs only have rigd's write session logged off, see drivers/luxos.py).
+        """
+        log.info(
+            "rigd_starting",
+            site=self.cfg.site.id,
+            rigs=len(self.devices.miners),
+            pdus=len(self.devices.pdus),
+            meters=len(self.devices.meters),
+            interval_s=self.cfg.poll.interval_s,
+            broker=self.cfg.mqtt.url,
+        )
+        link_task = asyncio.create_task(self.link.run(), name="mqtt")
+        admin = AdminServer(self, self.cfg.admin.socket, self.cfg.admin.group)
+        try:
+            await admin.start()
+        except (OSError, ValueError) as e:
+            # Without the admin socket rigctl cannot reach us, but the farm must stay controlled.
+            log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
+        await self.exports.start()
+        discovering = asyncio.create_task(self._discover_loop(stop), name="discovery")
+        try:
+            next_t = self.clock.monotonic()
+            kicked = False
+            while not stop.is_set():
+                result = await self.cycle(rigs=not kicked)
+                snap = result.snapshot
+                log.debug("poll_cycle", cycle=snap.cycle, duration_s=round(snap.poll_duration_s, 3))
+                if self.on_snapshot is not None:
+                    res = self.on_snapshot(result)
+                    if res is not None:
+                        await res
+                if not kicked:  # a kicked cycle came early: keep the schedule
+                    # Read at each pass: a reload may have changed it, and the watchdog's
+                    # promise (controller/adapters/sdnotify.py) is made on the current config.
+                    next_t += self.cfg.poll.interval_s
+                delay = next_t - self.clock.monotonic()
+                if delay < 0:
+                    log.warning("poll_overrun", cycle=snap.cycle, behind_s=round(-delay, 3))
+                    next_t = self.clock.monotonic()
+                    delay = 0.0
+                kick = self.grid.kick if self.grid is not None else None
+                kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
+        finally:
+            log.info("rigd_stopping", site=self.cfg.site.id)
+            discovering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await discovering
+            await admin.stop()
+            await self.exports.stop()
+            if self.controller is not None:
+                await self.controller.close()
+            await self.link.close(link_task)
+            await self.devices.close()
+            if self.store is not None:
+                self.store.close()
+            log.info("rigd_stopped", site=self.cfg.site.id)
+
+
+async def _sleep_or_stop(
+    clock: Clock, delay: float, stop: asyncio.Event, kick: asyncio.Event | None = None
+) -> bool:
+    """Wait out the interval, unless stopped, or kicked (a grid order changed the limits:
+    the next cycle runs now rather than up to an interval later)."""
+    waits = [asyncio.ensure_future(clock.sleep(delay)), asyncio.ensure_future(stop.wait())]
+    if kick is not None:
+        waits.append(asyncio.ensure_future(kick.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return kick is not None and kick.is_set() and not stop.is_set()
+    finally:
+        for f in waits:
+            f.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await f

@@ -1,0 +1,273 @@
+"""The executor: sends the planner's actions to devices, retrying what may succeed later.
+
+Each action runs as its own task (bounded in number), so a rig that takes 20 s to
+answer never holds up the poll loop or the rest of the farm. Commands come before reads:
+while actions queue for a slot (a grid order sleeping thousands of rigs), the poll waits
+(`room_for_reads`), since every connection it opened would delay a command, and on a
+busy host the connections are what limits how fast the farm is curtailed. For the same
+reason, while actions queue, their outcomes (log line, audit row, MQTT event) are kept
+and written once the burst is nearly sent (audit rows in one transaction), each with the
+time the device answered, and the garbage collector waits for the burst too. Transport failures
+(timeouts, refused connections) are retried with backoff; a refusal, bad
+credentials or an unsupported command is final. Every attempt's outcome goes to
+the audit log and to `rigd/<site>/events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from controller.adapters.mqtt import MqttLink
+from controller.adapters.store import AuditRow, StateStore, StoreError, audit_row
+from controller.core.planner import Action, ActionKind
+from controller.runtime.devices import Devices
+from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
+
+log = structlog.get_logger(__name__)
+
+RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
+CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
+RECORD_WAIT_S = 10.0  # ...or after this long
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    action: Action
+    ok: bool
+    error: str | None
+    attempts: int
+    duration_s: float
+
+
+class Executor:
+    def __init__(
+        self,
+        devices: Devices,
+        *,
+        store: StateStore | None,
+        link: MqttLink | None,
+        now: Callable[[], float],
+        concurrency: int = 64,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+        attempt_timeout_s: float = 60.0,
+    ) -> None:
+        self.devices = devices
+        self.store = store
+        self.link = link
+        self.now = now
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        # Drivers time out their own requests; this bounds an attempt whatever a driver
+        # does (a stock Antminer's mode write takes ~21 s), so no slot is held for good.
+        self.attempt_timeout_s = attempt_timeout_s
+        self._sem = asyncio.Semaphore(concurrency)
+        self._slots = concurrency
+        self._pending = 0  # actions started and not finished, queued ones included
+        self._room = asyncio.Event()
+        self._room.set()
+        self._calm = asyncio.Event()  # few actions left: time to book the kept-back ones
+        self._calm.set()
+        self._gc_paused = False
+        self._deferred: deque[tuple[ActionResult, str, float]] = deque()
+        self._recorder: asyncio.Task[None] | None = None
+        self._rigs = {r.id: r for r in devices.rigs}
+
+    @property
+    def queued(self) -> int:
+        """Actions waiting for a slot."""
+        return max(0, self._pending - self._slots)
+
+    async def room_for_reads(self) -> None:
+        """Return once no action waits for a slot (at once, nearly always)."""
+        if not self._room.is_set():
+            await self._room.wait()
+
+    def _count(self, delta: int) -> None:
+        self._pending += delta
+        if self._pending > self._slots:
+            self._room.clear()
+        else:
+            self._room.set()
+        if self._pending > CALM_PENDING:
+            self._calm.clear()
+            if self._pending > self._slots and gc.isenabled():
+                # A burst: no collector pauses until it is sent (it allocates little, for
+                # a few seconds; a full collection in it would hold every reply back).
+                gc.disable()
+                self._gc_paused = True
+        else:
+            self._calm.set()
+            if self._gc_paused:
+                self._gc_paused = False
+                gc.enable()
+
+    async def _send(self, a: Action) -> None:
+        if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
+            info = self._rigs.get(a.rig_id)
+            if info is None or info.outlet is None:
+                raise DeviceError("rig has no PDU outlet", device=a.rig_id, operation=a.kind)
+            pdu_id, number = info.outlet
+            pdu: Any = self.devices.pdus[pdu_id]
+            await pdu.set_outlet(number, "off" if a.kind is ActionKind.OUTLET_OFF else "on")
+            return
+        miner = self.devices.miners[a.rig_id]
+        if a.kind is ActionKind.SLEEP:
+            await miner.sleep()
+        elif a.kind is ActionKind.SET_POWER:
+            await miner.set_power_target(a.watts)
+        elif a.kind is ActionKind.WAKE:
+            if miner.capabilities.can_power_target:
+                # Wake at the planned power (None: full), not at whatever was set before.
+                await miner.set_power_target(a.watts)
+            await miner.wake()
+        else:  # pragma: no cover - ActionKind is closed
+            raise ValueError(f"unknown action {a.kind}")
+
+    async def _attempt(self, a: Action) -> None:
+        try:
+            async with asyncio.timeout(self.attempt_timeout_s):
+                await self._send(a)
+        except TimeoutError as e:
+            raise DeviceTimeout(
+                f"no answer within {self.attempt_timeout_s:g} s",
+                device=a.rig_id,
+                operation=a.kind.value,
+            ) from e
+
+    async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
+        """Send one action, with retries; record it; never raises for device errors."""
+        t0 = time.monotonic()
+        error: str | None = None
+        attempt = 0
+        self._count(1)
+        try:
+            async with self._sem:
+                for attempt in range(1, self.attempts + 1):
+                    try:
+                        await self._attempt(a)
+                        error = None
+                        break
+                    except (DeviceTimeout, DeviceUnreachable) as e:
+                        error = str(e)
+                        if attempt < self.attempts:
+                            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                    except DeviceError as e:
+                        error = str(e)  # rejected, auth, unsupported: retrying will not help
+                        break
+                    except ValueError as e:  # e.g. a power target outside the rig's range
+                        error = f"invalid: {e}"
+                        break
+                    except Exception as e:  # a driver bug must not take the controller down
+                        error = f"{type(e).__name__}: {e}"
+                        log.exception("action_crashed", rig=a.rig_id, action=a.kind.value)
+                        break
+        finally:
+            self._count(-1)
+        result = ActionResult(a, error is None, error, attempt, time.monotonic() - t0)
+        if self._room.is_set() and not self._deferred:
+            self.record(result, actor=actor)
+        else:  # commands are queued: book this one once they are sent
+            self._deferred.append((result, actor, self.now()))
+            if self._recorder is None or self._recorder.done():
+                self._recorder = asyncio.create_task(self._record_deferred(), name="audit")
+        return result
+
+    async def _record_deferred(self) -> None:
+        # Once the burst is nearly done (or after a while: stragglers retrying must not
+        # hold the books back), so that the last commands' replies are not kept waiting.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECORD_WAIT_S):
+                await self._calm.wait()
+        while self._deferred:
+            self._record_chunk(RECORD_CHUNK)
+            await asyncio.sleep(0)
+
+    def _record_chunk(self, n: int) -> None:
+        """Book up to `n` kept-back outcomes, their audit rows in one transaction."""
+        rows: list[AuditRow] = []
+        for _ in range(min(n, len(self._deferred))):
+            r, actor, ts = self._deferred.popleft()
+            self.record(r, actor=actor, ts=ts, rows=rows)
+        if rows and self.store is not None:
+            try:
+                self.store.audit_many(rows)
+            except StoreError as e:
+                log.error("audit_write_failed", error=str(e))
+
+    async def drain(self) -> None:
+        """Book every outcome kept back during a burst, now (shutting down)."""
+        if self._recorder is not None:
+            self._recorder.cancel()
+            await asyncio.wait((self._recorder,))
+        while self._deferred:
+            self._record_chunk(len(self._deferred))
+
+    def record(
+        self,
+        r: ActionResult,
+        *,
+        actor: str,
+        dry_run: bool = False,
+        ts: float | None = None,
+        rows: list[AuditRow] | None = None,
+    ) -> None:
+        """Log, audit and publish one outcome; `rows` collects the audit row instead of
+        writing it (`_record_chunk` writes many at once)."""
+        a = r.action
+        outcome = "dry_run" if dry_run else ("ok" if r.ok else "failed")
+        params = {"watts": None if a.watts is None else round(a.watts), "attempts": r.attempts}
+        ts = self.now() if ts is None else ts
+        (log.info if r.ok or dry_run else log.warning)(
+            "action",
+            rig=a.rig_id,
+            action=a.kind.value,
+            watts=params["watts"],
+            reason=a.reason,
+            result=outcome,
+            error=r.error,
+            actor=actor,
+        )
+        if rows is not None:
+            rows.append(
+                audit_row(
+                    ts, actor, a.kind.value, a.rig_id, params, a.reason, outcome, r.error, dry_run
+                )
+            )
+        elif self.store is not None:
+            try:
+                self.store.audit(
+                    ts=ts,
+                    actor=actor,
+                    action=a.kind.value,
+                    rig_id=a.rig_id,
+                    params=params,
+                    reason=a.reason,
+                    result=outcome,
+                    error=r.error,
+                    dry_run=dry_run,
+                )
+            except StoreError as e:
+                log.error("audit_write_failed", error=str(e))
+        if self.link is not None:
+            self.link.event(
+                "events",
+                {
+                    "ts": round(ts, 3),
+                    "type": "action",
+                    **a.as_dict(),
+                    "result": outcome,
+                    "error": r.error,
+                    "actor": actor,
+                    "dry_run": dry_run,
+                },
+            )
