@@ -29,10 +29,11 @@ import structlog
 from controller.config import ConfigError
 from controller.core.caps import effective_cap
 from controller.core.planner import ActionKind
-from controller.runtime.control import Hold, ManualRefused
+from controller.core.status import Hold
+from controller.errors import ManualRefused
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import Daemon
+    from controller.adapters.ports import AdminView, ControlPort
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +74,7 @@ def _arg(req: dict[str, Any], key: str, kind: type, *, required: bool = True) ->
 
 
 class AdminServer:
-    def __init__(self, daemon: Daemon, path: Path, group: str | None = None) -> None:
+    def __init__(self, daemon: AdminView, path: Path, group: str | None = None) -> None:
         if len(os.fsencode(path)) > SOCKET_PATH_MAX:
             raise ValueError(f"admin socket path is too long for a Unix socket: {path}")
         self.daemon = daemon
@@ -183,7 +184,7 @@ class AdminServer:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _controller(self) -> Any:
+    def _controller(self) -> ControlPort:
         ctl = self.daemon.controller
         if ctl is None:
             raise AdminError("no_control", "control is off in this config: rigd only monitors")

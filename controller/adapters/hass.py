@@ -32,10 +32,11 @@ from controller.adapters.metrics import CAP_SOURCES, VERSION
 from controller.adapters.mqtt import MessageHandler, MqttLink
 from controller.config import HomeAssistantConfig
 from controller.core.planner import ActionKind
-from controller.runtime.control import ManualRefused
+from controller.errors import ManualRefused
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult, Daemon
+    from controller.adapters.ports import HassView
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
@@ -353,7 +354,7 @@ class HomeAssistantBridge:
     give theirs at their first reading, a few at a time), only that rig's are rebuilt,
     not the tens of thousands of a large farm on the event loop every cycle."""
 
-    def __init__(self, daemon: Daemon, cfg: HomeAssistantConfig) -> None:
+    def __init__(self, daemon: HassView, cfg: HomeAssistantConfig) -> None:
         self.daemon = daemon
         self.cfg = cfg
         self.site = daemon.cfg.site.id

@@ -36,7 +36,7 @@ from controller.adapters.store import StateStore, StoreError
 from controller.config import HistoryConfig
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 

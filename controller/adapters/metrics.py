@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 from drivers.telemetry import RigState
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 

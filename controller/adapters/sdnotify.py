@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 if TYPE_CHECKING:
+    from controller.adapters.ports import ServiceView
     from controller.config import Config
-    from controller.runtime.daemon import CycleResult, Daemon
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
@@ -181,7 +182,7 @@ class ServiceNotifications:
     def __init__(
         self,
         notifier: Notifier,
-        daemon: Daemon,
+        daemon: ServiceView,
         *,
         monotonic: Callable[[], float] = time.monotonic,
         slack_s: float = CYCLE_SLACK_S,

@@ -23,11 +23,12 @@ from rich.live import Live
 
 from controller.adapters.broker import EmbeddedBroker
 from controller.adapters.grid.sign import KeyPair, build, generate, send, sign
+from controller.cli.common import install_stop, stop_after
 from controller.cli.liveview import render
 from controller.cli.logs import configure_logging
-from controller.cli.rigd import _install_stop, _stop_after
 from controller.config import parse_config
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult
+from controller.runtime.daemon import Daemon
 from simulators.site import SimSite, poll_timeouts
 
 log = structlog.get_logger(__name__)
@@ -206,7 +207,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             environ={},
         )
         stop = asyncio.Event()
-        _install_stop(stop)
+        install_stop(stop)
 
         if args.headless:
 
@@ -216,7 +217,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_snapshot, dry_run=args.dry_run)
             await asyncio.gather(
                 daemon.run(stop),
-                _stop_after(stop, args.duration),
+                stop_after(stop, args.duration),
                 _script(daemon, args, stop, operator),
             )
         else:
@@ -228,7 +229,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_live, dry_run=args.dry_run)
                 await asyncio.gather(
                     daemon.run(stop),
-                    _stop_after(stop, args.duration),
+                    stop_after(stop, args.duration),
                     _script(daemon, args, stop, operator),
                 )
             console.print()

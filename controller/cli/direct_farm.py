@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from controller.config import Config
+from controller.core.snapshot import RigInfo
 from controller.runtime.devices import Devices, MeterDriver, PduDriver
-from controller.runtime.state import RigInfo
 from drivers.errors import DeviceTimeout, DeviceUnreachable, UnsupportedOperation
 from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import (

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from controller.runtime.daemon import CycleResult
+from controller.core.status import CycleResult
 from drivers.telemetry import RigState
 
 _STATE_STYLE = {

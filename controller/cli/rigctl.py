@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli import grid as grid_cli
-from controller.cli.rigd import (
+from controller.cli.common import (
     cmd_check_config,
     credentials_arg,
     default_config_path,

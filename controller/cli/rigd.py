@@ -12,21 +12,25 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
 
 from controller.adapters.sdnotify import Notifier, ServiceNotifications
+from controller.cli.common import (
+    cmd_check_config,
+    credentials_arg,
+    default_config_path,
+    install_stop,
+    load_checked,
+    print_config_error,
+    stop_after,
+)
 from controller.cli.logs import configure_logging
 from controller.config import (
-    DEFAULT_CONFIG_PATH,
-    Config,
     ConfigError,
-    load_config,
     parse_config,
-    summarize,
 )
-from controller.config.credentials import CREDENTIALS_ENV, Credentials, unread
 from controller.runtime import eventloop
 
 # sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
@@ -38,17 +42,6 @@ EXIT_STATE_CORRUPT = 65
 EXIT_STATE_IO = 74
 
 log = structlog.get_logger("rigd")
-
-
-def default_config_path() -> str:
-    return os.environ.get("RIGD_CONFIG", str(DEFAULT_CONFIG_PATH))
-
-
-def _install_stop(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
 
 
 def _install_reload(daemon: Any, notify: ServiceNotifications | None = None) -> None:
@@ -80,76 +73,6 @@ async def reload_config(daemon: Any, notify: ServiceNotifications | None = None)
         notify.reloaded(refused)
 
 
-async def _stop_after(stop: asyncio.Event, seconds: float | None) -> None:
-    if seconds is None:
-        return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    stop.set()
-
-
-def credentials_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument(
-        "--credentials-dir",
-        metavar="DIR",
-        help='read { credential = "NAME" } settings from DIR/NAME (default: systemd\'s '
-        "$CREDENTIALS_DIRECTORY; without either they are not read)",
-    )
-
-
-def print_config_error(e: ConfigError, out: TextIO) -> None:
-    n = len(e.issues)
-    print(f"config {e.source or ''} is invalid: {n} problem{'s' if n != 1 else ''}", file=out)
-    for issue in e.issues:
-        print(f"  {issue}", file=out)
-
-
-# -- rigd check-config ------------------------------------------------------------------------
-
-
-def load_checked(path: str, credentials: Credentials | None = None) -> Config:
-    """The config, plus what only reading files can check (the grid operator's keys)."""
-    cfg = load_config(path, credentials=credentials)
-    if cfg.grid is not None and cfg.grid.enabled:
-        from controller.adapters.grid.verify import load_keys
-
-        # A key in a credential that was not read cannot be checked here.
-        keys = [k for k in cfg.grid.keys if not (k.public_key_file and unread(k.public_key_file))]
-        try:
-            load_keys(cfg.grid.model_copy(update={"keys": keys}))
-        except ConfigError as e:
-            raise ConfigError(e.issues, path) from e
-    return cfg
-
-
-def check_credentials(args: argparse.Namespace) -> Credentials:
-    """`--credentials-dir`, else systemd's $CREDENTIALS_DIRECTORY; without either, credential
-    references are checked for form but not read (a technician cannot read them anyway)."""
-    d = getattr(args, "credentials_dir", None) or os.environ.get(CREDENTIALS_ENV)
-    return Credentials(Path(d)) if d else Credentials(None, read=False)
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    creds = check_credentials(args)
-    try:
-        cfg = load_checked(args.config, creds)
-    except ConfigError as e:
-        print_config_error(e, sys.stdout)
-        return 1
-    print(f"{args.config}: OK")
-    print(summarize(cfg))
-    if creds.used:
-        names = ", ".join(creds.used)
-        if creds.read:
-            print(f"credentials: {len(creds.used)} read from {creds.directory}: {names}")
-        else:
-            print(
-                f"credentials: {len(creds.used)} referenced, not read: {names} "
-                "(give --credentials-dir DIR to check them)"
-            )
-    return 0
-
-
 # -- rigd run ---------------------------------------------------------------------------------
 
 
@@ -166,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        _install_stop(stop)
+        install_stop(stop)
         daemon = Daemon(cfg, dry_run=args.dry_run, config_path=args.config, settle_gc=True)
         notify = ServiceNotifications(Notifier.from_environ(), daemon)
         daemon.on_snapshot = notify.on_cycle
@@ -266,8 +189,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 print(f"  rigd run -c {args.write_config}", flush=True)
             print("Ctrl-C stops the farm.", flush=True)
             stop = asyncio.Event()
-            _install_stop(stop)
-            await asyncio.gather(stop.wait(), _stop_after(stop, args.duration))
+            install_stop(stop)
+            await asyncio.gather(stop.wait(), stop_after(stop, args.duration))
         finally:
             await site.stop()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,7 +24,6 @@ from controller.core.budget import EnergyCounter
 from controller.core.caps import (
     MAX_IMPORT,
     OVERRIDE,
-    Cap,
     Limit,
     effective_cap,
     pacing_limit,
@@ -43,9 +42,11 @@ from controller.core.planner import (
     plan,
     remembered,
 )
+from controller.core.snapshot import RigView, SiteSnapshot
+from controller.core.status import ActionResult, ControlStatus, Hold, Override
+from controller.errors import ManualRefused
 from controller.runtime.devices import Devices
-from controller.runtime.executor import ActionResult, Executor
-from controller.runtime.state import RigView, SiteSnapshot
+from controller.runtime.executor import Executor
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
@@ -57,71 +58,12 @@ LEARNED_SAVE_S = 300.0
 CLOSE_WAIT_S = 10.0  # how long a stop or reload waits for commands in flight
 
 
-class ManualRefused(Exception):
-    """A technician's request that the safety checks refuse; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Override:
-    kw: float
-    expires_at: float
-    reason: str
-    actor: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kw": self.kw,
-            "expires_at": self.expires_at,
-            "reason": self.reason,
-            "actor": self.actor,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """A technician's exclusion of a rig from control (maintenance or pin)."""
-
-    reason: str
-    actor: str
-    expires_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"reason": self.reason, "actor": self.actor, "expires_at": self.expires_at}
-
-
 @dataclass(slots=True)
 class Learned:
     """What rigd has learned of a rig by watching it at full power."""
 
     full_w: float | None = None
     efficiency_j_th: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ControlStatus:
-    cap: Cap
-    plan: Plan | None
-    budget: dict[str, Any] | None
-    dry_run: bool
-    inflight: int
-    held: dict[str, int] = field(default_factory=dict)
-
-    def site_fields(self) -> dict[str, Any]:
-        """Fields merged into the `state` document."""
-        doc: dict[str, Any] = {
-            "cap_kw": round(self.cap.kw, 3),
-            "cap_source": self.cap.source,
-            "cap_detail": self.cap.detail,
-            "control": {
-                "mode": "dry_run" if self.dry_run else "active",
-                "inflight_actions": self.inflight,
-                **(self.plan.as_dict() if self.plan else {}),
-                **self.held,
-            },
-        }
-        if self.budget is not None:
-            doc["budget"] = self.budget
-        return doc
 
 
 class Controller:

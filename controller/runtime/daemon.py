@@ -13,7 +13,6 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -27,25 +26,18 @@ from controller.adapters.store import StateStore, StoreError
 from controller.adapters.zones import ZoneService
 from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.core import rig_updates
+from controller.core.snapshot import Health, RigView, SiteSnapshot
+from controller.core.status import ControlStatus, CycleResult
 from controller.runtime import eventloop
 from controller.runtime.clock import Clock, StepGuard, SystemClock
-from controller.runtime.control import Controller, ControlStatus
+from controller.runtime.control import Controller
 from controller.runtime.devices import Devices, build_devices
 from controller.runtime.exports import Exports
 from controller.runtime.grid_service import GridService
-from controller.runtime.state import Health, RigView, SiteSnapshot, SiteState
+from controller.runtime.state import SiteState
 from drivers.errors import DeviceError
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class CycleResult:
-    """One cycle's outcome: the farm, what control decided, and the published document."""
-
-    snapshot: SiteSnapshot
-    control: ControlStatus | None
-    document: dict[str, Any]
 
 
 SnapshotHook = Callable[[CycleResult], Awaitable[None] | None]

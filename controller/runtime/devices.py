@@ -10,7 +10,7 @@ from typing import Protocol
 import structlog
 
 from controller.config import Config
-from controller.runtime.state import RigInfo
+from controller.core.snapshot import RigInfo
 from drivers.apc_snmp import ApcPdu, close_engines
 from drivers.luxos import renew_after_s
 from drivers.miner import LuxOSDriver, MinerDriver, make_miner_driver

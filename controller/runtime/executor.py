@@ -21,7 +21,6 @@ import gc
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -29,6 +28,7 @@ import structlog
 from controller.adapters.mqtt import MqttLink
 from controller.adapters.store import AuditRow, StateStore, StoreError, audit_row
 from controller.core.planner import Action, ActionKind
+from controller.core.status import ActionResult
 from controller.runtime.devices import Devices
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
@@ -37,15 +37,6 @@ log = structlog.get_logger(__name__)
 RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
 CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
 RECORD_WAIT_S = 10.0  # ...or after this long
-
-
-@dataclass(frozen=True, slots=True)
-class ActionResult:
-    action: Action
-    ok: bool
-    error: str | None
-    attempts: int
-    duration_s: float
 
 
 class Executor:

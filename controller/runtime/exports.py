@@ -19,13 +19,14 @@ from controller.adapters.metrics import Metrics, MetricsServer
 from controller.adapters.store import StoreError
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult, Daemon
+    from controller.adapters.ports import ExportsView
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
 
 class Exports:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: ExportsView) -> None:
         cfg = daemon.cfg
         self.daemon = daemon
         self.metrics: Metrics | None = None

@@ -25,6 +25,8 @@ from controller.config import Config, GridConfig
 from controller.core.grid.book import (
     CANCELLED,
     COMPLETED,
+    GridRules,
+    HeartbeatRules,
     Note,
     Order,
     OrderBook,
@@ -35,12 +37,33 @@ from controller.core.planner import Mode
 from drivers.telemetry import RigState
 
 if TYPE_CHECKING:
-    from controller.runtime.control import Controller, ControlStatus
-    from controller.runtime.state import SiteSnapshot
+    from controller.core.snapshot import SiteSnapshot
+    from controller.core.status import ControlStatus
+    from controller.runtime.control import Controller
 
 log = structlog.get_logger(__name__)
 
 MAX_RESPONSE_TOPIC = 256
+
+
+def grid_rules(grid: GridConfig) -> GridRules:
+    """The order book's rules from the `[grid]` config section."""
+    hb = grid.heartbeat
+    return GridRules(
+        respond_within_s=grid.respond_within_s,
+        report_interval_s=grid.report_interval_s,
+        levels_kw=None if grid.levels_kw is None else tuple(grid.levels_kw),
+        levels_pct=tuple(grid.levels_pct),
+        heartbeat=None
+        if hb is None
+        else HeartbeatRules(
+            timeout_s=hb.timeout_s,
+            failsafe_kw=hb.failsafe_kw,
+            min_failsafe_s=hb.min_failsafe_s,
+            recovery_s=hb.recovery_s,
+            always=hb.always,
+        ),
+    )
 
 
 class GridService:
@@ -60,7 +83,9 @@ class GridService:
         self.now = now
         self.verifier = Verifier(self.grid, self.site, load_keys(self.grid))
         self.book = OrderBook(
-            self.grid, cfg.control.max_import_kw, max_gap_s=max(60.0, 3 * cfg.poll.interval_s)
+            grid_rules(self.grid),
+            cfg.control.max_import_kw,
+            max_gap_s=max(60.0, 3 * cfg.poll.interval_s),
         )
         self.book.load(store.get("grid.book"), now())
         base = f"rigd/{self.site}/grid"

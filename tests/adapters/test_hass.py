@@ -32,7 +32,8 @@ from controller.adapters.hass import (
 )
 from controller.adapters.metrics import CAP_SOURCES
 from controller.config import HomeAssistantConfig, parse_config
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult
+from controller.runtime.daemon import Daemon
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, watch

@@ -46,7 +46,8 @@ from controller.config.credentials import (
     reference,
     secret_or_credential,
 )
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult
+from controller.runtime.daemon import Daemon
 from simulators.clock import ManualClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto

@@ -17,7 +17,7 @@ from controller.config import Config, GridConfig, parse_config
 from controller.core.caps import effective_cap
 from controller.core.grid.book import OrderBook, report_doc
 from controller.core.grid.orders import REJECT_REASONS, json_schema
-from controller.runtime.grid_service import GridService
+from controller.runtime.grid_service import GridService, grid_rules
 from tests.grid_helpers import Operator, grid_toml, order, plain
 
 NOW = 1_790_000_000.0
@@ -222,7 +222,9 @@ def test_orders_survive_a_restart_of_the_service(tmp_path: Path) -> None:
 
 
 def book(**grid: Any) -> OrderBook:
-    return OrderBook(GridConfig.model_validate({"allow_unsigned": True, **grid}), 1000.0)
+    return OrderBook(
+        grid_rules(GridConfig.model_validate({"allow_unsigned": True, **grid})), 1000.0
+    )
 
 
 def apply(b: OrderBook, kind: str, now: float, **f: Any) -> Any:

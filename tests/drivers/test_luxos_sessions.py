@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controller.config import ConfigError, parse_config
-from controller.runtime.control import Hold
+from controller.core.status import Hold
 from controller.runtime.daemon import Daemon
 from controller.runtime.devices import build_devices
 from drivers.cgminer import CGMinerClient

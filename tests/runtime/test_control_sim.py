@@ -18,8 +18,7 @@ from typing import Any, Protocol
 import pytest
 
 from controller.core.caps import GRID, OVERRIDE
-from controller.runtime.control import Hold
-from controller.runtime.daemon import CycleResult
+from controller.core.status import CycleResult, Hold
 from simulators.clock import ManualClock
 from simulators.farm import Farm
 from simulators.farm import Mode as RigMode

@@ -35,9 +35,9 @@ from structlog.testing import capture_logs
 from controller.adapters.store import StateStore
 from controller.config import Config, parse_config
 from controller.core.planner import Action, Mode
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import ActionResult, CycleResult
+from controller.runtime.daemon import Daemon
 from controller.runtime.devices import build_devices
-from controller.runtime.executor import ActionResult
 from drivers.errors import DeviceError
 from simulators.clock import ScaledClock
 from simulators.farm import Farm

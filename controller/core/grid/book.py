@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controller.config import GridConfig, HeartbeatConfig
 from controller.core.caps import GRID, Limit
 from controller.core.grid.orders import (
     Cancel,
@@ -139,10 +138,33 @@ class Note:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class HeartbeatRules:
+    """The operator's liveness contract (config `[grid.heartbeat]`), as the book applies it."""
+
+    timeout_s: float
+    failsafe_kw: float
+    min_failsafe_s: float
+    recovery_s: float
+    always: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GridRules:
+    """The parts of `[grid]` the order book decides with. A frozen value rather than the
+    config model, so the book stays pure and a reload hands it a new one."""
+
+    respond_within_s: float
+    report_interval_s: float
+    levels_kw: tuple[float, ...] | None
+    levels_pct: tuple[float, ...]
+    heartbeat: HeartbeatRules | None
+
+
 class OrderBook:
     def __init__(
         self,
-        grid: GridConfig,
+        grid: GridRules,
         max_import_kw: float,
         *,
         max_gap_s: float = 60.0,
@@ -488,7 +510,7 @@ class OrderBook:
             f.last_heartbeat is None or now - f.last_heartbeat > hb.timeout_s
         )
 
-    def _armed(self, hb: HeartbeatConfig) -> bool:
+    def _armed(self, hb: HeartbeatRules) -> bool:
         return hb.always or any(o.end is None for o in self.active())
 
     def _run_failsafe(self, now: float) -> list[Note]:
