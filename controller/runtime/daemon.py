@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
@@ -29,7 +28,7 @@ from controller.core import rig_updates
 from controller.core.snapshot import Health, RigView, SiteSnapshot
 from controller.core.status import ControlStatus, CycleResult
 from controller.runtime import eventloop
-from controller.runtime.clock import Clock, StepGuard, SystemClock
+from controller.runtime.clock import Clock, StepGuard, Stopwatch, SystemClock
 from controller.runtime.control import Controller
 from controller.runtime.devices import Devices, build_devices
 from controller.runtime.exports import Exports
@@ -157,7 +156,7 @@ class Daemon:
         """Read every device (`rigs` False: the meters only, the rigs' last readings kept)."""
         st, devs = self.state, self.devices
         ts = self.clock.now()
-        t0 = time.monotonic()
+        work = Stopwatch()
         jobs: list[_Job] = []
         kinds: tuple[tuple[str, Mapping[str, _Reader], _Sink, _Sink, _HealthOf], ...] = (
             ("miner", devs.miners if rigs else {}, st.rig_ok, st.rig_failed, st.rig_health),
@@ -175,7 +174,7 @@ class Daemon:
                 eventloop.settle_gc()  # drivers, state and a first reading of every rig
             self._polled_all = True
         st.cycle += 1
-        snap = st.snapshot(ts, time.monotonic() - t0)
+        snap = st.snapshot(ts, work.elapsed())
         self.snapshot = snap
         return snap
 
@@ -189,12 +188,12 @@ class Daemon:
         ctl = self.controller
         executor = ctl.executor if ctl is not None else None
         # Commands go first, but a burst of failing rigs must not stall the poll for good.
-        wait_until = time.monotonic() + self.cfg.poll.interval_s
+        waited, wait_at_most = Stopwatch(), self.cfg.poll.interval_s
 
         async def worker() -> None:
             for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
                 if executor is not None and kind != "meter" and executor.queued:
-                    left = wait_until - time.monotonic()
+                    left = wait_at_most - waited.elapsed()
                     if left > 0:  # commands first (controller/runtime/executor.py), for a while
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(left):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from controller.adapters.mqtt import MqttLink
 from controller.adapters.store import AuditRow, StateStore, StoreError, audit_row
 from controller.core.planner import Action, ActionKind
 from controller.core.status import ActionResult
+from controller.runtime.clock import Stopwatch
 from controller.runtime.devices import Devices
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
@@ -137,7 +137,7 @@ class Executor:
 
     async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
         """Send one action, with retries; record it; never raises for device errors."""
-        t0 = time.monotonic()
+        work = Stopwatch()
         error: str | None = None
         attempt = 0
         self._count(1)
@@ -164,7 +164,7 @@ class Executor:
                         break
         finally:
             self._count(-1)
-        result = ActionResult(a, error is None, error, attempt, time.monotonic() - t0)
+        result = ActionResult(a, error is None, error, attempt, work.elapsed())
         if self._room.is_set() and not self._deferred:
             self.record(result, actor=actor)
         else:  # commands are queued: book this one once they are sent
