@@ -30,7 +30,7 @@ from controller.config import ConfigError
 from controller.core.caps import effective_cap
 from controller.core.planner import ActionKind
 from controller.core.status import Hold
-from controller.errors import ManualRefused
+from controller.errors import ManualRefused, RigdError
 
 if TYPE_CHECKING:
     from controller.adapters.ports import AdminView, ControlPort
@@ -41,7 +41,9 @@ MAX_REQUEST = 64 * 1024
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
-class AdminError(Exception):
+class AdminError(RigdError):
+    """A request refused, with the code `rigctl` maps to its message and exit status."""
+
     def __init__(self, code: str, message: str) -> None:
         self.code, self.message = code, message
         super().__init__(message)

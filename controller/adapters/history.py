@@ -34,6 +34,7 @@ import structlog
 
 from controller.adapters.store import StateStore, StoreError
 from controller.config import HistoryConfig
+from controller.errors import RigdError
 
 if TYPE_CHECKING:
     from controller.core.status import CycleResult
@@ -375,7 +376,7 @@ class Recorder:
 # -- reading (rigctl report, the demo's report): the file, read-only --------------------------
 
 
-class HistoryError(Exception):
+class HistoryError(RigdError):
     """The history cannot be read: no database, no table, or a file that is not one."""
 
 

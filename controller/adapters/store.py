@@ -32,6 +32,8 @@ from typing import Any, Final, Literal, TypeVar
 
 import structlog
 
+from controller.errors import RigdError
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -89,7 +91,7 @@ _KINDS: Final[dict[int, ErrorKind]] = {
 }
 
 
-class StoreError(Exception):
+class StoreError(RigdError):
     """The state database cannot be opened, read or written.
 
     `kind`: "full" (disk or quota), "readonly" (permissions, read-only filesystem),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from pydantic import SecretStr, ValidationError
 
 from controller.config import ConfigError, MqttConfig, load_config
@@ -186,7 +187,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 0
     try:
         ack = asyncio.run(send(mqtt, site, payload, wait_s=args.wait))
-    except Exception as e:  # aiomqtt.MqttError, OSError: the broker is the problem
+    except (aiomqtt.MqttError, OSError) as e:  # the broker is the problem
         print(f"rigctl: cannot send to {mqtt.url}: {e}", file=sys.stderr)
         return 2
     if args.wait <= 0:

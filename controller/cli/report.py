@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controller.adapters.history import RIG_STATES, Bucket
+from controller.errors import RigdError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,7 +45,7 @@ STATE_COLORS = {
 }
 
 
-class ReportError(Exception):
+class ReportError(RigdError):
     """A report that cannot be made: an unknown format, or nothing to draw."""
 
 

@@ -36,6 +36,7 @@ from controller.cli.common import (
 )
 from controller.config import AdminConfig, ConfigError, load_config
 from controller.config.credentials import Credentials
+from controller.errors import RigdError
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 2
@@ -58,11 +59,13 @@ def parse_duration(text: str) -> float:
     return total
 
 
-class Unreachable(Exception):
-    pass
+class Unreachable(RigdError):
+    """The daemon's admin socket cannot be reached or read; the message names the path."""
 
 
-class Refused(Exception):
+class Refused(RigdError):
+    """The daemon refused the request; `code` is its reason (docs: rigctl exit codes)."""
+
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(message)

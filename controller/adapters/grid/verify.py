@@ -32,13 +32,14 @@ from controller.core.grid.orders import (
     Ping,
     RejectReason,
 )
+from controller.errors import RigdError
 
 ALGORITHMS = ("EdDSA", "ES256")
 
 AnyMessage = Curtail | Modify | Cancel | Ping
 
 
-class Rejected(Exception):
+class Rejected(RigdError):
     """A message refused, with what could be read of it for the acknowledgement."""
 
     def __init__(
@@ -146,7 +147,7 @@ def peek_jws_payload(token: str) -> dict[str, Any]:
     """The unverified payload, only to name the message in a rejection."""
     try:
         data = json.loads(base64url_decode(token.split(".")[1]))
-    except Exception:
+    except (IndexError, ValueError, TypeError, RecursionError):  # binascii, JSON, nesting
         return {}
     return _hint(data)
 
