@@ -80,13 +80,7 @@ class Daemon:
         self.found = self._remembered_miners(cfg)
         cfg = self.cfg = autodiscover.resolve(cfg, self.found)
         self.devices = devices or build_devices(cfg)
-        self.state = SiteState(
-            cfg.site.id,
-            self.devices.rigs,
-            list(self.devices.meters),
-            list(self.devices.pdus),
-            self.devices.import_meter,
-        )
+        self.state = SiteState.of(cfg.site.id, self.devices)
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
         self.on_snapshot = on_snapshot
         # What each rig's retained topic shows, and when it was sent (core/rig_updates.py).
@@ -295,13 +289,7 @@ class Daemon:
         cfg = autodiscover.resolve(source, self.found)
         self.devices = build_devices(cfg)
         self.devices.adopt_sessions(old_devices)
-        self.state = SiteState(
-            cfg.site.id,
-            self.devices.rigs,
-            list(self.devices.meters),
-            list(self.devices.pdus),
-            self.devices.import_meter,
-        )
+        self.state = SiteState.of(cfg.site.id, self.devices)
         self.state.adopt(old_state)
         self.cfg = cfg
         self._apply_poll(cfg)

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from controller.core.snapshot import DeviceView, Health, RigInfo, RigView, SiteSnapshot
+from controller.runtime.devices import Devices
 from drivers.telemetry import MeterReading, PduReading, RigState, RigTelemetry
 
 HISTORY = 50  # state changes kept per rig
@@ -44,6 +45,13 @@ class SiteState:
         # Recent state changes per rig, for `rigctl rig`: bounded, in memory only. Lists,
         # not deques: most rigs hold one entry, and an empty deque alone is 600 bytes.
         self.history: dict[str, list[tuple[float, str]]] = {r.id: [] for r in rigs}
+
+    @classmethod
+    def of(cls, site: str, devices: Devices) -> SiteState:
+        """The state of a farm as configured: every device known, none read yet."""
+        return cls(
+            site, devices.rigs, list(devices.meters), list(devices.pdus), devices.import_meter
+        )
 
     # writers ------------------------------------------------------------------
 
