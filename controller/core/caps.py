@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Literal
 from zoneinfo import ZoneInfo
-
-from controller.config import BudgetConfig, ControlConfig, ScheduleConfig
 
 # cap_source values, in the order a tie is reported (the first listed wins a tie).
 GRID = "grid"
@@ -62,6 +61,41 @@ def effective_cap(limits: list[Limit]) -> Cap:
     return Cap(max(0.0, low.kw), low.source, low.detail, tuple(ordered))
 
 
+# -- settings (plain values the runtime takes from the config) ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A recurring cap in the site's local time (`[[control.schedules]]`)."""
+
+    name: str
+    start: str  # "17:00", local time
+    end: str  # "21:00"; an end before the start runs past midnight
+    days: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+    months: tuple[int, ...] = tuple(range(1, 13))
+    cap_kw: float | None = None
+    cap_pct: float | None = None  # of the site's max import
+
+
+@dataclass(frozen=True, slots=True)
+class CapSettings:
+    """What the site's own limits are made of: its maximum import, its local time zone and
+    its scheduled caps."""
+
+    max_import_kw: float
+    timezone: str = "UTC"
+    schedules: tuple[Schedule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    """An energy budget that must last its period (`[budget]`)."""
+
+    period: Literal["day", "month"]
+    kwh: float
+    reserve_pct: float = 0.5  # kept back from pacing
+
+
 # -- schedules ------------------------------------------------------------------------------
 
 
@@ -70,7 +104,7 @@ def _minutes(hhmm: str) -> int:
     return int(h) * 60 + int(m)
 
 
-def schedule_active(s: ScheduleConfig, local: dt.datetime) -> bool:
+def schedule_active(s: Schedule, local: dt.datetime) -> bool:
     """Whether `local` (site time) falls in the window; a window past midnight belongs to the
     day (and month) it starts on."""
     start, end = _minutes(s.start), _minutes(s.end)
@@ -87,14 +121,12 @@ def schedule_active(s: ScheduleConfig, local: dt.datetime) -> bool:
     return False
 
 
-def schedule_limits(control: ControlConfig, tz: str, now: float) -> list[Limit]:
-    local = dt.datetime.fromtimestamp(now, ZoneInfo(tz))
+def schedule_limits(caps: CapSettings, now: float) -> list[Limit]:
+    local = dt.datetime.fromtimestamp(now, ZoneInfo(caps.timezone))
     out = []
-    for s in control.schedules:
+    for s in caps.schedules:
         if schedule_active(s, local):
-            kw = (
-                s.cap_kw if s.cap_kw is not None else control.max_import_kw * (s.cap_pct or 0) / 100
-            )
+            kw = s.cap_kw if s.cap_kw is not None else caps.max_import_kw * (s.cap_pct or 0) / 100
             out.append(Limit(SCHEDULE, kw, s.name))
     return out
 
@@ -123,7 +155,7 @@ def period_bounds(period: str, tz: str, now: float) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
-def pacing_limit(budget: BudgetConfig, used_kwh: float, period_end: float, now: float) -> Limit:
+def pacing_limit(budget: BudgetSettings, used_kwh: float, period_end: float, now: float) -> Limit:
     """Spread what remains of the budget over what remains of the period.
 
     The reserve is kept back so that the lag between a cap and the farm obeying it can

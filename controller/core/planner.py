@@ -38,18 +38,49 @@ The policy, in order:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
-from controller.config import ControlConfig, ModelTiming
 from controller.core.caps import Cap
 from drivers.telemetry import RigState
 
 IDLE_W = 20.0  # a sleeping rig's control board and fans
 NONRIG_SMOOTHING = 0.2  # weight of a new meter sample in the non-rig load estimate
 _EPS_KW = 1e-9  # float slack when comparing sums of kW
+
+
+@dataclass(frozen=True, slots=True)
+class RigTiming:
+    """How long a rig model takes to show a command in its power (seconds)."""
+
+    sleep_s: float = 15.0
+    wake_s: float = 300.0  # boot plus ramp to full power
+    power_change_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    """The control settings the planner reads: plain values the runtime takes from the
+    config (`[control]`), so the planner never sees the config or anything that changes."""
+
+    max_import_kw: float
+    headroom_kw: float = 0.0
+    headroom_pct: float = 2.0
+    deadband_kw: float = 0.0
+    deadband_pct: float = 3.0
+    ramp_kw_per_interval: float = 0.0  # 0: 10 % of max_import_kw
+    min_on_s: float = 300.0
+    min_off_s: float = 300.0
+    power_targets: bool = True
+    escalate_after_s: float = 120.0
+    allow_outlet_off: bool = True
+    sleeping_w: float = 100.0
+    meter_stale_s: float = 30.0
+    estimate_margin_pct: float = 10.0
+    safe_state: Literal["sleep", "hold"] = "sleep"
 
 
 class ActionKind(StrEnum):
@@ -139,6 +170,12 @@ class RigMemory:
 _NO_MEMORY = RigMemory()  # a rig rigd never commanded (frozen: one instance serves all)
 
 
+def frozen_memory(memory: Mapping[str, RigMemory]) -> Mapping[str, RigMemory]:
+    """A read-only snapshot of `memory` for a `PlanInput`: later changes to the caller's
+    dict do not show through it (the entries themselves are frozen)."""
+    return MappingProxyType(dict(memory))
+
+
 @dataclass(frozen=True, slots=True)
 class RigInput:
     """One rig as the planner sees it this cycle."""
@@ -156,9 +193,7 @@ class RigInput:
     max_w: float | None = None
     has_outlet: bool = False  # mapped and switching allowed
     outlet_on: bool | None = None
-    timing: ModelTiming = field(
-        default_factory=lambda: ModelTiming(sleep_s=15, wake_s=300, power_change_s=60)
-    )
+    timing: RigTiming = field(default_factory=RigTiming)
     maintenance: bool = False
     pinned: bool = False
     busy: bool = False  # an action is still being sent to it
@@ -168,11 +203,13 @@ class RigInput:
 class PlanInput:
     now: float
     cap: Cap
-    control: ControlConfig
+    settings: PlannerSettings
     rigs: tuple[RigInput, ...]
     import_kw: float | None  # the meter's reading, if any
     import_age_s: float | None  # how old that reading is
-    memory: dict[str, RigMemory]
+    # What rigd commanded each rig: a frozen view (`frozen_memory`), never the caller's
+    # live dict, so a plan kept for later (rigctl's checks) sees the memory it was made on.
+    memory: Mapping[str, RigMemory]
     nonrig_kw: float | None = None  # facility load last seen by the meter (not rigs)
     urgent: bool = False  # a grid order awaits compliance: fastest shedding first
 
@@ -234,7 +271,7 @@ def _going_down(r: RigInput, mm: RigMemory, now: float) -> bool:
     return mm.expected_w is not None and r.power_w is not None and mm.expected_w < r.power_w
 
 
-def settle_s(kind: ActionKind, t: ModelTiming) -> float:
+def settle_s(kind: ActionKind, t: RigTiming) -> float:
     if kind is ActionKind.SLEEP:
         return t.sleep_s
     if kind in (ActionKind.WAKE, ActionKind.OUTLET_ON):
@@ -245,7 +282,7 @@ def settle_s(kind: ActionKind, t: ModelTiming) -> float:
 
 
 def plan(inp: PlanInput) -> Plan:
-    cfg = inp.control
+    cfg = inp.settings
     now = inp.now
     cap_kw = inp.cap.kw
     headroom = max(cfg.headroom_kw, cap_kw * cfg.headroom_pct / 100.0)
@@ -359,7 +396,7 @@ def plan(inp: PlanInput) -> Plan:
 
 def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add) -> float:
     """Plan commands that take `need_kw` off the import; return what they will take."""
-    cfg = inp.control
+    cfg = inp.settings
     now = inp.now
     mem = inp.memory
 
@@ -466,7 +503,7 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
 
 def _restore(inp: PlanInput, room_kw: float, free: _Pred, settled: _Pred, add: _Add) -> float:
     """Plan commands that add at most `room_kw`; return what they will add."""
-    cfg = inp.control
+    cfg = inp.settings
     now = inp.now
     mem = inp.memory
     added = 0.0
@@ -528,7 +565,7 @@ def _safe_plan(
     inp: PlanInput, target: float, actions: list[Action], touched: set[str], nonrig: float | None
 ) -> Plan:
     """No meter and too few rig readings to estimate import: the configured safe state."""
-    cfg = inp.control
+    cfg = inp.settings
     if cfg.safe_state == "sleep":
         for r in inp.rigs:
             if r.id in touched or r.maintenance or r.pinned or r.busy or not _consuming(r):
@@ -552,11 +589,11 @@ def failed(mm: RigMemory, now: float) -> RigMemory:
 
 
 def remember(
-    memory: dict[str, RigMemory],
+    memory: Mapping[str, RigMemory],
     action: Action,
     ok: bool,
     now: float,
-    timing: ModelTiming,
+    timing: RigTiming,
     full_w: float,
 ) -> dict[str, RigMemory]:
     """The planner's memory after an action was sent (`ok`) or failed."""
@@ -572,7 +609,7 @@ def remembered(
     action: Action,
     ok: bool,
     now: float,
-    timing: ModelTiming,
+    timing: RigTiming,
     full_w: float,
 ) -> RigMemory:
     """One rig's memory `mm` after `action` was sent (`ok`) or failed: `remember` for a

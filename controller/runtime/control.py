@@ -19,12 +19,15 @@ import structlog
 
 from controller.adapters.mqtt import MqttLink
 from controller.adapters.store import StateStore, StoreError
-from controller.config import Config, ControlConfig
+from controller.config import BudgetConfig, Config, ControlConfig, ModelTiming
 from controller.core.budget import EnergyCounter
 from controller.core.caps import (
     MAX_IMPORT,
     OVERRIDE,
+    BudgetSettings,
+    CapSettings,
     Limit,
+    Schedule,
     effective_cap,
     pacing_limit,
     schedule_limits,
@@ -36,9 +39,12 @@ from controller.core.planner import (
     Mode,
     Plan,
     PlanInput,
+    PlannerSettings,
     RigInput,
     RigMemory,
+    RigTiming,
     failed,
+    frozen_memory,
     plan,
     remembered,
 )
@@ -56,6 +62,53 @@ log = structlog.get_logger(__name__)
 # every cycle is a write of megabytes, and a few minutes lost is relearned by watching.
 LEARNED_SAVE_S = 300.0
 CLOSE_WAIT_S = 10.0  # how long a stop or reload waits for commands in flight
+
+
+# -- the config, as the pure core's plain values -------------------------------------------------
+
+
+def planner_settings(c: ControlConfig) -> PlannerSettings:
+    return PlannerSettings(
+        max_import_kw=c.max_import_kw,
+        headroom_kw=c.headroom_kw,
+        headroom_pct=c.headroom_pct,
+        deadband_kw=c.deadband_kw,
+        deadband_pct=c.deadband_pct,
+        ramp_kw_per_interval=c.ramp_kw_per_interval,
+        min_on_s=c.min_on_s,
+        min_off_s=c.min_off_s,
+        power_targets=c.power_targets,
+        escalate_after_s=c.escalate_after_s,
+        allow_outlet_off=c.allow_outlet_off,
+        sleeping_w=c.sleeping_w,
+        meter_stale_s=c.meter_stale_s,
+        estimate_margin_pct=c.estimate_margin_pct,
+        safe_state=c.safe_state,
+    )
+
+
+def cap_settings(c: ControlConfig, timezone: str) -> CapSettings:
+    schedules = tuple(
+        Schedule(
+            name=s.name,
+            start=s.start,
+            end=s.end,
+            days=tuple(s.days),
+            months=tuple(s.months),
+            cap_kw=s.cap_kw,
+            cap_pct=s.cap_pct,
+        )
+        for s in c.schedules
+    )
+    return CapSettings(c.max_import_kw, timezone, schedules)
+
+
+def budget_settings(b: BudgetConfig) -> BudgetSettings:
+    return BudgetSettings(b.period, b.kwh, b.reserve_pct)
+
+
+def rig_timing(t: ModelTiming) -> RigTiming:
+    return RigTiming(t.sleep_s, t.wake_s, t.power_change_s)
 
 
 @dataclass(slots=True)
@@ -84,6 +137,11 @@ class Controller:
         self.store = store
         self.now = now
         self.dry_run = dry_run or control.dry_run
+        # The config as the pure core reads it: plain frozen values, made once per config.
+        self.settings = planner_settings(control)
+        self.cap_settings = cap_settings(control, cfg.site.timezone)
+        self.budget_settings = None if cfg.budget is None else budget_settings(cfg.budget)
+        self._timings: dict[str, RigTiming] = {}
         # As many commands at once as reads: a grid order may put thousands of rigs to sleep.
         self.executor = Executor(
             devices, store=store, link=link, now=now, concurrency=max(64, cfg.poll.concurrency)
@@ -278,10 +336,10 @@ class Controller:
     def limits(self, now: float) -> list[Limit]:
         c = self.control
         out = [Limit(MAX_IMPORT, c.max_import_kw, "site maximum import")]
-        out += schedule_limits(c, self.cfg.site.timezone, now)
-        if self.cfg.budget is not None and self.energy is not None:
+        out += schedule_limits(self.cap_settings, now)
+        if self.budget_settings is not None and self.energy is not None:
             used, end = self.energy.used_at(now, self.cfg.site.timezone)
-            out.append(pacing_limit(self.cfg.budget, used, end, now))
+            out.append(pacing_limit(self.budget_settings, used, end, now))
         out += self.external.values()
         if self.override is not None:
             o = self.override
@@ -304,6 +362,12 @@ class Controller:
             learned.full_w = max(learned.full_w or 0.0, t.power_w) if learned.full_w else t.power_w
         if t.efficiency_j_per_th:
             learned.efficiency_j_th = t.efficiency_j_per_th
+
+    def _timing(self, model: str) -> RigTiming:
+        t = self._timings.get(model)
+        if t is None:
+            t = self._timings[model] = rig_timing(self.control.timing_for(model))
+        return t
 
     def _rig_input(self, rig: RigView) -> RigInput:
         info = rig.info
@@ -335,7 +399,7 @@ class Controller:
             max_w=caps.power_target_max_w,
             has_outlet=has_outlet,
             outlet_on=rig.outlet_on,
-            timing=self.control.timing_for(model),
+            timing=self._timing(model),
             maintenance=info.id in self.maintenance,
             pinned=info.id in self.pinned,
             busy=info.id in self._inflight,
@@ -403,11 +467,11 @@ class Controller:
         inp = PlanInput(
             now=now,
             cap=cap,
-            control=self.control,
+            settings=self.settings,
             rigs=tuple(self._rig_input(r) for r in snap.rigs.values()),
             import_kw=None if reading is None else reading.power_w / 1000.0,
             import_age_s=None if reading is None else max(0.0, now - reading.ts),
-            memory=self.memory,
+            memory=frozen_memory(self.memory),
             nonrig_kw=self.nonrig_kw,
             urgent=self.comply_by is not None,
         )

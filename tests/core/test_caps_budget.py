@@ -7,14 +7,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from controller.config import BudgetConfig, ControlConfig, ScheduleConfig
+from controller.config import ScheduleConfig
 from controller.core.budget import EnergyCounter
 from controller.core.caps import (
     BUDGET,
     MAX_IMPORT,
     OVERRIDE,
     SCHEDULE,
+    BudgetSettings,
+    CapSettings,
     Limit,
+    Schedule,
     effective_cap,
     pacing_limit,
     period_bounds,
@@ -30,7 +33,7 @@ def at(tz: str, *args: int) -> float:
     return dt.datetime(*args, tzinfo=ZoneInfo(tz)).timestamp()  # type: ignore[misc]
 
 
-def winter_peak(**kw: object) -> ScheduleConfig:
+def winter_peak(**kw: object) -> Schedule:
     base: dict[str, object] = {
         "name": "winter evening peak",
         "months": [11, 12, 1, 2],
@@ -39,7 +42,8 @@ def winter_peak(**kw: object) -> ScheduleConfig:
         "cap_pct": 60,
     }
     base.update(kw)
-    return ScheduleConfig.model_validate(base)
+    c = ScheduleConfig.model_validate(base)  # validated as the config would be
+    return Schedule(c.name, c.start, c.end, tuple(c.days), tuple(c.months), c.cap_kw, c.cap_pct)
 
 
 def test_lowest_limit_wins_and_names_its_source() -> None:
@@ -67,10 +71,10 @@ def test_schedule_in_site_local_time() -> None:
     assert not schedule_active(s, dt.datetime(2026, 12, 1, 16, 59, tzinfo=tz))
     assert not schedule_active(s, dt.datetime(2026, 7, 1, 18, 0, tzinfo=tz))  # summer
     # 17:30 in Bishkek is 11:30 UTC: the limit follows the site's clock, not UTC.
-    control = ControlConfig(max_import_kw=20_000, schedules=[s])
-    limits = schedule_limits(control, BISHKEK, at("UTC", 2026, 12, 1, 11, 30))
+    caps = CapSettings(max_import_kw=20_000, timezone=BISHKEK, schedules=(s,))
+    limits = schedule_limits(caps, at("UTC", 2026, 12, 1, 11, 30))
     assert limits == [Limit(SCHEDULE, 12_000.0, "winter evening peak")]
-    assert schedule_limits(control, BISHKEK, at("UTC", 2026, 12, 1, 17, 30)) == []
+    assert schedule_limits(caps, at("UTC", 2026, 12, 1, 17, 30)) == []
 
 
 def test_schedule_past_midnight_belongs_to_the_day_it_starts() -> None:
@@ -106,7 +110,7 @@ def test_period_bounds_follow_local_calendar_dst_included() -> None:
 
 
 def test_pacing_spreads_what_remains_over_what_remains() -> None:
-    b = BudgetConfig(period="day", kwh=24_000, reserve_pct=0)
+    b = BudgetSettings(period="day", kwh=24_000, reserve_pct=0)
     now = at(BISHKEK, 2026, 12, 1, 0)
     end = at(BISHKEK, 2026, 12, 2, 0)
     assert pacing_limit(b, 0.0, end, now).kw == pytest.approx(1000.0)
@@ -117,7 +121,7 @@ def test_pacing_spreads_what_remains_over_what_remains() -> None:
     # Overdrawn: nothing more.
     assert pacing_limit(b, 25_000.0, end, at(BISHKEK, 2026, 12, 1, 20)).kw == 0.0
     # The reserve is held back.
-    r = BudgetConfig(period="day", kwh=24_000, reserve_pct=1)
+    r = BudgetSettings(period="day", kwh=24_000, reserve_pct=1)
     assert pacing_limit(r, 0.0, end, now).kw == pytest.approx(1000.0 * 0.99)
 
 

@@ -392,12 +392,11 @@ def test_failsafe_survives_a_restart() -> None:
 
 
 def test_urgent_shedding_sleeps_instead_of_throttling_and_switches_off_what_cannot() -> None:
-    from controller.config import ControlConfig
     from controller.core.caps import GRID, Cap, Limit
-    from controller.core.planner import ActionKind, PlanInput, RigInput, plan
+    from controller.core.planner import ActionKind, PlanInput, PlannerSettings, RigInput, plan
     from drivers.telemetry import RigState
 
-    control = ControlConfig(max_import_kw=100.0, min_on_s=0)
+    control = PlannerSettings(max_import_kw=100.0, min_on_s=0)
     throttlable = [
         RigInput(
             f"r{i}",
@@ -455,12 +454,19 @@ def test_heartbeats_must_be_signed_where_orders_must_be(tmp_path: Path) -> None:
 
 
 def test_urgent_shedding_may_sleep_a_rig_still_settling_a_throttle() -> None:
-    from controller.config import ControlConfig
     from controller.core.caps import GRID, Cap, Limit
-    from controller.core.planner import ActionKind, Mode, PlanInput, RigInput, RigMemory, plan
+    from controller.core.planner import (
+        ActionKind,
+        Mode,
+        PlanInput,
+        PlannerSettings,
+        RigInput,
+        RigMemory,
+        plan,
+    )
     from drivers.telemetry import RigState
 
-    control = ControlConfig(max_import_kw=100.0, min_on_s=0)
+    control = PlannerSettings(max_import_kw=100.0, min_on_s=0)
     rig = RigInput(
         "r1",
         RigState.MINING,

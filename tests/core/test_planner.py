@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from controller.config import ControlConfig, ModelTiming
 from controller.core.caps import MAX_IMPORT, Limit, effective_cap
 from controller.core.planner import (
     IDLE_W,
@@ -21,8 +20,10 @@ from controller.core.planner import (
     Mode,
     Plan,
     PlanInput,
+    PlannerSettings,
     RigInput,
     RigMemory,
+    RigTiming,
     plan,
     remember,
     settle_s,
@@ -30,11 +31,11 @@ from controller.core.planner import (
 from drivers.telemetry import RigState
 
 NOW = 100_000.0
-TIMING = ModelTiming(sleep_s=15, wake_s=300, power_change_s=60)
+TIMING = RigTiming(sleep_s=15, wake_s=300, power_change_s=60)
 LONG_AGO = RigMemory(Mode.RUN, since=NOW - 10_000)
 
 
-def control(**kw: Any) -> ControlConfig:
+def control(**kw: Any) -> PlannerSettings:
     base: dict[str, Any] = {
         "max_import_kw": 100.0,
         "headroom_kw": 0.0,
@@ -48,7 +49,7 @@ def control(**kw: Any) -> ControlConfig:
         "estimate_margin_pct": 10,
     }
     base.update(kw)
-    return ControlConfig(**base)
+    return PlannerSettings(**base)
 
 
 def rig(rid: str, power: float | None = 3000.0, eff: float | None = 25.0, **kw: Any) -> RigInput:
@@ -93,7 +94,7 @@ def farm(
     return PlanInput(
         now=NOW,
         cap=effective_cap([Limit(MAX_IMPORT, cap_kw, "")]),
-        control=control(**cfg),
+        settings=control(**cfg),
         rigs=tuple(rigs),
         import_kw=import_kw,
         import_age_s=age_s,
@@ -497,7 +498,7 @@ def test_with_no_trustworthy_reading_the_safe_state_applies() -> None:
 
 
 def test_settle_times_come_from_the_rig_model() -> None:
-    t = ModelTiming(sleep_s=10, wake_s=400, power_change_s=45)
+    t = RigTiming(sleep_s=10, wake_s=400, power_change_s=45)
     assert settle_s(ActionKind.SLEEP, t) == 10
     assert settle_s(ActionKind.WAKE, t) == 400
     assert settle_s(ActionKind.OUTLET_ON, t) == 400

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.config import ControlConfig, ModelTiming
 from controller.core.caps import MAX_IMPORT, SCHEDULE, Limit, effective_cap
 from controller.core.planner import (
     IDLE_W,
@@ -23,8 +22,10 @@ from controller.core.planner import (
     Mode,
     Plan,
     PlanInput,
+    PlannerSettings,
     RigInput,
     RigMemory,
+    RigTiming,
     plan,
     remember,
     settle_s,
@@ -45,10 +46,10 @@ PROFILE = settings(
 NOW = 1_000_000.0
 TOL = 1e-6  # kW
 TIMINGS = (
-    ModelTiming(sleep_s=15, wake_s=300, power_change_s=60),
-    ModelTiming(sleep_s=5, wake_s=120, power_change_s=20),
-    ModelTiming(sleep_s=0, wake_s=0, power_change_s=0),
-    ModelTiming(sleep_s=40, wake_s=600, power_change_s=120),
+    RigTiming(sleep_s=15, wake_s=300, power_change_s=60),
+    RigTiming(sleep_s=5, wake_s=120, power_change_s=20),
+    RigTiming(sleep_s=0, wake_s=0, power_change_s=0),
+    RigTiming(sleep_s=40, wake_s=600, power_change_s=120),
 )
 DECREASES = (ActionKind.SLEEP, ActionKind.OUTLET_OFF)
 INCREASES = (ActionKind.WAKE, ActionKind.OUTLET_ON)
@@ -214,7 +215,7 @@ def plan_inputs(
         st.integers(100, 250) if restoring else st.integers(70, 130) | st.integers(20, 150)
     )
     max_import = max(1.0, (farm_kw + true_nonrig) * share / 100)
-    control = ControlConfig(
+    control = PlannerSettings(
         max_import_kw=max_import,
         headroom_kw=draw(st.integers(0, 10)),
         headroom_pct=draw(st.integers(0, 10)),
@@ -243,7 +244,7 @@ def plan_inputs(
     return PlanInput(
         now=NOW,
         cap=effective_cap(limits),
-        control=control,
+        settings=control,
         rigs=rigs,
         import_kw=import_kw,
         import_age_s=age,
@@ -331,11 +332,11 @@ def free(inp: PlanInput, r: RigInput) -> bool:
 
 
 def can_throttle(inp: PlanInput, r: RigInput) -> bool:
-    return inp.control.power_targets and r.can_power_target and r.min_w is not None
+    return inp.settings.power_targets and r.can_power_target and r.min_w is not None
 
 
 def can_switch_off(inp: PlanInput, r: RigInput) -> bool:
-    return inp.control.allow_outlet_off and r.has_outlet and bool(r.outlet_on)
+    return inp.settings.allow_outlet_off and r.has_outlet and bool(r.outlet_on)
 
 
 def sheddable_w(inp: PlanInput, r: RigInput, *, outlets: bool = True) -> float:
@@ -362,7 +363,7 @@ def confirming(inp: PlanInput, r: RigInput) -> bool:
     mm = mem(inp, r)
     if mm.mode is not Mode.SLEEP or not free(inp, r) or unsettled(inp, r):
         return False
-    cfg = inp.control
+    cfg = inp.settings
     overdue = inp.now >= mm.since + cfg.escalate_after_s
     drawing = r.power_w is not None and r.power_w > cfg.sleeping_w
     if drawing and overdue and r.has_outlet and cfg.allow_outlet_off and r.outlet_on:
@@ -378,7 +379,7 @@ class Bands:
 
 
 def bands(inp: PlanInput) -> Bands:
-    cfg = inp.control
+    cfg = inp.settings
     cap = inp.cap.kw
     headroom = max(cfg.headroom_kw, cap * cfg.headroom_pct / 100)
     deadband = max(cfg.deadband_kw, cap * cfg.deadband_pct / 100)
@@ -476,13 +477,13 @@ def test_never_touches_held_rigs_and_one_action_per_rig(inp: PlanInput) -> None:
             assert mem(inp, r).mode is not Mode.RUN and r.id in inp.memory, (a, r)
         if a.kind in (ActionKind.SET_POWER, ActionKind.WAKE) and a.watts is not None:
             # A power target the firmware accepts: inside the rig's range.
-            assert r.can_power_target and inp.control.power_targets and r.min_w is not None
+            assert r.can_power_target and inp.settings.power_targets and r.min_w is not None
             top = r.full_w if r.max_w is None else r.max_w
             assert r.min_w - TOL <= a.watts <= top + TOL, (a, r)
         if a.kind is ActionKind.SLEEP:
             assert r.can_sleep
         if a.kind is ActionKind.OUTLET_OFF:
-            assert r.has_outlet and r.outlet_on and inp.control.allow_outlet_off
+            assert r.has_outlet and r.outlet_on and inp.settings.allow_outlet_off
         if a.kind is ActionKind.OUTLET_ON:
             assert r.has_outlet
 
@@ -494,7 +495,7 @@ def test_never_touches_held_rigs_and_one_action_per_rig(inp: PlanInput) -> None:
 @given(plan_inputs(meter="any", unknown_p=0.1))
 def test_respects_dwell_and_response_times(inp: PlanInput) -> None:
     p = plan(inp)
-    cfg = inp.control
+    cfg = inp.settings
     by_id = {r.id: r for r in inp.rigs}
     for a in p.actions:
         r = by_id[a.rig_id]
@@ -539,7 +540,7 @@ def test_sheds_least_efficient_first_and_restores_most_efficient_first(
 ) -> None:
     p = plan(inp)
     acts = by_rig(p)
-    cfg = inp.control
+    cfg = inp.settings
     # Shedding: among rigs free to sleep without breaking a dwell, a slept rig never
     # leaves a less useful one (lower priority, or equal priority and worse J/TH) untouched.
     first = [
@@ -606,7 +607,7 @@ def test_without_meter_estimates_or_falls_back_to_safe_state(inp: PlanInput, bli
             assert a.kind in DECREASES
             assert not (r.maintenance or r.pinned or r.busy)
             assert consuming(r) or confirming(inp, r)
-        if inp.control.safe_state == "sleep":
+        if inp.settings.safe_state == "sleep":
             for r in rigs:
                 if consuming(r) and r.can_sleep and free(inp, r) and not going_down(inp, r):
                     assert r.id in by_rig(p), f"{r.id} left running without a reading"
@@ -614,7 +615,7 @@ def test_without_meter_estimates_or_falls_back_to_safe_state(inp: PlanInput, bli
             assert all(confirming(inp, by_id[a.rig_id]) for a in p.actions)
         return
     assert p.basis == "estimate"
-    cfg = inp.control
+    cfg = inp.settings
     rig_kw = sum(current_w(r) for r in rigs if r.state is not RigState.OFF) / 1000
     expected = (rig_kw + (inp.nonrig_kw or 0.0)) * (1 + cfg.estimate_margin_pct / 100)
     assert p.measured_kw is not None
@@ -658,7 +659,7 @@ def actions(draw: st.DrawFn) -> tuple[Action, float]:
     st.sampled_from(TIMINGS),
 )
 def test_remember_reflects_what_was_sent(
-    sent: tuple[Action, float], prior: RigMemory | None, ok: bool, timing: ModelTiming
+    sent: tuple[Action, float], prior: RigMemory | None, ok: bool, timing: RigTiming
 ) -> None:
     a, full = sent
     other = RigMemory(Mode.SLEEP, 1.0, 2.0, 20.0, None, 1, 3.0)
