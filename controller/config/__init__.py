@@ -40,6 +40,8 @@ from controller.config.credentials import (
     file_or_credential,
     secret_or_credential,
 )
+from controller.config.openadr import OpenADRConfig as OpenADRConfig
+from controller.config.openadr import OpenADRField
 
 ENV_PREFIX = "RIGD_"
 DEFAULT_CONFIG_PATH = Path("/etc/rigd/rigd.toml")
@@ -575,6 +577,7 @@ class Config(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     history: HistoryConfig = HistoryConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    openadr: OpenADRField = None  # absent: no OpenADR VTN (controller/config/openadr.py)
 
     @model_validator(mode="after")
     def _held_sessions_fit_poll(self) -> Config:
