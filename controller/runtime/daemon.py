@@ -33,6 +33,7 @@ from controller.runtime.control import Controller
 from controller.runtime.devices import Devices, build_devices
 from controller.runtime.exports import Exports
 from controller.runtime.grid_service import GridService
+from controller.runtime.openadr_service import OpenADRService, grid_config_for_openadr
 from controller.runtime.state import SiteState
 from drivers.errors import DeviceError
 
@@ -96,6 +97,16 @@ class Daemon:
             self.grid = GridService(cfg, self.store, self.link, now=self.clock.now)
             if self.controller is not None:
                 self.grid.attach(self.controller)
+        # An OpenADR VTN's events: orders in the same book (runtime/openadr_service.py).
+        self.openadr: OpenADRService | None = None
+        if cfg.openadr is not None and cfg.openadr.enabled and self.store is not None:
+            if self.grid is None:  # no signed orders: a book for OpenADR's alone
+                self.grid = GridService(
+                    grid_config_for_openadr(cfg), self.store, None, now=self.clock.now
+                )
+                if self.controller is not None:
+                    self.grid.attach(self.controller)
+            self.openadr = OpenADRService(cfg, self.grid, self.store, clock=self.clock)
         # A zone of a shared site: its share of the site's cap is a limit like an order's.
         self.zones: ZoneService | None = None
         if cfg.zone is not None:
@@ -253,6 +264,7 @@ class Daemon:
             ("metrics", self.cfg.metrics, new.metrics),
             ("history", self.cfg.history, new.history),
             ("homeassistant", self.cfg.homeassistant, new.homeassistant),
+            ("openadr", self.cfg.openadr, new.openadr),
         ):
             if old_v != new_v:
                 notes.append(f"{name} changed: takes effect after a restart")
@@ -266,6 +278,7 @@ class Daemon:
                 "metrics": self.cfg.metrics,
                 "history": self.cfg.history,
                 "homeassistant": self.cfg.homeassistant,
+                "openadr": self.cfg.openadr,
             }
         )
         async with self._cycle_lock:
@@ -415,6 +428,8 @@ class Daemon:
         status = await self.controller.step(snap) if self.controller is not None else None
         if grid is not None:
             grid.after_step(self.clock.now(), snap, status, self.controller)
+        if self.openadr is not None:
+            self.openadr.after_step(self.clock.now(), snap, status)
         return status
 
     async def _cycle(self, *, rigs: bool = True) -> CycleResult:
@@ -436,6 +451,8 @@ class Daemon:
             doc.update({"cap_kw": None, "cap_source": None})
         if grid is not None:
             doc["grid"] = grid.summary()
+        if self.openadr is not None:
+            doc["openadr"] = self.openadr.summary()
         if self.zones is not None:
             load = doc.get("import_kw")
             ctl = self.controller
@@ -498,6 +515,8 @@ class Daemon:
             log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
         await self.exports.start()
         discovering = asyncio.create_task(self._discover_loop(stop), name="discovery")
+        if self.openadr is not None:
+            self.openadr.start()
         try:
             next_t = self.clock.monotonic()
             kicked = False
@@ -526,6 +545,8 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await discovering
             await admin.stop()
+            if self.openadr is not None:
+                await self.openadr.stop()
             await self.exports.stop()
             if self.controller is not None:
                 await self.controller.close()
