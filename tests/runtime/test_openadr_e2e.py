@@ -7,11 +7,18 @@ and daemon share a scaled clock (SPEED farm seconds per wall second)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from controller.config import Config, parse_config
+from controller.core.grid.openadr_events import rfc3339
 from simulators.clock import ScaledClock
 from simulators.openadr_vtn import SimVtn
 from simulators.site import SimSite
@@ -162,3 +169,194 @@ async def test_event_from_a_bl_client_reaches_rigd_over_mqtt_and_is_obeyed_and_r
             }
         bl.close()
         assert check_exchanges(vtn) > 10
+
+
+async def test_broker_outage_event_recovered_over_rest_on_reconnect(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The broker goes away; the utility creates an event meanwhile, whose notification
+    is lost. On reconnect rigd reads the events over REST, obeys before the deadline and
+    reports."""
+    async with (
+        SimSite(rigs=12, pdus=2, clock=ScaledClock(SPEED)) as site,
+        SimVtn(CLIENTS, broker=(mosquitto.host, mosquitto.port), now=site.clock.now) as vtn,
+    ):
+        bl = Bl(vtn)
+        program = await bl.program()
+        cfg = make_config(site, mosquitto, tmp_path, vtn)
+        async with running(cfg, site) as d:
+            async with watch(mosquitto.host, mosquitto.port) as w:
+                await openadr_ok(w)
+                await w.wait_json("rigd/sim/state", lambda s: s["rigs"]["mining"] == 12)
+                target = round(w.json("rigd/sim/state")["import_kw"] * 0.5, 1)
+            mosquitto.stop()
+            await asyncio.sleep(0.5)
+            lost_before = vtn.lost_notifications
+            start = site.clock.now() + 60
+            event = await bl.event(
+                cap_event(
+                    program["id"],
+                    target,
+                    start=rfc3339(start),
+                    duration="PT10M",
+                    reports=["USAGE", "OPERATING_STATE"],
+                    report_every=0,
+                )
+            )
+            await asyncio.sleep(1.0)
+            assert vtn.lost_notifications > lost_before  # nobody heard it
+            assert d.openadr is not None and d.openadr.summary()["events"] == []
+            mosquitto.start()
+            async with watch(mosquitto.host, mosquitto.port) as w:
+                await w.wait_json(
+                    "rigd/sim/state",
+                    lambda s: event["id"] in s.get("openadr", {}).get("events", []),
+                    within=40,
+                )
+                await w.wait_json(
+                    "rigd/sim/state",
+                    lambda s: (
+                        s["cap_source"] == "grid"
+                        and s["import_kw"] is not None
+                        and s["import_kw"] <= target
+                    ),
+                    within=(start + RESPOND_S - site.clock.now()) / SPEED,
+                )
+                assert site.clock.now() < start + RESPOND_S
+                await wait_until(
+                    lambda: (
+                        "RUNNING_CURTAILED"
+                        in [v for _, v in reports_for(vtn, event["id"], "OPERATING_STATE")]
+                    ),
+                    10,
+                    "operating-state reports after the outage",
+                )
+        bl.close()
+        check_exchanges(vtn)
+
+
+async def test_daemon_killed_mid_event_resumes_under_the_cap_and_catches_up(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """kill -9 mid-event: the restarted daemon applies the event's cap from its state
+    database before the VTN answers (the VTN is down at restart), and when the VTN is
+    back it reads the event's update made while rigd was dead, and reports again."""
+    speed = 1.0  # the daemon is a separate process, on the wall clock
+    async with (
+        SimSite(rigs=6, pdus=1, clock=ScaledClock(speed)) as site,
+        SimVtn(CLIENTS, broker=(mosquitto.host, mosquitto.port), now=site.clock.now) as vtn,
+    ):
+        bl = Bl(vtn)
+        program = await bl.program()
+        vtn_port = vtn.port
+        text = site.config_toml(
+            broker_url=mosquitto.url,
+            state_dir=tmp_path / "state",
+            interval_s=1.0 * speed,
+            timeout_s=0.4,
+            retries=0,
+            extra=f"""
+[control]
+max_import_kw = {math.ceil(site.nominal_import_kw() * 1.1)}
+min_on_s = 60
+min_off_s = 60
+"""
+            + openadr_toml(vtn).replace("report_interval_s = 20", "report_interval_s = 8"),
+        )
+        cfg_path = tmp_path / "rigd.toml"
+        cfg_path.write_text(text)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        async with watch(mosquitto.host, mosquitto.port) as w:
+            daemon = await _start_daemon(cfg_path, tmp_path / "rigd-1.log", env)
+            try:
+                await openadr_ok(w, within=60)
+                state = await w.wait_json(
+                    "rigd/sim/state", lambda s: s["rigs"]["mining"] == 6, within=60
+                )
+                target = round(state["import_kw"] * 0.5, 1)
+                event = await bl.event(
+                    cap_event(
+                        program["id"],
+                        target,
+                        duration="PT30M",
+                        reports=["USAGE", "OPERATING_STATE"],
+                        report_every=0,
+                    )
+                )
+                await w.wait_json("rigd/sim/state", lambda s: s["cap_source"] == "grid")
+                await wait_until(lambda: bool(vtn.reports(event["id"])), 30, "a first report")
+                daemon.send_signal(signal.SIGKILL)
+                await daemon.wait()
+                await w.wait_for("rigd/sim/status", lambda p: p == b"offline")
+                # while rigd is dead: the utility lowers the cap, and then the VTN goes down
+                lower = round(target * 0.7, 1)
+                changed = {
+                    k: v
+                    for k, v in event.items()
+                    if k not in ("id", "createdDateTime", "modificationDateTime", "objectType")
+                }
+                changed["intervals"] = [
+                    {"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [lower]}]}
+                ]
+                await bl.update_event(event["id"], changed)
+                await vtn.stop(broker=False)
+                restarted_at = time.time()
+                daemon = await _start_daemon(cfg_path, tmp_path / "rigd-2.log", env)
+                first = await w.wait_json(
+                    "rigd/sim/state", lambda s: s["ts"] > restarted_at, within=30
+                )
+                # the cap in force before anything was heard from the VTN
+                assert first["cap_source"] == "grid"
+                assert f"oadr.{event['id']}.0" in first["cap_detail"]
+                assert first["openadr"]["status"] != "ok"
+                await w.wait_json(
+                    "rigd/sim/state",
+                    lambda s: s["openadr"]["status"] == "unreachable",
+                    within=30,
+                )
+                vtn.port = vtn_port
+                await vtn.start()
+                await w.wait_json(
+                    "rigd/sim/state",
+                    lambda s: (
+                        s["openadr"]["status"] == "ok"
+                        and s["cap_kw"] is not None
+                        and s["cap_kw"] <= lower
+                    ),
+                    within=60,
+                )
+                n = len(vtn.reports(event["id"]))
+                await wait_until(
+                    lambda: len(vtn.reports(event["id"])) > n, 30, "reports after the restart"
+                )
+            finally:
+                if daemon.returncode is None:
+                    daemon.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(daemon.wait(), 15)
+                    if daemon.returncode is None:
+                        daemon.kill()
+                        await daemon.wait()
+        bl.close()
+        check_exchanges(vtn)
+        log2 = [
+            json.loads(line)["event"]
+            for line in (tmp_path / "rigd-2.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
+        assert log2.index("grid_orders_loaded") < log2.index("openadr_vtn_failed")
+
+
+async def _start_daemon(
+    cfg_path: Path, log_path: Path, env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.cli.rigd",
+        "run",
+        "-c",
+        str(cfg_path),
+        stderr=log_path.open("wb"),
+        env=env,
+    )
