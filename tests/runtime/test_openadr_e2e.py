@@ -31,20 +31,19 @@ CLIENTS = {"bl": ("bl-secret", "bl"), "ven-sim": ("ven-secret", "ven")}
 
 
 def openadr_toml(vtn: SimVtn, **extra: Any) -> str:
-    lines = [
-        "[openadr]",
-        f'vtn_url = "{vtn.base_url}"',
-        'client_id = "ven-sim"',
-        'client_secret = "ven-secret"',
-        'ven_name = "rigd-sim"',
-        f"respond_within_s = {RESPOND_S}",
-        "report_interval_s = 20",
-        "poll_interval_s = 30",
-        "resync_interval_s = 600",
-        "timeout_s = 5",
-    ]
-    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()]
-    return "\n".join(lines) + "\n"
+    settings: dict[str, Any] = {
+        "vtn_url": vtn.base_url,
+        "client_id": "ven-sim",
+        "client_secret": "ven-secret",
+        "ven_name": "rigd-sim",
+        "respond_within_s": RESPOND_S,
+        "report_interval_s": 20,
+        "poll_interval_s": 30,
+        "resync_interval_s": 600,
+        "timeout_s": 5,
+        **extra,
+    }
+    return "[openadr]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 
 
 def make_config(site: SimSite, broker: Mosquitto, tmp_path: Path, vtn: SimVtn, **kw: Any) -> Config:
@@ -261,7 +260,7 @@ max_import_kw = {math.ceil(site.nominal_import_kw() * 1.1)}
 min_on_s = 60
 min_off_s = 60
 """
-            + openadr_toml(vtn).replace("report_interval_s = 20", "report_interval_s = 8"),
+            + openadr_toml(vtn, report_interval_s=8),
         )
         cfg_path = tmp_path / "rigd.toml"
         cfg_path.write_text(text)
