@@ -15,7 +15,9 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import aiomqtt
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -27,6 +29,7 @@ from controller.adapters.grid.sign import KeyPair, build, generate, send, sign
 from controller.cli.common import install_stop, stop_after
 from controller.cli.liveview import render
 from controller.cli.logs import configure_logging
+from controller.cli.openadr_sim import UtilityScript, make_vtn, openadr_toml, wait_then
 from controller.config import parse_config
 from controller.core.status import CycleResult
 from controller.runtime.daemon import Daemon
@@ -164,6 +167,32 @@ async def _script(
     log.info("demo_order_acknowledged", ack=ack)
 
 
+async def _script_openadr(
+    daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event, utility: UtilityScript
+) -> None:
+    """`--grid openadr`: the same scripted order, as an OpenADR 3.1 event. The utility's
+    business logic creates it on the simulated VTN, which notifies rigd over MQTT; rigd
+    reads it back over REST, complies and posts its reports to the VTN."""
+    span = args.duration or SCRIPT_PERIOD_S
+    try:
+        await utility.program()
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        log.error("demo_event_not_sent", error=str(e))
+        return
+    if not await wait_then(stop, span / 3):
+        return
+    ctl = daemon.controller
+    last = daemon.last
+    load = last.document.get("import_kw") if last else None
+    kw = round((load or (ctl.control.max_import_kw if ctl else 0.0)) * 0.5, 1)
+    try:
+        ev = await utility.curtail(kw, span / 3 * args.speed, f"demo-{int(daemon.clock.now())}")
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        log.error("demo_event_not_sent", error=str(e))
+        return
+    log.info("demo_event_created", event_id=ev["id"], cap_kw=kw, vtn=utility.vtn.base_url)
+
+
 async def run_demo(args: argparse.Namespace) -> int:
     if args.report and Path(args.report).suffix.lower() not in (".png", ".html"):
         raise ValueError(f"--report writes FILE.png or FILE.html, not {args.report!r}")
@@ -180,6 +209,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     site = SimSite(rigs=args.rigs, pdus=args.pdus, speed=args.speed, seed=args.seed, mix=args.mix)
     operator = generate("EdDSA")  # the demo's grid operator, a fresh key each run
     broker: EmbeddedBroker | None = None
+    vtn = None
     console = Console()
     try:
         await site.start()
@@ -190,6 +220,16 @@ async def run_demo(args: argparse.Namespace) -> int:
             broker = EmbeddedBroker()
             await broker.start()
             url = broker.url
+        grid_toml = _grid_toml(operator)
+        if args.grid == "openadr":  # the operator's order as an OpenADR event instead
+            vtn = make_vtn("demo", url, now=site.clock.now)
+            await vtn.start()
+            grid_toml = openadr_toml(
+                vtn,
+                "demo",
+                report_interval_s=max(5.0, args.interval),
+                respond_within_s=round(max(60.0, 3 * args.interval)),
+            )
         # Timeouts are wall-clock; keep a silent device well inside one (scaled) interval.
         timeout_s, retries = poll_timeouts(args.interval / args.speed)
         cfg = parse_config(
@@ -200,7 +240,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 interval_s=args.interval,
                 timeout_s=timeout_s,
                 retries=retries,
-                extra=_control_toml(site, args) + _grid_toml(operator) + _exports_toml(args),
+                extra=_control_toml(site, args) + grid_toml + _exports_toml(args),
                 # The embedded broker (amqtt) speaks MQTT 3.1.1 only.
                 mqtt_protocol="5" if args.broker else "3.1.1",
             ),
@@ -209,6 +249,12 @@ async def run_demo(args: argparse.Namespace) -> int:
         )
         stop = asyncio.Event()
         install_stop(stop)
+        utility = UtilityScript(vtn) if vtn is not None else None
+
+        def play(daemon: Daemon) -> Any:
+            if utility is not None:
+                return _script_openadr(daemon, args, stop, utility)
+            return _script(daemon, args, stop, operator)
 
         if args.headless:
 
@@ -219,7 +265,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             await asyncio.gather(
                 daemon.run(stop),
                 stop_after(stop, args.duration),
-                _script(daemon, args, stop, operator),
+                play(daemon),
             )
         else:
             with Live(console=console, auto_refresh=False, screen=False) as live:
@@ -231,13 +277,15 @@ async def run_demo(args: argparse.Namespace) -> int:
                 await asyncio.gather(
                     daemon.run(stop),
                     stop_after(stop, args.duration),
-                    _script(daemon, args, stop, operator),
+                    play(daemon),
                 )
             console.print()
             console.print(f"demo stopped; daemon log: {log_path}")
         if args.report:
             return await _write_report(args, state_dir, console)
     finally:
+        if vtn is not None:
+            await vtn.stop()
         if broker is not None:
             await broker.stop()
         await site.stop()

@@ -160,6 +160,15 @@ def print_status(doc: dict[str, Any], out: Console) -> None:
         )
     orders = doc.get("grid_orders") or []
     out.print(f"grid orders: {len(orders)} active" + "".join(f"\n  {o}" for o in orders))
+    oa = doc.get("openadr")
+    if oa:  # the OpenADR VEN's health (controller/runtime/openadr_service.py)
+        bad = oa.get("status") != "ok"
+        out.print(
+            ("[red]" if bad else "")
+            + f"OpenADR VTN {oa.get('vtn')}: {oa.get('status')}, MQTT {oa.get('mqtt')}, "
+            f"{len(oa.get('events') or [])} event(s), {oa.get('reports_waiting', 0)} report(s) "
+            f"waiting" + (f"; {oa.get('error')}[/red]" if bad else "")
+        )
     rigs = doc["rigs"]
     out.print(
         "rigs: " + ", ".join(f"{k} {v}" for k, v in rigs.items()) + f" (of {doc['rigs_total']})"

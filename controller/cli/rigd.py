@@ -155,7 +155,18 @@ def cmd_sim(args: argparse.Namespace) -> int:
         )
         await site.start()
         eventloop.settle_gc()  # the farm model and its servers live as long as the process
+        vtn = None
         try:
+            oadr_toml = ""
+            if args.vtn:  # an OpenADR 3.1 VTN beside the farm (controller/cli/openadr_sim.py)
+                from controller.cli.openadr_sim import UtilityScript, make_vtn, openadr_toml
+
+                if not args.max_import_kw:
+                    raise ValueError("--vtn needs --max-import-kw (OpenADR events need control)")
+                vtn = make_vtn(args.site, args.broker, now=site.clock.now, port=args.vtn_port)
+                await vtn.start()
+                program = await UtilityScript(vtn).program()
+                oadr_toml = openadr_toml(vtn, args.site)
             text = site.config_toml(
                 site_id=args.site,
                 broker_url=args.broker,
@@ -166,7 +177,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     if args.max_import_kw
                     else ""
                 )
-                + _sim_grid_toml(args),
+                + _sim_grid_toml(args)
+                + oadr_toml,
             )
             parse_config(text, source="<generated>", environ={})  # never write a bad config
             if args.write_config:
@@ -184,6 +196,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 print(f"  {dialect} miner {rid} at {host}:{port}", flush=True)
             for pid, agent in site.pdu_agents.items():
                 print(f"  PDU {pid} SNMP at {agent.host}:{agent.port} (public/private)", flush=True)
+            if vtn is not None:
+                bl_secret, _ = vtn.clients["bl"]
+                print(
+                    f"  OpenADR 3.1 VTN at {vtn.base_url} (MQTT notifier on {args.broker}); "
+                    f"business-logic client id bl, secret {bl_secret}; program {program}",
+                    flush=True,
+                )
             if args.write_config:
                 print(f"config written to {args.write_config}; run the daemon with:", flush=True)
                 print(f"  rigd run -c {args.write_config}", flush=True)
@@ -192,6 +211,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             install_stop(stop)
             await asyncio.gather(stop.wait(), stop_after(stop, args.duration))
         finally:
+            if vtn is not None:
+                await vtn.stop()
             await site.stop()
 
     try:
@@ -329,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a [grid] section trusting this operator public key (needs "
         "--max-import-kw); from `rigctl grid keygen`",
     )
+    sp.add_argument(
+        "--vtn",
+        action="store_true",
+        help="also run a simulated OpenADR 3.1 VTN (notifying on --broker) and write an "
+        "[openadr] section for it (needs --max-import-kw); see docs/openadr.md",
+    )
+    sp.add_argument(
+        "--vtn-port", type=int, default=8310, help="the simulated VTN's port (default 8310)"
+    )
     sp.add_argument("--duration", type=_positive, help="stop after this many seconds")
     log_arg(sp)
     sp.set_defaults(func=cmd_sim)
@@ -368,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--report",
         metavar="FILE",
         help="when the demo ends, write the report of the run (FILE.png or FILE.html)",
+    )
+    sp.add_argument(
+        "--grid",
+        choices=("signed", "openadr"),
+        default="signed",
+        help="how the scripted order arrives: a signed MQTT order (default), or an OpenADR "
+        "3.1 event on a simulated VTN (docs/openadr.md)",
     )
     log_arg(sp)
     sp.set_defaults(func=cmd_demo)

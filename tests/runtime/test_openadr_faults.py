@@ -6,12 +6,15 @@ stays in force and the state document says what is wrong."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from rich.console import Console
 
+from controller.cli.rigctl import AdminClient, print_status
 from simulators.clock import ScaledClock
 from simulators.openadr_vtn import SimVtn
 from simulators.site import SimSite
@@ -88,6 +91,15 @@ async def test_vtn_failures_invalid_events_and_forged_notifications_change_nothi
             await bl.update_event(event["id"], {**bad, "intervals": event["intervals"]})
             await w.wait_json("rigd/sim/state", lambda s: s["openadr"]["status"] == "vtn_error")
             assert "HTTP 500" in oadr(w)["error"]
+            # the technician sees it (rigctl status) and the order in force (rigctl grid status)
+            client = AdminClient(cfg.admin.socket)
+            doc = await asyncio.to_thread(client.call, "status")
+            out = Console(file=io.StringIO(), width=200)
+            print_status(doc, out)
+            text = out.file.getvalue()  # type: ignore[attr-defined]
+            assert "OpenADR VTN" in text and "vtn_error" in text and "HTTP 500" in text
+            got = await asyncio.to_thread(client.call, "grid")
+            assert [o["order_id"] for o in got["orders"]] == [order]
             vtn._faults.clear()
             vtn.fail_next(403, times=1000, path_prefix="/events", method="GET")
             await w.wait_json(
