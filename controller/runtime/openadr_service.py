@@ -416,9 +416,14 @@ class OpenADRService:
             )
             for o in self._oadr_orders()
         }
+        specs = resolve(all_slots)
+        for event_id, rec in self.events.items():
+            rec["orders"] = [sp.order_id for sp in specs if sp.event_id == event_id] or rec.get(
+                "orders", []
+            )
         self.seq += 1
         ch = changes(
-            resolve(all_slots),
+            specs,
             known,
             now=now,
             site=self.site,
@@ -478,11 +483,7 @@ class OpenADRService:
                 ev_slots = self._slots(rec) if not deleted else []
             except EventError:
                 continue
-            mine = [
-                o
-                for oid, o in orders.items()
-                if oid.split(".")[1:2] == [event_id] or oid.startswith(f"{ORDER_PREFIX}{event_id}.")
-            ]
+            mine = [orders[oid] for oid in rec.get("orders", []) if oid in orders]
             curtailed = any(o.status == ACTIVE for o in mine)
             state = operating_state(curtailed=curtailed, import_kw=kw, idle_kw=self.idle_kw)
             tallies = {k: Tally.from_dict(t) for k, t in rec["tallies"].items()}
@@ -496,8 +497,9 @@ class OpenADRService:
                 order = next((o for o in mine if o.order_id.endswith(f".{s.key}")), None)
                 if order is not None and order.baseline_kw is not None:
                     t.baseline_kw = order.baseline_kw
-            for t in tallies.values():
-                t.observe(now, kw, state, self.max_gap_s)
+            if not deleted:  # a deleted event's figures stop where it was deleted
+                for t in tallies.values():
+                    t.observe(now, kw, state, self.max_gap_s)
             rec["tallies"] = {k: t.as_dict() for k, t in tallies.items()}
             changed = True
             self._reports_due(event_id, rec, ev, tallies, now, snap, bool(deleted))
