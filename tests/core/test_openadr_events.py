@@ -279,3 +279,75 @@ def test_intervals_over_already_are_not_sent() -> None:
     e = ev([cap(400.0, iid=0), cap(300.0, iid=1)], intervalPeriod=period(T0, "PT10M"))
     assert _apply(book, e, T0 + 700, 1) == 1
     assert list(book.orders) == ["oadr.e1.1"]
+
+
+# -- reports (core/grid/openadr_reports.py) ------------------------------------------------
+
+
+def test_tally_usage_demand_and_report_document() -> None:
+    from controller.core.grid.openadr_reports import (
+        Tally,
+        operating_state,
+        report_plan,
+        report_request,
+    )
+
+    t = Tally("0", 0, T0, T0 + 3600)
+    t.observe(T0 - 10, 500.0, "RUNNING_NORMAL", 60)  # before the interval: nothing counted
+    t.observe(T0 + 10, 400.0, "RUNNING_CURTAILED", 60)
+    t.observe(T0 + 40, 300.0, "RUNNING_CURTAILED", 60)  # 30 s at 400 kW
+    t.observe(T0 + 1000, 300.0, "RUNNING_CURTAILED", 60)  # 960 s silence: a gap, not counted
+    t.observe(T0 + 1030, 300.0, "RUNNING_CURTAILED", 60)  # 30 s at 300 kW
+    assert t.energy_kwh == pytest.approx((400 * 30 + 300 * 30) / 3600)
+    assert t.seconds == 60
+    t.baseline_kw = 520.0
+    doc = report_request(
+        event_id="e1",
+        client_name="rigd-site",
+        resource_name="site-1",
+        report_name="r",
+        types=("USAGE", "DEMAND", "BASELINE", "OPERATING_STATE"),
+        tallies=[t],
+        now=T0 + 1030,
+    )
+    (iv,) = doc["resources"][0]["intervals"]
+    got = {p["type"]: p["values"][0] for p in iv["payloads"]}
+    assert got == {
+        "USAGE": pytest.approx(5.8333, abs=1e-3),
+        "DEMAND": 350.0,
+        "BASELINE": 520.0,
+        "OPERATING_STATE": "RUNNING_CURTAILED",
+    }
+    assert iv["id"] == 0 and iv["intervalPeriod"] == {"start": rfc3339(T0), "duration": "PT1030S"}
+    assert [d["payloadType"] for d in doc["payloadDescriptors"]] == [
+        "USAGE",
+        "DEMAND",
+        "BASELINE",
+        "OPERATING_STATE",
+    ]
+    assert operating_state(curtailed=True, import_kw=0.5, idle_kw=1.0) == "IDLE_CURTAILED"
+    assert operating_state(curtailed=False, import_kw=None, idle_kw=1.0) == "ERROR"
+    # cadence from the event's report descriptors
+    plain = parse_event(ev([cap(5)], intervalPeriod=period(T0, "PT1H")))
+    assert report_plan(plain, ("USAGE",), False).mode == "periodic"
+
+    def with_freq(f: int) -> Any:
+        return parse_event(
+            ev(
+                [cap(5)],
+                intervalPeriod=period(T0, "PT1H"),
+                reportDescriptors=[
+                    {"payloadType": "USAGE", "frequency": f},
+                    {"payloadType": "PRICE"},
+                ],
+            )
+        )
+
+    assert report_plan(with_freq(2), (), False) == report_plan(with_freq(2), (), False)
+    assert (
+        report_plan(with_freq(2), (), False).mode,
+        report_plan(with_freq(2), (), False).every_n,
+    ) == ("every_n", 2)
+    assert report_plan(with_freq(-1), (), False).mode == "end"
+    assert report_plan(with_freq(-1), (), True).mode == "periodic"  # open-ended
+    assert report_plan(with_freq(0), (), False).types == ("USAGE",)

@@ -121,7 +121,7 @@ async def test_event_from_a_bl_client_reaches_rigd_over_mqtt_and_is_obeyed_and_r
                     program["id"],
                     target,
                     duration="PT10M",
-                    reports=["USAGE", "OPERATING_STATE"],
+                    reports=["USAGE", "OPERATING_STATE", "DEMAND", "BASELINE"],
                     report_every=0,
                 )
             )
@@ -156,6 +156,25 @@ async def test_event_from_a_bl_client_reaches_rigd_over_mqtt_and_is_obeyed_and_r
             )
             usage = reports_for(vtn, event["id"], "USAGE")
             assert usage and all(i == 0 and v >= 0 for i, v in usage)
+            assert reports_for(vtn, event["id"], "DEMAND")
+            baseline = [v for _, v in reports_for(vtn, event["id"], "BASELINE")]
+            assert baseline and baseline[-1] > target  # import before the cut
+            # A later event asks what the site could shed: reported ahead of its start.
+            later = await bl.event(
+                cap_event(
+                    program["id"],
+                    target,
+                    start=rfc3339(site.clock.now() + 1800),
+                    duration="PT30M",
+                    reports=["LOAD_SHED_DELTA_AVAILABLE"],
+                )
+            )
+            await wait_until(
+                lambda: bool(reports_for(vtn, later["id"], "LOAD_SHED_DELTA_AVAILABLE")),
+                5,
+                "LOAD_SHED_DELTA_AVAILABLE ahead of the event",
+            )
+            await bl.delete_event(later["id"])
             # The utility deletes the event: the cap is lifted.
             await bl.delete_event(event["id"])
             await w.wait_json("rigd/sim/state", lambda s: s["cap_source"] != "grid", within=5)
