@@ -378,7 +378,9 @@ class OpenADRService:
                 }
             elif rec.get("doc") != stored or rec.get("deleted_at"):
                 log.info("openadr_event_updated", event_id=ev.id, modified=ev.modificationDateTime)
-                rec.update(doc=stored, offset_s=offset, range_s=r, deleted_at=None)
+                rec.update(
+                    doc=stored, offset_s=offset, range_s=r, deleted_at=None, final_sent=False
+                )
         if complete:
             for event_id, rec in self.events.items():
                 if event_id not in seen and not rec.get("deleted_at"):
@@ -478,6 +480,8 @@ class OpenADRService:
                 del self.events[event_id]
                 changed = True
                 continue
+            if rec.get("final_sent"):
+                continue  # over and reported: nothing more to measure
             try:
                 ev = self._event(rec)
                 ev_slots = self._slots(rec) if not deleted else []

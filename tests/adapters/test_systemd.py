@@ -425,6 +425,7 @@ def test_every_secret_setting_accepts_a_credential() -> None:
     assert sorted(secrets) == [
         "MinerConfig.password",
         "MqttConfig.password",
+        "OpenADRConfig.client_secret",
         "PduConfig.auth_key",
         "PduConfig.community",
         "PduConfig.priv_key",
@@ -435,6 +436,8 @@ def test_every_secret_setting_accepts_a_credential() -> None:
         "MqttConfig.ca_file",
         "MqttConfig.cert_file",
         "MqttConfig.key_file",
+        "OpenADRConfig.ca_file",
+        "OpenADRConfig.mqtt_ca_file",
     ]
 
 
