@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import random
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -127,6 +128,7 @@ class OpenADRService:
         self._tasks: list[asyncio.Task[None]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
+        self._failing = asyncio.Event()  # set on a VTN failure: the resync wait ends
         self._load()
         log.info(
             "openadr_loaded",
@@ -209,6 +211,7 @@ class OpenADRService:
             )
         self.status = status
         self.last_error = e.detail
+        self._failing.set()
 
     async def _run(self) -> None:
         """Enrol, discover the notifier, listen; on any VTN failure start over, backing off."""
@@ -269,7 +272,15 @@ class OpenADRService:
         try:
             await self.sync()  # at start, before the broker has said anything
             while True:
-                await self.clock.sleep(self.cfg.resync_interval_s)
+                if self.status == "ok":  # until the next resync, or a failure
+                    self._failing.clear()
+                    await _first(self.clock.sleep(self.cfg.resync_interval_s), self._failing.wait())
+                if self.status != "ok":
+                    # While the VTN fails, read again at the poll interval: a notification
+                    # that could not be confirmed meanwhile is caught up then.
+                    await self.clock.sleep(
+                        min(self.cfg.resync_interval_s, self.cfg.poll_interval_s)
+                    )
                 await self.sync()
         finally:
             listening.cancel()
@@ -638,6 +649,18 @@ class OpenADRService:
             "reports_waiting": len(self.outbox),
             "token_expires_at": self.client.token_expires_at or None,
         }
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of `aws` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
 
 def _running_kw(snap: SiteSnapshot) -> float:

@@ -18,7 +18,7 @@ def test_demo_plays_the_order_as_an_openadr_event() -> None:
         "--grid",
         "openadr",
         "--duration",
-        "9",
+        "12",
         "--rigs",
         "30",
         "--pdus",
