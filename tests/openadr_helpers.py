@@ -2,7 +2,7 @@
 business-logic client that is not rigd's code.
 
 `spec_api(base_url)` loads tests/fixtures/openadr-3.1/openadr3.yaml (committed verbatim)
-and corrects in memory the two defects of the published 3.1.0 document that make some
+and corrects in memory the three defects of the published 3.1.0 document that make some
 valid traffic impossible to validate (see tests/fixtures/README.md):
 
 1. `BlVenRequest.targets` has `default: "null          -"` (a YAML slip), which fails
@@ -11,6 +11,9 @@ valid traffic impossible to validate (see tests/fixtures/README.md):
    ... VEN, RESOURCE) and `BlVenRequest`/`BlResourceRequest` (objectType BL_VEN_REQUEST /
    BL_RESOURCE_REQUEST): no object can satisfy both, so the Bl* enum is widened to accept
    the metadata's VEN / RESOURCE.
+3. `notification.object` has a `discriminator` on `objectType` without a mapping, so the
+   values objects carry (EVENT, PROGRAM, ...) would name schemas that do not exist; the
+   mapping to `event`, `program`, ... is added.
 
 `check_exchanges` validates every request and response a simulated VTN saw with
 openapi-core. `Bl` wraps the openadr3 package's business-logic client (grid-coordination
@@ -28,6 +31,9 @@ import yaml
 from openadr3 import create_bl_client
 from openapi_core import Config, OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
+from openapi_schema_validator import OAS30Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT4
 
 from simulators.openadr_vtn import Exchange, SimVtn
 
@@ -45,6 +51,11 @@ def spec_dict(base_url: str) -> dict[str, Any]:
     schemas["BlVenRequest"]["properties"]["targets"]["default"] = None
     schemas["BlVenRequest"]["properties"]["objectType"]["enum"].append("VEN")
     schemas["BlResourceRequest"]["properties"]["objectType"]["enum"].append("RESOURCE")
+    obj = schemas["notification"]["properties"]["object"]
+    obj["discriminator"]["mapping"] = {
+        k.upper(): f"#/components/schemas/{k}"
+        for k in ("program", "report", "event", "subscription", "ven", "resource")
+    }
     return spec
 
 
@@ -99,6 +110,20 @@ def check_exchanges(vtn: SimVtn, exchanges: list[Exchange] | None = None) -> int
             ) from e
         n += 1
     return n
+
+
+def check_notifications(vtn: SimVtn) -> int:
+    """Validate every notification the VTN published on MQTT against the document's
+    `notification` schema; the count checked."""
+    spec = spec_dict(vtn.base_url)
+    registry: Registry[Any] = Registry().with_resource(
+        "urn:oadr", Resource.from_contents(spec, default_specification=DRAFT4)
+    )
+    v = OAS30Validator({"$ref": "urn:oadr#/components/schemas/notification"}, registry=registry)
+    for p in vtn.published:
+        errors = [e.message[-300:] for e in v.iter_errors(p.payload)]
+        assert not errors, (p.topic, errors)
+    return len(vtn.published)
 
 
 class Bl:

@@ -11,7 +11,7 @@ import httpx
 
 from simulators.openadr_vtn import SimVtn
 from tests.conftest import Mosquitto
-from tests.openadr_helpers import Bl, cap_event, check_exchanges
+from tests.openadr_helpers import Bl, cap_event, check_exchanges, check_notifications
 
 CLIENTS = {"bl": ("bl-secret", "bl"), "ven-1": ("ven-secret", "ven")}
 
@@ -96,6 +96,7 @@ async def test_bl_client_and_ven_traffic_validates_and_notifies(mosquitto: Mosqu
         await bl.delete_event(mine["id"])
         bl.close()
         assert check_exchanges(vtn) >= 15
+        assert check_notifications(vtn) >= 3
 
 
 async def test_injected_faults_and_expired_tokens() -> None:

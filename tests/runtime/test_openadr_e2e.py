@@ -23,7 +23,7 @@ from simulators.clock import ScaledClock
 from simulators.openadr_vtn import SimVtn
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, Watcher, running, watch
-from tests.openadr_helpers import Bl, cap_event, check_exchanges
+from tests.openadr_helpers import Bl, cap_event, check_exchanges, check_notifications
 
 SPEED = 20.0
 RESPOND_S = 120.0
@@ -193,6 +193,7 @@ async def test_event_from_a_bl_client_reaches_rigd_over_mqtt_and_is_obeyed_and_r
             }
         bl.close()
         assert check_exchanges(vtn) > 10
+        assert check_notifications(vtn) > 0
 
 
 async def test_broker_outage_event_recovered_over_rest_on_reconnect(
