@@ -116,9 +116,19 @@ async def test_vtn_failures_invalid_events_and_forged_notifications_change_nothi
                 "rigd/sim/state", lambda s: s["openadr"]["status"] == "unreachable", within=40
             )
             assert w.json("rigd/sim/state")["cap_source"] == "grid"
+            # reports wait in the outbox meanwhile, and go when the VTN is back
+            await w.wait_json(
+                "rigd/sim/state", lambda s: s["openadr"]["reports_waiting"] >= 2, within=20
+            )
+            sent_before = len(vtn.reports(event["id"]))
             vtn.port = port
             await vtn.start()
-            await w.wait_json("rigd/sim/state", lambda s: s["openadr"]["status"] == "ok", within=40)
+            await w.wait_json(
+                "rigd/sim/state",
+                lambda s: s["openadr"]["status"] == "ok" and s["openadr"]["reports_waiting"] == 0,
+                within=40,
+            )
+            assert len(vtn.reports(event["id"])) >= sent_before + 2
 
             # 5. tokens renewed before they expire: no call was refused for an old token
             for _ in range(200):
