@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -498,7 +499,12 @@ class OpenADRService:
                 ev_slots = self._slots(rec) if not deleted else []
             except EventError:
                 continue
-            mine = [orders[oid] for oid in rec.get("orders", []) if oid in orders]
+            ids = rec.get("orders", [])
+            mine = [
+                o
+                for oid, o in orders.items()
+                if oid in ids or any(oid.startswith(f"{i}-r") for i in ids)
+            ]
             curtailed = any(o.status == ACTIVE for o in mine)
             state = operating_state(curtailed=curtailed, import_kw=kw, idle_kw=self.idle_kw)
             tallies = {k: Tally.from_dict(t) for k, t in rec["tallies"].items()}
@@ -509,7 +515,8 @@ class OpenADRService:
                     )
                 t = tallies[s.key]
                 t.start, t.end = s.start, None if s.end == float("inf") else s.end
-                order = next((o for o in mine if o.order_id.endswith(f".{s.key}")), None)
+                of_slot = [o for o in mine if _base_id(o.order_id).endswith(f".{s.key}")]
+                order = of_slot[-1] if of_slot else None
                 if order is not None and order.baseline_kw is not None:
                     t.baseline_kw = order.baseline_kw
             if not deleted:  # a deleted event's figures stop where it was deleted
@@ -661,6 +668,11 @@ async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+def _base_id(order_id: str) -> str:
+    """An order's id without the `-r<n>` of an interval that went on after a closed order."""
+    return re.sub(r"-r\d+$", "", order_id)
 
 
 def _running_kw(snap: SiteSnapshot) -> float:

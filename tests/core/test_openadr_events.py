@@ -270,8 +270,10 @@ def test_events_created_updated_and_cancelled_through_the_order_book() -> None:
     gone = ev([cap(250.0)], intervalPeriod={"start": "0001-01-01", "duration": "PT0S"})
     assert _apply(book, gone, T0 + 4, 4) == 1
     assert book.orders["oadr.e1.0"].status == "cancelled" and book.limits() == {}
-    # and a later copy of the old event cannot reopen it
-    assert _apply(book, e, T0 + 5, 5) == 0
+    # the utility restores the event: the cancelled order is not reopened, a new one goes on
+    assert _apply(book, e, T0 + 5, 5) == 1
+    assert book.orders["oadr.e1.0-r1"].status == "active"
+    assert book.orders["oadr.e1.0"].status == "cancelled"
 
 
 def test_intervals_over_already_are_not_sent() -> None:
@@ -351,3 +353,16 @@ def test_tally_usage_demand_and_report_document() -> None:
     assert report_plan(with_freq(-1), (), False).mode == "end"
     assert report_plan(with_freq(-1), (), True).mode == "periodic"  # open-ended
     assert report_plan(with_freq(0), (), False).types == ("USAGE",)
+
+
+def test_an_interval_extended_after_its_order_ended_goes_on_as_a_new_order() -> None:
+    book = _book()
+    e = ev([cap(400.0)], intervalPeriod=period(T0, "PT10M"))
+    assert _apply(book, e, T0 + 1, 1) == 1
+    book.tick(T0 + 601)
+    assert book.orders["oadr.e1.0"].status == "completed"
+    longer = ev([cap(400.0)], intervalPeriod=period(T0, "PT20M"))
+    assert _apply(book, longer, T0 + 602, 2) == 1
+    o = book.orders["oadr.e1.0-r1"]
+    assert o.status == "active" and o.end == T0 + 1200 and o.cap_kw == 400.0
+    assert _apply(book, longer, T0 + 603, 3) == 0  # and it is then left alone

@@ -405,13 +405,12 @@ class OrderSpec:
 
 
 def order_id(event_id: str, key: str) -> str:
-    """`oadr.<eventID>.<interval>`, within an order id's 128 characters (a long event id is
-    shortened with a hash, so two long ids never meet)."""
+    """`oadr.<eventID>.<interval>`, within 120 of an order id's 128 characters (a long
+    event id is shortened with a hash, so two long ids never meet)."""
     base = f"{ORDER_PREFIX}{event_id}"
-    if len(base) + 1 + len(key) > 128:
+    if len(base) + 1 + len(key) > 120:  # room for a -r<n> suffix (see `live_id`)
         h = hashlib.sha256(event_id.encode()).hexdigest()[:16]
-        base = f"{ORDER_PREFIX}{event_id[: 128 - len(ORDER_PREFIX) - 18 - len(key)]}~{h}"
-        base = base.replace("~", "-")
+        base = f"{ORDER_PREFIX}{event_id[: 120 - len(ORDER_PREFIX) - 18 - len(key)]}-{h}"
     return f"{base}.{key}"
 
 
@@ -479,10 +478,11 @@ def changes(
     `known` holds the book's orders that came from OpenADR (ids starting `oadr.`). An open
     order no longer wanted is cancelled; a new one is curtailed; a changed one is re-sent
     with a higher modification (OpenADR's way to revise, which the book understands). An
-    order already closed (completed, cancelled) is left alone: the book refuses to reopen
-    it, and its time is over."""
+    order already closed (completed, cancelled) cannot be reopened: when its interval is
+    wanted again with time still to run (an event extended after the order's end), it goes
+    on as a new order `<id>-r1` (`-r2`, ...)."""
     out = Changes()
-    want = {w.order_id: w for w in wanted}
+    want = {live_id(w.order_id, known): w for w in wanted}
     n = 0
 
     def claims() -> dict[str, Any]:
@@ -505,8 +505,6 @@ def changes(
         k = known.get(oid)
         if w.end is not None and w.end <= now:
             continue  # over already: nothing to obey (a past interval of a fresh event)
-        if k is not None and not k.open:
-            continue
         cap = round(w.cap_kw, 6)
         if (
             k is not None
@@ -529,6 +527,16 @@ def changes(
             )
         )
     return out
+
+
+def live_id(order_id: str, known: Mapping[str, Known]) -> str:
+    """The id under which an interval's order goes on: its own, or `-r<n>` after closed
+    ones (the book never reopens a closed order)."""
+    cur, n = order_id, 0
+    while cur in known and not known[cur].open:
+        n += 1
+        cur = f"{order_id}-r{n}"
+    return cur
 
 
 def _jti(text: str) -> str:
