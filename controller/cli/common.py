@@ -94,6 +94,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.config}: OK")
     print(summarize(cfg))
+    if cfg.openadr is not None and cfg.openadr.enabled:
+        print(cfg.openadr.describe())
     if creds.used:
         names = ", ".join(creds.used)
         if creds.read:

@@ -95,6 +95,19 @@ class OpenADRConfig(BaseModel):
             raise ValueError(f"unknown report types {bad}: rigd reports {', '.join(REPORT_TYPES)}")
         return v
 
+    def describe(self) -> str:
+        """One line for `rigd check-config`."""
+        levels = (
+            f"levels {', '.join(f'{k:g}' for k in self.levels_kw)} kW"
+            if self.levels_kw is not None
+            else f"levels {', '.join(f'{p:g}' for p in self.levels_pct)} %"
+        )
+        return (
+            f"OpenADR 3.1 VEN {self.ven_name!r} of VTN {self.vtn_url} (client {self.client_id}), "
+            f"{'programs ' + ', '.join(self.programs) if self.programs else 'all programs'}, "
+            f"SIMPLE {levels}, respond within {self.respond_within_s:g} s"
+        )
+
     @model_validator(mode="after")
     def _poll_fits(self) -> OpenADRConfig:
         if self.timeout_s >= self.poll_interval_s:

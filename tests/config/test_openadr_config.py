@@ -32,6 +32,10 @@ def test_openadr_section_with_a_credential(tmp_path: Path) -> None:
     assert o.client_secret.get_secret_value() == "s3cret"
     assert o.levels_pct == [100, 66, 33, 0] and o.alert_level == 2
     assert o.default_reports == ["USAGE", "OPERATING_STATE"]
+    assert o.describe() == (
+        "OpenADR 3.1 VEN 'rigd-s1' of VTN https://vtn.example-grid.com/openadr3/3.1.0 "
+        "(client ven-s1), all programs, SIMPLE levels 100, 66, 33, 0 %, respond within 60 s"
+    )
 
 
 @pytest.mark.parametrize(
