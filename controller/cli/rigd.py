@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
                 if not args.max_import_kw:
                     raise ValueError("--vtn needs --max-import-kw (OpenADR events need control)")
-                vtn = make_vtn(args.site, args.broker, now=site.clock.now, port=args.vtn_port)
+                # wall time, as `rigd run`: its token lifetimes and event times are the daemon's
+                vtn = make_vtn(args.site, args.broker, now=time.time, port=args.vtn_port)
                 await vtn.start()
                 program = await UtilityScript(vtn).program()
                 oadr_toml = openadr_toml(vtn, args.site)
