@@ -571,7 +571,9 @@ class OpenADRService:
             if all_over:
                 send = [t for t in ordered if t.start <= now]
         else:
-            if all_over or now - float(rec.get("last_report", 0.0)) >= self.cfg.report_interval_s:
+            # the first report one interval into the event, not at its first observation
+            last = float(rec.get("last_report") or max(first, float(rec["first_seen"])))
+            if all_over or now - last >= self.cfg.report_interval_s:
                 send = [t for t in ordered if t.start <= now and t.key not in reported]
         if send and now >= first:
             self._queue(event_id, tuple(measured), send, now)
