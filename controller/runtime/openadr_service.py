@@ -436,15 +436,23 @@ class OpenADRService:
                 "orders", []
             )
         self.seq += 1
-        ch = changes(
-            specs,
-            known,
-            now=now,
-            site=self.site,
-            respond_within_s=self.cfg.respond_within_s,
-            iss=self.iss,
-            jti_base=f"oadr-{self.seq}",
-        )
+        try:
+            ch = changes(
+                specs,
+                known,
+                now=now,
+                site=self.site,
+                respond_within_s=self.cfg.respond_within_s,
+                iss=self.iss,
+                jti_base=f"oadr-{self.seq}",
+            )
+        except ValueError as e:  # an order the book's own model refuses: keep what is
+            log.error(
+                "openadr_orders_not_made",
+                error=str(e)[:300],
+                detail="what was in force stays in force",
+            )
+            return
         msgs: list[Cancel | Curtail] = [*ch.cancel, *ch.curtail]
         for msg in msgs:
             outcome = self.grid.book.apply(msg, now, signed=True, kid=None)

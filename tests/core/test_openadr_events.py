@@ -366,3 +366,22 @@ def test_an_interval_extended_after_its_order_ended_goes_on_as_a_new_order() -> 
     o = book.orders["oadr.e1.0-r1"]
     assert o.status == "active" and o.end == T0 + 1200 and o.cap_kw == 400.0
     assert _apply(book, longer, T0 + 603, 3) == 0  # and it is then left alone
+
+
+def test_out_of_range_caps_and_times_are_refused_or_open_ended() -> None:
+    huge = parse_event(ev([cap(2e9)], intervalPeriod=period(T0, "PT1H")))
+    with pytest.raises(EventError):
+        slots(huge, RULES, first_seen=T0)
+    far = parse_event(
+        ev([cap(5)], intervalPeriod={"start": "9999-01-01T00:00:00Z", "duration": "PT1H"})
+    )
+    with pytest.raises(EventError):
+        slots(far, RULES, first_seen=T0)
+    past = parse_event(
+        ev([cap(5)], intervalPeriod={"start": "1001-01-01T00:00:00Z", "duration": "PT1H"})
+    )
+    with pytest.raises(EventError):
+        slots(past, RULES, first_seen=T0)
+    long = parse_event(ev([cap(5)], intervalPeriod=period(T0, "P5000Y")))
+    (s,) = slots(long, RULES, first_seen=T0)
+    assert math.isinf(s.end) and resolve([s])[0].end is None

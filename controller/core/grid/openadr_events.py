@@ -264,6 +264,16 @@ def _number(payload_type: str, v: object) -> float:
     return float(v)
 
 
+MAX_KW = 1e7  # what an order's cap may be (core/grid/orders.py)
+LAST_TIME = 1e11  # epoch seconds an order may name (year 5138)
+
+
+def _cap_kw(payload_type: str, kw: float) -> float:
+    if kw > MAX_KW:
+        raise EventError(f"{payload_type}: {kw:g} kW is out of range")
+    return kw
+
+
 def _caps(event: Event, payload: ValuesMap, rules: SiteRules) -> list[float]:
     """The cap of each value of one payload (a multi-valued payload has sub-intervals)."""
     t = payload.type
@@ -271,7 +281,7 @@ def _caps(event: Event, payload: ValuesMap, rules: SiteRules) -> list[float]:
         raise EventError(f"{t}: no values")
     if t in ("IMPORT_CAPACITY_LIMIT", "DISPATCH_SETPOINT"):
         f = _unit_factor(event, t)
-        return [_number(t, v) * f for v in payload.values]
+        return [_cap_kw(t, _number(t, v) * f) for v in payload.values]
     if t == "SIMPLE":
         out = []
         for v in payload.values:
@@ -318,21 +328,23 @@ def slots(
             start = t + offset_s
         elif n > 0 and prev_end is not None:
             start = prev_end  # already shifted with the first
-        elif start_text is not None or n == 0:
-            # 'now' (0001-01-01), or no start at all for the first interval: the event's
-            # default start if it has an absolute one, else the moment rigd saw the event.
-            dflt = parse_start(default.start) if default.start else None
-            if start_text is None and default.start is None:
-                raise EventError(f"interval {iv.id}: no start (neither its own nor the event's)")
-            start = (first_seen if dflt is None else dflt) + offset_s
+        elif start_text is None:
+            raise EventError(f"interval {iv.id}: no start (neither its own nor the event's)")
         else:
-            raise EventError(f"interval {iv.id}: no start")
+            # 'now' (0001-01-01): the event's default start if it is an absolute one, else
+            # the moment rigd first saw the event.
+            dflt = parse_start(default.start) if default.start else None
+            start = (first_seen if dflt is None else dflt) + offset_s
         if dur_text is None:
             raise EventError(f"interval {iv.id}: no duration (neither its own nor the event's)")
         duration = parse_duration(dur_text)
         if duration < 0:
             raise EventError(f"interval {iv.id}: negative duration {dur_text!r}")
+        if not 0 <= start <= LAST_TIME:
+            raise EventError(f"interval {iv.id}: its start is out of range")
         end = start + duration
+        if end > LAST_TIME:
+            end = INF  # further than any order can name: open-ended
         prev_end = end
         if first_start is None:
             first_start = start
