@@ -32,6 +32,8 @@ from typing import Any, Final, Literal, TypeVar
 
 import structlog
 
+from controller.statedir import create_private
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -205,6 +207,7 @@ class StateStore:
         self.monotonic = monotonic
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)  # 0600 whatever the umask: it holds the audit log
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
