@@ -83,6 +83,7 @@ class AdminServer:
         self.path = path
         self.group = group
         self._server: asyncio.Server | None = None
+        self._made: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._handlers: dict[str, Callable[[dict[str, Any], str], Awaitable[Any]]] = {
             "status": self._status,
             "rigs": self._rigs,
@@ -112,6 +113,8 @@ class AdminServer:
             )
         finally:
             os.umask(old)
+        st = self.path.stat()
+        self._made = (st.st_dev, st.st_ino)
         if self.group:
             try:
                 gid = grp.getgrnam(self.group).gr_gid
@@ -130,8 +133,12 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+        # Only the socket this server made: not one another rigd made at the same path.
+        made, self._made = self._made, None
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            st = self.path.stat()
+            if made == (st.st_dev, st.st_ino):
+                self.path.unlink()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

@@ -141,6 +141,13 @@ class MqttLink:
         """Subscribe now and after every reconnect."""
         self.subscriptions[topic] = qos
 
+    def used_topic(self, topic: str) -> bool:
+        """Whether rigd subscribes to `topic` or publishes it retained: such a topic is
+        never a grid response topic (controller/grid/topics.py)."""
+        return topic in self._retained or any(
+            paho.topic_matches_sub(f, topic) for f in self.subscriptions
+        )
+
     # -- connection management -----------------------------------------------------------
 
     def _make_client(self) -> aiomqtt.Client:

@@ -32,6 +32,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import structlog
 
+from controller.adapters.statedir import create_private
 from controller.errors import RigdError
 
 log = structlog.get_logger(__name__)
@@ -207,6 +208,7 @@ class StateStore:
         self.monotonic = monotonic
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)  # 0600 whatever the umask: it holds the audit log
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")

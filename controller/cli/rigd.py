@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -33,6 +33,10 @@ from controller.config import (
 )
 from controller.runtime import eventloop
 
+if TYPE_CHECKING:
+    from controller.adapters.store import StoreError
+    from controller.config import Config
+
 # sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
 EXIT_CONFIG = 78
 # The state database at start (README "Faults"): damaged or unreadable state needs a person,
@@ -40,6 +44,9 @@ EXIT_CONFIG = 78
 # come back, so EX_IOERR is restarted. Neither run has sent a command to any rig.
 EXIT_STATE_CORRUPT = 65
 EXIT_STATE_IO = 74
+# sysexits.h EX_CANTCREAT: another rigd holds the state directory (controller/statedir.py).
+# The running one keeps the farm; systemd does not retry, a person must say which one runs.
+EXIT_ALREADY_RUNNING = 73
 
 log = structlog.get_logger("rigd")
 
@@ -85,7 +92,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print_config_error(e, sys.stderr)
         return EXIT_CONFIG
+    from controller.adapters.statedir import AlreadyRunning, InstanceLock
+    from controller.adapters.store import StoreError
     from controller.runtime.daemon import Daemon
+
+    try:
+        # Before anything touches the state database, the admin socket or the broker.
+        lock = InstanceLock.acquire(cfg.site.state_dir)
+    except AlreadyRunning as e:
+        log.critical("rigd_already_running", state_dir=str(e.state_dir), pid=e.pid)
+        print(f"rigd: {e}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    except StoreError as e:
+        return _state_unusable(e, cfg)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -102,17 +121,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             stop.set()
             await notifying
 
-    from controller.adapters.store import StoreError
-
     try:
         eventloop.run(main())
     except StoreError as e:
-        log.critical(
-            "state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir)
-        )
-        print(f"rigd: {e}", file=sys.stderr)
-        return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
+        return _state_unusable(e, cfg)
+    finally:
+        lock.release()
     return 0
+
+
+def _state_unusable(e: StoreError, cfg: Config) -> int:
+    """Log and print a StoreError at start; its exit status."""
+    log.critical("state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir))
+    print(f"rigd: {e}", file=sys.stderr)
+    return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
 
 
 # -- rigd sim ---------------------------------------------------------------------------------

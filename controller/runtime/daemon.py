@@ -498,6 +498,12 @@ class Daemon:
             log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
         await self.exports.start()
         discovering = asyncio.create_task(self._discover_loop(stop), name="discovery")
+        # Grid progress reports on their own timer, not once a cycle.
+        reporting = (
+            asyncio.create_task(self.grid.run_reports(self.clock, stop), name="grid-reports")
+            if self.grid is not None
+            else None
+        )
         try:
             next_t = self.clock.monotonic()
             kicked = False
@@ -522,9 +528,11 @@ class Daemon:
                 kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
         finally:
             log.info("rigd_stopping", site=self.cfg.site.id)
-            discovering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await discovering
+            for task in (discovering, reporting):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await admin.stop()
             await self.exports.stop()
             if self.controller is not None:
