@@ -37,6 +37,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from drivers.base import MinerCapabilities
 from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
@@ -61,7 +62,6 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
-from drivers.miner import MinerCapabilities
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,5 @@
-"""The CGMiner-compatible RPC ("port 4028") transport, and parsing its replies into telemetry.
+"""The CGMiner-compatible RPC ("port 4028"): its transport, its replies parsed into telemetry,
+and the driver of a rig that offers nothing more (kind "cgminer": reads only).
 
 Stock Antminer (bmminer), LuxOS, BOSminer and others all speak this protocol, each with
 quirks: numbers sent as strings, joined replies missing commas, replies that end at a NUL or
@@ -22,12 +23,14 @@ from typing import Any, Final, cast
 
 import structlog
 
+from drivers.base import MinerCapabilities
 from drivers.errors import (
     CommandRejected,
     DeviceError,
     DeviceTimeout,
     DeviceUnreachable,
     MalformedReply,
+    UnsupportedOperation,
     snippet,
 )
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
@@ -615,3 +618,67 @@ def parse_telemetry(
         uptime_s=uptime,
         identity=identity,
     )
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+class CGMinerDriver:
+    """Any CGMiner-compatible firmware, stock Antminer included: telemetry only.
+
+    Stock firmware denies control over RPC (Code 45) and its web-UI sleep is unreliable
+    (ignored writes, 20 s answers, reboots needed), so this driver does not pretend:
+    control raises `UnsupportedOperation` and the daemon uses the PDU instead.
+    """
+
+    def __init__(self, device: str, client: CGMinerClient) -> None:
+        self.device = device
+        self.capabilities = MinerCapabilities(can_sleep=False, can_power_target=False)
+        self._client = client
+        self._identity: RigIdentity | None = None
+        self._last_uptime: int | None = None
+
+    def _note_reading(self, tel: RigTelemetry) -> None:
+        """Cache identity; a reboot (uptime went backwards) may mean new firmware, so re-ask."""
+        rebooted = (
+            self._last_uptime is not None
+            and tel.uptime_s is not None
+            and tel.uptime_s < self._last_uptime
+        )
+        self._last_uptime = tel.uptime_s
+        self._identity = None if rebooted else tel.identity
+        if rebooted:
+            log.info("miner.rebooted", device=self.device, uptime_s=tel.uptime_s)
+
+    async def read(self, ts: float) -> RigTelemetry:
+        cmds = ["summary", "stats"] + (["version"] if self._identity is None else [])
+        replies = await self._client.multi(*cmds)
+        tel = parse_telemetry(
+            ts,
+            summary=replies["summary"],
+            stats=replies["stats"],
+            version=replies.get("version"),
+            identity=self._identity,
+            device=self.device,
+        )
+        self._note_reading(tel)
+        return tel
+
+    def _unsupported(self, operation: str) -> UnsupportedOperation:
+        return UnsupportedOperation(
+            "this firmware offers no control over its API; switch the rig's PDU outlet",
+            device=self.device,
+            operation=operation,
+        )
+
+    async def sleep(self) -> None:
+        raise self._unsupported("sleep")
+
+    async def wake(self) -> None:
+        raise self._unsupported("wake")
+
+    async def set_power_target(self, watts: float | None) -> None:
+        raise self._unsupported("set_power_target")
+
+    async def close(self) -> None:
+        """Nothing to release: the protocol opens one connection per request."""

@@ -47,8 +47,7 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-# Imported as a module, not by name, so drivers.miner may import this module in turn.
-import drivers.miner as miner_api
+from drivers.base import MinerCapabilities
 from drivers.cgminer import (
     MAX_REPLY_BYTES,
     MAX_RIG_HASHRATE_THS,
@@ -855,9 +854,9 @@ class _WhatsminerBase:
         lo = self._cfg_min or round(hi * DEFAULT_MIN_FRACTION)
         return min(lo, hi), hi
 
-    def _capabilities(self) -> miner_api.MinerCapabilities:
+    def _capabilities(self) -> MinerCapabilities:
         span = self.power_range() if self._limit_supported else None
-        return miner_api.MinerCapabilities(
+        return MinerCapabilities(
             can_sleep=True,
             can_power_target=self._limit_supported,
             power_target_min_w=span[0] if span else None,

@@ -19,13 +19,13 @@ accept sleep but keep drawing power are a property of the model (`SimRig.ignore_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from controller.config import Config
-from controller.runtime.devices import Devices, MeterDriver, PduDriver
+from controller.runtime.devices import Devices
 from controller.runtime.state import RigInfo
+from drivers.base import MeterDriver, MinerCapabilities, MinerDriver, OutletAction, PduDriver
 from drivers.errors import DeviceTimeout, DeviceUnreachable, UnsupportedOperation
-from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import (
     Hashboard,
     MeterReading,
@@ -36,8 +36,6 @@ from drivers.telemetry import (
     RigTelemetry,
 )
 from simulators.farm import Farm, Mode, SimMeter, SimPdu, SimRig
-
-OutletAction = Literal["on", "off", "reboot"]
 
 
 class DirectMiner:

@@ -22,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -30,6 +29,7 @@ from controller.adapters.mqtt import MqttLink
 from controller.adapters.store import AuditRow, StateStore, StoreError, audit_row
 from controller.core.planner import Action, ActionKind
 from controller.runtime.devices import Devices
+from drivers.base import PduDriver
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
 log = structlog.get_logger(__name__)
@@ -117,7 +117,7 @@ class Executor:
             if info is None or info.outlet is None:
                 raise DeviceError("rig has no PDU outlet", device=a.rig_id, operation=a.kind)
             pdu_id, number = info.outlet
-            pdu: Any = self.devices.pdus[pdu_id]
+            pdu: PduDriver = self.devices.pdus[pdu_id]
             await pdu.set_outlet(number, "off" if a.kind is ActionKind.OUTLET_OFF else "on")
             return
         miner = self.devices.miners[a.rig_id]

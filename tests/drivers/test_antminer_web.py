@@ -39,6 +39,7 @@ from drivers.antminer_web import (
     parse_system_info,
     parse_work_mode,
 )
+from drivers.base import MinerCapabilities, MinerDriver
 from drivers.cgminer import CGMinerClient
 from drivers.errors import (
     CommandRejected,
@@ -48,7 +49,6 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import RigState
 from simulators.antminer_web import (
     REALM,

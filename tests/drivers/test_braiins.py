@@ -26,6 +26,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drivers.base import MinerDriver
 from drivers.braiins import (
     FIRMWARE,
     BraiinsDriver,
@@ -49,7 +50,6 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.miner import MinerDriver
 from drivers.telemetry import RigState
 from simulators.braiins_rest import BOS_VERSION, BraiinsRestFleet, BraiinsRestServer
 from simulators.clock import ManualClock

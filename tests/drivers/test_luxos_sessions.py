@@ -14,8 +14,8 @@ from controller.runtime.control import Hold
 from controller.runtime.daemon import Daemon
 from controller.runtime.devices import build_devices
 from drivers.cgminer import CGMinerClient
-from drivers.luxos import renew_after_s
-from drivers.miner import LuxOSDriver, make_miner_driver
+from drivers.luxos import LuxOSDriver, renew_after_s
+from drivers.registry import LuxOSSettings, MinerAccess, make_miner_driver
 from simulators.clock import ManualClock
 from simulators.farm import Farm, Mode
 from simulators.miner_server import MinerServer
@@ -32,7 +32,10 @@ class Env:
     def driver(self, renew: float | None = RENEW) -> LuxOSDriver:
         s = self.server
         drv = make_miner_driver(
-            "luxos", s.rig_id, s.host, s.port, timeout=2.0, renew_session_after=renew
+            "luxos",
+            s.rig_id,
+            MinerAccess(s.host, s.port, timeout=2.0),
+            LuxOSSettings(renew_session_after=renew),
         )
         assert isinstance(drv, LuxOSDriver)
         return drv

@@ -24,8 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drivers.base import MinerCapabilities, MinerDriver
 from drivers.cgminer import (
     CGMinerClient,
+    CGMinerDriver,
     CGMinerRejected,
     check_status,
     decode_reply,
@@ -38,14 +40,8 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.luxos import choose_profile, parse_profiles
-from drivers.miner import (
-    CGMinerDriver,
-    LuxOSDriver,
-    MinerCapabilities,
-    MinerDriver,
-    make_miner_driver,
-)
+from drivers.luxos import LuxOSDriver, choose_profile, parse_profiles
+from drivers.registry import MinerAccess, make_miner_driver
 from drivers.telemetry import RigState
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, Mode
@@ -72,7 +68,7 @@ class Env:
     stock: MinerServer  # rig-002, stock bmminer
 
     def driver(self, kind: str, server: MinerServer, **kw: Any) -> MinerDriver:
-        return make_miner_driver(kind, server.rig_id, server.host, server.port, **kw)
+        return make_miner_driver(kind, server.rig_id, MinerAccess(server.host, server.port, **kw))
 
     def client(self, server: MinerServer, **kw: Any) -> CGMinerClient:
         return CGMinerClient(server.host, server.port, device=server.rig_id, **kw)
@@ -404,7 +400,7 @@ async def test_join_refused_falls_back_to_single_commands(env: Env) -> None:
     server = await asyncio.start_server(old_firmware, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        drv = make_miner_driver("cgminer", "old", "127.0.0.1", port)
+        drv = make_miner_driver("cgminer", "old", MinerAccess("127.0.0.1", port))
         tel = await drv.read(1.0)
         assert tel.identity.model == "Antminer S19 Pro"
         assert connections == 1 + 3  # the failed join, then summary, stats, version
@@ -566,8 +562,8 @@ def test_unknown_kind_lists_known_ones() -> None:
     with pytest.raises(
         ValueError, match=r"luxos, cgminer, antminer, whatsminer, whatsminer-v3, braiins"
     ):
-        make_miner_driver("avalon", "r", "127.0.0.1")
-    assert isinstance(make_miner_driver("LuxOS", "r", "127.0.0.1"), LuxOSDriver)
+        make_miner_driver("avalon", "r", MinerAccess("127.0.0.1"))
+    assert isinstance(make_miner_driver("LuxOS", "r", MinerAccess("127.0.0.1")), LuxOSDriver)
 
 
 # -- failures ----------------------------------------------------------------------------
@@ -752,7 +748,7 @@ async def test_fleet_on_ephemeral_ports() -> None:
         assert len(addresses) == 4
         for rid in farm.rigs:
             host, port = fleet.address_of(rid)
-            tel = await make_miner_driver("luxos", rid, host, port).read(farm.now())
+            tel = await make_miner_driver("luxos", rid, MinerAccess(host, port)).read(farm.now())
             assert tel.hashrate_ths == pytest.approx(farm.rigs[rid].hashrate_ths(farm.now()), 1e-3)
     finally:
         await fleet.stop()
@@ -812,7 +808,7 @@ async def test_optional_commands_also_tolerated_without_joins(env: Env) -> None:
     server = await asyncio.start_server(no_joins, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        drv = make_miner_driver("luxos", "old-lux", "127.0.0.1", port)
+        drv = make_miner_driver("luxos", "old-lux", MinerAccess("127.0.0.1", port))
         tel = await drv.read(1.0)
         assert tel.state is RigState.MINING and tel.power_w is not None
     finally:

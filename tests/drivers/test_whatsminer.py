@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drivers.base import MinerCapabilities, MinerDriver
 from drivers.errors import (
     CommandRejected,
     DeviceAuthError,
@@ -33,7 +34,6 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import RigIdentity, RigState
 from drivers.whatsminer import (
     DEFAULT_MIN_FRACTION,
