@@ -37,17 +37,10 @@ from typing import Any, TypeVar
 import structlog
 
 from drivers.base import MinerCapabilities
-from drivers.cgminer import (
-    CGMinerClient,
-    CGMinerDriver,
-    CGMinerRejected,
-    first,
-    parse_telemetry,
-    section,
-    to_float,
-)
+from drivers.cgminer import CGMinerClient, CGMinerDriver, CGMinerRejected, parse_telemetry
 from drivers.errors import CommandRejected, DeviceAuthError, DeviceError, MalformedReply
 from drivers.telemetry import RigTelemetry
+from drivers.values import first, section, to_float
 
 log = structlog.get_logger(__name__)
 

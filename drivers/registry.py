@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from drivers import antminer_web, braiins, whatsminer
 from drivers.base import MinerDriver
@@ -84,26 +84,40 @@ def _port(access: MinerAccess, default: int) -> int:
     return default if access.port is None else access.port
 
 
-def _cgminer(device: str, access: MinerAccess, _settings: NoSettings) -> MinerDriver:
-    client = CGMinerClient(
+class _Login(TypedDict):
+    username: str
+    password: str
+    timeout: float
+    retries: int
+
+
+def _login(access: MinerAccess) -> _Login:
+    """The keyword arguments every kind's factory takes alike."""
+    return _Login(
+        username=access.username,
+        password=access.password,
+        timeout=access.timeout,
+        retries=access.retries,
+    )
+
+
+def _client(device: str, access: MinerAccess) -> CGMinerClient:
+    return CGMinerClient(
         access.host,
         _port(access, CGMINER_PORT),
         timeout=access.timeout,
         retries=access.retries,
         device=device,
     )
-    return CGMinerDriver(device, client)
+
+
+def _cgminer(device: str, access: MinerAccess, _settings: NoSettings) -> MinerDriver:
+    return CGMinerDriver(device, _client(device, access))
 
 
 def _luxos(device: str, access: MinerAccess, settings: LuxOSSettings) -> MinerDriver:
-    client = CGMinerClient(
-        access.host,
-        _port(access, CGMINER_PORT),
-        timeout=access.timeout,
-        retries=access.retries,
-        device=device,
-    )
-    return LuxOSDriver(device, client, renew_session_after=settings.renew_session_after)
+    renew = settings.renew_session_after
+    return LuxOSDriver(device, _client(device, access), renew_session_after=renew)
 
 
 def _antminer(device: str, access: MinerAccess, settings: AntminerSettings) -> MinerDriver:
@@ -111,12 +125,9 @@ def _antminer(device: str, access: MinerAccess, settings: AntminerSettings) -> M
         device,
         access.host,
         _port(access, CGMINER_PORT),
-        username=access.username,
-        password=access.password,
-        timeout=access.timeout,
-        retries=access.retries,
         web_port=settings.web_port,
         low_power_w=settings.low_power_w,
+        **_login(access),
     )
 
 
@@ -125,11 +136,8 @@ def _braiins(device: str, access: MinerAccess, settings: BraiinsSettings) -> Min
         device,
         access.host,
         _port(access, CGMINER_PORT),
-        username=access.username,
-        password=access.password,
-        timeout=access.timeout,
-        retries=access.retries,
         rest_port=settings.web_port,
+        **_login(access),
     )
 
 
@@ -140,12 +148,9 @@ def _whatsminer(kind: str) -> Callable[[str, MinerAccess, WhatsminerSettings], M
             device,
             access.host,
             access.port,
-            username=access.username,
-            password=access.password,
-            timeout=access.timeout,
-            retries=access.retries,
             power_min_w=settings.power_min_w,
             power_max_w=settings.power_max_w,
+            **_login(access),
         )
 
     return build

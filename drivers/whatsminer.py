@@ -50,17 +50,10 @@ import structlog
 from drivers.base import MinerCapabilities
 from drivers.cgminer import (
     MAX_REPLY_BYTES,
-    MAX_RIG_HASHRATE_THS,
-    MAX_RIG_POWER_W,
     CGMinerClient,
     CGMinerRejected,
     check_status,
     decode_reply,
-    first,
-    measure,
-    section,
-    to_float,
-    to_int,
 )
 from drivers.errors import (
     CommandRejected,
@@ -72,7 +65,20 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
+from drivers.reboots import RebootWatch
+from drivers.retry import check_timing, with_retries
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+from drivers.values import (
+    MAX_RIG_HASHRATE_THS,
+    MAX_RIG_POWER_W,
+    first,
+    mapping,
+    measure,
+    positive,
+    section,
+    to_float,
+    to_int,
+)
 from drivers.whatsminer_crypto import (
     V2Token,
     aes_ecb_decrypt_b64,
@@ -144,14 +150,6 @@ def _bool(value: Any) -> bool | None:
 def _text(value: Any) -> str:
     """A display string, with the single quotes some builds wrap versions in removed."""
     return value.strip().strip("'\"").strip() if isinstance(value, str) else ""
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _positive(value: float | None) -> float | None:
-    return value if value is not None and value > 0 else None
 
 
 def _ths(value: float | None) -> float | None:
@@ -244,7 +242,7 @@ def check_v2_status(reply: Mapping[str, Any], *, device: str = "", operation: st
 
 def v2_msg(reply: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """The object a flat btminer reply carries in `Msg` ({} when absent or a string)."""
-    return _mapping(reply.get("Msg")) if reply is not None else {}
+    return mapping(reply.get("Msg")) if reply is not None else {}
 
 
 def parse_error_codes(reply: Mapping[str, Any] | None) -> dict[int, str]:
@@ -279,8 +277,8 @@ def parse_v2_boards(devs: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
             Hashboard(
                 index=n if index is None else index,
                 hashrate_ths=ths,
-                temp_c=_positive(to_float(item.get("Temperature"))),
-                chip_temp_c=_positive(to_float(item.get("Chip Temp Max"))),
+                temp_c=positive(to_float(item.get("Temperature"))),
+                chip_temp_c=positive(to_float(item.get("Chip Temp Max"))),
                 chips=chips if chips else None,
                 active=bool(ths and ths > 0),
             )
@@ -333,9 +331,9 @@ def parse_v2_telemetry(
         rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
         hashrate = _ths(sum(rates)) if rates else None
     st = v2_msg(status)
-    limit = _positive(_watts(to_float(summ.get("Power Limit"))))
+    limit = positive(_watts(to_float(summ.get("Power Limit"))))
     if limit is None:
-        limit = _positive(_watts(to_float(st.get("power_limit_set"))))
+        limit = positive(_watts(to_float(st.get("power_limit_set"))))
     factory_ghs = to_float(summ.get("Factory GHS"))
     fans = tuple(
         v
@@ -360,10 +358,10 @@ def parse_v2_telemetry(
         power_w=_watts(_first_number(summ, ("Power", "Power_RT"))),
         power_limit_w=limit,
         nominal_hashrate_ths=None if factory_ghs is None else _ths(factory_ghs * 1e-3),
-        temp_c=max(board_temps) if board_temps else _positive(to_float(summ.get("Temperature"))),
+        temp_c=max(board_temps) if board_temps else positive(to_float(summ.get("Temperature"))),
         chip_temp_c=max(chip_temps)
         if chip_temps
-        else _positive(to_float(summ.get("Chip Temp Max"))),
+        else positive(to_float(summ.get("Chip Temp Max"))),
         fans_rpm=fans,
         hashboards=boards,
         uptime_s=to_int(summ.get("Elapsed")),
@@ -375,12 +373,12 @@ def parse_v2_telemetry(
 
 
 def v3_msg(reply: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return _mapping(reply.get("msg")) if reply is not None else {}
+    return mapping(reply.get("msg")) if reply is not None else {}
 
 
 def parse_v3_identity(device_info: Mapping[str, Any] | None) -> RigIdentity:
     msg = v3_msg(device_info)
-    miner, system = _mapping(msg.get("miner")), _mapping(msg.get("system"))
+    miner, system = mapping(msg.get("miner")), mapping(msg.get("system"))
     return RigIdentity(
         make=MAKE,
         model=model_name(_text(miner.get("type"))),
@@ -402,7 +400,7 @@ def parse_v3_telemetry(
 
     Hashrates are TH/s here; whether the rig is asleep comes from `msg.miner.working`.
     """
-    summ = _mapping(v3_msg(summary).get("summary"))
+    summ = mapping(v3_msg(summary).get("summary"))
     if not summ:
         raise MalformedReply("no msg.summary in the status reply", device=device, operation="read")
     board_temps_raw = summ.get("board-temperature")
@@ -423,14 +421,14 @@ def parse_v3_telemetry(
             Hashboard(
                 index=index,
                 hashrate_ths=ths,
-                temp_c=_positive(temp),
-                chip_temp_c=_positive(to_float(item.get("chip-temp-max"))),
+                temp_c=positive(temp),
+                chip_temp_c=positive(to_float(item.get("chip-temp-max"))),
                 chips=chips if chips else None,
                 active=bool(ths and ths > 0),
             )
         )
     hashrate = _ths(_first_number(summ, ("hash-realtime", "hash-1min", "hash-average")))
-    working = _bool(_mapping(v3_msg(device_info).get("miner")).get("working"))
+    working = _bool(mapping(v3_msg(device_info).get("miner")).get("working"))
     if working is False:
         state = RigState.SLEEPING
     elif hashrate is not None and hashrate > 0:
@@ -445,17 +443,17 @@ def parse_v3_telemetry(
         for v in (to_int(summ.get("fan-speed-in")), to_int(summ.get("fan-speed-out")))
         if v is not None
     )
-    if identity is None or _mapping(v3_msg(device_info).get("system")):
+    if identity is None or mapping(v3_msg(device_info).get("system")):
         identity = parse_v3_identity(device_info)
     return RigTelemetry(
         ts=ts,
         state=state,
         hashrate_ths=hashrate,
         power_w=_watts(_first_number(summ, ("power-realtime", "power-5min"))),
-        power_limit_w=_positive(_watts(to_float(summ.get("power-limit")))),
+        power_limit_w=positive(_watts(to_float(summ.get("power-limit")))),
         nominal_hashrate_ths=_ths(to_float(summ.get("factory-hash"))),
         temp_c=max(temps) if temps else None,
-        chip_temp_c=_positive(to_float(summ.get("chip-temp-max"))),
+        chip_temp_c=positive(to_float(summ.get("chip-temp-max"))),
         fans_rpm=fans,
         hashboards=tuple(boards),
         uptime_s=to_int(summ.get("elapsed")),
@@ -464,26 +462,6 @@ def parse_v3_telemetry(
 
 
 # -- transports -----------------------------------------------------------------------------
-
-
-async def _with_retries(
-    attempt: Callable[[], Awaitable[T]],
-    *,
-    retries: int,
-    backoff_s: float,
-    device: str,
-    operation: str,
-) -> T:
-    """Retry only what may be transient on a farm LAN: timeouts and unreachable hosts."""
-    for n in range(retries + 1):
-        try:
-            return await attempt()
-        except (DeviceTimeout, DeviceUnreachable) as exc:
-            if n >= retries:
-                raise
-            log.debug("whatsminer.retry", device=device, operation=operation, error=str(exc))
-            await asyncio.sleep(backoff_s * (2**n))
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _close(writer: asyncio.StreamWriter | None) -> None:
@@ -513,10 +491,7 @@ class BTMinerV2Client:
         clock: Callable[[], float] = time.monotonic,
         max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        check_timing(timeout, retries)
         self.host, self.port = host, port
         self.device = device or f"{host}:{port}"
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
@@ -544,7 +519,7 @@ class BTMinerV2Client:
         async def once() -> bytes:
             return await self.cg.exchange(data, cmd)
 
-        raw = await _with_retries(
+        raw = await with_retries(
             once, retries=self.retries, backoff_s=self.backoff_s, device=self.device, operation=cmd
         )
         reply = decode_reply(raw, device=self.device, operation=cmd)
@@ -660,10 +635,7 @@ class BTMinerV3Client:
         backoff_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        check_timing(timeout, retries)
         self.host, self.port = host, port
         self.device = device or f"{host}:{port}"
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
@@ -758,7 +730,7 @@ class BTMinerV3Client:
         async def once() -> Json:
             return await self._exchange(request, cmd)
 
-        reply = await _with_retries(
+        reply = await with_retries(
             once, retries=self.retries, backoff_s=self.backoff_s, device=self.device, operation=cmd
         )
         return self._check(reply, cmd)
@@ -837,7 +809,7 @@ class _WhatsminerBase:
         self._limit_supported = True
         self._limit_set: int | None = None  # the user power limit the firmware holds
         self._identity: RigIdentity | None = None
-        self._last_uptime: int | None = None
+        self._reboots = RebootWatch(device)
         self._lock = asyncio.Lock()
         self.capabilities = self._capabilities()
 
@@ -865,16 +837,8 @@ class _WhatsminerBase:
         )
 
     def _note_reading(self, tel: RigTelemetry) -> None:
-        """Cache identity; a restart (uptime went backwards) may mean new firmware, so re-ask."""
-        restarted = (
-            self._last_uptime is not None
-            and tel.uptime_s is not None
-            and tel.uptime_s < self._last_uptime
-        )
-        self._last_uptime = tel.uptime_s
-        self._identity = None if restarted else tel.identity
-        if restarted:
-            log.info("whatsminer.restarted", device=self.device, uptime_s=tel.uptime_s)
+        """Cache identity; after a restart it may be new firmware, so the next poll re-asks."""
+        self._identity = None if self._reboots.restarted(tel) else tel.identity
 
     @staticmethod
     def _check_watts(watts: float | None) -> None:
@@ -1148,7 +1112,7 @@ class WhatsminerV3Driver(_WhatsminerBase):
 
     async def _working(self) -> bool | None:
         info = await self.client.get("get.device.info", "miner")
-        return _bool(_mapping(v3_msg(info).get("miner")).get("working"))
+        return _bool(mapping(v3_msg(info).get("miner")).get("working"))
 
     async def _write(
         self, cmd: str, param: Any, verify: Callable[[], Awaitable[bool]] | None
