@@ -259,7 +259,7 @@ class CGMinerClient:
 
     async def exchange(self, data: bytes, operation: str) -> bytes:
         """One connect/send/read-to-NUL-or-EOF under a single deadline, no retries: the
-        raw framing of 4028, which btminer's native commands share (drivers/whatsminer.py).
+        raw framing of 4028, which btminer's native commands share (drivers/whatsminer/v2.py).
 
         A bare protocol rather than streams: a farm makes thousands of these a second, and a
         StreamReader/StreamWriter pair per request costs a third more CPU than the exchange."""

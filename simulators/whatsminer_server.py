@@ -88,7 +88,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
-from drivers.whatsminer_crypto import (
+from drivers.whatsminer.crypto import (
     V2Token,
     aes_ecb_decrypt_b64,
     aes_ecb_encrypt_b64,

@@ -45,7 +45,7 @@ from drivers.telemetry import (
     RigState,
     RigTelemetry,
 )
-from drivers.whatsminer_crypto import V2Token, aes_ecb_encrypt_b64
+from drivers.whatsminer.crypto import V2Token, aes_ecb_encrypt_b64
 from simulators.meter_modbus import f32_regs
 from tests.fuzz_support import (
     NASTY,

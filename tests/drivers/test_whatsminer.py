@@ -49,7 +49,7 @@ from drivers.whatsminer import (
     parse_v2_telemetry,
     parse_v3_telemetry,
 )
-from drivers.whatsminer_crypto import (
+from drivers.whatsminer.crypto import (
     V2Token,
     aes_ecb_decrypt_b64,
     aes_ecb_encrypt_b64,
