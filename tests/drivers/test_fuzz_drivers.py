@@ -46,7 +46,7 @@ from drivers.telemetry import (
     RigTelemetry,
 )
 from drivers.whatsminer.crypto import V2Token, aes_ecb_encrypt_b64
-from simulators.meter_modbus import f32_regs
+from simulators.modbus_meter import f32_regs
 from tests.fuzz_support import (
     NASTY,
     dumps,

@@ -43,9 +43,9 @@ from drivers.errors import (
 from drivers.luxos import LuxOSDriver, choose_profile, parse_profiles
 from drivers.registry import MinerAccess, make_miner_driver
 from drivers.telemetry import RigState
+from simulators.cgminer import LUXOS_READS, MinerFleet, MinerServer
 from simulators.clock import ManualClock
-from simulators.farm import MODELS, Farm, Mode
-from simulators.miner_server import LUXOS_READS, MinerFleet, MinerServer
+from simulators.farm import MODELS, Farm, RigMode
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -55,7 +55,7 @@ def load(folder: str, name: str) -> dict[str, Any]:
     return data
 
 
-def mode(server: MinerServer) -> Mode:
+def mode(server: MinerServer) -> RigMode:
     """The rig's firmware mode, read fresh (a helper so type narrowing does not stick)."""
     return server.rig.mode
 
@@ -428,7 +428,7 @@ async def test_luxos_sleep_then_wake(env: Env) -> None:
     drv = env.driver("luxos", env.lux)
     assert drv.capabilities.can_sleep
     await drv.sleep()
-    assert mode(env.lux) is Mode.SLEEPING
+    assert mode(env.lux) is RigMode.SLEEPING
     assert env.lux.session_id == ""  # logged off again, the miner is free for others
     tel = await drv.read(clock.now())
     assert tel.state is RigState.SLEEPING  # at once, although power is still falling
@@ -440,7 +440,7 @@ async def test_luxos_sleep_then_wake(env: Env) -> None:
     assert not any(b.active for b in tel.hashboards)
 
     await drv.wake()
-    assert mode(env.lux) is Mode.MINING
+    assert mode(env.lux) is RigMode.MINING
     tel = await drv.read(clock.now())
     assert tel.state is RigState.WAKING  # told to mine, hashboards still booting
     clock.advance(rig.model.boot_s + 10)
@@ -488,7 +488,7 @@ async def test_luxos_session_conflict_borrows_visible_session(env: Env) -> None:
     assert err.value.code == 402
     drv = env.driver("luxos", env.lux)
     await drv.sleep()
-    assert mode(env.lux) is Mode.SLEEPING
+    assert mode(env.lux) is RigMode.SLEEPING
     assert env.lux.session_id == theirs  # borrowed, not logged off under its owner
 
 
@@ -498,10 +498,10 @@ async def test_luxos_session_conflict_with_hidden_session_is_rejected(env: Env) 
     drv = env.driver("luxos", env.lux)
     with pytest.raises(CommandRejected, match="another client holds"):
         await drv.sleep()
-    assert mode(env.lux) is Mode.MINING
+    assert mode(env.lux) is RigMode.MINING
     env.clock.advance(61)  # the other client's session expires after 60 s idle
     await drv.sleep()
-    assert mode(env.lux) is Mode.SLEEPING
+    assert mode(env.lux) is RigMode.SLEEPING
 
 
 async def test_luxos_sim_session_and_atm_rules(env: Env) -> None:
@@ -547,7 +547,7 @@ async def test_stock_control_is_unsupported_and_writes_denied(env: Env) -> None:
     for call in (drv.sleep(), drv.wake(), drv.set_power_target(2000)):
         with pytest.raises(UnsupportedOperation):
             await call
-    assert rig.command_count == 0 and rig.mode == Mode.MINING
+    assert rig.command_count == 0 and rig.mode == RigMode.MINING
     client = env.client(env.stock, retries=3)
     with pytest.raises(CGMinerRejected, match="access denied") as err:
         await client.command("devdetails")

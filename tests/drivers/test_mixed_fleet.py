@@ -40,12 +40,12 @@ from drivers.registry import (
 from drivers.telemetry import RigState
 from drivers.whatsminer import WhatsminerDriver, WhatsminerV3Driver
 from simulators.antminer_web import AntminerWebServer
-from simulators.braiins_rest import BraiinsRestServer
+from simulators.braiins import BraiinsRestServer
+from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock, ScaledClock
-from simulators.farm import Farm, Mode, SimRig
-from simulators.miner_server import MinerServer
+from simulators.farm import Farm, RigMode, SimRig
 from simulators.site import SimSite
-from simulators.whatsminer_server import WhatsminerServer, whatsminer_rig
+from simulators.whatsminer import WhatsminerServer, whatsminer_rig
 
 BRAIINS_PASSWORD = "bos-secret"
 
@@ -171,7 +171,7 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
         await _read_sleep_wake(drv, mixed, sim_id, kind)
 
 
-def _mode(rig: SimRig) -> Mode:
+def _mode(rig: SimRig) -> RigMode:
     """Read fresh each time, so an assert's type narrowing does not stick to the next one."""
     return rig.mode
 
@@ -184,11 +184,11 @@ async def _read_sleep_wake(drv: MinerDriver, mixed: MixedFarm, sim_id: str, kind
         assert tel.hashrate_ths is not None and tel.hashrate_ths > 0, kind
         assert drv.capabilities.can_sleep, kind
         await drv.sleep()
-        assert _mode(rig) is Mode.SLEEPING, kind
+        assert _mode(rig) is RigMode.SLEEPING, kind
         mixed.clock.advance(120)  # hashboards off, power down to idle
         assert (await drv.read(mixed.clock.now())).state is RigState.SLEEPING, kind
         await drv.wake()
-        assert _mode(rig) is Mode.MINING, kind
+        assert _mode(rig) is RigMode.MINING, kind
     except DeviceError as e:  # name the rig's kind: the trace alone does not
         raise AssertionError(f"{kind}: {e!r}") from e
     finally:
@@ -321,7 +321,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
 
             def under(cap: float) -> bool:
                 for c, r in sims.items():
-                    if r.power_target_w is not None and r.mode is Mode.MINING:
+                    if r.power_target_w is not None and r.mode is RigMode.MINING:
                         throttled.add(dialect[c])
                 return m.true_power_w(farm.now()) / 1000 <= cap
 
@@ -331,7 +331,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             cap2 = base_kw + 0.5
             ctl.set_override(cap2, site.clock.now() + 3600, "test: sleep", "test")
             await _until(
-                lambda: all(_mode(r) is Mode.SLEEPING for r in sims.values()) and under(cap2),
+                lambda: all(_mode(r) is RigMode.SLEEPING for r in sims.values()) and under(cap2),
                 "every rig asleep",
             )
 
@@ -339,7 +339,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             ctl.clear_override()
             await _until(
                 lambda: all(
-                    _mode(r) is Mode.MINING and r.power_target_w in (None, r.model.nominal_w)
+                    _mode(r) is RigMode.MINING and r.power_target_w in (None, r.model.nominal_w)
                     for r in sims.values()
                 ),
                 "every rig restored",

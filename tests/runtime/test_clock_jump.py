@@ -32,10 +32,10 @@ from controller.runtime.clock import StepGuard
 from controller.runtime.control import Hold
 from controller.runtime.daemon import CycleResult, Daemon
 from simulators.clock import SteppedWall
-from simulators.farm import Mode as RigMode
+from simulators.farm import RigMode
+from tests.adapters.test_store_faults import fill_disk, free_disk, on_disk
 from tests.grid_helpers import order, plain
 from tests.sim_harness import START, OfflineLink, SimHarness
-from tests.adapters.test_store_faults import fill_disk, free_disk, on_disk
 
 HOUR = 3600.0
 STEPS = [pytest.param(2 * HOUR, id="forward-2h"), pytest.param(-2 * HOUR, id="back-2h")]

@@ -21,8 +21,7 @@ from controller.core.caps import GRID, OVERRIDE
 from controller.runtime.control import Hold
 from controller.runtime.daemon import CycleResult
 from simulators.clock import ManualClock
-from simulators.farm import Farm
-from simulators.farm import Mode as RigMode
+from simulators.farm import Farm, RigMode
 from tests.sim_harness import (
     Report,
     SimHarness,
