@@ -37,19 +37,13 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from drivers.base import MinerCapabilities
 from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
     MAX_REPLY_BYTES,
-    MAX_RIG_HASHRATE_THS,
-    MAX_RIG_POWER_W,
     CGMinerClient,
-    first,
-    measure,
     parse_telemetry,
-    section,
-    to_float,
-    to_int,
 )
 from drivers.errors import (
     CommandRejected,
@@ -61,8 +55,20 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
-from drivers.miner import MinerCapabilities
+from drivers.reboots import RebootWatch
+from drivers.retry import check_timing, with_retries
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+from drivers.values import (
+    MAX_RIG_HASHRATE_THS,
+    MAX_RIG_POWER_W,
+    first,
+    mapping,
+    measure,
+    positive,
+    section,
+    to_float,
+    to_int,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -131,10 +137,7 @@ class BraiinsRestClient:
         backoff_s: float = 0.1,
         max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        check_timing(timeout, retries)
         self.host = host
         self.port = port
         self.username = username or DEFAULT_USERNAME
@@ -172,25 +175,20 @@ class BraiinsRestClient:
         self, method: str, path: str, *, body: Any = None, operation: str, auth: bool = True
     ) -> Any:
         """One API call; returns the decoded JSON (None for an empty body)."""
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            try:
-                if auth:
-                    return await self._authed(method, path, body, operation)
-                status, data = await self._send(method, path, body, None, operation)
-                return self._decode(status, data, method, path, operation)
-            except (DeviceTimeout, DeviceUnreachable) as exc:
-                if attempt + 1 >= attempts:
-                    raise
-                log.debug(
-                    "braiins.rest_retry",
-                    device=self.device,
-                    operation=operation,
-                    attempt=attempt + 1,
-                    error=str(exc),
-                )
-                await asyncio.sleep(self.backoff_s * (2**attempt))
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+        async def once() -> Any:
+            if auth:
+                return await self._authed(method, path, body, operation)
+            status, data = await self._send(method, path, body, None, operation)
+            return self._decode(status, data, method, path, operation)
+
+        return await with_retries(
+            once,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            device=self.device,
+            operation=operation,
+        )
 
     async def _authed(self, method: str, path: str, body: Any, operation: str) -> Any:
         token = await self._ensure_token(operation)
@@ -352,18 +350,9 @@ async def _mark_connected(
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def _positive(value: Any) -> float | None:
-    f = to_float(value)
-    return f if f is not None and f > 0 else None
-
-
 def _mhs_to_ths(value: Any) -> float | None:
     f = to_float(value)
     return None if f is None else measure(f * 1e-6, MAX_RIG_HASHRATE_THS)
-
-
-def _dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
 
 
 def is_braiins(version: Mapping[str, Any] | None) -> bool:
@@ -401,13 +390,13 @@ def parse_bos_identity(
     ("Bitmain Antminer S19 Pro"); the REST details name both, the BOS release included
     ("2025-08-06-0-3881c51d-25.07-plus"), and are preferred when given.
     """
-    rest = _dict(details)
-    identity = _dict(rest.get("miner_identity"))
+    rest = mapping(details)
+    identity = mapping(rest.get("miner_identity"))
     model = identity.get("miner_model") or identity.get("name")
     if not isinstance(model, str) or not model.strip():
         model = str(first(devdetails, "DEVDETAILS").get("Model") or "")
     model = _model_name(model)
-    fw_version = _dict(rest.get("bos_version")).get("current")
+    fw_version = mapping(rest.get("bos_version")).get("current")
     if not isinstance(fw_version, str) or not fw_version:
         entry = first(version, "VERSION")
         found = next((entry[k] for k in _VERSION_KEYS if k in entry), None)
@@ -422,7 +411,7 @@ def parse_bos_identity(
 
 def parse_miner_status(details: Mapping[str, Any] | None) -> int | None:
     """`miner/details.status` (the `MinerStatus` enum), or None when absent or not a number."""
-    status = _dict(details).get("status")
+    status = mapping(details).get("status")
     if isinstance(status, bool) or not isinstance(status, int):
         return None
     return status
@@ -430,9 +419,9 @@ def parse_miner_status(details: Mapping[str, Any] | None) -> int | None:
 
 def parse_power_range(constraints: Mapping[str, Any] | None) -> tuple[float, float] | None:
     """(min, max) W of the tuner's power target from `configuration/constraints`."""
-    power = _dict(_dict(_dict(constraints).get("tuner_constraints")).get("power_target"))
-    lo = _positive(_dict(power.get("min")).get("watt"))
-    hi = _positive(_dict(power.get("max")).get("watt"))
+    power = mapping(mapping(mapping(constraints).get("tuner_constraints")).get("power_target"))
+    lo = positive(mapping(power.get("min")).get("watt"))
+    hi = positive(mapping(power.get("max")).get("watt"))
     if lo is None or hi is None or hi < lo:
         return None
     return lo, hi
@@ -440,14 +429,14 @@ def parse_power_range(constraints: Mapping[str, Any] | None) -> tuple[float, flo
 
 def parse_tuner_target(tuner_state: Mapping[str, Any] | None) -> float | None:
     """The power target in force from `performance/tuner-state` (None in hashrate mode)."""
-    mode = _dict(_dict(tuner_state).get("mode_state"))
-    state = _dict(mode.get("powertargetmodestate"))
-    return _positive(_dict(state.get("current_target")).get("watt"))
+    mode = mapping(mapping(tuner_state).get("mode_state"))
+    state = mapping(mode.get("powertargetmodestate"))
+    return positive(mapping(state.get("current_target")).get("watt"))
 
 
 def parse_watt(reply: Any, *, device: str = "", operation: str = "") -> float:
     """The `{"watt": N}` answer of the power-target calls."""
-    watt = _dict(reply).get("watt")
+    watt = mapping(reply).get("watt")
     value = None if isinstance(watt, bool) else to_float(watt)
     if value is None or value < 0 or isinstance(watt, str):
         raise MalformedReply(
@@ -496,8 +485,8 @@ def parse_bosminer_telemetry(
             Hashboard(
                 index=cid - ids[0],
                 hashrate_ths=ths,
-                temp_c=_positive(tmp.get("Board")),
-                chip_temp_c=_positive(tmp.get("Chip")),  # 0.0: no chip sensor reading
+                temp_c=positive(tmp.get("Board")),
+                chip_temp_c=positive(tmp.get("Chip")),  # 0.0: no chip sensor reading
                 chips=chip_map.get(cid),
                 active=bool(ths and ths > 0),
             )
@@ -506,7 +495,7 @@ def parse_bosminer_telemetry(
     if hashrate is None:
         rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
         hashrate = measure(sum(rates), MAX_RIG_HASHRATE_THS) if rates else None
-    nominals = [n for d in dev_by_id.values() if (n := _positive(d.get("Nominal MHS")))]
+    nominals = [n for d in dev_by_id.values() if (n := positive(d.get("Nominal MHS")))]
     fan_rpms = [
         rpm
         for item in section(fans, "FANS")[:MAX_FANS]
@@ -523,7 +512,7 @@ def parse_bosminer_telemetry(
         state=RigState.MINING if hashrate and hashrate > 0 else RigState.WAKING,
         hashrate_ths=hashrate,
         power_w=measure(to_float(tuner.get("ApproximateMinerPowerConsumption")), MAX_RIG_POWER_W),
-        power_limit_w=measure(_positive(tuner.get("PowerLimit")), MAX_RIG_POWER_W),
+        power_limit_w=measure(positive(tuner.get("PowerLimit")), MAX_RIG_POWER_W),
         nominal_hashrate_ths=nominal,
         temp_c=max(board_temps) if board_temps else None,
         chip_temp_c=max(chip_temps) if chip_temps else None,
@@ -558,7 +547,7 @@ class BraiinsDriver:
         self.rest = rest
         self.rest_retry_s = rest_retry_s
         self._identity: RigIdentity | None = None
-        self._last_uptime: int | None = None
+        self._reboots = RebootWatch(device)
         self._chips: dict[int, int] = {}
         self._power_range: tuple[float, float] | None = None
         self._target_w: float | None = None  # last power target the REST API reported
@@ -603,15 +592,8 @@ class BraiinsDriver:
         )
 
     def _note_reading(self, tel: RigTelemetry) -> None:
-        """Cache identity; a restart (uptime went backwards) may mean new firmware or range."""
-        restarted = (
-            self._last_uptime is not None
-            and tel.uptime_s is not None
-            and tel.uptime_s < self._last_uptime
-        )
-        self._last_uptime = tel.uptime_s
-        if restarted:
-            log.info("miner.rebooted", device=self.device, uptime_s=tel.uptime_s)
+        """Cache identity; after a restart it may be new firmware or a new range: re-learn."""
+        if self._reboots.restarted(tel):
             self._identity = None
             self._rest_info_due = True
         elif self._identity is None:

@@ -74,14 +74,15 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from simulators.farm import Farm, Mode, SimPdu, SimRig
-from simulators.fleet import Fleet, subnet_hosts
-from simulators.miner_server import (
+from simulators.cgminer import (
     BMMINER_COMPILE_TIME,
     POOL_URL,
     MinerFleet,
     MinerServer,
 )
+from simulators.farm import Farm, RigMode, SimPdu
+from simulators.fleet import Fleet, subnet_hosts
+from simulators.server import SILENT_HOLD_S, RigServer
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +95,6 @@ SET_DELAY_S: Final = 21.0
 GET_DELAY_S: Final = 0.2
 RPC_RESTART_S: Final = 10.0
 NONCE_TTL_S: Final = 600.0
-SILENT_HOLD_S: Final = 600.0
 MAX_BODY_BYTES: Final = 64 * 1024
 LOW_POWER_FRACTION: Final = 0.7
 FAULTS: Final = frozenset({"silent", "garbage", "garbage-http", "refuse", "ignore-writes"})
@@ -202,8 +202,10 @@ class _Sink(asyncio.Protocol):
             self.transport.abort()
 
 
-class AntminerWebServer:
+class AntminerWebServer(RigServer):
     """One simulated stock Antminer's web UI. See the module docstring for its behaviour."""
+
+    faults = FAULTS
 
     def __init__(
         self,
@@ -223,9 +225,8 @@ class AntminerWebServer:
         nonce_ttl_s: float = NONCE_TTL_S,
         outlet: tuple[SimPdu, int] | None = None,
     ) -> None:
-        if rig_id not in farm.rigs:
-            raise ValueError(f"no rig {rig_id!r} in the farm")
-        rig = farm.rigs[rig_id]
+        super().__init__(farm, rig_id, host=host, outlet=outlet)
+        rig = self.rig
         if rig.firmware != "bmminer":
             raise ValueError(
                 f"rig {rig_id!r} runs {rig.firmware!r}; the stock web UI is for bmminer rigs"
@@ -237,10 +238,6 @@ class AntminerWebServer:
             raise ValueError(
                 f"low_power_w {low_power_w} outside {m.min_w:.0f}-{m.nominal_w:.0f} W for {m.name}"
             )
-        self.farm = farm
-        self.rig_id = rig_id
-        self.rig: SimRig = rig
-        self.host = host
         self.port = port
         self.username = username
         self.password = password
@@ -251,16 +248,11 @@ class AntminerWebServer:
         self.rpc = rpc
         self.rpc_restart_s = rpc_restart_s
         self.nonce_ttl_s = nonce_ttl_s
-        self.fault: str | None = None
         self.hits: list[Hit] = []  # every HTTP request, in order
         self.posts: list[Any] = []  # set_miner_conf bodies (parsed JSON, or the raw bytes)
         self.auth_failures = 0
         self.mode_changes = 0
         self.conf: Json = self._initial_conf()
-        if outlet is None:
-            where = farm.outlet_of(rig_id)
-            outlet = (farm.pdus[where[0]], where[1]) if where else None
-        self._outlet = outlet
         self._secret = secrets.token_bytes(16)
         self._http: web.Server | None = None
         self._listener: asyncio.Server | None = None
@@ -272,7 +264,7 @@ class AntminerWebServer:
 
     def _initial_conf(self) -> Json:
         rig = self.rig
-        if rig.mode == Mode.SLEEPING:
+        if rig.mode == RigMode.SLEEPING:
             mode = SLEEP
         elif self.low_power_w is not None and rig.power_target_w == self.low_power_w:
             mode = LOW_POWER
@@ -332,13 +324,6 @@ class AntminerWebServer:
             "serinum": rig.serial,
         }
 
-    def _api_up(self) -> bool:
-        t = self.farm.now()
-        if self._outlet is not None:
-            pdu, number = self._outlet
-            pdu.outlet_on(number, t)  # applies due reboots before asking the rig
-        return self.rig.api_up(t)
-
     # -- lifecycle -------------------------------------------------------------
 
     @property
@@ -351,6 +336,12 @@ class AntminerWebServer:
         if self._listener is None:
             await self._listen()
             log.debug("antminer_web.started", rig=self.rig_id, host=self.host, port=self.port)
+
+    def _listening(self) -> bool:
+        return self._listener is not None
+
+    def _can_listen(self) -> bool:
+        return self._http is not None  # started
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -366,14 +357,14 @@ class AntminerWebServer:
         assert self._http is not None
         return self._http()
 
-    async def _close_listener(self) -> None:
+    async def _stop_listening(self) -> None:
         server, self._listener = self._listener, None
         if server is not None:
             server.close()
             await server.wait_closed()
 
     async def stop(self) -> None:
-        await self._close_listener()
+        await self._stop_listening()
         for sink in list(self._sinks):
             sink.abort()
         if self._http is not None:
@@ -387,16 +378,6 @@ class AntminerWebServer:
             self._rpc_refusing = False
             if self.rpc.fault == "refuse":
                 await self.rpc.set_fault(None)
-
-    async def set_fault(self, fault: str | None) -> None:
-        """Switch fault mode; "refuse" closes the listener, clearing it listens again."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
-        self.fault = fault
-        if fault == "refuse":
-            await self._close_listener()
-        elif self._listener is None and self._http is not None:
-            await self._listen()
 
     # -- digest auth -----------------------------------------------------------
 
@@ -565,7 +546,7 @@ class AntminerWebServer:
             rig.sleep(t)
         else:
             rig.set_power_target(self.low_power_w if mode == LOW_POWER else None, t)
-            if rig.mode == Mode.SLEEPING:
+            if rig.mode == RigMode.SLEEPING:
                 rig.wake(t)
         log.debug("antminer_web.mode", rig=self.rig_id, old=old, new=mode)
         if self.rpc is not None and self.rpc_restart_s > 0:

@@ -22,7 +22,9 @@ from enum import StrEnum
 from typing import Protocol
 
 
-class Clock(Protocol):
+class FarmClock(Protocol):
+    """The farm's time: all its physics reads is `now()` (see `simulators.clock`)."""
+
     def now(self) -> float: ...
 
 
@@ -61,8 +63,9 @@ MODELS: dict[str, RigModel] = {
 _HASH_EXPONENT = 0.85
 
 
-class Mode(StrEnum):
-    """What the rig's firmware was last told to do."""
+class RigMode(StrEnum):
+    """What the simulated rig's firmware was last told to do (the planner's `Mode` is what
+    rigd last made a rig do: another thing)."""
 
     MINING = "mining"
     SLEEPING = "sleeping"
@@ -110,7 +113,7 @@ class SimRig:
         crc = zlib.crc32(rig_id.encode())
         self.serial = serial or f"SIM{crc % 10**10:010d}"
         self.mac = mac or "02:00:" + ":".join(f"{(crc >> s) & 0xFF:02x}" for s in (24, 16, 8, 0))
-        self.mode = Mode.MINING
+        self.mode = RigMode.MINING
         self.power_target_w: float | None = None  # None: the model's nominal power
         self.powered = True
         self.ignore_sleep = False  # fault injection: accepts sleep, keeps drawing power
@@ -218,9 +221,9 @@ class SimRig:
 
     def sleep(self, t: float) -> None:
         self.command_count += 1
-        if self.mode == Mode.SLEEPING:
+        if self.mode == RigMode.SLEEPING:
             return
-        self.mode, self.mode_t = Mode.SLEEPING, t
+        self.mode, self.mode_t = RigMode.SLEEPING, t
         if self.ignore_sleep:
             return
         p = self._eval(t)
@@ -228,9 +231,9 @@ class SimRig:
 
     def wake(self, t: float) -> None:
         self.command_count += 1
-        if self.mode == Mode.MINING:
+        if self.mode == RigMode.MINING:
             return
-        self.mode, self.mode_t = Mode.MINING, t
+        self.mode, self.mode_t = RigMode.MINING, t
         self._ramp_up(t)
 
     def set_power_target(self, watts: float | None, t: float) -> None:
@@ -240,7 +243,7 @@ class SimRig:
             m = self.model
             raise ValueError(f"power target {watts:.0f} W outside {m.min_w:.0f}-{m.max_w:.0f} W")
         self.power_target_w = watts
-        if self.mode == Mode.MINING and self.powered:
+        if self.mode == RigMode.MINING and self.powered:
             p = self._eval(t)
             if self.ramping(t) and p < self.target_w:
                 self._ramp_up(t)  # still waking: keep ramping, to the new target
@@ -273,7 +276,7 @@ class SimRig:
             self._retarget(t, [_Segment(t, 0.0, t, 0.0)])
             return
         self.boot_t = t
-        self.mode, self.mode_t = Mode.MINING, t  # sleep does not survive a power cycle
+        self.mode, self.mode_t = RigMode.MINING, t  # sleep does not survive a power cycle
         self._retarget(t, [_Segment(t, 0.0, t, self.model.idle_w * 2)])
         self._ramp_up(t)
 
@@ -376,7 +379,7 @@ class SimMeter:
 class Farm:
     """Rigs, the PDUs feeding them, and the meter; all on one clock."""
 
-    def __init__(self, clock: Clock, *, meter_start_kwh: float = 1_234_567.8) -> None:
+    def __init__(self, clock: FarmClock, *, meter_start_kwh: float = 1_234_567.8) -> None:
         self.clock = clock
         self.start_t = clock.now()
         self.meter_start_kwh = meter_start_kwh
@@ -403,7 +406,7 @@ class Farm:
     @classmethod
     def build(
         cls,
-        clock: Clock,
+        clock: FarmClock,
         *,
         rigs: int,
         pdus: int,

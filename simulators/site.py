@@ -13,15 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
 
-from simulators import antminer_web, braiins_rest
+from simulators import antminer_web, braiins
 from simulators.antminer_web import AntminerWebFleet
-from simulators.braiins_rest import BraiinsRestFleet
+from simulators.apc_snmp import PduAgent
+from simulators.braiins import BraiinsRestFleet
+from simulators.cgminer import MinerFleet
 from simulators.clock import ManualClock, ScaledClock
 from simulators.farm import Farm
-from simulators.meter_modbus import MeterServer
-from simulators.miner_server import MinerFleet
-from simulators.pdu_snmp import PduAgent
-from simulators.whatsminer_server import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
+from simulators.modbus_meter import MeterServer
+from simulators.whatsminer import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
 
 MeterProtocol = Literal["sdm630", "sunspec"]
 
@@ -120,7 +120,7 @@ class SimSite:
         self.braiins_rest = BraiinsRestFleet(
             self.farm,
             {r: self.fleet.address_of(r)[0] for r in by["braiins"]},
-            port=braiins_rest.DEFAULT_PORT if subnet else 0,
+            port=braiins.DEFAULT_PORT if subnet else 0,
             username=BRAIINS_USER,
             password=BRAIINS_PASSWORD,
         )
@@ -214,7 +214,7 @@ class SimSite:
                 rows.append(f"low_power_w = {web.low_power_w:g}  # measured on its outlet")
         elif driver == "braiins":
             rest = self.braiins_rest.servers[rig_id]
-            if rest.port != braiins_rest.DEFAULT_PORT:
+            if rest.port != braiins.DEFAULT_PORT:
                 rows.append(f"web_port = {rest.port}")
         return rows
 

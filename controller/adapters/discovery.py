@@ -22,13 +22,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import drivers.antminer_web as antminer_web
-import drivers.braiins as braiins
-import drivers.whatsminer as whatsminer
-from controller.config import MinerConfig, expand_range, parse_config
+from controller.config import expand_range, parse_config
 from controller.config.credentials import Credentials
 from drivers.cgminer import CGMinerClient, parse_identity
 from drivers.errors import DeviceError
+from drivers.registry import KINDS, PROBES
 from drivers.telemetry import RigIdentity
 
 MAX_ADDRESSES = 65_536
@@ -121,7 +119,8 @@ async def identify(host: str, port: int, wait_s: float) -> Found | None:
     """
     # Most addresses of a farm subnet are empty: two connects tell, before seven probes.
     api, v3 = await asyncio.gather(
-        _listening(host, port, wait_s), _listening(host, MinerConfig.WHATSMINER_V3_PORT, wait_s)
+        _listening(host, port, wait_s),
+        _listening(host, KINDS["whatsminer-v3"].default_port, wait_s),
     )
     if not (api or v3):
         return None
@@ -134,20 +133,14 @@ async def identify(host: str, port: int, wait_s: float) -> Found | None:
         except (TimeoutError, DeviceError, OSError):
             return None
 
-    wm, bos, stock, cg = await asyncio.gather(
-        bounded(whatsminer.identify(host, timeout=wait_s, v2_port=port)),
-        bounded(braiins.identify(host, timeout=wait_s, port=port)),
-        bounded(antminer_web.identify(host, timeout=wait_s, rpc_port=port)),
+    *specific, cg = await asyncio.gather(
+        *(bounded(p.identify(host, port, wait_s)) for p in PROBES),
         bounded(probe(host, port, wait_s)),
     )
-    if isinstance(wm, RigIdentity):
-        kind = whatsminer.driver_kind_for(wm)
-        api_port = MinerConfig.WHATSMINER_V3_PORT if kind == "whatsminer-v3" else port
-        return _found(host, api_port, wm, kind)
-    if isinstance(bos, RigIdentity):
-        return _found(host, port, bos, "braiins")
-    if isinstance(stock, RigIdentity):
-        return _found(host, port, stock, "antminer")
+    for p, ident in zip(PROBES, specific, strict=True):
+        if isinstance(ident, RigIdentity):
+            kind = KINDS[p.kind_for(ident)]
+            return _found(host, kind.port_found_on(port), ident, kind.name)
     return cg if isinstance(cg, Found) else None
 
 

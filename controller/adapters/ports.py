@@ -19,7 +19,7 @@ from controller.core.caps import Limit
 from controller.core.planner import ActionKind, RigMemory
 from controller.core.snapshot import RigInfo
 from controller.core.status import ActionResult, CycleResult, Hold, Override
-from drivers.miner import MinerDriver
+from drivers.base import MinerDriver
 
 
 class ClockView(Protocol):

@@ -40,6 +40,14 @@ from controller.config.credentials import (
     file_or_credential,
     secret_or_credential,
 )
+from drivers.registry import (
+    AntminerSettings,
+    BraiinsSettings,
+    LuxOSSettings,
+    MinerSettings,
+    NoSettings,
+    WhatsminerSettings,
+)
 
 ENV_PREFIX = "RIGD_"
 DEFAULT_CONFIG_PATH = Path("/etc/rigd/rigd.toml")
@@ -309,6 +317,21 @@ class MinerConfig(_Strict):
                     "or digit, at most 64 characters"
                 )
         return self
+
+    def driver_settings(self, poll_interval_s: float) -> MinerSettings:
+        """What this row tells its driver besides access (`drivers.registry`'s settings)."""
+        from drivers.luxos import renew_after_s  # drivers do not import the config
+
+        if self.driver == "luxos":
+            hold = renew_after_s(poll_interval_s) if self.session == "hold" else None
+            return LuxOSSettings(renew_session_after=hold)
+        if self.driver == "antminer":
+            return AntminerSettings(web_port=self.web_port, low_power_w=self.low_power_w)
+        if self.driver == "braiins":
+            return BraiinsSettings(web_port=self.web_port)
+        if self.driver in ("whatsminer", "whatsminer-v3"):
+            return WhatsminerSettings(power_min_w=self.power_min_w, power_max_w=self.power_max_w)
+        return NoSettings()
 
     def _format_id(self, addr: ipaddress.IPv4Address, n: int) -> str:
         a, b, c, d = addr.packed

@@ -42,7 +42,7 @@ from drivers.modbus_meter import (
 from drivers.telemetry import MeterReading
 from simulators.clock import ManualClock
 from simulators.farm import Farm
-from simulators.meter_modbus import (
+from simulators.modbus_meter import (
     GARBAGE,
     MeterModel,
     MeterServer,

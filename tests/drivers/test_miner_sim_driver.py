@@ -24,8 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drivers.base import MinerCapabilities, MinerDriver
 from drivers.cgminer import (
     CGMinerClient,
+    CGMinerDriver,
     CGMinerRejected,
     check_status,
     decode_reply,
@@ -38,18 +40,12 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.luxos import choose_profile, parse_profiles
-from drivers.miner import (
-    CGMinerDriver,
-    LuxOSDriver,
-    MinerCapabilities,
-    MinerDriver,
-    make_miner_driver,
-)
+from drivers.luxos import LuxOSDriver, choose_profile, parse_profiles
+from drivers.registry import MinerAccess, make_miner_driver
 from drivers.telemetry import RigState
+from simulators.cgminer import LUXOS_READS, MinerFleet, MinerServer
 from simulators.clock import ManualClock
-from simulators.farm import MODELS, Farm, Mode
-from simulators.miner_server import LUXOS_READS, MinerFleet, MinerServer
+from simulators.farm import MODELS, Farm, RigMode
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -59,7 +55,7 @@ def load(folder: str, name: str) -> dict[str, Any]:
     return data
 
 
-def mode(server: MinerServer) -> Mode:
+def mode(server: MinerServer) -> RigMode:
     """The rig's firmware mode, read fresh (a helper so type narrowing does not stick)."""
     return server.rig.mode
 
@@ -72,7 +68,7 @@ class Env:
     stock: MinerServer  # rig-002, stock bmminer
 
     def driver(self, kind: str, server: MinerServer, **kw: Any) -> MinerDriver:
-        return make_miner_driver(kind, server.rig_id, server.host, server.port, **kw)
+        return make_miner_driver(kind, server.rig_id, MinerAccess(server.host, server.port, **kw))
 
     def client(self, server: MinerServer, **kw: Any) -> CGMinerClient:
         return CGMinerClient(server.host, server.port, device=server.rig_id, **kw)
@@ -404,7 +400,7 @@ async def test_join_refused_falls_back_to_single_commands(env: Env) -> None:
     server = await asyncio.start_server(old_firmware, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        drv = make_miner_driver("cgminer", "old", "127.0.0.1", port)
+        drv = make_miner_driver("cgminer", "old", MinerAccess("127.0.0.1", port))
         tel = await drv.read(1.0)
         assert tel.identity.model == "Antminer S19 Pro"
         assert connections == 1 + 3  # the failed join, then summary, stats, version
@@ -432,7 +428,7 @@ async def test_luxos_sleep_then_wake(env: Env) -> None:
     drv = env.driver("luxos", env.lux)
     assert drv.capabilities.can_sleep
     await drv.sleep()
-    assert mode(env.lux) is Mode.SLEEPING
+    assert mode(env.lux) is RigMode.SLEEPING
     assert env.lux.session_id == ""  # logged off again, the miner is free for others
     tel = await drv.read(clock.now())
     assert tel.state is RigState.SLEEPING  # at once, although power is still falling
@@ -444,7 +440,7 @@ async def test_luxos_sleep_then_wake(env: Env) -> None:
     assert not any(b.active for b in tel.hashboards)
 
     await drv.wake()
-    assert mode(env.lux) is Mode.MINING
+    assert mode(env.lux) is RigMode.MINING
     tel = await drv.read(clock.now())
     assert tel.state is RigState.WAKING  # told to mine, hashboards still booting
     clock.advance(rig.model.boot_s + 10)
@@ -492,7 +488,7 @@ async def test_luxos_session_conflict_borrows_visible_session(env: Env) -> None:
     assert err.value.code == 402
     drv = env.driver("luxos", env.lux)
     await drv.sleep()
-    assert mode(env.lux) is Mode.SLEEPING
+    assert mode(env.lux) is RigMode.SLEEPING
     assert env.lux.session_id == theirs  # borrowed, not logged off under its owner
 
 
@@ -502,10 +498,10 @@ async def test_luxos_session_conflict_with_hidden_session_is_rejected(env: Env) 
     drv = env.driver("luxos", env.lux)
     with pytest.raises(CommandRejected, match="another client holds"):
         await drv.sleep()
-    assert mode(env.lux) is Mode.MINING
+    assert mode(env.lux) is RigMode.MINING
     env.clock.advance(61)  # the other client's session expires after 60 s idle
     await drv.sleep()
-    assert mode(env.lux) is Mode.SLEEPING
+    assert mode(env.lux) is RigMode.SLEEPING
 
 
 async def test_luxos_sim_session_and_atm_rules(env: Env) -> None:
@@ -551,7 +547,7 @@ async def test_stock_control_is_unsupported_and_writes_denied(env: Env) -> None:
     for call in (drv.sleep(), drv.wake(), drv.set_power_target(2000)):
         with pytest.raises(UnsupportedOperation):
             await call
-    assert rig.command_count == 0 and rig.mode == Mode.MINING
+    assert rig.command_count == 0 and rig.mode == RigMode.MINING
     client = env.client(env.stock, retries=3)
     with pytest.raises(CGMinerRejected, match="access denied") as err:
         await client.command("devdetails")
@@ -566,8 +562,8 @@ def test_unknown_kind_lists_known_ones() -> None:
     with pytest.raises(
         ValueError, match=r"luxos, cgminer, antminer, whatsminer, whatsminer-v3, braiins"
     ):
-        make_miner_driver("avalon", "r", "127.0.0.1")
-    assert isinstance(make_miner_driver("LuxOS", "r", "127.0.0.1"), LuxOSDriver)
+        make_miner_driver("avalon", "r", MinerAccess("127.0.0.1"))
+    assert isinstance(make_miner_driver("LuxOS", "r", MinerAccess("127.0.0.1")), LuxOSDriver)
 
 
 # -- failures ----------------------------------------------------------------------------
@@ -752,7 +748,7 @@ async def test_fleet_on_ephemeral_ports() -> None:
         assert len(addresses) == 4
         for rid in farm.rigs:
             host, port = fleet.address_of(rid)
-            tel = await make_miner_driver("luxos", rid, host, port).read(farm.now())
+            tel = await make_miner_driver("luxos", rid, MinerAccess(host, port)).read(farm.now())
             assert tel.hashrate_ths == pytest.approx(farm.rigs[rid].hashrate_ths(farm.now()), 1e-3)
     finally:
         await fleet.stop()
@@ -812,7 +808,7 @@ async def test_optional_commands_also_tolerated_without_joins(env: Env) -> None:
     server = await asyncio.start_server(no_joins, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        drv = make_miner_driver("luxos", "old-lux", "127.0.0.1", port)
+        drv = make_miner_driver("luxos", "old-lux", MinerAccess("127.0.0.1", port))
         tel = await drv.read(1.0)
         assert tel.state is RigState.MINING and tel.power_w is not None
     finally:

@@ -27,18 +27,25 @@ from controller.adapters.discovery import add_to_config, addresses, scan
 from controller.config import load_config
 from controller.runtime.daemon import Daemon
 from drivers.antminer_web import AntminerDriver
+from drivers.base import MinerDriver
 from drivers.braiins import BraiinsDriver
 from drivers.errors import DeviceError
-from drivers.miner import MinerDriver, make_miner_driver
+from drivers.registry import (
+    AntminerSettings,
+    BraiinsSettings,
+    MinerAccess,
+    WhatsminerSettings,
+    make_miner_driver,
+)
 from drivers.telemetry import RigState
 from drivers.whatsminer import WhatsminerDriver, WhatsminerV3Driver
 from simulators.antminer_web import AntminerWebServer
-from simulators.braiins_rest import BraiinsRestServer
+from simulators.braiins import BraiinsRestServer
+from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock, ScaledClock
-from simulators.farm import Farm, Mode, SimRig
-from simulators.miner_server import MinerServer
+from simulators.farm import Farm, RigMode, SimRig
 from simulators.site import SimSite
-from simulators.whatsminer_server import WhatsminerServer, whatsminer_rig
+from simulators.whatsminer import WhatsminerServer, whatsminer_rig
 
 BRAIINS_PASSWORD = "bos-secret"
 
@@ -155,21 +162,16 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
     for n, (sim_id, _fw, kind, _port) in LAYOUT.items():
         m = rigs[mixed.host(n)].miner
         extra: dict[str, Any] = {"password": BRAIINS_PASSWORD} if kind == "braiins" else {}
+        access = MinerAccess(
+            mixed.host(n), m.port, username=m.username, timeout=1.0, retries=0, **extra
+        )
         drv = make_miner_driver(
-            m.driver,
-            rigs[mixed.host(n)].id,
-            mixed.host(n),
-            m.port,
-            username=m.username,
-            timeout=1.0,
-            retries=0,
-            web_port=m.web_port,
-            **extra,
+            m.driver, rigs[mixed.host(n)].id, access, m.driver_settings(cfg.poll.interval_s)
         )
         await _read_sleep_wake(drv, mixed, sim_id, kind)
 
 
-def _mode(rig: SimRig) -> Mode:
+def _mode(rig: SimRig) -> RigMode:
     """Read fresh each time, so an assert's type narrowing does not stick to the next one."""
     return rig.mode
 
@@ -182,11 +184,11 @@ async def _read_sleep_wake(drv: MinerDriver, mixed: MixedFarm, sim_id: str, kind
         assert tel.hashrate_ths is not None and tel.hashrate_ths > 0, kind
         assert drv.capabilities.can_sleep, kind
         await drv.sleep()
-        assert _mode(rig) is Mode.SLEEPING, kind
+        assert _mode(rig) is RigMode.SLEEPING, kind
         mixed.clock.advance(120)  # hashboards off, power down to idle
         assert (await drv.read(mixed.clock.now())).state is RigState.SLEEPING, kind
         await drv.wake()
-        assert _mode(rig) is Mode.MINING, kind
+        assert _mode(rig) is RigMode.MINING, kind
     except DeviceError as e:  # name the rig's kind: the trace alone does not
         raise AssertionError(f"{kind}: {e!r}") from e
     finally:
@@ -195,16 +197,16 @@ async def _read_sleep_wake(drv: MinerDriver, mixed: MixedFarm, sim_id: str, kind
 
 def test_every_kind_builds_with_its_settings() -> None:
     """The config's settings reach the kinds that use them, whatever else is passed."""
-    common: dict[str, Any] = {"timeout": 1.5, "retries": 0}
-    stock = make_miner_driver("antminer", "r", "127.0.0.1", low_power_w=2300, **common)
+    common = MinerAccess("127.0.0.1", timeout=1.5, retries=0)
+    stock = make_miner_driver("antminer", "r", common, AntminerSettings(low_power_w=2300))
     assert isinstance(stock, AntminerDriver) and stock.capabilities.can_sleep
-    bos = make_miner_driver("braiins", "r", "127.0.0.1", web_port=8080, **common)
+    bos = make_miner_driver("braiins", "r", common, BraiinsSettings(web_port=8080))
     assert isinstance(bos, BraiinsDriver)
-    v2 = make_miner_driver("whatsminer", "r", "127.0.0.1", power_max_w=3500, **common)
+    v2 = make_miner_driver("whatsminer", "r", common, WhatsminerSettings(power_max_w=3500))
     assert isinstance(v2, WhatsminerDriver) and v2.client.port == 4028
-    v3 = make_miner_driver("Whatsminer-V3", "r", "127.0.0.1", **common)
+    v3 = make_miner_driver("Whatsminer-V3", "r", common)
     assert isinstance(v3, WhatsminerV3Driver) and v3.client.port == 4433  # its own default
-    explicit = make_miner_driver("whatsminer-v3", "r", "127.0.0.1", 9999)
+    explicit = make_miner_driver("whatsminer-v3", "r", MinerAccess("127.0.0.1", 9999))
     assert isinstance(explicit, WhatsminerV3Driver) and explicit.client.port == 9999
     for d in (stock, bos, v2, v3):
         assert isinstance(d, MinerDriver)
@@ -319,7 +321,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
 
             def under(cap: float) -> bool:
                 for c, r in sims.items():
-                    if r.power_target_w is not None and r.mode is Mode.MINING:
+                    if r.power_target_w is not None and r.mode is RigMode.MINING:
                         throttled.add(dialect[c])
                 return m.true_power_w(farm.now()) / 1000 <= cap
 
@@ -329,7 +331,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             cap2 = base_kw + 0.5
             ctl.set_override(cap2, site.clock.now() + 3600, "test: sleep", "test")
             await _until(
-                lambda: all(_mode(r) is Mode.SLEEPING for r in sims.values()) and under(cap2),
+                lambda: all(_mode(r) is RigMode.SLEEPING for r in sims.values()) and under(cap2),
                 "every rig asleep",
             )
 
@@ -337,7 +339,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             ctl.clear_override()
             await _until(
                 lambda: all(
-                    _mode(r) is Mode.MINING and r.power_target_w in (None, r.model.nominal_w)
+                    _mode(r) is RigMode.MINING and r.power_target_w in (None, r.model.nominal_w)
                     for r in sims.values()
                 ),
                 "every rig restored",

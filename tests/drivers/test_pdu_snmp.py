@@ -57,9 +57,9 @@ from drivers.errors import (
     MalformedReply,
 )
 from drivers.telemetry import PduReading
+from simulators.apc_snmp import OUTLET_CONFIG_NAME, OUTLET_CONTROL_COMMAND, PduAgent
 from simulators.clock import ManualClock
 from simulators.farm import Farm, SimPdu
-from simulators.pdu_snmp import OUTLET_CONFIG_NAME, OUTLET_CONTROL_COMMAND, PduAgent
 
 HOST = "127.0.0.1"
 V3 = {"user": "rigd", "auth_key": "authpass123", "priv_key": "privpass123"}

@@ -20,8 +20,7 @@ import pytest
 from controller.core.caps import GRID, OVERRIDE
 from controller.core.status import CycleResult, Hold
 from simulators.clock import ManualClock
-from simulators.farm import Farm
-from simulators.farm import Mode as RigMode
+from simulators.farm import Farm, RigMode
 from tests.sim_harness import (
     Report,
     SimHarness,

@@ -85,9 +85,7 @@ import contextlib
 import json
 import math
 import secrets
-import socket
 import string
-import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -95,8 +93,9 @@ from typing import Any, Final
 
 import structlog
 
-from simulators.farm import Farm, Mode, SimPdu, SimRig
-from simulators.fleet import Fleet, cancel_connections, outlets_of, subnet_hosts
+from simulators.farm import Farm, RigMode, SimPdu, SimRig
+from simulators.fleet import Fleet, outlets_of, subnet_hosts
+from simulators.server import GARBAGE, SILENT_HOLD_S, RigServer, hold_silent
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +104,6 @@ Json = dict[str, Any]
 MAX_REQUEST_BYTES: Final = 4095  # cgminer: a single recv of TMPBUFSIZ/2 - 1 bytes
 DEFAULT_READ_TIMEOUT_S: Final = 10.0
 SESSION_TTL_S: Final = 60.0
-SILENT_HOLD_S: Final = 600.0
 FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse", "slow"})
 
 LUXOS_VERSION: Final = "2025.4.8.220305-57b389c7"
@@ -182,7 +180,60 @@ _BOS_POOL_STATS: Final[dict[str, Any]] = {
     "Bytes Sent": 0, "Times Recv": 0, "Bytes Recv": 0, "Net Bytes Sent": 0,
     "Net Bytes Recv": 0,
 }  # fmt: skip
-_GARBAGE: Final = b"\x1f\x8b\x08\x00<html><body>502 Bad Gateway</body></html>\xff\xfe{]"
+
+
+# -- the CGMiner reply envelope ------------------------------------------------------------
+
+
+def status_entry(letter: str, code: int, msg: str, *, when: int, description: str) -> list[Json]:
+    """CGMiner's STATUS: a one-item list with the letter (S, I, W, E, F), the firmware's
+    code and message, its clock and its name. Every CGMiner-speaking firmware (LuxOS,
+    bmminer, BOSer, btminer's v2 reads) answers in it."""
+    return [{"STATUS": letter, "When": when, "Code": code, "Msg": msg, "Description": description}]
+
+
+def status_reply(letter: str, code: int, msg: str, *, when: int, description: str) -> Json:
+    """A reply that is only a STATUS: errors, and writes that return nothing else."""
+    return {"STATUS": status_entry(letter, code, msg, when=when, description=description), "id": 1}
+
+
+def section_reply(
+    section: str, items: list[Json], code: int, msg: str, *, when: int, description: str
+) -> Json:
+    """A successful report: STATUS S plus its section (SUMMARY, DEVS, ...)."""
+    status = status_entry("S", code, msg, when=when, description=description)
+    return {"STATUS": status, section: items, "id": 1}
+
+
+def request_complete(buf: bytes) -> bool:
+    """Whether a request read so far can be answered without waiting for more bytes: the
+    framing of 4028, which btminer's v2 API shares."""
+    if b"\x00" in buf or buf.endswith(b"\n"):
+        return True
+    stripped = buf.strip()
+    if not stripped.startswith(b"{"):
+        return bool(stripped)  # text mode: whatever one recv returned
+    try:
+        json.loads(stripped)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+async def read_request(reader: asyncio.StreamReader, *, limit: int, wait_s: float) -> bytes:
+    """One request as the firmware reads it: until `request_complete`, `limit` bytes, EOF
+    or `wait_s` seconds, whichever comes first (b"" from an idle connection)."""
+    buf = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait_s):
+            while len(buf) < limit:
+                chunk = await reader.read(limit - len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+                if request_complete(buf):
+                    break
+    return buf
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +296,10 @@ def _acs(chips: int) -> str:
     return "".join(" " + "o" * g for g in groups)
 
 
-class MinerServer:
+class MinerServer(RigServer):
     """One simulated miner's 4028 listener. See the module docstring for the dialects."""
+
+    faults = FAULTS
 
     def __init__(
         self,
@@ -258,15 +311,9 @@ class MinerServer:
         read_timeout: float = DEFAULT_READ_TIMEOUT_S,
         outlet: tuple[SimPdu, int] | None = None,
     ) -> None:
-        if rig_id not in farm.rigs:
-            raise ValueError(f"no rig {rig_id!r} in the farm")
-        self.farm = farm
-        self.rig_id = rig_id
-        self.rig: SimRig = farm.rigs[rig_id]
-        self.host = host
+        super().__init__(farm, rig_id, host=host, outlet=outlet)
         self.port = port
         self.read_timeout = read_timeout
-        self.fault: str | None = None
         self.slow_s = 1.0
         # Test knobs for firmware variants seen in the field.
         self.hide_session_id = False  # `session` answers "" even while one is live
@@ -281,12 +328,7 @@ class MinerServer:
         self.atm_enabled = True
         self.session_id = ""
         self.session_expires = 0.0
-        if outlet is None:
-            where = farm.outlet_of(rig_id)
-            outlet = (farm.pdus[where[0]], where[1]) if where else None
-        self._outlet = outlet
         self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -294,7 +336,10 @@ class MinerServer:
         if self._server is not None:
             return
         await self._listen()
-        log.debug("miner_server.started", rig=self.rig_id, host=self.host, port=self.port)
+        log.debug("cgminer_simulator.started", rig=self.rig_id, host=self.host, port=self.port)
+
+    def _listening(self) -> bool:
+        return self._server is not None
 
     async def _listen(self) -> None:
         server = await asyncio.start_server(
@@ -304,72 +349,28 @@ class MinerServer:
         self.port = server.sockets[0].getsockname()[1]
         self._server = server
 
-    async def _close_listener(self) -> None:
+    async def _stop_listening(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.close()
             await server.wait_closed()
 
-    async def stop(self) -> None:
-        await self._close_listener()
-        await cancel_connections(self._conns)
-
-    async def set_fault(self, fault: str | None) -> None:
-        """Switch fault mode; "refuse" closes the listener, clearing it listens again."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
-        was_listening = self._server is not None
-        self.fault = fault
-        if fault == "refuse" and was_listening:
-            await self._close_listener()
-        elif fault != "refuse" and not was_listening:
-            await self._listen()
-
     # -- connection handling ---------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            pass  # server stopping: drop the connection quietly
-        except (ConnectionError, TimeoutError):
-            pass  # clients hang up or stall all the time; that is not a server problem
-        except Exception:  # never let one connection take the listener down
-            log.exception("miner_server.connection_failed", rig=self.rig_id)
-        finally:
-            if task is not None:
-                self._conns.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    def _api_up(self) -> bool:
-        t = self.farm.now()
-        if self._outlet is not None:
-            pdu, number = self._outlet
-            pdu.outlet_on(number, t)  # applies due reboots before asking the rig
-        return self.rig.api_up(t)
+        await self._guard(self._serve, reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._api_up() or self.fault == "refuse":
-            _reset(writer)
-            return
-        request = await self._read_request(reader)
+        request = await read_request(reader, limit=MAX_REQUEST_BYTES, wait_s=self.read_timeout)
         if not request:
             return  # idle or empty connection: cgminer just closes
         self.requests += 1
         fault = self.fault
         if fault == "silent":
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SILENT_HOLD_S):
-                    while await reader.read(4096):
-                        pass
+            await hold_silent(reader, SILENT_HOLD_S)
             return
         if fault == "garbage":
-            writer.write(_GARBAGE + b"\x00")
+            writer.write(GARBAGE + b"\x00")
             await writer.drain()
             return
         if fault == "slow":
@@ -380,19 +381,6 @@ class MinerServer:
         else:
             writer.write(body)
         await writer.drain()
-
-    async def _read_request(self, reader: asyncio.StreamReader) -> bytes:
-        buf = b""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.read_timeout):
-                while len(buf) < MAX_REQUEST_BYTES:
-                    chunk = await reader.read(MAX_REQUEST_BYTES - len(buf))
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if _request_complete(buf):
-                        break
-        return buf[:MAX_REQUEST_BYTES]
 
     # -- protocol --------------------------------------------------------------
 
@@ -416,7 +404,7 @@ class MinerServer:
         try:
             reply = self._dispatch_raw(raw, t)
         except Exception:
-            log.exception("miner_server.handler_failed", rig=self.rig_id)
+            log.exception("cgminer_simulator.handler_failed", rig=self.rig_id)
             reply = self._status_only(t, "F", 999, "Internal error")
         text = json.dumps(reply, separators=(",", ":"))
         if self.joined_without_commas and not (self.luxos or self.bosminer):
@@ -487,21 +475,13 @@ class MinerServer:
     # -- reply builders --------------------------------------------------------
 
     def _status(self, t: float, letter: str, code: int, msg: str) -> list[Json]:
-        return [
-            {
-                "STATUS": letter,
-                "When": int(t),
-                "Code": code,
-                "Msg": msg,
-                "Description": self.description,
-            }
-        ]
+        return status_entry(letter, code, msg, when=int(t), description=self.description)
 
     def _status_only(self, t: float, letter: str, code: int, msg: str) -> Json:
-        return {"STATUS": self._status(t, letter, code, msg), "id": 1}
+        return status_reply(letter, code, msg, when=int(t), description=self.description)
 
     def _ok(self, t: float, code: int, msg: str, section: str, items: list[Json]) -> Json:
-        return {"STATUS": self._status(t, "S", code, msg), section: items, "id": 1}
+        return section_reply(section, items, code, msg, when=int(t), description=self.description)
 
     def _avg_ghs(self, t: float, window: float, samples: int = 6) -> float:
         start = max(self.rig.boot_t, t - window)
@@ -752,7 +732,7 @@ class MinerServer:
 
     def _cmd_config(self, t: float) -> Json:
         rig = self.rig
-        sleeping = rig.mode == Mode.SLEEPING
+        sleeping = rig.mode == RigMode.SLEEPING
         entry = {
             "ASC Count": rig.model.boards,
             "PGA Count": 0,
@@ -980,7 +960,7 @@ class MinerServer:
 
     def _bos_freq_mhz(self, t: float) -> int:
         rig, m = self.rig, self.rig.model
-        if not rig.is_hashing(t) or rig.mode == Mode.SLEEPING:
+        if not rig.is_hashing(t) or rig.mode == RigMode.SLEEPING:
             return BOSMINER_PAUSED_FREQ_MHZ
         base = _DEFAULT_FREQ_MHZ.get(m.name, 500)
         return round(base * min(1.5, rig.hashrate_ths(t) / m.nominal_ths))
@@ -1207,7 +1187,7 @@ class MinerServer:
         chain_w = max(0, round(miner_w - 2 * m.idle_w))
         limit = round(rig.target_w)
         chain_limit = max(0, round((limit - 2 * m.idle_w) / m.boards))
-        paused = rig.mode == Mode.SLEEPING
+        paused = rig.mode == RigMode.SLEEPING
         ramping = rig.ramping(t)
         status = "Paused" if paused else ("Testing performance profile" if ramping else "Stable")
         since = int(t - rig.mode_t)
@@ -1265,29 +1245,6 @@ class MinerServer:
             "User": f"rigd.{self.rig_id}",
         }
         return self._bos_ok(t, 125, "LCD", "LCD", [entry])
-
-
-def _request_complete(buf: bytes) -> bool:
-    """Whether a request read so far can be answered without waiting for more bytes."""
-    if b"\x00" in buf or buf.endswith(b"\n"):
-        return True
-    stripped = buf.strip()
-    if not stripped.startswith(b"{"):
-        return bool(stripped)  # text mode: whatever one recv returned
-    try:
-        json.loads(stripped)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST so the client sees a reset, the nearest thing to a dead host."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 class MinerFleet(Fleet[MinerServer]):

@@ -1,7 +1,7 @@
 """Simulated Braiins OS public REST API (HTTP/JSON on port 80) for a `SimRig` on BOS.
 
 Braiins OS splits its surface: telemetry over the cgminer-compatible 4028 API (the
-"bosminer" dialect of `simulators.miner_server`), control through this REST API with a
+"bosminer" dialect of `simulators.cgminer`), control through this REST API with a
 token from `POST /api/v1/auth/login`. The driver must be exercised against both over real
 sockets, so this module serves the REST side of the same rig: a pause here shows on the
 4028 side as MH/s decaying to zero, as on the firmware.
@@ -73,8 +73,9 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from simulators.farm import Farm, Mode, SimPdu, SimRig
+from simulators.farm import Farm, RigMode, SimPdu
 from simulators.fleet import Fleet
+from simulators.server import SILENT_HOLD_S, RigServer
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 DEFAULT_PORT: Final = 80
 TOKEN_TIMEOUT_S: Final = 3600
-SILENT_HOLD_S: Final = 600.0
 FAULTS: Final = frozenset({"silent", "garbage", "truncated", "error500", "refuse"})
 BOS_VERSION: Final = "2025-08-06-0-3881c51d-25.07-plus"
 BOS_MAJOR: Final = "2022-09-13-0-11012d53-22.08-plus"
@@ -136,8 +136,10 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
 
 
-class BraiinsRestServer:
+class BraiinsRestServer(RigServer):
     """The REST API of one simulated BOS rig. See the module docstring for its behaviour."""
+
+    faults = FAULTS
 
     def __init__(
         self,
@@ -151,29 +153,19 @@ class BraiinsRestServer:
         token_timeout_s: int = TOKEN_TIMEOUT_S,
         outlet: tuple[SimPdu, int] | None = None,
     ) -> None:
-        if rig_id not in farm.rigs:
-            raise ValueError(f"no rig {rig_id!r} in the farm")
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"{host} is not a loopback address")
-        self.farm = farm
-        self.rig_id = rig_id
-        self.rig: SimRig = farm.rigs[rig_id]
-        self.host = host
+        super().__init__(farm, rig_id, host=host, outlet=outlet)
         self.port = port
         self.username = username
         self.password = password
         self.token_timeout_s = token_timeout_s
         self.api_version = API_VERSION
         self.delays: dict[str, float] = {"login": 0.0, "read": 0.0, "action": 0.0}
-        self.fault: str | None = None
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
         self.logins = 0  # successful logins
         self.failed_logins = 0
         self.tokens: dict[str, float] = {}  # token -> farm time of its last use
-        if outlet is None:
-            where = farm.outlet_of(rig_id)
-            outlet = (farm.pdus[where[0]], where[1]) if where else None
-        self._outlet = outlet
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
         self._closing = asyncio.Event()
@@ -209,7 +201,13 @@ class BraiinsRestServer:
         except BaseException:
             await self.stop()
             raise
-        log.debug("braiins_rest.started", rig=self.rig_id, host=self.host, port=self.port)
+        log.debug("braiins_simulator.started", rig=self.rig_id, host=self.host, port=self.port)
+
+    def _listening(self) -> bool:
+        return self._site is not None
+
+    def _can_listen(self) -> bool:
+        return self._runner is not None  # started, and not stopped since
 
     async def _listen(self) -> None:
         assert self._runner is not None
@@ -228,7 +226,7 @@ class BraiinsRestServer:
         await site.start()
         self._site = site
 
-    async def _close_listener(self) -> None:
+    async def _stop_listening(self) -> None:
         site, self._site = self._site, None
         if site is not None:
             await site.stop()
@@ -240,28 +238,11 @@ class BraiinsRestServer:
         if runner is not None:
             await runner.cleanup()
 
-    async def set_fault(self, fault: str | None) -> None:
-        """Switch fault mode; "refuse" closes the listener, clearing it listens again."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
-        self.fault = fault
-        if fault == "refuse" and self._site is not None:
-            await self._close_listener()
-        elif fault != "refuse" and self._site is None and self._runner is not None:
-            await self._listen()
-
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     # -- plumbing --------------------------------------------------------------
-
-    def _api_up(self) -> bool:
-        t = self.farm.now()
-        if self._outlet is not None:
-            pdu, number = self._outlet
-            pdu.outlet_on(number, t)  # applies due reboots before asking the rig
-        return self.rig.api_up(t)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -357,12 +338,12 @@ class BraiinsRestServer:
     # -- actions ---------------------------------------------------------------
 
     async def _pause(self, request: web.Request) -> web.Response:
-        already = self.rig.mode == Mode.SLEEPING
+        already = self.rig.mode == RigMode.SLEEPING
         self.rig.sleep(self.farm.now())
         return _json(already)
 
     async def _resume(self, request: web.Request) -> web.Response:
-        already = self.rig.mode == Mode.MINING
+        already = self.rig.mode == RigMode.MINING
         self.rig.wake(self.farm.now())
         return _json(already)
 
@@ -483,7 +464,7 @@ class BraiinsRestServer:
         t = self.farm.now()
         rig, m = self.rig, self.rig.model
         uptime = rig.uptime_s(t)
-        status = STATUS_PAUSED if rig.mode == Mode.SLEEPING else STATUS_NORMAL
+        status = STATUS_PAUSED if rig.mode == RigMode.SLEEPING else STATUS_NORMAL
         return _json(
             {
                 "bos_mode": 4,
@@ -549,7 +530,7 @@ class BraiinsRestServer:
         boards = rig.board_hashrates_ths(t)
         total = sum(boards)
         pcb, chip = rig.board_temps_c(t), rig.chip_temps_c(t)
-        hashing = rig.is_hashing(t) and rig.mode == Mode.MINING
+        hashing = rig.is_hashing(t) and rig.mode == RigMode.MINING
         freq = 486_704_545.0 * min(1.5, total / m.nominal_ths) if hashing else 50_000_000.0
         out = []
         for i in range(m.boards):

@@ -1,7 +1,7 @@
 """Simulated Whatsminers (MicroBT btminer firmware): API v2 on port 4028 and API v3 on 4433.
 
-Like `miner_server`, each `SimRig` of a `Farm` gets its own loopback listener(s) and every
-reply is computed from the rig at `farm.now()`; the server keeps only what the firmware
+Like `simulators.cgminer`, each `SimRig` of a `Farm` gets its own loopback listener(s) and
+every reply is computed from the rig at `farm.now()`; the server keeps only what the firmware
 keeps (the power limit and mode, the temporary power percentage, issued tokens, the time
 btminer last (re)started).
 
@@ -61,7 +61,7 @@ Simulator assumptions (where the reference material is silent or unverified):
 - API v3 firmware (`api="v3"`) serves only 4433; `api="both"` serves both ports over one
   firmware state (a transitional build).
 - A rig that is not `api_up` (outlet off, still booting) resets connections, as
-  `miner_server` does.
+  `simulators.cgminer` does.
 
 Fault injection (`set_fault`), on both ports: "silent" reads the request and never answers,
 "garbage" answers bytes that are not JSON (v3: inside a valid frame), "truncated" answers
@@ -77,7 +77,6 @@ import contextlib
 import json
 import math
 import random
-import socket
 import string
 import struct
 import time
@@ -88,7 +87,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
-from drivers.whatsminer_crypto import (
+from drivers.whatsminer.crypto import (
     V2Token,
     aes_ecb_decrypt_b64,
     aes_ecb_encrypt_b64,
@@ -96,8 +95,16 @@ from drivers.whatsminer_crypto import (
     v2_aes_key,
     v3_token,
 )
-from simulators.farm import Clock, Farm, Mode, RigModel, SimPdu, SimRig
-from simulators.fleet import Fleet, cancel_connections, outlets_of, subnet_hosts
+from simulators.cgminer import read_request, section_reply, status_reply
+from simulators.farm import Farm, FarmClock, RigMode, RigModel, SimPdu, SimRig
+from simulators.fleet import Fleet, outlets_of, subnet_hosts
+from simulators.server import (
+    GARBAGE,
+    SILENT_HOLD_S,
+    RigServer,
+    hold_silent,
+    reset_connection,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -124,7 +131,6 @@ MAX_TOKEN_IPS: Final = 16
 TS_WINDOW_S: Final = 300.0
 MAX_V2_REQUEST: Final = 8191
 MAX_V3_FRAME: Final = 1 << 16
-SILENT_HOLD_S: Final = 600.0
 FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse"})
 LOW_MODE_FRACTION: Final = 0.85
 AMBIENT_C: Final = 25.0
@@ -169,7 +175,6 @@ V3_WRITES: Final = V3_NOOP_WRITES | frozenset(
 )  # fmt: skip
 V3_DEVICE_SECTIONS: Final = ("network", "miner", "system", "power", "salt", "error-code")
 _SALT_ALPHABET: Final = string.ascii_letters + string.digits
-_GARBAGE: Final = b"\x1f\x8b\x08\x00<html><body>502 Bad Gateway</body></html>\xff\xfe{]"
 _MODE_NAMES: Final = {"low": "Low", "normal": "Normal", "high": "High"}
 
 # Illustrative models (nameplate-like figures; ranges are assumptions, see the report).
@@ -209,7 +214,7 @@ def whatsminer_rig(rig_id: str, model: str, t: float, *, seed: int = 0) -> SimRi
 
 
 def build_whatsminer_farm(
-    clock: Clock,
+    clock: FarmClock,
     *,
     rigs: int,
     pdus: int = 1,
@@ -261,28 +266,6 @@ def _frame(obj: Json) -> bytes:
     return struct.pack("<I", len(body)) + body
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST so the client sees a reset, the nearest thing to a dead host."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-def _v2_request_complete(buf: bytes) -> bool:
-    if b"\x00" in buf or buf.endswith(b"\n"):
-        return True
-    stripped = buf.strip()
-    if not stripped.startswith(b"{"):
-        return bool(stripped)
-    try:
-        json.loads(stripped)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
 def _int_param(value: Any) -> int | None:
     """Whole numbers as clients send them: 3000, "3000", 3000.0."""
     if isinstance(value, bool):
@@ -296,8 +279,10 @@ def _int_param(value: Any) -> int | None:
     return None
 
 
-class WhatsminerServer:
+class WhatsminerServer(RigServer):
     """One simulated Whatsminer. See the module docstring for the protocol and assumptions."""
+
+    faults = FAULTS
 
     def __init__(
         self,
@@ -315,14 +300,9 @@ class WhatsminerServer:
         firmware_version: str | None = None,
         api_version: str | None = None,
     ) -> None:
-        if rig_id not in farm.rigs:
-            raise ValueError(f"no rig {rig_id!r} in the farm")
         if api not in ("v2", "v3", "both"):
             raise ValueError(f"api must be v2, v3 or both, not {api!r}")
-        self.farm = farm
-        self.rig_id = rig_id
-        self.rig: SimRig = farm.rigs[rig_id]
-        self.host = host
+        super().__init__(farm, rig_id, host=host, outlet=outlet)
         self.api: Api = api
         self.port_v2 = port_v2
         self.port_v3 = port_v3
@@ -352,7 +332,6 @@ class WhatsminerServer:
         self.super_password = super_password
         self.tokens: dict[str, list[tuple[str, float]]] = {}
         # Knobs.
-        self.fault: str | None = None
         self.write_enabled = True
         self.silent_writes: set[str] = set()
         self.nul_terminated = True
@@ -362,12 +341,7 @@ class WhatsminerServer:
         # What was seen.
         self.received: list[Received] = []
         self.requests = 0  # requests read on either port (attempted answers included)
-        if outlet is None:
-            where = farm.outlet_of(rig_id)
-            outlet = (farm.pdus[where[0]], where[1]) if where else None
-        self._outlet = outlet
         self._servers: dict[str, asyncio.Server] = {}
-        self._conns: set[asyncio.Task[Any]] = set()
 
     # -- credentials -----------------------------------------------------------
 
@@ -411,12 +385,15 @@ class WhatsminerServer:
             return
         await self._listen()
         log.debug(
-            "whatsminer_server.started",
+            "whatsminer_simulator.started",
             rig=self.rig_id,
             host=self.host,
             port_v2=self.port_v2 if self.serves_v2 else None,
             port_v3=self.port_v3 if self.serves_v3 else None,
         )
+
+    def _listening(self) -> bool:
+        return bool(self._servers)
 
     async def _listen(self) -> None:
         try:
@@ -433,63 +410,17 @@ class WhatsminerServer:
                 self.port_v3 = s.sockets[0].getsockname()[1]
                 self._servers["v3"] = s
         except BaseException:
-            await self._close_listeners()
+            await self._stop_listening()
             raise
 
-    async def _close_listeners(self) -> None:
+    async def _stop_listening(self) -> None:
         servers, self._servers = list(self._servers.values()), {}
         for s in servers:
             s.close()
         for s in servers:
             await s.wait_closed()
 
-    async def stop(self) -> None:
-        await self._close_listeners()
-        await cancel_connections(self._conns)
-
-    async def set_fault(self, fault: str | None) -> None:
-        """Switch fault mode; "refuse" closes the listeners, clearing it listens again."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
-        listening = bool(self._servers)
-        self.fault = fault
-        if fault == "refuse" and listening:
-            await self._close_listeners()
-        elif fault != "refuse" and not listening:
-            await self._listen()
-
     # -- connections -------------------------------------------------------------
-
-    def _api_up(self) -> bool:
-        t = self.farm.now()
-        if self._outlet is not None:
-            pdu, number = self._outlet
-            pdu.outlet_on(number, t)  # applies due reboots before asking the rig
-        return self.rig.api_up(t)
-
-    async def _guard(
-        self, serve: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
-        try:
-            if not self._api_up() or self.fault == "refuse":
-                _reset(writer)
-                return
-            await serve(reader, writer)
-        except asyncio.CancelledError:
-            pass  # server stopping
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass  # clients hang up or stall; not a server problem
-        except Exception:  # never let one connection take the listener down
-            log.exception("whatsminer_server.connection_failed", rig=self.rig_id)
-        finally:
-            if task is not None:
-                self._conns.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _handle_v2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._guard(self._serve_v2, reader, writer)
@@ -497,32 +428,16 @@ class WhatsminerServer:
     async def _handle_v3(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._guard(self._serve_v3, reader, writer)
 
-    async def _hold(self, reader: asyncio.StreamReader, seconds: float) -> None:
-        """Keep the connection open without answering, until the client gives up."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                while await reader.read(4096):
-                    pass
-
     async def _serve_v2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        buf = b""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.read_timeout):
-                while len(buf) < MAX_V2_REQUEST:
-                    chunk = await reader.read(MAX_V2_REQUEST - len(buf))
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if _v2_request_complete(buf):
-                        break
+        buf = await read_request(reader, limit=MAX_V2_REQUEST, wait_s=self.read_timeout)
         if not buf.strip(b"\x00 \r\n\t"):
             return  # idle or empty connection: closed after the 10 s
         self.requests += 1
         if self.fault == "silent":
-            await self._hold(reader, SILENT_HOLD_S)
+            await hold_silent(reader, SILENT_HOLD_S)
             return
         if self.fault == "garbage":
-            writer.write(_GARBAGE + b"\x00")
+            writer.write(GARBAGE + b"\x00")
             await writer.drain()
             return
         if self.reply_delay_s > 0:
@@ -530,7 +445,7 @@ class WhatsminerServer:
         peer = str((writer.get_extra_info("peername") or ("?",))[0])
         body = self.respond_v2(buf, peer)
         if body is None:
-            await self._hold(reader, self.read_timeout)  # applied, never answered
+            await hold_silent(reader, self.read_timeout)  # applied, never answered
             return
         if self.fault == "truncated":
             body = body[: max(1, (len(body) - 1) // 2)]
@@ -552,20 +467,20 @@ class WhatsminerServer:
                 return
             self.requests += 1
             if self.fault == "silent":
-                await self._hold(reader, SILENT_HOLD_S)
+                await hold_silent(reader, SILENT_HOLD_S)
                 return
             if self.fault == "garbage":
-                writer.write(struct.pack("<I", len(_GARBAGE)) + _GARBAGE)
+                writer.write(struct.pack("<I", len(GARBAGE)) + GARBAGE)
                 await writer.drain()
                 return
             if self.reply_delay_s > 0:
                 await asyncio.sleep(self.reply_delay_s)
             if not self._api_up():
-                _reset(writer)  # switched off (or rebooted) while connected
+                reset_connection(writer)  # switched off (or rebooted) while connected
                 return
             reply = self.respond_v3(body, peer)
             if reply is None:
-                await self._hold(reader, self.read_timeout)
+                await hold_silent(reader, self.read_timeout)
                 return
             data = _frame(reply)
             if self.fault == "truncated":
@@ -612,7 +527,7 @@ class WhatsminerServer:
 
     def _restart_mining(self, t: float) -> None:
         """btminer restarts to apply a limit: its uptime starts again (see the docstring)."""
-        if self.rig.mode == Mode.MINING and self.rig.powered:
+        if self.rig.mode == RigMode.MINING and self.rig.powered:
             self.btminer_start_t = t
 
     def _set_limit(self, watts: int, t: float) -> None:
@@ -629,7 +544,7 @@ class WhatsminerServer:
         self._apply_target(t)
 
     def _power_off(self, t: float) -> None:
-        if self.rig.mode != Mode.SLEEPING:
+        if self.rig.mode != RigMode.SLEEPING:
             self.mineroff_t = t
         self.rig.sleep(t)
 
@@ -698,7 +613,7 @@ class WhatsminerServer:
         try:
             reply = self._dispatch_v2(raw, peer, t)
         except Exception:
-            log.exception("whatsminer_server.v2_handler_failed", rig=self.rig_id)
+            log.exception("whatsminer_simulator.v2_handler_failed", rig=self.rig_id)
             reply = self._flat(t, "E", 132, "command error")
         if reply is None:
             return None
@@ -714,17 +629,13 @@ class WhatsminerServer:
             "Description": "",
         }
 
-    def _cg_status(self, t: float, letter: str, code: int, msg: str) -> list[Json]:
-        return [
-            {"STATUS": letter, "When": self._when(t), "Code": code, "Msg": msg,
-             "Description": CGMINER_DESCRIPTION}
-        ]  # fmt: skip
-
     def _cg(self, t: float, code: int, msg: str, section: str, items: list[Json]) -> Json:
-        return {"STATUS": self._cg_status(t, "S", code, msg), section: items, "id": 1}
+        when = self._when(t)
+        return section_reply(section, items, code, msg, when=when, description=CGMINER_DESCRIPTION)
 
     def _cg_error(self, t: float, code: int, msg: str) -> Json:
-        return {"STATUS": self._cg_status(t, "E", code, msg), "id": 1}
+        when = self._when(t)
+        return status_reply("E", code, msg, when=when, description=CGMINER_DESCRIPTION)
 
     def _note(
         self, api: str, command: str, reply: Json | None, peer: str, *, enc: bool = False
@@ -952,7 +863,7 @@ class WhatsminerServer:
         return self._flat(t, "S", 131, {"error_code": list(self.error_codes)})
 
     def _status_msg(self, t: float) -> Json:
-        off = self.rig.mode == Mode.SLEEPING
+        off = self.rig.mode == RigMode.SLEEPING
         when = (
             ""
             if self.mineroff_t is None or not off
@@ -1108,7 +1019,7 @@ class WhatsminerServer:
                     else self._v3_read(cmd, obj.get("param"), t)
                 )
         except Exception:
-            log.exception("whatsminer_server.v3_handler_failed", rig=self.rig_id)
+            log.exception("whatsminer_simulator.v3_handler_failed", rig=self.rig_id)
             reply = self._v3_error(t, -1, "command error", cmd)
         self._note("v3", cmd, reply, peer)
         if reply is not None and cmd in self.silent_writes and reply.get("code") == 0:
@@ -1154,7 +1065,7 @@ class WhatsminerServer:
     def _device_info(self, t: float) -> Json:
         rig, m = self.rig, self.rig.model
         miner: Json = {
-            "working": "false" if rig.mode == Mode.SLEEPING else "true",
+            "working": "false" if rig.mode == RigMode.SLEEPING else "true",
             "type": firmware_type(m),
             "hash-board": firmware_type(m).rsplit("_", 1)[-1][:3],
             "detect-hash-rate": ":".join(
