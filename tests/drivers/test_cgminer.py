@@ -43,7 +43,7 @@ from drivers.errors import (
 from drivers.luxos import LuxOSDriver, choose_profile, parse_profiles
 from drivers.registry import MinerAccess, make_miner_driver
 from drivers.telemetry import RigState
-from simulators.cgminer import LUXOS_READS, MinerFleet, MinerServer
+from simulators.cgminer import LUXOS_READS, MinerServer
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, RigMode
 
@@ -734,48 +734,6 @@ def test_oversized_request_does_not_break_the_server(
         _blocking_exchange(server.port, b'{"command":"summary","parameter":"' + b"x" * 9000)
     ok = json.loads(_blocking_exchange(server.port, b"summary")[:-1])
     assert ok["STATUS"][0]["Code"] == 11
-
-
-# -- fleets ------------------------------------------------------------------------------
-
-
-async def test_fleet_on_ephemeral_ports() -> None:
-    farm = Farm.build(ManualClock(), rigs=4, pdus=2)
-    fleet = MinerFleet(farm)
-    await fleet.start()
-    try:
-        addresses = {fleet.address_of(rid) for rid in farm.rigs}
-        assert len(addresses) == 4
-        for rid in farm.rigs:
-            host, port = fleet.address_of(rid)
-            tel = await make_miner_driver("luxos", rid, MinerAccess(host, port)).read(farm.now())
-            assert tel.hashrate_ths == pytest.approx(farm.rigs[rid].hashrate_ths(farm.now()), 1e-3)
-    finally:
-        await fleet.stop()
-
-
-def test_fleet_subnet_validation() -> None:
-    farm = Farm.build(ManualClock(), rigs=6, pdus=1)
-    with pytest.raises(ValueError, match="loopback"):
-        MinerFleet(farm, subnet="10.0.0.0/24")
-    with pytest.raises(ValueError, match="host addresses"):
-        MinerFleet(farm, subnet="127.0.9.0/30")
-
-
-async def test_fleet_on_a_loopback_subnet_at_port_4028() -> None:
-    farm = Farm.build(ManualClock(), rigs=6, pdus=1)
-    fleet = MinerFleet(farm, subnet="127.0.9.0/29")
-    try:
-        await fleet.start()
-    except OSError as exc:
-        pytest.skip(f"cannot bind 127.0.9.x:4028 here: {exc}")
-    try:
-        for n, rid in enumerate(farm.rigs, start=1):
-            assert fleet.address_of(rid) == (f"127.0.9.{n}", 4028)
-            reply = await CGMinerClient(f"127.0.9.{n}", 4028, device=rid).command("config")
-            assert reply["CONFIG"][0]["Hostname"] == f"luxos-{rid}"
-    finally:
-        await fleet.stop()
 
 
 async def test_luxos_build_without_optional_commands_is_still_monitored(env: Env) -> None:
