@@ -63,9 +63,12 @@ def print_config_error(e: ConfigError, out: TextIO) -> None:
         print(f"  {issue}", file=out)
 
 
-def load_checked(path: str, credentials: Credentials | None = None) -> Config:
-    """The config, plus what only reading files can check (the grid operator's keys)."""
-    cfg = load_config(path, credentials=credentials)
+def load_checked(
+    path: str, credentials: Credentials | None = None, *, files: bool = False
+) -> Config:
+    """The config, plus what only reading files can check (the grid operator's keys; with
+    `files`, that every file setting names a readable file)."""
+    cfg = load_config(path, credentials=credentials, check_files=files)
     if cfg.grid is not None and cfg.grid.enabled:
         from controller.adapters.grid.verify import load_keys
 
@@ -88,7 +91,7 @@ def check_credentials(args: argparse.Namespace) -> Credentials:
 def cmd_check_config(args: argparse.Namespace) -> int:
     creds = check_credentials(args)
     try:
-        cfg = load_checked(args.config, creds)
+        cfg = load_checked(args.config, creds, files=True)
     except ConfigError as e:
         print_config_error(e, sys.stdout)
         return 1

@@ -7,8 +7,12 @@ setting at fault so the loader can locate it in the file.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from controller.config.credentials import unread
 from controller.config.locate import dotted
 from controller.config.schema import Config
 from drivers.luxos import RENEW_MARGIN_S, SESSION_TTL_S, renew_after_s
@@ -84,6 +88,59 @@ def cross_check(cfg: Config) -> list[Problem]:
         problems.append(
             (("meters",), "more than one import meter: which one does the cap apply to?")
         )
+    return problems
+
+
+def missing_files(cfg: Config) -> list[Problem]:
+    """File settings that do not name a readable file. `check-config` refuses them: a typo
+    in `ca_file` would otherwise surface as a daemon that cannot connect, hours later. The
+    daemon itself only warns and keeps retrying, since a certificate may be provisioned
+    after it starts. (A credential `check-config` did not read cannot be looked at.)"""
+    files: list[tuple[tuple[Any, ...], Path | None]] = [
+        (("mqtt", "ca_file"), cfg.mqtt.ca_file),
+        (("mqtt", "cert_file"), cfg.mqtt.cert_file),
+        (("mqtt", "key_file"), cfg.mqtt.key_file),
+    ]
+    if cfg.grid is not None:
+        files += [
+            (("grid", "keys", i, "public_key_file"), k.public_key_file)
+            for i, k in enumerate(cfg.grid.keys)
+        ]
+    problems: list[Problem] = []
+    for loc, path in files:
+        if path is None or unread(path):
+            continue
+        if not path.is_file():
+            why = "is not a file" if path.exists() else "does not exist"
+            problems.append((loc, f"{path} {why}"))
+        elif not os.access(path, os.R_OK):
+            problems.append((loc, f"{path} cannot be read by this user"))
+    return problems
+
+
+def raw_duplicate_ids(raw: Mapping[str, Any]) -> list[Problem]:
+    """Duplicate ids found in the file as written, for a config that did not validate: they
+    are reported with the other problems at once rather than after those are fixed."""
+    problems: list[Problem] = []
+    for section, key in (("miners", "id"), ("meters", "id"), ("pdus", "id")):
+        rows = raw.get(section)
+        if not isinstance(rows, list):
+            continue
+        seen: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            ident = row.get(key) if isinstance(row, Mapping) else None
+            if not isinstance(ident, str):
+                continue
+            if ident in seen:
+                what = "rig" if section == "miners" else section[:-1]
+                problems.append(
+                    (
+                        (section, i, key),
+                        f"duplicate {what} id {ident!r} (also {section}[{seen[ident]}])",
+                    )
+                )
+            else:
+                seen[ident] = i
     return problems
 
 

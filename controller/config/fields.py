@@ -23,10 +23,15 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 # A secret or file setting may instead name a systemd credential: { credential = "NAME" }.
 Secret = Annotated[SecretStr, BeforeValidator(secret_or_credential)]
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(secret_or_credential)]
-OptionalFile = Annotated[Path | None, BeforeValidator(file_or_credential)]
+# Paths are TOML strings: the one conversion strict typing allows.
+FsPath = Annotated[Path, Field(strict=False)]
+OptionalFile = Annotated[FsPath | None, BeforeValidator(file_or_credential)]
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors: a typo must not silently fall back to a default."""
+    """Unknown keys are errors: a typo must not silently fall back to a default. Types are
+    strict: `max_import_kw = "23000"` or `allow_outlet_off = "yes"` is refused rather than
+    guessed at, since a quoted number usually means a file edited by hand in a hurry, and a
+    setting that silently means something else is worse than one refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from controller.config.checks import cross_check
+from controller.config.checks import cross_check, missing_files, raw_duplicate_ids
 from controller.config.credentials import CONTEXT_KEY, Credentials
 from controller.config.environment import apply_env
 from controller.config.locate import dotted, line_for, locate_lines
@@ -71,8 +71,11 @@ def parse_config(
     source: str = "<config>",
     environ: Mapping[str, str] | None = None,
     credentials: Credentials | None = None,
+    check_files: bool = False,
 ) -> Config:
     """Validate TOML text (plus environment overrides); raise ConfigError listing every issue.
+
+    `check_files`: also refuse file settings that name no readable file (`check-config`).
 
     `{ credential = "NAME" }` settings are read from `credentials`, by default the directory
     systemd names in $CREDENTIALS_DIRECTORY (of `environ`).
@@ -86,7 +89,7 @@ def parse_config(
         msg = "nested too deeply" if isinstance(e, RecursionError) else msg
         raise ConfigError([ConfigIssue("", f"not valid TOML: {msg}", line, source)], source) from e
     env = os.environ if environ is None else environ
-    applied = apply_env(raw, env)
+    applied = apply_env(raw, env, Config)
     lines = locate_lines(text)
     creds = credentials if credentials is not None else Credentials.from_environ(env)
 
@@ -120,8 +123,9 @@ def parse_config(
             elif err["type"] == "missing":
                 msg = "required setting is missing"
             issues.append(issue(loc, msg))
+        issues += [issue(loc, msg) for loc, msg in raw_duplicate_ids(raw)]
         raise ConfigError(issues, source) from e
-    problems = cross_check(cfg)
+    problems = cross_check(cfg) + (missing_files(cfg) if check_files else [])
     if problems:
         raise ConfigError([issue(loc, msg) for loc, msg in problems], source)
     return cfg
@@ -131,6 +135,8 @@ def load_config(
     path: str | os.PathLike[str],
     environ: Mapping[str, str] | None = None,
     credentials: Credentials | None = None,
+    *,
+    check_files: bool = False,
 ) -> Config:
     p = Path(path)
     try:
@@ -143,7 +149,9 @@ def load_config(
         raise ConfigError(
             [ConfigIssue("", "config is not UTF-8 text", None, str(p))], str(p)
         ) from e
-    return parse_config(text, source=str(p), environ=environ, credentials=credentials)
+    return parse_config(
+        text, source=str(p), environ=environ, credentials=credentials, check_files=check_files
+    )
 
 
 def summarize(cfg: Config) -> str:

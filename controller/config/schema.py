@@ -16,7 +16,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from controller.config.fields import Ident, OptionalFile, OptionalSecret, Port, Secret, Strict
+from controller.config.fields import (
+    FsPath,
+    Ident,
+    OptionalFile,
+    OptionalSecret,
+    Port,
+    Secret,
+    Strict,
+)
 from controller.config.miners import MinerConfig
 
 
@@ -24,7 +32,7 @@ class SiteConfig(Strict):
     id: Ident
     name: str = ""
     timezone: str = "UTC"
-    state_dir: Path = Path("/var/lib/rigd")
+    state_dir: FsPath = Path("/var/lib/rigd")
 
     @field_validator("timezone")
     @classmethod
@@ -126,7 +134,8 @@ class PduConfig(Strict):
     priv_key: OptionalSecret = None
     auth_protocol: Literal["SHA", "SHA256", "MD5"] = "SHA"
     priv_protocol: Literal["AES", "AES256", "DES"] = "AES"
-    outlets: dict[int, Ident] = Field(default_factory=dict)  # outlet number -> rig id
+    # TOML table keys are strings: the outlet number is the one key read as an integer.
+    outlets: dict[Annotated[int, Field(strict=False)], Ident] = Field(default_factory=dict)
 
     @field_validator("outlets")
     @classmethod
@@ -281,7 +290,7 @@ class GridConfig(Strict):
 class AdminConfig(Strict):
     """The local admin API that `rigctl` talks to."""
 
-    socket: Path = Path("/run/rigd/rigd.sock")  # systemd RuntimeDirectory=rigd
+    socket: FsPath = Path("/run/rigd/rigd.sock")  # systemd RuntimeDirectory=rigd
     group: str | None = None  # technicians' group: may use the socket (mode 0660)
 
 
