@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -244,9 +245,29 @@ def print_grid(doc: dict[str, Any], out: Any) -> None:
     )
     if not doc["orders"]:
         out.print("no grid orders")
+        return
+    from rich.table import Table
+
+    def when(ts: float | None) -> str:
+        if ts is None:
+            return "-"
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    t = Table(box=None, header_style="bold")
+    for col in ("order", "mod", "status", "cap", "start (UTC)", "end", "respond by", "compliant"):
+        t.add_column(col, justify="right" if col in ("mod", "cap") else "left")
     for o in doc["orders"]:
         cap = "-" if o["cap_kw"] is None else f"{o['cap_kw']:,.1f} kW"
-        out.print(
-            f"{o['order_id']:<24} mod {o['modification']:<3} {o['status']:<10} cap {cap:>12}"
-            f"  compliant {o['compliant']}"
+        end = o.get("ended_at") if o.get("ended_at") is not None else o.get("end")
+        compliant = {True: "yes", False: "NO", None: "not yet known"}[o.get("compliant")]
+        t.add_row(
+            o["order_id"],
+            str(o["modification"]),
+            o["status"],
+            cap,
+            when(o.get("start")),
+            "open-ended" if end is None else when(end),
+            when(o.get("deadline")),
+            compliant,
         )
+    out.print(t)

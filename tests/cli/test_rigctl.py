@@ -308,9 +308,22 @@ async def test_tables_of_budget_events_and_audit(env: Env) -> None:
     rc, out, err = await env.rigctl("budget", "show")
     assert rc == 0, err
     assert "set by override" in out and "max_import" in out and "override" in out
-    for cmd in ("events", "audit"):
-        rc, out, err = await env.rigctl(cmd, "--since", "10m")
-        assert rc == 0, err
-        assert "budget_override" in out and "peak" in out and "user:" in out
-        entries = await env.json(cmd, "--since", "10m")
-        assert isinstance(entries, list) and any(e["action"] == "budget_override" for e in entries)
+    # audit: who asked for what (people, Home Assistant, the grid), not rigd's own commands
+    rc, out, err = await env.rigctl("audit", "--since", "10m")
+    assert rc == 0, err
+    assert "budget_override" in out and "peak" in out and "user:" in out and "kw=30" in out
+    audit = await env.json("audit", "--since", "10m")
+    assert isinstance(audit, list) and any(e["action"] == "budget_override" for e in audit)
+    assert all(e["actor"] not in ("planner", "rigd") for e in audit)
+    # events: what happened to rigs (the override's sheds), one line each
+    for _ in range(100):
+        events = await env.json("events", "--since", "10m")
+        assert isinstance(events, list)
+        if events:
+            break
+        await asyncio.sleep(0.1)
+    assert events and all(e["action"] != "budget_override" for e in events)
+    assert {e["action"] for e in events} <= {"sleep", "set_power", "wake", "outlet_off"}
+    rc, out, err = await env.rigctl("events", "--since", "10m")
+    assert rc == 0, err
+    assert "over target" in out and "event(s)" in out and "budget_override" not in out
