@@ -204,7 +204,13 @@ class AdminServer:
     def _controller(self) -> ControlPort:
         ctl = self.daemon.controller
         if ctl is None:
-            raise AdminError("no_control", "control is off in this config: rigd only monitors")
+            raise AdminError(
+                "no_control",
+                "control is off in this config: rigd only monitors. To turn it on, add a "
+                "[control] section with max_import_kw (README: Control settings) and run "
+                "`rigctl config reload`; `rigd sim --max-import-kw KW` writes one for a "
+                "simulated farm",
+            )
         return ctl
 
     def _now(self) -> float:
@@ -290,7 +296,12 @@ class AdminServer:
     async def _grid(self, req: dict[str, Any], user: str) -> Any:
         grid = self.daemon.grid
         if grid is None:
-            raise AdminError("no_grid", "grid orders are not enabled in this config")
+            raise AdminError(
+                "no_grid",
+                "grid orders are not enabled in this config: add a [grid] section with the "
+                "operator's key (docs/grid-protocol.md) and restart rigd; `rigd sim "
+                "--max-import-kw KW --grid-key PUB` writes one for a simulated farm",
+            )
         return {"summary": grid.summary(), "orders": grid.orders()}
 
     def _entries(self, req: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 import aiomqtt
 from pydantic import SecretStr, ValidationError
 
+from controller.cli.common import missing_config
 from controller.config import ConfigError, MqttConfig, load_config
 
 
@@ -146,6 +147,9 @@ def _mqtt_and_site(args: argparse.Namespace) -> tuple[MqttConfig, str]:
     site = args.site
     # --print-only sends nothing: the site is all it needs.
     if (args.broker is None and not args.print_only) or site is None:
+        missing = missing_config(args.config)
+        if missing:
+            raise SystemExit(f"rigctl: give --broker and --site, or the site's config ({missing})")
         try:
             cfg = load_config(args.config)
             base = cfg.mqtt

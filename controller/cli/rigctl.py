@@ -12,6 +12,7 @@ or bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -20,7 +21,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from controller.cli.common import (
     cmd_check_config,
     credentials_arg,
     default_config_path,
+    missing_config,
     print_config_error,
+    version_arg,
 )
 from controller.config import AdminConfig, ConfigError, load_config
 from controller.config.credentials import Credentials
@@ -434,6 +437,9 @@ def _socket_of_broken(path: str) -> Path:
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
+    missing = missing_config(args.config)
+    if missing:  # rigctl finds the daemon's socket through the daemon's config
+        raise Unreachable(missing)
     try:
         # Only the socket is needed: rigd's credentials are its own, not the technician's.
         cfg = load_config(args.config, credentials=Credentials(None, read=False))
@@ -535,6 +541,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.db:
         db = Path(args.db)
     else:
+        missing = missing_config(args.config)
+        if missing:
+            print(f"rigctl: {missing}, or name the state database with --db", file=sys.stderr)
+            return EXIT_UNREACHABLE
         try:
             cfg = load_config(args.config)
         except ConfigError as e:
@@ -637,7 +647,8 @@ def _budget(args: argparse.Namespace, c: AdminClient) -> int:
 
 
 def _top(args: argparse.Namespace, c: AdminClient) -> int:
-    """Refresh in place on a terminal; elsewhere (a pipe, a log) print each frame in turn."""
+    """Refresh in place on a terminal, until `q` (or Ctrl-C); elsewhere (a pipe, a log)
+    print each frame in turn."""
     import io
 
     from rich.live import Live
@@ -645,6 +656,7 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
 
     console = Console()
     deadline = None if args.duration is None else time.monotonic() + args.duration
+    keys = sys.stdin.isatty() and console.is_terminal
 
     def frame() -> Text:
         status = c.call("status")
@@ -653,6 +665,8 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
         buf = Console(record=True, file=io.StringIO(), width=console.width, highlight=False)
         print_status(status, buf)
         print_rigs(hot[: args.rows], buf)
+        if keys:
+            buf.print(f"[dim]q quits · refreshed every {args.interval:g} s[/dim]")
         return Text.from_ansi(buf.export_text(styles=True))
 
     def running() -> bool:
@@ -663,11 +677,42 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
             console.print(frame())
             time.sleep(args.interval)
         return 0
-    with Live(console=console, auto_refresh=False, screen=False) as live:
+    with _keypresses(keys) as pressed, Live(console=console, auto_refresh=False) as live:
         while running():
             live.update(frame(), refresh=True)
-            time.sleep(args.interval)
+            if pressed(args.interval) in ("q", "Q"):
+                break
     return 0
+
+
+@contextlib.contextmanager
+def _keypresses(enabled: bool) -> Iterator[Callable[[float], str | None]]:
+    """`pressed(timeout)`: a key typed within `timeout` seconds, or None. The terminal is
+    put in cbreak mode (keys arrive without Enter, Ctrl-C still works) and restored."""
+    if not enabled:
+
+        def wait(timeout: float) -> str | None:
+            time.sleep(timeout)
+            return None
+
+        yield wait
+        return
+    import select
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+
+    def read(timeout: float) -> str | None:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return os.read(fd, 1).decode(errors="replace") if ready else None
+
+    try:
+        tty.setcbreak(fd)
+        yield read
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -685,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_config_path(),
         help="the daemon's config file (default: $RIGD_CONFIG or /etc/rigd/rigd.toml)",
     )
+    version_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def json_arg(sp: argparse.ArgumentParser) -> None:
@@ -774,10 +820,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func = getattr(args, "func", None)
-    if func is not None:
-        rc: int = func(args)
-        return rc
     try:
+        if func is not None:
+            rc: int = func(args)
+            return rc
         return run_command(args)
     except Unreachable as e:
         print(f"rigctl: {e}", file=sys.stderr)
@@ -787,7 +833,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 0
-    except BrokenPipeError:  # `rigctl rigs | head`
+    except BrokenPipeError:  # `rigctl rigs | head`, `rigctl scan --json | head`
+        # The reader left: not an error. Point stdout at /dev/null so that the flush at
+        # exit does not fail on the closed pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

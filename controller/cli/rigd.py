@@ -25,6 +25,7 @@ from controller.cli.common import (
     load_checked,
     print_config_error,
     stop_after,
+    version_arg,
 )
 from controller.cli.logs import configure_logging
 from controller.config import (
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rigd",
         description="Keeps a mining farm inside its electricity budget.",
     )
+    version_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(sp: argparse.ArgumentParser) -> None:

@@ -302,6 +302,47 @@ async def test_top_refreshes_in_place(env: Env) -> None:
     assert "3 rig(s)" in out
 
 
+async def test_top_on_a_terminal_quits_on_q_and_says_so(env: Env) -> None:
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.cli.rigctl",
+        "-c",
+        str(env.config),
+        "top",
+        "--interval",
+        "0.5",
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "200", "LINES": "60", "TERM": "xterm"},
+    )
+    os.close(slave)
+
+    def read() -> bytes:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        return os.read(master, 65536) if ready else b""
+
+    loop = asyncio.get_running_loop()
+    seen = b""
+    try:
+        deadline = loop.time() + 30
+        while b"q quits" not in seen and loop.time() < deadline:
+            seen += await loop.run_in_executor(None, read)
+        assert b"q quits" in seen and b"site sim" in seen
+        os.write(master, b"q")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+
+
 async def test_tables_of_budget_events_and_audit(env: Env) -> None:
     rc, _, err = await env.rigctl("budget", "override", "30", "--for", "1h", "--reason", "peak")
     assert rc == 0, err
