@@ -249,6 +249,12 @@ class StateStore:
                     keys=sorted(self._pending),
                     audit_rows=len(self._pending_audit),
                 )
+            try:
+                # Everything into the database file itself, and the -wal file emptied: a
+                # stopped rigd leaves one file to back up or copy, readable read-only.
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("state_db_checkpoint_failed", path=str(self.path), error=str(e))
             self._db.close()
 
     # -- health and write-behind -------------------------------------------------------
