@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from controller.adapters.sdnotify import Notifier, ServiceNotifications
+from controller.cli import backup as backup_cli
 from controller.cli.common import (
     cmd_check_config,
     credentials_arg,
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/grid-protocol.schema.json is this output).",
     )
     sp.set_defaults(func=cmd_grid_schema)
+    backup_cli.add_parser(sub, config_arg)
     return p
 
 

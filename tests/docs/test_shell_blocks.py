@@ -181,11 +181,13 @@ exec {_MOSQUITTO} -c "$conf"
 
 def _fixture_grid_site(block: Block, n: int) -> str:
     """A site `kg-bishkek-01` (docs/grid-protocol.md's example) on a small simulated farm,
-    trusting the operator key the document's keygen made, its daemon running: the site an
-    operator's commands reach. `rigctl` on "the edge host" finds it through RIGD_CONFIG."""
+    trusting the operator key the document's keygen made (or one made here), its daemon
+    running: the site an operator's commands reach, or an edge host's running rigd.
+    `rigctl` finds it through RIGD_CONFIG, as it would /etc/rigd/rigd.toml."""
     return textwrap.dedent(
         f"""\
         rm -f site.toml
+        [ -f dispatch-2026.pub ] || rigctl grid keygen --out dispatch-2026 > /dev/null
         rigd sim --rigs 4 --pdus 0 --site kg-bishkek-01 --max-import-kw 6000 \\
             --grid-key dispatch-2026.pub --write-config site.toml \\
             --state-dir site-{n} --interval 2 > site-sim-{n}.log 2>&1 &
