@@ -61,6 +61,7 @@ class ControlStatus:
     # Under the target, yet rigs rigd slept stay asleep for `min_off_s`:
     # {"rigs", "min_off_s", "next_in_s", "all_in_s"}; else None.
     min_off_wait: dict[str, Any] | None = None
+    override: Override | None = None  # a technician's (or Home Assistant's) override
 
     def site_fields(self) -> dict[str, Any]:
         """Fields merged into the `state` document."""
@@ -77,6 +78,7 @@ class ControlStatus:
                 "min_off_wait": self.min_off_wait,
             },
         }
+        doc["override"] = None if self.override is None else self.override.as_dict()
         if self.budget is not None:
             doc["budget"] = self.budget
         return doc

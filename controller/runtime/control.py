@@ -508,6 +508,7 @@ class Controller:
             held,
             cannot_shed=self._cannot_shed(inp, result, now),
             min_off_wait=min_off_wait(inp, result),
+            override=self.override,
         )
 
     def _cannot_shed(self, inp: PlanInput, result: Plan, now: float) -> dict[str, Any] | None:
