@@ -530,7 +530,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Draw the site's history; reads the state database itself (read-only), so it works
     whether or not the daemon runs, and on a copy of the file (--db)."""
-    from controller.adapters.history import HistoryError, read_last, register_before
+    from controller.adapters.history import HistoryError, read_last, read_orders, register_before
     from controller.cli.report import FORMATS, ReportError, write_report
 
     out = Path(args.out)
@@ -555,6 +555,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         rows = read_last(db, args.since)
         before = register_before(db, rows[0].ts) if rows else None
+        book = read_orders(db) if rows else []
     except HistoryError as e:
         print(f"rigctl: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -563,7 +564,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     title = f"rigd {site}: {_when(rows[0].ts)} to {_when(rows[-1].end)} UTC"
     try:
-        write_report(rows, out, title, before)
+        write_report(rows, out, title, before, book)
     except (ReportError, OSError) as e:
         print(f"rigctl: report not written: {e}", file=sys.stderr)
         return EXIT_REFUSED
