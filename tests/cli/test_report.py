@@ -623,7 +623,7 @@ def _steps(
     return out
 
 
-T0 = 1_796_000_000.0
+T_STEPS = 1_796_000_000.0
 SPEC: list[tuple[float | None, float, str, tuple[str, ...]]] = [
     (90.0, 100.0, "max_import", ()),
     (90.0, 100.0, "max_import", ()),
@@ -639,19 +639,23 @@ SPEC: list[tuple[float | None, float, str, tuple[str, ...]]] = [
 
 
 def test_cap_steps_over_cap_and_gaps_are_found() -> None:
-    rows = _steps(SPEC, T0)
-    assert [(r.label, (r.start - T0) / 60, r.value) for r in cap_runs(rows)] == [
+    rows = _steps(SPEC, T_STEPS)
+    assert [(r.label, (r.start - T_STEPS) / 60, r.value) for r in cap_runs(rows)] == [
         ("site maximum", 0, 100.0),
         ("grid order evt-7", 2, 60.0),
         ("override", 5, 55.0),
         ("schedule", 8, 45.0),
     ]
-    assert [((r.start - T0) / 60, (r.end - T0) / 60) for r in over_runs(rows)] == [
+    assert [((r.start - T_STEPS) / 60, (r.end - T_STEPS) / 60) for r in over_runs(rows)] == [
         (2, 3),
         (9, 10),
     ]
-    assert [((r.start - T0) / 60, (r.end - T0) / 60) for r in meter_gaps(rows)] == [(4, 5)]
-    assert [((r.start - T0) / 60, (r.end - T0) / 60) for r in history_gaps(rows)] == [(6, 8)]
+    assert [((r.start - T_STEPS) / 60, (r.end - T_STEPS) / 60) for r in meter_gaps(rows)] == [
+        (4, 5)
+    ]
+    assert [((r.start - T_STEPS) / 60, (r.end - T_STEPS) / 60) for r in history_gaps(rows)] == [
+        (6, 8)
+    ]
     said = dict(summarize(rows).rows())
     assert said["steps with mean import over the cap"] == "2 of 8"
     assert said["steps without a meter reading"].startswith("1: the import meter did not answer")
@@ -660,20 +664,20 @@ def test_cap_steps_over_cap_and_gaps_are_found() -> None:
 
 
 def test_the_picture_labels_cap_steps_marks_deadlines_and_shades_over_cap_and_gaps() -> None:
-    rows = _steps(SPEC, T0)
+    rows = _steps(SPEC, T_STEPS)
     book = [
         {
             "order_id": "evt-7",
-            "start": T0 + 120,
-            "deadline": T0 + 180,
+            "start": T_STEPS + 120,
+            "deadline": T_STEPS + 180,
             "cap_kw": 60.0,
             "compliant": False,
-            "first_compliant_at": T0 + 200,
+            "first_compliant_at": T_STEPS + 200,
             "max_overshoot_kw": 10.0,
         }
     ]
     info = orders_info(rows, book)
-    assert info[0].deadline == T0 + 180 and info[0].time_to_comply_s == 80
+    assert info[0].deadline == T_STEPS + 180 and info[0].time_to_comply_s == 80
     fig = build_figure(rows, "t", None, info)
     ax = fig.axes[0]
     texts = [t.get_text() for t in ax.texts]
