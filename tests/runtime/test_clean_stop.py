@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -26,6 +27,13 @@ async def test_ctrl_c_with_the_log_reader_gone_still_goes_offline_and_cleans_up(
     mosquitto: Mosquitto,
 ) -> None:
     state = Path(tempfile.mkdtemp(prefix="stop-", dir="/tmp"))  # short: a socket path
+    try:
+        await _stop_with_the_reader_gone(mosquitto, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def _stop_with_the_reader_gone(mosquitto: Mosquitto, state: Path) -> None:
     async with SimSite(rigs=4, pdus=0) as site:
         cfg = state / "rigd.toml"
         cfg.write_text(
