@@ -30,6 +30,27 @@ def default_config_path() -> str:
     return os.environ.get("RIGD_CONFIG", str(DEFAULT_CONFIG_PATH))
 
 
+def version() -> str:
+    """rigd's version, as installed (`rigd --version`, `rigctl --version`)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("rigd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=f"{p.prog} {version()}",
+        help="print the version",
+    )
+
+
 def install_stop(stop: asyncio.Event) -> None:
     """SIGTERM (systemd) and SIGINT (Ctrl-C) end the run cleanly, state saved."""
     loop = asyncio.get_running_loop()
@@ -54,6 +75,19 @@ def credentials_arg(sp: argparse.ArgumentParser) -> None:
         help='read { credential = "NAME" } settings from DIR/NAME (default: systemd\'s '
         "$CREDENTIALS_DIRECTORY; without either they are not read)",
     )
+
+
+def missing_config(path: str) -> str | None:
+    """What to say when the config file is not there at all (not "has errors"); None if
+    it is there."""
+    if Path(path).exists():
+        return None
+    how = (
+        "give the daemon's config with -c FILE or RIGD_CONFIG=FILE"
+        if path == str(DEFAULT_CONFIG_PATH)
+        else "check the path (-c or RIGD_CONFIG)"
+    )
+    return f"no config file at {path}: {how}"
 
 
 def print_config_error(e: ConfigError, out: TextIO) -> None:
@@ -89,6 +123,10 @@ def check_credentials(args: argparse.Namespace) -> Credentials:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    missing = missing_config(args.config)
+    if missing:
+        print(missing)
+        return 1
     creds = check_credentials(args)
     try:
         cfg = load_checked(args.config, creds, files=True)

@@ -101,14 +101,15 @@ def _exports_toml(args: argparse.Namespace) -> str:
 
 async def _write_report(args: argparse.Namespace, state_dir: Path, console: Console) -> int:
     """The report of the run, from the history the daemon kept in its state database."""
-    from controller.adapters.history import HistoryError, read
+    from controller.adapters.history import HistoryError, read, read_orders
     from controller.cli.report import ReportError, write_report
 
     out = Path(args.report)
     title = f"rigd demo: {args.rigs} rigs on {args.pdus} PDUs, farm clock x{args.speed:g}"
     try:
         rows = await asyncio.to_thread(read, state_dir / "rigd.sqlite", 0.0)
-        await asyncio.to_thread(write_report, rows, out, title)
+        book = await asyncio.to_thread(read_orders, state_dir / "rigd.sqlite")
+        await asyncio.to_thread(write_report, rows, out, title, None, book)
     except (HistoryError, ReportError, OSError) as e:
         log.error("demo_report_failed", path=str(out), error=str(e))
         if not args.headless:

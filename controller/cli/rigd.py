@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from controller.adapters.sdnotify import Notifier, ServiceNotifications
+from controller.cli import backup as backup_cli
 from controller.cli.common import (
     cmd_check_config,
     credentials_arg,
@@ -25,6 +26,7 @@ from controller.cli.common import (
     load_checked,
     print_config_error,
     stop_after,
+    version_arg,
 )
 from controller.cli.logs import configure_logging
 from controller.config import (
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rigd",
         description="Keeps a mining farm inside its electricity budget.",
     )
+    version_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(sp: argparse.ArgumentParser) -> None:
@@ -401,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/grid-protocol.schema.json is this output).",
     )
     sp.set_defaults(func=cmd_grid_schema)
+    backup_cli.add_parser(sub, config_arg)
     return p
 
 

@@ -527,21 +527,49 @@ class Daemon:
                 kick = self.grid.kick if self.grid is not None else None
                 kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
         finally:
-            log.info("rigd_stopping", site=self.cfg.site.id)
-            for task in (discovering, reporting):
+            await self._stop([discovering, reporting], admin, link_task)
+
+    async def _stop(
+        self,
+        tasks: list[asyncio.Task[None] | None],
+        admin: AdminServer,
+        link_task: asyncio.Task[None],
+    ) -> None:
+        """The clean stop: every step is taken even if one before it fails, so a stopped
+        rigd always says `offline` (a clean disconnect sends no Last Will), leaves no
+        admin socket behind and closes the state database (no -wal file left)."""
+
+        async def close_store() -> None:
+            if self.store is not None:
+                self.store.close()
+
+        async def close_controller() -> None:
+            if self.controller is not None:
+                await self.controller.close()
+
+        async def end_tasks() -> None:  # discovery and the grid's report timer
+            for task in tasks:
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            await admin.stop()
-            await self.exports.stop()
-            if self.controller is not None:
-                await self.controller.close()
-            await self.link.close(link_task)
-            await self.devices.close()
-            if self.store is not None:
-                self.store.close()
-            log.info("rigd_stopped", site=self.cfg.site.id)
+
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("tasks", end_tasks),
+            ("admin", admin.stop),
+            ("exports", self.exports.stop),
+            ("control", close_controller),  # commands in flight land first
+            ("mqtt", lambda: self.link.close(link_task)),  # then `offline`, retained
+            ("devices", self.devices.close),
+            ("state_db", close_store),
+        ]
+        log.info("rigd_stopping", site=self.cfg.site.id)
+        for name, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("stop_step_failed", step=name)
+        log.info("rigd_stopped", site=self.cfg.site.id)
 
 
 async def _sleep_or_stop(
