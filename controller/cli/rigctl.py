@@ -473,7 +473,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from controller.adapters.discovery import add_to_config, addresses, scan
+    from controller.cli.logs import configure_logging
 
+    configure_logging("warning")  # to stderr: stdout is the result (--json)
     try:
         hosts = addresses(args.cidrs)
     except ValueError as e:

@@ -278,6 +278,14 @@ class Daemon:
         )
         return notes
 
+    async def set_poll_timeouts(self, timeout_s: float, retries: int) -> None:
+        """Read devices with these timeouts from the next cycle on, keeping all state: the
+        demo widens them when it slows its farm clock (controller/demo_pace.py)."""
+        poll = self.source_cfg.poll.model_copy(update={"timeout_s": timeout_s, "retries": retries})
+        async with self._cycle_lock:
+            await self._swap(self.source_cfg.model_copy(update={"poll": poll}))
+        log.info("poll_timeouts_changed", timeout_s=timeout_s, retries=retries)
+
     async def _swap(self, source: Config) -> None:
         """Run on `source` (found miners resolved) from the next cycle, keeping all state.
 
