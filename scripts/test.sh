@@ -2,7 +2,8 @@
 # The test command: installs what the tests need, then runs lint, types and the test suite.
 #   - Python dependencies into .venv (scripts/bootstrap.sh dev)
 #   - the mosquitto broker binary via apt when missing (the tests start their own on a free port)
-# Extra arguments go to pytest, e.g. scripts/test.sh -k config
+# Extra arguments go to pytest, e.g. scripts/test.sh -k config, or scripts/test.sh --busy-cores 2
+# (the suite with two cores kept busy by other processes: RIGD_TEST_LOAD=2 does the same)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
@@ -25,4 +26,7 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest -q "$@"
+# Test files run in parallel, one worker per core (pytest-xdist). --dist loadfile keeps each
+# file's tests together and in order: a file's fixed loopback subnet is used by one test at a
+# time. RIGD_TEST_WORKERS=0 runs everything in this one process.
+.venv/bin/python -m pytest -q -n "${RIGD_TEST_WORKERS:-auto}" --dist loadfile "$@"
