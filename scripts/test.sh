@@ -4,7 +4,8 @@
 #   - the mosquitto broker binary via apt when missing (the tests start their own on a free port)
 #   - promtool via apt when missing (Debian's prometheus package): the tests check the
 #     Prometheus scrape config and alert rules in config/prometheus/ with it
-# Extra arguments go to pytest, e.g. scripts/test.sh -k config
+# Extra arguments go to pytest, e.g. scripts/test.sh -k config, or scripts/test.sh --busy-cores 2
+# (the suite with two cores kept busy by other processes: RIGD_TEST_LOAD=2 does the same)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
@@ -41,4 +42,7 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/lint-imports --no-cache
-.venv/bin/python -m pytest -q "$@"
+# Test files run in parallel, one worker per core (pytest-xdist). --dist loadfile keeps each
+# file's tests together and in order: a file's fixed loopback subnet is used by one test at a
+# time. RIGD_TEST_WORKERS=0 runs everything in this one process.
+.venv/bin/python -m pytest -q -n "${RIGD_TEST_WORKERS:-auto}" --dist loadfile "$@"

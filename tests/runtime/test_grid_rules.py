@@ -230,6 +230,19 @@ def test_an_order_that_ends_during_an_outage_reports_the_outage_as_a_gap() -> No
     assert doc["compliant"] is None and doc["measured_kw"] is None and doc["rigs"] == {}
 
 
+def test_an_order_cancelled_before_rigd_saw_it_again_reports_the_gap_to_the_cancel() -> None:
+    b = book()
+    apply(b, "curtail", NOW, target={"max_import_kw": 500.0}, duration_s=600)
+    b.tick(NOW)
+    b.observe(NOW + 5, 900.0, "meter", {"mining": 3})
+    again = restarted(b, NOW + 60)
+    assert apply(again, "cancel", NOW + 60).accepted  # before the first cycle since
+    o = again.orders["ord-1"]
+    assert o.status == "cancelled" and o.data_gap_s == pytest.approx(55.0) and o.over_s == 0
+    doc = report_doc("sim", o, NOW + 60, o.rigs, final=True)
+    assert doc["compliant"] is None and doc["measured_kw"] is None and doc["rigs"] == {}
+
+
 @pytest.mark.parametrize("max_gap_s", [60.0, 3 * 300.0])
 def test_a_short_outage_mid_order_is_a_gap_whatever_the_poll_interval(max_gap_s: float) -> None:
     b = OrderBook(GridConfig(allow_unsigned=True), 1000.0, max_gap_s=max_gap_s)

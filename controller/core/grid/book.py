@@ -325,6 +325,10 @@ class OrderBook:
                 )
             if msg.modification is not None:
                 order.modification = msg.modification
+            if order.status == ACTIVE or (order.unwatched and order.start <= now):
+                self._accumulate(order, now)  # up to the cancel: held, or a gap
+            if order.unwatched:
+                self._unseen_end(order)
             order.status = CANCELLED
             order.ended_at = now
             self._note_fresh(now)
@@ -424,16 +428,20 @@ class OrderBook:
                 else:
                     o.data_gap_s += max(0.0, o.end - o.start)  # began and ended between ticks
                 if o.unwatched:
-                    # Nobody saw the end: no reading, compliance or rig count stands for it.
-                    o.compliant = None
-                    o.last_kw = o.last_basis = None
-                    o.rigs = None
+                    self._unseen_end(o)
                 o.status = COMPLETED
                 o.ended_at = o.end
                 notes.append(Note("completed", o))
         notes += self._run_failsafe(now)
         self._prune()
         return notes
+
+    @staticmethod
+    def _unseen_end(o: Order) -> None:
+        """Nobody saw the end: no reading, compliance or rig count stands for it."""
+        o.compliant = None
+        o.last_kw = o.last_basis = None
+        o.rigs = None
 
     def _prune(self) -> None:
         closed = [o for o in self.orders.values() if o.status not in OPEN]
