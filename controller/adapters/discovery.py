@@ -32,7 +32,7 @@ from drivers.telemetry import RigIdentity
 MAX_ADDRESSES = 65_536
 # Connections one host's probes may hold at once (4028 x4, 4433, port 80 x2), to keep a
 # wide scan inside the process's file-descriptor limit.
-SOCKETS_PER_HOST = 7
+SOCKETS_PER_HOST = 8
 
 
 @dataclass(frozen=True, slots=True)

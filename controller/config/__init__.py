@@ -42,6 +42,7 @@ from controller.config.credentials import (
 )
 from drivers.registry import (
     AntminerSettings,
+    AvalonSettings,
     BraiinsSettings,
     LuxOSSettings,
     MinerSettings,
@@ -230,6 +231,7 @@ class MinerConfig(_Strict):
     DRIVER_SETTINGS: ClassVar[dict[str, frozenset[str]]] = {
         "luxos": frozenset({"session"}),
         "antminer": frozenset({"web_port", "low_power_w"}),
+        "avalon": frozenset({"low_power_w"}),
         "braiins": frozenset({"web_port"}),
         "whatsminer": frozenset({"power_min_w", "power_max_w"}),
         "whatsminer-v3": frozenset({"power_min_w", "power_max_w"}),
@@ -243,7 +245,7 @@ class MinerConfig(_Strict):
     port: Port = 4028  # whatsminer-v3: 4433 unless given (see `_v3_port`)
     # "auto" (ranges only): the daemon scans the range and picks each rig's driver and port.
     driver: Literal[
-        "luxos", "cgminer", "antminer", "whatsminer", "whatsminer-v3", "braiins", "auto"
+        "luxos", "cgminer", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "auto"
     ] = "luxos"
     username: str = ""
     password: OptionalSecret = None
@@ -251,7 +253,7 @@ class MinerConfig(_Strict):
     web_port: Port = 80  # antminer: the web UI; braiins: the REST API
     power_min_w: float | None = Field(None, gt=0)  # whatsminer: lowest power limit to set
     power_max_w: float | None = Field(None, gt=0)  # whatsminer: highest power limit to set
-    low_power_w: float | None = Field(None, gt=0)  # antminer: measured draw in low-power mode
+    low_power_w: float | None = Field(None, gt=0)  # antminer, avalon: measured low-power draw
     # luxos: "hold" keeps the miner's single write session open between commands (one
     # connection per command; Luxor's own tools are refused meanwhile), "per-write" logs
     # on and off around each command. See drivers/luxos.py.
@@ -329,6 +331,8 @@ class MinerConfig(_Strict):
             return AntminerSettings(web_port=self.web_port, low_power_w=self.low_power_w)
         if self.driver == "braiins":
             return BraiinsSettings(web_port=self.web_port)
+        if self.driver == "avalon":
+            return AvalonSettings(low_power_w=self.low_power_w)
         if self.driver in ("whatsminer", "whatsminer-v3"):
             return WhatsminerSettings(power_min_w=self.power_min_w, power_max_w=self.power_max_w)
         return NoSettings()
