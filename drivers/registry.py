@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypedDict
 
-from drivers import antminer_web, avalon, braiins, whatsminer
+from drivers import antminer_web, avalon, braiins, epic, whatsminer
 from drivers.base import MinerDriver
 from drivers.cgminer import DEFAULT_PORT as CGMINER_PORT
 from drivers.cgminer import CGMinerClient, CGMinerDriver
@@ -166,6 +166,13 @@ def _avalon(device: str, access: MinerAccess, settings: AvalonSettings) -> Miner
     )
 
 
+def _epic(device: str, access: MinerAccess, _settings: NoSettings) -> MinerDriver:
+    return epic.make_epic_driver(
+        device, access.host, _port(access, epic.DEFAULT_PORT), password=access.password,
+        timeout=access.timeout, retries=access.retries,
+    )  # fmt: skip
+
+
 def _whatsminer(kind: str) -> Callable[[str, MinerAccess, WhatsminerSettings], MinerDriver]:
     def build(device: str, access: MinerAccess, settings: WhatsminerSettings) -> MinerDriver:
         return whatsminer.make_whatsminer_driver(
@@ -261,6 +268,14 @@ KINDS: Final[Mapping[str, MinerKind]] = MappingProxyType(
                 _avalon,
                 can_throttle=True,
             ),
+            MinerKind(
+                "epic",
+                "ePIC PowerPlay: reads, stop/start and power targets over its HTTP API on 4028",
+                epic.DEFAULT_PORT,
+                NoSettings,
+                _epic,
+                can_throttle=True,
+            ),
         )
     }
 )
@@ -322,4 +337,5 @@ PROBES: Final = (
         _is("antminer"),
     ),
     Probe(lambda host, port, wait: avalon.identify(host, timeout=wait, port=port), _is("avalon")),
+    Probe(lambda host, port, wait: epic.identify(host, timeout=wait, port=port), _is("epic")),
 )

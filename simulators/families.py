@@ -1,9 +1,10 @@
-"""The firmware families a simulated site serves beside its CGMiner fleet: Avalon (and the
-others added with it), one fleet each, so `simulators.site` only asks this module.
+"""The firmware families a simulated site serves beside its CGMiner fleet: Avalon and
+ePIC PowerPlay, one fleet each, so `simulators.site` only asks this module.
 
 For each dialect it knows: which rig a farm gets for it (an Avalon is a rig of its own
-models, put in the place and on the PDU outlet of the Antminer the farm was built with),
-which fleet serves it, where the daemon reaches it, and what its config row adds.
+models, put in the place and on the PDU outlet of the Antminer the farm was built with; ePIC
+runs on the farm's Antminers), which fleet serves it, where the daemon reaches it, and what
+its config row adds.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import random
 from collections.abc import Mapping
 from typing import Any, Final
 
-from simulators import avalon
+from simulators import avalon, epic
 from simulators.avalon import AvalonFleet
+from simulators.epic import EpicFleet
 from simulators.farm import Farm, SimRig
 from simulators.fleet import Fleet
 
 # Dialect (a driver kind) -> the `SimRig.firmware` it serves.
-DIALECTS: Final = {"avalon": avalon.FIRMWARE}
+DIALECTS: Final = {"avalon": avalon.FIRMWARE, "epic": epic.FIRMWARE}
 
 
 def make_rig(dialect: str, rig_id: str, t: float, rng: random.Random, seed: int) -> SimRig | None:
@@ -35,15 +37,18 @@ class Families:
         self.dialects = dict(dialects)
         ids = {d: [r for r, rd in dialects.items() if rd == d] for d in DIALECTS}
         self.avalon = AvalonFleet(farm, subnet=subnet, rig_ids=ids["avalon"])
+        self.epic = EpicFleet(farm, subnet=subnet, rig_ids=ids["epic"])
 
     @property
     def fleets(self) -> list[Fleet[Any]]:
-        return [self.avalon]
+        return [self.avalon, self.epic]
 
     def serves(self, rig_id: str) -> bool:
         return self.dialects.get(rig_id) in DIALECTS
 
     def address_of(self, rig_id: str) -> tuple[str, int]:
+        if rig_id in self.epic.api:
+            return self.epic.address_of(rig_id)
         return self.avalon.address_of(rig_id)
 
     def miner_rows(self, rig_id: str) -> list[str]:

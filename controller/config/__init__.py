@@ -245,7 +245,15 @@ class MinerConfig(_Strict):
     port: Port = 4028  # whatsminer-v3: 4433 unless given (see `_v3_port`)
     # "auto" (ranges only): the daemon scans the range and picks each rig's driver and port.
     driver: Literal[
-        "luxos", "cgminer", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "auto"
+        "luxos",
+        "cgminer",
+        "antminer",
+        "whatsminer",
+        "whatsminer-v3",
+        "braiins",
+        "avalon",
+        "epic",
+        "auto",
     ] = "luxos"
     username: str = ""
     password: OptionalSecret = None

@@ -44,6 +44,7 @@ from simulators.avalon import AvalonServer, avalon_rig
 from simulators.braiins import BraiinsRestServer
 from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock, ScaledClock
+from simulators.epic import EpicDashboard, EpicServer
 from simulators.farm import Farm, RigMode, SimRig
 from simulators.site import SimSite
 from simulators.whatsminer import WhatsminerServer, whatsminer_rig
@@ -58,6 +59,7 @@ LAYOUT = {
     4: ("wm-002", "btminer", "whatsminer-v3", 4433),
     5: ("rig-003", "bosminer", "braiins", 4028),
     6: ("av-001", "avalon", "avalon", 4028),
+    7: ("rig-004", "epic", "epic", 4028),
 }
 
 
@@ -103,12 +105,14 @@ def _servers(farm: Farm, block: str) -> list[_Server]:
         MinerServer(farm, "rig-003", host=h[5], port=4028),
         BraiinsRestServer(farm, "rig-003", host=h[5], port=80, password=BRAIINS_PASSWORD),
         AvalonServer(farm, "av-001", host=h[6], port=4028),
+        EpicServer(farm, "rig-004", host=h[7], port=4028),
+        EpicDashboard(farm, "rig-004", host=h[7], port=80),
     ]
 
 
 async def _start() -> MixedFarm:
     clock = ManualClock()
-    farm = Farm.build(clock, rigs=3, pdus=1, models={"Antminer S19j Pro": 1.0})
+    farm = Farm.build(clock, rigs=4, pdus=1, models={"Antminer S19j Pro": 1.0})
     for rid, firmware, _kind, _port in LAYOUT.values():
         if rid in farm.rigs:
             farm.rigs[rid].firmware = firmware
@@ -151,6 +155,7 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
     assert makes["antminer"] == ("Antminer", "bmminer")
     assert makes["luxos"][1] == "LuxOS"
     assert makes["avalon"] == ("Avalon", "Avalon cgminer")
+    assert makes["epic"] == ("Antminer", "ePIC PowerPlay")
     assert took < 5.0, took  # 256 addresses, 251 of them empty
 
     cfg_path = tmp_path / "rigd.toml"
@@ -220,7 +225,7 @@ def test_every_kind_builds_with_its_settings() -> None:
 # -- the daemon's control loop over a scanned mixed farm ------------------------------------
 
 SPEED = 20.0  # farm seconds per wall second
-MIX = ("luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon")
+MIX = ("luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "epic")
 
 
 async def _scan_add(cfg: Path, block: str) -> str:
@@ -376,6 +381,9 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             assert wants[api] <= cmds, (api, sorted(cmds))
         ascset = {c for s in site.families.avalon.servers.values() for c in s.commands_seen}
         assert {"softoff", "softon", "workmode"} <= ascset, sorted(ascset)
+        posts = {(p, str(v)) for s in site.families.epic.api.values() for p, v in s.posts}
+        assert {("/miner", "Stop"), ("/miner", "Autostart")} <= posts, sorted(posts)
+        assert any(p == "/perpetualtune/algo" for p, _ in posts), sorted(posts)
     finally:
         await site.stop()
         shutil.rmtree(state, ignore_errors=True)
