@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypedDict
 
-from drivers import antminer_web, avalon, braiins, epic, whatsminer
+from drivers import antminer_web, avalon, braiins, epic, vnish, whatsminer
 from drivers.base import MinerDriver
 from drivers.cgminer import DEFAULT_PORT as CGMINER_PORT
 from drivers.cgminer import CGMinerClient, CGMinerDriver
@@ -81,6 +81,11 @@ class AvalonSettings:
     low_power_w: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class VNishSettings:
+    web_port: int = vnish.WEB_PORT  # the web API: reads, stop/start and presets
+
+
 MinerSettings = (
     NoSettings
     | LuxOSSettings
@@ -88,6 +93,7 @@ MinerSettings = (
     | BraiinsSettings
     | WhatsminerSettings
     | AvalonSettings
+    | VNishSettings
 )
 
 
@@ -171,6 +177,18 @@ def _epic(device: str, access: MinerAccess, _settings: NoSettings) -> MinerDrive
         device, access.host, _port(access, epic.DEFAULT_PORT), password=access.password,
         timeout=access.timeout, retries=access.retries,
     )  # fmt: skip
+
+
+def _vnish(device: str, access: MinerAccess, settings: VNishSettings) -> MinerDriver:
+    return vnish.make_vnish_driver(
+        device,
+        access.host,
+        _port(access, CGMINER_PORT),
+        web_port=settings.web_port,
+        password=access.password,
+        timeout=access.timeout,
+        retries=access.retries,
+    )
 
 
 def _whatsminer(kind: str) -> Callable[[str, MinerAccess, WhatsminerSettings], MinerDriver]:
@@ -276,6 +294,14 @@ KINDS: Final[Mapping[str, MinerKind]] = MappingProxyType(
                 _epic,
                 can_throttle=True,
             ),
+            MinerKind(
+                "vnish",
+                "VNish (AnthillOS) on Antminers: web API reads, stop/start and power presets",
+                CGMINER_PORT,
+                VNishSettings,
+                _vnish,
+                can_throttle=True,
+            ),
         )
     }
 )
@@ -338,4 +364,5 @@ PROBES: Final = (
     ),
     Probe(lambda host, port, wait: avalon.identify(host, timeout=wait, port=port), _is("avalon")),
     Probe(lambda host, port, wait: epic.identify(host, timeout=wait, port=port), _is("epic")),
+    Probe(lambda host, port, wait: vnish.identify(host, timeout=wait, port=port), _is("vnish")),
 )

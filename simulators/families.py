@@ -1,9 +1,9 @@
-"""The firmware families a simulated site serves beside its CGMiner fleet: Avalon and
-ePIC PowerPlay, one fleet each, so `simulators.site` only asks this module.
+"""The firmware families a simulated site serves beside its CGMiner fleet: Avalon, ePIC
+PowerPlay and VNish, one fleet each, so `simulators.site` only asks this module.
 
 For each dialect it knows: which rig a farm gets for it (an Avalon is a rig of its own
 models, put in the place and on the PDU outlet of the Antminer the farm was built with; ePIC
-runs on the farm's Antminers), which fleet serves it, where the daemon reaches it, and what
+and VNish run on the farm's Antminers), which fleet serves it, where the daemon reaches it, and what
 its config row adds.
 """
 
@@ -13,14 +13,15 @@ import random
 from collections.abc import Mapping
 from typing import Any, Final
 
-from simulators import avalon, epic
+from simulators import avalon, epic, vnish
 from simulators.avalon import AvalonFleet
 from simulators.epic import EpicFleet
 from simulators.farm import Farm, SimRig
 from simulators.fleet import Fleet
+from simulators.vnish import VNishFleet
 
 # Dialect (a driver kind) -> the `SimRig.firmware` it serves.
-DIALECTS: Final = {"avalon": avalon.FIRMWARE, "epic": epic.FIRMWARE}
+DIALECTS: Final = {"avalon": avalon.FIRMWARE, "epic": epic.FIRMWARE, "vnish": vnish.FIRMWARE}
 
 
 def make_rig(dialect: str, rig_id: str, t: float, rng: random.Random, seed: int) -> SimRig | None:
@@ -38,10 +39,11 @@ class Families:
         ids = {d: [r for r, rd in dialects.items() if rd == d] for d in DIALECTS}
         self.avalon = AvalonFleet(farm, subnet=subnet, rig_ids=ids["avalon"])
         self.epic = EpicFleet(farm, subnet=subnet, rig_ids=ids["epic"])
+        self.vnish = VNishFleet(farm, subnet=subnet, rig_ids=ids["vnish"])
 
     @property
     def fleets(self) -> list[Fleet[Any]]:
-        return [self.avalon, self.epic]
+        return [self.avalon, self.epic, self.vnish]
 
     def serves(self, rig_id: str) -> bool:
         return self.dialects.get(rig_id) in DIALECTS
@@ -49,6 +51,8 @@ class Families:
     def address_of(self, rig_id: str) -> tuple[str, int]:
         if rig_id in self.epic.api:
             return self.epic.address_of(rig_id)
+        if rig_id in self.vnish.rpc:
+            return self.vnish.address_of(rig_id)
         return self.avalon.address_of(rig_id)
 
     def miner_rows(self, rig_id: str) -> list[str]:
@@ -56,4 +60,6 @@ class Families:
         if rig_id in self.avalon.servers:
             low = self.avalon.servers[rig_id].avalon.work_mode_w[avalon.LOW]
             return [f"low_power_w = {low:g}  # measured on its outlet in the low work mode"]
+        if rig_id in self.vnish.web and self.vnish.web[rig_id].port != vnish.WEB_PORT:
+            return [f"web_port = {self.vnish.web[rig_id].port}"]
         return []

@@ -47,6 +47,7 @@ from drivers.registry import (
     LuxOSSettings,
     MinerSettings,
     NoSettings,
+    VNishSettings,
     WhatsminerSettings,
 )
 
@@ -233,6 +234,7 @@ class MinerConfig(_Strict):
         "antminer": frozenset({"web_port", "low_power_w"}),
         "avalon": frozenset({"low_power_w"}),
         "braiins": frozenset({"web_port"}),
+        "vnish": frozenset({"web_port"}),
         "whatsminer": frozenset({"power_min_w", "power_max_w"}),
         "whatsminer-v3": frozenset({"power_min_w", "power_max_w"}),
     }
@@ -253,12 +255,13 @@ class MinerConfig(_Strict):
         "braiins",
         "avalon",
         "epic",
+        "vnish",
         "auto",
     ] = "luxos"
     username: str = ""
     password: OptionalSecret = None
     group: str | None = None
-    web_port: Port = 80  # antminer: the web UI; braiins: the REST API
+    web_port: Port = 80  # antminer: the web UI; braiins: the REST API; vnish: the web API
     power_min_w: float | None = Field(None, gt=0)  # whatsminer: lowest power limit to set
     power_max_w: float | None = Field(None, gt=0)  # whatsminer: highest power limit to set
     low_power_w: float | None = Field(None, gt=0)  # antminer, avalon: measured low-power draw
@@ -341,6 +344,8 @@ class MinerConfig(_Strict):
             return BraiinsSettings(web_port=self.web_port)
         if self.driver == "avalon":
             return AvalonSettings(low_power_w=self.low_power_w)
+        if self.driver == "vnish":
+            return VNishSettings(web_port=self.web_port)
         if self.driver in ("whatsminer", "whatsminer-v3"):
             return WhatsminerSettings(power_min_w=self.power_min_w, power_max_w=self.power_max_w)
         return NoSettings()

@@ -47,6 +47,7 @@ from simulators.clock import ManualClock, ScaledClock
 from simulators.epic import EpicDashboard, EpicServer
 from simulators.farm import Farm, RigMode, SimRig
 from simulators.site import SimSite
+from simulators.vnish import VNishRpcServer, VNishWebServer
 from simulators.whatsminer import WhatsminerServer, whatsminer_rig
 
 BRAIINS_PASSWORD = "bos-secret"
@@ -60,6 +61,7 @@ LAYOUT = {
     5: ("rig-003", "bosminer", "braiins", 4028),
     6: ("av-001", "avalon", "avalon", 4028),
     7: ("rig-004", "epic", "epic", 4028),
+    8: ("rig-005", "vnish", "vnish", 4028),
 }
 
 
@@ -107,12 +109,14 @@ def _servers(farm: Farm, block: str) -> list[_Server]:
         AvalonServer(farm, "av-001", host=h[6], port=4028),
         EpicServer(farm, "rig-004", host=h[7], port=4028),
         EpicDashboard(farm, "rig-004", host=h[7], port=80),
+        VNishRpcServer(farm, "rig-005", host=h[8], port=4028),
+        VNishWebServer(farm, "rig-005", host=h[8], port=80),
     ]
 
 
 async def _start() -> MixedFarm:
     clock = ManualClock()
-    farm = Farm.build(clock, rigs=4, pdus=1, models={"Antminer S19j Pro": 1.0})
+    farm = Farm.build(clock, rigs=5, pdus=1, models={"Antminer S19j Pro": 1.0})
     for rid, firmware, _kind, _port in LAYOUT.values():
         if rid in farm.rigs:
             farm.rigs[rid].firmware = firmware
@@ -156,6 +160,7 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
     assert makes["luxos"][1] == "LuxOS"
     assert makes["avalon"] == ("Avalon", "Avalon cgminer")
     assert makes["epic"] == ("Antminer", "ePIC PowerPlay")
+    assert makes["vnish"] == ("Antminer", "VNish")
     assert took < 5.0, took  # 256 addresses, 251 of them empty
 
     cfg_path = tmp_path / "rigd.toml"
@@ -225,7 +230,9 @@ def test_every_kind_builds_with_its_settings() -> None:
 # -- the daemon's control loop over a scanned mixed farm ------------------------------------
 
 SPEED = 20.0  # farm seconds per wall second
-MIX = ("luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "epic")
+MIX = (
+    "luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "epic", "vnish",
+)  # fmt: skip
 
 
 async def _scan_add(cfg: Path, block: str) -> str:
@@ -384,6 +391,8 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
         posts = {(p, str(v)) for s in site.families.epic.api.values() for p, v in s.posts}
         assert {("/miner", "Stop"), ("/miner", "Autostart")} <= posts, sorted(posts)
         assert any(p == "/perpetualtune/algo" for p, _ in posts), sorted(posts)
+        vnish = {p for s in site.families.vnish.web.values() for p, _ in s.posts}
+        assert {"/mining/stop", "/mining/start", "/settings"} <= vnish, sorted(vnish)
     finally:
         await site.stop()
         shutil.rmtree(state, ignore_errors=True)
