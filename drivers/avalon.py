@@ -40,7 +40,7 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import structlog
@@ -298,7 +298,7 @@ class AvalonDriver:
         client: CGMinerClient,
         *,
         low_power_w: float | None = None,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if low_power_w is not None and not (math.isfinite(low_power_w) and low_power_w > 0):
             raise ValueError(f"low_power_w must be a positive number of watts, got {low_power_w}")

@@ -277,13 +277,7 @@ class EpicDriver:
         summary = await self._get("/summary", "read")
         caps = None
         if self._caps is None:
-            caps = await self._get("/capabilities", "read")
-            if not isinstance(caps, Mapping):
-                raise MalformedReply(
-                    f"capabilities is not an object: {snippet(repr(caps))}",
-                    device=self.device,
-                    operation="read",
-                )
+            caps = await self._capabilities()
         tel = parse_epic_telemetry(
             ts,
             summary,
@@ -296,9 +290,25 @@ class EpicDriver:
             self._update_capabilities()
         if self._reboots.restarted(tel):
             self._caps = None  # new firmware or a new range, maybe: ask again next poll
-        self._identity = tel.identity
+        if self._identity is None or caps is not None:
+            self._identity = tel.identity
         self._tune = tune_target(summary)
         return tel
+
+    async def _capabilities(self) -> Mapping[str, Any] | None:
+        """`/capabilities`, or None when it fails: the summary alone still makes a reading
+        (no model, chips or range until a later poll gets it)."""
+        try:
+            caps = await self._get("/capabilities", "read")
+        except DeviceError as exc:
+            log.warning("epic.capabilities_unavailable", device=self.device, error=str(exc))
+            return None
+        if not isinstance(caps, Mapping):
+            log.warning(
+                "epic.capabilities_malformed", device=self.device, reply=snippet(repr(caps))
+            )
+            return None
+        return caps
 
     def _update_capabilities(self) -> None:
         rng = target_range(self._caps)

@@ -256,6 +256,7 @@ class VNishDriver:
         self._restore: str | None = None  # the preset found in force at the first read
         self._preset_ts: float | None = None  # monotonic time of the last preset read
         self._identity: RigIdentity | None = None
+        self._web_down = False
 
     # -- reads -----------------------------------------------------------------
 
@@ -265,8 +266,13 @@ class VNishDriver:
         except (DeviceAuthError, UnsupportedOperation):
             raise
         except DeviceError as exc:
-            log.warning("vnish.web_read_failed", device=self.device, error=str(exc))
+            if not self._web_down:  # once per outage: a rig switched off fails every poll
+                log.warning("vnish.web_read_failed", device=self.device, error=str(exc))
+            self._web_down = True
             return await self._read_rpc(ts)
+        if self._web_down:
+            log.info("vnish.web_read_recovered", device=self.device)
+        self._web_down = False
         await self._refresh_presets()
         watts = self._current[0] if self._current else None
         tel = parse_vnish_summary(ts, summary, power_limit_w=watts, device=self.device)

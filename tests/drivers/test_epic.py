@@ -51,6 +51,7 @@ class Replay:
     port: int
     posts: list[tuple[str, Any]] = field(default_factory=list)
     answer: dict[str, Any] = field(default_factory=lambda: {"error": None, "result": True})
+    missing: set[str] = field(default_factory=set)  # paths answered 404
 
 
 async def _replay() -> Replay:
@@ -58,7 +59,8 @@ async def _replay() -> Replay:
 
     async def get(request: web.Request) -> web.Response:
         name = request.path.strip("/")
-        if not (CAPTURES / f"{name}.json").exists():
+        assert replay is not None
+        if name in replay.missing or not (CAPTURES / f"{name}.json").exists():
             raise web.HTTPNotFound()
         return web.json_response(capture(name))
 
@@ -148,6 +150,20 @@ async def test_captured_firmware_takes_stop_start_and_preset_targets(replay: Rep
         ("/perpetualtune/algo", {"param": {"algo": "VoltageOptimizer", "target": 143},
                                  "password": "pw"}),
     ]  # fmt: skip
+
+
+async def test_reads_go_on_without_capabilities(replay: Replay) -> None:
+    replay.missing.add("capabilities")
+    drv = make_epic_driver("ep", "127.0.0.1", replay.port, timeout=2.0, retries=0)
+    try:
+        tel = await drv.read(5.0)
+        assert tel.state is RigState.MINING and tel.power_w is not None
+        assert tel.identity.model == "" and not drv.capabilities.can_power_target
+        replay.missing.clear()
+        tel = await drv.read(6.0)  # asked again, and now known
+        assert tel.identity.model == "Antminer S19 XP" and drv.capabilities.can_power_target
+    finally:
+        await drv.close()
 
 
 def test_stopped_and_odd_summaries() -> None:
