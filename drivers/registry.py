@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypedDict
 
-from drivers import antminer_web, braiins, whatsminer
+from drivers import antminer_web, avalon, braiins, epic, vnish, whatsminer
 from drivers.base import MinerDriver
 from drivers.cgminer import DEFAULT_PORT as CGMINER_PORT
 from drivers.cgminer import CGMinerClient, CGMinerDriver
@@ -74,7 +74,27 @@ class WhatsminerSettings:
     power_max_w: float | None = None
 
 
-MinerSettings = NoSettings | LuxOSSettings | AntminerSettings | BraiinsSettings | WhatsminerSettings
+@dataclass(frozen=True, slots=True)
+class AvalonSettings:
+    # The rig's measured draw in its low work mode; without it (or the firmware having
+    # reported that mode's figure) no power target is offered.
+    low_power_w: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VNishSettings:
+    web_port: int = vnish.WEB_PORT  # the web API: reads, stop/start and presets
+
+
+MinerSettings = (
+    NoSettings
+    | LuxOSSettings
+    | AntminerSettings
+    | BraiinsSettings
+    | WhatsminerSettings
+    | AvalonSettings
+    | VNishSettings
+)
 
 
 # -- the builders, one per kind -------------------------------------------------------------
@@ -138,6 +158,36 @@ def _braiins(device: str, access: MinerAccess, settings: BraiinsSettings) -> Min
         _port(access, CGMINER_PORT),
         rest_port=settings.web_port,
         **_login(access),
+    )
+
+
+def _avalon(device: str, access: MinerAccess, settings: AvalonSettings) -> MinerDriver:
+    return avalon.make_avalon_driver(
+        device,
+        access.host,
+        _port(access, CGMINER_PORT),
+        timeout=access.timeout,
+        retries=access.retries,
+        low_power_w=settings.low_power_w,
+    )
+
+
+def _epic(device: str, access: MinerAccess, _settings: NoSettings) -> MinerDriver:
+    return epic.make_epic_driver(
+        device, access.host, _port(access, epic.DEFAULT_PORT), password=access.password,
+        timeout=access.timeout, retries=access.retries,
+    )  # fmt: skip
+
+
+def _vnish(device: str, access: MinerAccess, settings: VNishSettings) -> MinerDriver:
+    return vnish.make_vnish_driver(
+        device,
+        access.host,
+        _port(access, CGMINER_PORT),
+        web_port=settings.web_port,
+        password=access.password,
+        timeout=access.timeout,
+        retries=access.retries,
     )
 
 
@@ -228,6 +278,30 @@ KINDS: Final[Mapping[str, MinerKind]] = MappingProxyType(
                 _braiins,
                 can_throttle=True,
             ),
+            MinerKind(
+                "avalon",
+                "Canaan Avalon: reads, soft-off/soft-on and work modes over 4028",
+                CGMINER_PORT,
+                AvalonSettings,
+                _avalon,
+                can_throttle=True,
+            ),
+            MinerKind(
+                "epic",
+                "ePIC PowerPlay: reads, stop/start and power targets over its HTTP API on 4028",
+                epic.DEFAULT_PORT,
+                NoSettings,
+                _epic,
+                can_throttle=True,
+            ),
+            MinerKind(
+                "vnish",
+                "VNish (AnthillOS) on Antminers: web API reads, stop/start and power presets",
+                CGMINER_PORT,
+                VNishSettings,
+                _vnish,
+                can_throttle=True,
+            ),
         )
     }
 )
@@ -288,4 +362,7 @@ PROBES: Final = (
         lambda host, port, wait: antminer_web.identify(host, timeout=wait, rpc_port=port),
         _is("antminer"),
     ),
+    Probe(lambda host, port, wait: avalon.identify(host, timeout=wait, port=port), _is("avalon")),
+    Probe(lambda host, port, wait: epic.identify(host, timeout=wait, port=port), _is("epic")),
+    Probe(lambda host, port, wait: vnish.identify(host, timeout=wait, port=port), _is("vnish")),
 )

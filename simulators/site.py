@@ -11,15 +11,16 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from simulators import antminer_web, braiins
+from simulators import antminer_web, braiins, families
 from simulators.antminer_web import AntminerWebFleet
 from simulators.apc_snmp import PduAgent
 from simulators.braiins import BraiinsRestFleet
 from simulators.cgminer import MinerFleet
 from simulators.clock import ManualClock, ScaledClock
 from simulators.farm import Farm
+from simulators.fleet import Fleet
 from simulators.modbus_meter import MeterServer
 from simulators.whatsminer import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
 
@@ -33,6 +34,7 @@ DIALECTS: Final = {
     "whatsminer": "btminer",  # API v2 on 4028
     "whatsminer-v3": "btminer",  # API v3 on 4433
     "braiins": "bosminer",  # 4028 reads, REST control
+    **families.DIALECTS,  # avalon: simulators.families
 }
 # Every simulated firmware keeps its factory credentials, which the drivers default to, so
 # the config (like one `rigctl scan --add` writes) needs none.
@@ -105,7 +107,11 @@ class SimSite:
         self.fleet = MinerFleet(
             self.farm,
             subnet=subnet,
-            rig_ids=[r for r, d in self.dialects.items() if not d.startswith("whatsminer")],
+            rig_ids=[
+                r
+                for r, d in self.dialects.items()
+                if not d.startswith("whatsminer") and d not in families.DIALECTS
+            ],
         )
         # Firmware delays are real seconds on real rigs: on a faster clock they shrink with it.
         speed_up = self.clock.speed if isinstance(self.clock, ScaledClock) else 1000.0
@@ -128,6 +134,7 @@ class SimSite:
             "v2": WhatsminerFleet(self.farm, subnet=subnet, api="v2", rig_ids=by["whatsminer"]),
             "v3": WhatsminerFleet(self.farm, subnet=subnet, api="v3", rig_ids=by["whatsminer-v3"]),
         }
+        self.families = families.Families(self.farm, self.dialects, subnet=subnet)
         self.pdu_agents = {
             pid: PduAgent(self.farm, pid, community="public", write_community="private")
             for pid in self.farm.pdus
@@ -150,15 +157,25 @@ class SimSite:
                 self.farm.rigs[rid] = rig
                 if rid in outlets:
                     outlets[rid].rig = rig
+            elif own := families.make_rig(dialect, rid, t, rng, seed * 100_003 + n):
+                self.farm.rigs[rid] = own
+                if rid in outlets:
+                    outlets[rid].rig = own
             else:
                 self.farm.rigs[rid].firmware = DIALECTS[dialect]
 
-    def _servers(self) -> list[MinerFleet | AntminerWebFleet | BraiinsRestFleet | WhatsminerFleet]:
+    def _servers(self) -> list[Fleet[Any]]:
         """In start order: a web UI needs its rig's 4028 server running first."""
-        return [self.fleet, self.antminer_web, self.braiins_rest, *self.whatsminers.values()]
+        return [
+            self.fleet,
+            self.antminer_web,
+            self.braiins_rest,
+            *self.whatsminers.values(),
+            *self.families.fleets,
+        ]
 
     async def start(self) -> None:
-        started: list[MinerFleet | AntminerWebFleet | BraiinsRestFleet | WhatsminerFleet] = []
+        started: list[Fleet[Any]] = []
         try:
             for fleet in self._servers():
                 await fleet.start()
@@ -189,6 +206,8 @@ class SimSite:
         dialect = self.dialects[rig_id]
         if dialect.startswith("whatsminer"):
             return self.whatsminers["v3" if dialect.endswith("v3") else "v2"].address_of(rig_id)
+        if self.families.serves(rig_id):
+            return self.families.address_of(rig_id)
         return self.fleet.address_of(rig_id)
 
     def miner_rows(self, rig_id: str) -> list[str]:
@@ -216,6 +235,7 @@ class SimSite:
             rest = self.braiins_rest.servers[rig_id]
             if rest.port != braiins.DEFAULT_PORT:
                 rows.append(f"web_port = {rest.port}")
+        rows += self.families.miner_rows(rig_id)
         return rows
 
     async def __aenter__(self) -> SimSite:

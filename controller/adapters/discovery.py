@@ -2,6 +2,7 @@
 
 Each firmware is recognised by its own probe (btminer's `devdetails` Driver "bitmicro" or
 its v3 API on 4433, BOS markers in `version`, the stock web UI's digest realm on port 80,
+Avalon's PROD or VNish's name in `version`, ePIC's HTTP API on the same port,
 LuxOS/cgminer in `version`), and one rig may answer several of them, since they all speak
 cgminer on 4028. So every probe of a host runs at once and the most specific answer wins:
 the driver is then right for the firmware, not merely for the protocol it imitates.
@@ -35,9 +36,9 @@ from drivers.telemetry import RigIdentity
 log = structlog.get_logger(__name__)
 
 MAX_ADDRESSES = 65_536
-# Connections one host's probes may hold at once (4028 x4, 4433, port 80 x2), to keep a
+# Connections one host's probes may hold at once (4028 x7, 4433, port 80 x2), to keep a
 # wide scan inside the process's file-descriptor limit.
-SOCKETS_PER_HOST = 7
+SOCKETS_PER_HOST = 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -281,7 +281,7 @@ def farm_args(sp: argparse.ArgumentParser, *, mix: str = "luxos") -> None:
         default=mix,
         metavar="DIALECTS",
         help="firmware of the rigs, taken in turn: comma-separated from luxos, antminer, "
-        f"whatsminer, whatsminer-v3, braiins (default {mix})",
+        f"whatsminer, whatsminer-v3, braiins, avalon, epic, vnish (default {mix})",
     )
 
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated farm, an MQTT broker inside the process (unless --broker) "
         "and the daemon, and show the farm live until Ctrl-C.",
     )
-    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins")
+    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins,avalon,epic,vnish")
     sp.add_argument("--broker", metavar="URL", help="use this broker instead of the built-in one")
     sp.add_argument("--duration", type=_positive, help="stop after this many (wall) seconds")
     sp.add_argument("--speed", type=_positive, default=10.0, help="farm clock speed (default 10)")

@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, ModelWrapValidatorHandler, field_validator, model_validator
 
 from controller.config.fields import IDENT_RE, Ident, OptionalSecret, Port, Strict
-from drivers import antminer_web, braiins, registry
+from drivers import antminer_web, braiins, registry, vnish
 from drivers.cgminer import DEFAULT_PORT as CGMINER_PORT
 from drivers.luxos import renew_after_s
 
@@ -76,6 +76,14 @@ class _AntminerFields(Strict):
 
 class _BraiinsFields(Strict):
     web_port: Port = braiins.DEFAULT_REST_PORT  # the REST API
+
+
+class _AvalonFields(Strict):
+    low_power_w: float | None = Field(None, gt=0)  # measured draw in the low work mode
+
+
+class _VNishFields(Strict):
+    web_port: Port = vnish.WEB_PORT  # the web API: reads, stop/start, presets
 
 
 class _WhatsminerFields(Strict):
@@ -133,6 +141,30 @@ class BraiinsConfig(_BraiinsFields, _Driver):
         return registry.BraiinsSettings(web_port=self.web_port)
 
 
+class AvalonConfig(_AvalonFields, _Driver):
+    converts_to = registry.AvalonSettings
+    driver: Literal["avalon"] = "avalon"
+
+    def for_driver(self, poll_interval_s: float) -> registry.MinerSettings:
+        return registry.AvalonSettings(low_power_w=self.low_power_w)
+
+
+class EpicConfig(_Driver):
+    converts_to = registry.NoSettings
+    driver: Literal["epic"] = "epic"
+
+    def for_driver(self, poll_interval_s: float) -> registry.MinerSettings:
+        return registry.NoSettings()
+
+
+class VNishConfig(_VNishFields, _Driver):
+    converts_to = registry.VNishSettings
+    driver: Literal["vnish"] = "vnish"
+
+    def for_driver(self, poll_interval_s: float) -> registry.MinerSettings:
+        return registry.VNishSettings(web_port=self.web_port)
+
+
 class WhatsminerConfig(_WhatsminerFields, _Driver):
     converts_to = registry.WhatsminerSettings
     driver: Literal["whatsminer", "whatsminer-v3"] = "whatsminer"
@@ -154,7 +186,15 @@ class AutoConfig(_LuxOSFields, _AntminerFields, _WhatsminerFields, _Driver):
 
 
 DriverConfig = Annotated[
-    LuxOSConfig | CGMinerConfig | AntminerConfig | BraiinsConfig | WhatsminerConfig | AutoConfig,
+    LuxOSConfig
+    | CGMinerConfig
+    | AntminerConfig
+    | BraiinsConfig
+    | AvalonConfig
+    | EpicConfig
+    | VNishConfig
+    | WhatsminerConfig
+    | AutoConfig,
     Field(discriminator="driver"),
 ]
 _MODELS: tuple[type[_Driver], ...] = (
@@ -162,6 +202,9 @@ _MODELS: tuple[type[_Driver], ...] = (
     CGMinerConfig,
     AntminerConfig,
     BraiinsConfig,
+    AvalonConfig,
+    EpicConfig,
+    VNishConfig,
     WhatsminerConfig,
     AutoConfig,
 )

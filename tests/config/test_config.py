@@ -312,7 +312,7 @@ power_max_w = 2000
 [[miners]]
 id = "x"
 host = "127.0.0.3"
-driver = "avalon"
+driver = "innosilicon"
 """
     )
     got = {p: (line, msg) for p, line, msg in errors(text)}

@@ -40,11 +40,14 @@ from drivers.registry import (
 from drivers.telemetry import RigState
 from drivers.whatsminer import WhatsminerDriver, WhatsminerV3Driver
 from simulators.antminer_web import AntminerWebServer
+from simulators.avalon import AvalonServer, avalon_rig
 from simulators.braiins import BraiinsRestServer
 from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock, ScaledClock
+from simulators.epic import EpicDashboard, EpicServer
 from simulators.farm import Farm, RigMode, SimRig
 from simulators.site import SimSite
+from simulators.vnish import VNishRpcServer, VNishWebServer
 from simulators.whatsminer import WhatsminerServer, whatsminer_rig
 
 BRAIINS_PASSWORD = "bos-secret"
@@ -56,6 +59,9 @@ LAYOUT = {
     3: ("wm-001", "btminer", "whatsminer", 4028),
     4: ("wm-002", "btminer", "whatsminer-v3", 4433),
     5: ("rig-003", "bosminer", "braiins", 4028),
+    6: ("av-001", "avalon", "avalon", 4028),
+    7: ("rig-004", "epic", "epic", 4028),
+    8: ("rig-005", "vnish", "vnish", 4028),
 }
 
 
@@ -100,17 +106,23 @@ def _servers(farm: Farm, block: str) -> list[_Server]:
         WhatsminerServer(farm, "wm-002", host=h[4], api="v3", port_v3=4433),
         MinerServer(farm, "rig-003", host=h[5], port=4028),
         BraiinsRestServer(farm, "rig-003", host=h[5], port=80, password=BRAIINS_PASSWORD),
+        AvalonServer(farm, "av-001", host=h[6], port=4028),
+        EpicServer(farm, "rig-004", host=h[7], port=4028),
+        EpicDashboard(farm, "rig-004", host=h[7], port=80),
+        VNishRpcServer(farm, "rig-005", host=h[8], port=4028),
+        VNishWebServer(farm, "rig-005", host=h[8], port=80),
     ]
 
 
 async def _start() -> MixedFarm:
     clock = ManualClock()
-    farm = Farm.build(clock, rigs=3, pdus=1, models={"Antminer S19j Pro": 1.0})
+    farm = Farm.build(clock, rigs=5, pdus=1, models={"Antminer S19j Pro": 1.0})
     for rid, firmware, _kind, _port in LAYOUT.values():
         if rid in farm.rigs:
             farm.rigs[rid].firmware = firmware
     for n, rid in ((1, "wm-001"), (2, "wm-002")):
         farm.rigs[rid] = whatsminer_rig(rid, "Whatsminer M50S_VH50", clock.now(), seed=n)
+    farm.rigs["av-001"] = avalon_rig("av-001", "AvalonMiner 15-194", clock.now(), seed=3)
     last: OSError | None = None
     for _ in range(10):
         mixed = MixedFarm(clock, farm, f"127.{random.randint(100, 250)}.{random.randint(1, 254)}")
@@ -146,6 +158,9 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
     assert makes["whatsminer"] == makes["whatsminer-v3"] == ("Whatsminer", "btminer")
     assert makes["antminer"] == ("Antminer", "bmminer")
     assert makes["luxos"][1] == "LuxOS"
+    assert makes["avalon"] == ("Avalon", "Avalon cgminer")
+    assert makes["epic"] == ("Antminer", "ePIC PowerPlay")
+    assert makes["vnish"] == ("Antminer", "VNish")
     assert took < 5.0, took  # 256 addresses, 251 of them empty
 
     cfg_path = tmp_path / "rigd.toml"
@@ -215,7 +230,9 @@ def test_every_kind_builds_with_its_settings() -> None:
 # -- the daemon's control loop over a scanned mixed farm ------------------------------------
 
 SPEED = 20.0  # farm seconds per wall second
-MIX = ("luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins")
+MIX = (
+    "luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "epic", "vnish",
+)  # fmt: skip
 
 
 async def _scan_add(cfg: Path, block: str) -> str:
@@ -231,14 +248,20 @@ async def _scan_add(cfg: Path, block: str) -> str:
 
 
 def _measured_low_power(text: str, site: SimSite, block: str) -> str:
-    """Add each stock Antminer's low-power draw, as an operator does after measuring it on
-    the outlet: scan cannot know it, and without it the driver offers sleep only."""
+    """Add each stock Antminer's (and Avalon's) low-power draw, as an operator does after
+    measuring it on the outlet: scan cannot know it, and without it the driver offers sleep
+    only."""
     out = []
     for chunk in text.split("\n[[miners]]"):
         m = re.search(r'host = "([\d.]+)"', chunk)
+        low: float | None = None
         if m and 'driver = "antminer"' in chunk:
             rid = next(r for r in site.farm.rigs if site.address_of(r)[0] == m.group(1))
             low = site.antminer_web.servers[rid].low_power_w
+        elif m and 'driver = "avalon"' in chunk:
+            rid = next(r for r in site.farm.rigs if site.address_of(r)[0] == m.group(1))
+            low = site.families.avalon.servers[rid].avalon.work_mode_w[0]
+        if low is not None:
             chunk = chunk.rstrip("\n") + f"\nlow_power_w = {low:g}\n"
         out.append(chunk)
     return "\n[[miners]]".join(out)
@@ -363,6 +386,13 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
         for api, fleet in site.whatsminers.items():
             cmds = {c for s in fleet.servers.values() for c in s.commands()}
             assert wants[api] <= cmds, (api, sorted(cmds))
+        ascset = {c for s in site.families.avalon.servers.values() for c in s.commands_seen}
+        assert {"softoff", "softon", "workmode"} <= ascset, sorted(ascset)
+        posts = {(p, str(v)) for s in site.families.epic.api.values() for p, v in s.posts}
+        assert {("/miner", "Stop"), ("/miner", "Autostart")} <= posts, sorted(posts)
+        assert any(p == "/perpetualtune/algo" for p, _ in posts), sorted(posts)
+        vnish = {p for s in site.families.vnish.web.values() for p, _ in s.posts}
+        assert {"/mining/stop", "/mining/start", "/settings"} <= vnish, sorted(vnish)
     finally:
         await site.stop()
         shutil.rmtree(state, ignore_errors=True)
