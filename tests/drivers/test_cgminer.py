@@ -560,9 +560,10 @@ async def test_stock_control_is_unsupported_and_writes_denied(env: Env) -> None:
 
 def test_unknown_kind_lists_known_ones() -> None:
     with pytest.raises(
-        ValueError, match=r"luxos, cgminer, antminer, whatsminer, whatsminer-v3, braiins"
+        ValueError,
+        match=r"luxos, cgminer, antminer, whatsminer, whatsminer-v3, braiins, avalon, epic, vnish",
     ):
-        make_miner_driver("avalon", "r", MinerAccess("127.0.0.1"))
+        make_miner_driver("bitaxe", "r", MinerAccess("127.0.0.1"))
     assert isinstance(make_miner_driver("LuxOS", "r", MinerAccess("127.0.0.1")), LuxOSDriver)
 
 
