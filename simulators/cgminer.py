@@ -294,10 +294,35 @@ def build_profiles(rig: SimRig, count: int = 8) -> tuple[Profile, ...]:
     return tuple(out)
 
 
-def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> str:
-    """Four-sensor strings like "73-45-64-65": hottest first, others cooler, all >= ambient."""
+def _sensors(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> list[int]:
+    """Four sensor readings: the hottest first, the others cooler, none below the room."""
     rise = max(0.0, t_max - ambient)
-    return "-".join(str(round(ambient + rise * f)) for f in fractions)
+    return [round(ambient + rise * f) for f in fractions]
+
+
+def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> str:
+    """Four-sensor strings like "73-45-64-65", as `stats` prints them on 4028."""
+    return "-".join(str(v) for v in _sensors(t_max, fractions, ambient))
+
+
+def average_ths(rig: SimRig, t: float, window: float, samples: int = 6) -> float:
+    """The rig's mean hashrate over the last `window` seconds since it booted, as firmware
+    averages it (a few samples of the farm model)."""
+    start = max(rig.boot_t, t - window)
+    if t <= start:
+        return rig.hashrate_ths(t)
+    pts = [start + (t - start) * i / (samples - 1) for i in range(samples)]
+    return sum(rig.hashrate_ths(p) for p in pts) / samples
+
+
+def bmminer_sensors(pcb_c: float, chip_c: float) -> dict[str, list[int]]:
+    """A stock board's `temp_pcb`, `temp_chip` and `temp_pic` readings, the same on 4028
+    (as "a-b-c-d" strings) and in the web UI's `stats.cgi` (as lists)."""
+    return {
+        "temp_pic": _sensors(pcb_c, _PIC_FRACTIONS),
+        "temp_pcb": _sensors(pcb_c, _PCB_FRACTIONS),
+        "temp_chip": _sensors(chip_c, _CHIP_FRACTIONS),
+    }
 
 
 _PCB_FRACTIONS: Final = (1.0, 0.42, 0.81, 0.83)
@@ -514,12 +539,8 @@ class MinerServer(RigServer):
     def _ok(self, t: float, code: int, msg: str, section: str, items: list[Json]) -> Json:
         return section_reply(section, items, code, msg, when=int(t), description=self.description)
 
-    def _avg_ghs(self, t: float, window: float, samples: int = 6) -> float:
-        start = max(self.rig.boot_t, t - window)
-        if t <= start:
-            return self.rig.hashrate_ths(t) * 1000.0
-        pts = [start + (t - start) * i / (samples - 1) for i in range(samples)]
-        return sum(self.rig.hashrate_ths(p) for p in pts) / samples * 1000.0
+    def _avg_ghs(self, t: float, window: float) -> float:
+        return average_ths(self.rig, t, window) * 1000.0
 
     def _accepted(self, t: float) -> int:
         elapsed = self.rig.uptime_s(t)
