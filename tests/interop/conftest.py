@@ -5,9 +5,9 @@ its real ports (80, 4028, 4433, 50051), as `rigd sim --subnet` does, and points
 `pyasic.get_miner` at that address. pyasic probes the real ports, and ports below 1024 need
 root (CI runs as root), so elsewhere these tests skip.
 
-The farm runs on a `ManualClock`: a test commands the rig through pyasic, moves the clock
-past the firmware's transition, and reads again, so a minute of farm time takes no wall
-time.
+The farm runs on a `ManualClock` started at the wall clock's time: a test commands the
+rig through pyasic, moves the clock past the firmware's transition, and reads again, so a
+minute of farm time takes no wall time.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,6 @@ from simulators.site import SimSite
 
 pytest.importorskip("pyasic", reason="pyasic is a test dependency (pip install -e '.[dev]')")
 
-START = 1_764_547_200.0
 
 if os.geteuid() != 0:  # pragma: no cover - CI runs as root
     pytest.skip(
@@ -56,7 +56,9 @@ async def start_site(dialect: str, **kw: Any) -> tuple[SimSite, ManualClock]:
     last: OSError | None = None
     for _ in range(20):
         subnet = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/29"
-        clock = ManualClock(START)
+        # The farm's clock starts at the wall clock's time: clients stamp their requests
+        # with it (API v3 Whatsminer tokens carry a `ts` the miner checks against its own).
+        clock = ManualClock(float(int(time.time())))
         site = SimSite(rigs=1, pdus=1, subnet=subnet, mix=dialect, clock=clock, **kw)
         try:
             await site.start()
