@@ -73,7 +73,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from simulators.farm import Farm, RigMode, SimPdu
+from simulators.farm import Farm, RigMode, SimPdu, above_room
 from simulators.fleet import Fleet
 from simulators.server import SILENT_HOLD_S, RigServer
 
@@ -551,7 +551,7 @@ class BraiinsRestServer(RigServer):
                     },
                     "highest_outlet_temp": {"degree_c": round(pcb[i], 1)},
                     "id": str(i + 1),  # a string, unlike the 4028 API's chain IDs
-                    "lowest_inlet_temp": {"degree_c": round(pcb[i] - 14.5, 1)},
+                    "lowest_inlet_temp": {"degree_c": round(above_room(pcb[i], 0.64), 1)},
                     "model": "BHB56801",
                     "serial_number": f"NGSB{rig.serial[-9:]}{i}",
                     "stats": self._solver_stats(t, share),

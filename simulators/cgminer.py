@@ -106,7 +106,7 @@ from typing import Any, Final
 
 import structlog
 
-from simulators.farm import Farm, RigMode, SimPdu, SimRig
+from simulators.farm import AMBIENT_C, Farm, RigMode, SimPdu, SimRig
 from simulators.fleet import Fleet, outlets_of, subnet_hosts
 from simulators.server import GARBAGE, SILENT_HOLD_S, RigServer, hold_silent
 
@@ -294,13 +294,13 @@ def build_profiles(rig: SimRig, count: int = 8) -> tuple[Profile, ...]:
     return tuple(out)
 
 
-def _sensors(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> list[int]:
+def _sensors(t_max: float, fractions: tuple[float, ...], ambient: float = AMBIENT_C) -> list[int]:
     """Four sensor readings: the hottest first, the others cooler, none below the room."""
     rise = max(0.0, t_max - ambient)
     return [round(ambient + rise * f) for f in fractions]
 
 
-def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> str:
+def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = AMBIENT_C) -> str:
     """Four-sensor strings like "73-45-64-65", as `stats` prints them on 4028."""
     return "-".join(str(v) for v in _sensors(t_max, fractions, ambient))
 
@@ -330,7 +330,6 @@ _CHIP_FRACTIONS: Final = (1.0, 0.5, 0.83, 0.85)
 _PIC_FRACTIONS: Final = (0.78, 0.2, 0.6, 0.62)
 # LuxOS's four sensors per board: exhaust, intake, intake, exhaust (as captured: "47-34-34-47").
 _LUX_FRACTIONS: Final = (1.0, 0.41, 0.41, 1.0)
-AMBIENT_C: Final = 25.0  # the room, as `_sensor_string` assumes
 _LUX_BOARD_NAMES: Final = {"Antminer S19 Pro": "BHB42601", "Antminer S21": "BHB68601"}
 # LuxOS's S19 temperature thresholds (board °C as its config file documents; chip values
 # and the key set as `tempctrlset` echoes them).

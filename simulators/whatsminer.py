@@ -55,8 +55,8 @@ Simulator assumptions (where the reference material is silent or unverified):
   captures and MicroBT's example do) while the rig draws the mode's power: low = 85 % of
   nominal, normal = nominal, high = `max_w`, never above the user limit.
 - The power percentage (`set_power_pct[_v2]`, `set.miner.power_percent`) is a percentage
-  of that limit; 0 and 100 clear it; it is not persisted (a reboot clears it) and does
-  not restart mining.
+  of the power the rig runs at (the mode's power within the user limit); 0 and 100 clear
+  it; it is not persisted (a reboot clears it) and does not restart mining.
 - v3 `ts` must be within `ts_window_s` (300 s) of the miner's clock; the v3 salt is fixed
   per rig unless a test changes `v3_salt`. Write access failures are code -4 with msg
   "no permission" (write API disabled) or "invalid token".
@@ -110,7 +110,16 @@ from drivers.whatsminer.crypto import (
     v3_token,
 )
 from simulators.cgminer import read_request, section_reply, status_reply
-from simulators.farm import Farm, FarmClock, RigMode, RigModel, SimPdu, SimRig
+from simulators.farm import (
+    AMBIENT_C,
+    Farm,
+    FarmClock,
+    RigMode,
+    RigModel,
+    SimPdu,
+    SimRig,
+    above_room,
+)
 from simulators.fleet import Fleet, outlets_of, subnet_hosts
 from simulators.server import (
     GARBAGE,
@@ -147,7 +156,6 @@ MAX_V2_REQUEST: Final = 8191
 MAX_V3_FRAME: Final = 1 << 16
 FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse"})
 LOW_MODE_FRACTION: Final = 0.85
-AMBIENT_C: Final = 25.0
 POOL_URL: Final = "stratum+tcp://btc.example.pool:3333"
 
 CG_READS: Final = frozenset({"summary", "pools", "devs", "edevs", "devdetails", "version"})
@@ -278,6 +286,17 @@ def _salt(seed: str) -> str:
 def _frame(obj: Json) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     return struct.pack("<I", len(body)) + body
+
+
+def _chip_spread(hottest_c: float) -> tuple[float, float, float]:
+    """(min, max, avg) chip temperature of a board whose hottest chip reads `hottest_c`:
+    the coolest and the average lie between it and the room (about 19 and 8.5 °C below
+    it at full load)."""
+    return (
+        round(above_room(hottest_c, 0.6), 1),
+        round(hottest_c, 1),
+        round(above_room(hottest_c, 0.82), 1),
+    )
 
 
 def _v2_command(raw: bytes) -> str:
@@ -564,7 +583,7 @@ class WhatsminerServer(RigServer):
         m = self.rig.model
         w = min(float(self.limit_set_w), self.mode_power_w())
         if self.power_pct:
-            w = float(self.limit_in_force_w()) * self.power_pct / 100.0
+            w = w * self.power_pct / 100.0
         w = min(max(w, m.min_w), m.max_w)
         target = None if math.isclose(w, m.nominal_w) else w
         if target != self.rig.power_target_w:
@@ -636,7 +655,7 @@ class WhatsminerServer(RigServer):
         )
 
     def _env_temp(self) -> float:
-        return AMBIENT_C + 3.5
+        return AMBIENT_C  # the intake air: the room
 
     def _board_sn(self, b: int) -> str:
         return f"BHM{zlib.crc32(self.rig.serial.encode()) % 10**9:09d}K3{b + 1:04d}"
@@ -644,7 +663,7 @@ class WhatsminerServer(RigServer):
     def _chip_temps(self, t: float) -> tuple[float, float, float]:
         chips = self.rig.chip_temps_c(t)
         hi = max(chips)
-        return round(hi - 19.0, 1), round(hi, 1), round(hi - 8.5, 1)
+        return _chip_spread(hi)
 
     def _when(self, t: float) -> int:
         return int(t)
@@ -862,9 +881,9 @@ class WhatsminerServer(RigServer):
                     "Upfreq Complete": int(self._upfreq_complete(t)),
                     "Effective Chips": m.chips_per_board if hashing else 0,
                     "PCB SN": self._board_sn(b),
-                    "Chip Temp Min": round(chips[b] - 19.0, 1),
+                    "Chip Temp Min": _chip_spread(chips[b])[0],
                     "Chip Temp Max": round(chips[b], 1),
-                    "Chip Temp Avg": round(chips[b] - 8.5, 1),
+                    "Chip Temp Avg": _chip_spread(chips[b])[2],
                     "Device Elapsed": elapsed,
                 }
             )
@@ -1199,8 +1218,8 @@ class WhatsminerServer(RigServer):
                 "factory-hash": round(m.nominal_ths / m.boards, 3),
                 "effective-chips": m.chips_per_board if hashing else 0,
                 "freq": self._freq_mhz(t),
-                "chip-temp-min": round(chips[b] - 19.0, 1),
-                "chip-temp-avg": round(chips[b] - 8.5, 1),
+                "chip-temp-min": _chip_spread(chips[b])[0],
+                "chip-temp-avg": _chip_spread(chips[b])[2],
                 "chip-temp-max": round(chips[b], 1),
             }
             for b in range(m.boards)
