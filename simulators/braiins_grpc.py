@@ -196,7 +196,7 @@ class BraiinsGrpcServer(BosViews, RigServer):
     async def _on_request(self, event: grpclib.events.RecvRequest) -> None:
         """The gate before each call: a dead rig, and the token (Login sends one back)."""
         self.calls.append(event.method_name)
-        if not self._api_up():
+        if not self._api_up() or self.fault == "refuse":  # a connection kept from before
             raise grpclib.GRPCError(Status.UNAVAILABLE, "miner is not running")
         if event.method_name == LOGIN_METHOD:
             event.method_func = self._login
