@@ -1,4 +1,5 @@
-"""Braiins OS (BOS+, "BOSer"): telemetry over its cgminer-compatible 4028 API, control over REST.
+"""Braiins OS (BOS+, "BOSer"): telemetry over its cgminer-compatible 4028 API, control over
+REST or, on releases without the REST API (before 25.07), over the public gRPC API.
 
 Braiins OS offers two surfaces and neither is enough alone. Its 4028 API imitates cgminer
 for monitoring tools (no credentials, one cheap connection per poll) but has no power
@@ -14,6 +15,12 @@ The BOSer 4028 dialect differs from cgminer's where it matters: hashrates are MH
 carries nothing, per-chain data is split over `devs` (MH/s), `temps` (board and chip °C),
 `devdetails` (chips, model) and `fans`, and power is the tuner's estimate in `tunerstatus`.
 `parse_telemetry` still reads `summary` (MH/s and uptime); the rest is parsed here.
+
+Releases before 25.07 have no REST API, only the public gRPC API (50051, since 23.03),
+which offers the same calls. `VersionedControl` asks the gRPC API its version
+(`GetApiVersion`, no login) at first use and after each reboot, and speaks gRPC below API
+1.7.0 (BOS 25.07), REST from then on; `BraiinsGrpcControl` answers the driver's calls in the
+REST API's JSON, so everything else here is the same for both.
 
 REST errors map to the typed `DeviceError`s: a refused login is `DeviceAuthError` (retrying
 with the same password cannot help), a 401 on a call re-logs in once (tokens expire after
@@ -31,13 +38,18 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
+import betterproto
 import structlog
 
 from drivers.base import MinerCapabilities
+from drivers.braiins_grpc.client import DEFAULT_PORT as _GRPC_PORT
+from drivers.braiins_grpc.client import BraiinsGrpcClient
+from drivers.braiins_grpc.proto.bos import v1
 from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
@@ -75,6 +87,7 @@ log = structlog.get_logger(__name__)
 Json = dict[str, Any]
 
 DEFAULT_REST_PORT: Final = 80
+DEFAULT_GRPC_PORT: Final = _GRPC_PORT  # the public gRPC API (releases before REST use it)
 DEFAULT_USERNAME: Final = "root"
 DEFAULT_PASSWORD: Final = "root"  # the factory login (pyasic's default too)
 FIRMWARE: Final = "Braiins OS"
@@ -338,6 +351,163 @@ class BraiinsRestClient:
             ) from exc
 
 
+# -- gRPC transport, and choosing one ------------------------------------------------------
+
+# The first public API version whose Braiins OS release (25.07) also serves the REST API.
+REST_SINCE_API: Final = (1, 7, 0)
+
+
+class BraiinsControl(Protocol):
+    """What the driver asks of a control transport: the REST API's paths and JSON."""
+
+    async def get(self, path: str, *, operation: str) -> Any: ...
+    async def put(self, path: str, body: Any = None, *, operation: str) -> Any: ...
+    async def close(self) -> None: ...
+
+
+def _plain(value: Any) -> Any:
+    """A message field's value as the REST API's JSON carries it: messages as objects with
+    their proto field names, enums as numbers, timestamps as {"seconds": N}."""
+    if isinstance(value, betterproto.Message):
+        return _snake(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, betterproto.Enum):
+        return int(value)
+    if isinstance(value, datetime):
+        return {"seconds": int(value.timestamp()), "nanos": 0}
+    return value
+
+
+def _snake(message: betterproto.Message) -> Json:
+    """A message as JSON with proto (snake_case) field names; of a oneof, only the member
+    set (betterproto 2.0.0b7's own `to_pydict` trips over oneofs)."""
+    meta: Any = message._betterproto  # type: ignore[arg-type]  # betterproto's metadata
+    out: Json = {}
+    for name, field in meta.meta_by_field_name.items():
+        if field.group and betterproto.which_one_of(message, field.group)[0] != name:
+            continue
+        value = getattr(message, name)
+        if value is not None:
+            out[name] = _plain(value)
+    return out
+
+
+class BraiinsGrpcControl:
+    """The driver's control calls over the public gRPC API, answered in the REST API's
+    terms (`miner/details`, `performance/tuner-state`, ...), so one driver serves both.
+
+    Power targets are set with SAVE_AND_APPLY: applied without restarting bosminer (pyasic
+    uses SAVE_AND_FORCE_APPLY, which restarts it; pyasic PR #421)."""
+
+    def __init__(self, client: BraiinsGrpcClient) -> None:
+        self.client = client
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def get(self, path: str, *, operation: str) -> Any:
+        c = self.client
+        if path == DETAILS_PATH:
+            return _snake(
+                await c.call("get_miner_details", v1.GetMinerDetailsRequest(), operation=operation)
+            )
+        if path == CONSTRAINTS_PATH:
+            return _snake(
+                await c.call("get_constraints", v1.GetConstraintsRequest(), operation=operation)
+            )
+        if path == TUNER_STATE_PATH:
+            reply = await c.call("get_tuner_state", v1.GetTunerStateRequest(), operation=operation)
+            state = _snake(reply)
+            mode = state.get("power_target_mode_state")
+            return {
+                "overall_tuner_state": state.get("overall_tuner_state"),
+                "mode_state": {"powertargetmodestate": mode} if mode else {},
+            }
+        raise UnsupportedOperation(
+            f"no gRPC call for GET {path}", device=c.device, operation=operation
+        )
+
+    async def put(self, path: str, body: Any = None, *, operation: str) -> Any:
+        c = self.client
+        apply = v1.SaveAction(v1.SaveAction.SAVE_AND_APPLY)
+        if path == PAUSE_PATH:
+            reply = await c.call("pause_mining", v1.PauseMiningRequest(), operation=operation)
+            return bool(reply.already_paused)
+        if path == RESUME_PATH:
+            reply = await c.call("resume_mining", v1.ResumeMiningRequest(), operation=operation)
+            return bool(reply.already_mining)
+        if path == DEFAULT_POWER_TARGET_PATH:
+            default = v1.SetDefaultPowerTargetRequest(save_action=apply)
+            reply = await c.call("set_default_power_target", default, operation=operation)
+            return {"watt": reply.power_target.watt}
+        if path == POWER_TARGET_PATH:
+            watt = mapping(body).get("watt")
+            if isinstance(watt, bool) or not isinstance(watt, int):
+                raise ValueError(f"a power target is whole watts, got {watt!r}")
+            request = v1.SetPowerTargetRequest(save_action=apply, power_target=v1.Power(watt=watt))
+            reply = await c.call("set_power_target", request, operation=operation)
+            return {"watt": reply.power_target.watt}
+        raise UnsupportedOperation(
+            f"no gRPC call for PUT {path}", device=c.device, operation=operation
+        )
+
+
+class VersionedControl:
+    """Control over the transport the firmware's version calls for, chosen at first use:
+    gRPC on Braiins OS releases before the REST API (public API < 1.7.0, BOS < 25.07), REST
+    from then on. The gRPC API's `GetApiVersion` (no login) tells; a rig whose gRPC port
+    does not answer is taken to be on REST (as before this choice existed). `forget()`
+    (after a reboot: maybe an upgrade) makes the next call ask again."""
+
+    def __init__(self, rest: BraiinsRestClient, grpc: BraiinsGrpcClient) -> None:
+        self.rest = rest
+        self.grpc = BraiinsGrpcControl(grpc)
+        self.chosen: BraiinsControl | None = None
+        self.api_version: tuple[int, int, int] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def transport(self) -> str:
+        """ "grpc", "rest", or "" before the first call."""
+        if self.chosen is None:
+            return ""
+        return "grpc" if self.chosen is self.grpc else "rest"
+
+    def forget(self) -> None:
+        self.chosen = None
+
+    async def _choose(self, operation: str) -> BraiinsControl:
+        async with self._lock:
+            if self.chosen is not None:
+                return self.chosen
+            try:
+                self.api_version = await self.grpc.client.api_version(operation=operation)
+            except (DeviceTimeout, DeviceUnreachable, UnsupportedOperation) as exc:
+                log.info("braiins.grpc_unavailable", device=self.grpc.client.device, error=str(exc))
+                self.api_version = None
+                self.chosen = self.rest
+                return self.chosen
+            self.chosen = self.grpc if self.api_version < REST_SINCE_API else self.rest
+            log.info(
+                "braiins.transport",
+                device=self.grpc.client.device,
+                api_version=".".join(map(str, self.api_version)),
+                transport=self.transport,
+            )
+            return self.chosen
+
+    async def get(self, path: str, *, operation: str) -> Any:
+        return await (await self._choose(operation)).get(path, operation=operation)
+
+    async def put(self, path: str, body: Any = None, *, operation: str) -> Any:
+        return await (await self._choose(operation)).put(path, body, operation=operation)
+
+    async def close(self) -> None:
+        await self.rest.close()
+        await self.grpc.close()
+
+
 async def _mark_connected(
     session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
 ) -> None:
@@ -537,7 +707,7 @@ class BraiinsDriver:
         self,
         device: str,
         client: CGMinerClient,
-        rest: BraiinsRestClient,
+        rest: BraiinsControl,
         *,
         rest_retry_s: float = REST_RETRY_S,
     ) -> None:
@@ -596,6 +766,8 @@ class BraiinsDriver:
         if self._reboots.restarted(tel):
             self._identity = None
             self._rest_info_due = True
+            if isinstance(self.rest, VersionedControl):
+                self.rest.forget()  # a reboot may have been an upgrade: ask the version again
         elif self._identity is None:
             self._identity = tel.identity
 
@@ -731,24 +903,27 @@ def make_braiins_driver(
     timeout: float = 3.0,
     retries: int = 1,
     rest_port: int = DEFAULT_REST_PORT,
+    grpc_port: int = DEFAULT_GRPC_PORT,
 ) -> BraiinsDriver:
     """A driver for one BOS rig, configured like `make_miner_driver`'s kinds.
 
     `port` is the 4028 API's; `username` and `password` are the BOS web credentials, used
-    only by the REST API on `rest_port`; empty means the factory root/root, as for every
-    kind, so a scanned rig left on its defaults is controlled without editing the config.
+    by the control transport the firmware's version calls for (`VersionedControl`: gRPC on
+    `grpc_port` before BOS 25.07, the REST API on `rest_port` from then on); empty means
+    the factory root/root, as for every kind, so a scanned rig left on its defaults is
+    controlled without editing the config.
     """
     client = CGMinerClient(host, port, timeout=timeout, retries=retries, device=device)
+    user, pw = username or DEFAULT_USERNAME, password or DEFAULT_PASSWORD
     rest = BraiinsRestClient(
-        host,
-        rest_port,
-        username=username or DEFAULT_USERNAME,
-        password=password or DEFAULT_PASSWORD,
-        timeout=timeout,
-        retries=retries,
+        host, rest_port, username=user, password=pw, timeout=timeout, retries=retries,
         device=device,
-    )
-    return BraiinsDriver(device, client, rest)
+    )  # fmt: skip
+    grpc = BraiinsGrpcClient(
+        host, grpc_port, username=user, password=pw, timeout=timeout, retries=retries,
+        device=device,
+    )  # fmt: skip
+    return BraiinsDriver(device, client, VersionedControl(rest, grpc))
 
 
 async def identify(

@@ -387,8 +387,11 @@ def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:
 def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
     """Per-board rates, chips and temps from Antminer-style `chain_*`/`temp_*` keys.
 
-    Chain numbering starts at 1 on S19, 6 on S9, 11 elsewhere; a slot with no chips and an
-    empty rate is an empty slot, not a dead board.
+    Chain numbering starts at 1 on S19, 6 on S9, 11 elsewhere. A slot with no chips and no
+    rate (empty, or zero as LuxOS prints an empty fourth slot: `chain_acn4: 0`,
+    `chain_rate4: "0"`) is an empty slot, not a dead board, when no sensor reads on it or
+    it lies past the `miner_count` chains the firmware drives; a board that is asleep
+    keeps its slot (its sensors still read).
     """
     return _hashboards(_device_stats(stats))
 
@@ -399,15 +402,18 @@ def _hashboards(dev: Mapping[str, Any]) -> tuple[Hashboard, ...]:
         return ()
     unit = str(dev.get("rate_unit", "GH")).upper().removesuffix("/S")
     scale = _UNIT_TO_THS.get(unit, 1e-3)
+    chains = to_int(dev.get("miner_count"))
     boards = []
     for n in nums:
         acn = to_int(dev.get(f"chain_acn{n}"))
         rate_raw = dev.get(f"chain_rate{n}")
         rate = to_float(rate_raw)
-        if not acn and (rate_raw in (None, "") or rate is None):
-            continue
         pcb = _temps(dev.get(f"temp_pcb{n}")) or _temps(dev.get(f"temp{n}"))
         chip = _temps(dev.get(f"temp_chip{n}")) or _temps(dev.get(f"temp2_{n}"))
+        if not acn and not rate:
+            beyond = chains is not None and n - nums[0] >= chains
+            if rate_raw in (None, "") or rate is None or beyond or not (pcb or chip):
+                continue
         ths = None if rate is None else measure(rate * scale, MAX_RIG_HASHRATE_THS)
         boards.append(
             Hashboard(

@@ -65,6 +65,7 @@ class AntminerSettings:
 @dataclass(frozen=True, slots=True)
 class BraiinsSettings:
     web_port: int = braiins.DEFAULT_REST_PORT  # the REST API that pauses and sets targets
+    grpc_port: int = braiins.DEFAULT_GRPC_PORT  # the gRPC API, for releases before REST
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ def _braiins(device: str, access: MinerAccess, settings: BraiinsSettings) -> Min
         access.host,
         _port(access, CGMINER_PORT),
         rest_port=settings.web_port,
+        grpc_port=settings.grpc_port,
         **_login(access),
     )
 
@@ -272,7 +274,7 @@ KINDS: Final[Mapping[str, MinerKind]] = MappingProxyType(
             ),
             MinerKind(
                 "braiins",
-                "Braiins OS: reads over 4028, pause, resume and power targets over REST",
+                "Braiins OS: reads over 4028; pause, resume, power targets over REST or gRPC",
                 CGMINER_PORT,
                 BraiinsSettings,
                 _braiins,

@@ -73,7 +73,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from simulators.farm import Farm, RigMode, SimPdu
+from simulators.farm import Farm, RigMode, SimPdu, SimRig, above_room
 from simulators.fleet import Fleet
 from simulators.server import SILENT_HOLD_S, RigServer
 
@@ -136,7 +136,204 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text, content_type="text/plain")
 
 
-class BraiinsRestServer(RigServer):
+class BosViews:
+    """What Braiins OS reports of one rig, in the public API's terms (the REST API's JSON,
+    which has the gRPC messages' field names): shared by the REST and the gRPC servers, so
+    both transports see the same rig alike."""
+
+    farm: Farm
+    rig: SimRig
+    rig_id: str
+    bos_version: str = BOS_VERSION  # `bos_version.current` of miner details
+
+    def tuner_state_view(self) -> Json:
+        t = self.farm.now()
+        rig = self.rig
+        target = _watt(rig.target_w)
+        ths = rig.model.nominal_ths * (rig.target_w / rig.model.nominal_w) ** 0.85
+        profile = {
+            "created": {"nanos": 0, "seconds": int(rig.boot_t)},
+            "estimated_power_consumption": target,
+            "measured_hashrate": _ghs(ths * 1000.0),
+            "target": target,
+        }
+        return {
+            "mode_state": {"powertargetmodestate": {"current_target": target, "profile": profile}},
+            "overall_tuner_state": TUNER_TUNING if rig.ramping(t) else TUNER_STABLE,
+        }
+
+    def constraints_view(self) -> Json:
+        m = self.rig.model
+        tuner = {
+            "default_mode": 1,  # TUNER_MODE_POWER_TARGET
+            "enabled": {"default": True},
+            "hashrate_target": {
+                "default": {"terahash_per_second": m.nominal_ths},
+                "max": {"terahash_per_second": round(m.nominal_ths * 1.1, 1)},
+                "min": {"terahash_per_second": round(m.nominal_ths * 0.5, 1)},
+            },
+            "power_target": {
+                "default": _watt(m.nominal_w),
+                "max": _watt(m.max_w),
+                "min": _watt(m.min_w),
+            },
+        }
+        return {
+            "cooling_constraints": None,
+            "dps_constraints": None,
+            "hashboards_constraints": None,
+            "tuner_constraints": tuner,
+        }
+
+    def configuration_view(self) -> Json:
+        return {
+            "pool_groups": [],  # as captured: the firmware leaves this empty here
+            "tuner": {
+                "enabled": True,
+                "hashrate_target": None,
+                "power_target": _watt(self.rig.target_w),
+                "tuner_mode": 1,
+            },
+        }
+
+    def _real_hashrate(self, t: float, share: float = 1.0) -> Json:
+        rig = self.rig
+        out: Json = {}
+        for name, window in _HASHRATE_WINDOWS:
+            start = max(rig.boot_t, t - window)
+            pts = [start + (t - start) * i / 5 for i in range(6)] if t > start else [t]
+            ths = sum(rig.hashrate_ths(p) for p in pts) / len(pts)
+            out[name] = _ghs(ths * 1000.0 * share)
+        since = max(1.0, t - rig.boot_t)
+        pts = [rig.boot_t + since * i / 5 for i in range(6)]
+        out["since_restart"] = _ghs(sum(rig.hashrate_ths(p) for p in pts) / 6 * 1000.0 * share)
+        return out
+
+    def _solver_stats(self, t: float, share: float = 1.0) -> Json:
+        nominal = self.rig.model.nominal_ths * 1000.0 * share
+        best = 776_342_690 if share == 1.0 else round(776_342_690 * share)
+        return {
+            "best_share": best,
+            "best_share_str": str(best),
+            "error_hashrate": {"megahash_per_second": 0.0},
+            "found_blocks": 0,
+            "nominal_hashrate": _ghs(nominal),
+            "real_hashrate": self._real_hashrate(t, share),
+        }
+
+    def details_view(self) -> Json:
+        t = self.farm.now()
+        rig, m = self.rig, self.rig.model
+        uptime = rig.uptime_s(t)
+        status = STATUS_PAUSED if rig.mode == RigMode.SLEEPING else STATUS_NORMAL
+        return {
+            "bos_mode": 4,
+            "bos_version": {"bos_plus": True, "current": self.bos_version, "major": BOS_MAJOR},
+            "bosminer_uptime_s": uptime,
+            "control_board_soc_family": 3,
+            "hostname": f"bos-{self.rig_id}",
+            "kernel_version": "4.9.113",
+            "mac_address": rig.mac.lower(),
+            "miner_identity": {
+                "brand": 1,
+                "miner_model": m.name,
+                "model": _MODEL_ENUM.get(m.name, 0),
+                "name": m.name,
+            },
+            "platform": 4,
+            "psu_info": {
+                "fw_version": None,
+                "max_voltage": {"volt": 15.2},
+                "min_voltage": {"volt": 11.96},
+                "model_name": "APW121215d/e",
+                "serial_number": None,
+                "version": 117,
+            },
+            "serial_number": None,
+            "status": status,
+            "sticker_hashrate": _ghs(m.nominal_ths * 1000.0),
+            "system_uptime": uptime + 40,
+            "system_uptime_s": uptime + 40,
+            "uid": f"u{rig.serial[-15:]:0>15}",
+        }
+
+    def stats_view(self) -> Json:
+        t = self.farm.now()
+        rig = self.rig
+        watts = round(rig.power_w(t)) if rig.powered else 0
+        ths = rig.hashrate_ths(t)
+        accepted = int(rig.uptime_s(t) * 0.15)
+        return {
+            "miner_stats": self._solver_stats(t),
+            "pool_stats": {
+                "accepted_shares": accepted,
+                "best_share": 776_342_690,
+                "best_share_str": "776342690",
+                "generated_work": int(rig.uptime_s(t) * 255_000 * ths / 100),
+                "last_difficulty": 262_144,
+                "last_share_time": {"nanos": 734_529_336, "seconds": int(t) - 3},
+                "rejected_shares": accepted // 580,
+                "stale_shares": 0,
+            },
+            "power_stats": {
+                "approximated_consumption": {"watt": watts},
+                "efficiency": {"joule_per_terahash": watts / ths if ths > 0 else 0.0},
+            },
+        }
+
+    def hashboards_view(self) -> Json:
+        t = self.farm.now()
+        rig, m = self.rig, self.rig.model
+        boards = rig.board_hashrates_ths(t)
+        total = sum(boards)
+        pcb, chip = rig.board_temps_c(t), rig.chip_temps_c(t)
+        hashing = rig.is_hashing(t) and rig.mode == RigMode.MINING
+        freq = 486_704_545.0 * min(1.5, total / m.nominal_ths) if hashing else 50_000_000.0
+        out = []
+        for i in range(m.boards):
+            share = boards[i] / total if total > 0 else 1.0 / m.boards
+            out.append(
+                {
+                    "board_name": "BHB56801",
+                    "board_temp": {"degree_c": round(pcb[i], 1)},
+                    "chip_type": _HB_CHIP.get(m.name, "BM1398"),
+                    "chips_count": m.chips_per_board,
+                    "current_frequency": {"hertz": freq},
+                    "current_voltage": {"volt": 12.93826530612245},
+                    "enabled": True,
+                    "highest_chip_temp": {
+                        "id": i + 1,
+                        "location": 1,
+                        "temperature": {"degree_c": round(chip[i], 1)},
+                    },
+                    "highest_outlet_temp": {"degree_c": round(pcb[i], 1)},
+                    "id": str(i + 1),  # a string, unlike the 4028 API's chain IDs
+                    "lowest_inlet_temp": {"degree_c": round(above_room(pcb[i], 0.64), 1)},
+                    "model": "BHB56801",
+                    "serial_number": f"NGSB{rig.serial[-9:]}{i}",
+                    "stats": self._solver_stats(t, share),
+                }
+            )
+        return {"hashboards": out}
+
+    def cooling_view(self) -> Json:
+        t = self.farm.now()
+        rig = self.rig
+        fans = [
+            {"position": i, "rpm": rpm, "target_speed_ratio": round(min(1.0, rpm / 6000), 2)}
+            for i, rpm in enumerate(rig.fans_rpm(t))
+        ]
+        chips = rig.chip_temps_c(t)
+        hottest = max(range(len(chips)), key=lambda i: chips[i]) if chips else 0
+        highest = {
+            "id": None,
+            "location": 1,  # SensorLocation CHIP (the captured reply says so too)
+            "temperature": {"degree_c": round(chips[hottest], 1) if chips else 0.0},
+        }
+        return {"fans": fans, "highest_temperature": highest}
+
+
+class BraiinsRestServer(BosViews, RigServer):
     """The REST API of one simulated BOS rig. See the module docstring for its behaviour."""
 
     faults = FAULTS
@@ -375,205 +572,28 @@ class BraiinsRestServer(RigServer):
         self.rig.set_power_target(None, self.farm.now())
         return _json(_watt(self.rig.model.nominal_w))
 
+    # -- the rig's views, as JSON -----------------------------------------------
+
     async def _tuner_state(self, request: web.Request) -> web.Response:
-        t = self.farm.now()
-        rig = self.rig
-        target = _watt(rig.target_w)
-        ths = rig.model.nominal_ths * (rig.target_w / rig.model.nominal_w) ** 0.85
-        profile = {
-            "created": {"nanos": 0, "seconds": int(rig.boot_t)},
-            "estimated_power_consumption": target,
-            "measured_hashrate": _ghs(ths * 1000.0),
-            "target": target,
-        }
-        return _json(
-            {
-                "mode_state": {
-                    "powertargetmodestate": {"current_target": target, "profile": profile}
-                },
-                "overall_tuner_state": TUNER_TUNING if rig.ramping(t) else TUNER_STABLE,
-            }
-        )
+        return _json(self.tuner_state_view())
 
     async def _constraints(self, request: web.Request) -> web.Response:
-        m = self.rig.model
-        tuner = {
-            "default_mode": 1,  # TUNER_MODE_POWER_TARGET
-            "enabled": {"default": True},
-            "hashrate_target": {
-                "default": {"terahash_per_second": m.nominal_ths},
-                "max": {"terahash_per_second": round(m.nominal_ths * 1.1, 1)},
-                "min": {"terahash_per_second": round(m.nominal_ths * 0.5, 1)},
-            },
-            "power_target": {
-                "default": _watt(m.nominal_w),
-                "max": _watt(m.max_w),
-                "min": _watt(m.min_w),
-            },
-        }
-        return _json(
-            {
-                "cooling_constraints": None,
-                "dps_constraints": None,
-                "hashboards_constraints": None,
-                "tuner_constraints": tuner,
-            }
-        )
+        return _json(self.constraints_view())
 
     async def _configuration(self, request: web.Request) -> web.Response:
-        return _json(
-            {
-                "pool_groups": [],  # as captured: the firmware leaves this empty here
-                "tuner": {
-                    "enabled": True,
-                    "hashrate_target": None,
-                    "power_target": _watt(self.rig.target_w),
-                    "tuner_mode": 1,
-                },
-            }
-        )
-
-    # -- miner -----------------------------------------------------------------
-
-    def _real_hashrate(self, t: float, share: float = 1.0) -> Json:
-        rig = self.rig
-        out: Json = {}
-        for name, window in _HASHRATE_WINDOWS:
-            start = max(rig.boot_t, t - window)
-            pts = [start + (t - start) * i / 5 for i in range(6)] if t > start else [t]
-            ths = sum(rig.hashrate_ths(p) for p in pts) / len(pts)
-            out[name] = _ghs(ths * 1000.0 * share)
-        since = max(1.0, t - rig.boot_t)
-        pts = [rig.boot_t + since * i / 5 for i in range(6)]
-        out["since_restart"] = _ghs(sum(rig.hashrate_ths(p) for p in pts) / 6 * 1000.0 * share)
-        return out
-
-    def _solver_stats(self, t: float, share: float = 1.0) -> Json:
-        nominal = self.rig.model.nominal_ths * 1000.0 * share
-        best = 776_342_690 if share == 1.0 else round(776_342_690 * share)
-        return {
-            "best_share": best,
-            "best_share_str": str(best),
-            "error_hashrate": {"megahash_per_second": 0.0},
-            "found_blocks": 0,
-            "nominal_hashrate": _ghs(nominal),
-            "real_hashrate": self._real_hashrate(t, share),
-        }
+        return _json(self.configuration_view())
 
     async def _details(self, request: web.Request) -> web.Response:
-        t = self.farm.now()
-        rig, m = self.rig, self.rig.model
-        uptime = rig.uptime_s(t)
-        status = STATUS_PAUSED if rig.mode == RigMode.SLEEPING else STATUS_NORMAL
-        return _json(
-            {
-                "bos_mode": 4,
-                "bos_version": {"bos_plus": True, "current": BOS_VERSION, "major": BOS_MAJOR},
-                "bosminer_uptime_s": uptime,
-                "control_board_soc_family": 3,
-                "hostname": f"bos-{self.rig_id}",
-                "kernel_version": "4.9.113",
-                "mac_address": rig.mac.lower(),
-                "miner_identity": {
-                    "brand": 1,
-                    "miner_model": m.name,
-                    "model": _MODEL_ENUM.get(m.name, 0),
-                    "name": m.name,
-                },
-                "platform": 4,
-                "psu_info": {
-                    "fw_version": None,
-                    "max_voltage": {"volt": 15.2},
-                    "min_voltage": {"volt": 11.96},
-                    "model_name": "APW121215d/e",
-                    "serial_number": None,
-                    "version": 117,
-                },
-                "serial_number": None,
-                "status": status,
-                "sticker_hashrate": _ghs(m.nominal_ths * 1000.0),
-                "system_uptime": uptime + 40,
-                "system_uptime_s": uptime + 40,
-                "uid": f"u{rig.serial[-15:]:0>15}",
-            }
-        )
+        return _json(self.details_view())
 
     async def _stats(self, request: web.Request) -> web.Response:
-        t = self.farm.now()
-        rig = self.rig
-        watts = round(rig.power_w(t)) if rig.powered else 0
-        ths = rig.hashrate_ths(t)
-        accepted = int(rig.uptime_s(t) * 0.15)
-        return _json(
-            {
-                "miner_stats": self._solver_stats(t),
-                "pool_stats": {
-                    "accepted_shares": accepted,
-                    "best_share": 776_342_690,
-                    "best_share_str": "776342690",
-                    "generated_work": int(rig.uptime_s(t) * 255_000 * ths / 100),
-                    "last_difficulty": 262_144,
-                    "last_share_time": {"nanos": 734_529_336, "seconds": int(t) - 3},
-                    "rejected_shares": accepted // 580,
-                    "stale_shares": 0,
-                },
-                "power_stats": {
-                    "approximated_consumption": {"watt": watts},
-                    "efficiency": {"joule_per_terahash": watts / ths if ths > 0 else 0.0},
-                },
-            }
-        )
+        return _json(self.stats_view())
 
     async def _hashboards(self, request: web.Request) -> web.Response:
-        t = self.farm.now()
-        rig, m = self.rig, self.rig.model
-        boards = rig.board_hashrates_ths(t)
-        total = sum(boards)
-        pcb, chip = rig.board_temps_c(t), rig.chip_temps_c(t)
-        hashing = rig.is_hashing(t) and rig.mode == RigMode.MINING
-        freq = 486_704_545.0 * min(1.5, total / m.nominal_ths) if hashing else 50_000_000.0
-        out = []
-        for i in range(m.boards):
-            share = boards[i] / total if total > 0 else 1.0 / m.boards
-            out.append(
-                {
-                    "board_name": "BHB56801",
-                    "board_temp": {"degree_c": round(pcb[i], 1)},
-                    "chip_type": _HB_CHIP.get(m.name, "BM1398"),
-                    "chips_count": m.chips_per_board,
-                    "current_frequency": {"hertz": freq},
-                    "current_voltage": {"volt": 12.93826530612245},
-                    "enabled": True,
-                    "highest_chip_temp": {
-                        "id": i + 1,
-                        "location": 1,
-                        "temperature": {"degree_c": round(chip[i], 1)},
-                    },
-                    "highest_outlet_temp": {"degree_c": round(pcb[i], 1)},
-                    "id": str(i + 1),  # a string, unlike the 4028 API's chain IDs
-                    "lowest_inlet_temp": {"degree_c": round(pcb[i] - 14.5, 1)},
-                    "model": "BHB56801",
-                    "serial_number": f"NGSB{rig.serial[-9:]}{i}",
-                    "stats": self._solver_stats(t, share),
-                }
-            )
-        return _json({"hashboards": out})
+        return _json(self.hashboards_view())
 
     async def _cooling(self, request: web.Request) -> web.Response:
-        t = self.farm.now()
-        rig = self.rig
-        fans = [
-            {"position": i, "rpm": rpm, "target_speed_ratio": round(min(1.0, rpm / 6000), 2)}
-            for i, rpm in enumerate(rig.fans_rpm(t))
-        ]
-        chips = rig.chip_temps_c(t)
-        hottest = max(range(len(chips)), key=lambda i: chips[i]) if chips else 0
-        highest = {
-            "id": None,
-            "location": hottest + 1,
-            "temperature": {"degree_c": round(chips[hottest], 1) if chips else 0.0},
-        }
-        return _json({"fans": fans, "highest_temperature": highest})
+        return _json(self.cooling_view())
 
 
 class BraiinsRestFleet(Fleet[BraiinsRestServer]):

@@ -12,9 +12,15 @@ the server closes the connection. `a+b+c` joins parameterless report commands.
 
 Three dialects, chosen by `rig.firmware`:
 
-- ``"luxos"``: LUXminer 2025.4.8; adds `power`, `config`, `profiles`, `atm` and the session
-  write commands (`logon`, `session`, `logoff`, `curtail`, `profileset`, `atmset`,
-  `powertargetset`).
+- ``"luxos"``: LUXminer 2025.4.8; adds `power`, `config`, `profiles`, `atm`, `fans`, `temps`,
+  `tempctrl`, `groups`, `events`, `healthchipget|<board>`, `voltageget|<board>` and the
+  session write commands (`logon`, `session`, `logoff`, `curtail`, `profileset`, `atmset`,
+  `powertargetset`, `ledset`). Reply keys, types, codes and messages follow the replies
+  captured from a LUXminer 2025.4.8 S19k Pro (`tests/fixtures/luxos/captured-2025.4.8/`):
+  `summary` has `Getworks` and GH/s windows up to 24 h, `stats` names the build in
+  STATS[0] without a `LUXminer` key and prints an empty fourth chain slot as
+  `chain_acn4: 0`, `chain_rate4: "0"`, sensors "0-0-0-0"; `devs` has LuxOS's 38 keys per
+  board; `config` says OS "LuxOS"; pools carry their `GROUP`; keys come sorted.
 - ``"bmminer"`` (and any other value): stock Antminer; only the default api-groups
   commands (`stats`, `pools`, `devs`, `summary`, `version`) are allowed, other cgminer
   commands get Code 45 "Access denied".
@@ -41,10 +47,16 @@ Simulator assumptions (where the reference material is silent or unverified):
   (cgminer does a single `recv`).
 - Status codes not documented publicly: `logoff` answers Code 317 "Session terminated";
   a missing, wrong or expired session id is STATUS E Code 401 "Invalid session";
-  `profileset` while ATM is enabled is E Code 323; an unknown profile selector is E 322;
+  `profileset` while ATM is enabled is E Code 326; an unknown profile selector is E 322;
   a bad `curtail` action E 336; a bad `atmset` E 341; `powertargetset` answers Code 350
   "Power target set" and is refused (E 351) outside `PowerMin..PowerLimit` or while ATM is
   disabled (it is an ATM feature). Its parameter format `<sid>,<watts>` is assumed too.
+- LuxOS reads with no capture: `tempctrl` answers Code 200 "Temperature control" with the
+  keys `tempctrlset` echoes (board thresholds 55/65/70 °C as LuxOS documents for S19;
+  chip values assumed); `events` lists none (an empty `EVENTS`); `healthchipget` rows are
+  shaped as captured, values from the model; a bad board id is E Code 308; `ledset
+  <sid>,red|green,on|off|blink|auto` answers Code 342 "LED set" (E 343 when malformed)
+  and sets `config`'s `RedLed`/`GreenLed` (only red is kept).
 - Profiles: eight, from `model.min_w` up to `model.nominal_w` ("default"), named by their
   frequency ("NNNMHz") with `Step` -7..0; hashrate follows the farm model's power law.
 - On bmminer, LuxOS-only commands (`curtail`, `logon`, `power`, ...) are unknown to the
@@ -86,6 +98,7 @@ import json
 import math
 import secrets
 import string
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,7 +106,7 @@ from typing import Any, Final
 
 import structlog
 
-from simulators.farm import Farm, RigMode, SimPdu, SimRig
+from simulators.farm import AMBIENT_C, Farm, RigMode, SimPdu, SimRig
 from simulators.fleet import Fleet, outlets_of, subnet_hosts
 from simulators.server import GARBAGE, SILENT_HOLD_S, RigServer, hold_silent
 
@@ -134,11 +147,13 @@ CGMINER_KNOWN: Final = BMMINER_ALLOWED | frozenset(
 LUXOS_READS: Final = frozenset(
     {
         "summary", "stats", "pools", "devs", "version", "devdetails", "config", "power",
-        "profiles", "atm", "session",
+        "profiles", "atm", "session", "fans", "temps", "tempctrl", "groups", "events",
     }
 )  # fmt: skip
+# LuxOS reads that take a parameter (a board id), so cannot be joined with `+`.
+LUXOS_BOARD_READS: Final = frozenset({"healthchipget", "voltageget"})
 LUXOS_WRITES: Final = frozenset(
-    {"logon", "logoff", "curtail", "profileset", "atmset", "powertargetset"}
+    {"logon", "logoff", "curtail", "profileset", "atmset", "powertargetset", "ledset"}
 )
 # BOSminer/BOSer: parameterless reports (joinable), then commands taking a parameter or
 # changing state.
@@ -279,20 +294,55 @@ def build_profiles(rig: SimRig, count: int = 8) -> tuple[Profile, ...]:
     return tuple(out)
 
 
-def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = 25.0) -> str:
-    """Four-sensor strings like "73-45-64-65": hottest first, others cooler, all >= ambient."""
+def _sensors(t_max: float, fractions: tuple[float, ...], ambient: float = AMBIENT_C) -> list[int]:
+    """Four sensor readings: the hottest first, the others cooler, none below the room."""
     rise = max(0.0, t_max - ambient)
-    return "-".join(str(round(ambient + rise * f)) for f in fractions)
+    return [round(ambient + rise * f) for f in fractions]
+
+
+def _sensor_string(t_max: float, fractions: tuple[float, ...], ambient: float = AMBIENT_C) -> str:
+    """Four-sensor strings like "73-45-64-65", as `stats` prints them on 4028."""
+    return "-".join(str(v) for v in _sensors(t_max, fractions, ambient))
+
+
+def average_ths(rig: SimRig, t: float, window: float, samples: int = 6) -> float:
+    """The rig's mean hashrate over the last `window` seconds since it booted, as firmware
+    averages it (a few samples of the farm model)."""
+    start = max(rig.boot_t, t - window)
+    if t <= start:
+        return rig.hashrate_ths(t)
+    pts = [start + (t - start) * i / (samples - 1) for i in range(samples)]
+    return sum(rig.hashrate_ths(p) for p in pts) / samples
+
+
+def bmminer_sensors(pcb_c: float, chip_c: float) -> dict[str, list[int]]:
+    """A stock board's `temp_pcb`, `temp_chip` and `temp_pic` readings, the same on 4028
+    (as "a-b-c-d" strings) and in the web UI's `stats.cgi` (as lists)."""
+    return {
+        "temp_pic": _sensors(pcb_c, _PIC_FRACTIONS),
+        "temp_pcb": _sensors(pcb_c, _PCB_FRACTIONS),
+        "temp_chip": _sensors(chip_c, _CHIP_FRACTIONS),
+    }
 
 
 _PCB_FRACTIONS: Final = (1.0, 0.42, 0.81, 0.83)
 _CHIP_FRACTIONS: Final = (1.0, 0.5, 0.83, 0.85)
 _PIC_FRACTIONS: Final = (0.78, 0.2, 0.6, 0.62)
+# LuxOS's four sensors per board: exhaust, intake, intake, exhaust (as captured: "47-34-34-47").
+_LUX_FRACTIONS: Final = (1.0, 0.41, 0.41, 1.0)
+_LUX_BOARD_NAMES: Final = {"Antminer S19 Pro": "BHB42601", "Antminer S21": "BHB68601"}
+# LuxOS's S19 temperature thresholds (board °C as its config file documents; chip values
+# and the key set as `tempctrlset` echoes them).
+_LUX_TEMPCTRL: Final[dict[str, Any]] = {
+    "ChipDangerous": 95, "ChipHot": 90, "Dangerous": 70, "Hot": 65, "Target": 55,
+    "WaterInletDangerous": 55,
+}  # fmt: skip
 
 
-def _acs(chips: int) -> str:
-    """Chip-status string: groups of three 'o' separated by spaces, as stock firmware prints."""
-    groups = [3] * (chips // 3) + ([chips % 3] if chips % 3 else [])
+def _acs(chips: int, group: int = 3) -> str:
+    """Chip-status string: groups of 'o' separated by spaces, as the firmware prints them
+    (three to a group on stock firmware, four on LuxOS)."""
+    groups = [group] * (chips // group) + ([chips % group] if chips % group else [])
     return "".join(" " + "o" * g for g in groups)
 
 
@@ -326,6 +376,7 @@ class MinerServer(RigServer):
         self.profiles = build_profiles(self.rig)
         self.profile = self.profiles[-1].name
         self.atm_enabled = True
+        self.red_led = "auto"  # `ledset`: "auto", "on", "off" or "blink"
         self.session_id = ""
         self.session_expires = 0.0
         self._server: asyncio.Server | None = None
@@ -452,7 +503,9 @@ class MinerServer(RigServer):
             return False
         if self.bosminer:
             return name in BOSMINER_COMMANDS
-        return name in (LUXOS_READS | LUXOS_WRITES) if self.luxos else name in CGMINER_KNOWN
+        if self.luxos:
+            return name in LUXOS_READS | LUXOS_BOARD_READS | LUXOS_WRITES
+        return name in CGMINER_KNOWN
 
     def _joinable(self) -> frozenset[str]:
         if self.bosminer:
@@ -468,6 +521,8 @@ class MinerServer(RigServer):
             return self._status_only(t, "E", 45, f"Access denied to '{name}' command")
         if name in LUXOS_WRITES:
             return self._write(name, param or "", t)
+        if name in LUXOS_BOARD_READS:
+            return self._lux_board_read(name, param, t)
         handler = getattr(self, f"_cmd_{name}")
         result: Json = handler(t)
         return result
@@ -483,18 +538,16 @@ class MinerServer(RigServer):
     def _ok(self, t: float, code: int, msg: str, section: str, items: list[Json]) -> Json:
         return section_reply(section, items, code, msg, when=int(t), description=self.description)
 
-    def _avg_ghs(self, t: float, window: float, samples: int = 6) -> float:
-        start = max(self.rig.boot_t, t - window)
-        if t <= start:
-            return self.rig.hashrate_ths(t) * 1000.0
-        pts = [start + (t - start) * i / (samples - 1) for i in range(samples)]
-        return sum(self.rig.hashrate_ths(p) for p in pts) / samples * 1000.0
+    def _avg_ghs(self, t: float, window: float) -> float:
+        return average_ths(self.rig, t, window) * 1000.0
 
     def _accepted(self, t: float) -> int:
         elapsed = self.rig.uptime_s(t)
         return int(self._avg_ghs(t, elapsed) * 1e9 * elapsed / (SHARE_DIFFICULTY * 2**32))
 
     def _cmd_summary(self, t: float) -> Json:
+        if self.luxos:
+            return self._lux_summary(t)
         rig = self.rig
         elapsed = rig.uptime_s(t)
         ghs = rig.hashrate_ths(t) * 1000.0
@@ -529,11 +582,6 @@ class MinerServer(RigServer):
             "Pool Stale%": 0.0,
             "Last getwork": int(t),
         }
-        if self.luxos:
-            entry["GHS 1m"] = round(self._avg_ghs(t, 60.0), 2)
-            entry["GHS 5m"] = round(self._avg_ghs(t, 300.0), 2)
-            entry["GHS 15m"] = round(self._avg_ghs(t, 900.0), 2)
-            entry["GHS 24h"] = round(self._avg_ghs(t, 86_400.0), 2)
         return self._ok(t, 11, "Summary", "SUMMARY", [entry])
 
     def _version_entry(self) -> Json:
@@ -558,6 +606,8 @@ class MinerServer(RigServer):
         return self._ok(t, 22, msg, "VERSION", [self._version_entry()])
 
     def _cmd_stats(self, t: float) -> Json:
+        if self.luxos:
+            return self._lux_stats(t)
         rig, m = self.rig, self.rig.model
         head = self._version_entry()
         head.pop("API")
@@ -617,6 +667,8 @@ class MinerServer(RigServer):
         return self._ok(t, 70, "CGMiner stats", "STATS", [head, dev])
 
     def _cmd_pools(self, t: float) -> Json:
+        if self.luxos:
+            return self._lux_pools(t)
         accepted = self._accepted(t)
         pools = []
         for i in range(3):
@@ -690,22 +742,7 @@ class MinerServer(RigServer):
                 "Device Elapsed": elapsed,
             }
             return self._ok(t, 9, "1 ASC(s)", "DEVS", [dev])
-        temps = rig.board_temps_c(t)
-        devs = [
-            {
-                "ASC": b,
-                "Name": "BTM_SOC",
-                "ID": b,
-                "Enabled": "Y",
-                "Status": "Alive" if rig.is_hashing(t) else "Dead",
-                "Temperature": round(temps[b], 1),
-                "MHS 5s": round(ths * 1e6, 2),
-                "MHS av": round(ths * 1e6, 2),
-                "Device Elapsed": elapsed,
-            }
-            for b, ths in enumerate(rig.board_hashrates_ths(t))
-        ]
-        return self._ok(t, 9, f"{len(devs)} ASC(s)", "DEVS", devs)
+        return self._lux_devs(t)
 
     def _cmd_devdetails(self, t: float) -> Json:
         m = self.rig.model
@@ -731,40 +768,15 @@ class MinerServer(RigServer):
         return self.profiles[-1]
 
     def _cmd_config(self, t: float) -> Json:
-        rig = self.rig
-        sleeping = rig.mode == RigMode.SLEEPING
-        entry = {
-            "ASC Count": rig.model.boards,
-            "PGA Count": 0,
-            "Pool Count": 3,
-            "Strategy": "Failover",
-            "Log Interval": 5,
-            "Device Code": "",
-            "OS": "Linux",
-            "Failover-Only": False,
-            "ScanTime": 60,
-            "Queue": 0,
-            "Expiry": 120,
-            "Profile": self.profile,
-            "ProfileStep": str(self._active_profile().step),
-            "IsAtmEnabled": self.atm_enabled,
-            "IsTuning": False,
-            "CurtailMode": "Sleep" if sleeping else "None",
-            "IsPowerSupplyOn": not sleeping,
-            "NameplateTHS": rig.model.nominal_ths,
-            "Model": rig.model.name,
-            "SerialNumber": rig.serial,
-            "MACAddr": rig.mac,
-            "Hostname": f"luxos-{self.rig_id}",
-        }
-        return self._ok(t, 33, "LUXminer config", "CONFIG", [entry])
+        return self._lux_config(t)
 
     def _cmd_power(self, t: float) -> Json:
         watts = round(self.rig.power_w(t)) if self.rig.powered else 0
         return self._ok(t, 311, "Power usage", "POWER", [{"Watts": watts, "PSU": False}])
 
     def _cmd_profiles(self, t: float) -> Json:
-        return self._ok(t, 327, "Profiles", "PROFILES", [p.as_reply() for p in self.profiles])
+        items = [p.as_reply() for p in self.profiles]
+        return self._lux_ok(t, 323, "List profiles", "PROFILES", items)
 
     def _atm_entry(self) -> Json:
         m = self.rig.model
@@ -794,6 +806,363 @@ class MinerServer(RigServer):
         sid = "" if self.hide_session_id else self._live_session(t)
         return self._ok(t, 319, "Session", "SESSION", [{"SessionID": sid}])
 
+    # -- LuxOS reads (shapes and keys as captured from LUXminer 2025.4.8) --------
+
+    def _lux_ok(self, t: float, code: int, msg: str, section: str, items: list[Json]) -> Json:
+        """LUXminer prints every item's keys in alphabetical order."""
+        return self._ok(t, code, msg, section, [dict(sorted(i.items())) for i in items])
+
+    def _lux_summary(self, t: float) -> Json:
+        rig = self.rig
+        elapsed = rig.uptime_s(t)
+        avg = self._avg_ghs(t, elapsed)
+        accepted = self._accepted(t)
+        rejected = accepted // 400
+        entry: Json = {
+            "Accepted": accepted,
+            "Best Share": SHARE_DIFFICULTY,
+            "Device Hardware%": 0.0,
+            "Device Rejected%": 0.0,
+            "Difficulty Accepted": accepted * SHARE_DIFFICULTY,
+            "Difficulty Rejected": rejected * SHARE_DIFFICULTY,
+            "Difficulty Stale": 0,
+            "Discarded": 0,
+            "Elapsed": elapsed,
+            "Found Blocks": 0,
+            "GHS 15m": round(self._avg_ghs(t, 900.0), 2),
+            "GHS 1m": round(self._avg_ghs(t, 60.0), 2),
+            "GHS 24h": round(self._avg_ghs(t, 86_400.0), 2),
+            "GHS 30m": round(self._avg_ghs(t, 1800.0), 2),
+            "GHS 5m": round(self._avg_ghs(t, 300.0), 2),
+            "GHS 5s": round(rig.hashrate_ths(t) * 1000.0, 2),
+            "GHS av": round(avg, 2),
+            "Get Failures": 0,
+            "Getworks": elapsed // 5,
+            "Hardware Errors": 0,
+            "Last getwork": int(t) - 4 if rig.is_hashing(t) else int(rig.mode_t),
+            "Local Work": 0,
+            "Network Blocks": 0,
+            "Pool Rejected%": round(rejected / accepted * 100.0, 4) if accepted else 0.0,
+            "Pool Stale%": 0.0,
+            "Rejected": rejected,
+            "Remote Failures": 0,
+            "Stale": 0,
+            "Total MH": avg * 1000.0 * elapsed,
+            "Utility": round(accepted / max(1, elapsed) * 60.0, 2),
+            "Work Utility": round(avg * 13.97, 2),
+        }
+        return self._lux_ok(t, 11, "Summary", "SUMMARY", [entry])
+
+    def _lux_stats(self, t: float) -> Json:
+        """`stats` as LUXminer answers it: STATS[0] names the build (no `LUXminer` key),
+        STATS[1] the chains, four slots, an empty one as `chain_acn` 0, `chain_rate` "0"."""
+        rig, m = self.rig, self.rig.model
+        elapsed = rig.uptime_s(t)
+        hashing = rig.is_hashing(t)
+        ghs = rig.hashrate_ths(t) * 1000.0
+        base_freq = _DEFAULT_FREQ_MHZ.get(m.name, 500)
+        freq = float(round(base_freq * min(1.5, ghs / 1000.0 / m.nominal_ths))) if hashing else 0.0
+        boards = rig.board_hashrates_ths(t)
+        pcb, chip = rig.board_temps_c(t), rig.chip_temps_c(t)
+        fans = rig.fans_rpm(t)
+        head: Json = {
+            "CompileTime": LUXOS_COMPILE_TIME,
+            "Miner": LUXOS_VERSION.split("-", 1)[0],
+            "Type": m.name,
+        }
+        dev: Json = {
+            "Calls": 0,
+            "Elapsed": elapsed,
+            "GHS 5s": round(ghs, 2),
+            "GHS av": round(self._avg_ghs(t, elapsed), 2),
+            "ID": "BTM_SOC0",
+            "Max": 0,
+            "Min": 99_999_999,
+            "Mode": 2,
+            "STATS": 0,
+            "Wait": 0,
+            "fan_num": m.fans,
+            "frequency": round(freq),
+            "miner_count": m.boards,
+            "miner_id": rig.mac.replace(":", "").lower(),
+            "miner_version": LUXOS_VERSION.split("-", 1)[0],
+            "no_matching_work": 0,
+            "rate_30m": round(self._avg_ghs(t, 1800.0), 2),
+            "rate_unit": "GH",
+            "temp_max": float(round(max(pcb))) if pcb else 0.0,
+            "temp_num": m.boards,
+            "total rate": round(ghs / max(1, m.boards), 2),
+            "total_acn": m.boards * m.chips_per_board if hashing else 0,
+            "total_freqavg": freq,
+            "total_rateideal": round(m.nominal_ths * 1000.0, 1),
+        }
+        for i in range(max(4, m.fans)):
+            dev[f"fan{i + 1}"] = fans[i] if i < len(fans) else 0
+        for b in range(max(4, m.boards)):
+            n = b + 1
+            present = b < m.boards
+            acn = m.chips_per_board if present and hashing else 0
+            dev[f"chain_acn{n}"] = acn
+            dev[f"chain_acs{n}"] = _acs(acn, 4)
+            dev[f"chain_hw{n}"] = 0
+            dev[f"chain_rate{n}"] = f"{boards[b] * 1000.0:.2f}" if present else "0"
+            dev[f"freq{n}"] = freq if present else 0.0
+            zero = "0-0-0-0"
+            dev[f"temp_pcb{n}"] = _sensor_string(pcb[b], _LUX_FRACTIONS) if present else zero
+            dev[f"temp_chip{n}"] = _sensor_string(chip[b], _LUX_FRACTIONS) if present else zero
+            dev[f"temp_pic{n}"] = _sensor_string(pcb[b], _LUX_FRACTIONS) if present else zero
+            if present:
+                dev[f"temp{n}"] = float(round(pcb[b]))
+                dev[f"temp2_{n}"] = float(round(chip[b]))
+        return self._lux_ok(t, 70, "LUXminer stats", "STATS", [head, dev])
+
+    def _lux_devs(self, t: float) -> Json:
+        rig, m = self.rig, self.rig.model
+        elapsed = rig.uptime_s(t)
+        hashing = rig.is_hashing(t)
+        temps = rig.board_temps_c(t)
+        rates = rig.board_hashrates_ths(t)
+        total = sum(rates)
+        shares = [r / total if total > 0 else 1.0 / m.boards for r in rates]
+        accepted = self._accepted(t)
+        last = int(t) - 1 if hashing else int(rig.mode_t)
+        windows = (("15m", 900.0), ("1m", 60.0), ("30m", 1800.0), ("5m", 300.0), ("60m", 3600.0))
+        devs = []
+        for b in range(m.boards):
+            got = accepted * shares[b]
+            entry: Json = {
+                "ASC": b,
+                "Accepted": round(got),
+                "Board": _LUX_BOARD_NAMES.get(m.name, "BHB42601"),
+                "Connector": f"J{7 + b}",
+                "ControllerIPVersionHex": "0x18351835",
+                "ControllerIPVersionStr": "N/A",
+                "Device Elapsed": elapsed,
+                "Device Hardware%": 0,
+                "Device Rejected%": 0,
+                "Diff1 Work": round(got) * SHARE_DIFFICULTY,
+                "Difficulty Accepted": round(got) * SHARE_DIFFICULTY,
+                "Difficulty Rejected": 0,
+                "Enabled": "Y",
+                "Hardware Error MHS 15m": 0,
+                "Hardware Errors": 0,
+                "ID": b,
+                "IsRamping": rig.ramping(t) and rig.mode == RigMode.MINING,
+                "IsUserShutdown": False,
+                "Last Share Difficulty": SHARE_DIFFICULTY,
+                "Last Share Pool": 0,
+                "Last Share Time": last,
+                "Last Valid Work": last,
+                "MHS 5s": rates[b] * 1e6,
+                "MHS av": self._avg_ghs(t, elapsed) * 1000.0 * shares[b],
+                "Name": "",
+                "Nominal MHS": m.nominal_ths * 1e6 / m.boards,
+                "Profile": self.profile,
+                "Rejected": 0,
+                "SerialNumber": f"{rig.serial[-9:]}{b:02d}ZZ",
+                "Status": "Alive" if hashing else "Dead",
+                "Temperature": float(round(temps[b])),
+                "Total MH": self._avg_ghs(t, elapsed) * 1000.0 * shares[b] * elapsed,
+                "Utility": 0,
+            }
+            for name, window in windows:
+                entry[f"MHS {name}"] = self._avg_ghs(t, window) * 1000.0 * shares[b]
+            devs.append(entry)
+        return self._lux_ok(t, 9, f"{len(devs)} ASC(s)", "DEVS", devs)
+
+    def _lux_pools(self, t: float) -> Json:
+        accepted = self._accepted(t)
+        hashing = self.rig.is_hashing(t)
+        pools = []
+        for i in range(3):
+            active = i == 0 and hashing
+            got = accepted if i == 0 else 0
+            since = 1 if active else self.rig.uptime_s(t) % 3600
+            pools.append(
+                {
+                    "Accepted": got,
+                    "AsicBoost": True,
+                    "Bad Work": 0,
+                    "Best Share": SHARE_DIFFICULTY if got else 0,
+                    "Current Block Height": 0,
+                    "Current Block Version": 536_870_912 if got else 0,
+                    "Diff": "524K" if got else "0",
+                    "Diff1 Shares": got * SHARE_DIFFICULTY,
+                    "Difficulty Accepted": got * SHARE_DIFFICULTY,
+                    "Difficulty Rejected": got // 400 * SHARE_DIFFICULTY,
+                    "Difficulty Stale": 0,
+                    "Discarded": 0,
+                    "GROUP": 0,
+                    "Get Failures": 0,
+                    "Getworks": self.rig.uptime_s(t) // 10 if i == 0 else 0,
+                    "Has GBT": False,
+                    "Has Stratum": True,
+                    "Has Vmask": True,
+                    "Last Share Difficulty": SHARE_DIFFICULTY if got else 0,
+                    "Last Share Time": time.strftime("%H:%M:%S", time.gmtime(since)),
+                    "Long Pool": "N",  # sic
+                    "POOL": i,
+                    "Pool Rejected%": 0.25 if got else 0.0,
+                    "Pool Stale%": 0.0,
+                    "Priority": i,
+                    "Proxy": "",
+                    "Proxy Type": "",
+                    "Quota": 1.0,
+                    "Rejected": got // 400,
+                    "Remote Failures": 0,
+                    "Stale": 0,
+                    "Status": "Alive",
+                    "Stratum Active": active,
+                    "Stratum Difficulty": SHARE_DIFFICULTY if active else 0,
+                    "Stratum URL": POOL_URL.removeprefix("stratum+tcp://"),
+                    "URL": POOL_URL,
+                    "User": f"rigd.{self.rig_id}",
+                    "Work Difficulty": SHARE_DIFFICULTY if active else 0,
+                    "Works": 0,
+                }
+            )
+        return self._lux_ok(t, 7, f"{len(pools)} Pool(s)", "POOLS", pools)
+
+    def _cmd_groups(self, t: float) -> Json:
+        group: Json = {"GROUP": 0, "Name": "default", "Quota": 1.0}
+        return self._lux_ok(t, 324, "List groups", "GROUPS", [group])
+
+    def _lux_config(self, t: float) -> Json:
+        rig = self.rig
+        sleeping = rig.mode == RigMode.SLEEPING
+        octets = self.host.split(".")
+        entry: Json = {
+            "ASC Count": rig.model.boards,
+            "BcastAddr": ".".join([*octets[:3], "255"]),
+            "ControlBoardType": "cvitek",
+            "Cooling": "Air",
+            "CurtailMode": "Sleep" if sleeping else "None",
+            "DHCP": True,
+            "DNS Servers": "",
+            "Device Code": "",
+            "FPGABuildIdHex": "0x18351835",
+            "FPGABuildIdStr": "2018-35-18 35:00",
+            "FeeStatus": "Ok",
+            "Gateway": ".".join([*octets[:3], "1"]),
+            "GreenLed": "auto",
+            "Hostname": f"luxos-{self.rig_id}",
+            "Hotplug": "None",
+            "IPAddr": self.host,
+            "ImmersionMode": False,
+            "IsAtmEnabled": self.atm_enabled,
+            "IsPowerSupplyOn": not sleeping,
+            "IsSingleVoltage": True,
+            "IsTuning": False,
+            "Log Interval": 0,
+            "LogFileLevel": "info",
+            "MACAddr": rig.mac.lower(),
+            "Model": rig.model.name,
+            "NameplateTHS": rig.model.nominal_ths,
+            "Netmask": "255.255.255.0",
+            "OS": "LuxOS",
+            "PGA Count": 0,
+            "PSUHwVersion": "75",
+            "PSULabel": "APW121215e",
+            "Pool Count": 3,
+            "Profile": self.profile,
+            "ProfileStep": str(self._active_profile().step),
+            "RedLed": self.red_led,
+            "SerialNumber": rig.serial,
+            "Strategy": "Failover",
+            "SystemStatus": "Normal",
+            "UpdateOnStartup": "off",
+            "UpdateOnTimeout": "off",
+            "UpdateOnUser": "full",
+            "UpdateSource": "https://storage.googleapis.com/luxor-firmware/stable",
+            "UpdateTimeout": 60,
+        }
+        return self._lux_ok(t, 33, "LUXminer config", "CONFIG", [entry])
+
+    def _cmd_fans(self, t: float) -> Json:
+        fans = [
+            {"FAN": f"FAN{i + 1}", "ID": i, "RPM": rpm, "Speed": min(100, round(rpm / 60))}
+            for i, rpm in enumerate(self.rig.fans_rpm(t))
+        ]
+        reply = self._lux_ok(t, 202, f"{len(fans)} Fan(s)", "FANS", fans)
+        reply["FANCTRL"] = [{"MinFans": self.rig.model.fans - 1, "PowerOffSpeed": 20}]
+        return reply
+
+    def _cmd_temps(self, t: float) -> Json:
+        """Four sensors per S19-class board: exhaust (board and chip side hot) and intake."""
+        pcb, chip = self.rig.board_temps_c(t), self.rig.chip_temps_c(t)
+        items = []
+        for b in range(self.rig.model.boards):
+            intake = round(AMBIENT_C + (pcb[b] - AMBIENT_C) * _LUX_FRACTIONS[1])
+            items.append(
+                {
+                    "BottomLeft": float(round(chip[b])),
+                    "BottomRight": float(intake),
+                    "ID": b,
+                    "TEMP": b,
+                    "TopLeft": float(round(pcb[b])),
+                    "TopRight": float(intake),
+                }
+            )
+        reply = self._lux_ok(t, 201, f"{len(items)} Temp(s)", "TEMPS", items)
+        reply["METADATA"] = [
+            {
+                "BottomLeft": {"Label": "Board Exhaust (bottom)", "Position": [1, 0]},
+                "BottomRight": {"Label": "Board Intake (bottom)", "Position": [1, 1]},
+                "TopLeft": {"Label": "Board Exhaust (top)", "Position": [0, 0]},
+                "TopRight": {"Label": "Board Intake (top)", "Position": [0, 1]},
+            }
+        ]
+        return reply
+
+    def _cmd_tempctrl(self, t: float) -> Json:
+        return self._lux_ok(t, 200, "Temperature control", "TEMPCTRL", [dict(_LUX_TEMPCTRL)])
+
+    def _cmd_events(self, t: float) -> Json:
+        return self._lux_ok(t, 357, "Miner Events", "EVENTS", [])
+
+    def _lux_board_read(self, name: str, param: str | None, t: float) -> Json:
+        """`healthchipget` and `voltageget`: one board's chips or voltage."""
+        m = self.rig.model
+        try:
+            board = int((param or "").split(",")[0].strip())
+        except ValueError:
+            board = -1
+        if not 0 <= board < m.boards:
+            return self._status_only(t, "E", 308, f"Invalid board '{param or ''}'")
+        profile = self._active_profile()
+        if name == "voltageget":
+            entry: Json = {"Board": board, "Voltage": profile.voltage}
+            return self._lux_ok(t, 307, "Get Voltage", "VOLTAGE", [entry])
+        hashing = self.rig.is_hashing(t)
+        per_chip = self.rig.board_hashrates_ths(t)[board] * 1000.0 / m.chips_per_board
+        when_ms = int(t * 1000)
+        chips = []
+        for c in range(m.chips_per_board):
+            wobble = 1.0 + 0.04 * math.sin(c * 1.7 + board)
+            ghs = per_chip * wobble if hashing else 0.0
+            expected = round(per_chip / 0.59) if hashing else 0
+            chips.append(
+                {
+                    "Board": board,
+                    "Chip": c,
+                    "Column": c % 7,
+                    "Domain": c // 7,
+                    "Frequency": profile.frequency_mhz if hashing else 0,
+                    "GHS 15m": round(ghs, 2),
+                    "GHS 1m": round(ghs * 0.98, 2),
+                    "GHS 5m": round(ghs, 2),
+                    "HashCount": round(expected * wobble),
+                    "HashExpected": expected,
+                    "HashMin": expected // 5,
+                    "Healthy": "Y",
+                    "IsChecking": False,
+                    "Row": c // 7,
+                    "Score": round(wobble * 100.0, 2) if hashing else 0.0,
+                    "When": when_ms,
+                }
+            )
+        return self._lux_ok(t, 314, "Health Chip Get", "CHIPS", chips)
+
     # -- LuxOS writes ----------------------------------------------------------
 
     def _write(self, name: str, param: str, t: float) -> Json:
@@ -816,6 +1185,8 @@ class MinerServer(RigServer):
             return self._curtail(args, t)
         if name == "atmset":
             return self._atmset(args, t)
+        if name == "ledset":
+            return self._ledset(args, t)
         if name == "profileset":
             return self._profileset(args, t)
         return self._powertargetset(args, t)
@@ -849,7 +1220,20 @@ class MinerServer(RigServer):
             return self._status_only(t, "E", 341, "Missing ATM settings")
         if "enabled" in updates:
             self.atm_enabled = updates["enabled"]
-        return self._ok(t, 340, "ATM configuration updated", "ATM", [self._atm_entry()])
+        return self._ok(
+            t, 340, "Advanced Thermal Management configuration updated", "ATM", [self._atm_entry()]
+        )
+
+    def _ledset(self, args: list[str], t: float) -> Json:
+        """`ledset <sid>,<red|green>,<on|off|blink|auto>`; only the red LED is kept."""
+        color = args[0].lower() if args else ""
+        state = args[1].lower() if len(args) > 1 else ""
+        if color not in ("red", "green") or state not in ("on", "off", "blink", "auto"):
+            return self._status_only(t, "E", 343, f"Invalid LED setting '{','.join(args)}'")
+        if color == "red":
+            self.red_led = state
+        entry: Json = {"Color": color, "State": state}
+        return self._ok(t, 342, "LED set", "LED", [entry])
 
     def _select_profile(self, selector: str) -> Profile | None:
         sel = selector.strip()
@@ -874,7 +1258,7 @@ class MinerServer(RigServer):
     def _profileset(self, args: list[str], t: float) -> Json:
         if self.atm_enabled:
             return self._status_only(
-                t, "E", 323, "Cannot change profile while ATM is enabled; disable ATM first"
+                t, "E", 326, "Cannot change profile while ATM is enabled; disable ATM first"
             )
         if not args or not args[0]:
             return self._status_only(t, "E", 322, "Missing profile")

@@ -61,6 +61,18 @@ MODELS: dict[str, RigModel] = {
 
 # Efficiency improves when underclocked: hashrate ~ power^0.85 above idle.
 _HASH_EXPONENT = 0.85
+AMBIENT_C = 25.0  # the room the rigs draw their air from; no sensor on a rig reads below it
+
+
+def above_room(hottest_c: float, fraction: float) -> float:
+    """A reading `fraction` of the way from the room's temperature up to `hottest_c`: a
+    cooler sensor (an intake, a chip average) on the same board, never below the room."""
+    return AMBIENT_C + max(0.0, hottest_c - AMBIENT_C) * fraction
+
+
+# How far back a rig's power trajectory is kept: the longest window firmware averages
+# over is a day.
+HISTORY_S = 2 * 86_400.0
 
 
 class RigMode(StrEnum):
@@ -134,13 +146,14 @@ class SimRig:
         return self.power_target_w if self.power_target_w is not None else self.model.nominal_w
 
     def _eval(self, t: float) -> float:
+        """Power on the trajectory at t, past included (firmware averages look back)."""
         segs = self._segments
         if t >= segs[-1].t1:
             return segs[-1].p1
-        for seg in segs:
-            if t <= seg.t1:
-                return seg.at(t)
-        return segs[-1].p1
+        for seg in reversed(segs):
+            if t >= seg.t0:
+                return seg.at(t)  # past its end: flat at its last power until the next
+        return segs[0].p0  # before the kept history: as it then started
 
     def power_w(self, t: float) -> float:
         """Input power at t, with a little deterministic ripple while hashing."""
@@ -168,16 +181,20 @@ class SimRig:
         return [total * k / s for k in skew]
 
     def board_temps_c(self, t: float) -> list[float]:
-        """PCB temperature per board: ambient plus a rise proportional to load."""
+        """PCB temperature per board: the room plus a rise with load. Boards differ a
+        little when loaded (a few percent of the rise); an idle or booting board sits at
+        the room's temperature, never below it."""
         load = min(1.2, self._eval(t) / self.model.nominal_w)
+        rise = 40.0 * load
         return [
-            25.0 + 40.0 * load + 1.5 * math.sin(self._phase + i) for i in range(self.model.boards)
+            AMBIENT_C + rise * (1.0 + 0.0375 * math.sin(self._phase + i))
+            for i in range(self.model.boards)
         ]
 
     def chip_temps_c(self, t: float) -> list[float]:
-        return [
-            b + 8.0 * min(1.2, self._eval(t) / self.model.nominal_w) for b in self.board_temps_c(t)
-        ]
+        """The hottest chip per board: its PCB's temperature plus a rise with load."""
+        load = min(1.2, self._eval(t) / self.model.nominal_w)
+        return [b + 8.0 * load for b in self.board_temps_c(t)]
 
     def fans_rpm(self, t: float) -> list[int]:
         if not self.powered:
@@ -196,10 +213,17 @@ class SimRig:
         return acc
 
     def _retarget(self, t: float, segments: list[_Segment]) -> None:
-        """Replace the trajectory from t on, keeping energy already drawn."""
+        """Replace the trajectory from t on, keeping energy already drawn and the past
+        (cut at t) for `HISTORY_S`, so averages over a window that spans a command (a
+        firmware's "since boot" or 24 h hashrate) see what the rig really did."""
         self._energy_j = self.energy_j(t)
         self._energy_t = t
-        self._segments = segments or [_Segment(t, self._eval(t), t, self._eval(t))]
+        past = [
+            _Segment(s.t0, s.p0, min(s.t1, t), s.at(min(s.t1, t)))
+            for s in self._segments
+            if s.t0 < t and s.t1 >= t - HISTORY_S
+        ]
+        self._segments = past + (segments or [_Segment(t, self._eval(t), t, self._eval(t))])
 
     # -- state, as the firmware would report it --------------------------------
 

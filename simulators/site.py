@@ -13,18 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from simulators import antminer_web, braiins, families
+from simulators import antminer_web, braiins, braiins_grpc, families
 from simulators.antminer_web import AntminerWebFleet
 from simulators.apc_snmp import PduAgent
 from simulators.braiins import BraiinsRestFleet
+from simulators.braiins_grpc import BraiinsGrpcFleet, has_rest
 from simulators.cgminer import MinerFleet
 from simulators.clock import ManualClock, ScaledClock
 from simulators.farm import Farm
-from simulators.fleet import Fleet
 from simulators.modbus_meter import MeterServer
 from simulators.whatsminer import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
 
 MeterProtocol = Literal["sdm630", "sunspec"]
+_AnyFleet = (
+    MinerFleet | AntminerWebFleet | BraiinsRestFleet | BraiinsGrpcFleet | WhatsminerFleet | Any
+)
 
 # The firmware dialects a simulated farm can mix, named as the daemon's driver kinds, with
 # the `SimRig.firmware` each one serves.
@@ -88,10 +91,13 @@ class SimSite:
         clock: ScaledClock | ManualClock | None = None,
         models: dict[str, float] | None = None,
         mix: str | Sequence[str] = ("luxos",),
+        braiins_release: str = "25.07",
     ) -> None:
         """`mix` names the firmware dialects (see `DIALECTS`); rigs take them in turn, so
         "luxos,whatsminer" makes every other rig a Whatsminer. Each dialect is served by its
-        own simulator on its real ports (with `subnet`), as on a mixed farm LAN."""
+        own simulator on its real ports (with `subnet`), as on a mixed farm LAN.
+        `braiins_release` is the Braiins OS release of the "braiins" rigs: every release
+        serves gRPC (50051), those from 25.07 on the REST API (80) too."""
         if subnet is not None:
             check_loopback_subnet(subnet)
         self.clock = clock if clock is not None else ScaledClock(speed)
@@ -123,12 +129,21 @@ class SimSite:
             get_delay_s=antminer_web.GET_DELAY_S / speed_up,
             rpc_restart_s=antminer_web.RPC_RESTART_S / speed_up,
         )
+        bos_hosts = {r: self.fleet.address_of(r)[0] for r in by["braiins"]}
         self.braiins_rest = BraiinsRestFleet(
             self.farm,
-            {r: self.fleet.address_of(r)[0] for r in by["braiins"]},
+            bos_hosts if has_rest(braiins_release) else {},
             port=braiins.DEFAULT_PORT if subnet else 0,
             username=BRAIINS_USER,
             password=BRAIINS_PASSWORD,
+        )
+        self.braiins_grpc = BraiinsGrpcFleet(
+            self.farm,
+            bos_hosts,
+            port=braiins_grpc.DEFAULT_PORT if subnet else 0,
+            username=BRAIINS_USER,
+            password=BRAIINS_PASSWORD,
+            release=braiins_release,
         )
         self.whatsminers = {
             "v2": WhatsminerFleet(self.farm, subnet=subnet, api="v2", rig_ids=by["whatsminer"]),
@@ -164,18 +179,19 @@ class SimSite:
             else:
                 self.farm.rigs[rid].firmware = DIALECTS[dialect]
 
-    def _servers(self) -> list[Fleet[Any]]:
+    def _servers(self) -> list[_AnyFleet]:
         """In start order: a web UI needs its rig's 4028 server running first."""
         return [
             self.fleet,
             self.antminer_web,
             self.braiins_rest,
+            self.braiins_grpc,
             *self.whatsminers.values(),
             *self.families.fleets,
         ]
 
     async def start(self) -> None:
-        started: list[Fleet[Any]] = []
+        started: list[_AnyFleet] = []
         try:
             for fleet in self._servers():
                 await fleet.start()
@@ -231,7 +247,7 @@ class SimSite:
                 rows.append(f"web_port = {web.port}")
             if web.low_power_w is not None:
                 rows.append(f"low_power_w = {web.low_power_w:g}  # measured on its outlet")
-        elif driver == "braiins":
+        elif driver == "braiins" and rig_id in self.braiins_rest.servers:
             rest = self.braiins_rest.servers[rig_id]
             if rest.port != braiins.DEFAULT_PORT:
                 rows.append(f"web_port = {rest.port}")

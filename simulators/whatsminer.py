@@ -49,16 +49,30 @@ Simulator assumptions (where the reference material is silent or unverified):
   `target_change_s`). A limit sent while the hashboards are off is stored, not applied.
 - The rated power (`get.miner.setting` `power`, the v2 default `power_limit_set`) is the
   model's `max_w`; summary `Power Limit`/`power-limit` is the limit in force,
-  min(user limit, power-mode power). Power modes: low = 85 % of nominal, normal =
-  nominal, high = `max_w`.
+  min(user limit, the mode's ceiling): low mode caps it at its own power (as a captured
+  low-mode unit reports 3300 W in force with 3600 W set), normal and high leave the rated
+  power, so out of the box every surface says the same limit (the rated power, as the
+  captures and MicroBT's example do) while the rig draws the mode's power: low = 85 % of
+  nominal, normal = nominal, high = `max_w`, never above the user limit.
 - The power percentage (`set_power_pct[_v2]`, `set.miner.power_percent`) is a percentage
-  of that limit; 0 and 100 clear it; it is not persisted (a reboot clears it) and does
-  not restart mining.
+  of the power the rig runs at (the mode's power within the user limit); 0 and 100 clear
+  it; it is not persisted (a reboot clears it) and does not restart mining.
 - v3 `ts` must be within `ts_window_s` (300 s) of the miner's clock; the v3 salt is fixed
   per rig unless a test changes `v3_salt`. Write access failures are code -4 with msg
   "no permission" (write API disabled) or "invalid token".
 - `get.miner.status` accepts several sections joined by commas ("summary,edevs").
-- API v3 firmware (`api="v3"`) serves only 4433; `api="both"` serves both ports over one
+- `set.system.led` with "auto" hands the LED back to the firmware; with a list of blink
+  steps (`{"color","period","duration","start"}`, as pyasic sends) `get.device.info`'s
+  `system.ledstatus` reads "manual" (the value real units report then is not known).
+- API v3 firmware (`api="v3"`) serves its API on 4433 and, on 4028, only `get_version`
+  (flat, as v2 answers it, with the v3 firmware's `fw_ver` and API version): real units
+  answer it there, and clients (pyasic, asic-rs) choose v2 or v3 by that firmware date.
+  Every other request on that side (reads, joins, encrypted writes) is closed at once
+  without an answer: that is what pyasic's probe order needs to find a v3 unit (it tries
+  4433 only when `version` and `devdetails` on 4028 return nothing); reports of older
+  pyasic reading pools and uptime from v3 firmware suggest some units answer more, which
+  is not modelled. `v3_version_on_4028 = False` (before `start`) closes that side too,
+  as on units whose 4028 does not answer at all. `api="both"` serves both APIs over one
   firmware state (a transitional build).
 - A rig that is not `api_up` (outlet off, still booting) resets connections, as
   `simulators.cgminer` does.
@@ -96,7 +110,16 @@ from drivers.whatsminer.crypto import (
     v3_token,
 )
 from simulators.cgminer import read_request, section_reply, status_reply
-from simulators.farm import Farm, FarmClock, RigMode, RigModel, SimPdu, SimRig
+from simulators.farm import (
+    AMBIENT_C,
+    Farm,
+    FarmClock,
+    RigMode,
+    RigModel,
+    SimPdu,
+    SimRig,
+    above_room,
+)
 from simulators.fleet import Fleet, outlets_of, subnet_hosts
 from simulators.server import (
     GARBAGE,
@@ -133,7 +156,6 @@ MAX_V2_REQUEST: Final = 8191
 MAX_V3_FRAME: Final = 1 << 16
 FAULTS: Final = frozenset({"silent", "garbage", "truncated", "refuse"})
 LOW_MODE_FRACTION: Final = 0.85
-AMBIENT_C: Final = 25.0
 POOL_URL: Final = "stratum+tcp://btc.example.pool:3333"
 
 CG_READS: Final = frozenset({"summary", "pools", "devs", "edevs", "devdetails", "version"})
@@ -162,7 +184,7 @@ V3_READS: Final = frozenset(
 )
 V3_NOOP_WRITES: Final = frozenset(
     {
-        "set.system.led", "set.miner.pools", "set.miner.fastboot", "set.miner.report",
+        "set.miner.pools", "set.miner.fastboot", "set.miner.report",
         "set.system.hostname", "set.system.timezone", "set.miner.target_freq",
         "set.fan.poweroff_cool", "set.miner.upfreq_speed",
     }
@@ -170,7 +192,7 @@ V3_NOOP_WRITES: Final = frozenset(
 V3_WRITES: Final = V3_NOOP_WRITES | frozenset(
     {
         "set.miner.service", "set.miner.power_limit", "set.miner.power_percent",
-        "set.miner.power_mode", "set.miner.mode", "set.system.reboot",
+        "set.miner.power_mode", "set.miner.mode", "set.system.reboot", "set.system.led",
     }
 )  # fmt: skip
 V3_DEVICE_SECTIONS: Final = ("network", "miner", "system", "power", "salt", "error-code")
@@ -266,6 +288,30 @@ def _frame(obj: Json) -> bytes:
     return struct.pack("<I", len(body)) + body
 
 
+def _chip_spread(hottest_c: float) -> tuple[float, float, float]:
+    """(min, max, avg) chip temperature of a board whose hottest chip reads `hottest_c`:
+    the coolest and the average lie between it and the room (about 19 and 8.5 °C below
+    it at full load)."""
+    return (
+        round(above_room(hottest_c, 0.6), 1),
+        round(hottest_c, 1),
+        round(above_room(hottest_c, 0.82), 1),
+    )
+
+
+def _v2_command(raw: bytes) -> str:
+    """The command a v2 request names (JSON `cmd`/`command`, or text before `|`), or ""."""
+    text = raw.split(b"\x00", 1)[0].decode("utf-8", "replace").strip()
+    if not text.startswith("{"):
+        return text.partition("|")[0].strip()
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return ""
+    cmd = obj.get("cmd", obj.get("command")) if isinstance(obj, dict) else None
+    return cmd.strip() if isinstance(cmd, str) else ""
+
+
 def _int_param(value: Any) -> int | None:
     """Whole numbers as clients send them: 3000, "3000", 3000.0."""
     if isinstance(value, bool):
@@ -311,6 +357,8 @@ class WhatsminerServer(RigServer):
             V2_FIRMWARE_VERSION if api == "v2" else V3_FIRMWARE_VERSION
         )
         self.api_version = api_version or V2_API_VERSION
+        # API v3 firmware still answers `get_version` on 4028 (how clients tell it from v2).
+        self.v3_version_on_4028 = api == "v3"
         self.v3_api_version = V3_API_VERSION
         # Firmware state.
         m = self.rig.model
@@ -333,6 +381,7 @@ class WhatsminerServer(RigServer):
         self.tokens: dict[str, list[tuple[str, float]]] = {}
         # Knobs.
         self.write_enabled = True
+        self.led_status = "auto"  # v3 `set.system.led`: "auto", or "manual" once set by hand
         self.silent_writes: set[str] = set()
         self.nul_terminated = True
         self.reply_delay_s = 0.0
@@ -376,6 +425,12 @@ class WhatsminerServer(RigServer):
         return self.api in ("v3", "both")
 
     @property
+    def listens_4028(self) -> bool:
+        """Whether anything listens on the v2 port: the v2 API, or an API v3 firmware's
+        4028 side (`get_version` only, unless `v3_version_on_4028` is off)."""
+        return self.serves_v2 or self.v3_version_on_4028
+
+    @property
     def port(self) -> int:
         """The API port a client is configured with: v2's, or v3's when only v3 is served."""
         return self.port_v2 if self.serves_v2 else self.port_v3
@@ -397,7 +452,7 @@ class WhatsminerServer(RigServer):
 
     async def _listen(self) -> None:
         try:
-            if self.serves_v2:
+            if self.listens_4028:
                 s = await asyncio.start_server(
                     self._handle_v2, self.host, self.port_v2, reuse_address=True
                 )
@@ -447,6 +502,8 @@ class WhatsminerServer(RigServer):
         if body is None:
             await hold_silent(reader, self.read_timeout)  # applied, never answered
             return
+        if not body:
+            return  # API v3 firmware's 4028 side: closed without an answer
         if self.fault == "truncated":
             body = body[: max(1, (len(body) - 1) // 2)]
         writer.write(body)
@@ -505,6 +562,7 @@ class WhatsminerServer(RigServer):
             self._apply_target(t)
 
     def mode_power_w(self) -> float:
+        """What the power mode runs the hashboards at (before any limit)."""
         m = self.rig.model
         return {
             "low": m.nominal_w * LOW_MODE_FRACTION,
@@ -512,12 +570,18 @@ class WhatsminerServer(RigServer):
             "high": m.max_w,
         }[self.power_mode]
 
+    def mode_limit_w(self) -> float:
+        """The ceiling a power mode puts on the limit: low mode's own power; normal and
+        high leave the rated power (so by default the limit reads the rated power on every
+        surface, as real units report it, while the rig draws its nominal power)."""
+        return self.mode_power_w() if self.power_mode == "low" else float(self.rated_w)
+
     def limit_in_force_w(self) -> int:
-        return round(min(float(self.limit_set_w), self.mode_power_w()))
+        return round(min(float(self.limit_set_w), self.mode_limit_w()))
 
     def _apply_target(self, t: float) -> None:
         m = self.rig.model
-        w = float(self.limit_in_force_w())
+        w = min(float(self.limit_set_w), self.mode_power_w())
         if self.power_pct:
             w = w * self.power_pct / 100.0
         w = min(max(w, m.min_w), m.max_w)
@@ -591,7 +655,7 @@ class WhatsminerServer(RigServer):
         )
 
     def _env_temp(self) -> float:
-        return AMBIENT_C + 3.5
+        return AMBIENT_C  # the intake air: the room
 
     def _board_sn(self, b: int) -> str:
         return f"BHM{zlib.crc32(self.rig.serial.encode()) % 10**9:09d}K3{b + 1:04d}"
@@ -599,7 +663,7 @@ class WhatsminerServer(RigServer):
     def _chip_temps(self, t: float) -> tuple[float, float, float]:
         chips = self.rig.chip_temps_c(t)
         hi = max(chips)
-        return round(hi - 19.0, 1), round(hi, 1), round(hi - 8.5, 1)
+        return _chip_spread(hi)
 
     def _when(self, t: float) -> int:
         return int(t)
@@ -607,9 +671,14 @@ class WhatsminerServer(RigServer):
     # -- API v2 ------------------------------------------------------------------
 
     def respond_v2(self, raw: bytes, peer: str = "127.0.0.1") -> bytes | None:
-        """The reply bytes for one raw v2 request (None: applied but not answered)."""
+        """The reply bytes for one raw v2 request (None: applied but not answered; b"":
+        closed at once without an answer, as API v3 firmware does on 4028 but for
+        `get_version`)."""
         t = self.farm.now()
         self._sync(t)
+        if not self.serves_v2 and _v2_command(raw) != "get_version":
+            self.received.append(Received("v2", _v2_command(raw) or "?", None, peer))
+            return b""
         try:
             reply = self._dispatch_v2(raw, peer, t)
         except Exception:
@@ -812,9 +881,9 @@ class WhatsminerServer(RigServer):
                     "Upfreq Complete": int(self._upfreq_complete(t)),
                     "Effective Chips": m.chips_per_board if hashing else 0,
                     "PCB SN": self._board_sn(b),
-                    "Chip Temp Min": round(chips[b] - 19.0, 1),
+                    "Chip Temp Min": _chip_spread(chips[b])[0],
                     "Chip Temp Max": round(chips[b], 1),
-                    "Chip Temp Avg": round(chips[b] - 8.5, 1),
+                    "Chip Temp Avg": _chip_spread(chips[b])[2],
                     "Device Elapsed": elapsed,
                 }
             )
@@ -849,7 +918,7 @@ class WhatsminerServer(RigServer):
                 "S",
                 131,
                 {
-                    "api_ver": self.api_version,
+                    "api_ver": self.api_version if self.serves_v2 else self.v3_api_version,
                     "fw_ver": self.firmware_version,
                     "platform": PLATFORM,
                 },
@@ -1092,7 +1161,7 @@ class WhatsminerServer(RigServer):
             "miner": miner,
             "system": {
                 "api": self.v3_api_version, "fwversion": self.firmware_version,
-                "ledstatus": "auto", "platform": PLATFORM, "control-board-version": "H616",
+                "ledstatus": self.led_status, "platform": PLATFORM, "control-board-version": "H616",
                 "apiswitch": "enable" if self.write_enabled else "disable",
             },
             "power": {
@@ -1149,8 +1218,8 @@ class WhatsminerServer(RigServer):
                 "factory-hash": round(m.nominal_ths / m.boards, 3),
                 "effective-chips": m.chips_per_board if hashing else 0,
                 "freq": self._freq_mhz(t),
-                "chip-temp-min": round(chips[b] - 19.0, 1),
-                "chip-temp-avg": round(chips[b] - 8.5, 1),
+                "chip-temp-min": _chip_spread(chips[b])[0],
+                "chip-temp-avg": _chip_spread(chips[b])[2],
                 "chip-temp-max": round(chips[b], 1),
             }
             for b in range(m.boards)
@@ -1226,6 +1295,13 @@ class WhatsminerServer(RigServer):
             if param not in _MODE_NAMES:
                 return self._v3_error(t, -1, "invalid param", cmd)
             self._set_mode(str(param), t)
+        elif cmd == "set.system.led":
+            if param == "auto":
+                self.led_status = "auto"
+            elif isinstance(param, list) and all(isinstance(p, dict) for p in param):
+                self.led_status = "manual"
+            else:
+                return self._v3_error(t, -1, "invalid param", cmd)
         elif cmd == "set.system.reboot":
             self._reboot(t)
         return ok

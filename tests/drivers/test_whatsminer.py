@@ -498,7 +498,7 @@ async def test_read_normalises_against_the_model(model: str, api: str) -> None:
         assert tel.ts == t and tel.state is RigState.MINING
         assert tel.hashrate_ths == pytest.approx(rig.hashrate_ths(t), abs=1e-3)
         assert tel.power_w == pytest.approx(rig.power_w(t), abs=0.51)
-        assert tel.power_limit_w == pytest.approx(min(m.nominal_w, m.max_w), abs=0.51)
+        assert tel.power_limit_w == pytest.approx(m.max_w, abs=0.51)  # rated: no limit set
         assert tel.nominal_hashrate_ths == pytest.approx(m.nominal_ths, abs=1e-3)
         assert len(tel.hashboards) == m.boards
         for board, ths in zip(tel.hashboards, rig.board_hashrates_ths(t), strict=True):
