@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simulators.farm import Mode as RigMode
+from simulators.farm import RigMode
 from tests.sim_harness import SimHarness, flat_out_kw
 
 
