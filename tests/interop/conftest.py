@@ -24,14 +24,11 @@ import pytest
 from simulators.clock import ManualClock
 from simulators.site import SimSite
 
-pytest.importorskip("pyasic", reason="pyasic is a test dependency (pip install -e '.[dev]')")
-
-
-if os.geteuid() != 0:  # pragma: no cover - CI runs as root
-    pytest.skip(
-        "pyasic probes the miners' real ports (80 among them), which only root may bind",
-        allow_module_level=True,
-    )
+# Every test module here carries this mark (`pytestmark = ROOT_ONLY`).
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="pyasic probes the miners' real ports (80 among them), which only root may bind",
+)
 
 
 class Rig:

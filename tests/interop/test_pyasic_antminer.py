@@ -7,7 +7,9 @@ from __future__ import annotations
 import pyasic
 from pyasic.miners.backends.antminer import AntminerModern
 
-from tests.interop.conftest import RigFactory, ths
+from tests.interop.conftest import ROOT_ONLY, RigFactory, ths
+
+pytestmark = ROOT_ONLY
 
 
 async def test_pyasic_identifies_and_reads_stock_antminer(rig_of: RigFactory) -> None:

@@ -8,7 +8,9 @@ import pyasic
 import pytest
 from pyasic.miners.backends.braiins_os import BOSer
 
-from tests.interop.conftest import RigFactory, ths
+from tests.interop.conftest import ROOT_ONLY, RigFactory, ths
+
+pytestmark = ROOT_ONLY
 
 
 @pytest.mark.parametrize("release", ["25.07", "24.09"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pyasic
 from pyasic.miners.backends.luxminer import LUXMiner
 
-from tests.interop.conftest import RigFactory, ths
+from tests.interop.conftest import ROOT_ONLY, RigFactory, ths
+
+pytestmark = ROOT_ONLY
 
 
 async def test_pyasic_identifies_and_reads_luxos(rig_of: RigFactory) -> None:

@@ -8,7 +8,9 @@ import pytest
 from pyasic.miners.backends.btminer import BTMinerV2, BTMinerV3
 
 from simulators.whatsminer import V2_FIRMWARE_VERSION, V3_FIRMWARE_VERSION, firmware_type
-from tests.interop.conftest import Rig, RigFactory, ths
+from tests.interop.conftest import ROOT_ONLY, Rig, RigFactory, ths
+
+pytestmark = ROOT_ONLY
 
 
 def _check_reading(rig: Rig, data: object) -> None:
