@@ -48,15 +48,16 @@ class Rig:
         self.clock.advance(seconds)
 
 
-async def start_site(dialect: str, **kw: Any) -> tuple[SimSite, ManualClock]:
-    """A one-rig site of `dialect` on a free loopback /29 (other test runs share the host)."""
+async def start_site(dialect: str, rigs: int = 1, **kw: Any) -> tuple[SimSite, ManualClock]:
+    """A site of `rigs` rigs taking the comma-separated `dialect`s in turn (one rig by
+    default) on a free loopback /29 (other test runs share the host)."""
     last: OSError | None = None
     for _ in range(20):
         subnet = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/29"
         # The farm's clock starts at the wall clock's time: clients stamp their requests
         # with it (API v3 Whatsminer tokens carry a `ts` the miner checks against its own).
         clock = ManualClock(float(int(time.time())))
-        site = SimSite(rigs=1, pdus=1, subnet=subnet, mix=dialect, clock=clock, **kw)
+        site = SimSite(rigs=rigs, pdus=1, subnet=subnet, mix=dialect, clock=clock, **kw)
         try:
             await site.start()
         except OSError as e:
