@@ -53,6 +53,7 @@ from drivers.cgminer import (
     parse_telemetry,
 )
 from drivers.errors import CommandRejected, DeviceError, UnsupportedOperation
+from drivers.probes import shared_command
 from drivers.reboots import RebootWatch
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
 from drivers.values import (
@@ -441,10 +442,9 @@ async def identify(
     port: int = DEFAULT_PORT,
 ) -> RigIdentity | None:
     """Discovery probe: an Avalon's identity from its `version` (PROD "Avalon..."), or None
-    for anything else. One request: every other probe of a scan asks 4028 too."""
-    client = CGMinerClient(host, port, timeout=timeout, retries=0, device=host)
+    for anything else. The `version` request is shared with the other probes that need it."""
     try:
-        version = await client.command("version")
+        version = await shared_command(host, port, "version", timeout)
     except DeviceError:
         return None
     if not is_avalon(version, None):

@@ -30,6 +30,7 @@ not hashing); every other state (booting, loading, testing, adjusting clocks) is
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ from typing import Any, Final
 import structlog
 
 from drivers.base import MinerCapabilities
-from drivers.cgminer import MAX_FANS
+from drivers.cgminer import MAX_FANS, CGMinerClient
 from drivers.errors import (
     CommandRejected,
     DeviceAuthError,
@@ -419,6 +420,27 @@ def make_epic_driver(
     return EpicDriver(device, client, password=password)
 
 
+async def _probe_get(client: CGMinerClient, path: str) -> Any:
+    """One HTTP/1.0 GET over the CGMiner transport (a connection, the request, the reply up
+    to EOF), decoded as JSON; None unless the answer is HTTP 200 with a JSON body. A scan
+    probes every host that answers on 4028, so this stays as cheap as a CGMiner command."""
+    request = (
+        f"GET {path} HTTP/1.0\r\nHost: {client.host}\r\nAccept: application/json\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    raw = await client.exchange(request.encode(), "identify")
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
+        return None  # a CGMiner API answers a GET with its own JSON: not PowerPlay
+    if status_line[1] != b"200":
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 async def identify(
     host: str,
     *,
@@ -427,14 +449,12 @@ async def identify(
 ) -> RigIdentity | None:
     """Discovery probe: PowerPlay's `/summary` on the API port, then its `/capabilities`
     for the model; None for anything else (a CGMiner API is no HTTP server)."""
-    client = JsonHttpClient(host, port, timeout=timeout, retries=0, device=host)
+    client = CGMinerClient(host, port, timeout=timeout, retries=0, device=host)
     try:
-        status, summary = await client.request("GET", "/summary", operation="identify")
-        if status != 200 or not is_epic(summary):
+        summary = await _probe_get(client, "/summary")
+        if not is_epic(summary):
             return None
-        status, caps = await client.request("GET", "/capabilities", operation="identify")
-        return parse_epic_identity(summary, caps if status == 200 else None)
-    except DeviceError:  # refused, silent, not HTTP: not this firmware
+        caps = await _probe_get(client, "/capabilities")
+    except DeviceError:  # refused, silent, cut short: not this firmware
         return None
-    finally:
-        await client.close()
+    return parse_epic_identity(summary, caps if isinstance(caps, Mapping) else None)

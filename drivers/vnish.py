@@ -46,6 +46,7 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
+from drivers.probes import shared_command
 from drivers.reboots import RebootWatch
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
 from drivers.values import (
@@ -409,11 +410,11 @@ async def identify(
     port: int = DEFAULT_PORT,
 ) -> RigIdentity | None:
     """Discovery probe: VNish's 4028 `version` names it; the model is in `stats`."""
-    client = CGMinerClient(host, port, timeout=timeout, retries=0, device=host)
     try:
-        version = await client.command("version")
+        version = await shared_command(host, port, "version", timeout)
         if not is_vnish(version):
             return None
+        client = CGMinerClient(host, port, timeout=timeout, retries=0, device=host)
         stats = await client.command("stats")
     except DeviceError:
         return None

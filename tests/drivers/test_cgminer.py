@@ -563,7 +563,7 @@ def test_unknown_kind_lists_known_ones() -> None:
         ValueError,
         match=r"luxos, cgminer, antminer, whatsminer, whatsminer-v3, braiins, avalon, epic, vnish",
     ):
-        make_miner_driver("bitaxe", "r", MinerAccess("127.0.0.1"))
+        make_miner_driver("innosilicon", "r", MinerAccess("127.0.0.1"))
     assert isinstance(make_miner_driver("LuxOS", "r", MinerAccess("127.0.0.1")), LuxOSDriver)
 
 
