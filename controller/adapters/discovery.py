@@ -197,9 +197,10 @@ async def scan(
 
     The probes' timeouts are the drivers' own, counted in wall time: on a busy host (both
     cores taken by other processes, or this loop flooded by the scan itself and a control
-    cycle) a miner can miss them. A host that listens and was probed while the loop ran
-    more than a quarter of `wait_s` late is probed again afterwards, a few at a time, and
-    the more specific of the two answers kept."""
+    cycle) a miner can miss them, and so can a busy miner. A host that listens and was
+    probed while the loop ran more than a quarter of `wait_s` late, or that listens and
+    answered no probe, is probed again afterwards with twice the time, a few at a time,
+    and the more specific of the two answers kept."""
     bound = _fd_bound(concurrency)
     sem = asyncio.Semaphore(bound)
     starved: dict[str, float] = {}  # listening host -> loop lateness during its probes
@@ -211,7 +212,7 @@ async def scan(
                     return None
                 before = lag.late_s
                 f = await _probe(h, port, wait_s)
-                if lag.late_s - before > wait_s / 4 and _rank(f) < 4:
+                if (lag.late_s - before > wait_s / 4 and _rank(f) < 4) or f is None:
                     starved[h] = lag.late_s - before
                 return f
             finally:
@@ -224,14 +225,14 @@ async def scan(
         log.info(
             "scan_probes_repeated",
             hosts=len(starved),
-            why="the event loop was starved while they were probed",
+            why="listening but not identified, or probed while the event loop was starved",
             late_s=round(max(starved.values()), 3),
         )
         few = asyncio.Semaphore(min(16, bound))
 
         async def again(h: str) -> None:
             async with few:
-                f = await _probe(h, port, wait_s)
+                f = await _probe(h, port, 2 * wait_s)
             if _rank(f) > _rank(results[h]):
                 results[h] = f
 

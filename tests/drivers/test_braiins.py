@@ -533,7 +533,7 @@ async def test_rest_timeout_is_bounded_and_retried(bos: Bos) -> None:
     ],
 )
 async def test_rest_faults_are_typed(bos: Bos, fault: str, error: type[Exception]) -> None:
-    drv = bos.driver(retries=0)
+    drv = bos.driver(retries=0, timeout=5.0)  # each fault answers at once; a busy host is slow
     await drv.read(bos.clock.now())
     await bos.rest.set_fault(fault)
     with pytest.raises(error) as err:
