@@ -19,7 +19,7 @@ from controller.core.caps import Limit
 from controller.core.planner import ActionKind, RigMemory
 from controller.core.snapshot import RigInfo
 from controller.core.status import ActionResult, CycleResult, Hold, Override
-from drivers.miner import MinerDriver
+from drivers.base import MinerDriver
 
 
 class ClockView(Protocol):
@@ -135,12 +135,12 @@ class HassView(ServiceView, Protocol):
     @property
     def grid(self) -> GridView | None: ...
 
+    @property
+    def clock(self) -> ClockView: ...  # when an override set from Home Assistant ends
+
 
 class ExportsView(HassView, Protocol):
     """What the exports (metrics, history, Home Assistant) are built from once per cycle."""
-
-    @property
-    def clock(self) -> ClockView: ...
 
     @property
     def store(self) -> StateStore | None: ...

@@ -173,6 +173,9 @@ def status_line(doc: Mapping[str, Any], mqtt_connected: bool) -> str:
     rigs = doc.get("rigs") or {}
     counts = ", ".join(f"{n} {state}" for state, n in rigs.items() if n) or "none"
     broker = "MQTT connected" if mqtt_connected else "MQTT disconnected"
+    short = (doc.get("control") or {}).get("cannot_shed")
+    if short:
+        head += f", CANNOT SHED ENOUGH ({short['over_kw']:,.1f} kW over target)"
     return f"cycle {doc.get('cycle')}: {head}; rigs: {counts}; {broker}"
 
 

@@ -30,6 +30,27 @@ def default_config_path() -> str:
     return os.environ.get("RIGD_CONFIG", str(DEFAULT_CONFIG_PATH))
 
 
+def version() -> str:
+    """rigd's version, as installed (`rigd --version`, `rigctl --version`)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("rigd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=f"{p.prog} {version()}",
+        help="print the version",
+    )
+
+
 def install_stop(stop: asyncio.Event) -> None:
     """SIGTERM (systemd) and SIGINT (Ctrl-C) end the run cleanly, state saved."""
     loop = asyncio.get_running_loop()
@@ -56,6 +77,19 @@ def credentials_arg(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def missing_config(path: str) -> str | None:
+    """What to say when the config file is not there at all (not "has errors"); None if
+    it is there."""
+    if Path(path).exists():
+        return None
+    how = (
+        "give the daemon's config with -c FILE or RIGD_CONFIG=FILE"
+        if path == str(DEFAULT_CONFIG_PATH)
+        else "check the path (-c or RIGD_CONFIG)"
+    )
+    return f"no config file at {path}: {how}"
+
+
 def print_config_error(e: ConfigError, out: TextIO) -> None:
     n = len(e.issues)
     print(f"config {e.source or ''} is invalid: {n} problem{'s' if n != 1 else ''}", file=out)
@@ -63,9 +97,12 @@ def print_config_error(e: ConfigError, out: TextIO) -> None:
         print(f"  {issue}", file=out)
 
 
-def load_checked(path: str, credentials: Credentials | None = None) -> Config:
-    """The config, plus what only reading files can check (the grid operator's keys)."""
-    cfg = load_config(path, credentials=credentials)
+def load_checked(
+    path: str, credentials: Credentials | None = None, *, files: bool = False
+) -> Config:
+    """The config, plus what only reading files can check (the grid operator's keys; with
+    `files`, that every file setting names a readable file)."""
+    cfg = load_config(path, credentials=credentials, check_files=files)
     if cfg.grid is not None and cfg.grid.enabled:
         from controller.adapters.grid.verify import load_keys
 
@@ -86,16 +123,18 @@ def check_credentials(args: argparse.Namespace) -> Credentials:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    missing = missing_config(args.config)
+    if missing:
+        print(missing)
+        return 1
     creds = check_credentials(args)
     try:
-        cfg = load_checked(args.config, creds)
+        cfg = load_checked(args.config, creds, files=True)
     except ConfigError as e:
         print_config_error(e, sys.stdout)
         return 1
     print(f"{args.config}: OK")
     print(summarize(cfg))
-    if cfg.openadr is not None and cfg.openadr.enabled:
-        print(cfg.openadr.describe())
     if creds.used:
         names = ", ".join(creds.used)
         if creds.read:

@@ -11,8 +11,6 @@ business-logic client would.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import secrets
 from collections.abc import Callable
@@ -126,10 +124,3 @@ class UtilityScript:
         }
         ev: dict[str, Any] = await self._call("POST", "/events", doc)
         return ev
-
-
-async def wait_then(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait `seconds` unless stopped first; True if still running."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    return not stop.is_set()

@@ -13,11 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from controller.adapters.sdnotify import Notifier, ServiceNotifications
+from controller.cli import backup as backup_cli
 from controller.cli.common import (
     cmd_check_config,
     credentials_arg,
@@ -26,6 +27,7 @@ from controller.cli.common import (
     load_checked,
     print_config_error,
     stop_after,
+    version_arg,
 )
 from controller.cli.logs import configure_logging
 from controller.config import (
@@ -34,6 +36,10 @@ from controller.config import (
 )
 from controller.runtime import eventloop
 
+if TYPE_CHECKING:
+    from controller.adapters.store import StoreError
+    from controller.config import Config
+
 # sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
 EXIT_CONFIG = 78
 # The state database at start (README "Faults"): damaged or unreadable state needs a person,
@@ -41,6 +47,9 @@ EXIT_CONFIG = 78
 # come back, so EX_IOERR is restarted. Neither run has sent a command to any rig.
 EXIT_STATE_CORRUPT = 65
 EXIT_STATE_IO = 74
+# sysexits.h EX_CANTCREAT: another rigd holds the state directory (controller/statedir.py).
+# The running one keeps the farm; systemd does not retry, a person must say which one runs.
+EXIT_ALREADY_RUNNING = 73
 
 log = structlog.get_logger("rigd")
 
@@ -86,7 +95,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print_config_error(e, sys.stderr)
         return EXIT_CONFIG
+    from controller.adapters.statedir import AlreadyRunning, InstanceLock
+    from controller.adapters.store import StoreError
     from controller.runtime.daemon import Daemon
+
+    try:
+        # Before anything touches the state database, the admin socket or the broker.
+        lock = InstanceLock.acquire(cfg.site.state_dir)
+    except AlreadyRunning as e:
+        log.critical("rigd_already_running", state_dir=str(e.state_dir), pid=e.pid)
+        print(f"rigd: {e}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    except StoreError as e:
+        return _state_unusable(e, cfg)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -103,17 +124,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             stop.set()
             await notifying
 
-    from controller.adapters.store import StoreError
-
     try:
         eventloop.run(main())
     except StoreError as e:
-        log.critical(
-            "state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir)
-        )
-        print(f"rigd: {e}", file=sys.stderr)
-        return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
+        return _state_unusable(e, cfg)
+    finally:
+        lock.release()
     return 0
+
+
+def _state_unusable(e: StoreError, cfg: Config) -> int:
+    """Log and print a StoreError at start; its exit status."""
+    log.critical("state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir))
+    print(f"rigd: {e}", file=sys.stderr)
+    return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
 
 
 # -- rigd sim ---------------------------------------------------------------------------------
@@ -280,7 +304,7 @@ def farm_args(sp: argparse.ArgumentParser, *, mix: str = "luxos") -> None:
         default=mix,
         metavar="DIALECTS",
         help="firmware of the rigs, taken in turn: comma-separated from luxos, antminer, "
-        f"whatsminer, whatsminer-v3, braiins (default {mix})",
+        f"whatsminer, whatsminer-v3, braiins, avalon, epic, vnish (default {mix})",
     )
 
 
@@ -289,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rigd",
         description="Keeps a mining farm inside its electricity budget.",
     )
+    version_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(sp: argparse.ArgumentParser) -> None:
@@ -371,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated farm, an MQTT broker inside the process (unless --broker) "
         "and the daemon, and show the farm live until Ctrl-C.",
     )
-    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins")
+    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins,avalon,epic,vnish")
     sp.add_argument("--broker", metavar="URL", help="use this broker instead of the built-in one")
     sp.add_argument("--duration", type=_positive, help="stop after this many (wall) seconds")
     sp.add_argument("--speed", type=_positive, default=10.0, help="farm clock speed (default 10)")
@@ -418,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/grid-protocol.schema.json is this output).",
     )
     sp.set_defaults(func=cmd_grid_schema)
+    backup_cli.add_parser(sub, config_arg)
     return p
 
 

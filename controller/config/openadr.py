@@ -8,26 +8,13 @@ secret, may name a systemd credential: `client_secret = { credential = "vtn-secr
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from controller.config.credentials import file_or_credential, secret_or_credential
+from controller.config.fields import OptionalFile, Secret, Strict
 
-_Secret = Annotated[SecretStr, BeforeValidator(secret_or_credential)]
-_OptionalFile = Annotated[Path | None, BeforeValidator(file_or_credential)]
 # OpenADR's own limits: names and targets are 1-128 characters.
 _Name = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -45,18 +32,18 @@ def _http_url(v: str, what: str) -> str:
     return v
 
 
-class OpenADRConfig(BaseModel):
-    """An OpenADR 3.1 VTN whose events cap the site (docs/openadr.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class OpenADRConfig(Strict):
+    """An OpenADR 3.1 VTN whose events cap the site (docs/openadr.md). Strict like every
+    section (`fields.Strict`); that it needs an enabled `[control]` is checked with the
+    other checks that span sections (`checks.py`)."""
 
     enabled: bool = True
     vtn_url: str  # the VTN's REST base URL, e.g. https://vtn.example-grid.com/openadr3/3.1.0
     client_id: _Name  # OAuth2 client credentials, provisioned by the utility at enrolment
-    client_secret: _Secret
+    client_secret: Secret
     token_url: str | None = None  # default: the VTN's GET /auth/server
     scope: str | None = None  # OAuth2 scope to ask for, if the utility's server wants one
-    ca_file: _OptionalFile = None  # https: the VTN's CA bundle; system CAs when unset
+    ca_file: OptionalFile = None  # https: the VTN's CA bundle; system CAs when unset
     ven_name: _Name  # found (GET /vens?venName=) or registered (POST /vens)
     resource_name: _Name | None = None  # the site's resource; default the site id
     targets: list[_Name] = Field(default_factory=list)  # more targets this VEN answers to
@@ -75,7 +62,7 @@ class OpenADRConfig(BaseModel):
     resync_interval_s: float = Field(600, ge=10)  # with MQTT: read them over REST anyway
     timeout_s: float = Field(10, gt=0, le=120)  # one REST request
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
-    mqtt_ca_file: _OptionalFile = None  # mqtts to the VTN's broker: its CA; system CAs unset
+    mqtt_ca_file: OptionalFile = None  # mqtts to the VTN's broker: its CA; system CAs unset
 
     @field_validator("vtn_url")
     @classmethod
@@ -113,17 +100,3 @@ class OpenADRConfig(BaseModel):
         if self.timeout_s >= self.poll_interval_s:
             raise ValueError("timeout_s must be shorter than poll_interval_s")
         return self
-
-
-def _needs_control(v: OpenADRConfig | None, info: ValidationInfo) -> OpenADRConfig | None:
-    """OpenADR events are obeyed by the control loop: an enabled [control] is required."""
-    if v is None or not v.enabled:
-        return v
-    control: Any = info.data.get("control")
-    if control is None or not getattr(control, "enabled", False):
-        raise ValueError("OpenADR events need an enabled [control] section to obey them")
-    return v
-
-
-# The `Config.openadr` field's type: declared after `control` so the check can see it.
-OpenADRField = Annotated[OpenADRConfig | None, AfterValidator(_needs_control)]

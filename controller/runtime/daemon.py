@@ -291,6 +291,14 @@ class Daemon:
         )
         return notes
 
+    async def set_poll_timeouts(self, timeout_s: float, retries: int) -> None:
+        """Read devices with these timeouts from the next cycle on, keeping all state: the
+        demo widens them when it slows its farm clock (controller/demo_pace.py)."""
+        poll = self.source_cfg.poll.model_copy(update={"timeout_s": timeout_s, "retries": retries})
+        async with self._cycle_lock:
+            await self._swap(self.source_cfg.model_copy(update={"poll": poll}))
+        log.info("poll_timeouts_changed", timeout_s=timeout_s, retries=retries)
+
     async def _swap(self, source: Config) -> None:
         """Run on `source` (found miners resolved) from the next cycle, keeping all state.
 
@@ -515,6 +523,12 @@ class Daemon:
             log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
         await self.exports.start()
         discovering = asyncio.create_task(self._discover_loop(stop), name="discovery")
+        # Grid progress reports on their own timer, not once a cycle.
+        reporting = (
+            asyncio.create_task(self.grid.run_reports(self.clock, stop), name="grid-reports")
+            if self.grid is not None
+            else None
+        )
         if self.openadr is not None:
             self.openadr.start()
         try:
@@ -540,21 +554,54 @@ class Daemon:
                 kick = self.grid.kick if self.grid is not None else None
                 kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
         finally:
-            log.info("rigd_stopping", site=self.cfg.site.id)
-            discovering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await discovering
-            await admin.stop()
-            if self.openadr is not None:
-                await self.openadr.stop()
-            await self.exports.stop()
-            if self.controller is not None:
-                await self.controller.close()
-            await self.link.close(link_task)
-            await self.devices.close()
+            await self._stop([discovering, reporting], admin, link_task)
+
+    async def _stop(
+        self,
+        tasks: list[asyncio.Task[None] | None],
+        admin: AdminServer,
+        link_task: asyncio.Task[None],
+    ) -> None:
+        """The clean stop: every step is taken even if one before it fails, so a stopped
+        rigd always says `offline` (a clean disconnect sends no Last Will), leaves no
+        admin socket behind and closes the state database (no -wal file left)."""
+
+        async def close_store() -> None:
             if self.store is not None:
                 self.store.close()
-            log.info("rigd_stopped", site=self.cfg.site.id)
+
+        async def close_controller() -> None:
+            if self.controller is not None:
+                await self.controller.close()
+
+        async def stop_openadr() -> None:
+            if self.openadr is not None:
+                await self.openadr.stop()
+
+        async def end_tasks() -> None:  # discovery and the grid's report timer
+            for task in tasks:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("tasks", end_tasks),
+            ("admin", admin.stop),
+            ("openadr", stop_openadr),  # its reports wait in the outbox, in the state db
+            ("exports", self.exports.stop),
+            ("control", close_controller),  # commands in flight land first
+            ("mqtt", lambda: self.link.close(link_task)),  # then `offline`, retained
+            ("devices", self.devices.close),
+            ("state_db", close_store),
+        ]
+        log.info("rigd_stopping", site=self.cfg.site.id)
+        for name, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("stop_step_failed", step=name)
+        log.info("rigd_stopped", site=self.cfg.site.id)
 
 
 async def _sleep_or_stop(

@@ -20,7 +20,6 @@ import contextlib
 import gc
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
@@ -30,6 +29,7 @@ from controller.core.planner import Action, ActionKind
 from controller.core.status import ActionResult
 from controller.runtime.clock import Stopwatch
 from controller.runtime.devices import Devices
+from drivers.base import PduDriver
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
 log = structlog.get_logger(__name__)
@@ -108,7 +108,7 @@ class Executor:
             if info is None or info.outlet is None:
                 raise DeviceError("rig has no PDU outlet", device=a.rig_id, operation=a.kind)
             pdu_id, number = info.outlet
-            pdu: Any = self.devices.pdus[pdu_id]
+            pdu: PduDriver = self.devices.pdus[pdu_id]
             await pdu.set_outlet(number, "off" if a.kind is ActionKind.OUTLET_OFF else "on")
             return
         miner = self.devices.miners[a.rig_id]

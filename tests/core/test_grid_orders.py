@@ -446,10 +446,11 @@ def test_heartbeats_must_be_signed_where_orders_must_be(tmp_path: Path) -> None:
     cfg = parse_config(BASE.format(state=tmp_path / "s2") + grid_toml(op) + hb, environ={})
     svc = GridService(cfg, StateStore.open(cfg.site.state_dir), None, now=lambda: clock[0])
     assert not svc.handle_heartbeat(b'{"seq": 1}')  # plain: could be anyone
-    assert not svc.handle_heartbeat(Operator.new().sign({"iat": NOW}))  # unknown key
-    assert svc.handle_heartbeat(op.sign({"iat": NOW, "seq": 1}))
-    assert not svc.handle_heartbeat(op.sign({"iat": NOW - 1}))  # older than the last: replay
-    assert not svc.handle_heartbeat(op.sign({"iat": NOW - 500}))  # stale
+    beat = {"kind": "heartbeat"}
+    assert not svc.handle_heartbeat(Operator.new().sign({**beat, "iat": NOW}))  # unknown key
+    assert svc.handle_heartbeat(op.sign({**beat, "iat": NOW, "seq": 1}))
+    assert not svc.handle_heartbeat(op.sign({**beat, "iat": NOW - 1}))  # older: a replay
+    assert not svc.handle_heartbeat(op.sign({**beat, "iat": NOW - 500}))  # stale
     assert svc.book.failsafe.heartbeats == 1
 
 

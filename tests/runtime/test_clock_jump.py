@@ -33,7 +33,7 @@ from controller.runtime.clock import StepGuard
 from controller.runtime.daemon import Daemon
 from controller.runtime.grid_service import grid_rules
 from simulators.clock import SteppedWall
-from simulators.farm import Mode as RigMode
+from simulators.farm import RigMode
 from tests.adapters.test_store_faults import fill_disk, free_disk, on_disk
 from tests.grid_helpers import order, plain
 from tests.sim_harness import START, OfflineLink, SimHarness

@@ -17,7 +17,7 @@ from controller.errors import ManualRefused
 from controller.runtime import control as control_mod
 from controller.runtime.daemon import Daemon
 from simulators.clock import ManualClock
-from simulators.farm import Mode as RigMode
+from simulators.farm import RigMode
 from simulators.site import SimSite
 
 

@@ -40,8 +40,7 @@ from controller.runtime.daemon import Daemon
 from controller.runtime.devices import build_devices
 from drivers.errors import DeviceError
 from simulators.clock import ScaledClock
-from simulators.farm import Farm
-from simulators.farm import Mode as RigMode
+from simulators.farm import Farm, RigMode
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, running, watch
 from tests.grid_helpers import Operator, grid_toml, order
