@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import ConfigError, parse_config
+from controller.config import ConfigError, parse_config, summarize
 
 BASE = """
 [site]
@@ -53,3 +53,30 @@ def test_bad_openadr_sections(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(text, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert any(i.path == where for i in e.value.issues), e.value.issues
+
+
+def test_openadr_is_typed_strictly_and_overridable_from_the_environment(tmp_path: Path) -> None:
+    """Strict like every section: a quoted number in the file is refused; the environment
+    (always text) gives numbers as numbers (controller/config/environment.py)."""
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    (tmp_path / "vtn-secret").write_text("s3cret")
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE + OADR + 'respond_within_s = "30"\n', environ=env)
+    assert [i.path for i in e.value.issues] == ["openadr.respond_within_s"]
+    cfg = parse_config(BASE + OADR, environ={**env, "RIGD_OPENADR__RESPOND_WITHIN_S": "30"})
+    assert cfg.openadr is not None and cfg.openadr.respond_within_s == 30
+
+
+def test_check_config_summary_and_missing_files(tmp_path: Path) -> None:
+    """`rigd check-config` prints the VEN in its summary, and refuses a CA file that is
+    not there (a typo would otherwise surface as a VEN that cannot connect)."""
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    (tmp_path / "vtn-secret").write_text("s3cret")
+    cfg = parse_config(BASE + OADR, environ=env)
+    assert "OpenADR 3.1 VEN 'rigd-s1' of VTN https://vtn.example-grid.com" in summarize(cfg)
+    text = BASE + OADR + f"ca_file = {str(tmp_path / 'nowhere.pem')!r}\n"
+    assert parse_config(text, environ=env).openadr is not None  # the daemon only warns
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, environ=env, check_files=True)
+    assert [i.path for i in e.value.issues] == ["openadr.ca_file"]
+    assert e.value.issues[0].line == BASE.count("\n") + OADR.count("\n") + 1
