@@ -192,7 +192,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 vtn = make_vtn(args.site, args.broker, now=time.time, port=args.vtn_port)
                 await vtn.start()
                 program = await UtilityScript(vtn).program()
-                oadr_toml = openadr_toml(vtn, args.site)
+                # reports every 10 s (or each poll): a simulated site shows them soon
+                oadr_toml = openadr_toml(vtn, args.site, report_interval_s=max(10.0, args.interval))
             text = site.config_toml(
                 site_id=args.site,
                 broker_url=args.broker,
