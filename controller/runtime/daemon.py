@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 STARVED_SHARE = 0.5  # of the poll timeout: a read timed out this late was the host's fault
 STARVED_MISSES = 3  # such timeouts in a row that keep a rig's last reading, at most
+STARVED_WHY = "timed out while this host could not run rigd"
 
 
 SnapshotHook = Callable[[CycleResult], Awaitable[None] | None]
@@ -131,24 +132,30 @@ class Daemon:
     ) -> None:
         was = health.reachable
         async with self._sem:
-            lag = self._lag
-            before = lag.late_s if lag is not None else 0.0
-            try:
-                reading = await asyncio.wait_for(call(), self._guard_s)
-            except DeviceError as e:
-                starved = kind == "miner" and _timed_out(e)
-                if not (starved and self._host_starved(dev_id, before)):
+            for again in (False, True):
+                before = self._lag.late_s if self._lag is not None else 0.0
+                try:
+                    reading = await asyncio.wait_for(call(), self._guard_s)
+                except DeviceError as e:
+                    if _timed_out(e) and self._starved_since(before):
+                        # The host's fault, not the device's (see `_starved_since`).
+                        if kind == "meter" and not again:
+                            log.info("meter_read_again", device=dev_id, why=STARVED_WHY)
+                            continue
+                        if kind == "miner" and self._keep_last(dev_id):
+                            break
                     self._starved.pop(dev_id, None)
                     failed(e)
-            except TimeoutError as e:
-                failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
-                log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
-            except Exception as e:  # a driver bug must not stop the farm's control
-                failed(e)
-                log.exception("driver_error", kind=kind, device=dev_id)
-            else:
-                self._starved.pop(dev_id, None)
-                ok(reading)
+                except TimeoutError as e:
+                    failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
+                    log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
+                except Exception as e:  # a driver bug must not stop the farm's control
+                    failed(e)
+                    log.exception("driver_error", kind=kind, device=dev_id)
+                else:
+                    self._starved.pop(dev_id, None)
+                    ok(reading)
+                break
         # Log changes only: a farm of thousands of rigs must not log every first contact.
         if health.reachable is False and was is not False:
             # A rig behind an outlet known to be off is silent by design, not a fault.
@@ -164,23 +171,27 @@ class Daemon:
         elif health.reachable and was is False:
             log.info("device_recovered", kind=kind, device=dev_id)
 
-    def _host_starved(self, dev_id: str, late_before: float) -> bool:
+    def _starved_since(self, late_before: float) -> bool:
         """Whether a read that timed out did so because this host could not run us.
 
         On a host whose cores are busy (an edge host rarely is idle) the event loop comes
-        round late, and a reply that arrived in time is read after its timeout has fired:
-        the rig is not silent, the host was. A timeout during which the loop ran late by
-        at least half the poll timeout keeps the rig's last reading (it ages as usual)
-        instead of marking it unreachable, at most `STARVED_MISSES` times in a row: a rig
-        that really went silent on a host that stays starved is marked all the same. Rigs
-        only: a meter or PDU that times out is never trusted on an old reading."""
+        round late, and a reply that arrived in time is read after its timeout has fired
+        (the timeout's callback runs in the same turn and cancels the read): the device is
+        not silent, the host was. That is a timeout during which the loop ran late by at
+        least half the poll timeout. The import meter is then read again at once (control
+        needs its import now, never an old one); a rig keeps its last reading instead of
+        turning unreachable (`_keep_last`); a PDU fails as usual."""
         lag = self._lag
-        if lag is None or lag.late_s - late_before < STARVED_SHARE * self._timeout_s:
-            return False
-        misses = self._starved.get(dev_id, 0) + 1
+        return lag is not None and lag.late_s - late_before >= STARVED_SHARE * self._timeout_s
+
+    def _keep_last(self, rig_id: str) -> bool:
+        """At most `STARVED_MISSES` starved timeouts in a row keep a rig's last reading (it
+        ages as usual): a rig that really went silent on a host that stays starved is
+        marked unreachable all the same."""
+        misses = self._starved.get(rig_id, 0) + 1
         if misses > STARVED_MISSES:
             return False
-        self._starved[dev_id] = misses
+        self._starved[rig_id] = misses
         self._starved_reads += 1
         return True
 
@@ -212,7 +223,7 @@ class Daemon:
                 "poll_starved",
                 devices=self._starved_reads,
                 loop_late_s=round(lag.late_s, 2),
-                why="timed out while this host could not run rigd; last readings kept",
+                why=STARVED_WHY + "; their last readings kept",
             )
         if rigs and not cut:
             if not self._polled_all and self._settle_gc:

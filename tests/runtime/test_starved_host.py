@@ -58,11 +58,15 @@ async def test_timeouts_while_the_loop_was_starved_keep_the_rigs(tmp_path: Path)
             for server in site.fleet.servers.values():
                 server.slow_s = SLOW_S
                 await server.set_fault("slow")
+            site.meter.slow_s, site.meter.fault = SLOW_S, "slow"
             with capture_logs() as logs:
                 for _ in range(STARVED_MISSES):
                     await _poll_starved(d, 3 * TIMEOUT_S)
             health = [d.state.rig_health(r) for r in site.farm.rigs]
             assert all(h.reachable for h in health), [h.last_error for h in health]
+            # The meter is never trusted on an old reading: read again at once, it answered.
+            assert d.state.meter_health("meter-main").reachable
+            assert sum(e["event"] == "meter_read_again" for e in logs) == STARVED_MISSES
             starved = [e for e in logs if e["event"] == "poll_starved"]
             assert len(starved) == STARVED_MISSES and starved[0]["devices"] == 3
 
