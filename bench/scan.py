@@ -1,8 +1,9 @@
 """How long `rigctl scan` takes over a farm subnet: 1,024 addresses, 200 of them miners.
 
-The simulated miners (all five firmware dialects, in turn) run in their own process, each
+The simulated miners (all eight firmware dialects, in turn) run in their own process, each
 on its own loopback address and real ports, as a farm LAN looks to the scanner. The scan
-runs here, as `rigctl scan` runs it. Run: `python -m bench.scan [--rigs N] [--json FILE]`.
+runs here, as `rigctl scan` runs it.
+Run: `python -m bench.scan [--rigs N] [--mix A,B] [--json FILE]`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from pathlib import Path
 
 from controller.adapters.discovery import addresses, scan
 
-MIX = "luxos,antminer,whatsminer,whatsminer-v3,braiins"
+MIX = "luxos,antminer,whatsminer,whatsminer-v3,braiins,avalon,epic,vnish"
 
 
-def _start_farm(rigs: int, subnet: str) -> subprocess.Popen[str]:
+def _start_farm(rigs: int, subnet: str, mix: str = MIX) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "controller.cli.rigd", "sim", "--rigs", str(rigs), "--pdus", "4",
-         "--subnet", subnet, "--mix", MIX, "--log-level", "warning"],
+         "--subnet", subnet, "--mix", mix, "--log-level", "warning"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert proc.stdout is not None
@@ -55,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subnet", default="127.60.0.0/22", help="loopback only (1,024 addresses)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1.0, help="per address, as rigctl's")
+    p.add_argument("--mix", default=MIX, help=f"firmware dialects, in turn (default {MIX})")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if not args.subnet.startswith("127."):
         p.error("benchmarks stay on loopback: --subnet must be inside 127.0.0.0/8")
     hosts = addresses([args.subnet])
-    farm = _start_farm(args.rigs, args.subnet)
+    farm = _start_farm(args.rigs, args.subnet, args.mix)
     try:
         runs = [asyncio.run(_scan_once(hosts, args.timeout)) for _ in range(args.runs)]
     finally:
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "addresses": len(hosts),
         "rigs": args.rigs,
+        "mix": args.mix,
         "found": sum(kinds.values()),
         "found_by_driver": dict(sorted(kinds.items())),
         "scan_s_median": round(statistics.median(times), 3),

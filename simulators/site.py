@@ -247,10 +247,13 @@ class SimSite:
                 rows.append(f"web_port = {web.port}")
             if web.low_power_w is not None:
                 rows.append(f"low_power_w = {web.low_power_w:g}  # measured on its outlet")
-        elif driver == "braiins" and rig_id in self.braiins_rest.servers:
-            rest = self.braiins_rest.servers[rig_id]
-            if rest.port != braiins.DEFAULT_PORT:
+        elif driver == "braiins":
+            rest = self.braiins_rest.servers.get(rig_id)  # none before BOS 25.07
+            if rest is not None and rest.port != braiins.DEFAULT_PORT:
                 rows.append(f"web_port = {rest.port}")
+            grpc = self.braiins_grpc.servers.get(rig_id)
+            if grpc is not None and grpc.port != braiins_grpc.DEFAULT_PORT:
+                rows.append(f"grpc_port = {grpc.port}")
         rows += self.families.miner_rows(rig_id)
         return rows
 

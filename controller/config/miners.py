@@ -76,6 +76,9 @@ class _AntminerFields(Strict):
 
 class _BraiinsFields(Strict):
     web_port: Port = braiins.DEFAULT_REST_PORT  # the REST API
+    # The public gRPC API: the only control of releases before 25.07 (no REST API), and
+    # what the driver asks the API version of to choose between the two.
+    grpc_port: Port = braiins.DEFAULT_GRPC_PORT
 
 
 class _AvalonFields(Strict):
@@ -138,7 +141,7 @@ class BraiinsConfig(_BraiinsFields, _Driver):
     driver: Literal["braiins"] = "braiins"
 
     def for_driver(self, poll_interval_s: float) -> registry.MinerSettings:
-        return registry.BraiinsSettings(web_port=self.web_port)
+        return registry.BraiinsSettings(web_port=self.web_port, grpc_port=self.grpc_port)
 
 
 class AvalonConfig(_AvalonFields, _Driver):
@@ -175,7 +178,7 @@ class WhatsminerConfig(_WhatsminerFields, _Driver):
         )
 
 
-class AutoConfig(_LuxOSFields, _AntminerFields, _WhatsminerFields, _Driver):
+class AutoConfig(_LuxOSFields, _AntminerFields, _BraiinsFields, _WhatsminerFields, _Driver):
     """A range to scan takes every driver's settings: each miner found keeps its kind's."""
 
     converts_to = None

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from controller.adapters import autodiscover
+from controller.adapters import autodiscover, patience
 from controller.adapters.admin import AdminServer
 from controller.adapters.discovery import Found
 from controller.adapters.mqtt import MqttLink
@@ -35,9 +35,13 @@ from controller.runtime.exports import Exports
 from controller.runtime.grid_service import GridService
 from controller.runtime.openadr_service import OpenADRService, grid_config_for_openadr
 from controller.runtime.state import SiteState
-from drivers.errors import DeviceError
+from drivers.errors import DeviceError, DeviceTimeout
 
 log = structlog.get_logger(__name__)
+
+STARVED_SHARE = 0.5  # of the poll timeout: a read timed out this late was the host's fault
+STARVED_MISSES = 3  # such timeouts in a row that keep a rig's last reading, at most
+STARVED_WHY = "timed out while this host could not run rigd"
 
 
 SnapshotHook = Callable[[CycleResult], Awaitable[None] | None]
@@ -50,6 +54,11 @@ class _Reader(Protocol):
 _Sink = Callable[..., None]
 _HealthOf = Callable[[str], Health]
 _Job = tuple[str, str, _Reader, _Sink, _Sink, _HealthOf]  # kind, id, driver, ok, failed, health
+
+
+def _timed_out(e: DeviceError) -> bool:
+    """A timeout of ours, waiting for a reply or for a connection (a refusal is not)."""
+    return isinstance(e, DeviceTimeout) or isinstance(e.__cause__, TimeoutError)
 
 
 class Daemon:
@@ -89,6 +98,10 @@ class Daemon:
         self._polled_all = False  # every device read once: a cycle may then skip the rigs
         self.snapshot: SiteSnapshot | None = None
         self.last: CycleResult | None = None
+        # Reads that timed out while the host starved the loop (see `_host_starved`).
+        self._lag: patience.LoopLag | None = None
+        self._starved: dict[str, int] = {}
+        self._starved_reads = 0
         # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
         self.controller = self._make_controller(cfg)
         self.grid: GridService | None = None
@@ -130,18 +143,30 @@ class Daemon:
     ) -> None:
         was = health.reachable
         async with self._sem:
-            try:
-                reading = await asyncio.wait_for(call(), self._guard_s)
-            except DeviceError as e:
-                failed(e)
-            except TimeoutError as e:
-                failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
-                log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
-            except Exception as e:  # a driver bug must not stop the farm's control
-                failed(e)
-                log.exception("driver_error", kind=kind, device=dev_id)
-            else:
-                ok(reading)
+            for again in (False, True):
+                before = self._lag.late_s if self._lag is not None else 0.0
+                try:
+                    reading = await asyncio.wait_for(call(), self._guard_s)
+                except DeviceError as e:
+                    if _timed_out(e) and self._starved_since(before):
+                        # The host's fault, not the device's (see `_starved_since`).
+                        if kind == "meter" and not again:
+                            log.info("meter_read_again", device=dev_id, why=STARVED_WHY)
+                            continue
+                        if kind == "miner" and self._keep_last(dev_id):
+                            break
+                    self._starved.pop(dev_id, None)
+                    failed(e)
+                except TimeoutError as e:
+                    failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
+                    log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
+                except Exception as e:  # a driver bug must not stop the farm's control
+                    failed(e)
+                    log.exception("driver_error", kind=kind, device=dev_id)
+                else:
+                    self._starved.pop(dev_id, None)
+                    ok(reading)
+                break
         # Log changes only: a farm of thousands of rigs must not log every first contact.
         if health.reachable is False and was is not False:
             # A rig behind an outlet known to be off is silent by design, not a fault.
@@ -157,6 +182,30 @@ class Daemon:
         elif health.reachable and was is False:
             log.info("device_recovered", kind=kind, device=dev_id)
 
+    def _starved_since(self, late_before: float) -> bool:
+        """Whether a read that timed out did so because this host could not run us.
+
+        On a host whose cores are busy (an edge host rarely is idle) the event loop comes
+        round late, and a reply that arrived in time is read after its timeout has fired
+        (the timeout's callback runs in the same turn and cancels the read): the device is
+        not silent, the host was. That is a timeout during which the loop ran late by at
+        least half the poll timeout. The import meter is then read again at once (control
+        needs its import now, never an old one); a rig keeps its last reading instead of
+        turning unreachable (`_keep_last`); a PDU fails as usual."""
+        lag = self._lag
+        return lag is not None and lag.late_s - late_before >= STARVED_SHARE * self._timeout_s
+
+    def _keep_last(self, rig_id: str) -> bool:
+        """At most `STARVED_MISSES` starved timeouts in a row keep a rig's last reading (it
+        ages as usual): a rig that really went silent on a host that stays starved is
+        marked unreachable all the same."""
+        misses = self._starved.get(rig_id, 0) + 1
+        if misses > STARVED_MISSES:
+            return False
+        self._starved[rig_id] = misses
+        self._starved_reads += 1
+        return True
+
     async def poll_cycle(self, *, rigs: bool = True) -> SiteSnapshot:
         """Read every device (`rigs` False: the meters only, the rigs' last readings kept)."""
         st, devs = self.state, self.devices
@@ -171,10 +220,23 @@ class Daemon:
         for kind, drivers, ok, failed, health in kinds:
             for dev_id, driver in drivers.items():
                 jobs.append((kind, dev_id, driver, ok, failed, health))
-        if await self._read_all(jobs, ts, stop_on_kick=rigs and self._polled_all):
-            # Cut short by a grid order: decide on a fresh import reading all the same.
-            await self._read_all([j for j in jobs if j[0] == "meter"], ts)
-        elif rigs:
+        self._starved_reads = 0
+        async with patience.LoopLag() as lag:
+            self._lag = lag
+            try:
+                cut = await self._read_all(jobs, ts, stop_on_kick=rigs and self._polled_all)
+                if cut:  # by a grid order: decide on a fresh import reading all the same
+                    await self._read_all([j for j in jobs if j[0] == "meter"], ts)
+            finally:
+                self._lag = None
+        if self._starved_reads:
+            log.warning(
+                "poll_starved",
+                devices=self._starved_reads,
+                loop_late_s=round(lag.late_s, 2),
+                why=STARVED_WHY + "; their last readings kept",
+            )
+        if rigs and not cut:
             if not self._polled_all and self._settle_gc:
                 eventloop.settle_gc()  # drivers, state and a first reading of every rig
             self._polled_all = True
@@ -405,6 +467,7 @@ class Daemon:
         self._concurrency = cfg.poll.concurrency
         # A driver has its own timeout and retries; this guard only catches a driver bug.
         self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
+        self._timeout_s = cfg.poll.timeout_s
 
     def _saved_mark(self) -> object:
         return self.store.get("clock.mark") if self.store is not None else None

@@ -22,7 +22,9 @@ from simulators.clock import ScaledClock
 from simulators.site import SimSite
 
 SITE = '[site]\nid = "s"\n'
-MIX = ("luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins")
+MIX = (
+    "luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "epic", "vnish",
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -70,9 +72,12 @@ def test_auto_is_for_ranges_and_takes_every_kind_of_setting() -> None:
         parse_config(SITE + '[[miners]]\nid = "r"\nhost = "127.0.0.1"\ndriver = "auto"\n')
     cfg = parse_config(
         SITE + '[[miners]]\nrange = "127.0.0.1-3"\ndriver = "auto"\nlow_power_w = 2300\n'
-        "power_max_w = 3400\nweb_port = 8080\n"
+        "power_max_w = 3400\nweb_port = 8080\ngrpc_port = 15051\n"
     )
     assert cfg.miners[0].driver == "auto" and cfg.miners[0].settings.low_power_w == 2300
+    auto = cfg.miners[0]
+    bos = auto.found_as("r1", "127.0.0.1", "braiins", 4028).driver_settings(10.0)
+    assert (bos.web_port, bos.grpc_port) == (8080, 15051)  # type: ignore[union-attr]
 
 
 async def test_daemon_finds_each_firmware_and_remembers_a_rig_switched_off(
@@ -84,8 +89,10 @@ async def test_daemon_finds_each_firmware_and_remembers_a_rig_switched_off(
         assert daemon.devices.miners == {}  # nothing known yet: nothing to poll
         assert await daemon.rediscover() is True
         assert {r.id: r.driver for r in daemon.devices.rigs} == site.dialects
+        assert set(site.dialects.values()) == set(MIX)  # all eight, each found as itself
         ports = {r.id: r.port for r in daemon.devices.rigs}
-        assert ports["rig-004"] == 4433 and ports["rig-001"] == 4028
+        assert ports["rig-004"] == 4433
+        assert {p for rid, p in ports.items() if rid != "rig-004"} == {4028}
         result = await daemon.cycle()
         assert result.document["rigs_total"] == 10  # 244 empty addresses are not rigs
         assert result.document["rigs"]["mining"] == 10

@@ -42,7 +42,9 @@ async def test_scan_finds_and_identifies(subnet_site: SimSite) -> None:
     lux = next(f for f in found if f.host == "127.0.88.1")
     assert lux.firmware == "LuxOS" and lux.driver == "luxos"
     assert lux.model == subnet_site.farm.rigs["rig-001"].model.name
-    assert took < 5.0  # 254 addresses, 234 of them empty
+    # 254 addresses, 234 of them empty: probed together, not one 0.5 s wait after another
+    # (127 s). Not a speed target (bench/scan.py has those): a busy host may be slow.
+    assert took < 30.0
 
 
 def _stall_each_turn(seconds: float, *, while_: Callable[[], bool]) -> None:

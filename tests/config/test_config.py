@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from controller.config import ConfigError, expand_range, load_config, locate_lines, parse_config
+from drivers import registry
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "config" / "example.toml"
@@ -294,6 +295,23 @@ driver = "braiins"
     assert (wm3.power_min_w, wm3.power_max_w) == (1800, 3400)
     assert rigs["wm3b"].port == 14433
     assert (rigs["bos"].port, rigs["bos"].settings.web_port) == (4028, 80)
+    assert rigs["bos"].driver_settings(10.0) == registry.BraiinsSettings(grpc_port=50051)
+
+
+def test_braiins_grpc_port_reaches_the_driver() -> None:
+    """Releases before 25.07 have only the gRPC API: a farm that forwards it elsewhere
+    (NAT, a port per rig) says so per row, and the driver dials that port."""
+    text = MINIMAL + 'driver = "braiins"\ngrpc_port = 15051\n'
+    (rig,) = parse_config(text, source="t.toml", environ={}).rigs()
+    settings = rig.miner.driver_settings(10.0)
+    assert settings == registry.BraiinsSettings(web_port=80, grpc_port=15051)
+    access = registry.MinerAccess(host="127.0.0.1", port=None)
+    driver = registry.KINDS["braiins"].build("bos", access, settings)
+    assert driver.rest.grpc.client.port == 15051  # type: ignore[attr-defined]
+    luxos = MINIMAL + "grpc_port = 15051\n"
+    msgs = [m for _, _, m in errors(luxos)]
+    assert any("`grpc_port` does not apply to driver 'luxos'" in m for m in msgs), msgs
+    assert any("driver braiins" in m for m in msgs), msgs
 
 
 def test_miner_driver_setting_errors_name_the_driver() -> None:

@@ -48,12 +48,17 @@ class Rig:
         self.clock.advance(seconds)
 
 
-async def start_site(dialect: str, rigs: int = 1, **kw: Any) -> tuple[SimSite, ManualClock]:
+async def start_site(
+    dialect: str, rigs: int = 1, *, prefixlen: int = 29, **kw: Any
+) -> tuple[SimSite, ManualClock]:
     """A site of `rigs` rigs taking the comma-separated `dialect`s in turn (one rig by
-    default) on a free loopback /29 (other test runs share the host)."""
+    default) on a free loopback /29 (/28 for up to 14 rigs: `prefixlen`; other test runs
+    share the host)."""
     last: OSError | None = None
+    size = 2 ** (32 - prefixlen)
     for _ in range(20):
-        subnet = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.0/29"
+        low = random.randrange(0, 256, size)
+        subnet = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}.{low}/{prefixlen}"
         # The farm's clock starts at the wall clock's time: clients stamp their requests
         # with it (API v3 Whatsminer tokens carry a `ts` the miner checks against its own).
         clock = ManualClock(float(int(time.time())))
