@@ -126,7 +126,9 @@ class Snmp(FloorClient):
     def __init__(self, community: str = "public", outlets: int = PDU_OUTLETS) -> None:
         super().__init__()
         oids = steady_oids(range(1, outlets + 1))
-        self.payload = snmp_wire.encode_request(snmp_wire.GET, 1, community, oids)
+        self.payload = snmp_wire.encode_request(
+            snmp_wire.GET, 1, community, snmp_wire.encode_binds(oids)
+        )
         self.sock: wire.Datagrams | None = None
 
     async def open(self, targets: list[Target]) -> None:
