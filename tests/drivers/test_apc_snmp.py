@@ -153,8 +153,7 @@ async def test_several_agents_share_one_engine_in_a_loop(clock: ManualClock) -> 
         loop = asyncio.get_running_loop()
         assert loop in snmp_v2c._SOCKETS  # one v2c socket for every PDU of the loop
         assert loop not in apc_snmp._REGISTRY  # and no pysnmp engine for v2c reads
-        v3 = [ApcPdu(a.pdu.id, a.host, a.port, timeout=1.0, retries=0, version="3", **V3)
-              for a in agents]  # fmt: skip
+        v3 = [driver(a, version="3", **V3) for a in agents]
         await asyncio.gather(*(d.read(ts=farm.now()) for d in v3))
         assert len(apc_snmp._REGISTRY[loop].slots) == 1
     finally:
