@@ -1,26 +1,35 @@
 """Driver for APC switched, outlet-metered rack PDUs (PowerNet-MIB rPDU2) over SNMP v2c or v3.
 
-A poll is one GETBULK for PDUs of up to about a dozen outlets: the device power and
-energy ride along as non-repeaters (a GETNEXT of each column lands on device row 1),
-and the outlet columns are the repeaters. Larger PDUs page on from the last row. SNMP
-costs the daemon about 0.8 ms of CPU per packet, so packets, not OIDs, are what to save.
+Two kinds of poll. The full walk (the first read, then every `walk_every_s` of poll time,
+and whenever a row went missing) GETBULKs every outlet column, names and numbers included:
+the device power and energy ride along as non-repeaters (a GETNEXT of each column lands on
+device row 1), the columns are the repeaters, and larger PDUs page on from the last row.
+Between walks a poll is one GET of what changes and what control needs: device power and
+energy, and each known row's state and power (`steady_oids`); names and numbers come from
+the last walk. Packets, not OIDs, are what to save, and so is decoding.
+
+Decoding is the cost: pysnmp/pyasn1 spend about 20 ms of CPU on one 24-outlet poll. So
+v2c reads are encoded and decoded by `drivers.snmp_wire` (the small BER subset a read
+needs) over one UDP socket per event loop, and pysnmp is kept for what needs it and is
+rare: SNMP v3 (USM authentication and privacy) and SETs.
 
 pysnmp engines are expensive (~80 ms to build) and bound to the event loop that first
 used them, so every driver in a loop shares one engine from a module-level registry;
-`close_engines()` closes them at shutdown. pysnmp reports timeouts and SNMP errors as
-return values; everything is translated into the typed errors of `drivers.errors` with
-the device and operation attached, and odd values ("-1 = unsupported", missing
-instances) become None rather than exceptions.
+`close_engines()` closes them (and the v2c socket) at shutdown. pysnmp reports timeouts
+and SNMP errors as return values; everything is translated into the typed errors of
+`drivers.errors` with the device and operation attached, and odd values ("-1 =
+unsupported", missing instances) become None rather than exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
+import operator
+import socket
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +56,7 @@ from pysnmp.hlapi.v3arch.asyncio import (
 )
 from pysnmp.proto import errind
 
+from drivers import snmp_v2c, snmp_wire
 from drivers.base import OutletAction
 from drivers.errors import (
     CommandRejected,
@@ -81,6 +91,19 @@ OUTLET_COLUMNS: tuple[Oid, ...] = (
     OUTLET_STATE,
     OUTLET_POWER,
 )
+
+
+def steady_oids(rows: Iterable[int]) -> list[Oid]:
+    """What a steady poll GETs: device power and energy, and each known row's state and
+    power. Names, outlet numbers and modules are configuration, read by the full walk."""
+    rows = list(rows)
+    return [
+        (*DEVICE_POWER, HOST_DEVICE),
+        (*DEVICE_ENERGY, HOST_DEVICE),
+        *((*OUTLET_STATE, r) for r in rows),
+        *((*OUTLET_POWER, r) for r in rows),
+    ]
+
 
 # Plausibility limits: a value beyond these is a misread unit or a broken card, not a load.
 MAX_DEVICE_POWER_W = 100_000.0  # a 3-phase 63 A rack PDU tops out near 44 kW
@@ -120,6 +143,17 @@ _PRIV_PROTOCOLS = {
     "AES256": config.USM_PRIV_CFB256_AES,
     "DES": config.USM_PRIV_CBC56_DES,
 }
+_MAX_GET_OIDS = 60  # var-binds per steady GET: 29 outlets a packet, well inside 1,472 bytes
+WALK_EVERY_S = 300.0  # poll time between full walks (names, numbers, rows)
+_CONFIG_COLUMNS = (OUTLET_MODULE, OUTLET_NAME, OUTLET_NUMBER)
+# RFC 3416 error-status names, as pysnmp prints them (for the same messages on both paths).
+_STATUS_NAMES = {
+    1: "tooBig", 2: "noSuchName", 3: "badValue", 4: "readOnly", 5: "genErr", 6: "noAccess",
+    7: "wrongType", 8: "wrongLength", 9: "wrongEncoding", 10: "wrongValue", 11: "noCreation",
+    12: "inconsistentValue", 13: "resourceUnavailable", 14: "commitFailed", 15: "undoFailed",
+    16: "authorizationError", 17: "notWritable", 18: "inconsistentName",
+}  # fmt: skip
+_ABSENT_MARKERS = (snmp_wire.NO_SUCH_OBJECT, snmp_wire.NO_SUCH_INSTANCE, snmp_wire.END_OF_MIB_VIEW)
 _MAX_BULK_PACKETS = 32  # a table needing more is an agent looping, not a big PDU
 _DEFAULT_REPETITIONS = 24
 _VERIFY_ATTEMPTS = 3
@@ -181,12 +215,14 @@ async def _engine_slot(user: str | None, credential: str) -> _EngineSlot:
 
 
 async def close_engines() -> None:
-    """Close the running loop's shared SNMP engines (their sockets and timers).
+    """Close the running loop's shared SNMP engines (their sockets and timers) and v2c socket.
 
     Requests still in flight then end in DeviceTimeout; a later request builds a new engine.
     """
+    snmp_v2c.close_socket()
     engines = _REGISTRY.pop(asyncio.get_running_loop(), None)
     if engines is None:
+        await asyncio.sleep(0)
         return
     for slot in engines.slots:
         slot.closed = True
@@ -201,8 +237,16 @@ async def close_engines() -> None:
 
 
 def is_absent(value: Any) -> bool:
-    """noSuchObject / noSuchInstance / endOfMibView, or nothing at all."""
-    return value is None or isinstance(value, NoSuchObject | NoSuchInstance | EndOfMibView)
+    """noSuchObject / noSuchInstance / endOfMibView (pysnmp's or `snmp_wire`'s), or nothing."""
+    if value is None or (isinstance(value, str) and value in _ABSENT_MARKERS):
+        return True
+    return isinstance(value, NoSuchObject | NoSuchInstance | EndOfMibView)
+
+
+def _end_of_view(value: Any) -> bool:
+    return isinstance(value, EndOfMibView) or (
+        isinstance(value, str) and value == snmp_wire.END_OF_MIB_VIEW
+    )
 
 
 def snmp_int(value: Any, *, device: str = "", what: str = "") -> int | None:
@@ -331,6 +375,84 @@ def decode_poll(device: str, ts: float, values: Mapping[Oid, Any]) -> DecodedPol
     return DecodedPoll(reading, rows)
 
 
+@dataclass(frozen=True, slots=True)
+class _SteadyPlan:
+    """The steady GET learnt from a walk: its OIDs (`steady_oids` of the host rows), cut
+    into packets and pre-encoded, and each outlet's number and name in row order."""
+
+    walk_ts: float
+    outlets: tuple[tuple[int, str], ...]  # (number, name), in the order of the rows
+    chunks: tuple[tuple[bytes, tuple[bytes, ...], tuple[Oid, ...]], ...]  # binds, names
+
+    @classmethod
+    def after_walk(cls, ts: float, decoded: DecodedPoll) -> _SteadyPlan:
+        by_row = sorted((row, number) for number, row in decoded.rows.items())
+        names = {o.number: o.name for o in decoded.reading.outlets}
+        oids = steady_oids(row for row, _ in by_row)
+        chunks = tuple(
+            (
+                snmp_wire.encode_binds(part),
+                tuple(snmp_wire.oid_body(o) for o in part),
+                tuple(part),
+            )
+            for part in (oids[i : i + _MAX_GET_OIDS] for i in range(0, len(oids), _MAX_GET_OIDS))
+        )
+        return cls(ts, tuple((n, names[n]) for _, n in by_row), chunks)
+
+
+_BY_NUMBER = operator.attrgetter("number")
+
+
+def _plain_int(value: Any, device: str, what: str) -> int | None:
+    """`snmp_int`, with the v2c path's plain ints let through first (the steady poll's
+    hot path)."""
+    if type(value) is int:
+        return None if value == UNSUPPORTED else value
+    return snmp_int(value, device=device, what=what)
+
+
+def steady_reading(
+    device: str, ts: float, outlets: Sequence[tuple[int, str]], values: Sequence[Any]
+) -> PduReading:
+    """A PduReading from the steady GET's values (`steady_oids` order: device power and
+    energy, the rows' states, the rows' powers) and the walk's (number, name) per row."""
+    n = len(outlets)
+    if len(values) != 2 + 2 * n:
+        raise MalformedReply(
+            f"{len(values)} values for {n} outlets", device=device, operation="read"
+        )
+    power_w = _scaled(_plain_int(values[0], device, "device power"), 10.0,
+                      MAX_DEVICE_POWER_W, device=device, what="device power W")  # fmt: skip
+    energy = _scaled(_plain_int(values[1], device, "device energy"), 0.1, MAX_ENERGY_KWH,
+                     device=device, what="device energy kWh")  # fmt: skip
+    readings = []
+    for k, (number, name) in enumerate(outlets):
+        state = values[2 + k]
+        if type(state) is not int:
+            state = snmp_int(state, device=device, what="outlet state")
+        if state != 1 and state != 2:
+            raise MalformedReply(
+                f"outlet {number} state {state!r}, expected off(1) or on(2)",
+                device=device,
+                operation="read",
+            )
+        watts = values[2 + n + k]
+        if type(watts) is not int or watts == UNSUPPORTED:
+            watts = snmp_int(watts, device=device, what="outlet power")
+        if watts is not None and not 0 <= watts <= MAX_OUTLET_POWER_W:
+            raise MalformedReply(
+                f"outlet {number} power W {watts:g} outside the plausible "
+                f"0..{MAX_OUTLET_POWER_W:g}",
+                device=device,
+                operation="read",
+            )
+        readings.append(
+            OutletReading(number, state == 2, name, None if watts is None else float(watts))
+        )
+    readings.sort(key=_BY_NUMBER)  # rows may run out of number order (NPS chains)
+    return PduReading(ts=ts, power_w=power_w, energy_kwh=energy, outlets=tuple(readings))
+
+
 def _under(oid: Oid, column: Oid) -> bool:
     return len(oid) > len(column) and oid[: len(column)] == column
 
@@ -340,12 +462,11 @@ def _under(oid: Oid, column: Oid) -> bool:
 
 @dataclass(eq=False)
 class _LoopState:
-    """What one driver needs per event loop: pysnmp objects and asyncio primitives
-    must not cross loops (a reused engine hangs, a semaphore raises)."""
+    """The pysnmp objects one driver needs per event loop: they must not cross loops (a
+    reused engine hangs). Only v3 and SETs build them."""
 
     slot: _EngineSlot
     target: Any
-    semaphore: asyncio.Semaphore
 
 
 class ApcPdu:
@@ -368,6 +489,7 @@ class ApcPdu:
         timeout: float = 2.0,
         retries: int = 1,
         max_in_flight: int = 2,
+        walk_every_s: float = WALK_EVERY_S,
     ) -> None:
         if version not in ("2c", "3"):
             raise ValueError(f"SNMP version must be '2c' or '3', got {version!r}")
@@ -384,6 +506,14 @@ class ApcPdu:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        # asyncio primitives must not cross loops either (a semaphore raises).
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._community = community
+        self._addr: tuple[str, int] | None = None  # resolved once, for the v2c socket
+        self._walk_every_s = walk_every_s
+        self._plan: _SteadyPlan | None = None  # the steady GET, learnt from the last walk
         self._rows: dict[int, int] = {}
         self._repetitions = _DEFAULT_REPETITIONS
         self._closed = False
@@ -422,12 +552,19 @@ class ApcPdu:
     # -- public API ----------------------------------------------------------------------
 
     async def read(self, ts: float) -> PduReading:
-        """Device power (W), energy (kWh) and every outlet, in as few packets as possible."""
-        async with self._slot("read") as state:
-            values = await self._poll(state)
-        decoded = decode_poll(self.device, ts, values)
+        """Device power (W), energy (kWh) and every outlet, in as few packets as possible:
+        one GET between full walks (see the module docstring)."""
+        async with self._gate("read"):
+            plan = self._plan
+            if plan is not None and 0.0 <= ts - plan.walk_ts < self._walk_every_s:
+                values = await self._steady(plan)
+                if values is not None:
+                    return steady_reading(self.device, ts, plan.outlets, values)
+            walked = await self._poll()
+        decoded = decode_poll(self.device, ts, walked)
         self._rows = dict(decoded.rows)
         self._repetitions = max(1, len(decoded.rows) + 1)
+        self._plan = _SteadyPlan.after_walk(ts, decoded) if decoded.rows else None
         return decoded.reading
 
     async def set_outlet(self, outlet: int, action: OutletAction) -> None:
@@ -443,7 +580,8 @@ class ApcPdu:
         operation = f"set_outlet {outlet} {action}"
         row = await self._row_of(outlet, operation)
         oid = (*OUTLET_COMMAND, row)
-        async with self._slot(operation) as state:
+        async with self._gate(operation):
+            state = await self._state(operation)
             reply = await self._request(
                 state,
                 operation,
@@ -468,16 +606,118 @@ class ApcPdu:
         """Forget this PDU. The shared engine stays up for the others: see close_engines()."""
         self._closed = True
         self._states = weakref.WeakKeyDictionary()
+        self._gates = weakref.WeakKeyDictionary()
 
     # -- internals -----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, operation: str) -> AsyncIterator[_LoopState]:
-        """Hold one of this PDU's in-flight slots: PDU network cards are slow and drop
-        bursts, so a PDU never sees more than max_in_flight requests at once."""
-        state = await self._state(operation)
-        async with state.semaphore:
-            yield state
+    def _gate(self, operation: str) -> asyncio.Semaphore:
+        """This PDU's in-flight slots, to hold around a request: PDU network cards are slow
+        and drop bursts, so a PDU never sees more than max_in_flight requests at once."""
+        if self._closed:
+            raise DeviceUnreachable("driver is closed", device=self.device, operation=operation)
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = asyncio.Semaphore(self._max_in_flight)
+        return gate
+
+    async def _steady(self, plan: _SteadyPlan) -> list[Any] | None:
+        """The steady GET's values in `plan.oids` order, or None when a row has gone or an
+        answer names other objects (time for a walk)."""
+        values: list[Any] = []
+        for binds, bodies, oids in plan.chunks:
+            if self.version == "3":
+                reply: Sequence[tuple[Any, Any]] = await self._read_request("read", oids)
+                names: Sequence[Any] = oids
+            else:
+                answer = await self._v2c("read", snmp_wire.GET, binds)
+                ints = snmp_wire.integer_template(oids).values(answer)
+                if ints is not None:  # the usual reply: checked and decoded in one go
+                    values += ints
+                    continue
+                reply = self._var_binds(answer, "read")
+                names = bodies
+            if len(reply) != len(names):
+                return None
+            for want, (name, value) in zip(names, reply, strict=True):
+                # v2c values are plain ints; anything else goes through is_absent
+                if name != want or (type(value) is not int and is_absent(value)):
+                    return None
+                values.append(value)
+        return values
+
+    async def _read_request(
+        self, operation: str, oids: Sequence[Oid], *, non_repeaters: int | None = None,
+        repetitions: int = 0,
+    ) -> list[VarBind]:  # fmt: skip
+        """A GET (or GETBULK, given `non_repeaters`): `snmp_wire` on v2c, pysnmp on v3."""
+        if self.version == "3":
+            state = await self._state(operation)
+            return await self._request(
+                state, operation, get_cmd if non_repeaters is None else bulk_cmd,
+                self._read_auth, *(ObjectType(ObjectIdentity(o)) for o in oids),
+                non_repeaters=non_repeaters, repetitions=repetitions,
+            )  # fmt: skip
+        binds = snmp_wire.encode_binds(list(oids))
+        reply = await self._v2c(
+            operation,
+            snmp_wire.GET if non_repeaters is None else snmp_wire.GETBULK,
+            binds,
+            non_repeaters=non_repeaters or 0,
+            repetitions=repetitions,
+        )
+        try:
+            return reply.decoded()  # type: ignore[return-value]
+        except snmp_wire.BerError as exc:
+            raise MalformedReply(
+                f"malformed var-binds: {exc}", device=self.device, operation=operation
+            ) from exc
+
+    def _var_binds(self, reply: snmp_wire.Reply, operation: str) -> list[tuple[bytes, Any]]:
+        try:
+            return reply.var_binds
+        except snmp_wire.BerError as exc:
+            raise MalformedReply(
+                f"malformed var-binds: {exc}", device=self.device, operation=operation
+            ) from exc
+
+    async def _v2c(
+        self, operation: str, pdu_type: int, binds: bytes, *, non_repeaters: int = 0,
+        repetitions: int = 0,
+    ) -> snmp_wire.Reply:  # fmt: skip
+        """One v2c read over the loop's shared socket, its error status raised."""
+        try:
+            reply = await snmp_v2c.exchange(
+                self._addr or await self._address(operation), pdu_type, self._community,
+                binds, wait_s=self._timeout, retries=self._retries, device=self.device,
+                operation=operation, non_repeaters=non_repeaters, max_repetitions=repetitions,
+            )  # fmt: skip
+        except DeviceTimeout:
+            raise self._timeout_error(operation) from None
+        if reply.error_status:
+            name = _STATUS_NAMES.get(reply.error_status, f"error {reply.error_status}")
+            try:
+                found: list[Any] = reply.decoded()
+            except snmp_wire.BerError:
+                found = []
+            raise self._status_error(name, reply.error_index, found, operation, False)
+        return reply
+
+    async def _address(self, operation: str) -> tuple[str, int]:
+        if self._addr is None:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    self.host, self.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+                )
+            except OSError as exc:
+                raise DeviceUnreachable(
+                    f"cannot resolve {self.host}:{self.port}: {exc}",
+                    device=self.device,
+                    operation=operation,
+                ) from exc
+            host, port = infos[0][4][:2]
+            self._addr = (str(host), int(port))
+        return self._addr
 
     async def _state(self, operation: str) -> _LoopState:
         if self._closed:
@@ -500,11 +740,11 @@ class ApcPdu:
         current = self._states.get(loop)
         if current is not None and not current.slot.closed:
             return current  # a concurrent first request got there while this one awaited
-        state = _LoopState(slot, target, asyncio.Semaphore(self._max_in_flight))
+        state = _LoopState(slot, target)
         self._states[loop] = state
         return state
 
-    async def _poll(self, state: _LoopState) -> dict[Oid, Any]:
+    async def _poll(self) -> dict[Oid, Any]:
         """GETBULK the outlet columns, with the two device scalars as non-repeaters."""
         operation = "read"
         values: dict[Oid, Any] = {}
@@ -514,12 +754,9 @@ class ApcPdu:
         non_repeaters: tuple[Oid, ...] = scalars
         for _ in range(_MAX_BULK_PACKETS):
             requested = [*non_repeaters, *(last[c] for c in active)]
-            reply = await self._request(
-                state,
+            reply = await self._read_request(
                 operation,
-                bulk_cmd,
-                self._read_auth,
-                *(ObjectType(ObjectIdentity(oid)) for oid in requested),
+                requested,
                 non_repeaters=len(non_repeaters),
                 repetitions=min(self._repetitions, 64),
             )
@@ -534,7 +771,7 @@ class ApcPdu:
                 for column, (oid, value) in zip(active, groups[start : start + width], strict=True):
                     if column in done:
                         continue
-                    if isinstance(value, EndOfMibView) or not _under(oid, column):
+                    if _end_of_view(value) or not _under(oid, column):
                         done.add(column)
                         continue
                     if oid <= last[column]:
@@ -575,14 +812,8 @@ class ApcPdu:
         for attempt in range(_VERIFY_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(_VERIFY_INTERVAL_S)
-            async with self._slot(operation) as state:
-                reply = await self._request(
-                    state,
-                    operation,
-                    get_cmd,
-                    self._read_auth,
-                    ObjectType(ObjectIdentity((*OUTLET_STATE, row))),
-                )
+            async with self._gate(operation):
+                reply = await self._read_request(operation, [(*OUTLET_STATE, row)])
             raw = snmp_int(reply[0][1] if reply else None, device=self.device, what="outlet state")
             seen = _STATE_ON.get(raw) if raw is not None else None
             if seen is want_on:

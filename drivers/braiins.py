@@ -39,10 +39,8 @@ import math
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any, Final, Protocol
 
-import aiohttp
 import betterproto
 import structlog
 
@@ -81,6 +79,7 @@ from drivers.values import (
     to_float,
     to_int,
 )
+from drivers.webjson import HttpRejected, JsonHttpClient
 
 log = structlog.get_logger(__name__)
 
@@ -113,15 +112,8 @@ _BOS_MARKERS: Final = ("BOSMINER", "BOSER")
 _VERSION_KEYS: Final = ("BOSer", "BOSminer+", "BOSminer")
 
 
-class BraiinsRejected(CommandRejected):
+class BraiinsRejected(HttpRejected):
     """An HTTP error answer from the REST API; keeps the status and body for callers."""
-
-    def __init__(
-        self, message: str, *, device: str = "", operation: str = "", status: int, body: str
-    ) -> None:
-        super().__init__(message, device=device, operation=operation)
-        self.status = status
-        self.body = body
 
 
 # -- REST transport -----------------------------------------------------------------------
@@ -161,7 +153,12 @@ class BraiinsRestClient:
         self.backoff_s = backoff_s
         self.max_reply_bytes = max_reply_bytes
         self.logins = 0  # successful logins, for tests and diagnostics
-        self._session: aiohttp.ClientSession | None = None
+        # The HTTP exchange is the web-API drivers' (drivers.webjson); this class adds the
+        # token login and what the BOS API's statuses mean.
+        self.http = JsonHttpClient(
+            host, port, timeout=timeout, retries=retries, device=self.device,
+            backoff_s=backoff_s, max_body_bytes=max_reply_bytes,
+        )  # fmt: skip
         self._token: str | None = None
         self._token_timeout_s: float | None = None
         self._token_used = 0.0  # monotonic time of the token's last use
@@ -169,14 +166,11 @@ class BraiinsRestClient:
 
     @property
     def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self.http.base_url
 
     async def close(self) -> None:
-        session, self._session = self._session, None
         self._token = None
-        if session is not None:
-            await session.close()
+        await self.http.close()
 
     async def get(self, path: str, *, operation: str) -> Any:
         return await self.request("GET", path, operation=operation)
@@ -269,60 +263,12 @@ class BraiinsRestClient:
         log.debug("braiins.login", device=self.device, timeout_s=timeout_s)
         return self._token
 
-    def _client_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            trace = aiohttp.TraceConfig()
-            trace.on_connection_create_end.append(_mark_connected)
-            trace.on_connection_reuseconn.append(_mark_connected)
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None),
-                trace_configs=[trace],
-                raise_for_status=False,
-            )
-        return self._session
-
     async def _send(
         self, method: str, path: str, body: Any, token: str | None, operation: str
     ) -> tuple[int, bytes]:
         """One HTTP exchange under a single deadline -> (status, body bytes)."""
-        where = {"device": self.device, "operation": operation}
-        headers = {"Authorization": token} if token else {}
-        ctx = SimpleNamespace(connected=False)
-        url = self.base_url + path
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with self._client_session().request(
-                    method,
-                    url,
-                    json=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    trace_request_ctx=ctx,
-                ) as resp:
-                    buf = bytearray()
-                    async for chunk in resp.content.iter_chunked(65_536):
-                        buf += chunk
-                        if len(buf) > self.max_reply_bytes:
-                            raise MalformedReply(
-                                f"reply exceeds {self.max_reply_bytes} bytes", **where
-                            )
-                    return resp.status, bytes(buf)
-        except TimeoutError as exc:
-            if not ctx.connected:
-                raise DeviceUnreachable(
-                    f"connect to {self.base_url} timed out after {self.timeout:g}s", **where
-                ) from exc
-            raise DeviceTimeout(
-                f"no reply within {self.timeout:g}s ({method} {path})", **where
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise MalformedReply(f"reply cut short ({method} {path}): {exc}", **where) from exc
-        except aiohttp.ClientResponseError as exc:  # unparseable status line or headers
-            raise MalformedReply(f"not an HTTP reply ({method} {path}): {exc}", **where) from exc
-        except (aiohttp.ClientError, OSError) as exc:  # refused, reset, disconnected
-            raise DeviceUnreachable(
-                f"{self.base_url}: {str(exc) or type(exc).__name__}", **where
-            ) from exc
+        headers = {"Authorization": token} if token else None
+        return await self.http.send(method, path, body=body, headers=headers, operation=operation)
 
     def _decode(self, status: int, data: bytes, method: str, path: str, operation: str) -> Any:
         where = {"device": self.device, "operation": operation}
@@ -506,15 +452,6 @@ class VersionedControl:
     async def close(self) -> None:
         await self.rest.close()
         await self.grpc.close()
-
-
-async def _mark_connected(
-    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
-) -> None:
-    """Trace hook: the TCP connection exists, so a timeout from now on is a stalled reply."""
-    request_ctx = getattr(ctx, "trace_request_ctx", None)
-    if request_ctx is not None:
-        request_ctx.connected = True
 
 
 # -- parsing ---------------------------------------------------------------------------------

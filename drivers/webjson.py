@@ -95,7 +95,9 @@ class JsonHttpClient:
         returned as text otherwise (error pages are often plain text)."""
 
         async def once() -> tuple[int, Any]:
-            status, data = await self._send(method, path, body, headers, operation, wait_s)
+            status, data = await self.send(
+                method, path, body=body, headers=headers, operation=operation, wait_s=wait_s
+            )
             return status, self._decode(status, data, method, path, operation)
 
         if not repeatable:
@@ -144,15 +146,18 @@ class JsonHttpClient:
             )
         return self._session
 
-    async def _send(
+    async def send(
         self,
         method: str,
         path: str,
-        body: Any,
-        headers: dict[str, str] | None,
+        *,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
         operation: str,
-        wait_s: float | None,
+        wait_s: float | None = None,
     ) -> tuple[int, bytes]:
+        """One exchange, no retries: (HTTP status, the raw body). For clients that judge
+        statuses and bodies their own way (the Braiins REST login)."""
         where = {"device": self.device, "operation": operation}
         wait = self.timeout if wait_s is None else wait_s
         ctx = SimpleNamespace(connected=False)

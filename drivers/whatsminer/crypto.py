@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Final
@@ -64,15 +65,22 @@ def md5_crypt(password: str | bytes, salt: str) -> str:
         n >>= 1
     final = ctx.digest()
 
-    for i in range(1000):  # the scheme's fixed stretching loop
-        c = hashlib.md5()
-        c.update(pw if i & 1 else final)
-        if i % 3:
-            c.update(sb)
-        if i % 7:
-            c.update(pw)
-        c.update(final if i & 1 else pw)
-        final = c.digest()
+    # The scheme's fixed stretching loop: round i hashes pw|final, then the salt unless
+    # 3 divides i, the password unless 7 divides i, then final|pw. Odd rounds start with
+    # the password, so their prefixes are hashed once and copied; even rounds hash one
+    # concatenation.
+    mid = {(s3, s7): (sb if s3 else b"") + (pw if s7 else b"") for s3 in (0, 1) for s7 in (0, 1)}
+    odd = {k: hashlib.md5(pw + v) for k, v in mid.items()}
+    even = {k: v + pw for k, v in mid.items()}
+    md5 = hashlib.md5
+    for i in range(1000):
+        k = (1 if i % 3 else 0, 1 if i % 7 else 0)
+        if i & 1:
+            c = odd[k].copy()
+            c.update(final)
+            final = c.digest()
+        else:
+            final = md5(final + even[k]).digest()
 
     encoded = "".join(
         _b64_from_24bit(final[a], final[b], final[c], 4) for a, b, c in _FINAL_TRIPLES
@@ -101,8 +109,15 @@ class V2Token:
 
     @classmethod
     def derive(cls, password: str, salt: str, newsalt: str, time: str) -> V2Token:
-        key = md5_crypt_hash(password, salt)
+        key = _v2_key(password, salt)
         return cls(key=key, sign=md5_crypt_hash(key + time, newsalt), aes_key=v2_aes_key(key))
+
+
+@functools.lru_cache(maxsize=1024)
+def _v2_key(password: str, salt: str) -> str:
+    """The password's key under a miner's fixed salt: the same for every token of a rig
+    (and of rigs sharing a salt), so derived once rather than at every token."""
+    return md5_crypt_hash(password, salt)
 
 
 def v2_aes_key(key: str) -> bytes:

@@ -10,12 +10,11 @@ still accepts our writes. Hashrates are TH/s here, not v2's MH/s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import struct
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 
@@ -154,11 +153,58 @@ def parse_v3_telemetry(
 # -- the client -----------------------------------------------------------------------------
 
 
-async def _close(writer: asyncio.StreamWriter | None) -> None:
-    if writer is not None:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+class _OneFrame(asyncio.Protocol):
+    """Sends one frame and reads one back: a 4-byte little-endian length, then the JSON;
+    zero-length heartbeat frames are skipped."""
+
+    def __init__(self, data: bytes, done: asyncio.Future[bytes], where: dict[str, str]) -> None:
+        self.data = data
+        self.done = done
+        self.where = where
+        self.buf = b""
+        self.got = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.WriteTransport, transport).write(self.data)  # uvloop's is not a subclass
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.done.done():
+            return
+        self.got += len(chunk)
+        self.buf += chunk
+        while len(self.buf) >= 4:
+            (length,) = struct.unpack_from("<I", self.buf)
+            if length == 0:
+                self.buf = self.buf[4:]  # heartbeat frame
+                continue
+            if length > V3_MAX_FRAME:
+                self.done.set_exception(
+                    MalformedReply(f"reply frame of {length} bytes is implausible", **self.where)
+                )
+            elif len(self.buf) >= 4 + length:
+                self.done.set_result(self.buf[4 : 4 + length])
+            return
+
+    def eof_received(self) -> bool:
+        self._ended()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        if self.done.done():
+            return
+        if self.got == 0:
+            self.done.set_exception(
+                DeviceUnreachable("connection closed without a reply", **self.where)
+            )
+        else:
+            self.done.set_exception(
+                MalformedReply(
+                    f"reply truncated after {self.got} bytes: {snippet(self.buf)}", **self.where
+                )
+            )
 
 
 class BTMinerV3Client:
@@ -190,38 +236,24 @@ class BTMinerV3Client:
         self.salt_fetches = 0
 
     async def _exchange(self, request: Json, operation: str) -> Json:
+        """One connect, one length-prefixed frame each way, under a single deadline. A bare
+        protocol rather than streams, as on 4028 (drivers/cgminer.py): three of these per
+        rig per poll."""
         body = json.dumps(request, separators=(",", ":")).encode()
-        connected = False
-        writer: asyncio.StreamWriter | None = None
         where = {"device": self.device, "operation": operation}
-        got = 0
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bytes] = loop.create_future()
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-                connected = True
-                writer.write(struct.pack("<I", len(body)) + body)
-                await writer.drain()
-                while True:
-                    header = await reader.readexactly(4)
-                    got += 4
-                    (length,) = struct.unpack("<I", header)
-                    if length == 0:
-                        continue  # heartbeat frame
-                    if length > V3_MAX_FRAME:
-                        raise MalformedReply(
-                            f"reply frame of {length} bytes is implausible", **where
-                        )
-                    payload = await reader.readexactly(length)
-                    break
-        except asyncio.IncompleteReadError as exc:
-            if got == 0 and not exc.partial:
-                raise DeviceUnreachable("connection closed without a reply", **where) from exc
-            raise MalformedReply(
-                f"reply truncated after {got + len(exc.partial)} bytes: {snippet(exc.partial)}",
-                **where,
-            ) from exc
+                transport, _ = await loop.create_connection(
+                    lambda: _OneFrame(struct.pack("<I", len(body)) + body, done, where),
+                    self.host,
+                    self.port,
+                )
+                payload = await done
         except TimeoutError as exc:
-            if not connected:
+            if transport is None:
                 raise DeviceUnreachable(
                     f"connect to {self.host}:{self.port} timed out after {self.timeout:g}s", **where
                 ) from exc
@@ -233,7 +265,10 @@ class BTMinerV3Client:
                 f"{self.host}:{self.port}: {exc.strerror or type(exc).__name__}", **where
             ) from exc
         finally:
-            await _close(writer)
+            if transport is not None:
+                transport.close()
+            if not done.done():
+                done.cancel()
         try:
             reply = json.loads(payload.decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:

@@ -28,14 +28,13 @@ from pysnmp.hlapi.v3arch.asyncio import (
     OctetString,
     SnmpEngine,
     UdpTransportTarget,
-    bulk_cmd,
     get_cmd,
     set_cmd,
     walk_cmd,
 )
 from pysnmp.proto.api import v2c
 
-from drivers import apc_snmp
+from drivers import apc_snmp, snmp_v2c, snmp_wire
 from drivers.apc_snmp import (
     DEVICE_ENERGY,
     DEVICE_POWER,
@@ -151,8 +150,12 @@ async def test_several_agents_share_one_engine_in_a_loop(clock: ManualClock) -> 
         readings = await asyncio.gather(*(d.read(ts=farm.now()) for d in drivers))
         for a, reading in zip(agents, readings, strict=True):
             assert_matches_farm(reading, a.pdu, farm.now())
-        engines = apc_snmp._REGISTRY[asyncio.get_running_loop()]
-        assert len(engines.slots) == 1
+        loop = asyncio.get_running_loop()
+        assert loop in snmp_v2c._SOCKETS  # one v2c socket for every PDU of the loop
+        assert loop not in apc_snmp._REGISTRY  # and no pysnmp engine for v2c reads
+        v3 = [driver(a, version="3", **V3) for a in agents]
+        await asyncio.gather(*(d.read(ts=farm.now()) for d in v3))
+        assert len(apc_snmp._REGISTRY[loop].slots) == 1
     finally:
         await asyncio.gather(*(a.stop() for a in agents))
 
@@ -162,21 +165,81 @@ async def test_requests_per_pdu_are_capped_at_max_in_flight(
 ) -> None:
     in_flight = peak = 0
 
-    async def counting_bulk(*args: Any, **kw: Any) -> Any:
+    exchange = snmp_v2c.exchange
+
+    async def counting(*args: Any, **kw: Any) -> Any:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
         try:
             await asyncio.sleep(0.02)  # hold the slot long enough for the others to queue
-            return await bulk_cmd(*args, **kw)
+            return await exchange(*args, **kw)
         finally:
             in_flight -= 1
 
-    monkeypatch.setattr(apc_snmp, "bulk_cmd", counting_bulk)
+    monkeypatch.setattr(snmp_v2c, "exchange", counting)
     d = driver(agent, max_in_flight=2)
     readings = await asyncio.gather(*(d.read(ts=0.0) for _ in range(6)))
     assert all(len(r.outlets) == 8 for r in readings)
     assert peak == 2
+
+
+# -- steady polls between walks ------------------------------------------------------------
+
+
+def _count_pdu_types(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    sent: list[int] = []
+    exchange = snmp_v2c.exchange
+
+    async def counting(addr: Any, pdu_type: int, *args: Any, **kw: Any) -> Any:
+        sent.append(pdu_type)
+        return await exchange(addr, pdu_type, *args, **kw)
+
+    monkeypatch.setattr(snmp_v2c, "exchange", counting)
+    return sent
+
+
+async def test_between_walks_a_read_is_one_get(
+    agent: PduAgent, pdu: SimPdu, clock: ManualClock, farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = _count_pdu_types(monkeypatch)
+    d = driver(agent, walk_every_s=300.0)
+    first = await d.read(ts=1_000.0)
+    assert sent == [snmp_wire.GETBULK]  # 8 outlets: one packet walks the table
+    sent.clear()
+    clock.advance(60.0)
+    await d.set_outlet(2, "off")  # what changes every cycle is in the GET
+    sent.clear()
+    steady = await d.read(ts=1_010.0)
+    assert sent == [snmp_wire.GET]
+    assert_matches_farm(steady, pdu, farm.now())  # names from the walk, values fresh
+    assert [o.name for o in steady.outlets] == [o.name for o in first.outlets]
+    assert next(o for o in steady.outlets if o.number == 2).on is False
+    sent.clear()
+    await d.read(ts=1_300.0)  # the walk is due again
+    assert sent == [snmp_wire.GETBULK]
+
+
+async def test_steady_reads_page_large_pdus(clock: ManualClock) -> None:
+    farm = Farm.build(clock, rigs=30, pdus=1)
+    async with PduAgent(farm, "pdu-01") as agent:
+        d = driver(agent)
+        await d.read(ts=0.0)
+        reading = await d.read(ts=10.0)  # 2 + 60 OIDs: two GETs
+    assert len(reading.outlets) == 30
+    assert_matches_farm(reading, farm.pdus["pdu-01"], farm.now())
+
+
+async def test_v3_authpriv_steady_read_matches_farm(
+    agent: PduAgent, pdu: SimPdu, clock: ManualClock, farm: Farm
+) -> None:
+    d = driver(agent, version="3", **V3)
+    await d.read(ts=0.0)
+    clock.advance(600.0)
+    await d.set_outlet(4, "off")
+    reading = await d.read(ts=10.0)
+    assert_matches_farm(reading, pdu, farm.now())
+    assert next(o for o in reading.outlets if o.number == 4).on is False
 
 
 # -- switching ----------------------------------------------------------------------------
