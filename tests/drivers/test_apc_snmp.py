@@ -306,7 +306,9 @@ async def test_wrong_community_times_out_quickly(agent: PduAgent) -> None:
     start = time.monotonic()
     with pytest.raises(DeviceTimeout, match="wrong community") as err:
         await d.read(ts=0.0)
-    assert time.monotonic() - start < 1.0
+    # One timeout, not a walk of timeouts (a busy host may stretch that one): well under
+    # the many seconds a request per OID would wait.
+    assert time.monotonic() - start < 3.0
     assert err.value.operation == "read"
 
 
