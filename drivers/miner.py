@@ -32,6 +32,9 @@ class MinerCapabilities:
     # API sleep leaves the control board (and on stock, everything) drawing: only the PDU
     # takes a rig to zero.
     needs_pdu_to_power_off: bool = True
+    # The power targets the firmware takes, as (watts, its published hashrate or None),
+    # lowest first: LuxOS profiles. Empty: any target in the range.
+    profiles: tuple[tuple[float, float | None], ...] = ()
 
 
 @runtime_checkable
@@ -142,6 +145,7 @@ class LuxOSDriver(CGMinerDriver):
                 can_power_target=True,
                 power_target_min_w=span[0],
                 power_target_max_w=span[1],
+                profiles=tuple((p.watts, p.hashrate_ths) for p in self.control.profiles),
             )
 
     async def read(self, ts: float) -> RigTelemetry:

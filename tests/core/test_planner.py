@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from controller.core.caps import MAX_IMPORT, Limit, effective_cap
+from controller.core.curves import Curve
 from controller.core.planner import (
     IDLE_W,
     Action,
@@ -131,10 +132,16 @@ def test_between_target_and_deadband_nothing_happens() -> None:
 def test_sheds_a_quarter_deadband_below_target_and_restores_to_half() -> None:
     pt = {"can_power_target": True, "min_w": 1000.0, "max_w": 3000.0}
     rigs = [rig(f"r{i}", eff=20.0 + i, **pt) for i in range(4)]
-    # 12 kW against a 10 kW target, deadband 4: shed to 9 kW (3 kW), by throttling worst first.
+    # 12 kW against a 10 kW target, deadband 4: shed to 9 kW (3 kW), throttling where it
+    # costs least: the throttled rigs end at equal marginal TH/s per kW, the best rig is
+    # cut least (here not at all: its marginal value at full power is above the others').
     p = plan(farm(rigs, cap_kw=10, deadband_kw=4.0))
-    assert watts(p) == {"r3": 1000.0, "r2": 2000.0}
-    assert p.predicted_kw == pytest.approx(9.0)
+    assert p.predicted_kw == pytest.approx(9.0, abs=0.005)  # targets in whole watts, down
+    cut = watts(p)
+    assert set(cut) == {"r1", "r2", "r3"} and cut["r1"] > cut["r2"] > cut["r3"] > 1000.0
+    slopes = [Curve.through(3000.0, 3000.0 / (20.0 + i)).slope(cut[f"r{i}"]) for i in (1, 2, 3)]
+    assert max(slopes) == pytest.approx(min(slopes), rel=1e-3)
+    assert Curve.through(3000.0, 150.0).slope(3000.0) >= slopes[0]
     # Two throttled rigs and 5 kW in all: raise to 8 kW (3 kW), best first.
     rigs = [
         rig("t1", 1000.0, eff=20.0, **pt),
@@ -162,7 +169,7 @@ def test_sheds_the_least_efficient_rig_first() -> None:
     rigs = [rig("a", eff=20), rig("b", eff=35), rig("c", eff=30), rig("d", eff=25)]
     p = plan(farm(rigs, cap_kw=10))  # 12 kW: 2 kW over
     assert kinds(p) == {"b": ActionKind.SLEEP}
-    assert "least efficient" in p.actions[0].reason
+    assert "least hashrate per kW" in p.actions[0].reason
     assert p.predicted_kw == pytest.approx(12 - 2.98)
     p = plan(farm(rigs, cap_kw=7))  # 5 kW over: the two worst
     assert kinds(p) == {"b": ActionKind.SLEEP, "c": ActionKind.SLEEP}
@@ -509,16 +516,16 @@ def test_settle_times_come_from_the_rig_model() -> None:
 def test_remember_a_sleep_a_throttle_and_a_wake() -> None:
     sleep = Action("a", ActionKind.SLEEP, "x", None, IDLE_W)
     mem = remember({"a": LONG_AGO}, sleep, True, NOW, TIMING, 3000.0)
-    assert mem["a"] == RigMemory(Mode.SLEEP, NOW, NOW + 15, IDLE_W, None, 0, 0.0)
+    assert mem["a"] == RigMemory(Mode.SLEEP, NOW, NOW + 15, IDLE_W, None, 0, 0.0, NOW)
     down = Action("a", ActionKind.SET_POWER, "x", 2000.0, 2000.0)
     mem = remember({"a": LONG_AGO}, down, True, NOW, TIMING, 3000.0)
-    assert mem["a"] == RigMemory(Mode.THROTTLE, NOW, NOW + 60, 2000.0, 2000.0, 0, 0.0)
+    assert mem["a"] == RigMemory(Mode.THROTTLE, NOW, NOW + 60, 2000.0, 2000.0, 0, 0.0, NOW)
     # A lower target while throttled keeps the time it entered the throttle.
     again = remember(mem, replace(down, watts=1800.0), True, NOW + 100, TIMING, 3000.0)
     assert again["a"].since == NOW and again["a"].target_w == 1800.0
     wake = Action("a", ActionKind.WAKE, "x", None, 3000.0)
     mem = remember({"a": slept_memory()}, wake, True, NOW, TIMING, 3000.0)
-    assert mem["a"] == RigMemory(Mode.RUN, NOW, NOW + 300, 3000.0, None, 0, 0.0)
+    assert mem["a"] == RigMemory(Mode.RUN, NOW, NOW + 300, 3000.0, None, 0, 0.0, NOW)
     up = Action("a", ActionKind.SET_POWER, "x", 2999.5, 2999.5)  # within 1 W: full power
     assert remember({}, up, True, NOW, TIMING, 3000.0)["a"].mode is Mode.RUN
 
