@@ -37,7 +37,7 @@ from types import MappingProxyType
 from controller.core.curves import Curve
 
 SOLVE_ITERATIONS = 80  # Newton steps on log(price), safeguarded by bisection
-EXHAUSTIVE_UNITS = 8  # every running set is tried in groups with up to this many choices
+EXHAUSTIVE_UNITS = 6  # every running set is tried in groups with up to this many choices
 SEARCH_MAX_UNITS = 80  # local search over running sets only for groups up to this size
 SEARCH_WINDOW = 4  # units on either side of the running set's edge that swaps consider
 EXCHANGE_MAX_UNITS = 12  # step exchanges only among this few stepped units
@@ -203,11 +203,18 @@ def _split(on: Sequence[_P], budget: float) -> tuple[dict[str, float], float, fl
             total += w
             if p.kind == 0 and p.lo < w < p.hi:
                 slope -= p.e * w
+        tol = 1e-9 * budget + 1e-6
         if total > budget:
             t_lo = t
+            if total - budget <= tol and slope < 0:
+                # Newton on a convex falling total stays above the budget: step over it.
+                over = t + 2.0 * (total - budget) / -slope + 1e-15
+                if sum(p.power(over) for p in on) <= budget:
+                    t_hi = over
+                    break
         else:
             t_hi = t
-            if budget - total <= 1e-9 * budget + 1e-6:
+            if budget - total <= tol:
                 break
         if t_hi - t_lo < 1e-12:
             break
@@ -316,14 +323,18 @@ def _group(units: Sequence[Unit], budget: float) -> tuple[_Result, bool]:
         watts.update({p.id: p.stop for p in never})
         ths = sum(p.ths(p.lo) for p in forced)
         return _Result(watts, {p.id for p in forced}, ths, math.inf), False
-    # The largest k whose lowest powers fit: sizes above it are infeasible.
-    k_max, used = 0, floor
+    # Best merit first, skipping a unit whose lowest power does not fit in what is left
+    # (a smaller one further down may): every prefix up to k_max fits.
+    fit: list[_P] = []
+    used = floor
     for p in choice:
         extra = p.lo - p.stop
-        if used + extra > budget_c + 1e-6:
-            break
-        used += extra
-        k_max += 1
+        if used + extra <= budget_c + 1e-6:
+            used += extra
+            fit.append(p)
+    k_max = len(fit)
+    chosen = {p.id for p in fit}
+    choice = fit + [p for p in choice if p.id not in chosen]
     tried: dict[int, _Result | None] = {}
 
     def at(k: int) -> _Result | None:
@@ -361,8 +372,14 @@ def _group(units: Sequence[Unit], budget: float) -> tuple[_Result, bool]:
 def _exhaustive(choice: list[_P], forced: list[_P], budget: float, best: _Result) -> _Result:
     """Every running set, for groups small enough (at most 2^EXHAUSTIVE_UNITS splits)."""
     room = budget - sum(p.stop for p in choice) - sum(p.lo for p in forced) + 1e-6
+    top = [p.ths(p.hi) for p in choice]
+    forced_top = sum(p.ths(p.hi) for p in forced)
     for mask in range(1 << len(choice)):
-        on = [p for i, p in enumerate(choice) if mask >> i & 1]
+        idx = [i for i in range(len(choice)) if mask >> i & 1]
+        # Even every running unit at its top could not beat the best: skip the split.
+        if forced_top + sum(top[i] for i in idx) <= best.ths * (1 + 1e-9) + 1e-9:
+            continue
+        on = [choice[i] for i in idx]
         if sum(p.lo - p.stop for p in on) > room:
             continue
         off = [p for i, p in enumerate(choice) if not mask >> i & 1]
@@ -379,6 +396,8 @@ def _search(choice: list[_P], forced: list[_P], budget: float, best: _Result) ->
         off = [p for p in choice if p.id not in best.running]
         edge_on = sorted(on, key=lambda p: p.merit())[:SEARCH_WINDOW]
         edge_off = sorted(off, key=lambda p: -p.merit())[:SEARCH_WINDOW]
+        small = sorted(off, key=lambda p: (p.lo - p.stop, p.id))[:SEARCH_WINDOW]
+        edge_off += [p for p in small if p not in edge_off]  # a knapsack: the small fit
         moves: list[tuple[set[str], set[str]]] = []
         moves += [({p.id}, set()) for p in edge_on]  # drop one
         moves += [(set(), {p.id}) for p in edge_off]  # add one

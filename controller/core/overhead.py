@@ -18,11 +18,15 @@ the simulated SDM630), and deciding on one raw reading means either a margin of 
 times that noise or sheds and restores that chase it. The model predicts the import from
 the rigs' own readings, which are far steadier; what the meter says beyond the model (the
 residual) is smoothed, so the estimate keeps the meter's level and loses most of its noise.
-A residual that jumps by more than `JUMP_SIGMA` standard deviations is taken at once: a
-real step in the site's load is never smoothed away.
+A residual that jumps by more than `JUMP_SIGMA` standard deviations is taken as soon as
+the next reading confirms it (a real step in the site's load is not smoothed away; a
+single odd reading is as likely noise, and taking it would shed for nothing or fill room
+that is not there).
 
 The short-term noise is measured from the residual's successive differences, which a slow
-drift does not inflate; the planner sizes its headroom from it (`margin_kw`).
+drift does not inflate, and so is the rigs' own wander (their power ripples a little
+between readings, and the import with it); the planner sizes its headroom from both
+(`margin_kw`), with the configured headroom as a floor.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from typing import Any
 
 FORGET = 0.999  # per settled reading: the fit remembers the last few thousand readings
 MIN_SPREAD = 0.03  # rig power must vary by this share of its level to fit `frac`
+FRAC_SE = 0.005  # ... and `frac` is fitted only to this standard error
 FRAC_MAX = 0.3
-SMOOTH = 0.3  # weight of a new residual in the filtered one
+SMOOTH = 0.15  # weight of a new residual in the filtered one
 NOISE_WEIGHT = 0.05  # weight of a new squared difference in the noise variance
 JUMP_SIGMA = 4.0  # a residual this many standard deviations off is a step, not noise
 MARGIN_SIGMA = 4.0  # the noise margin: this many standard deviations of the estimate
@@ -52,8 +57,13 @@ class ImportModel:
     sxx: float = 0.0
     sxy: float = 0.0
     resid_kw: float | None = None  # the meter beyond the model, smoothed
-    last_resid_kw: float | None = None  # the latest raw residual
+    last_resid_kw: float | None = None  # the latest raw residual, if nothing was in flight
     noise_var: float | None = None  # kW^2: short-term variance of one reading
+    jumped: int = 0  # the last reading was far over (1) or under (-1) the estimate
+    # The rigs' own short-term wander (ripple): the import moves by it between readings.
+    last_rig_kw: float | None = None
+    rig_var: float | None = None
+    last_ts: float | None = None  # when the last reading was taken
 
     def nonrig_kw(self, rig_kw: float) -> float:
         """What the meter reads besides rigs drawing `rig_kw`, the residual included."""
@@ -73,16 +83,24 @@ class ImportModel:
         return max(math.sqrt(var), MIN_NOISE_FRAC * abs(import_kw))
 
     def margin_kw(self, import_kw: float) -> float:
-        """A margin for the filtered estimate's error: `MARGIN_SIGMA` of its standard
-        deviation (smoothing leaves sqrt(SMOOTH / (2 - SMOOTH)) of one reading's)."""
+        """A margin for the filtered estimate's error and for the rigs' wander until the
+        next reading: `MARGIN_SIGMA` of their joint standard deviation (smoothing leaves
+        sqrt(SMOOTH / (2 - SMOOTH)) of one reading's noise)."""
         if self.noise_var is None:
             return 0.0
-        return MARGIN_SIGMA * self.noise_kw(import_kw) * math.sqrt(SMOOTH / (2.0 - SMOOTH))
+        est = self.noise_kw(import_kw) ** 2 * SMOOTH / (2.0 - SMOOTH)
+        wander = (self.rig_var or 0.0) * self.factor**2
+        return MARGIN_SIGMA * math.sqrt(est + wander)
 
-    def update(self, import_kw: float, rig_kw: float, settled: bool) -> ImportModel:
-        """One fresh meter reading with the rigs' power at the same time."""
+    def update(
+        self, import_kw: float, rig_kw: float, settled: bool, ts: float | None = None
+    ) -> ImportModel:
+        """One fresh meter reading with the rigs' power at the same time. `settled`:
+        nothing in flight now, and nothing commanded since the previous reading (so its
+        difference from that one is noise and wander, not a command showing)."""
         m = self
         y = import_kw - rig_kw
+        before = None if m.base_kw is None else m.base_kw + m.frac * rig_kw
         if settled:
             f = FORGET
             m = replace(
@@ -96,31 +114,62 @@ class ImportModel:
             mx, my = m.sx / m.sw, m.sy / m.sw
             var_x = max(0.0, m.sxx / m.sw - mx * mx)
             frac = m.frac
-            if var_x > (MIN_SPREAD * max(mx, 1e-9)) ** 2:
+            # Fitted once the rigs' power has spread enough, over enough readings, for the
+            # slope's standard error (noise / sqrt(readings x spread)) to be small.
+            y_var = m.noise_var if m.noise_var is not None else (0.01 * import_kw) ** 2
+            if var_x > (MIN_SPREAD * max(mx, 1e-9)) ** 2 and y_var <= (FRAC_SE**2) * m.sw * var_x:
                 cov = m.sxy / m.sw - mx * my
                 frac = min(FRAC_MAX, max(0.0, cov / var_x))
             m = replace(m, frac=frac, base_kw=max(0.0, my - frac * mx))
         elif m.base_kw is None:
             m = replace(m, base_kw=max(0.0, y))
         assert m.base_kw is not None
-        raw = y - (m.base_kw + m.frac * rig_kw)
+        after = m.base_kw + m.frac * rig_kw
+        if before is not None and m.resid_kw is not None:
+            # A refit moves the model; the filtered residual moves the other way, so the
+            # estimate does not jump with it (only the new reading may move it).
+            m = replace(m, resid_kw=m.resid_kw + before - after)
+        raw = y - after
         noise = m.noise_var
         if settled and m.last_resid_kw is not None:
+            # Successive readings with nothing in flight between them: their difference is
+            # the meter's noise (twice its variance), not a ramp.
             d2 = (raw - m.last_resid_kw) ** 2 / 2.0
-            if noise is not None:
-                d2 = min(d2, (JUMP_SIGMA**2) * max(noise, 1e-12))  # a step is not noise
+            cap = (JUMP_SIGMA**2) * noise if noise is not None else (0.01 * import_kw) ** 2
+            d2 = min(d2, max(cap, 1e-12))  # a step is not noise
             noise = d2 if noise is None else noise + NOISE_WEIGHT * (d2 - noise)
         resid = m.resid_kw
         sigma = m.noise_kw(import_kw) if noise is not None else 0.01 * abs(import_kw)
-        if resid is None or abs(raw - resid) > JUMP_SIGMA * sigma:
+        jumped = 0
+        if resid is None:
             resid = raw
+        elif abs(raw - resid) > JUMP_SIGMA * sigma:
+            # A step is taken once a second reading on the same side confirms it: one odd
+            # reading is as likely noise, and taking it would shed for nothing, or fill
+            # room that is not there. Meanwhile the estimate moves by a step's share.
+            jumped = 1 if raw > resid else -1
+            if m.jumped == jumped:
+                resid = raw
+            else:
+                resid += jumped * SMOOTH * JUMP_SIGMA * sigma
         else:
             resid += SMOOTH * (raw - resid)
-        return replace(m, resid_kw=resid, last_resid_kw=raw, noise_var=noise)
-
-    def shifted_to(self, base_kw: float) -> ImportModel:
-        """The same model with its fixed part set (a site told what its load is)."""
-        return replace(self, base_kw=base_kw)
+        rig_var = m.rig_var
+        if settled and m.last_rig_kw is not None:
+            d2 = (rig_kw - m.last_rig_kw) ** 2 / 2.0
+            cap = (JUMP_SIGMA**2) * rig_var if rig_var is not None else (0.01 * rig_kw) ** 2
+            d2 = min(d2, max(cap, 1e-12))  # a step is not wander
+            rig_var = d2 if rig_var is None else rig_var + NOISE_WEIGHT * (d2 - rig_var)
+        return replace(
+            m,
+            resid_kw=resid,
+            last_resid_kw=raw if settled else None,
+            noise_var=noise,
+            jumped=jumped,
+            last_rig_kw=rig_kw if settled else None,
+            rig_var=rig_var,
+            last_ts=ts,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

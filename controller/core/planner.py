@@ -312,8 +312,15 @@ def settle_s(kind: ActionKind, t: RigTiming) -> float:
     return 5.0  # outlet off: immediate, give the PDU a few seconds to report
 
 
+# Shed to, and fill to, this share of the dead band under the target: the import then
+# rests there, a quarter of the band under the target, and moves again only when it
+# leaves the band (above the target, or below it by the whole band).
+SHED_TO = 0.25
+FILL_TO = 0.25
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
+HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
+MAX_HOLDS = 64  # rigs held back that way per plan, at most (each is an allocation)
 
 
 def _whole(watts: float, r: RigInput) -> float:
@@ -412,6 +419,12 @@ def plan(inp: PlanInput) -> Plan:
     quiet = all(
         now >= m(r).settle_until or m(r).expected_w is None or r.power_w is None for r in inp.rigs
     )
+    # For the import model: also nothing commanded since its previous reading.
+    steady = quiet and (
+        inp.model is None
+        or inp.model.last_ts is None
+        or all(mm.commanded_at < inp.model.last_ts for mm in mem.values())
+    )
     if fresh:
         assert inp.import_kw is not None
         measured: float = inp.import_kw
@@ -421,7 +434,7 @@ def plan(inp: PlanInput) -> Plan:
         nonrig = sample if nonrig is None else nonrig + NONRIG_SMOOTHING * (sample - nonrig)
         if model is not None:
             # The meter, filtered through what the rigs' own readings explain.
-            model = model.update(inp.import_kw, known_kw, quiet)
+            model = model.update(inp.import_kw, known_kw, steady, now)
             measured = model.estimate_kw(known_kw)
             nonrig = model.nonrig_kw(known_kw)
     else:
@@ -460,7 +473,7 @@ def plan(inp: PlanInput) -> Plan:
     lower = target - deadband
     note = ""
     if predicted > upper:
-        need = predicted - (upper - 0.25 * deadband)
+        need = predicted - (upper - SHED_TO * deadband)
         shed = _shed(inp, need / factor, free, settled, add)
         predicted -= factor * shed
         if predicted > upper + 1e-6:
@@ -468,16 +481,19 @@ def plan(inp: PlanInput) -> Plan:
     elif not inp.urgent:
         # Room now, counting what is still to go as not gone yet: an increase must never
         # land before the decrease that makes room for it.
+        # The ramp limit is on the import: rig power coming back moves it by `factor`.
         room = min(
-            ((target - 0.5 * deadband) - (predicted + factor * going_down)) / factor,
-            ramp_limit - ramping_up,
+            ((target - FILL_TO * deadband) - (predicted + factor * going_down)) / factor,
+            ramp_limit / factor - ramping_up,
         )
         fill = predicted < lower
         if fill or inp.reoptimize:
-            budget = ((target - 0.5 * deadband) - predicted) / factor
+            budget = ((target - FILL_TO * deadband) - predicted) / factor
             # Swaps only from a steady state, and only as big as the ramp lets their other
             # half come back at once: a swap half done is a loss.
-            swap_kw = ramp_limit if quiet and not actions and ramping_up <= _EPS_KW else 0.0
+            swap_kw = (
+                ramp_limit / factor if quiet and not actions and ramping_up <= _EPS_KW else 0.0
+            )
             predicted += factor * _improve(
                 inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add
             )
@@ -557,11 +573,12 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
 
     def may_shed(r: RigInput) -> bool:
         """A rig already on its way down is not told again: its fall is counted in flight.
-        Under a grid deadline a slow throttle in progress may still become a fast sleep."""
+        When the cap needs it, a slow throttle in progress may still become a fast sleep
+        (counted from the throttle's target): the throttle would show too late."""
         mm = mem.get(r.id, _NO_MEMORY)
         if not _going_down(r, mm, now):
             return True
-        return urgent and mm.mode is Mode.THROTTLE and r.can_sleep
+        return mm.mode is Mode.THROTTLE and r.can_sleep
 
     base = [r for r in inp.rigs if _consuming(r) and free(r) and may_shed(r)]
     first = order([r for r in base if settled(r) and dwell_ok(r)])
@@ -674,20 +691,7 @@ def _shed_by_value(
     total = sum(u.now_w for u in units.values())
     budget = total - need_kw * 1000.0
     alloc = allocate(units.values(), budget)
-    for _ in range(len(units)):
-        small = [
-            uid
-            for uid, u in units.items()
-            if uid in alloc.running
-            and 0 < u.now_w - alloc.watts[uid] < MIN_CHANGE_W
-            and u.lo < u.hi
-        ]
-        if not small or not alloc.feasible:
-            break
-        for uid in small:  # not worth a command: held where they are
-            u = units[uid]
-            units[uid] = replace(u, lo=u.now_w, steps=(), may_stop=False)
-        alloc = allocate(units.values(), budget)
+    units, alloc = _fewer_commands(units, alloc, budget)
     shed_w = 0.0
     for uid, u in units.items():
         r = rig_of[uid]
@@ -709,6 +713,33 @@ def _shed_by_value(
     return shed_w / 1000.0
 
 
+def _fewer_commands(
+    units: dict[str, Unit], alloc: Allocation, budget: float
+) -> tuple[dict[str, Unit], Allocation]:
+    """Equal marginal values spread a change over every rig that can take it: many small
+    commands. Hold the rig with the smallest change where it is and let the others cover
+    it, one rig at a time, while that costs next to nothing (`HOLD_LOSS` of the
+    hashrate in all): a small shed is then a few throttles, never a sleep, and a change
+    under `MIN_CHANGE_W` is not sent at all."""
+    floor = alloc.ths * (1.0 - HOLD_LOSS)
+    for _ in range(min(len(units), MAX_HOLDS)):
+        moved = sorted(
+            (abs(alloc.watts[uid] - u.now_w), uid)
+            for uid, u in units.items()
+            if uid in alloc.running and u.running and abs(alloc.watts[uid] - u.now_w) > 1e-6
+        )
+        if not moved or not alloc.feasible:
+            break
+        uid = moved[0][1]
+        u = units[uid]
+        held = {**units, uid: replace(u, lo=u.now_w, hi=u.now_w, steps=(), may_stop=False)}
+        again = allocate(held.values(), budget)
+        if not again.feasible or again.ths < floor:
+            break  # that change is needed, however small
+        units, alloc = held, again
+    return units, alloc
+
+
 def _improve(
     inp: PlanInput,
     budget_kw: float,
@@ -721,7 +752,7 @@ def _improve(
     add: _Add,
 ) -> float:
     """Under the target: move towards the best plan for the target, and return the rig
-    power (kW) the commands add.
+    power (kW) the commands add (less what they take off).
 
     The best plan is the allocation of `budget_kw` more than the rigs will draw (possibly
     negative) among the rigs rigd may change now. Increases (raising a throttled rig,
@@ -787,7 +818,8 @@ def _improve(
 
     worth = gain >= threshold and gain > 0 and brings_back(alloc) <= swap_kw * 1000.0
     for _ in range(4 if worth else 0):
-        # A small cut is not worth a command of its own: hold those rigs, plan again.
+        # A small cut is not worth a command of its own: hold those rigs and plan again,
+        # unless the swap needs them.
         small = [
             uid
             for uid, u in units.items()
@@ -795,18 +827,25 @@ def _improve(
         ]
         if not small:
             break
+        held = dict(units)
         for uid in small:
-            u = units[uid]
-            units[uid] = replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
-        alloc = allocate(units.values(), budget)
-        gain = alloc.ths - rising_ths
-        worth = alloc.feasible and gain >= threshold and gain > 0
-        worth = worth and brings_back(alloc) <= swap_kw * 1000.0
+            u = held[uid]
+            held[uid] = replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
+        again = allocate(held.values(), budget)
+        if not (
+            again.feasible
+            and again.ths - rising_ths >= threshold
+            and brings_back(again) <= swap_kw * 1000.0
+        ):
+            break
+        units, alloc, gain = held, again, again.ths - rising_ths
     if not worth:
-        if not fill:
+        if not fill or not rising.feasible:
             return 0.0
-        alloc = rising if rising.feasible else alloc
+        alloc = rising
+    units, alloc = _fewer_commands(units, alloc, budget)
     ups: list[tuple[float, Unit, float]] = []
+    removed = 0.0  # W the swaps' decreases take off, once they show
     for uid, u in units.items():
         goal = alloc.watts[uid]
         r = rig_of[uid]
@@ -819,10 +858,12 @@ def _improve(
             if uid not in alloc.running:
                 reason = f"re-optimising: sleep for +{gain:.0f} TH/s elsewhere"
                 add(r, ActionKind.SLEEP, reason, None, u.stop_w)
+                removed += u.now_w - u.stop_w
             elif goal < u.now_w - MIN_CHANGE_W:
                 reason = f"re-optimising: throttle for +{gain:.0f} TH/s elsewhere"
                 cut = _whole(goal, r)
                 add(r, ActionKind.SET_POWER, reason, cut, cut)
+                removed += u.now_w - cut
     added = 0.0
     for _, u, goal in sorted(ups, key=lambda x: (-x[1].priority, -x[0], x[1].id)):
         left = room_kw * 1000.0 - added
@@ -876,7 +917,7 @@ def _improve(
             reason = "under target: wake at a power target that fits"
             add(r, ActionKind.WAKE, reason, _cmd(full, want), want)
         added += expected - base_w
-    return added / 1000.0
+    return (added - removed) / 1000.0
 
 
 def _cmd(full: bool, watts: float) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -337,6 +337,8 @@ class Controller:
         Returns what changed, for the caller to save in one transaction with the clock mark
         that says the step was applied (a restart between the two would apply it again)."""
         self.memory = {k: m.shifted(dt) for k, m in self.memory.items()}
+        if self.import_model.last_ts is not None:
+            self.import_model = replace(self.import_model, last_ts=self.import_model.last_ts + dt)
         self._prior = {k: m.shifted(dt) for k, m in self._prior.items()}
         self._unconfirmed = {k: m.shifted(dt) for k, m in self._unconfirmed.items()}
         items: dict[str, Any] = {}

@@ -1,0 +1,378 @@
+"""`python -m bench.control`: under any cap, how close does rigd get to the most hashrate
+the farm can give?
+
+For two mixed fleets of 40 rigs (seven models, 17.5 to 34 J/TH) and caps of 10 to 100 % of
+full load, the daemon's real cycle runs against the simulated farm in virtual time (the
+harness of tests/sim_harness.py: in-process adapters on a manual clock, the farm's true
+import sampled every 2 s), and each run is set against the exact optimum of
+`bench.optimum` on the farm's true physics. Then one fleet takes a step 100 -> 40 -> 100 %.
+
+Per fleet and cap, one row:
+
+- `optimum_ths`: the most hashrate under the cap (exact; `dual_bound_ths` its upper bound);
+- `rigd_ths`: rigd's mean hashrate over the steady hour (after two hours to settle), on the
+  farm's mean physics (its ripple left out, as in the optimum);
+- `ratio`: rigd / optimum; `ratio_at_own_import`: rigd / the optimum at rigd's own mean
+  steady import (how well it allocates what it imports, margins aside);
+- `import_over_cap`: rigd's mean steady import / the cap;
+- `over_cap_s_after_stop`, `worst_over_kw_after_stop`: seconds of true import over the cap,
+  and the worst excess, outside the physical stop time after each cap drop (the slowest
+  power-down response plus two polls), over the whole run;
+- `commands`: commands sent in the whole run (rig commands and outlet switches);
+  `steady_commands`: in the steady hour; `rigs_flapping`: rigs commanded more than twice
+  in the steady hour.
+
+The step (`step`): time to get under the cap after the drop to 40 %, time to within 1 % of
+the optimum at 40 % and after the return to 100 %, and the worst overshoot of the cap
+during the restore.
+
+Config: the defaults, except `ramp_kw_per_interval` = the site's maximum import (no ramp
+limit: with the default 10 %, counting rigs still ramping, coming back from 40 % takes six
+waves of wakes of up to 340 s each, and the step target is five minutes). The cap is a
+technician's override below `max_import_kw` = the farm's full load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import proc
+from bench.optimum import optimum, true_ths
+from simulators.clock import ManualClock
+from simulators.farm import MODELS, Farm, RigModel, SimPdu, SimRig
+from simulators.whatsminer_server import WHATSMINER_MODELS
+from tests.sim_harness import SimHarness, farm_config, flat_out_kw
+
+ALL_MODELS: dict[str, RigModel] = {**MODELS, **WHATSMINER_MODELS}
+START = 1_764_547_200.0  # 2025-12-01 00:00 UTC
+
+# Two mixed fleets of 40: every model of the issue, in different shares.
+FLEETS: dict[str, dict[str, int]] = {
+    "fleet-1": {
+        "Antminer S19 Pro": 8,
+        "Antminer S19j Pro": 6,
+        "Antminer S19 XP": 6,
+        "Antminer S21": 5,
+        "Whatsminer M30S+_VE40": 5,
+        "Whatsminer M50S_VH50": 6,
+        "Whatsminer M60S_VK40": 4,
+    },
+    "fleet-2": {
+        "Antminer S19 Pro": 10,
+        "Antminer S19j Pro": 8,
+        "Antminer S19 XP": 3,
+        "Antminer S21": 3,
+        "Whatsminer M30S+_VE40": 8,
+        "Whatsminer M50S_VH50": 6,
+        "Whatsminer M60S_VK40": 2,
+    },
+}
+CAPS = (10, 30, 50, 75, 90, 100)
+OVERHEAD_BASE_W = 4000.0  # a small farm's lighting, network and offices
+
+
+@dataclass
+class Plan:
+    fleets: dict[str, dict[str, int]] = field(default_factory=lambda: dict(FLEETS))
+    caps: tuple[int, ...] = CAPS
+    settle_s: float = 2 * 3600.0  # before the steady hour
+    steady_s: float = 3600.0
+    step_fleet: str | None = "fleet-1"
+    step_phase_s: float = 3600.0
+    step_low_pct: float = 40.0
+    interval_s: float = 10.0
+    control: dict[str, Any] = field(default_factory=dict)
+    verbose: bool = True
+
+
+def build_farm(clock: ManualClock, mix: Mapping[str, int], *, pdus: int = 4, seed: int = 7) -> Farm:
+    """The fleet's rigs, interleaved by model, on `pdus` PDUs; every rig takes power targets
+    and sleeps (the in-process adapters drive them as LuxOS rigs)."""
+    farm = Farm(clock)
+    farm.meter.overhead_base_w = OVERHEAD_BASE_W
+    queue = [name for name, n in mix.items() for _ in range(n)]
+    # Interleave so that every PDU carries every model.
+    order = sorted(range(len(queue)), key=lambda i: (i % 7, i))
+    t = clock.now()
+    for n, i in enumerate(order, start=1):
+        rid = f"rig-{n:03d}"
+        farm.rigs[rid] = SimRig(rid, ALL_MODELS[queue[i]], t, seed=seed * 100_003 + n)
+    per = math.ceil(len(farm.rigs) / pdus)
+    rigs = list(farm.rigs.values())
+    for p in range(pdus):
+        pid = f"pdu-{p + 1:02d}"
+        farm.pdus[pid] = SimPdu(pid, rigs[p * per : (p + 1) * per])
+    return farm
+
+
+def harness(tmp: Path, farm: Farm, clock: ManualClock, plan: Plan) -> SimHarness:
+    full = flat_out_kw(farm)
+    control = {"max_import_kw": round(full, 1), "ramp_kw_per_interval": round(full, 1)}
+    control.update(plan.control)
+    cfg = farm_config(farm, tmp / "state", interval_s=plan.interval_s, control=control)
+    slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
+    return SimHarness(
+        tmp,
+        farm,
+        clock,
+        cfg,
+        substep_s=2.0,
+        settle_s=slowest + 2 * plan.interval_s,
+    )
+
+
+def commands(h: SimHarness) -> dict[str, int]:
+    counts = h.command_counts()
+    for pdu in h.direct.pdus.values():
+        for c in pdu.commands:
+            o = pdu.pdu.outlets[c.outlet]
+            if o.rig is not None:
+                counts[o.rig.id] = counts.get(o.rig.id, 0) + 1
+    return counts
+
+
+async def run_cap(fleet: str, mix: Mapping[str, int], cap_pct: float, plan: Plan) -> dict[str, Any]:
+    clock = ManualClock(START)
+    farm = build_farm(clock, mix)
+    with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
+        h = harness(Path(tmp), farm, clock, plan)
+        full = flat_out_kw(farm)
+        cap_kw = full * cap_pct / 100.0
+        t0 = h.now
+        if cap_pct < 100:
+            h.at(t0 + 33, lambda: h.set_override(cap_kw, 10 * 24 * 3600.0, "bench"))
+        steady_from = t0 + plan.settle_s
+        samples: list[tuple[float, float]] = []
+        before: dict[str, int] = {}
+
+        def each(_: object) -> None:
+            nonlocal before
+            if not before and h.now >= steady_from:
+                before = commands(h)
+            if h.now >= steady_from:
+                samples.append((h.now, true_ths(farm.rigs.values(), h.now)))
+
+        await h.run_until(steady_from + plan.steady_s, each)
+        after = commands(h)
+        rep = h.recorder.report(since=t0)
+        steady = [s for s in h.recorder.samples if s.t >= steady_from]
+        import_kw = sum(s.import_kw * s.dt for s in steady) / sum(s.dt for s in steady)
+        over_s = sum(s.dt for s in h.recorder.samples if not s.settling and s.import_kw > s.cap_kw)
+        rigd_ths = sum(v for _, v in samples) / len(samples)
+        best = optimum(farm, cap_kw)
+        own = optimum(farm, min(cap_kw, import_kw))
+        steady_cmds = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        kept = h.controller.attainment
+        await h.close()
+    return {
+        "fleet": fleet,
+        "cap_pct": cap_pct,
+        "cap_kw": round(cap_kw, 3),
+        "optimum_ths": round(best.ths, 2),
+        "dual_bound_ths": round(best.dual_bound_ths, 2),
+        "rigd_ths": round(rigd_ths, 2),
+        "ratio": round(rigd_ths / best.ths, 4) if best.ths else None,
+        "optimum_at_own_import_ths": round(own.ths, 2),
+        "ratio_at_own_import": round(rigd_ths / own.ths, 4) if own.ths else None,
+        "import_over_cap": round(import_kw / cap_kw, 4),
+        "over_cap_s_after_stop": round(over_s, 1),
+        "worst_over_kw_after_stop": round(max(0.0, rep.worst_kw_settled), 3),
+        "commands": sum(after.values()),
+        "steady_commands": sum(steady_cmds.values()),
+        "rigs_flapping": sum(1 for v in steady_cmds.values() if v > 2),
+        "rigd_kept_pct": round(100 * kept[0] / kept[1], 2) if kept else None,
+        "optimum_running": best.running,
+    }
+
+
+async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, Any]:
+    """100 % -> `step_low_pct` -> 100 %, each for `step_phase_s`."""
+    clock = ManualClock(START)
+    farm = build_farm(clock, mix)
+    with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
+        h = harness(Path(tmp), farm, clock, plan)
+        full = flat_out_kw(farm)
+        low_kw = full * plan.step_low_pct / 100.0
+        t0 = h.now
+        t_drop = t0 + plan.step_phase_s + 3
+        t_back = t_drop + plan.step_phase_s
+        h.at(t_drop, lambda: h.set_override(low_kw, t_back - t_drop, "bench step"))
+        series: list[tuple[float, float]] = []
+
+        def each(_: object) -> None:
+            series.append((h.now, true_ths(farm.rigs.values(), h.now)))
+
+        t_end = t_back + plan.step_phase_s
+        await h.run_until(t_end, each)
+        samples = list(h.recorder.samples)
+        await h.close()
+    opt_low = optimum(farm, low_kw).ths
+    opt_full = optimum(farm, full).ths
+
+    def under_at(since: float, until: float) -> float | None:
+        """Time from `since` until import is under the cap for good (before `until`)."""
+        last_over = since
+        for s in samples:
+            if since <= s.t < until and s.import_kw > s.cap_kw:
+                last_over = s.t
+        return last_over - since
+
+    def within(since: float, until: float, opt: float) -> float | None:
+        """Time from `since` until hashrate stays within 1 % of `opt` (before `until`)."""
+        hit: float | None = None
+        for t, v in series:
+            if not since <= t < until:
+                continue
+            close = abs(v - opt) <= 0.01 * opt
+            hit = (t if hit is None else hit) if close else None
+        return None if hit is None else hit - since
+
+    def level(since: float, until: float) -> float:
+        """rigd's mean hashrate over the last quarter of a phase: where it settled."""
+        tail = [v for t, v in series if since + 0.75 * (until - since) <= t < until]
+        return sum(tail) / len(tail)
+
+    restore_over = max(
+        (s.import_kw - s.cap_kw for s in samples if s.t >= t_back), default=-math.inf
+    )
+    drop_over_after_stop = sum(
+        s.dt
+        for s in samples
+        if t_drop <= s.t < t_back and not s.settling and s.import_kw > s.cap_kw
+    )
+    return {
+        "fleet": fleet,
+        "low_pct": plan.step_low_pct,
+        "time_under_cap_s": under_at(t_drop, t_back),
+        "over_cap_s_after_stop": drop_over_after_stop,
+        "time_to_1pct_of_optimum_at_low_s": within(t_drop, t_back, opt_low),
+        "time_to_1pct_of_optimum_after_restore_s": within(t_back, math.inf, opt_full),
+        # Where rigd settles in each phase, against the optimum at the cap (its margins
+        # included), and how long it takes to get within 1 % of that level.
+        "settled_ratio_at_low": round(level(t_drop, t_back) / opt_low, 4),
+        "settled_ratio_after_restore": round(level(t_back, t_end) / opt_full, 4),
+        "time_to_1pct_of_settled_at_low_s": within(t_drop, t_back, level(t_drop, t_back)),
+        "time_to_1pct_of_settled_after_restore_s": within(t_back, math.inf, level(t_back, t_end)),
+        "restore_overshoot_kw": round(max(0.0, restore_over), 3),
+        "optimum_low_ths": round(opt_low, 2),
+        "optimum_full_ths": round(opt_full, 2),
+    }
+
+
+COLUMNS = (
+    ("fleet", "fleet", "{}"),
+    ("cap_pct", "cap %", "{:.0f}"),
+    ("optimum_ths", "optimum TH/s", "{:.1f}"),
+    ("rigd_ths", "rigd TH/s", "{:.1f}"),
+    ("ratio", "ratio", "{:.4f}"),
+    ("ratio_at_own_import", "ratio at own import", "{:.4f}"),
+    ("import_over_cap", "import / cap", "{:.4f}"),
+    ("over_cap_s_after_stop", "s over cap after stop", "{:.0f}"),
+    ("worst_over_kw_after_stop", "worst over kW", "{:.2f}"),
+    ("commands", "commands", "{:d}"),
+    ("steady_commands", "steady-hour commands", "{:d}"),
+    ("rigs_flapping", "rigs > 2 in steady hour", "{:d}"),
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if k == "fleet" else "---:" for k, _, _ in COLUMNS) + "|"
+    out = [head, rule]
+    for r in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = r.get(key)
+            cells.append("n/a" if v is None else fmt.format(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def step_lines(step: Mapping[str, Any]) -> str:
+    def s(v: Any) -> str:
+        return "never" if v is None else f"{v:.0f} s"
+
+    return (
+        f"step {step['fleet']} 100 -> {step['low_pct']:.0f} -> 100 %: under the cap "
+        f"{s(step['time_under_cap_s'])} after the drop ({step['over_cap_s_after_stop']:.0f} s "
+        f"over after the stop time); within 1 % of the optimum "
+        f"{s(step['time_to_1pct_of_optimum_at_low_s'])} after the drop and "
+        f"{s(step['time_to_1pct_of_optimum_after_restore_s'])} after the restore; "
+        f"settled at {step['settled_ratio_at_low']:.4f} and "
+        f"{step['settled_ratio_after_restore']:.4f} of the optimum, within 1 % of that "
+        f"{s(step['time_to_1pct_of_settled_at_low_s'])} and "
+        f"{s(step['time_to_1pct_of_settled_after_restore_s'])} after each step; worst "
+        f"overshoot during the restore {step['restore_overshoot_kw']:.2f} kW"
+    )
+
+
+async def run(plan: Plan) -> dict[str, Any]:
+    rows = []
+    for fleet, mix in plan.fleets.items():
+        for cap in plan.caps:
+            t = time.monotonic()
+            row = await run_cap(fleet, mix, cap, plan)
+            rows.append(row)
+            if plan.verbose:
+                print(
+                    f"{fleet} {cap:>3}%: optimum {row['optimum_ths']:.1f} TH/s, rigd "
+                    f"{row['rigd_ths']:.1f} ({row['ratio']:.4f}; {row['ratio_at_own_import']:.4f} "
+                    f"at its own import {row['import_over_cap']:.4f} of the cap), "
+                    f"{row['over_cap_s_after_stop']:.0f} s over, {row['commands']} commands, "
+                    f"{row['rigs_flapping']} flapping  [{time.monotonic() - t:.0f} s]",
+                    file=sys.stderr,
+                )
+    step = None
+    if plan.step_fleet is not None:
+        step = await run_step(plan.step_fleet, plan.fleets[plan.step_fleet], plan)
+        if plan.verbose:
+            print(step_lines(step), file=sys.stderr)
+    return {"machine": proc.machine(), "rows": rows, "step": step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.control", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, help="write {machine, rows, step} here")
+    ap.add_argument("--fleet", action="append", choices=sorted(FLEETS), help="only this fleet")
+    ap.add_argument("--cap", action="append", type=int, help="only this cap, %% of full load")
+    ap.add_argument("--no-step", action="store_true", help="skip the 100 -> 40 -> 100 %% step")
+    ap.add_argument("--settle-h", type=float, default=2.0, help="hours before the steady hour")
+    args = ap.parse_args(argv)
+    plan = Plan(settle_s=args.settle_h * 3600.0)
+    if args.fleet:
+        plan.fleets = {f: FLEETS[f] for f in args.fleet}
+        if plan.step_fleet not in plan.fleets:
+            plan.step_fleet = args.fleet[0]
+    if args.cap:
+        plan.caps = tuple(args.cap)
+    if args.no_step:
+        plan.step_fleet = None
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    result = asyncio.run(run(plan))
+    print(table(result["rows"]))
+    if result["step"] is not None:
+        print()
+        print(step_lines(result["step"]))
+    m = result["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
