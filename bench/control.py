@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", action="append", type=int, help="only this cap, %% of full load")
     ap.add_argument("--no-step", action="store_true", help="skip the 100 -> 40 -> 100 %% step")
     ap.add_argument("--settle-h", type=float, default=2.0, help="hours before the steady hour")
+    ap.add_argument("--steady-h", type=float, default=1.0, help="hours measured (default 1)")
     args = ap.parse_args(argv)
-    plan = Plan(settle_s=args.settle_h * 3600.0)
+    plan = Plan(settle_s=args.settle_h * 3600.0, steady_s=args.steady_h * 3600.0)
     if args.fleet:
         plan.fleets = {f: FLEETS[f] for f in args.fleet}
         if plan.step_fleet not in plan.fleets:

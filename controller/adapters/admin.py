@@ -29,7 +29,7 @@ import structlog
 from controller.config import ConfigError
 from controller.core.caps import effective_cap
 from controller.core.planner import ActionKind
-from controller.runtime.control import Hold, ManualRefused
+from controller.runtime.control import Hold, ManualRefused, attainment_fields
 
 if TYPE_CHECKING:
     from controller.runtime.daemon import Daemon
@@ -302,6 +302,7 @@ class AdminServer:
             ],
             "budget": doc.get("budget"),
             "override": ctl.override.as_dict() if ctl.override else None,
+            "hashrate": attainment_fields(ctl.attainment) or None,
         }
 
     # -- changes -------------------------------------------------------------------------

@@ -214,6 +214,9 @@ class RigInput:
     curve: Curve | None = None
     idle_w: float = IDLE_W  # what it draws asleep
     steps: tuple[float, ...] = ()  # the power targets its firmware takes (profiles); ()
+    # Power still to come from a rig coming up after a boot rigd did not command (a
+    # technician's power-on, a reboot): counted like a command in flight.
+    coming_w: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +293,7 @@ def _final_w(r: RigInput, mm: RigMemory, now: float) -> float:
     """The rig's power once what is in flight has settled, as the prediction counts it."""
     if mm.expected_w is not None and now < mm.settle_until and r.power_w is not None:
         return mm.expected_w
-    return _current_w(r)
+    return _current_w(r) + r.coming_w
 
 
 def _going_down(r: RigInput, mm: RigMemory, now: float) -> bool:
@@ -417,7 +420,9 @@ def plan(inp: PlanInput) -> Plan:
     nonrig = inp.nonrig_kw
     model = inp.model
     quiet = all(
-        now >= m(r).settle_until or m(r).expected_w is None or r.power_w is None for r in inp.rigs
+        (now >= m(r).settle_until or m(r).expected_w is None or r.power_w is None)
+        and not r.coming_w
+        for r in inp.rigs
     )
     # For the import model: also nothing commanded since its previous reading.
     steady = quiet and (
@@ -456,6 +461,7 @@ def plan(inp: PlanInput) -> Plan:
     for r in inp.rigs:
         mm = m(r)
         if mm.expected_w is None or settled(r) or r.power_w is None:
+            in_flight += r.coming_w / 1000.0  # a boot rigd did not command, still rising
             continue
         delta = (mm.expected_w - r.power_w) / 1000.0
         in_flight += delta
@@ -1055,6 +1061,10 @@ def _attainment(
                 r.priority,
             )
         )
+    if room_kw >= 0 and all(
+        u.now_w >= u.hi - MIN_CHANGE_W and (u.running or not u.may_run) for u in units
+    ):
+        return after_ths, after_ths  # every rig at its top, under the cap: nothing to gain
     best = allocate(units, total + room_kw * 1000.0)
     if not best.feasible or best.ths <= 0:
         return after_ths, None

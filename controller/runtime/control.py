@@ -31,9 +31,10 @@ from controller.core.caps import (
     Schedule,
     effective_cap,
     pacing_limit,
+    period_bounds,
     schedule_limits,
 )
-from controller.core.curves import FIRMWARE_WEIGHT, Band, CurveData
+from controller.core.curves import FIRMWARE_WEIGHT, Band, CurveData, prior_curve
 from controller.core.overhead import ImportModel
 from controller.core.planner import (
     IDLE_W,
@@ -114,8 +115,11 @@ def cap_settings(c: ControlConfig, timezone: str) -> CapSettings:
     return CapSettings(c.max_import_kw, timezone, schedules)
 
 
-def budget_settings(b: BudgetConfig) -> BudgetSettings:
-    return BudgetSettings(b.period, b.kwh, b.reserve_pct)
+def budget_settings(b: BudgetConfig, max_import_kw: float, poll_s: float) -> BudgetSettings:
+    # What the farm could overdraw while it obeys: its maximum import for two polls and
+    # two minutes of powering down.
+    lag_kwh = max_import_kw * (2.0 * poll_s + 120.0) / 3600.0
+    return BudgetSettings(b.period, b.kwh, b.reserve_pct, lag_kwh)
 
 
 def rig_timing(t: ModelTiming) -> RigTiming:
@@ -189,6 +193,9 @@ class ControlStatus:
     dry_run: bool
     inflight: int
     held: dict[str, int] = field(default_factory=dict)
+    # (TH/s the plan gives once settled, TH/s the best plan under the cap would give),
+    # both from the learned curves, as of the last full allocation.
+    attainment: tuple[float, float] | None = None
 
     def site_fields(self) -> dict[str, Any]:
         """Fields merged into the `state` document."""
@@ -201,11 +208,23 @@ class ControlStatus:
                 "inflight_actions": self.inflight,
                 **(self.plan.as_dict() if self.plan else {}),
                 **self.held,
+                **attainment_fields(self.attainment),
             },
         }
         if self.budget is not None:
             doc["budget"] = self.budget
         return doc
+
+
+def attainment_fields(att: tuple[float, float] | None) -> dict[str, Any]:
+    """What the plan gives up against the best plan under the cap, for documents."""
+    if att is None or att[1] <= 0:
+        return {}
+    return {
+        "hashrate_ths": round(att[0], 1),
+        "attainable_ths": round(att[1], 1),
+        "kept_pct": round(100.0 * min(1.0, att[0] / att[1]), 1),
+    }
 
 
 class Controller:
@@ -229,7 +248,11 @@ class Controller:
         # The config as the pure core reads it: plain frozen values, made once per config.
         self.settings = planner_settings(control)
         self.cap_settings = cap_settings(control, cfg.site.timezone)
-        self.budget_settings = None if cfg.budget is None else budget_settings(cfg.budget)
+        self.budget_settings = (
+            None
+            if cfg.budget is None
+            else budget_settings(cfg.budget, control.max_import_kw, cfg.poll.interval_s)
+        )
         self._timings: dict[str, RigTiming] = {}
         # As many commands at once as reads: a grid order may put thousands of rigs to sleep.
         self.executor = Executor(
@@ -438,7 +461,8 @@ class Controller:
         out += schedule_limits(self.cap_settings, now)
         if self.budget_settings is not None and self.energy is not None:
             used, end = self.energy.used_at(now, self.cfg.site.timezone)
-            out.append(pacing_limit(self.budget_settings, used, end, now))
+            start, _ = period_bounds(self.budget_settings.period, self.cfg.site.timezone, now)
+            out.append(pacing_limit(self.budget_settings, used, end, now, start))
         out += self.external.values()
         if self.override is not None:
             o = self.override
@@ -513,6 +537,21 @@ class Controller:
             and self.control.allow_outlet_off
             and info.outlet[0] in self._switchable_pdus
         )
+        timing = self._timing(model)
+        coming = 0.0
+        mm = self.memory.get(info.id)
+        if (
+            t is not None
+            and rig.state in (RigState.MINING, RigState.WAKING)
+            and t.uptime_s is not None
+            and t.uptime_s < timing.wake_s
+            and rig.power_w is not None
+            and (mm is None or self.now() >= mm.settle_until)
+        ):
+            # Up for less than a wake takes, and rigd did not wake it: a power-on or a
+            # reboot, still ramping to its own target.
+            goal = mm.target_w if mm is not None and mm.target_w is not None else full
+            coming = max(0.0, goal - rig.power_w)
         return RigInput(
             id=info.id,
             state=rig.state,
@@ -527,13 +566,15 @@ class Controller:
             max_w=caps.power_target_max_w,
             has_outlet=has_outlet,
             outlet_on=rig.outlet_on,
-            timing=self._timing(model),
+            timing=timing,
             maintenance=info.id in self.maintenance,
             pinned=info.id in self.pinned,
             busy=info.id in self._inflight,
-            curve=self._curve(info.id, learned),
+            curve=self._curve(info.id, learned)
+            or prior_curve(full, t.nominal_hashrate_ths if t is not None else None, eff),
             idle_w=IDLE_W if learned.sleep_w is None else learned.sleep_w,
             steps=tuple(w for w, _ in caps.profiles),
+            coming_w=coming,
         )
 
     def _curve(self, rig_id: str, learned: Learned) -> Any:
@@ -651,7 +692,9 @@ class Controller:
             self._learned_saved = (now, len(self.learned))
         self._save(items)
         held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
-        return ControlStatus(cap, result, budget_doc, self.dry_run, len(self._inflight), held)
+        return ControlStatus(
+            cap, result, budget_doc, self.dry_run, len(self._inflight), held, self.attainment
+        )
 
     def _learned_doc(self) -> dict[str, Any]:
         return {k: v.as_dict() for k, v in self.learned.items()}
