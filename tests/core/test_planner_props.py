@@ -783,8 +783,9 @@ def test_remember_reflects_what_was_sent(
         ActionKind.OUTLET_OFF: Mode.OFF,
         ActionKind.OUTLET_ON: Mode.RUN if a.watts is None else Mode.THROTTLE,
         ActionKind.WAKE: Mode.RUN if a.watts is None else Mode.THROTTLE,
+        # Within a watt of its full power is its default; above it, a target like any other.
         ActionKind.SET_POWER: (
-            Mode.RUN if a.watts is None or a.watts >= full - 1 else Mode.THROTTLE
+            Mode.RUN if a.watts is None or abs(a.watts - full) <= 1 else Mode.THROTTLE
         ),
     }[a.kind]
     assert got.mode is want

@@ -436,9 +436,7 @@ async def test_restart_keeps_counters_overrides_sleeps_and_holds(sim: MakeSim) -
     """A restart mid-curtailment must be invisible to the farm and to the bill: same cap,
     same sleepers (nothing woken early), same holds, one continuous energy count.
     (Re-optimisation is off: a swap would move sleepers for reasons of its own.)"""
-    h = sim(
-        rigs=30, pdus=3, control={"reopt_gain_pct": 100}, budget={"period": "day", "kwh": 1e6}
-    )
+    h = sim(rigs=30, pdus=3, control={"reopt_gain_pct": 100}, budget={"period": "day", "kwh": 1e6})
     ctl = h.cfg.control
     assert ctl is not None
     t0 = h.now
