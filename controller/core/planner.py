@@ -478,7 +478,8 @@ def plan(inp: PlanInput) -> Plan:
     upper = target
     lower = target - deadband
     note = ""
-    if predicted > upper:
+    shedding = predicted > upper
+    if shedding:
         need = predicted - (upper - SHED_TO * deadband)
         shed = _shed(inp, need / factor, free, settled, add)
         predicted -= factor * shed
@@ -504,7 +505,8 @@ def plan(inp: PlanInput) -> Plan:
                 inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add
             )
     hashrate = attainable = None
-    if model is not None and inp.reoptimize:
+    # What the plan gives up (a full allocation): not while shedding, when commands wait.
+    if model is not None and inp.reoptimize and not inp.urgent and not shedding:
         hashrate, attainable = _attainment(inp, actions, (cap_kw - predicted) / factor)
     return Plan(
         tuple(actions),
@@ -789,9 +791,10 @@ def _improve(
         rig_of[r.id] = r
     if not units:
         return 0.0
-    if not fill and not any(u.hi > u.now_w + MIN_CHANGE_W or not u.running for u in units.values()):
-        # Nothing can rise: a better plan could only trade one rig for another, and with
-        # nothing that may rise there is no trade. (Cheap exit for a farm under no cap.)
+    if not any(u.hi > u.now_w + MIN_CHANGE_W or not u.running for u in units.values()):
+        # Nothing can rise: there is nothing to fill with, and a better plan could only
+        # trade one rig for another, with nothing that may rise to take the other side.
+        # (The cheap exit for a farm under no cap.)
         return 0.0
     now_ths = sum(u.ths(u.now_w) for u in units.values() if u.running)
     total = sum(u.now_w for u in units.values())
