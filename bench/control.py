@@ -49,7 +49,7 @@ from typing import Any
 from bench import proc
 from bench.optimum import optimum, true_ths
 from simulators.clock import ManualClock
-from simulators.farm import MODELS, Farm, RigModel, SimPdu, SimRig
+from simulators.farm import MODELS, Farm, RigModel, SimMeter, SimPdu, SimRig
 from simulators.whatsminer_server import WHATSMINER_MODELS
 from tests.sim_harness import SimHarness, farm_config, flat_out_kw
 
@@ -92,6 +92,8 @@ class Plan:
     step_low_pct: float = 40.0
     interval_s: float = 10.0
     control: dict[str, Any] = field(default_factory=dict)
+    seed: int = 7  # the rigs' ripple phases and the meter's noise
+    real_caps: tuple[int, ...] = ()  # caps for the run through the real drivers
     verbose: bool = True
 
 
@@ -100,6 +102,8 @@ def build_farm(clock: ManualClock, mix: Mapping[str, int], *, pdus: int = 4, see
     and sleeps (the in-process adapters drive them as LuxOS rigs)."""
     farm = Farm(clock)
     farm.meter.overhead_base_w = OVERHEAD_BASE_W
+    if seed != 7:
+        farm.meter = SimMeter(farm.meter.id, farm, overhead_base_w=OVERHEAD_BASE_W, seed=seed)
     queue = [name for name, n in mix.items() for _ in range(n)]
     # Interleave so that every PDU carries every model.
     order = sorted(range(len(queue)), key=lambda i: (i % 7, i))
@@ -143,7 +147,7 @@ def commands(h: SimHarness) -> dict[str, int]:
 
 async def run_cap(fleet: str, mix: Mapping[str, int], cap_pct: float, plan: Plan) -> dict[str, Any]:
     clock = ManualClock(START)
-    farm = build_farm(clock, mix)
+    farm = build_farm(clock, mix, seed=plan.seed)
     with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
         h = harness(Path(tmp), farm, clock, plan)
         full = flat_out_kw(farm)
@@ -198,7 +202,7 @@ async def run_cap(fleet: str, mix: Mapping[str, int], cap_pct: float, plan: Plan
 async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, Any]:
     """100 % -> `step_low_pct` -> 100 %, each for `step_phase_s`."""
     clock = ManualClock(START)
-    farm = build_farm(clock, mix)
+    farm = build_farm(clock, mix, seed=plan.seed)
     with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
         h = harness(Path(tmp), farm, clock, plan)
         full = flat_out_kw(farm)
@@ -269,6 +273,114 @@ async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, 
     }
 
 
+# -- through the real drivers over loopback ---------------------------------------------------
+
+REAL_MIX = ("luxos", "whatsminer", "braiins")  # every firmware that throttles and sleeps
+REAL_MODELS = {"Antminer S19 Pro": 0.4, "Antminer S19j Pro": 0.2, "Antminer S19 XP": 0.2,
+               "Antminer S21": 0.2}  # fmt: skip
+
+
+async def run_real(
+    cap_pct: float, plan: Plan, *, rigs: int = 21, speed: float = 30.0
+) -> dict[str, Any]:
+    """One cap on a farm served by the firmware simulators on their real ports over
+    loopback (LuxOS with its profiles, Whatsminer API v2, Braiins OS REST), the daemon's
+    real drivers polling them, on a clock `speed` times faster than the wall clock."""
+    import random
+
+    from controller.config import load_config
+    from controller.runtime.daemon import Daemon
+    from simulators.clock import ScaledClock
+    from simulators.site import SimSite
+
+    site: SimSite | None = None
+    for _ in range(10):
+        block = f"127.{random.randint(100, 250)}.{random.randint(1, 254)}"
+        candidate = SimSite(
+            rigs=rigs, pdus=3, subnet=f"{block}.0/24", clock=ScaledClock(speed),
+            mix=REAL_MIX, models=REAL_MODELS, seed=plan.seed,
+        )  # fmt: skip
+        try:
+            await candidate.start()
+        except OSError:  # an address of this block is taken
+            continue
+        site = candidate
+        break
+    if site is None:
+        raise RuntimeError("no free loopback block for the real-driver run")
+    farm = site.farm
+    farm.meter.overhead_base_w = OVERHEAD_BASE_W * rigs / 40
+    full = flat_out_kw(farm)
+    cap_kw = full * cap_pct / 100.0
+    tmp = Path(tempfile.mkdtemp(prefix="rigd-bench-real-", dir="/tmp"))
+    samples: list[tuple[float, float, float, float]] = []  # t, true import, cap, TH/s
+    try:
+        control = (
+            f"[control]\nmax_import_kw = {full:.3f}\nramp_kw_per_interval = {full:.3f}\n"
+            + "".join(f"{k} = {v!r}\n" for k, v in plan.control.items())
+        )
+        cfg_path = tmp / "rigd.toml"
+        cfg_path.write_text(
+            site.config_toml(
+                broker_url="mqtt://127.0.0.1:9",  # no broker: control needs none
+                state_dir=tmp,
+                interval_s=plan.interval_s,
+                extra=control,
+            )
+        )
+        cfg = load_config(cfg_path, environ={})
+        daemon = Daemon(cfg, clock=site.clock, config_path=str(cfg_path))
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop))
+        clock = site.clock
+        for _ in range(600):
+            if daemon.controller is not None and daemon.last is not None:
+                break
+            await asyncio.sleep(0.05)
+        ctl = daemon.controller
+        assert ctl is not None, "the daemon never completed a cycle"
+        t0 = clock.now()
+        ctl.set_override(cap_kw, t0 + 10 * 3600, "bench", "bench")
+        end = t0 + plan.settle_s + plan.steady_s
+        while clock.now() < end:
+            t = clock.now()
+            samples.append(
+                (t, farm.meter.true_power_w(t) / 1000, cap_kw, true_ths(farm.rigs.values(), t))
+            )
+            await asyncio.sleep(2.0 / speed)
+        last = ctl.last_plan
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    finally:
+        await site.stop()
+    slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
+    stop_s = slowest + 2 * plan.interval_s + 10.0  # and the real drivers' own round trips
+    steady_from = t0 + plan.settle_s
+    steady = [x for x in samples if x[0] >= steady_from]
+    over = [x for x in samples if x[0] > t0 + stop_s and x[1] > x[2]]
+    import_kw = sum(x[1] for x in steady) / len(steady)
+    rigd_ths = sum(x[3] for x in steady) / len(steady)
+    best = optimum(farm, cap_kw)
+    own = optimum(farm, min(cap_kw, import_kw))
+    return {
+        "fleet": f"real-{rigs}",
+        "cap_pct": cap_pct,
+        "cap_kw": round(cap_kw, 3),
+        "optimum_ths": round(best.ths, 2),
+        "rigd_ths": round(rigd_ths, 2),
+        "ratio": round(rigd_ths / best.ths, 4),
+        "ratio_at_own_import": round(rigd_ths / own.ths, 4),
+        "import_over_cap": round(import_kw / cap_kw, 4),
+        "over_cap_s_after_stop": round(2.0 * len(over), 1),
+        "worst_over_kw_after_stop": round(max((x[1] - x[2] for x in over), default=0.0), 3),
+        "commands": sum(r.command_count for r in farm.rigs.values()),
+        "steady_commands": None,
+        "rigs_flapping": None,
+        "dialects": sorted(set(site.dialects.values())),
+        "last_plan": None if last is None else last.as_dict(),
+    }
+
+
 COLUMNS = (
     ("fleet", "fleet", "{}"),
     ("cap_pct", "cap %", "{:.0f}"),
@@ -332,6 +444,19 @@ async def run(plan: Plan) -> dict[str, Any]:
                     f"{row['rigs_flapping']} flapping  [{time.monotonic() - t:.0f} s]",
                     file=sys.stderr,
                 )
+    for cap in plan.real_caps:
+        t = time.monotonic()
+        row = await run_real(cap, plan)
+        rows.append(row)
+        if plan.verbose:
+            print(
+                f"{row['fleet']} {cap:>3}%: optimum {row['optimum_ths']:.1f} TH/s, rigd "
+                f"{row['rigd_ths']:.1f} ({row['ratio']:.4f}; {row['ratio_at_own_import']:.4f} "
+                f"at its own import {row['import_over_cap']:.4f} of the cap), "
+                f"{row['over_cap_s_after_stop']:.0f} s over, {row['commands']} commands  "
+                f"[{time.monotonic() - t:.0f} s]",
+                file=sys.stderr,
+            )
     step = None
     if plan.step_fleet is not None:
         step = await run_step(plan.step_fleet, plan.fleets[plan.step_fleet], plan)
@@ -348,8 +473,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-step", action="store_true", help="skip the 100 -> 40 -> 100 %% step")
     ap.add_argument("--settle-h", type=float, default=2.0, help="hours before the steady hour")
     ap.add_argument("--steady-h", type=float, default=1.0, help="hours measured (default 1)")
+    ap.add_argument("--seed", type=int, default=7, help="rig ripple phases and meter noise")
+    ap.add_argument(
+        "--real",
+        action="append",
+        type=int,
+        metavar="CAP",
+        help="also run this cap through the real drivers over loopback (30x farm time)",
+    )
     args = ap.parse_args(argv)
-    plan = Plan(settle_s=args.settle_h * 3600.0, steady_s=args.steady_h * 3600.0)
+    plan = Plan(settle_s=args.settle_h * 3600.0, steady_s=args.steady_h * 3600.0, seed=args.seed)
     if args.fleet:
         plan.fleets = {f: FLEETS[f] for f in args.fleet}
         if plan.step_fleet not in plan.fleets:
@@ -358,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.caps = tuple(args.cap)
     if args.no_step:
         plan.step_fleet = None
+    if args.real:
+        plan.real_caps = tuple(args.real)
     import logging
 
     import structlog

@@ -7,32 +7,46 @@ rule below is tested by feeding it states.
 The policy, in order:
 
 1. Never re-command a rig before its model has had time to show the last command
-   in its power (the one exception: a rig still waking may be slept when the cap needs
-   it; a rig still going down is never told again); never touch rigs in maintenance,
+   in its power (the exceptions: a rig still waking, or still showing a throttle, may be
+   slept when the cap needs it; a rig going to sleep is never told again); never touch
+   rigs in maintenance,
    pinned, unreachable, or held asleep/off by someone else (rigd only wakes what it put
    to sleep). At most one command per rig per plan.
 2. A rig told to sleep that still draws power after `escalate_after_s` has its
    PDU outlet switched off (where mapped and allowed).
-3. Import is the meter's reading when fresh; otherwise an estimate (rig and outlet
-   readings, unreachable rigs at their last known power, plus the non-rig load last
-   seen by the meter, plus a safety margin); with no trustworthy reading at all, the
-   configured safe state. To it are added the changes already in flight (rigs still
-   ramping up, still going to sleep), so a decision never double-counts or forgets one.
-4. Above the target (cap minus headroom): shed. Least useful rigs go first (lowest
-   group priority, then worst J/TH). Throttling keeps more hashrate per kW shed than
-   sleeping (hashrate falls slower than power), so: sleep the worst rigs only until
-   throttling the rest can cover what remains, then throttle, worst first. If that is
-   not enough, rigs inside their minimum on-time or still waking are slept too, or
-   throttled where they cannot sleep (the cap comes first), then rigs without API sleep
-   are switched off at their outlet. Every saving is counted from the power the rig is
-   heading for (what the prediction counts), so nothing in flight is counted twice.
-5. Below the target by more than the deadband: restore, best rigs first (highest
-   priority, then best J/TH), raising throttled rigs and waking slept ones, never
-   adding more than `ramp_kw_per_interval` counting rigs still ramping, and never
-   beyond the target. A rig slept less than `min_off_s` ago stays asleep. A wake counts
-   from what the rig draws now (nothing, if unknown), so it is never under-counted.
-   Power targets stay inside the rig's range; without power targets (in config or
-   firmware), a throttled rig goes straight back to full power once that fits.
+3. Import is the meter's reading when fresh, filtered through the import model
+   (controller/core/overhead.py: the site's load besides the rigs, a fixed part plus losses
+   growing with the rigs' power); otherwise an estimate (rig and outlet readings,
+   unreachable rigs at their last known power, plus the non-rig load, plus a safety
+   margin); with no trustworthy reading at all, the configured safe state. To it are added
+   the changes already in flight (rigs still ramping up, still going to sleep, rigs coming
+   up after a boot rigd did not command), each times the losses, so a decision never
+   double-counts or forgets one. The target is the cap minus the headroom: the configured
+   one, or the meter's measured noise margin where that is larger.
+4. Every decision is an allocation by marginal value (controller/core/allocation.py): the
+   most hashrate, by each rig's learned curve (controller/core/curves.py), for a budget of
+   rig power, across run, throttle and sleep, group priority first.
+5. Above the target: shed, to a quarter of the dead band under it, by the allocation of what
+   the rigs free to shed (settled, outside their minimum on-time) may keep, each only going
+   down: throttled rigs end at equal marginal hashrate per kW, a rig sleeps when its
+   whole-rig hashrate per kW is the lowest on offer. If that is not enough, the cap comes
+   first: rigs inside their minimum on-time or still waking are slept, and a throttle still
+   showing may become a sleep; then rigs without API sleep are switched off at their outlet.
+   Under a grid deadline, sleep only, least hashrate per kW first. Every saving is counted
+   from the power the rig is heading for, so nothing in flight is counted twice.
+6. Below the target by more than the dead band: fill, to a quarter of the band under it, by
+   the allocation of the room among the rigs rigd lowered (raising throttled rigs, waking
+   slept ones at the power given to them), never adding more than `ramp_kw_per_interval`
+   counting rigs still ramping, and never beyond the target; the room counts nothing still
+   on its way down as gone. A rig slept less than `min_off_s` ago stays asleep. A wake
+   counts from what the rig draws now (nothing, if unknown), so it is never under-counted.
+7. Inside the band, when asked (`reoptimize`): move towards a better plan when it gains at
+   least `reopt_gain_pct` of the hashrate beyond what raising alone would give: swaps, only
+   from a steady state, no bigger than the ramp lets come back at once, on rigs outside
+   their dwell and not commanded within `reopt_hold_s`; their increases wait for their
+   decreases to show.
+8. Fewer commands: a rig whose share of a change is small is held where it is while the
+   others cover it, if that costs under 0.1 % of the hashrate.
 """
 
 from __future__ import annotations
