@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     result = asyncio.run(run(plan))
     print(table(result["rows"]))
     if result["step"] is not None:
