@@ -50,7 +50,7 @@ from bench import proc
 from bench.optimum import optimum, true_ths
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, RigModel, SimMeter, SimPdu, SimRig
-from simulators.whatsminer_server import WHATSMINER_MODELS
+from simulators.whatsminer import WHATSMINER_MODELS
 from tests.sim_harness import SimHarness, farm_config, flat_out_kw
 
 ALL_MODELS: dict[str, RigModel] = {**MODELS, **WHATSMINER_MODELS}

@@ -49,7 +49,8 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
-from drivers.cgminer import DEFAULT_PORT, CGMinerClient, parse_identity
+from drivers.base import MinerCapabilities
+from drivers.cgminer import DEFAULT_PORT, CGMinerClient, CGMinerDriver, parse_identity
 from drivers.errors import (
     CommandRejected,
     DeviceAuthError,
@@ -60,7 +61,6 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
-from drivers.miner import CGMinerDriver, MinerCapabilities
 from drivers.telemetry import RigIdentity, RigState, RigTelemetry
 
 log = structlog.get_logger(__name__)

@@ -47,6 +47,7 @@ from pysnmp.hlapi.v3arch.asyncio import (
 )
 from pysnmp.proto import errind
 
+from drivers.base import OutletAction
 from drivers.errors import (
     CommandRejected,
     DeviceAuthError,
@@ -429,7 +430,7 @@ class ApcPdu:
         self._repetitions = max(1, len(decoded.rows) + 1)
         return decoded.reading
 
-    async def set_outlet(self, outlet: int, action: Literal["on", "off", "reboot"]) -> None:
+    async def set_outlet(self, outlet: int, action: OutletAction) -> None:
         """Switch one outlet, then read its state back for on/off.
 
         A reboot is not read back: the outlet is legitimately off for the PDU's reboot

@@ -1,4 +1,5 @@
-"""Braiins OS (BOS+, "BOSer"): telemetry over its cgminer-compatible 4028 API, control over REST.
+"""Braiins OS (BOS+, "BOSer"): telemetry over its cgminer-compatible 4028 API, control over
+REST or, on releases without the REST API (before 25.07), over the public gRPC API.
 
 Braiins OS offers two surfaces and neither is enough alone. Its 4028 API imitates cgminer
 for monitoring tools (no credentials, one cheap connection per poll) but has no power
@@ -14,6 +15,12 @@ The BOSer 4028 dialect differs from cgminer's where it matters: hashrates are MH
 carries nothing, per-chain data is split over `devs` (MH/s), `temps` (board and chip °C),
 `devdetails` (chips, model) and `fans`, and power is the tuner's estimate in `tunerstatus`.
 `parse_telemetry` still reads `summary` (MH/s and uptime); the rest is parsed here.
+
+Releases before 25.07 have no REST API, only the public gRPC API (50051, since 23.03),
+which offers the same calls. `VersionedControl` asks the gRPC API its version
+(`GetApiVersion`, no login) at first use and after each reboot, and speaks gRPC below API
+1.7.0 (BOS 25.07), REST from then on; `BraiinsGrpcControl` answers the driver's calls in the
+REST API's JSON, so everything else here is the same for both.
 
 REST errors map to the typed `DeviceError`s: a refused login is `DeviceAuthError` (retrying
 with the same password cannot help), a 401 on a call re-logs in once (tokens expire after
@@ -31,25 +38,24 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
+import betterproto
 import structlog
 
+from drivers.base import MinerCapabilities
+from drivers.braiins_grpc.client import DEFAULT_PORT as _GRPC_PORT
+from drivers.braiins_grpc.client import BraiinsGrpcClient
+from drivers.braiins_grpc.proto.bos import v1
 from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
     MAX_REPLY_BYTES,
-    MAX_RIG_HASHRATE_THS,
-    MAX_RIG_POWER_W,
     CGMinerClient,
-    first,
-    measure,
     parse_telemetry,
-    section,
-    to_float,
-    to_int,
 )
 from drivers.errors import (
     CommandRejected,
@@ -61,14 +67,27 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
-from drivers.miner import MinerCapabilities
+from drivers.reboots import RebootWatch
+from drivers.retry import check_timing, with_retries
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+from drivers.values import (
+    MAX_RIG_HASHRATE_THS,
+    MAX_RIG_POWER_W,
+    first,
+    mapping,
+    measure,
+    positive,
+    section,
+    to_float,
+    to_int,
+)
 
 log = structlog.get_logger(__name__)
 
 Json = dict[str, Any]
 
 DEFAULT_REST_PORT: Final = 80
+DEFAULT_GRPC_PORT: Final = _GRPC_PORT  # the public gRPC API (releases before REST use it)
 DEFAULT_USERNAME: Final = "root"
 DEFAULT_PASSWORD: Final = "root"  # the factory login (pyasic's default too)
 FIRMWARE: Final = "Braiins OS"
@@ -131,10 +150,7 @@ class BraiinsRestClient:
         backoff_s: float = 0.1,
         max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        check_timing(timeout, retries)
         self.host = host
         self.port = port
         self.username = username or DEFAULT_USERNAME
@@ -172,25 +188,20 @@ class BraiinsRestClient:
         self, method: str, path: str, *, body: Any = None, operation: str, auth: bool = True
     ) -> Any:
         """One API call; returns the decoded JSON (None for an empty body)."""
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            try:
-                if auth:
-                    return await self._authed(method, path, body, operation)
-                status, data = await self._send(method, path, body, None, operation)
-                return self._decode(status, data, method, path, operation)
-            except (DeviceTimeout, DeviceUnreachable) as exc:
-                if attempt + 1 >= attempts:
-                    raise
-                log.debug(
-                    "braiins.rest_retry",
-                    device=self.device,
-                    operation=operation,
-                    attempt=attempt + 1,
-                    error=str(exc),
-                )
-                await asyncio.sleep(self.backoff_s * (2**attempt))
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+        async def once() -> Any:
+            if auth:
+                return await self._authed(method, path, body, operation)
+            status, data = await self._send(method, path, body, None, operation)
+            return self._decode(status, data, method, path, operation)
+
+        return await with_retries(
+            once,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            device=self.device,
+            operation=operation,
+        )
 
     async def _authed(self, method: str, path: str, body: Any, operation: str) -> Any:
         token = await self._ensure_token(operation)
@@ -340,6 +351,163 @@ class BraiinsRestClient:
             ) from exc
 
 
+# -- gRPC transport, and choosing one ------------------------------------------------------
+
+# The first public API version whose Braiins OS release (25.07) also serves the REST API.
+REST_SINCE_API: Final = (1, 7, 0)
+
+
+class BraiinsControl(Protocol):
+    """What the driver asks of a control transport: the REST API's paths and JSON."""
+
+    async def get(self, path: str, *, operation: str) -> Any: ...
+    async def put(self, path: str, body: Any = None, *, operation: str) -> Any: ...
+    async def close(self) -> None: ...
+
+
+def _plain(value: Any) -> Any:
+    """A message field's value as the REST API's JSON carries it: messages as objects with
+    their proto field names, enums as numbers, timestamps as {"seconds": N}."""
+    if isinstance(value, betterproto.Message):
+        return _snake(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, betterproto.Enum):
+        return int(value)
+    if isinstance(value, datetime):
+        return {"seconds": int(value.timestamp()), "nanos": 0}
+    return value
+
+
+def _snake(message: betterproto.Message) -> Json:
+    """A message as JSON with proto (snake_case) field names; of a oneof, only the member
+    set (betterproto 2.0.0b7's own `to_pydict` trips over oneofs)."""
+    meta: Any = message._betterproto  # type: ignore[arg-type]  # betterproto's metadata
+    out: Json = {}
+    for name, field in meta.meta_by_field_name.items():
+        if field.group and betterproto.which_one_of(message, field.group)[0] != name:
+            continue
+        value = getattr(message, name)
+        if value is not None:
+            out[name] = _plain(value)
+    return out
+
+
+class BraiinsGrpcControl:
+    """The driver's control calls over the public gRPC API, answered in the REST API's
+    terms (`miner/details`, `performance/tuner-state`, ...), so one driver serves both.
+
+    Power targets are set with SAVE_AND_APPLY: applied without restarting bosminer (pyasic
+    uses SAVE_AND_FORCE_APPLY, which restarts it; pyasic PR #421)."""
+
+    def __init__(self, client: BraiinsGrpcClient) -> None:
+        self.client = client
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def get(self, path: str, *, operation: str) -> Any:
+        c = self.client
+        if path == DETAILS_PATH:
+            return _snake(
+                await c.call("get_miner_details", v1.GetMinerDetailsRequest(), operation=operation)
+            )
+        if path == CONSTRAINTS_PATH:
+            return _snake(
+                await c.call("get_constraints", v1.GetConstraintsRequest(), operation=operation)
+            )
+        if path == TUNER_STATE_PATH:
+            reply = await c.call("get_tuner_state", v1.GetTunerStateRequest(), operation=operation)
+            state = _snake(reply)
+            mode = state.get("power_target_mode_state")
+            return {
+                "overall_tuner_state": state.get("overall_tuner_state"),
+                "mode_state": {"powertargetmodestate": mode} if mode else {},
+            }
+        raise UnsupportedOperation(
+            f"no gRPC call for GET {path}", device=c.device, operation=operation
+        )
+
+    async def put(self, path: str, body: Any = None, *, operation: str) -> Any:
+        c = self.client
+        apply = v1.SaveAction(v1.SaveAction.SAVE_AND_APPLY)
+        if path == PAUSE_PATH:
+            reply = await c.call("pause_mining", v1.PauseMiningRequest(), operation=operation)
+            return bool(reply.already_paused)
+        if path == RESUME_PATH:
+            reply = await c.call("resume_mining", v1.ResumeMiningRequest(), operation=operation)
+            return bool(reply.already_mining)
+        if path == DEFAULT_POWER_TARGET_PATH:
+            default = v1.SetDefaultPowerTargetRequest(save_action=apply)
+            reply = await c.call("set_default_power_target", default, operation=operation)
+            return {"watt": reply.power_target.watt}
+        if path == POWER_TARGET_PATH:
+            watt = mapping(body).get("watt")
+            if isinstance(watt, bool) or not isinstance(watt, int):
+                raise ValueError(f"a power target is whole watts, got {watt!r}")
+            request = v1.SetPowerTargetRequest(save_action=apply, power_target=v1.Power(watt=watt))
+            reply = await c.call("set_power_target", request, operation=operation)
+            return {"watt": reply.power_target.watt}
+        raise UnsupportedOperation(
+            f"no gRPC call for PUT {path}", device=c.device, operation=operation
+        )
+
+
+class VersionedControl:
+    """Control over the transport the firmware's version calls for, chosen at first use:
+    gRPC on Braiins OS releases before the REST API (public API < 1.7.0, BOS < 25.07), REST
+    from then on. The gRPC API's `GetApiVersion` (no login) tells; a rig whose gRPC port
+    does not answer is taken to be on REST (as before this choice existed). `forget()`
+    (after a reboot: maybe an upgrade) makes the next call ask again."""
+
+    def __init__(self, rest: BraiinsRestClient, grpc: BraiinsGrpcClient) -> None:
+        self.rest = rest
+        self.grpc = BraiinsGrpcControl(grpc)
+        self.chosen: BraiinsControl | None = None
+        self.api_version: tuple[int, int, int] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def transport(self) -> str:
+        """ "grpc", "rest", or "" before the first call."""
+        if self.chosen is None:
+            return ""
+        return "grpc" if self.chosen is self.grpc else "rest"
+
+    def forget(self) -> None:
+        self.chosen = None
+
+    async def _choose(self, operation: str) -> BraiinsControl:
+        async with self._lock:
+            if self.chosen is not None:
+                return self.chosen
+            try:
+                self.api_version = await self.grpc.client.api_version(operation=operation)
+            except (DeviceTimeout, DeviceUnreachable, UnsupportedOperation) as exc:
+                log.info("braiins.grpc_unavailable", device=self.grpc.client.device, error=str(exc))
+                self.api_version = None
+                self.chosen = self.rest
+                return self.chosen
+            self.chosen = self.grpc if self.api_version < REST_SINCE_API else self.rest
+            log.info(
+                "braiins.transport",
+                device=self.grpc.client.device,
+                api_version=".".join(map(str, self.api_version)),
+                transport=self.transport,
+            )
+            return self.chosen
+
+    async def get(self, path: str, *, operation: str) -> Any:
+        return await (await self._choose(operation)).get(path, operation=operation)
+
+    async def put(self, path: str, body: Any = None, *, operation: str) -> Any:
+        return await (await self._choose(operation)).put(path, body, operation=operation)
+
+    async def close(self) -> None:
+        await self.rest.close()
+        await self.grpc.close()
+
+
 async def _mark_connected(
     session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
 ) -> None:
@@ -352,18 +520,9 @@ async def _mark_connected(
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def _positive(value: Any) -> float | None:
-    f = to_float(value)
-    return f if f is not None and f > 0 else None
-
-
 def _mhs_to_ths(value: Any) -> float | None:
     f = to_float(value)
     return None if f is None else measure(f * 1e-6, MAX_RIG_HASHRATE_THS)
-
-
-def _dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
 
 
 def is_braiins(version: Mapping[str, Any] | None) -> bool:
@@ -401,13 +560,13 @@ def parse_bos_identity(
     ("Bitmain Antminer S19 Pro"); the REST details name both, the BOS release included
     ("2025-08-06-0-3881c51d-25.07-plus"), and are preferred when given.
     """
-    rest = _dict(details)
-    identity = _dict(rest.get("miner_identity"))
+    rest = mapping(details)
+    identity = mapping(rest.get("miner_identity"))
     model = identity.get("miner_model") or identity.get("name")
     if not isinstance(model, str) or not model.strip():
         model = str(first(devdetails, "DEVDETAILS").get("Model") or "")
     model = _model_name(model)
-    fw_version = _dict(rest.get("bos_version")).get("current")
+    fw_version = mapping(rest.get("bos_version")).get("current")
     if not isinstance(fw_version, str) or not fw_version:
         entry = first(version, "VERSION")
         found = next((entry[k] for k in _VERSION_KEYS if k in entry), None)
@@ -422,7 +581,7 @@ def parse_bos_identity(
 
 def parse_miner_status(details: Mapping[str, Any] | None) -> int | None:
     """`miner/details.status` (the `MinerStatus` enum), or None when absent or not a number."""
-    status = _dict(details).get("status")
+    status = mapping(details).get("status")
     if isinstance(status, bool) or not isinstance(status, int):
         return None
     return status
@@ -430,9 +589,9 @@ def parse_miner_status(details: Mapping[str, Any] | None) -> int | None:
 
 def parse_power_range(constraints: Mapping[str, Any] | None) -> tuple[float, float] | None:
     """(min, max) W of the tuner's power target from `configuration/constraints`."""
-    power = _dict(_dict(_dict(constraints).get("tuner_constraints")).get("power_target"))
-    lo = _positive(_dict(power.get("min")).get("watt"))
-    hi = _positive(_dict(power.get("max")).get("watt"))
+    power = mapping(mapping(mapping(constraints).get("tuner_constraints")).get("power_target"))
+    lo = positive(mapping(power.get("min")).get("watt"))
+    hi = positive(mapping(power.get("max")).get("watt"))
     if lo is None or hi is None or hi < lo:
         return None
     return lo, hi
@@ -440,14 +599,14 @@ def parse_power_range(constraints: Mapping[str, Any] | None) -> tuple[float, flo
 
 def parse_tuner_target(tuner_state: Mapping[str, Any] | None) -> float | None:
     """The power target in force from `performance/tuner-state` (None in hashrate mode)."""
-    mode = _dict(_dict(tuner_state).get("mode_state"))
-    state = _dict(mode.get("powertargetmodestate"))
-    return _positive(_dict(state.get("current_target")).get("watt"))
+    mode = mapping(mapping(tuner_state).get("mode_state"))
+    state = mapping(mode.get("powertargetmodestate"))
+    return positive(mapping(state.get("current_target")).get("watt"))
 
 
 def parse_watt(reply: Any, *, device: str = "", operation: str = "") -> float:
     """The `{"watt": N}` answer of the power-target calls."""
-    watt = _dict(reply).get("watt")
+    watt = mapping(reply).get("watt")
     value = None if isinstance(watt, bool) else to_float(watt)
     if value is None or value < 0 or isinstance(watt, str):
         raise MalformedReply(
@@ -496,8 +655,8 @@ def parse_bosminer_telemetry(
             Hashboard(
                 index=cid - ids[0],
                 hashrate_ths=ths,
-                temp_c=_positive(tmp.get("Board")),
-                chip_temp_c=_positive(tmp.get("Chip")),  # 0.0: no chip sensor reading
+                temp_c=positive(tmp.get("Board")),
+                chip_temp_c=positive(tmp.get("Chip")),  # 0.0: no chip sensor reading
                 chips=chip_map.get(cid),
                 active=bool(ths and ths > 0),
             )
@@ -506,7 +665,7 @@ def parse_bosminer_telemetry(
     if hashrate is None:
         rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
         hashrate = measure(sum(rates), MAX_RIG_HASHRATE_THS) if rates else None
-    nominals = [n for d in dev_by_id.values() if (n := _positive(d.get("Nominal MHS")))]
+    nominals = [n for d in dev_by_id.values() if (n := positive(d.get("Nominal MHS")))]
     fan_rpms = [
         rpm
         for item in section(fans, "FANS")[:MAX_FANS]
@@ -523,7 +682,7 @@ def parse_bosminer_telemetry(
         state=RigState.MINING if hashrate and hashrate > 0 else RigState.WAKING,
         hashrate_ths=hashrate,
         power_w=measure(to_float(tuner.get("ApproximateMinerPowerConsumption")), MAX_RIG_POWER_W),
-        power_limit_w=measure(_positive(tuner.get("PowerLimit")), MAX_RIG_POWER_W),
+        power_limit_w=measure(positive(tuner.get("PowerLimit")), MAX_RIG_POWER_W),
         nominal_hashrate_ths=nominal,
         temp_c=max(board_temps) if board_temps else None,
         chip_temp_c=max(chip_temps) if chip_temps else None,
@@ -548,7 +707,7 @@ class BraiinsDriver:
         self,
         device: str,
         client: CGMinerClient,
-        rest: BraiinsRestClient,
+        rest: BraiinsControl,
         *,
         rest_retry_s: float = REST_RETRY_S,
     ) -> None:
@@ -558,7 +717,7 @@ class BraiinsDriver:
         self.rest = rest
         self.rest_retry_s = rest_retry_s
         self._identity: RigIdentity | None = None
-        self._last_uptime: int | None = None
+        self._reboots = RebootWatch(device)
         self._chips: dict[int, int] = {}
         self._power_range: tuple[float, float] | None = None
         self._target_w: float | None = None  # last power target the REST API reported
@@ -603,17 +762,12 @@ class BraiinsDriver:
         )
 
     def _note_reading(self, tel: RigTelemetry) -> None:
-        """Cache identity; a restart (uptime went backwards) may mean new firmware or range."""
-        restarted = (
-            self._last_uptime is not None
-            and tel.uptime_s is not None
-            and tel.uptime_s < self._last_uptime
-        )
-        self._last_uptime = tel.uptime_s
-        if restarted:
-            log.info("miner.rebooted", device=self.device, uptime_s=tel.uptime_s)
+        """Cache identity; after a restart it may be new firmware or a new range: re-learn."""
+        if self._reboots.restarted(tel):
             self._identity = None
             self._rest_info_due = True
+            if isinstance(self.rest, VersionedControl):
+                self.rest.forget()  # a reboot may have been an upgrade: ask the version again
         elif self._identity is None:
             self._identity = tel.identity
 
@@ -749,24 +903,27 @@ def make_braiins_driver(
     timeout: float = 3.0,
     retries: int = 1,
     rest_port: int = DEFAULT_REST_PORT,
+    grpc_port: int = DEFAULT_GRPC_PORT,
 ) -> BraiinsDriver:
     """A driver for one BOS rig, configured like `make_miner_driver`'s kinds.
 
     `port` is the 4028 API's; `username` and `password` are the BOS web credentials, used
-    only by the REST API on `rest_port`; empty means the factory root/root, as for every
-    kind, so a scanned rig left on its defaults is controlled without editing the config.
+    by the control transport the firmware's version calls for (`VersionedControl`: gRPC on
+    `grpc_port` before BOS 25.07, the REST API on `rest_port` from then on); empty means
+    the factory root/root, as for every kind, so a scanned rig left on its defaults is
+    controlled without editing the config.
     """
     client = CGMinerClient(host, port, timeout=timeout, retries=retries, device=device)
+    user, pw = username or DEFAULT_USERNAME, password or DEFAULT_PASSWORD
     rest = BraiinsRestClient(
-        host,
-        rest_port,
-        username=username or DEFAULT_USERNAME,
-        password=password or DEFAULT_PASSWORD,
-        timeout=timeout,
-        retries=retries,
+        host, rest_port, username=user, password=pw, timeout=timeout, retries=retries,
         device=device,
-    )
-    return BraiinsDriver(device, client, rest)
+    )  # fmt: skip
+    grpc = BraiinsGrpcClient(
+        host, grpc_port, username=user, password=pw, timeout=timeout, retries=retries,
+        device=device,
+    )  # fmt: skip
+    return BraiinsDriver(device, client, VersionedControl(rest, grpc))
 
 
 async def identify(

@@ -1,4 +1,5 @@
-"""The CGMiner-compatible RPC ("port 4028") transport, and parsing its replies into telemetry.
+"""The CGMiner-compatible RPC ("port 4028"): its transport, its replies parsed into telemetry,
+and the driver of a rig that offers nothing more (kind "cgminer": reads only).
 
 Stock Antminer (bmminer), LuxOS, BOSminer and others all speak this protocol, each with
 quirks: numbers sent as strings, joined replies missing commas, replies that end at a NUL or
@@ -15,22 +16,34 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final, cast
 
 import structlog
 
+from drivers.base import MinerCapabilities
 from drivers.errors import (
     CommandRejected,
     DeviceError,
     DeviceTimeout,
     DeviceUnreachable,
     MalformedReply,
+    UnsupportedOperation,
     snippet,
 )
+from drivers.reboots import RebootWatch
+from drivers.retry import check_timing, with_retries
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+from drivers.values import (
+    MAX_RIG_HASHRATE_THS,
+    MAX_RIG_POWER_W,
+    first,
+    measure,
+    section,
+    to_float,
+    to_int,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -40,15 +53,10 @@ DEFAULT_PORT: Final = 4028
 MAX_REPLY_BYTES: Final = 1 << 20  # a stats reply is a few KiB; 1 MiB means something is wrong
 READ_CHUNK: Final = 65_536
 MAX_FANS: Final = 32
-# Plausibility bounds of one rig's figures: a reply beyond them is misread, not a rig, and
-# the planner adds rig powers up, so one absurd figure would distort the whole farm's estimate.
-MAX_RIG_POWER_W: Final = 100_000.0  # ten times the hungriest hydro-cooled rig
-MAX_RIG_HASHRATE_THS: Final = 100_000.0  # 100 PH/s; the fastest rigs do about 1 PH/s
 _SUCCESS_LETTERS: Final = frozenset({"S", "I", "W"})
 _ERROR_LETTERS: Final = frozenset({"E", "F"})
 _SPECIAL_STATUS: Final = frozenset({"BYE", "RESTART"})
 # Compiled once: a farm parses thousands of replies a second.
-_NUMBER: Final = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 _CHAIN_KEY: Final = re.compile(r"chain_(?:acn|rate)(\d+)")
 _CHAIN_PREFIXES: Final = ("chain_acn", "chain_rate")
 _FAN_KEY: Final = re.compile(r"fan(\d+)")
@@ -155,10 +163,7 @@ class CGMinerClient:
         backoff_s: float = 0.1,
         max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        check_timing(timeout, retries)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -244,26 +249,17 @@ class CGMinerClient:
 
     async def _request(self, payload: Json, operation: str) -> bytes:
         data = json.dumps(payload, separators=(",", ":")).encode()
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            try:
-                return await self.exchange(data, operation)
-            except (DeviceTimeout, DeviceUnreachable) as exc:
-                if attempt + 1 >= attempts:
-                    raise
-                log.debug(
-                    "cgminer.retry",
-                    device=self.device,
-                    operation=operation,
-                    attempt=attempt + 1,
-                    error=str(exc),
-                )
-                await asyncio.sleep(self.backoff_s * (2**attempt))
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+        return await with_retries(
+            lambda: self.exchange(data, operation),
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            device=self.device,
+            operation=operation,
+        )
 
     async def exchange(self, data: bytes, operation: str) -> bytes:
         """One connect/send/read-to-NUL-or-EOF under a single deadline, no retries: the
-        raw framing of 4028, which btminer's native commands share (drivers/whatsminer.py).
+        raw framing of 4028, which btminer's native commands share (drivers/whatsminer/v2.py).
 
         A bare protocol rather than streams: a farm makes thousands of these a second, and a
         StreamReader/StreamWriter pair per request costs a third more CPU than the exchange."""
@@ -345,59 +341,6 @@ class _OneReply(asyncio.Protocol):
 # -- reply parsing ----------------------------------------------------------------------
 
 
-def to_float(value: Any) -> float | None:
-    """Numbers as firmware sends them: int, float, or a string ("31947.78", "3250 W", "")."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        try:
-            f = float(value)
-        except OverflowError:  # a JSON integer beyond any float
-            return None
-    elif isinstance(value, str):
-        whole, dot, frac = value.partition(".")
-        if whole.isdecimal() and (not dot or frac.isdecimal()):
-            f = float(value)  # the common "64" or "36544.52": what the pattern would read
-        else:
-            m = _NUMBER.match(value)
-            if not m:
-                return None
-            f = float(m.group(1))
-    else:
-        return None
-    return f if math.isfinite(f) else None
-
-
-def measure(value: float | None, limit: float) -> float | None:
-    """A power or hashrate fit for telemetry: finite, not negative and at most `limit`.
-
-    Anything else is None, "not known", as for a field the firmware does not send.
-    """
-    return value if value is not None and 0.0 <= value <= limit else None
-
-
-def to_int(value: Any) -> int | None:
-    f = to_float(value)
-    return None if f is None else int(f)
-
-
-def section(reply: Mapping[str, Any] | None, name: str) -> list[Mapping[str, Any]]:
-    """The list under a section key (SUMMARY, STATS, ...), keeping only object items."""
-    if reply is None:
-        return []
-    items = reply.get(name)
-    if isinstance(items, Mapping):
-        return [items]
-    if not isinstance(items, list):
-        return []
-    return [i for i in items if isinstance(i, Mapping)]
-
-
-def first(reply: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
-    items = section(reply, name)
-    return items[0] if items else {}
-
-
 _UNIT_TO_THS: Final = {"H": 1e-12, "KH": 1e-9, "MH": 1e-6, "GH": 1e-3, "TH": 1.0, "PH": 1e3}
 
 
@@ -444,8 +387,11 @@ def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:
 def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
     """Per-board rates, chips and temps from Antminer-style `chain_*`/`temp_*` keys.
 
-    Chain numbering starts at 1 on S19, 6 on S9, 11 elsewhere; a slot with no chips and an
-    empty rate is an empty slot, not a dead board.
+    Chain numbering starts at 1 on S19, 6 on S9, 11 elsewhere. A slot with no chips and no
+    rate (empty, or zero as LuxOS prints an empty fourth slot: `chain_acn4: 0`,
+    `chain_rate4: "0"`) is an empty slot, not a dead board, when no sensor reads on it or
+    it lies past the `miner_count` chains the firmware drives; a board that is asleep
+    keeps its slot (its sensors still read).
     """
     return _hashboards(_device_stats(stats))
 
@@ -456,15 +402,18 @@ def _hashboards(dev: Mapping[str, Any]) -> tuple[Hashboard, ...]:
         return ()
     unit = str(dev.get("rate_unit", "GH")).upper().removesuffix("/S")
     scale = _UNIT_TO_THS.get(unit, 1e-3)
+    chains = to_int(dev.get("miner_count"))
     boards = []
     for n in nums:
         acn = to_int(dev.get(f"chain_acn{n}"))
         rate_raw = dev.get(f"chain_rate{n}")
         rate = to_float(rate_raw)
-        if not acn and (rate_raw in (None, "") or rate is None):
-            continue
         pcb = _temps(dev.get(f"temp_pcb{n}")) or _temps(dev.get(f"temp{n}"))
         chip = _temps(dev.get(f"temp_chip{n}")) or _temps(dev.get(f"temp2_{n}"))
+        if not acn and not rate:
+            beyond = chains is not None and n - nums[0] >= chains
+            if rate_raw in (None, "") or rate is None or beyond or not (pcb or chip):
+                continue
         ths = None if rate is None else measure(rate * scale, MAX_RIG_HASHRATE_THS)
         boards.append(
             Hashboard(
@@ -615,3 +564,59 @@ def parse_telemetry(
         uptime_s=uptime,
         identity=identity,
     )
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+class CGMinerDriver:
+    """Any CGMiner-compatible firmware, stock Antminer included: telemetry only.
+
+    Stock firmware denies control over RPC (Code 45) and its web-UI sleep is unreliable
+    (ignored writes, 20 s answers, reboots needed), so this driver does not pretend:
+    control raises `UnsupportedOperation` and the daemon uses the PDU instead.
+    """
+
+    def __init__(self, device: str, client: CGMinerClient) -> None:
+        self.device = device
+        self.capabilities = MinerCapabilities(can_sleep=False, can_power_target=False)
+        self._client = client
+        self._identity: RigIdentity | None = None
+        self._reboots = RebootWatch(device)
+
+    def _note_reading(self, tel: RigTelemetry) -> None:
+        """Cache identity; after a reboot it may be new firmware, so the next poll re-asks."""
+        self._identity = None if self._reboots.restarted(tel) else tel.identity
+
+    async def read(self, ts: float) -> RigTelemetry:
+        cmds = ["summary", "stats"] + (["version"] if self._identity is None else [])
+        replies = await self._client.multi(*cmds)
+        tel = parse_telemetry(
+            ts,
+            summary=replies["summary"],
+            stats=replies["stats"],
+            version=replies.get("version"),
+            identity=self._identity,
+            device=self.device,
+        )
+        self._note_reading(tel)
+        return tel
+
+    def _unsupported(self, operation: str) -> UnsupportedOperation:
+        return UnsupportedOperation(
+            "this firmware offers no control over its API; switch the rig's PDU outlet",
+            device=self.device,
+            operation=operation,
+        )
+
+    async def sleep(self) -> None:
+        raise self._unsupported("sleep")
+
+    async def wake(self) -> None:
+        raise self._unsupported("wake")
+
+    async def set_power_target(self, watts: float | None) -> None:
+        raise self._unsupported("set_power_target")
+
+    async def close(self) -> None:
+        """Nothing to release: the protocol opens one connection per request."""

@@ -1,4 +1,5 @@
-"""LuxOS (LUXminer) control over the CGMiner transport: sessions, curtail, profiles, ATM.
+"""LuxOS (LUXminer): control over the CGMiner transport (sessions, curtail, profiles, ATM),
+and the driver of kind "luxos", which reads like any CGMiner rig and adds that control.
 
 Writes on LuxOS need a session, and the firmware allows only one at a time across all
 clients (pool dashboards, Luxor's own tools, us); it ends a session after 60 s unused.
@@ -35,8 +36,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from drivers.cgminer import CGMinerClient, CGMinerRejected, first, section, to_float
+from drivers.base import MinerCapabilities
+from drivers.cgminer import CGMinerClient, CGMinerDriver, CGMinerRejected, parse_telemetry
 from drivers.errors import CommandRejected, DeviceAuthError, DeviceError, MalformedReply
+from drivers.telemetry import RigTelemetry
+from drivers.values import first, section, to_float
 
 log = structlog.get_logger(__name__)
 
@@ -361,3 +365,86 @@ class LuxOSControl:
                 profile_w=target.watts,
             )
             return target
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+_LUXOS_OPTIONAL = frozenset({"power", "config", "atm", "version", "profiles"})
+
+
+class LuxOSDriver(CGMinerDriver):
+    """LuxOS: full telemetry (including its power estimate) plus sleep/wake/power target."""
+
+    def __init__(
+        self, device: str, client: CGMinerClient, *, renew_session_after: float | None = None
+    ) -> None:
+        super().__init__(device, client)
+        self.control = LuxOSControl(client, device=device, renew_after=renew_session_after)
+        self.capabilities = MinerCapabilities(can_sleep=True, can_power_target=True)
+
+    @property
+    def hold_session(self) -> bool:
+        """Whether the poll keeps a write session open (see drivers/luxos.py). The daemon
+        turns it off for a rig in maintenance, so a technician's tools can log on."""
+        return self.control.hold
+
+    @hold_session.setter
+    def hold_session(self, on: bool) -> None:
+        self.control.hold = on and self.control.renew_after is not None
+
+    def adopt_session(self, old: LuxOSDriver) -> None:
+        """Take over the session `old` (this rig's driver before a reload) holds."""
+        self.control.adopt(old.control)
+
+    def _refine_capabilities(self) -> None:
+        span = self.control.power_range()
+        if span is not None:
+            self.capabilities = MinerCapabilities(
+                can_sleep=True,
+                can_power_target=True,
+                power_target_min_w=span[0],
+                power_target_max_w=span[1],
+                profiles=tuple((p.watts, p.hashrate_ths) for p in self.control.profiles),
+            )
+
+    async def read(self, ts: float) -> RigTelemetry:
+        cmds = ["summary", "stats", "power", "config", "atm"]
+        if self._identity is None:
+            cmds += ["version", "profiles"]  # rarely change: first poll and after a reboot
+        # Only summary and stats are needed to monitor a rig; the rest enrich the reading.
+        replies = await self._client.multi(*cmds, optional=_LUXOS_OPTIONAL)
+        if "profiles" in replies:
+            self.control.profiles = parse_profiles(replies["profiles"], device=self.device)
+            self._refine_capabilities()
+        tel = parse_telemetry(
+            ts,
+            summary=replies["summary"],
+            stats=replies["stats"],
+            power=replies.get("power"),
+            config=replies.get("config"),
+            atm=replies.get("atm"),
+            version=replies.get("version"),
+            profile_watts={p.name: p.watts for p in self.control.profiles},
+            identity=self._identity,
+            device=self.device,
+        )
+        self._note_reading(tel)
+        await self.control.keep_session(ts)
+        return tel
+
+    async def close(self) -> None:
+        """Let go of the write session, so Luxor's tools need not wait for it to lapse."""
+        await self.control.release()
+
+    async def sleep(self) -> None:
+        await self.control.sleep()
+
+    async def wake(self) -> None:
+        await self.control.wake()
+
+    async def set_power_target(self, watts: float | None) -> None:
+        try:
+            await self.control.set_power_target(watts)
+        finally:
+            self._refine_capabilities()  # profiles may have been loaded just now

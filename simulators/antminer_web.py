@@ -12,7 +12,16 @@ reference material (miner-apis.md §1.2-1.3, §6-8):
   ignored (asic-rs #245/#249), and so is a string `miner-mode` (pyasic #49: some builds
   "not liking a string formatted miner mode value");
 - `set_miner_conf.cgi` answers only after ~21 s (`set_delay_s`; asic-rs #245);
-- `get_system_info.cgi` in the captured S21 reply's shape.
+- `get_system_info.cgi` in the captured S21 reply's shape;
+- the status pages pyasic and the UI read: `summary.cgi` (rates and the health checks
+  "rate", "network", "fans", "temp", each "s" unless a fault is raised through `alarms`),
+  `stats.cgi` (per-chain rate, chips, serial and four-sensor `temp_pic`/`temp_pcb`/
+  `temp_chip` lists, the same readings 4028's `stats` prints as "a-b-c-d" strings) and
+  `pools.cgi`, each headed by a STATUS *object* (`when`, `Msg`, `api_version`) and an
+  INFO object, in the shape of bmminer's `api_new.c` writers and of published replies of
+  newer stock builds; `get_blink_status.cgi` `{"blink": bool}` and `blink.cgi`, which
+  takes `{"blink": "true"|"false"}` (JSON or form) and answers `{"code": "B000"}` when
+  the LED starts blinking, `"B100"` when it stops (the codes pyasic checks).
 
 It drives the same `SimRig` as the 4028 `MinerServer` ("bmminer" dialect), so 4028 reads
 show what the web UI set: sleep is `rig.sleep`, low power is `rig.set_power_target`.
@@ -38,6 +47,9 @@ Simulator assumptions (where the reference material is silent or unverified):
   trimmed jq view `{pools, bitmain-fan-ctrl, bitmain-fan-pwm, bitmain-work-mode,
   bitmain-hashrate-percent, bitmain-user-ip-cat}` (seen in a public copy of the firmware's
   CGI script; `bitmain-user-ip-cat` reads null).
+- The status pages' `api_version` is "1.0.0" and a failed health check's `code` is a
+  small number per check: the real values on S19-era builds are not published. A
+  malformed `blink.cgi` body answers `{"code": "B001"}`.
 - CGI replies are `text/plain` JSON (the real content type is unverified; clients should
   not rely on it); reads take `get_delay_s` (0.2 s, unmeasured).
 - Nonces are an HMAC'd timestamp valid for `nonce_ttl_s` (600 s); an expired one gets a
@@ -74,14 +86,19 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from simulators.farm import Farm, Mode, SimPdu, SimRig
-from simulators.fleet import Fleet, subnet_hosts
-from simulators.miner_server import (
+from simulators.cgminer import (
     BMMINER_COMPILE_TIME,
+    BMMINER_MINER_VERSION,
     POOL_URL,
+    SHARE_DIFFICULTY,
     MinerFleet,
     MinerServer,
+    average_ths,
+    bmminer_sensors,
 )
+from simulators.farm import Farm, RigMode, SimPdu
+from simulators.fleet import Fleet, subnet_hosts
+from simulators.server import SILENT_HOLD_S, RigServer
 
 log = structlog.get_logger(__name__)
 
@@ -94,9 +111,12 @@ SET_DELAY_S: Final = 21.0
 GET_DELAY_S: Final = 0.2
 RPC_RESTART_S: Final = 10.0
 NONCE_TTL_S: Final = 600.0
-SILENT_HOLD_S: Final = 600.0
 MAX_BODY_BYTES: Final = 64 * 1024
 LOW_POWER_FRACTION: Final = 0.7
+WEB_API_VERSION: Final = "1.0.0"  # the status pages' `api_version`
+_WEB_FREQ_MHZ: Final = 525
+# summary.cgi check codes when a check fails (the firmware's numbers are not published).
+_ALARM_CODES: Final = {"rate": 1, "network": 2, "fans": 3, "temp": 4}
 FAULTS: Final = frozenset({"silent", "garbage", "garbage-http", "refuse", "ignore-writes"})
 
 NORMAL: Final = 0
@@ -202,8 +222,10 @@ class _Sink(asyncio.Protocol):
             self.transport.abort()
 
 
-class AntminerWebServer:
+class AntminerWebServer(RigServer):
     """One simulated stock Antminer's web UI. See the module docstring for its behaviour."""
+
+    faults = FAULTS
 
     def __init__(
         self,
@@ -223,9 +245,8 @@ class AntminerWebServer:
         nonce_ttl_s: float = NONCE_TTL_S,
         outlet: tuple[SimPdu, int] | None = None,
     ) -> None:
-        if rig_id not in farm.rigs:
-            raise ValueError(f"no rig {rig_id!r} in the farm")
-        rig = farm.rigs[rig_id]
+        super().__init__(farm, rig_id, host=host, outlet=outlet)
+        rig = self.rig
         if rig.firmware != "bmminer":
             raise ValueError(
                 f"rig {rig_id!r} runs {rig.firmware!r}; the stock web UI is for bmminer rigs"
@@ -237,10 +258,6 @@ class AntminerWebServer:
             raise ValueError(
                 f"low_power_w {low_power_w} outside {m.min_w:.0f}-{m.nominal_w:.0f} W for {m.name}"
             )
-        self.farm = farm
-        self.rig_id = rig_id
-        self.rig: SimRig = rig
-        self.host = host
         self.port = port
         self.username = username
         self.password = password
@@ -251,16 +268,14 @@ class AntminerWebServer:
         self.rpc = rpc
         self.rpc_restart_s = rpc_restart_s
         self.nonce_ttl_s = nonce_ttl_s
-        self.fault: str | None = None
         self.hits: list[Hit] = []  # every HTTP request, in order
         self.posts: list[Any] = []  # set_miner_conf bodies (parsed JSON, or the raw bytes)
         self.auth_failures = 0
         self.mode_changes = 0
         self.conf: Json = self._initial_conf()
-        if outlet is None:
-            where = farm.outlet_of(rig_id)
-            outlet = (farm.pdus[where[0]], where[1]) if where else None
-        self._outlet = outlet
+        self.blinking = False  # the locate LED (blink.cgi)
+        # summary.cgi faults by check ("rate", "network", "fans", "temp") -> message
+        self.alarms: dict[str, str] = {}
         self._secret = secrets.token_bytes(16)
         self._http: web.Server | None = None
         self._listener: asyncio.Server | None = None
@@ -272,7 +287,7 @@ class AntminerWebServer:
 
     def _initial_conf(self) -> Json:
         rig = self.rig
-        if rig.mode == Mode.SLEEPING:
+        if rig.mode == RigMode.SLEEPING:
             mode = SLEEP
         elif self.low_power_w is not None and rig.power_target_w == self.low_power_w:
             mode = LOW_POWER
@@ -332,13 +347,6 @@ class AntminerWebServer:
             "serinum": rig.serial,
         }
 
-    def _api_up(self) -> bool:
-        t = self.farm.now()
-        if self._outlet is not None:
-            pdu, number = self._outlet
-            pdu.outlet_on(number, t)  # applies due reboots before asking the rig
-        return self.rig.api_up(t)
-
     # -- lifecycle -------------------------------------------------------------
 
     @property
@@ -351,6 +359,12 @@ class AntminerWebServer:
         if self._listener is None:
             await self._listen()
             log.debug("antminer_web.started", rig=self.rig_id, host=self.host, port=self.port)
+
+    def _listening(self) -> bool:
+        return self._listener is not None
+
+    def _can_listen(self) -> bool:
+        return self._http is not None  # started
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -366,14 +380,14 @@ class AntminerWebServer:
         assert self._http is not None
         return self._http()
 
-    async def _close_listener(self) -> None:
+    async def _stop_listening(self) -> None:
         server, self._listener = self._listener, None
         if server is not None:
             server.close()
             await server.wait_closed()
 
     async def stop(self) -> None:
-        await self._close_listener()
+        await self._stop_listening()
         for sink in list(self._sinks):
             sink.abort()
         if self._http is not None:
@@ -387,16 +401,6 @@ class AntminerWebServer:
             self._rpc_refusing = False
             if self.rpc.fault == "refuse":
                 await self.rpc.set_fault(None)
-
-    async def set_fault(self, fault: str | None) -> None:
-        """Switch fault mode; "refuse" closes the listener, clearing it listens again."""
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
-        self.fault = fault
-        if fault == "refuse":
-            await self._close_listener()
-        elif self._listener is None and self._http is not None:
-            await self._listen()
 
     # -- digest auth -----------------------------------------------------------
 
@@ -487,6 +491,11 @@ class AntminerWebServer:
             "get_miner_conf.cgi": self._get_miner_conf,
             "get_system_info.cgi": self._get_system_info,
             "set_miner_conf.cgi": self._set_miner_conf,
+            "summary.cgi": self._summary,
+            "stats.cgi": self._stats,
+            "pools.cgi": self._pools,
+            "get_blink_status.cgi": self._get_blink_status,
+            "blink.cgi": self._blink,
         }
         handler = handlers.get(cgi) if path.startswith("/cgi-bin/") else None
         if handler is None:
@@ -508,6 +517,156 @@ class AntminerWebServer:
     async def _get_system_info(self, request: web.BaseRequest) -> web.Response:
         await asyncio.sleep(self.get_delay_s)
         return self._json(self.system_info())
+
+    # -- the status pages (the UI's own view of bmminer, JSON by CGI) ------------
+
+    def _envelope(self, msg: str) -> Json:
+        """The STATUS (an object here, not cgminer's list) and INFO heading every page."""
+        return {
+            "STATUS": {
+                "STATUS": "S",
+                "when": int(self.farm.now()),
+                "Msg": msg,
+                "api_version": WEB_API_VERSION,
+            },
+            "INFO": {
+                "miner_version": BMMINER_MINER_VERSION,
+                "CompileTime": BMMINER_COMPILE_TIME,
+                "type": self.rig.model.name,
+            },
+        }
+
+    def _rates(self, t: float) -> Json:
+        rig = self.rig
+        elapsed = rig.uptime_s(t)
+        return {
+            "elapsed": elapsed,
+            "rate_5s": round(rig.hashrate_ths(t) * 1000.0, 2),
+            "rate_avg": round(average_ths(rig, t, float(elapsed)) * 1000.0, 2),
+            "rate_30m": round(average_ths(rig, t, 1800.0) * 1000.0, 2),
+            "rate_ideal": round(rig.model.nominal_ths * 1000.0, 2),
+            "rate_unit": "GH/s",
+        }
+
+    def status_checks(self, t: float) -> list[Json]:
+        """summary.cgi's health checks: "s" unless a fault was raised (`alarms`)."""
+        out = []
+        for kind in ("rate", "network", "fans", "temp"):
+            msg = self.alarms.get(kind)
+            out.append(
+                {
+                    "type": kind,
+                    "status": "s" if msg is None else "e",
+                    "code": 0 if msg is None else _ALARM_CODES[kind],
+                    "msg": msg or "",
+                }
+            )
+        return out
+
+    async def _summary(self, request: web.BaseRequest) -> web.Response:
+        await asyncio.sleep(self.get_delay_s)
+        t = self.farm.now()
+        entry: Json = {
+            **self._rates(t),
+            "hw_all": self.rig.uptime_s(t) // 90,
+            "bestshare": SHARE_DIFFICULTY * 6,
+            "status": self.status_checks(t),
+        }
+        return self._json({**self._envelope("summary"), "SUMMARY": [entry]})
+
+    def board_sn(self, board: int) -> str:
+        return f"JYZZ{self.rig.serial[-9:]}{board:02d}B"
+
+    async def _stats(self, request: web.BaseRequest) -> web.Response:
+        await asyncio.sleep(self.get_delay_s)
+        t = self.farm.now()
+        rig, m = self.rig, self.rig.model
+        hashing = rig.is_hashing(t)
+        rates = rig.board_hashrates_ths(t)
+        pcb, chip = rig.board_temps_c(t), rig.chip_temps_c(t)
+        freq = round(_WEB_FREQ_MHZ * min(1.5, rig.hashrate_ths(t) / m.nominal_ths))
+        chains = []
+        for b in range(m.boards):
+            acn = m.chips_per_board if hashing else 0
+            chains.append(
+                {
+                    "index": b,
+                    "freq_avg": freq if hashing else 0,
+                    "rate_ideal": round(m.nominal_ths * 1000.0 / m.boards, 2),
+                    "rate_real": round(rates[b] * 1000.0, 2),
+                    "asic_num": acn,
+                    "asic": " ".join("ooo" for _ in range(acn // 3)),
+                    **bmminer_sensors(pcb[b], chip[b]),
+                    "hw": rig.uptime_s(t) // 270 + 7 * b,
+                    "eeprom_loaded": True,
+                    "sn": self.board_sn(b),
+                }
+            )
+        fans = rig.fans_rpm(t)
+        entry: Json = {
+            **self._rates(t),
+            "chain_num": m.boards,
+            "fan_num": len(fans),
+            "fan": fans,
+            "hwp_total": 0.0016 if hashing else 0.0,
+            "miner-mode": int(self.work_mode) if self.work_mode.isdigit() else 0,
+            "freq-level": int(self.conf.get("bitmain-freq-level", "100")),
+            "chain": chains,
+        }
+        return self._json({**self._envelope("stats"), "STATS": [entry]})
+
+    async def _pools(self, request: web.BaseRequest) -> web.Response:
+        await asyncio.sleep(self.get_delay_s)
+        t = self.farm.now()
+        elapsed = self.rig.uptime_s(t)
+        accepted = int(average_ths(self.rig, t, float(elapsed)) * 1e12 * elapsed / 2**51)
+        pools = []
+        for i, p in enumerate(self.conf.get("pools", [])):
+            got = accepted if i == 0 else 0
+            pools.append(
+                {
+                    "index": i,
+                    "url": p.get("url", ""),
+                    "user": p.get("user", ""),
+                    "status": "Alive" if p.get("url") else "Dead",
+                    "priority": i,
+                    "getworks": elapsed // 13 if i == 0 else 0,
+                    "accepted": got,
+                    "rejected": got // 400,
+                    "discarded": 0,
+                    "stale": 0,
+                    "diff": f"{SHARE_DIFFICULTY:.4f}" if got else "0",
+                    "diff1": got * 2,
+                    "diffa": float(got * SHARE_DIFFICULTY),
+                    "diffr": got // 400 * SHARE_DIFFICULTY,
+                    "diffs": 0,
+                    "lsdiff": SHARE_DIFFICULTY if got else 0,
+                    "lstime": "0:00:03" if got else "0",
+                }
+            )
+        return self._json({**self._envelope("pools"), "POOLS": pools})
+
+    async def _get_blink_status(self, request: web.BaseRequest) -> web.Response:
+        await asyncio.sleep(self.get_delay_s)
+        return self._json({"blink": self.blinking})
+
+    async def _blink(self, request: web.BaseRequest) -> web.Response:
+        """POST `{"blink": "true"|"false"}` (JSON, as pyasic sends it, or the UI's form):
+        the locate LED; `{"code": "B000"}` when it starts, `"B100"` when it stops."""
+        raw = await request.content.read(MAX_BODY_BYTES)
+        text = raw.decode("utf-8", "replace")
+        value: Any = None
+        with contextlib.suppress(ValueError, RecursionError):
+            body = json.loads(text)
+            value = body.get("blink") if isinstance(body, dict) else None
+        if value is None and "blink=" in text:
+            value = text.partition("blink=")[2].partition("&")[0]
+        on = str(value).strip().lower() if value is not None else ""
+        await asyncio.sleep(self.get_delay_s)
+        if on not in ("true", "false"):
+            return self._json({"code": "B001"})
+        self.blinking = on == "true"
+        return self._json({"code": "B000" if self.blinking else "B100"})
 
     async def _set_miner_conf(self, request: web.BaseRequest) -> web.Response:
         raw = await request.content.read(MAX_BODY_BYTES)
@@ -565,7 +724,7 @@ class AntminerWebServer:
             rig.sleep(t)
         else:
             rig.set_power_target(self.low_power_w if mode == LOW_POWER else None, t)
-            if rig.mode == Mode.SLEEPING:
+            if rig.mode == RigMode.SLEEPING:
                 rig.wake(t)
         log.debug("antminer_web.mode", rig=self.rig_id, old=old, new=mode)
         if self.rpc is not None and self.rpc_restart_s > 0:

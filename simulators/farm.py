@@ -22,7 +22,9 @@ from enum import StrEnum
 from typing import Protocol
 
 
-class Clock(Protocol):
+class FarmClock(Protocol):
+    """The farm's time: all its physics reads is `now()` (see `simulators.clock`)."""
+
     def now(self) -> float: ...
 
 
@@ -59,10 +61,23 @@ MODELS: dict[str, RigModel] = {
 
 # Efficiency improves when underclocked: hashrate ~ power^0.85 above idle.
 _HASH_EXPONENT = 0.85
+AMBIENT_C = 25.0  # the room the rigs draw their air from; no sensor on a rig reads below it
 
 
-class Mode(StrEnum):
-    """What the rig's firmware was last told to do."""
+def above_room(hottest_c: float, fraction: float) -> float:
+    """A reading `fraction` of the way from the room's temperature up to `hottest_c`: a
+    cooler sensor (an intake, a chip average) on the same board, never below the room."""
+    return AMBIENT_C + max(0.0, hottest_c - AMBIENT_C) * fraction
+
+
+# How far back a rig's power trajectory is kept: the longest window firmware averages
+# over is a day.
+HISTORY_S = 2 * 86_400.0
+
+
+class RigMode(StrEnum):
+    """What the simulated rig's firmware was last told to do (the planner's `Mode` is what
+    rigd last made a rig do: another thing)."""
 
     MINING = "mining"
     SLEEPING = "sleeping"
@@ -110,7 +125,7 @@ class SimRig:
         crc = zlib.crc32(rig_id.encode())
         self.serial = serial or f"SIM{crc % 10**10:010d}"
         self.mac = mac or "02:00:" + ":".join(f"{(crc >> s) & 0xFF:02x}" for s in (24, 16, 8, 0))
-        self.mode = Mode.MINING
+        self.mode = RigMode.MINING
         self.power_target_w: float | None = None  # None: the model's nominal power
         self.powered = True
         self.ignore_sleep = False  # fault injection: accepts sleep, keeps drawing power
@@ -131,13 +146,14 @@ class SimRig:
         return self.power_target_w if self.power_target_w is not None else self.model.nominal_w
 
     def _eval(self, t: float) -> float:
+        """Power on the trajectory at t, past included (firmware averages look back)."""
         segs = self._segments
         if t >= segs[-1].t1:
             return segs[-1].p1
-        for seg in segs:
-            if t <= seg.t1:
-                return seg.at(t)
-        return segs[-1].p1
+        for seg in reversed(segs):
+            if t >= seg.t0:
+                return seg.at(t)  # past its end: flat at its last power until the next
+        return segs[0].p0  # before the kept history: as it then started
 
     def power_w(self, t: float) -> float:
         """Input power at t, with a little deterministic ripple while hashing."""
@@ -165,16 +181,20 @@ class SimRig:
         return [total * k / s for k in skew]
 
     def board_temps_c(self, t: float) -> list[float]:
-        """PCB temperature per board: ambient plus a rise proportional to load."""
+        """PCB temperature per board: the room plus a rise with load. Boards differ a
+        little when loaded (a few percent of the rise); an idle or booting board sits at
+        the room's temperature, never below it."""
         load = min(1.2, self._eval(t) / self.model.nominal_w)
+        rise = 40.0 * load
         return [
-            25.0 + 40.0 * load + 1.5 * math.sin(self._phase + i) for i in range(self.model.boards)
+            AMBIENT_C + rise * (1.0 + 0.0375 * math.sin(self._phase + i))
+            for i in range(self.model.boards)
         ]
 
     def chip_temps_c(self, t: float) -> list[float]:
-        return [
-            b + 8.0 * min(1.2, self._eval(t) / self.model.nominal_w) for b in self.board_temps_c(t)
-        ]
+        """The hottest chip per board: its PCB's temperature plus a rise with load."""
+        load = min(1.2, self._eval(t) / self.model.nominal_w)
+        return [b + 8.0 * load for b in self.board_temps_c(t)]
 
     def fans_rpm(self, t: float) -> list[int]:
         if not self.powered:
@@ -193,10 +213,17 @@ class SimRig:
         return acc
 
     def _retarget(self, t: float, segments: list[_Segment]) -> None:
-        """Replace the trajectory from t on, keeping energy already drawn."""
+        """Replace the trajectory from t on, keeping energy already drawn and the past
+        (cut at t) for `HISTORY_S`, so averages over a window that spans a command (a
+        firmware's "since boot" or 24 h hashrate) see what the rig really did."""
         self._energy_j = self.energy_j(t)
         self._energy_t = t
-        self._segments = segments or [_Segment(t, self._eval(t), t, self._eval(t))]
+        past = [
+            _Segment(s.t0, s.p0, min(s.t1, t), s.at(min(s.t1, t)))
+            for s in self._segments
+            if s.t0 < t and s.t1 >= t - HISTORY_S
+        ]
+        self._segments = past + (segments or [_Segment(t, self._eval(t), t, self._eval(t))])
 
     # -- state, as the firmware would report it --------------------------------
 
@@ -218,9 +245,9 @@ class SimRig:
 
     def sleep(self, t: float) -> None:
         self.command_count += 1
-        if self.mode == Mode.SLEEPING:
+        if self.mode == RigMode.SLEEPING:
             return
-        self.mode, self.mode_t = Mode.SLEEPING, t
+        self.mode, self.mode_t = RigMode.SLEEPING, t
         if self.ignore_sleep:
             return
         p = self._eval(t)
@@ -228,9 +255,9 @@ class SimRig:
 
     def wake(self, t: float) -> None:
         self.command_count += 1
-        if self.mode == Mode.MINING:
+        if self.mode == RigMode.MINING:
             return
-        self.mode, self.mode_t = Mode.MINING, t
+        self.mode, self.mode_t = RigMode.MINING, t
         self._ramp_up(t)
 
     def set_power_target(self, watts: float | None, t: float) -> None:
@@ -240,7 +267,7 @@ class SimRig:
             m = self.model
             raise ValueError(f"power target {watts:.0f} W outside {m.min_w:.0f}-{m.max_w:.0f} W")
         self.power_target_w = watts
-        if self.mode == Mode.MINING and self.powered:
+        if self.mode == RigMode.MINING and self.powered:
             p = self._eval(t)
             if self.ramping(t) and p < self.target_w:
                 self._ramp_up(t)  # still waking: keep ramping, to the new target
@@ -273,7 +300,7 @@ class SimRig:
             self._retarget(t, [_Segment(t, 0.0, t, 0.0)])
             return
         self.boot_t = t
-        self.mode, self.mode_t = Mode.MINING, t  # sleep does not survive a power cycle
+        self.mode, self.mode_t = RigMode.MINING, t  # sleep does not survive a power cycle
         self._retarget(t, [_Segment(t, 0.0, t, self.model.idle_w * 2)])
         self._ramp_up(t)
 
@@ -376,7 +403,7 @@ class SimMeter:
 class Farm:
     """Rigs, the PDUs feeding them, and the meter; all on one clock."""
 
-    def __init__(self, clock: Clock, *, meter_start_kwh: float = 1_234_567.8) -> None:
+    def __init__(self, clock: FarmClock, *, meter_start_kwh: float = 1_234_567.8) -> None:
         self.clock = clock
         self.start_t = clock.now()
         self.meter_start_kwh = meter_start_kwh
@@ -403,7 +430,7 @@ class Farm:
     @classmethod
     def build(
         cls,
-        clock: Clock,
+        clock: FarmClock,
         *,
         rigs: int,
         pdus: int,

@@ -2,7 +2,8 @@
 
 Each firmware's fleet (`MinerFleet`, `WhatsminerFleet`, `AntminerWebFleet`,
 `BraiinsRestFleet`) only decides which rigs it serves and where; starting them together,
-and stopping the ones that did start when one cannot bind, is the same for all.
+and stopping the ones that did start when one cannot bind, is the same for all. What one
+rig's server shares with the others is in `simulators.server`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from simulators.farm import Farm, SimPdu
 
@@ -44,17 +45,6 @@ class Fleet(Generic[S]):
     def address_of(self, rig_id: str) -> tuple[str, int]:
         server = self.servers[rig_id]
         return server.host, server.port
-
-
-async def cancel_connections(conns: set[asyncio.Task[Any]]) -> None:
-    """Cancel a server's open connection handlers and wait for them: a stopped simulator
-    must not answer one more request."""
-    tasks = list(conns)
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
-    conns.clear()
 
 
 def subnet_hosts(farm: Farm, subnet: str) -> dict[str, str]:

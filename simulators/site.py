@@ -11,19 +11,23 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from simulators import antminer_web, braiins_rest
+from simulators import antminer_web, braiins, braiins_grpc, families
 from simulators.antminer_web import AntminerWebFleet
-from simulators.braiins_rest import BraiinsRestFleet
+from simulators.apc_snmp import PduAgent
+from simulators.braiins import BraiinsRestFleet
+from simulators.braiins_grpc import BraiinsGrpcFleet, has_rest
+from simulators.cgminer import MinerFleet
 from simulators.clock import ManualClock, ScaledClock
 from simulators.farm import Farm
-from simulators.meter_modbus import MeterServer
-from simulators.miner_server import MinerFleet
-from simulators.pdu_snmp import PduAgent
-from simulators.whatsminer_server import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
+from simulators.modbus_meter import MeterServer
+from simulators.whatsminer import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
 
 MeterProtocol = Literal["sdm630", "sunspec"]
+_AnyFleet = (
+    MinerFleet | AntminerWebFleet | BraiinsRestFleet | BraiinsGrpcFleet | WhatsminerFleet | Any
+)
 
 # The firmware dialects a simulated farm can mix, named as the daemon's driver kinds, with
 # the `SimRig.firmware` each one serves.
@@ -33,6 +37,7 @@ DIALECTS: Final = {
     "whatsminer": "btminer",  # API v2 on 4028
     "whatsminer-v3": "btminer",  # API v3 on 4433
     "braiins": "bosminer",  # 4028 reads, REST control
+    **families.DIALECTS,  # avalon: simulators.families
 }
 # Every simulated firmware keeps its factory credentials, which the drivers default to, so
 # the config (like one `rigctl scan --add` writes) needs none.
@@ -86,10 +91,13 @@ class SimSite:
         clock: ScaledClock | ManualClock | None = None,
         models: dict[str, float] | None = None,
         mix: str | Sequence[str] = ("luxos",),
+        braiins_release: str = "25.07",
     ) -> None:
         """`mix` names the firmware dialects (see `DIALECTS`); rigs take them in turn, so
         "luxos,whatsminer" makes every other rig a Whatsminer. Each dialect is served by its
-        own simulator on its real ports (with `subnet`), as on a mixed farm LAN."""
+        own simulator on its real ports (with `subnet`), as on a mixed farm LAN.
+        `braiins_release` is the Braiins OS release of the "braiins" rigs: every release
+        serves gRPC (50051), those from 25.07 on the REST API (80) too."""
         if subnet is not None:
             check_loopback_subnet(subnet)
         self.clock = clock if clock is not None else ScaledClock(speed)
@@ -105,7 +113,11 @@ class SimSite:
         self.fleet = MinerFleet(
             self.farm,
             subnet=subnet,
-            rig_ids=[r for r, d in self.dialects.items() if not d.startswith("whatsminer")],
+            rig_ids=[
+                r
+                for r, d in self.dialects.items()
+                if not d.startswith("whatsminer") and d not in families.DIALECTS
+            ],
         )
         # Firmware delays are real seconds on real rigs: on a faster clock they shrink with it.
         speed_up = self.clock.speed if isinstance(self.clock, ScaledClock) else 1000.0
@@ -117,17 +129,27 @@ class SimSite:
             get_delay_s=antminer_web.GET_DELAY_S / speed_up,
             rpc_restart_s=antminer_web.RPC_RESTART_S / speed_up,
         )
+        bos_hosts = {r: self.fleet.address_of(r)[0] for r in by["braiins"]}
         self.braiins_rest = BraiinsRestFleet(
             self.farm,
-            {r: self.fleet.address_of(r)[0] for r in by["braiins"]},
-            port=braiins_rest.DEFAULT_PORT if subnet else 0,
+            bos_hosts if has_rest(braiins_release) else {},
+            port=braiins.DEFAULT_PORT if subnet else 0,
             username=BRAIINS_USER,
             password=BRAIINS_PASSWORD,
+        )
+        self.braiins_grpc = BraiinsGrpcFleet(
+            self.farm,
+            bos_hosts,
+            port=braiins_grpc.DEFAULT_PORT if subnet else 0,
+            username=BRAIINS_USER,
+            password=BRAIINS_PASSWORD,
+            release=braiins_release,
         )
         self.whatsminers = {
             "v2": WhatsminerFleet(self.farm, subnet=subnet, api="v2", rig_ids=by["whatsminer"]),
             "v3": WhatsminerFleet(self.farm, subnet=subnet, api="v3", rig_ids=by["whatsminer-v3"]),
         }
+        self.families = families.Families(self.farm, self.dialects, subnet=subnet)
         self.pdu_agents = {
             pid: PduAgent(self.farm, pid, community="public", write_community="private")
             for pid in self.farm.pdus
@@ -150,15 +172,26 @@ class SimSite:
                 self.farm.rigs[rid] = rig
                 if rid in outlets:
                     outlets[rid].rig = rig
+            elif own := families.make_rig(dialect, rid, t, rng, seed * 100_003 + n):
+                self.farm.rigs[rid] = own
+                if rid in outlets:
+                    outlets[rid].rig = own
             else:
                 self.farm.rigs[rid].firmware = DIALECTS[dialect]
 
-    def _servers(self) -> list[MinerFleet | AntminerWebFleet | BraiinsRestFleet | WhatsminerFleet]:
+    def _servers(self) -> list[_AnyFleet]:
         """In start order: a web UI needs its rig's 4028 server running first."""
-        return [self.fleet, self.antminer_web, self.braiins_rest, *self.whatsminers.values()]
+        return [
+            self.fleet,
+            self.antminer_web,
+            self.braiins_rest,
+            self.braiins_grpc,
+            *self.whatsminers.values(),
+            *self.families.fleets,
+        ]
 
     async def start(self) -> None:
-        started: list[MinerFleet | AntminerWebFleet | BraiinsRestFleet | WhatsminerFleet] = []
+        started: list[_AnyFleet] = []
         try:
             for fleet in self._servers():
                 await fleet.start()
@@ -189,6 +222,8 @@ class SimSite:
         dialect = self.dialects[rig_id]
         if dialect.startswith("whatsminer"):
             return self.whatsminers["v3" if dialect.endswith("v3") else "v2"].address_of(rig_id)
+        if self.families.serves(rig_id):
+            return self.families.address_of(rig_id)
         return self.fleet.address_of(rig_id)
 
     def miner_rows(self, rig_id: str) -> list[str]:
@@ -212,10 +247,11 @@ class SimSite:
                 rows.append(f"web_port = {web.port}")
             if web.low_power_w is not None:
                 rows.append(f"low_power_w = {web.low_power_w:g}  # measured on its outlet")
-        elif driver == "braiins":
+        elif driver == "braiins" and rig_id in self.braiins_rest.servers:
             rest = self.braiins_rest.servers[rig_id]
-            if rest.port != braiins_rest.DEFAULT_PORT:
+            if rest.port != braiins.DEFAULT_PORT:
                 rows.append(f"web_port = {rest.port}")
+        rows += self.families.miner_rows(rig_id)
         return rows
 
     async def __aenter__(self) -> SimSite:

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,59 @@ from controller.config import Config
 from controller.runtime.daemon import Daemon
 from simulators.site import SimSite
 from tests.sim_harness import SimHarness
+
+# -- running the suite on a busy machine ----------------------------------------------------------
+
+# An edge host is often busy: `--busy-cores N` (or RIGD_TEST_LOAD=N) keeps N cores saturated
+# by other processes for the whole session, so that what only fails under load fails here.
+_BUSY_LOOP = (
+    "import os\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:  # ends with the test session, even a killed one\n"
+    "    for _ in range(200_000):\n"
+    "        pass\n"
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--busy-cores",
+        type=int,
+        default=int(os.environ.get("RIGD_TEST_LOAD") or 0),
+        metavar="N",
+        help="run N busy-loop processes for the whole session, to test on a loaded machine "
+        "(default: $RIGD_TEST_LOAD, else 0)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    n = int(config.getoption("--busy-cores") or 0)
+    if n <= 0 or hasattr(config, "workerinput"):  # started once, by the xdist controller
+        return
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUSY_LOOP],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+    config.stash[_busy_key] = procs
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for p in config.stash.get(_busy_key, []):
+        p.kill()
+        p.wait()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    procs = config.stash.get(_busy_key, [])
+    return f"load: {len(procs)} busy-loop process(es) beside the tests" if procs else None
+
+
+_busy_key = pytest.StashKey[list[subprocess.Popen[bytes]]]()
 
 
 @pytest.fixture(autouse=True)

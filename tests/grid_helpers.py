@@ -38,6 +38,19 @@ class Operator:
         headers = {"kid": self.kid if kid == "" else kid} if kid is not None else None
         return jwt.encode(msg, key, algorithm=alg or self.alg, headers=headers).encode()
 
+    def sign_raw(self, payload: bytes, header: bytes | None = None) -> bytes:
+        """A compact JWS over exactly these payload (and header) bytes, as a client that
+        writes its JSON by hand would make it: PyJWT's encode would re-serialise a dict."""
+        from jwt.utils import base64url_encode
+
+        key = serialization.load_pem_private_key(self.pair.private_pem, password=None)
+        if header is None:
+            header = json.dumps({"alg": self.alg, "kid": self.kid}).encode()
+        signing_input = base64url_encode(header) + b"." + base64url_encode(payload)
+        algo = jwt.get_algorithm_by_name(self.alg)
+        signature = algo.sign(signing_input, key)  # type: ignore[arg-type]
+        return signing_input + b"." + base64url_encode(signature)
+
 
 def order(
     kind: str = "curtail", *, site: str = "sim", now: float | None = None, **fields: Any

@@ -32,8 +32,9 @@ from controller.adapters.store import AuditEntry, StateStore
 from controller.cli.direct_farm import DirectAdapters, build_direct_devices
 from controller.config import Config, MqttConfig, parse_config
 from controller.core.caps import Cap, Limit, effective_cap
-from controller.runtime.control import Controller, Override
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult, Override
+from controller.runtime.control import Controller
+from controller.runtime.daemon import Daemon
 from simulators.clock import ManualClock
 from simulators.farm import Farm, SimRig
 

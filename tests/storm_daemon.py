@@ -1,4 +1,4 @@
-"""`rigd run` as its own process, on a simulated farm's accelerated clock (tests/runtime/test_faults.py).
+"""`rigd run` as its own process, on a simulated farm's accelerated clock (runtime/test_faults).
 
 The storm test must SIGKILL the daemon, so the daemon is a process; and it must run
 minutes of farm time in seconds, so the process runs the real `Daemon` on the farm's

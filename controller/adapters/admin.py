@@ -29,10 +29,11 @@ import structlog
 from controller.config import ConfigError
 from controller.core.caps import effective_cap
 from controller.core.planner import ActionKind
-from controller.runtime.control import Hold, ManualRefused, attainment_fields
+from controller.core.status import Hold, attainment_fields
+from controller.errors import ManualRefused, RigdError
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import Daemon
+    from controller.adapters.ports import AdminView, ControlPort
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +41,24 @@ MAX_REQUEST = 64 * 1024
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
-class AdminError(Exception):
+RIG_ACTIONS = frozenset({"sleep", "wake", "set_power", "outlet_off", "outlet_on"})
+RIGD_ACTORS = frozenset({"planner", "rigd"})  # rigd's own decisions
+
+
+def is_event(entry: dict[str, Any]) -> bool:
+    """An audit row `rigctl events` shows: a command to a rig or a grid happening."""
+    action = str(entry.get("action"))
+    return action in RIG_ACTIONS or action.startswith(("grid_", "failsafe_"))
+
+
+def is_request(entry: dict[str, Any]) -> bool:
+    """An audit row `rigctl audit` shows: asked for by someone other than rigd itself."""
+    return str(entry.get("actor")) not in RIGD_ACTORS
+
+
+class AdminError(RigdError):
+    """A request refused, with the code `rigctl` maps to its message and exit status."""
+
     def __init__(self, code: str, message: str) -> None:
         self.code, self.message = code, message
         super().__init__(message)
@@ -73,13 +91,14 @@ def _arg(req: dict[str, Any], key: str, kind: type, *, required: bool = True) ->
 
 
 class AdminServer:
-    def __init__(self, daemon: Daemon, path: Path, group: str | None = None) -> None:
+    def __init__(self, daemon: AdminView, path: Path, group: str | None = None) -> None:
         if len(os.fsencode(path)) > SOCKET_PATH_MAX:
             raise ValueError(f"admin socket path is too long for a Unix socket: {path}")
         self.daemon = daemon
         self.path = path
         self.group = group
         self._server: asyncio.Server | None = None
+        self._made: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._handlers: dict[str, Callable[[dict[str, Any], str], Awaitable[Any]]] = {
             "status": self._status,
             "rigs": self._rigs,
@@ -109,6 +128,8 @@ class AdminServer:
             )
         finally:
             os.umask(old)
+        st = self.path.stat()
+        self._made = (st.st_dev, st.st_ino)
         if self.group:
             try:
                 gid = grp.getgrnam(self.group).gr_gid
@@ -127,8 +148,12 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+        # Only the socket this server made: not one another rigd made at the same path.
+        made, self._made = self._made, None
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            st = self.path.stat()
+            if made == (st.st_dev, st.st_ino):
+                self.path.unlink()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -183,10 +208,16 @@ class AdminServer:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _controller(self) -> Any:
+    def _controller(self) -> ControlPort:
         ctl = self.daemon.controller
         if ctl is None:
-            raise AdminError("no_control", "control is off in this config: rigd only monitors")
+            raise AdminError(
+                "no_control",
+                "control is off in this config: rigd only monitors. To turn it on, add a "
+                "[control] section with max_import_kw (README: Control settings) and run "
+                "`rigctl config reload`; `rigd sim --max-import-kw KW` writes one for a "
+                "simulated farm",
+            )
         return ctl
 
     def _now(self) -> float:
@@ -272,19 +303,31 @@ class AdminServer:
     async def _grid(self, req: dict[str, Any], user: str) -> Any:
         grid = self.daemon.grid
         if grid is None:
-            raise AdminError("no_grid", "grid orders are not enabled in this config")
+            raise AdminError(
+                "no_grid",
+                "grid orders are not enabled in this config: add a [grid] section with the "
+                "operator's key (docs/grid-protocol.md) and restart rigd; `rigd sim "
+                "--max-import-kw KW --grid-key PUB` writes one for a simulated farm",
+            )
         return {"summary": grid.summary(), "orders": grid.orders()}
 
-    async def _events(self, req: dict[str, Any], user: str) -> Any:
-        return await self._audit(req, user)
-
-    async def _audit(self, req: dict[str, Any], user: str) -> Any:
+    def _entries(self, req: dict[str, Any]) -> list[dict[str, Any]]:
         since = _arg(req, "since", float, required=False)
         store = self.daemon.store
         if store is None:
             return []
         ts = since if since is not None else self._now() - 3600
         return [e.as_dict() for e in store.audit_since(ts)]
+
+    async def _events(self, req: dict[str, Any], user: str) -> Any:
+        """What happened on the farm: every command to a rig (whoever asked), grid orders
+        and their lifecycle, the heartbeat failsafe."""
+        return [e for e in self._entries(req) if is_event(e)]
+
+    async def _audit(self, req: dict[str, Any], user: str) -> Any:
+        """Who asked for what: every change made by a person (rigctl), Home Assistant or
+        the grid operator, with its parameters and reason; not rigd's own decisions."""
+        return [e for e in self._entries(req) if is_request(e)]
 
     async def _budget(self, req: dict[str, Any], user: str) -> Any:
         ctl = self._controller()

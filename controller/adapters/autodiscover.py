@@ -51,17 +51,7 @@ def resolve(cfg: Config, found: Mapping[str, Found]) -> Config:
             f = found.get(host)
             if f is None:
                 continue
-            miners.append(
-                m.model_copy(
-                    update={
-                        "id": rid,
-                        "host": host,
-                        "range": None,
-                        "driver": f.driver,
-                        "port": f.port,
-                    }
-                )
-            )
+            miners.append(m.found_as(rid, host, f.driver, f.port))
     return cfg.model_copy(update={"miners": miners})
 
 

@@ -2,6 +2,7 @@
 
 Each firmware is recognised by its own probe (btminer's `devdetails` Driver "bitmicro" or
 its v3 API on 4433, BOS markers in `version`, the stock web UI's digest realm on port 80,
+Avalon's PROD or VNish's name in `version`, ePIC's HTTP API on the same port,
 LuxOS/cgminer in `version`), and one rig may answer several of them, since they all speak
 cgminer on 4028. So every probe of a host runs at once and the most specific answer wins:
 the driver is then right for the firmware, not merely for the protocol it imitates.
@@ -22,19 +23,22 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import drivers.antminer_web as antminer_web
-import drivers.braiins as braiins
-import drivers.whatsminer as whatsminer
-from controller.config import MinerConfig, expand_range, parse_config
+import structlog
+
+from controller.adapters import patience
+from controller.config import expand_range, parse_config
 from controller.config.credentials import Credentials
 from drivers.cgminer import CGMinerClient, parse_identity
 from drivers.errors import DeviceError
+from drivers.registry import KINDS, PROBES
 from drivers.telemetry import RigIdentity
 
+log = structlog.get_logger(__name__)
+
 MAX_ADDRESSES = 65_536
-# Connections one host's probes may hold at once (4028 x4, 4433, port 80 x2), to keep a
+# Connections one host's probes may hold at once (4028 x7, 4433, port 80 x2), to keep a
 # wide scan inside the process's file-descriptor limit.
-SOCKETS_PER_HOST = 7
+SOCKETS_PER_HOST = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +101,12 @@ def _found(host: str, port: int, ident: RigIdentity, driver: str) -> Found:
 
 
 async def _listening(host: str, port: int, wait_s: float) -> bool:
-    """Whether anything accepts a TCP connection at host:port within `wait_s`."""
+    """Whether anything accepts a TCP connection at host:port within `wait_s` of loop time
+    (adapters/patience.py: a busy host's starved loop must not make a miner look absent)."""
     try:
-        async with asyncio.timeout(wait_s):
-            _reader, writer = await asyncio.open_connection(host, port)
+        _reader, writer = await patience.within(
+            asyncio.open_connection(host, port), wait_s, discard=lambda rw: rw[1].close()
+        )
     except (TimeoutError, OSError):
         return False
     writer.close()
@@ -119,35 +125,39 @@ async def identify(host: str, port: int, wait_s: float) -> Found | None:
     Precedence goes from the most specific probe to the least: Whatsminer and Braiins
     answer cgminer's `version` too, and a stock Antminer is "cgminer" without its web UI.
     """
-    # Most addresses of a farm subnet are empty: two connects tell, before seven probes.
-    api, v3 = await asyncio.gather(
-        _listening(host, port, wait_s), _listening(host, MinerConfig.WHATSMINER_V3_PORT, wait_s)
-    )
-    if not (api or v3):
+    if not await _screen(host, port, wait_s):
         return None
+    return await _probe(host, port, wait_s)
+
+
+async def _screen(host: str, port: int, wait_s: float) -> bool:
+    """Whether anything listens on the API port or 4433: most addresses of a farm subnet
+    are empty, and two connects tell, before seven probes."""
+    api, v3 = await asyncio.gather(
+        _listening(host, port, wait_s),
+        _listening(host, KINDS["whatsminer-v3"].default_port, wait_s),
+    )
+    return api or v3
+
+
+async def _probe(host: str, port: int, wait_s: float) -> Found | None:
+    """Every firmware's probe of a host that listens; the most specific answer."""
     budget = wait_s * 3 + 0.5
 
     async def bounded(aw: Awaitable[RigIdentity | Found | None]) -> RigIdentity | Found | None:
         try:
-            async with asyncio.timeout(budget):
-                return await aw
+            return await patience.within(aw, budget)
         except (TimeoutError, DeviceError, OSError):
             return None
 
-    wm, bos, stock, cg = await asyncio.gather(
-        bounded(whatsminer.identify(host, timeout=wait_s, v2_port=port)),
-        bounded(braiins.identify(host, timeout=wait_s, port=port)),
-        bounded(antminer_web.identify(host, timeout=wait_s, rpc_port=port)),
+    *specific, cg = await asyncio.gather(
+        *(bounded(p.identify(host, port, wait_s)) for p in PROBES),
         bounded(probe(host, port, wait_s)),
     )
-    if isinstance(wm, RigIdentity):
-        kind = whatsminer.driver_kind_for(wm)
-        api_port = MinerConfig.WHATSMINER_V3_PORT if kind == "whatsminer-v3" else port
-        return _found(host, api_port, wm, kind)
-    if isinstance(bos, RigIdentity):
-        return _found(host, port, bos, "braiins")
-    if isinstance(stock, RigIdentity):
-        return _found(host, port, stock, "antminer")
+    for p, ident in zip(PROBES, specific, strict=True):
+        if isinstance(ident, RigIdentity):
+            kind = KINDS[p.kind_for(ident)]
+            return _found(host, kind.port_found_on(port), ident, kind.name)
     return cg if isinstance(cg, Found) else None
 
 
@@ -167,6 +177,14 @@ def _fd_bound(concurrency: int) -> int:
     return max(1, min(concurrency, (soft - 64) // SOCKETS_PER_HOST))
 
 
+def _rank(f: Found | None) -> int:
+    """How specific an identification is (identify's precedence): a probe that timed out
+    leaves a less specific one, or none."""
+    if f is None:
+        return 0
+    return {"whatsminer": 4, "whatsminer-v3": 4, "braiins": 3, "antminer": 2}.get(f.driver, 1)
+
+
 async def scan(
     hosts: list[str],
     *,
@@ -175,18 +193,51 @@ async def scan(
     wait_s: float = 1.0,
     progress: Callable[[], None] | None = None,
 ) -> list[Found]:
-    sem = asyncio.Semaphore(_fd_bound(concurrency))
+    """Every miner among `hosts`, identified, in address order.
 
-    async def one(h: str) -> Found | None:
+    The probes' timeouts are the drivers' own, counted in wall time: on a busy host (both
+    cores taken by other processes, or this loop flooded by the scan itself and a control
+    cycle) a miner can miss them, and so can a busy miner. A host that listens and was
+    probed while the loop ran more than a quarter of `wait_s` late, or that listens and
+    answered no probe, is probed again afterwards with twice the time, a few at a time,
+    and the more specific of the two answers kept."""
+    bound = _fd_bound(concurrency)
+    sem = asyncio.Semaphore(bound)
+    starved: dict[str, float] = {}  # listening host -> loop lateness during its probes
+
+    async def one(h: str, lag: patience.LoopLag) -> Found | None:
         async with sem:
             try:
-                return await identify(h, port, wait_s)
+                if not await _screen(h, port, wait_s):
+                    return None
+                before = lag.late_s
+                f = await _probe(h, port, wait_s)
+                if (lag.late_s - before > wait_s / 4 and _rank(f) < 4) or f is None:
+                    starved[h] = lag.late_s - before
+                return f
             finally:
                 if progress is not None:
                     progress()
 
-    results = await asyncio.gather(*(one(h) for h in hosts))
-    found = [f for f in results if f is not None]
+    async with patience.LoopLag() as lag:
+        results = dict(zip(hosts, await asyncio.gather(*(one(h, lag) for h in hosts)), strict=True))
+    if starved:
+        log.info(
+            "scan_probes_repeated",
+            hosts=len(starved),
+            why="listening but not identified, or probed while the event loop was starved",
+            late_s=round(max(starved.values()), 3),
+        )
+        few = asyncio.Semaphore(min(16, bound))
+
+        async def again(h: str) -> None:
+            async with few:
+                f = await _probe(h, port, 2 * wait_s)
+            if _rank(f) > _rank(results[h]):
+                results[h] = f
+
+        await asyncio.gather(*(again(h) for h in starved))
+    found = [f for f in results.values() if f is not None]
     return sorted(found, key=lambda f: ipaddress.IPv4Address(f.host))
 
 

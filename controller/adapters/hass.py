@@ -7,19 +7,27 @@ of rigd's own state topics with a value template, with a device block (the site,
 each rig as a device "via" the site) and rigd's status topic as availability. Nothing
 is published twice: Home Assistant reads the same documents `mosquitto_sub` shows.
 
-Each rig also gets a switch, "Mining": ON wakes it, OFF puts it to sleep. A command
-goes through exactly the path `rigctl wake`/`rigctl sleep` takes (Controller.manual),
-so its safety checks apply: a rig held asleep by the cap or a grid order is not woken
-past the cap, and the refusal is logged. Commands are taken at QoS 0, so a command
-sent while rigd was away is not replayed minutes later. An unknown payload is ignored
-with a log line. Anyone who may publish on rigd/<site>/rigs/+/set can sleep and wake
-rigs: restrict it in the broker's ACL to Home Assistant's user.
+Each rig also gets a switch, "Mining": ON wakes it, OFF puts it to sleep, and a rig whose
+firmware takes a power target a number, "Power limit" (watts), as hass-miner has. The site
+gets a number, "Import cap override" (kW, for an hour, like `rigctl budget override`), and
+a button, "Clear override". A command goes through exactly the path `rigctl` takes
+(Controller.manual, set_override, clear_override), so its safety checks apply: a rig held
+asleep by the cap or a grid order is not woken past the cap, and the refusal is logged.
+Commands are taken at QoS 0, so a command sent while rigd was away is not replayed minutes
+later. An unknown payload is ignored with a log line. Anyone who may publish on these
+command topics can sleep, wake and throttle rigs: restrict them in the broker's ACL to Home
+Assistant's user (config/mosquitto/acl.example).
+
+A rig's entities are unavailable while the rig is unreachable (its last readings are not
+today's), except its State and Reachable, which say so; every entity is unavailable while
+rigd is offline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,15 +40,18 @@ from controller.adapters.metrics import CAP_SOURCES, VERSION
 from controller.adapters.mqtt import MessageHandler, MqttLink
 from controller.config import HomeAssistantConfig
 from controller.core.planner import ActionKind
-from controller.runtime.control import ManualRefused
+from controller.errors import ManualRefused
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult, Daemon
+    from controller.adapters.ports import HassView
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
 ACTOR = "mqtt:homeassistant"
 REASON = "Home Assistant switch"
+OVERRIDE_S = 3600.0  # an override set from Home Assistant lasts an hour (send it again)
+CLEAR = "CLEAR"  # the clear button's payload on the override's command topic
 RIG_STATES = ["mining", "waking", "sleeping", "off", "unreachable"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -54,6 +65,14 @@ def command_topic(site: str, rig_id: str) -> str:
     return f"rigd/{site}/rigs/{rig_id}/set"
 
 
+def power_limit_topic(site: str, rig_id: str) -> str:
+    return f"rigd/{site}/rigs/{rig_id}/power_limit/set"
+
+
+def override_topic(site: str) -> str:
+    return f"rigd/{site}/override/set"
+
+
 @dataclass(frozen=True, slots=True)
 class RigDevice:
     """What Home Assistant is told about one rig."""
@@ -64,6 +83,8 @@ class RigDevice:
     firmware: str = ""
     firmware_version: str = ""
     can_sleep: bool = False
+    power_min_w: float | None = None  # the power-target range, if the firmware takes one
+    power_max_w: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +92,7 @@ class SiteFeatures:
     control: bool = False
     budget: bool = False
     grid: bool = False
+    max_import_kw: float | None = None  # with control: the override number's maximum
 
 
 def _entity(
@@ -79,7 +101,16 @@ def _entity(
     return key, component, {"name": name, "state_topic": topic, "value_template": template, **extra}
 
 
-def _site_entities(site: str, f: SiteFeatures) -> list[tuple[str, str, dict[str, Any]]]:
+def _command(
+    key: str, component: str, name: str, topic: str, **extra: Any
+) -> tuple[str, str, dict[str, Any]]:
+    """A command entity with no state of its own (a button)."""
+    return key, component, {"name": name, "command_topic": topic, **extra}
+
+
+def _site_entities(
+    site: str, f: SiteFeatures, cfg: HomeAssistantConfig
+) -> list[tuple[str, str, dict[str, Any]]]:
     st = f"rigd/{site}/state"
     kw = {"device_class": "power", "unit_of_measurement": "kW", "state_class": "measurement"}
     out = [
@@ -148,6 +179,34 @@ def _site_entities(site: str, f: SiteFeatures) -> list[tuple[str, str, dict[str,
                 options=list(CAP_SOURCES),  # the one list: metrics and the state document
             )
         )
+    if f.control and cfg.switches:
+        out.append(
+            _entity(
+                "override",
+                "number",
+                "Import cap override",
+                st,
+                "{{ value_json.override.kw if value_json.override else None }}",
+                command_topic=override_topic(site),
+                min=0,
+                max=f.max_import_kw or 1_000_000,
+                step=0.1,
+                mode="box",
+                unit_of_measurement="kW",
+                device_class="power",
+                icon="mdi:transmission-tower-import",
+            )
+        )
+        out.append(
+            _command(
+                "override_clear",
+                "button",
+                "Clear override",
+                override_topic(site),
+                payload_press=CLEAR,
+                icon="mdi:close-circle-outline",
+            )
+        )
     if f.budget:
         out.append(
             _entity(
@@ -185,6 +244,10 @@ def _site_entities(site: str, f: SiteFeatures) -> list[tuple[str, str, dict[str,
             )
         )
     return out
+
+
+# Keys of a rig's entities that stay available while the rig is unreachable: they say so.
+ALWAYS_AVAILABLE = frozenset({"state", "reachable"})
 
 
 def _rig_entities(
@@ -258,6 +321,30 @@ def _rig_entities(
                 icon="mdi:pickaxe",
             )
         )
+    if (
+        cfg.switches
+        and f.control
+        and rig.power_min_w is not None
+        and rig.power_max_w is not None
+        and rig.power_max_w > rig.power_min_w
+    ):
+        out.append(
+            _entity(
+                "power_limit",
+                "number",
+                "Power limit",
+                st,
+                "{{ value_json.telemetry.power_limit_w if value_json.telemetry else None }}",
+                command_topic=power_limit_topic(site, rig.id),
+                min=rig.power_min_w,
+                max=rig.power_max_w,
+                step=1,
+                mode="box",
+                unit_of_measurement="W",
+                device_class="power",
+                icon="mdi:speedometer",
+            )
+        )
     return out
 
 
@@ -272,15 +359,40 @@ def _message(
     component: str,
     body: dict[str, Any],
     device: dict[str, Any],
+    rig_state: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """One discovery message: (topic, config payload)."""
+    """One discovery message: (topic, config payload). With `rig_state` (a rig's state
+    topic), the entity is available only while rigd is online *and* the rig reachable."""
     topic = f"{cfg.discovery_prefix}/{component}/{node_id(site)}/{object_id}/config"
+    status = f"rigd/{site}/status"
+    if rig_state is None:
+        availability: dict[str, Any] = {
+            "availability_topic": status,
+            "payload_available": "online",
+            "payload_not_available": "offline",
+        }
+    else:
+        availability = {
+            "availability": [
+                {
+                    "topic": status,
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                },
+                {
+                    "topic": rig_state,
+                    "value_template": "{{ 'online' if value_json.health.reachable "
+                    "else 'offline' }}",
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                },
+            ],
+            "availability_mode": "all",
+        }
     return topic, {
         **body,
         "unique_id": object_id,
-        "availability_topic": f"rigd/{site}/status",
-        "payload_available": "online",
-        "payload_not_available": "offline",
+        **availability,
         "device": device,
         "origin": _origin(),
     }
@@ -300,7 +412,7 @@ def site_discovery(
     }
     return dict(
         _message(cfg, site, f"{node}_{key}", component, body, device)
-        for key, component, body in _site_entities(site, features)
+        for key, component, body in _site_entities(site, features, cfg)
     )
 
 
@@ -318,8 +430,17 @@ def rig_discovery(
     fw = " ".join(x for x in (rig.firmware, rig.firmware_version) if x)
     if fw:
         device["sw_version"] = fw
+    st = f"rigd/{site}/rigs/{rig.id}/state"
     return dict(
-        _message(cfg, site, f"{rig_node}_{key}", component, body, device)
+        _message(
+            cfg,
+            site,
+            f"{rig_node}_{key}",
+            component,
+            body,
+            device,
+            None if key in ALWAYS_AVAILABLE else st,
+        )
         for key, component, body in _rig_entities(site, rig, cfg, features)
     )
 
@@ -353,7 +474,7 @@ class HomeAssistantBridge:
     give theirs at their first reading, a few at a time), only that rig's are rebuilt,
     not the tens of thousands of a large farm on the event loop every cycle."""
 
-    def __init__(self, daemon: Daemon, cfg: HomeAssistantConfig) -> None:
+    def __init__(self, daemon: HassView, cfg: HomeAssistantConfig) -> None:
         self.daemon = daemon
         self.cfg = cfg
         self.site = daemon.cfg.site.id
@@ -366,9 +487,13 @@ class HomeAssistantBridge:
         self._rig_msgs: dict[str, tuple[RigDevice, dict[str, bytes]]] = {}
         self._tasks: set[asyncio.Task[bool]] = set()
         self._next: MessageHandler | None = None
-        if cfg.per_rig and cfg.switches:
+        self._override_topic = override_topic(self.site)
+        if cfg.switches:
             # QoS 0: a command sent while rigd was away must not be replayed later.
-            self.link.subscribe(f"{self._prefix}+/set", 0)
+            if cfg.per_rig:
+                self.link.subscribe(f"{self._prefix}+/set", 0)
+                self.link.subscribe(f"{self._prefix}+/power_limit/set", 0)
+            self.link.subscribe(self._override_topic, 0)
             self._next = self.link.on_message  # the grid service's, if any
             self.link.on_message = self.on_message
 
@@ -381,6 +506,8 @@ class HomeAssistantBridge:
         for rid, view in result.snapshot.rigs.items():
             ident = view.telemetry.identity if view.telemetry is not None else None
             driver = miners.get(rid)
+            caps = driver.capabilities if driver is not None else None
+            targets = caps is not None and caps.can_power_target
             rigs.append(
                 RigDevice(
                     rid,
@@ -388,13 +515,18 @@ class HomeAssistantBridge:
                     ident.model if ident else "",
                     ident.firmware if ident else "",
                     ident.firmware_version if ident else "",
-                    bool(driver is not None and driver.capabilities.can_sleep),
+                    bool(caps is not None and caps.can_sleep),
+                    caps.power_target_min_w if caps is not None and targets else None,
+                    caps.power_target_max_w if caps is not None and targets else None,
                 )
             )
         features = SiteFeatures(
             control=self.daemon.controller is not None,
             budget=cfg.budget is not None and self.daemon.controller is not None,
             grid=self.daemon.grid is not None,
+            max_import_kw=cfg.control.max_import_kw
+            if cfg.control is not None and self.daemon.controller is not None
+            else None,
         )
         signature = (features, tuple(rigs))
         if signature == self._signature:
@@ -443,19 +575,94 @@ class HomeAssistantBridge:
                 return rid
         return None
 
+    def power_limit_rig_of(self, topic: str) -> str | None:
+        tail = "/power_limit/set"
+        if topic.startswith(self._prefix) and topic.endswith(tail):
+            rid = topic[len(self._prefix) : -len(tail)]
+            if rid and "/" not in rid:
+                return rid
+        return None
+
     async def on_message(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
-        rid = self.rig_of(topic)
-        if rid is None:
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        job: Any
+        if (rid := self.rig_of(topic)) is not None:
+            job, name = self.command(rid, raw), f"hass-{rid}"
+        elif (rid := self.power_limit_rig_of(topic)) is not None:
+            job, name = self.power_limit(rid, raw), f"hass-limit-{rid}"
+        elif topic == self._override_topic:
+            job, name = self.override(raw), "hass-override"
+        else:
             if self._next is not None:
                 await self._next(message)
             return
-        payload = message.payload
-        raw = payload if isinstance(payload, bytes) else str(payload or "").encode()
         # Not awaited here: a sleep takes seconds, and grid orders share this receive loop.
-        task = asyncio.create_task(self.command(rid, raw), name=f"hass-{rid}")
+        task = asyncio.create_task(job, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def power_limit(self, rig_id: str, raw: bytes) -> bool:
+        """A rig's power limit from its number entity: `rigctl limit WATTS ID`."""
+        text = raw.decode("utf-8", errors="replace").strip()
+        try:
+            watts = float(text)
+        except ValueError:
+            watts = float("nan")
+        if not math.isfinite(watts) or watts <= 0:
+            log.warning("hass_command_ignored", rig=rig_id, payload=text[:40], why="not watts")
+            return False
+        ctl = self.daemon.controller
+        if ctl is None:
+            log.warning("hass_command_ignored", rig=rig_id, payload=text, why="control is off")
+            return False
+        try:
+            results = await ctl.manual(
+                ActionKind.SET_POWER, [rig_id], watts, "Home Assistant power limit", ACTOR
+            )
+        except ManualRefused as e:
+            log.warning("hass_command_refused", rig=rig_id, command="set_power", reason=str(e))
+            return False
+        except Exception:
+            log.exception("hass_command_failed", rig=rig_id, command="set_power")
+            return False
+        res = results[0]
+        log.info("hass_command", rig=rig_id, command="set_power", watts=watts, ok=res.ok)
+        return res.ok
+
+    async def override(self, raw: bytes) -> bool:
+        """The site's override from its number (kW, for OVERRIDE_S), or its clear button:
+        `rigctl budget override KW --for 1h` and `rigctl budget clear`."""
+        text = raw.decode("utf-8", errors="replace").strip()
+        ctl = self.daemon.controller
+        if ctl is None:
+            log.warning("hass_command_ignored", command="override", why="control is off")
+            return False
+        if text.upper() == CLEAR:
+            was = ctl.override
+            ctl.clear_override()
+            ctl.audit_change("budget_clear", None, {}, "Home Assistant: clear override", ACTOR)
+            log.info("hass_command", command="override_clear", had_override=was is not None)
+            return True
+        try:
+            kw = float(text)
+        except ValueError:
+            kw = float("nan")
+        if not math.isfinite(kw) or kw < 0:
+            log.warning("hass_command_ignored", command="override", payload=text[:40], why="not kW")
+            return False
+        expires = self.daemon.clock.now() + OVERRIDE_S
+        ov = ctl.set_override(kw, expires, "Home Assistant", ACTOR)
+        ctl.audit_change(
+            "budget_override",
+            None,
+            {"kw": kw, "expires_at": ov.expires_at},
+            "Home Assistant",
+            ACTOR,
+        )
+        log.info("hass_command", command="override", kw=kw, expires_at=ov.expires_at)
+        return True
 
     async def command(self, rig_id: str, raw: bytes) -> bool:
         """Carry out one switch command; True if the rig was commanded."""

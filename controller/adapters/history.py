@@ -34,9 +34,10 @@ import structlog
 
 from controller.adapters.store import StateStore, StoreError
 from controller.config import HistoryConfig
+from controller.errors import RigdError
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
@@ -375,7 +376,7 @@ class Recorder:
 # -- reading (rigctl report, the demo's report): the file, read-only --------------------------
 
 
-class HistoryError(Exception):
+class HistoryError(RigdError):
     """The history cannot be read: no database, no table, or a file that is not one."""
 
 
@@ -418,6 +419,39 @@ def register_before(db_path: Path, ts: float) -> float | None:
     finally:
         db.close()
     return None if row is None else float(row[0])
+
+
+def read_orders(db_path: Path) -> list[dict[str, Any]]:
+    """The grid orders the daemon's order book still holds (open ones, and the most recent
+    closed ones), as stored: their caps, start, end, response deadline and compliance, for
+    a report's orders table and deadline marks. Empty without a grid book."""
+    db = _open(db_path)
+    try:
+        row = db.execute("SELECT value FROM kv WHERE key = 'grid.book'").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "no such table" in str(e):
+            return []
+        raise HistoryError(f"cannot read grid orders from {db_path}: {e}") from e
+    finally:
+        db.close()
+    if row is None:
+        return []
+    try:
+        orders = json.loads(row[0]).get("orders") or []
+    except (ValueError, AttributeError):
+        return []  # a book this rigd cannot read: the report goes without
+    out = []
+    for o in orders:
+        if not isinstance(o, dict) or not isinstance(o.get("order_id"), str):
+            continue
+        start, within = o.get("start"), o.get("respond_within_s")
+        deadline = (
+            float(start) + float(within)
+            if isinstance(start, int | float) and isinstance(within, int | float)
+            else None
+        )
+        out.append({**o, "deadline": deadline})
+    return out
 
 
 def _readonly_refused(e: sqlite3.Error) -> bool:

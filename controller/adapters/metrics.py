@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 from drivers.telemetry import RigState
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +96,21 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rigd_control_dry_run": (GAUGE, "1 when control plans but sends nothing", ("site",)),
     "rigd_control_inflight_actions": (GAUGE, "commands sent and not yet settled", ("site",)),
     "rigd_rigs_held": (GAUGE, "rigs excluded from control by technicians", ("site", "hold")),
+    "rigd_control_cannot_shed": (
+        GAUGE,
+        "1 while import stays over the target with nothing left that control may shed",
+        ("site",),
+    ),
+    "rigd_control_shortfall_watts": (
+        GAUGE,
+        "how far import will stay over the target once every command has landed",
+        ("site",),
+    ),
+    "rigd_rigs_sleeping_min_off": (
+        GAUGE,
+        "rigs rigd slept that stay asleep for min_off_s although there is room",
+        ("site",),
+    ),
     "rigd_budget_kwh": (GAUGE, "the energy budget of the current period", ("site", "period")),
     "rigd_budget_used_kwh": (GAUGE, "energy used in the current period", ("site", "period")),
     "rigd_budget_remaining_kwh": (GAUGE, "energy left in the current period", ("site", "period")),
@@ -235,6 +250,11 @@ def samples(result: CycleResult, ctx: Context) -> list[Sample]:
         add("rigd_control_inflight_actions", status.inflight)
         for hold, n in status.held.items():
             add("rigd_rigs_held", n, hold)
+        short = status.cannot_shed
+        add("rigd_control_cannot_shed", 1 if short else 0)
+        add("rigd_control_shortfall_watts", float(short["over_kw"]) * 1000.0 if short else 0.0)
+        wait = status.min_off_wait
+        add("rigd_rigs_sleeping_min_off", int(wait["rigs"]) if wait else 0)
         b = status.budget
         if b is not None:
             period = str(b["period"])

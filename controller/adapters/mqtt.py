@@ -83,6 +83,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.connects = 0
         self._stopping = False
+        self.offline_sent = False  # the retained `offline` went out at a stop
         self.subscriptions: dict[str, int] = {}  # full topic -> QoS
         self.on_message: MessageHandler | None = None
         self._urgent: deque[tuple[str, bytes, bytes | None, Done | None]] = deque()
@@ -141,6 +142,13 @@ class MqttLink:
         """Subscribe now and after every reconnect."""
         self.subscriptions[topic] = qos
 
+    def used_topic(self, topic: str) -> bool:
+        """Whether rigd subscribes to `topic` or publishes it retained: such a topic is
+        never a grid response topic (controller/grid/topics.py)."""
+        return topic in self._retained or any(
+            paho.topic_matches_sub(f, topic) for f in self.subscriptions
+        )
+
     # -- connection management -----------------------------------------------------------
 
     def _make_client(self) -> aiomqtt.Client:
@@ -198,7 +206,14 @@ class MqttLink:
                     for topic, qos in self.subscriptions.items():
                         await client.subscribe(topic, qos=qos)
                     self.connected.set()
-                    await self._serve(client)
+                    try:
+                        await self._serve(client)
+                    except asyncio.CancelledError:
+                        # Stopped without `close` (the daemon's stop failed on its way, or
+                        # the loop is being torn down): leaving the `async with` sends a
+                        # clean DISCONNECT, so the broker would not publish the Last Will.
+                        await self._say_offline(client)
+                        raise
             except (aiomqtt.MqttError, OSError, ssl.SSLError, ValueError) as e:
                 # OSError/SSLError/ValueError: unreadable CA or client key, bad TLS material.
                 # Publishing must never die for good while the daemon keeps polling.
@@ -309,6 +324,17 @@ class MqttLink:
             if done is not None:
                 done()
 
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """Publish the retained `offline` (once): what the Last Will would have said."""
+        if self.offline_sent:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await asyncio.wait_for(
+                client.publish(self.status_topic, OFFLINE, qos=1, retain=True), 3.0
+            )
+            self.offline_sent = True
+            log.info("mqtt_offline_published", topic=self.status_topic)
+
     async def flush(self, within_s: float = 5.0) -> bool:
         """Wait until everything recorded so far is sent; False if that took too long."""
         try:
@@ -328,10 +354,7 @@ class MqttLink:
             await self.flush(within_s=3.0)
         client = self._client
         if client is not None and self.connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await asyncio.wait_for(
-                    client.publish(self.status_topic, OFFLINE, qos=1, retain=True), 3.0
-                )
+            await self._say_offline(client)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

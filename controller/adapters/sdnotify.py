@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 if TYPE_CHECKING:
+    from controller.adapters.ports import ServiceView
     from controller.config import Config
-    from controller.runtime.daemon import CycleResult, Daemon
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
@@ -172,6 +173,9 @@ def status_line(doc: Mapping[str, Any], mqtt_connected: bool) -> str:
     rigs = doc.get("rigs") or {}
     counts = ", ".join(f"{n} {state}" for state, n in rigs.items() if n) or "none"
     broker = "MQTT connected" if mqtt_connected else "MQTT disconnected"
+    short = (doc.get("control") or {}).get("cannot_shed")
+    if short:
+        head += f", CANNOT SHED ENOUGH ({short['over_kw']:,.1f} kW over target)"
     return f"cycle {doc.get('cycle')}: {head}; rigs: {counts}; {broker}"
 
 
@@ -181,7 +185,7 @@ class ServiceNotifications:
     def __init__(
         self,
         notifier: Notifier,
-        daemon: Daemon,
+        daemon: ServiceView,
         *,
         monotonic: Callable[[], float] = time.monotonic,
         slack_s: float = CYCLE_SLACK_S,

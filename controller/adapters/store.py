@@ -32,6 +32,9 @@ from typing import Any, Final, Literal, TypeVar
 
 import structlog
 
+from controller.adapters.statedir import create_private
+from controller.errors import RigdError
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -89,7 +92,7 @@ _KINDS: Final[dict[int, ErrorKind]] = {
 }
 
 
-class StoreError(Exception):
+class StoreError(RigdError):
     """The state database cannot be opened, read or written.
 
     `kind`: "full" (disk or quota), "readonly" (permissions, read-only filesystem),
@@ -205,6 +208,7 @@ class StateStore:
         self.monotonic = monotonic
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)  # 0600 whatever the umask: it holds the audit log
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -247,6 +251,12 @@ class StateStore:
                     keys=sorted(self._pending),
                     audit_rows=len(self._pending_audit),
                 )
+            try:
+                # Everything into the database file itself, and the -wal file emptied: a
+                # stopped rigd leaves one file to back up or copy, readable read-only.
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("state_db_checkpoint_failed", path=str(self.path), error=str(e))
             self._db.close()
 
     # -- health and write-behind -------------------------------------------------------
@@ -578,3 +588,39 @@ class StateStore:
         """The rig's most recent entries, oldest first."""
         newest = self._entries("WHERE rig_id = ? ORDER BY id DESC LIMIT ?", (rig_id, limit))
         return newest[::-1]
+
+
+def backup(db: Path, out: Path) -> int:
+    """Copy the state database `db` to `out` with SQLite's online backup: a consistent
+    copy even while rigd runs and writes (what the -wal file holds is included), checked,
+    as one self-contained file (no -wal). Returns its size in bytes.
+
+    `out` is written next to itself and renamed into place, so a failed backup never
+    leaves a half-written file under the name of a good one."""
+    if not db.is_file():
+        raise StoreError(f"no state database at {db}", kind="unavailable")
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tmp.unlink(missing_ok=True)
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")
+                (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+                if check != "ok":
+                    raise StoreError(f"the copy of {db} fails its check: {check}", kind="corrupt")
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        tmp.chmod(0o600)  # who slept which rig, and who asked: as private as the original
+        tmp.replace(out)
+    except (OSError, sqlite3.Error) as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot back up {db} to {out}: {e}", kind=error_kind(e)) from e
+    except StoreError:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out.stat().st_size

@@ -14,8 +14,11 @@ import json
 import math
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import structlog
 from cryptography.hazmat.primitives import serialization
 from rich.console import Console
@@ -23,22 +26,25 @@ from rich.live import Live
 
 from controller.adapters.broker import EmbeddedBroker
 from controller.adapters.grid.sign import KeyPair, build, generate, send, sign
+from controller.cli.common import install_stop
+from controller.cli.demo_pace import Pace
 from controller.cli.liveview import render
 from controller.cli.logs import configure_logging
-from controller.cli.rigd import _install_stop, _stop_after
 from controller.config import parse_config
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult
+from controller.runtime.daemon import Daemon
+from simulators.clock import ScaledClock
 from simulators.site import SimSite, poll_timeouts
 
 log = structlog.get_logger(__name__)
 
 
-async def _stage_farm(site: SimSite) -> None:
+async def _stage_farm(site: SimSite) -> list[str]:
     """A real farm is never all healthy: one rig is switched off at its outlet (a spare
-    awaiting repair) and one has a control board that stopped answering."""
+    awaiting repair) and one has a control board that stopped answering. Returns both."""
     rigs = list(site.farm.rigs)
     if len(rigs) < 4:
-        return
+        return []
     spare = rigs[-1]
     where = site.farm.outlet_of(spare)
     if where is not None:
@@ -47,6 +53,24 @@ async def _stage_farm(site: SimSite) -> None:
     hung = next((r for r in rigs[len(rigs) // 2 :] if r in site.fleet.servers), None)
     if hung is not None:
         await site.fleet.servers[hung].set_fault("silent")
+    return [spare] + ([hung] if hung is not None else [])
+
+
+async def _until_farm_time(clock: ScaledClock, t: float, stop: asyncio.Event) -> bool:
+    """Wait until farm time `t`, however the clock's speed changes meanwhile; False if
+    stopped first. The demo's story is told in farm time (controller/demo_pace.py)."""
+    while not stop.is_set():
+        left = t - clock.now()
+        if left <= 0:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(left / clock.speed, 0.5))
+    return False
+
+
+async def _stop_at_farm_time(clock: ScaledClock, t: float | None, stop: asyncio.Event) -> None:
+    if t is not None and await _until_farm_time(clock, t, stop):
+        stop.set()
 
 
 SCRIPT_PERIOD_S = 180.0  # wall seconds the cap script spans when no --duration is given
@@ -99,14 +123,15 @@ def _exports_toml(args: argparse.Namespace) -> str:
 
 async def _write_report(args: argparse.Namespace, state_dir: Path, console: Console) -> int:
     """The report of the run, from the history the daemon kept in its state database."""
-    from controller.adapters.history import HistoryError, read
+    from controller.adapters.history import HistoryError, read, read_orders
     from controller.cli.report import ReportError, write_report
 
     out = Path(args.report)
     title = f"rigd demo: {args.rigs} rigs on {args.pdus} PDUs, farm clock x{args.speed:g}"
     try:
         rows = await asyncio.to_thread(read, state_dir / "rigd.sqlite", 0.0)
-        await asyncio.to_thread(write_report, rows, out, title)
+        book = await asyncio.to_thread(read_orders, state_dir / "rigd.sqlite")
+        await asyncio.to_thread(write_report, rows, out, title, None, book)
     except (HistoryError, ReportError, OSError) as e:
         log.error("demo_report_failed", path=str(out), error=str(e))
         if not args.headless:
@@ -119,26 +144,31 @@ async def _write_report(args: argparse.Namespace, state_dir: Path, console: Cons
 
 
 async def _script(
-    daemon: Daemon, args: argparse.Namespace, stop: asyncio.Event, operator: KeyPair
+    daemon: Daemon,
+    args: argparse.Namespace,
+    stop: asyncio.Event,
+    operator: KeyPair,
+    clock: ScaledClock,
+    t0: float,
+    measured: deque[dict[str, Any]],
 ) -> None:
     """A third of the way in, the grid operator orders the farm down to about half of its
     load for a third of the run, sent as a signed order over MQTT exactly as a dispatch
     system would (rigctl grid send does the same); rigd acknowledges, complies, reports
-    and, when the order ends, brings the rigs back gradually."""
+    and, when the order ends, brings the rigs back gradually. In farm time from `t0`, so a
+    demo slowed down on a busy machine tells the same story."""
     ctl = daemon.controller
     if ctl is None:
         return
     span = args.duration or SCRIPT_PERIOD_S
 
-    async def until(t: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), t)
-        return not stop.is_set()
-
-    if not await until(span / 3):
+    if not await _until_farm_time(clock, t0 + span / 3 * args.speed, stop):
         return
-    last = daemon.last
-    load = last.document.get("import_kw") if last else None
+    # The last import measured: on a machine that cannot keep up, the last cycle's meter
+    # read may have timed out, and half the site maximum is not half the load.
+    load = next(
+        (d["import_kw"] for d in reversed(measured) if d.get("import_kw") is not None), None
+    )
     kw = round((load or ctl.control.max_import_kw) * 0.5, 1)
     now = daemon.clock.now()
     msg = build(
@@ -156,7 +186,7 @@ async def _script(
     token = sign(msg, key, "EdDSA", "demo-operator").encode()
     try:
         ack = await send(daemon.cfg.mqtt, daemon.cfg.site.id, token, wait_s=10.0)
-    except Exception as e:  # the demo goes on: the failure is in the log
+    except (aiomqtt.MqttError, OSError) as e:  # the demo goes on: the failure is logged
         log.error("demo_order_not_sent", error=str(e))
         return
     log.info("demo_order_acknowledged", ack=ack)
@@ -181,7 +211,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     console = Console()
     try:
         await site.start()
-        await _stage_farm(site)
+        staged = await _stage_farm(site)
         if args.broker:
             url = args.broker
         else:
@@ -206,32 +236,62 @@ async def run_demo(args: argparse.Namespace) -> int:
             environ={},
         )
         stop = asyncio.Event()
-        _install_stop(stop)
+        install_stop(stop)
+        clock = site.clock
+        assert isinstance(clock, ScaledClock)  # SimSite(speed=...) runs one
+        t0 = clock.now()
+        # --duration is wall seconds at --speed: farm seconds, if the demo must slow down.
+        end = None if args.duration is None else t0 + args.duration * args.speed
+        pace = Pace(args.speed, silent=staged)
+        note: list[str] = []
+        recent: deque[dict[str, Any]] = deque(maxlen=10)  # the last cycles' documents
+
+        async def keep_pace(daemon: Daemon, result: CycleResult) -> None:
+            recent.append(result.document)
+            slowed = pace.judge(result.snapshot)
+            if slowed is None:
+                return
+            log.warning(
+                "demo_cannot_keep_up",
+                message=slowed.message(),
+                farm_ts=result.snapshot.ts,
+                speed=slowed.new_speed,
+                was=slowed.old_speed,
+                timed_out=list(slowed.timed_out[:10]),
+            )
+            note[:] = [slowed.message()]
+            clock.set_speed(slowed.new_speed)
+            await daemon.set_poll_timeouts(*poll_timeouts(args.interval / slowed.new_speed))
 
         if args.headless:
 
-            def on_snapshot(result: CycleResult) -> None:
+            async def on_snapshot(result: CycleResult) -> None:
                 print(json.dumps(result.document, separators=(",", ":")), flush=True)
+                await keep_pace(daemon, result)
 
-            daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_snapshot, dry_run=args.dry_run)
+            daemon = Daemon(cfg, clock=clock, on_snapshot=on_snapshot, dry_run=args.dry_run)
             await asyncio.gather(
                 daemon.run(stop),
-                _stop_after(stop, args.duration),
-                _script(daemon, args, stop, operator),
+                _stop_at_farm_time(clock, end, stop),
+                _script(daemon, args, stop, operator, clock, t0, recent),
             )
         else:
             with Live(console=console, auto_refresh=False, screen=False) as live:
 
-                def on_live(result: CycleResult) -> None:
-                    live.update(render(result, broker=url, speed=args.speed), refresh=True)
+                async def on_live(result: CycleResult) -> None:
+                    await keep_pace(daemon, result)
+                    view = render(result, broker=url, speed=clock.speed, note=" ".join(note))
+                    live.update(view, refresh=True)
 
-                daemon = Daemon(cfg, clock=site.clock, on_snapshot=on_live, dry_run=args.dry_run)
+                daemon = Daemon(cfg, clock=clock, on_snapshot=on_live, dry_run=args.dry_run)
                 await asyncio.gather(
                     daemon.run(stop),
-                    _stop_after(stop, args.duration),
-                    _script(daemon, args, stop, operator),
+                    _stop_at_farm_time(clock, end, stop),
+                    _script(daemon, args, stop, operator, clock, t0, recent),
                 )
             console.print()
+            if note:
+                console.print(f"[bold red]{note[0]}[/bold red]")
             console.print(f"demo stopped; daemon log: {log_path}")
         if args.report:
             return await _write_report(args, state_dir, console)

@@ -8,8 +8,8 @@ seconds of wall time, with each command landing at exactly the farm time it was 
 
 What they deliberately do not test: wire formats, timeouts, retries, SNMP and
 Modbus encodings, LuxOS sessions and profile rounding. The real drivers are tested
-against the socket simulators (`miner_server`, `pdu_snmp`, `meter_modbus`) instead;
-use these adapters only where the subject is the control loop, not the drivers.
+against the socket simulators (`simulators.cgminer`, `apc_snmp`, `modbus_meter`, ...)
+instead; use these adapters only where the subject is the control loop, not the drivers.
 
 Faults a test can inject here: `DirectMiner.unreachable` (the rig's API stops
 answering), `DirectPdu.silent` and `DirectMeter.silent` (reads time out). Rigs that
@@ -19,13 +19,13 @@ accept sleep but keep drawing power are a property of the model (`SimRig.ignore_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from controller.config import Config
-from controller.runtime.devices import Devices, MeterDriver, PduDriver
-from controller.runtime.state import RigInfo
+from controller.core.snapshot import RigInfo
+from controller.runtime.devices import Devices
+from drivers.base import MeterDriver, MinerCapabilities, MinerDriver, OutletAction, PduDriver
 from drivers.errors import DeviceTimeout, DeviceUnreachable, UnsupportedOperation
-from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import (
     Hashboard,
     MeterReading,
@@ -35,9 +35,7 @@ from drivers.telemetry import (
     RigState,
     RigTelemetry,
 )
-from simulators.farm import Farm, Mode, SimMeter, SimPdu, SimRig
-
-OutletAction = Literal["on", "off", "reboot"]
+from simulators.farm import Farm, RigMode, SimMeter, SimPdu, SimRig
 
 
 class DirectMiner:
@@ -81,7 +79,7 @@ class DirectMiner:
     async def read(self, ts: float) -> RigTelemetry:
         t = self._now("read")
         rig = self.rig
-        if rig.mode is Mode.SLEEPING:
+        if rig.mode is RigMode.SLEEPING:
             state = RigState.SLEEPING
         elif rig.is_hashing(t):
             state = RigState.MINING

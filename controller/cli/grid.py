@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from pydantic import SecretStr, ValidationError
 
+from controller.cli.common import missing_config
 from controller.config import ConfigError, MqttConfig, load_config
 
 
@@ -35,24 +38,54 @@ def add_parser(sub: Any, parse_duration: Any) -> None:
     kg.add_argument("--kid", help="key id for rigd's config (default: the file name)")
     kg.set_defaults(func=cmd_keygen)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--broker", help="broker URL (default: from the config file)")
-    common.add_argument("--site", help="site id (default: from the config file)")
-    common.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT version (default 5)")
-    common.add_argument("--username")
-    common.add_argument("--password")
-    common.add_argument("--ca-file", type=Path)
-    common.add_argument("--key", type=Path, help="operator private key (PEM) to sign with")
-    common.add_argument("--kid", help="key id to put in the JWS header")
-    common.add_argument("--unsigned", action="store_true", help="send plain JSON (test sites)")
-    common.add_argument("--iss", help="issuer name, kept in rigd's audit log")
-    common.add_argument("--ttl", type=parse_duration, default=300.0, help="message lifetime")
-    common.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the ack")
-    common.add_argument(
-        "--print-only", action="store_true", help="print the message (JWS or JSON), send nothing"
-    )
+    def sending(p: argparse.ArgumentParser, defaults: bool) -> None:
+        """The options of `send`: taken before the kind (`send --key K curtail ...`, as the
+        README writes it) and after it. After it they have no defaults, so that an option
+        given before the kind is not reset by the kind's parser (argparse copies a
+        subparser's defaults over what its parent parsed)."""
 
-    send = gsub.add_parser("send", help="build, sign and send an order; print rigd's ack")
+        def d(value: Any) -> Any:
+            return value if defaults else argparse.SUPPRESS
+
+        p.add_argument("--broker", default=d(None), help="broker URL (default: from the config)")
+        p.add_argument("--site", default=d(None), help="site id (default: from the config file)")
+        p.add_argument(
+            "--protocol", choices=("5", "3.1.1"), default=d(None), help="MQTT version (default 5)"
+        )
+        p.add_argument("--username", default=d(None))
+        p.add_argument("--password", default=d(None))
+        p.add_argument("--ca-file", type=Path, default=d(None))
+        p.add_argument(
+            "--key", type=Path, default=d(None), help="operator private key (PEM) to sign with"
+        )
+        p.add_argument("--kid", default=d(None), help="key id to put in the JWS header")
+        p.add_argument(
+            "--unsigned", action="store_true", default=d(False), help="send plain JSON (tests)"
+        )
+        p.add_argument("--iss", default=d(None), help="issuer name, kept in rigd's audit log")
+        p.add_argument(
+            "--ttl", type=parse_duration, default=d(300.0), help="message lifetime (default 5m)"
+        )
+        p.add_argument(
+            "--wait", type=float, default=d(10.0), help="seconds to wait for the ack (default 10)"
+        )
+        p.add_argument(
+            "--print-only",
+            action="store_true",
+            default=d(False),
+            help="print the message (JWS or JSON), send nothing",
+        )
+
+    common = argparse.ArgumentParser(add_help=False)
+    sending(common, defaults=False)
+
+    send = gsub.add_parser(
+        "send",
+        help="build, sign and send an order; print rigd's ack",
+        description="Build, sign and send a grid order and print rigd's ack (exit 0 accepted, "
+        "1 rejected or unanswered). The options below go before or after KIND.",
+    )
+    sending(send, defaults=True)
     ksub = send.add_subparsers(dest="kind", required=True, metavar="KIND")
 
     def target(p: argparse.ArgumentParser, required: bool) -> None:
@@ -112,7 +145,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def _mqtt_and_site(args: argparse.Namespace) -> tuple[MqttConfig, str]:
     base: MqttConfig | None = None
     site = args.site
-    if args.broker is None or site is None:
+    # --print-only sends nothing: the site is all it needs.
+    if (args.broker is None and not args.print_only) or site is None:
+        missing = missing_config(args.config)
+        if missing:
+            raise SystemExit(f"rigctl: give --broker and --site, or the site's config ({missing})")
         try:
             cfg = load_config(args.config)
             base = cfg.mqtt
@@ -124,6 +161,8 @@ def _mqtt_and_site(args: argparse.Namespace) -> tuple[MqttConfig, str]:
     fields: dict[str, Any] = {} if base is None else base.model_dump()
     if args.broker:
         fields["url"] = args.broker
+    elif base is None:  # --print-only without a config: a placeholder never connected to
+        fields["url"] = "mqtt://127.0.0.1:1883"
     if args.protocol:
         fields["protocol"] = args.protocol
     if args.username:
@@ -186,7 +225,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 0
     try:
         ack = asyncio.run(send(mqtt, site, payload, wait_s=args.wait))
-    except Exception as e:  # aiomqtt.MqttError, OSError: the broker is the problem
+    except (aiomqtt.MqttError, OSError) as e:  # the broker is the problem
         print(f"rigctl: cannot send to {mqtt.url}: {e}", file=sys.stderr)
         return 2
     if args.wait <= 0:
@@ -210,9 +249,29 @@ def print_grid(doc: dict[str, Any], out: Any) -> None:
     )
     if not doc["orders"]:
         out.print("no grid orders")
+        return
+    from rich.table import Table
+
+    def when(ts: float | None) -> str:
+        if ts is None:
+            return "-"
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    t = Table(box=None, header_style="bold")
+    for col in ("order", "mod", "status", "cap", "start (UTC)", "end", "respond by", "compliant"):
+        t.add_column(col, justify="right" if col in ("mod", "cap") else "left")
     for o in doc["orders"]:
         cap = "-" if o["cap_kw"] is None else f"{o['cap_kw']:,.1f} kW"
-        out.print(
-            f"{o['order_id']:<24} mod {o['modification']:<3} {o['status']:<10} cap {cap:>12}"
-            f"  compliant {o['compliant']}"
+        end = o.get("ended_at") if o.get("ended_at") is not None else o.get("end")
+        compliant = {True: "yes", False: "NO", None: "not yet known"}[o.get("compliant")]
+        t.add_row(
+            o["order_id"],
+            str(o["modification"]),
+            o["status"],
+            cap,
+            when(o.get("start")),
+            "open-ended" if end is None else when(end),
+            when(o.get("deadline")),
+            compliant,
         )
+    out.print(t)

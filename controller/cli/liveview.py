@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from controller.runtime.daemon import CycleResult
+from controller.core.status import CycleResult
 from drivers.telemetry import RigState
 
 _STATE_STYLE = {
@@ -26,7 +26,10 @@ def _fmt(v: float | None, nd: int = 1, unit: str = "") -> str:
     return "-" if v is None else f"{v:,.{nd}f}{unit}"
 
 
-def render(result: CycleResult, *, broker: str, speed: float, rows: int = 12) -> RenderableType:
+def render(
+    result: CycleResult, *, broker: str, speed: float, rows: int = 12, note: str | None = None
+) -> RenderableType:
+    """`note`: a warning above the farm (the machine cannot keep up: controller/demo_pace.py)."""
     snap, doc = result.snapshot, result.document
     when = dt.datetime.fromtimestamp(snap.ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     head = Text.assemble(
@@ -132,4 +135,5 @@ def render(result: CycleResult, *, broker: str, speed: float, rows: int = 12) ->
         table.caption = (
             f"... and {len(rigs) - rows} more; all on MQTT rigd/{snap.site}/rigs/+/state"
         )
-    return Panel(Group(head, Text(), summary, cap, counts, health, table), border_style="blue")
+    warning = Text(note or "", style="bold red")
+    return Panel(Group(head, warning, summary, cap, counts, health, table), border_style="blue")

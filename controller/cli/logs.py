@@ -7,6 +7,7 @@ prose.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,11 +20,50 @@ def _under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
 
 
+class _Survivor:
+    """A log stream that outlives its reader: `rigd run 2>&1 | tee log` stopped with Ctrl-C
+    kills `tee` too, and a log line written to the closed pipe must not abort rigd's clean
+    stop (going offline, removing its socket, closing the state database). Writes after
+    the reader is gone go nowhere."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):  # a closed pipe, or a closed file
+                self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._lost()
+
+    def _lost(self) -> None:
+        self._gone = True
+        # What is still buffered goes to /dev/null: the interpreter's flush at exit must
+        # not fail on the closed pipe again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
 def configure_logging(
     level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Route structlog (and the stdlib loggers of our libraries) to one stream."""
-    out = stream if stream is not None else sys.stderr
+    out: Any = _Survivor(stream if stream is not None else sys.stderr)
     if json is None:
         json = _under_systemd() or not out.isatty()
     lvl = logging.getLevelName(level.upper())

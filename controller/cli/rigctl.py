@@ -12,6 +12,7 @@ or bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -20,7 +21,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,17 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli import grid as grid_cli
-from controller.cli.rigd import (
+from controller.cli.common import (
     cmd_check_config,
     credentials_arg,
     default_config_path,
+    missing_config,
     print_config_error,
+    version_arg,
 )
 from controller.config import AdminConfig, ConfigError, load_config
 from controller.config.credentials import Credentials
+from controller.errors import RigdError
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 2
@@ -58,11 +62,13 @@ def parse_duration(text: str) -> float:
     return total
 
 
-class Unreachable(Exception):
-    pass
+class Unreachable(RigdError):
+    """The daemon's admin socket cannot be reached or read; the message names the path."""
 
 
-class Refused(Exception):
+class Refused(RigdError):
+    """The daemon refused the request; `code` is its reason (docs: rigctl exit codes)."""
+
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(message)
@@ -124,6 +130,54 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _span(seconds: float) -> str:
+    """A countdown for people: 45s, 4m10s, 2h05m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+_HELD_WHY = {
+    "maintenance": "in maintenance",
+    "pinned": "pinned by a technician",
+    "unreachable": "unreachable (counted at their last power)",
+    "command_in_flight": "with a command in flight",
+    "command_failed": "whose last command failed (retried later)",
+    "no_means": "with neither API sleep nor a switchable outlet",
+}
+
+
+def cannot_shed_line(ctl: dict[str, Any], ts: float) -> str | None:
+    """The `cannot shed enough` episode, for people (None when there is none)."""
+    cs = ctl.get("cannot_shed")
+    if not cs:
+        return None
+    held = cs.get("held") or {}
+    parts = [f"{n} rig(s) {_HELD_WHY.get(why, why)}" for why, n in held.items()]
+    why = "still drawing: " + ", ".join(parts) if parts else "every rig control may command is down"
+    nonrig = cs.get("nonrig_kw")
+    load = "" if nonrig is None else f"; load other than rigs {nonrig:,.1f} kW"
+    return (
+        f"CANNOT SHED ENOUGH for {_span(ts - cs['since'])}: import stays {cs['over_kw']:,.1f} kW "
+        f"over the {_fmt(ctl.get('target_kw'), 1, ' kW')} target; {why}{load}"
+    )
+
+
+def _order_line(o: dict[str, Any]) -> str:
+    cap = "-" if o.get("cap_kw") is None else f"{o['cap_kw']:,.1f} kW"
+    comp = {True: "compliant", False: "NOT compliant", None: "compliance not yet known"}[
+        o.get("compliant")
+    ]
+    end = "open-ended" if o.get("end") is None else f"until {_when(o['end'])}"
+    return (
+        f"{o['order_id']} ({o.get('status')}, mod {o.get('modification', 0)}): cap {cap}, "
+        f"from {_when(o.get('start'))} {end}, respond by {_when(o.get('deadline'))} UTC; {comp}"
+    )
+
+
 def print_status(doc: dict[str, Any], out: Console) -> None:
     out.print(f"[bold]site {doc['site']}[/bold]  at {_when(doc['ts'])} UTC (cycle {doc['cycle']})")
     cap = doc.get("cap_kw")
@@ -155,8 +209,14 @@ def print_status(doc: dict[str, Any], out: Console) -> None:
             f"budget {b['used_kwh']:,.0f} of {b['budget_kwh']:,.0f} kWh used this {b['period']}, "
             f"{b['remaining_kwh']:,.0f} kWh left (until {_when(b['period_end'])} UTC)"
         )
-    orders = doc.get("grid_orders") or []
-    out.print(f"grid orders: {len(orders)} active" + "".join(f"\n  {o}" for o in orders))
+    grid = doc.get("grid")
+    if grid is not None:
+        active, pending = grid.get("active") or [], grid.get("pending") or []
+        out.print(
+            f"grid orders: {len(active)} active, {len(pending)} pending"
+            + ("; HEARTBEAT FAILSAFE in force" if grid.get("failsafe") else "")
+            + "".join(f"\n  {_order_line(o)}" for o in [*active, *pending])
+        )
     rigs = doc["rigs"]
     out.print(
         "rigs: " + ", ".join(f"{k} {v}" for k, v in rigs.items()) + f" (of {doc['rigs_total']})"
@@ -171,6 +231,18 @@ def print_status(doc: dict[str, Any], out: Console) -> None:
             f"({ctl.get('basis')}), {ctl.get('inflight_actions', 0)} action(s) in flight, "
             f"{ctl.get('maintenance', 0)} in maintenance, {ctl.get('pinned', 0)} pinned"
         )
+        short = cannot_shed_line(ctl, doc["ts"])
+        if short:
+            out.print(f"[bold red]{short}[/bold red]")
+        elif ctl.get("note"):
+            out.print(f"  {ctl['note']}")
+        wait = ctl.get("min_off_wait")
+        if wait:
+            out.print(
+                f"{wait['rigs']} rig(s) rigd slept stay asleep for min_off_s "
+                f"({wait['min_off_s']:g} s) although there is room: the next may wake in "
+                f"{_span(wait['next_in_s'])}, all in {_span(wait['all_in_s'])}"
+            )
     un = doc["unreachable"]
     devs = doc.get("devices", {})
     bad = [
@@ -247,19 +319,20 @@ def print_rig(r: dict[str, Any], out: Console) -> None:
     h = r["health"]
     out.print(f"[bold]{r['id']}[/bold]  {r['state']}  {r['host']}:{r['port']} ({r['driver']})")
     out.print(
-        f"model {tel.get('model', '-')}, firmware {tel.get('firmware', '-')} "
-        f"{tel.get('firmware_version', '')}"
+        f"model {tel.get('model') or '-'}, firmware {tel.get('firmware') or '-'} "
+        f"{tel.get('firmware_version') or ''}"
     )
     out.print(
         f"hashrate {_fmt(r.get('hashrate_ths'))} TH/s, power {_fmt(r.get('power_w'), 0)} W, "
         f"limit {_fmt(tel.get('power_limit_w'), 0)} W, {_fmt(tel.get('efficiency_j_th'))} J/TH, "
         f"temp {_fmt(tel.get('temp_c'), 0)} °C (chips {_fmt(tel.get('chip_temp_c'), 0)}), "
-        f"fans {tel.get('fans_rpm', [])}, uptime {_fmt(tel.get('uptime_s'), 0)} s"
+        f"fans {', '.join(str(f) for f in tel.get('fans_rpm') or []) or '-'} rpm, "
+        f"uptime {_fmt(tel.get('uptime_s'), 0)} s"
     )
     for b in tel.get("hashboards", []):
         out.print(
             f"  board {b['index']}: {_fmt(b['hashrate_ths'])} TH/s, {_fmt(b['temp_c'], 0)} °C, "
-            f"chips {b['chips']}{'' if b['active'] else ' (inactive)'}"
+            f"chips {_fmt(b.get('chips'), 0)}{'' if b['active'] else ' (inactive)'}"
         )
     o = r.get("outlet")
     if o:
@@ -295,21 +368,56 @@ def print_rig(r: dict[str, Any], out: Console) -> None:
         )
 
 
+def _params(p: dict[str, Any] | None) -> str:
+    """An audit row's parameters, for people: `kw=20 until 2026-01-01 10:00:00`."""
+    out = []
+    for k, v in (p or {}).items():
+        if v is None or k == "watts":
+            continue
+        if k in ("expires_at", "end", "start", "deadline") and isinstance(v, int | float):
+            out.append(f"until {_when(v)}" if k == "expires_at" else f"{k} {_when(v)}")
+        elif isinstance(v, list):
+            out.append(f"{k}: {'; '.join(str(x) for x in v)}" if v else "")
+        else:
+            out.append(f"{k}={v}")
+    return ", ".join(x for x in out if x)
+
+
 def print_audit(entries: list[dict[str, Any]], out: Console) -> None:
+    """`rigctl audit`: who asked for what, with what, and why."""
     t = Table(box=None, header_style="bold")
-    for col in ("time (UTC)", "actor", "action", "rig", "result", "reason"):
+    for col in ("time (UTC)", "who", "asked for", "rig", "with", "result", "reason"):
         t.add_column(col)
     for e in entries:
         t.add_row(
             _when(e["ts"]),
             e["actor"],
-            e["action"] + (" (dry run)" if e.get("dry_run") else ""),
+            e["action"],
             e.get("rig") or "-",
+            _params(e.get("params")) or "-",
             e["result"] + (f": {e['error']}" if e.get("error") else ""),
             e["reason"],
         )
     out.print(t)
-    out.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    out.print(f"{len(entries)} change(s) asked for by people, Home Assistant or the grid")
+
+
+def print_events(entries: list[dict[str, Any]], out: Console) -> None:
+    """`rigctl events`: what happened, one line each, in order."""
+    for e in entries:
+        what = e["action"]
+        watts = (e.get("params") or {}).get("watts")
+        if watts is not None:
+            what += f" {watts:,.0f} W"
+        if e.get("dry_run"):
+            what += " (dry run, not sent)"
+        result = e["result"] + (f": {e['error']}" if e.get("error") else "")
+        who = "" if e["actor"] == "planner" else f" [{e['actor']}]"
+        out.print(
+            f"{_when(e['ts'])}  {e.get('rig') or 'site':<14} {what:<28} {result:<10} "
+            f"{e['reason']}{who}"
+        )
+    out.print(f"{len(entries)} event(s)")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -329,6 +437,9 @@ def _socket_of_broken(path: str) -> Path:
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
+    missing = missing_config(args.config)
+    if missing:  # rigctl finds the daemon's socket through the daemon's config
+        raise Unreachable(missing)
     try:
         # Only the socket is needed: rigd's credentials are its own, not the technician's.
         cfg = load_config(args.config, credentials=Credentials(None, read=False))
@@ -362,7 +473,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from controller.adapters.discovery import add_to_config, addresses, scan
+    from controller.cli.logs import configure_logging
 
+    configure_logging("warning")  # to stderr: stdout is the result (--json)
     try:
         hosts = addresses(args.cidrs)
     except ValueError as e:
@@ -419,7 +532,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Draw the site's history; reads the state database itself (read-only), so it works
     whether or not the daemon runs, and on a copy of the file (--db)."""
-    from controller.adapters.history import HistoryError, read_last, register_before
+    from controller.adapters.history import HistoryError, read_last, read_orders, register_before
     from controller.cli.report import FORMATS, ReportError, write_report
 
     out = Path(args.out)
@@ -430,6 +543,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.db:
         db = Path(args.db)
     else:
+        missing = missing_config(args.config)
+        if missing:
+            print(f"rigctl: {missing}, or name the state database with --db", file=sys.stderr)
+            return EXIT_UNREACHABLE
         try:
             cfg = load_config(args.config)
         except ConfigError as e:
@@ -440,6 +557,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         rows = read_last(db, args.since)
         before = register_before(db, rows[0].ts) if rows else None
+        book = read_orders(db) if rows else []
     except HistoryError as e:
         print(f"rigctl: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -448,7 +566,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     title = f"rigd {site}: {_when(rows[0].ts)} to {_when(rows[-1].end)} UTC"
     try:
-        write_report(rows, out, title, before)
+        write_report(rows, out, title, before, book)
     except (ReportError, OSError) as e:
         print(f"rigctl: report not written: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -492,7 +610,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif cmd in ("events", "audit"):
         since = time.time() - args.since
         entries = c.call(cmd, since=since)
-        _emit(args, entries, print_audit)
+        _emit(args, entries, print_events if cmd == "events" else print_audit)
     elif cmd == "top":
         return _top(args, c)
     elif cmd == "grid":  # status; keygen and send have their own func
@@ -538,7 +656,8 @@ def _budget(args: argparse.Namespace, c: AdminClient) -> int:
 
 
 def _top(args: argparse.Namespace, c: AdminClient) -> int:
-    """Refresh in place on a terminal; elsewhere (a pipe, a log) print each frame in turn."""
+    """Refresh in place on a terminal, until `q` (or Ctrl-C); elsewhere (a pipe, a log)
+    print each frame in turn."""
     import io
 
     from rich.live import Live
@@ -546,6 +665,7 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
 
     console = Console()
     deadline = None if args.duration is None else time.monotonic() + args.duration
+    keys = sys.stdin.isatty() and console.is_terminal
 
     def frame() -> Text:
         status = c.call("status")
@@ -554,6 +674,8 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
         buf = Console(record=True, file=io.StringIO(), width=console.width, highlight=False)
         print_status(status, buf)
         print_rigs(hot[: args.rows], buf)
+        if keys:
+            buf.print(f"[dim]q quits · refreshed every {args.interval:g} s[/dim]")
         return Text.from_ansi(buf.export_text(styles=True))
 
     def running() -> bool:
@@ -564,11 +686,42 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
             console.print(frame())
             time.sleep(args.interval)
         return 0
-    with Live(console=console, auto_refresh=False, screen=False) as live:
+    with _keypresses(keys) as pressed, Live(console=console, auto_refresh=False) as live:
         while running():
             live.update(frame(), refresh=True)
-            time.sleep(args.interval)
+            if pressed(args.interval) in ("q", "Q"):
+                break
     return 0
+
+
+@contextlib.contextmanager
+def _keypresses(enabled: bool) -> Iterator[Callable[[float], str | None]]:
+    """`pressed(timeout)`: a key typed within `timeout` seconds, or None. The terminal is
+    put in cbreak mode (keys arrive without Enter, Ctrl-C still works) and restored."""
+    if not enabled:
+
+        def wait(timeout: float) -> str | None:
+            time.sleep(timeout)
+            return None
+
+        yield wait
+        return
+    import select
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+
+    def read(timeout: float) -> str | None:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return os.read(fd, 1).decode(errors="replace") if ready else None
+
+    try:
+        tty.setcbreak(fd)
+        yield read
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -586,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_config_path(),
         help="the daemon's config file (default: $RIGD_CONFIG or /etc/rigd/rigd.toml)",
     )
+    version_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def json_arg(sp: argparse.ArgumentParser) -> None:
@@ -628,7 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--reason", required=True)
     clr = bsub.add_parser("clear", help="end the override now")
     clr.add_argument("--reason")
-    for name, what in (("events", "grid orders and actions"), ("audit", "the audit log")):
+    for name, what in (
+        ("events", "what happened: commands to rigs, grid orders, the failsafe"),
+        ("audit", "who asked for what: changes by technicians, Home Assistant, the grid"),
+    ):
         sp = sub.add_parser(name, help=what)
         sp.add_argument("--since", type=parse_duration, default=3600.0, help="e.g. 1h (default)")
         json_arg(sp)
@@ -672,10 +829,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func = getattr(args, "func", None)
-    if func is not None:
-        rc: int = func(args)
-        return rc
     try:
+        if func is not None:
+            rc: int = func(args)
+            return rc
         return run_command(args)
     except Unreachable as e:
         print(f"rigctl: {e}", file=sys.stderr)
@@ -685,7 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 0
-    except BrokenPipeError:  # `rigctl rigs | head`
+    except BrokenPipeError:  # `rigctl rigs | head`, `rigctl scan --json | head`
+        # The reader left: not an error. Point stdout at /dev/null so that the flush at
+        # exit does not fail on the closed pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -12,22 +12,32 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from controller.adapters.sdnotify import Notifier, ServiceNotifications
+from controller.cli import backup as backup_cli
+from controller.cli.common import (
+    cmd_check_config,
+    credentials_arg,
+    default_config_path,
+    install_stop,
+    load_checked,
+    print_config_error,
+    stop_after,
+    version_arg,
+)
 from controller.cli.logs import configure_logging
 from controller.config import (
-    DEFAULT_CONFIG_PATH,
-    Config,
     ConfigError,
-    load_config,
     parse_config,
-    summarize,
 )
-from controller.config.credentials import CREDENTIALS_ENV, Credentials, unread
 from controller.runtime import eventloop
+
+if TYPE_CHECKING:
+    from controller.adapters.store import StoreError
+    from controller.config import Config
 
 # sysexits.h EX_CONFIG: systemd's unit stops restarting on it (RestartPreventExitStatus).
 EXIT_CONFIG = 78
@@ -36,19 +46,11 @@ EXIT_CONFIG = 78
 # come back, so EX_IOERR is restarted. Neither run has sent a command to any rig.
 EXIT_STATE_CORRUPT = 65
 EXIT_STATE_IO = 74
+# sysexits.h EX_CANTCREAT: another rigd holds the state directory (controller/statedir.py).
+# The running one keeps the farm; systemd does not retry, a person must say which one runs.
+EXIT_ALREADY_RUNNING = 73
 
 log = structlog.get_logger("rigd")
-
-
-def default_config_path() -> str:
-    return os.environ.get("RIGD_CONFIG", str(DEFAULT_CONFIG_PATH))
-
-
-def _install_stop(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
 
 
 def _install_reload(daemon: Any, notify: ServiceNotifications | None = None) -> None:
@@ -80,76 +82,6 @@ async def reload_config(daemon: Any, notify: ServiceNotifications | None = None)
         notify.reloaded(refused)
 
 
-async def _stop_after(stop: asyncio.Event, seconds: float | None) -> None:
-    if seconds is None:
-        return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    stop.set()
-
-
-def credentials_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument(
-        "--credentials-dir",
-        metavar="DIR",
-        help='read { credential = "NAME" } settings from DIR/NAME (default: systemd\'s '
-        "$CREDENTIALS_DIRECTORY; without either they are not read)",
-    )
-
-
-def print_config_error(e: ConfigError, out: TextIO) -> None:
-    n = len(e.issues)
-    print(f"config {e.source or ''} is invalid: {n} problem{'s' if n != 1 else ''}", file=out)
-    for issue in e.issues:
-        print(f"  {issue}", file=out)
-
-
-# -- rigd check-config ------------------------------------------------------------------------
-
-
-def load_checked(path: str, credentials: Credentials | None = None) -> Config:
-    """The config, plus what only reading files can check (the grid operator's keys)."""
-    cfg = load_config(path, credentials=credentials)
-    if cfg.grid is not None and cfg.grid.enabled:
-        from controller.adapters.grid.verify import load_keys
-
-        # A key in a credential that was not read cannot be checked here.
-        keys = [k for k in cfg.grid.keys if not (k.public_key_file and unread(k.public_key_file))]
-        try:
-            load_keys(cfg.grid.model_copy(update={"keys": keys}))
-        except ConfigError as e:
-            raise ConfigError(e.issues, path) from e
-    return cfg
-
-
-def check_credentials(args: argparse.Namespace) -> Credentials:
-    """`--credentials-dir`, else systemd's $CREDENTIALS_DIRECTORY; without either, credential
-    references are checked for form but not read (a technician cannot read them anyway)."""
-    d = getattr(args, "credentials_dir", None) or os.environ.get(CREDENTIALS_ENV)
-    return Credentials(Path(d)) if d else Credentials(None, read=False)
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    creds = check_credentials(args)
-    try:
-        cfg = load_checked(args.config, creds)
-    except ConfigError as e:
-        print_config_error(e, sys.stdout)
-        return 1
-    print(f"{args.config}: OK")
-    print(summarize(cfg))
-    if creds.used:
-        names = ", ".join(creds.used)
-        if creds.read:
-            print(f"credentials: {len(creds.used)} read from {creds.directory}: {names}")
-        else:
-            print(
-                f"credentials: {len(creds.used)} referenced, not read: {names} "
-                "(give --credentials-dir DIR to check them)"
-            )
-    return 0
-
-
 # -- rigd run ---------------------------------------------------------------------------------
 
 
@@ -162,11 +94,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print_config_error(e, sys.stderr)
         return EXIT_CONFIG
+    from controller.adapters.statedir import AlreadyRunning, InstanceLock
+    from controller.adapters.store import StoreError
     from controller.runtime.daemon import Daemon
+
+    try:
+        # Before anything touches the state database, the admin socket or the broker.
+        lock = InstanceLock.acquire(cfg.site.state_dir)
+    except AlreadyRunning as e:
+        log.critical("rigd_already_running", state_dir=str(e.state_dir), pid=e.pid)
+        print(f"rigd: {e}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    except StoreError as e:
+        return _state_unusable(e, cfg)
 
     async def main() -> None:
         stop = asyncio.Event()
-        _install_stop(stop)
+        install_stop(stop)
         daemon = Daemon(cfg, dry_run=args.dry_run, config_path=args.config, settle_gc=True)
         notify = ServiceNotifications(Notifier.from_environ(), daemon)
         daemon.on_snapshot = notify.on_cycle
@@ -179,17 +123,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             stop.set()
             await notifying
 
-    from controller.adapters.store import StoreError
-
     try:
         eventloop.run(main())
     except StoreError as e:
-        log.critical(
-            "state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir)
-        )
-        print(f"rigd: {e}", file=sys.stderr)
-        return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
+        return _state_unusable(e, cfg)
+    finally:
+        lock.release()
     return 0
+
+
+def _state_unusable(e: StoreError, cfg: Config) -> int:
+    """Log and print a StoreError at start; its exit status."""
+    log.critical("state_db_unusable", error=str(e), kind=e.kind, state_dir=str(cfg.site.state_dir))
+    print(f"rigd: {e}", file=sys.stderr)
+    return EXIT_STATE_CORRUPT if e.kind == "corrupt" else EXIT_STATE_IO
 
 
 # -- rigd sim ---------------------------------------------------------------------------------
@@ -266,8 +213,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 print(f"  rigd run -c {args.write_config}", flush=True)
             print("Ctrl-C stops the farm.", flush=True)
             stop = asyncio.Event()
-            _install_stop(stop)
-            await asyncio.gather(stop.wait(), _stop_after(stop, args.duration))
+            install_stop(stop)
+            await asyncio.gather(stop.wait(), stop_after(stop, args.duration))
         finally:
             await site.stop()
 
@@ -334,7 +281,7 @@ def farm_args(sp: argparse.ArgumentParser, *, mix: str = "luxos") -> None:
         default=mix,
         metavar="DIALECTS",
         help="firmware of the rigs, taken in turn: comma-separated from luxos, antminer, "
-        f"whatsminer, whatsminer-v3, braiins (default {mix})",
+        f"whatsminer, whatsminer-v3, braiins, avalon, epic, vnish (default {mix})",
     )
 
 
@@ -343,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rigd",
         description="Keeps a mining farm inside its electricity budget.",
     )
+    version_arg(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(sp: argparse.ArgumentParser) -> None:
@@ -416,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a simulated farm, an MQTT broker inside the process (unless --broker) "
         "and the daemon, and show the farm live until Ctrl-C.",
     )
-    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins")
+    farm_args(sp, mix="luxos,antminer,whatsminer,whatsminer-v3,braiins,avalon,epic,vnish")
     sp.add_argument("--broker", metavar="URL", help="use this broker instead of the built-in one")
     sp.add_argument("--duration", type=_positive, help="stop after this many (wall) seconds")
     sp.add_argument("--speed", type=_positive, default=10.0, help="farm clock speed (default 10)")
@@ -456,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/grid-protocol.schema.json is this output).",
     )
     sp.set_defaults(func=cmd_grid_schema)
+    backup_cli.add_parser(sub, config_arg)
     return p
 
 

@@ -13,7 +13,7 @@ affected: they are read from the daemon's snapshot, not from MQTT.
 
 from __future__ import annotations
 
-from controller.runtime.state import RigView
+from controller.core.snapshot import RigView
 
 POWER_BAND = 0.02  # of the last published figure...
 POWER_BAND_MIN_W = 20.0  # ...but not less than this

@@ -15,6 +15,11 @@ check at the start of each cycle measures any step (the wall clock's movement mi
 monotonic clock's) so that the daemon can shift every remembered stamp by it, all at
 one moment. A step while the daemon was down is found the same way from the mark it
 saved, as long as the host has not rebooted (`boot_id`).
+
+One kind of time is not the farm's: what the host's own work costs (how long a poll
+took, how long a command attempt ran, how long reads may wait for commands). It is
+measured with a `Stopwatch` on the process's own clock, even when a simulation drives
+the farm's clock, since a frozen or accelerated farm clock would make a poll look free.
 """
 
 from __future__ import annotations
@@ -123,3 +128,16 @@ class StepGuard:
             return 0.0
         step = (self.now() - wall) - (self.monotonic() - mono)
         return step if abs(step) >= self.threshold_s else 0.0
+
+
+class Stopwatch:
+    """Real seconds spent on this host's own work since it was started (see the module's
+    docstring): never farm time, never the wall clock."""
+
+    __slots__ = ("_t0",)
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0

@@ -25,7 +25,6 @@ from controller.core.caps import (
     MAX_IMPORT,
     OVERRIDE,
     BudgetSettings,
-    Cap,
     CapSettings,
     Limit,
     Schedule,
@@ -52,9 +51,19 @@ from controller.core.planner import (
     plan,
     remembered,
 )
+from controller.core.snapshot import RigView, SiteSnapshot
+from controller.core.status import (
+    ActionResult,
+    ControlStatus,
+    Hold,
+    Override,
+    min_off_wait,
+    shed_blockers,
+    shortfall_kw,
+)
+from controller.errors import ManualRefused
 from controller.runtime.devices import Devices
-from controller.runtime.executor import ActionResult, Executor
-from controller.runtime.state import RigView, SiteSnapshot
+from controller.runtime.executor import Executor
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
@@ -126,38 +135,6 @@ def rig_timing(t: ModelTiming) -> RigTiming:
     return RigTiming(t.sleep_s, t.wake_s, t.power_change_s)
 
 
-class ManualRefused(Exception):
-    """A technician's request that the safety checks refuse; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Override:
-    kw: float
-    expires_at: float
-    reason: str
-    actor: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kw": self.kw,
-            "expires_at": self.expires_at,
-            "reason": self.reason,
-            "actor": self.actor,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """A technician's exclusion of a rig from control (maintenance or pin)."""
-
-    reason: str
-    actor: str
-    expires_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"reason": self.reason, "actor": self.actor, "expires_at": self.expires_at}
-
-
 @dataclass(slots=True)
 class Learned:
     """What rigd has learned of a rig by watching it: its full power and J/TH there, its
@@ -183,48 +160,6 @@ class Learned:
             Band(int(k), float(n), float(w), float(t)) for k, n, w, t in d.get("bands", ())
         )
         return cls(d.get("full_w"), d.get("efficiency_j_th"), CurveData(bands), d.get("sleep_w"))
-
-
-@dataclass(frozen=True, slots=True)
-class ControlStatus:
-    cap: Cap
-    plan: Plan | None
-    budget: dict[str, Any] | None
-    dry_run: bool
-    inflight: int
-    held: dict[str, int] = field(default_factory=dict)
-    # (TH/s the plan gives once settled, TH/s the best plan under the cap would give),
-    # both from the learned curves, as of the last full allocation.
-    attainment: tuple[float, float] | None = None
-
-    def site_fields(self) -> dict[str, Any]:
-        """Fields merged into the `state` document."""
-        doc: dict[str, Any] = {
-            "cap_kw": round(self.cap.kw, 3),
-            "cap_source": self.cap.source,
-            "cap_detail": self.cap.detail,
-            "control": {
-                "mode": "dry_run" if self.dry_run else "active",
-                "inflight_actions": self.inflight,
-                **(self.plan.as_dict() if self.plan else {}),
-                **self.held,
-                **attainment_fields(self.attainment),
-            },
-        }
-        if self.budget is not None:
-            doc["budget"] = self.budget
-        return doc
-
-
-def attainment_fields(att: tuple[float, float] | None) -> dict[str, Any]:
-    """What the plan gives up against the best plan under the cap, for documents."""
-    if att is None or att[1] <= 0:
-        return {}
-    return {
-        "hashrate_ths": round(att[0], 1),
-        "attainable_ths": round(att[1], 1),
-        "kept_pct": round(100.0 * min(1.0, att[0] / att[1]), 1),
-    }
 
 
 class Controller:
@@ -288,6 +223,7 @@ class Controller:
         self._learned_saved = (-math.inf, 0)  # when, and how many rigs were known then
         self.last_input: PlanInput | None = None
         self.last_plan: Plan | None = None
+        self._short_since: float | None = None  # import stays over the target since then
         try:
             self._load()
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -693,8 +629,49 @@ class Controller:
         self._save(items)
         held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
         return ControlStatus(
-            cap, result, budget_doc, self.dry_run, len(self._inflight), held, self.attainment
+            cap,
+            result,
+            budget_doc,
+            self.dry_run,
+            len(self._inflight),
+            held,
+            cannot_shed=self._cannot_shed(inp, result, now),
+            min_off_wait=min_off_wait(inp, result),
+            override=self.override,
+            attainment=self.attainment,
         )
+
+    def _cannot_shed(self, inp: PlanInput, result: Plan, now: float) -> dict[str, Any] | None:
+        """Import stays over the target with nothing left to shed: say so once per episode
+        in the log (and every cycle in the state document, the metrics and `rigctl status`),
+        with what holds the rest."""
+        over = shortfall_kw(result)
+        if over <= 0.0:
+            if self._short_since is not None:
+                log.info("cannot_shed_ended", lasted_s=round(now - self._short_since, 1))
+                self._short_since = None
+            return None
+        blockers = shed_blockers(inp)
+        doc = {
+            "over_kw": round(over, 3),
+            "since": self._short_since if self._short_since is not None else now,
+            "nonrig_kw": None if result.nonrig_kw is None else round(result.nonrig_kw, 3),
+            "held": blockers,
+        }
+        if self._short_since is None:
+            self._short_since = now
+            log.warning(
+                "cannot_shed_enough",
+                over_kw=doc["over_kw"],
+                predicted_kw=None if result.predicted_kw is None else round(result.predicted_kw, 3),
+                target_kw=round(result.target_kw, 3),
+                cap_kw=round(inp.cap.kw, 3),
+                cap_source=inp.cap.source,
+                cap_detail=inp.cap.detail,
+                nonrig_kw=doc["nonrig_kw"],
+                held=blockers,
+            )
+        return doc
 
     def _learned_doc(self) -> dict[str, Any]:
         return {k: v.as_dict() for k, v in self.learned.items()}
@@ -779,13 +756,21 @@ class Controller:
             predicted = last.predicted_kw if last.predicted_kw is not None else last.measured_kw
             if predicted is None:
                 raise ManualRefused("no trustworthy import reading: adding load is refused")
-            if added > 0 and predicted + added > last.target_kw:
-                cap = inp.cap
+            # The cap in force now, not the last cycle's: an override just cleared (or set)
+            # counts at once, and the refusal never quotes a limit that is gone.
+            cap = effective_cap(self.limits(self.now()))
+            target = self.target_kw(cap.kw)
+            if added > 0 and predicted + added > target:
                 raise ManualRefused(
                     f"refused: this would add {added:.1f} kW and import would reach "
-                    f"{predicted + added:.1f} kW, over the {last.target_kw:.1f} kW target "
+                    f"{predicted + added:.1f} kW, over the {target:.1f} kW target "
                     f"(cap {cap.kw:.1f} kW set by {cap.source}: {cap.detail})"
                 )
+
+    def target_kw(self, cap_kw: float) -> float:
+        """What control aims under for a cap: the cap less the headroom (as the planner)."""
+        c = self.settings
+        return max(0.0, cap_kw - max(c.headroom_kw, cap_kw * c.headroom_pct / 100.0))
 
     async def manual(
         self, kind: ActionKind, rig_ids: list[str], watts: float | None, reason: str, actor: str

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -27,25 +25,18 @@ from controller.adapters.store import StateStore, StoreError
 from controller.adapters.zones import ZoneService
 from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.core import rig_updates
+from controller.core.snapshot import Health, RigView, SiteSnapshot
+from controller.core.status import ControlStatus, CycleResult
 from controller.runtime import eventloop
-from controller.runtime.clock import Clock, StepGuard, SystemClock
-from controller.runtime.control import Controller, ControlStatus
+from controller.runtime.clock import Clock, StepGuard, Stopwatch, SystemClock
+from controller.runtime.control import Controller
 from controller.runtime.devices import Devices, build_devices
 from controller.runtime.exports import Exports
 from controller.runtime.grid_service import GridService
-from controller.runtime.state import Health, RigView, SiteSnapshot, SiteState
+from controller.runtime.state import SiteState
 from drivers.errors import DeviceError
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class CycleResult:
-    """One cycle's outcome: the farm, what control decided, and the published document."""
-
-    snapshot: SiteSnapshot
-    control: ControlStatus | None
-    document: dict[str, Any]
 
 
 SnapshotHook = Callable[[CycleResult], Awaitable[None] | None]
@@ -89,13 +80,7 @@ class Daemon:
         self.found = self._remembered_miners(cfg)
         cfg = self.cfg = autodiscover.resolve(cfg, self.found)
         self.devices = devices or build_devices(cfg)
-        self.state = SiteState(
-            cfg.site.id,
-            self.devices.rigs,
-            list(self.devices.meters),
-            list(self.devices.pdus),
-            self.devices.import_meter,
-        )
+        self.state = SiteState.of(cfg.site.id, self.devices)
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
         self.on_snapshot = on_snapshot
         # What each rig's retained topic shows, and when it was sent (core/rig_updates.py).
@@ -165,7 +150,7 @@ class Daemon:
         """Read every device (`rigs` False: the meters only, the rigs' last readings kept)."""
         st, devs = self.state, self.devices
         ts = self.clock.now()
-        t0 = time.monotonic()
+        work = Stopwatch()
         jobs: list[_Job] = []
         kinds: tuple[tuple[str, Mapping[str, _Reader], _Sink, _Sink, _HealthOf], ...] = (
             ("miner", devs.miners if rigs else {}, st.rig_ok, st.rig_failed, st.rig_health),
@@ -183,7 +168,7 @@ class Daemon:
                 eventloop.settle_gc()  # drivers, state and a first reading of every rig
             self._polled_all = True
         st.cycle += 1
-        snap = st.snapshot(ts, time.monotonic() - t0)
+        snap = st.snapshot(ts, work.elapsed())
         self.snapshot = snap
         return snap
 
@@ -197,12 +182,12 @@ class Daemon:
         ctl = self.controller
         executor = ctl.executor if ctl is not None else None
         # Commands go first, but a burst of failing rigs must not stall the poll for good.
-        wait_until = time.monotonic() + self.cfg.poll.interval_s
+        waited, wait_at_most = Stopwatch(), self.cfg.poll.interval_s
 
         async def worker() -> None:
             for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
                 if executor is not None and kind != "meter" and executor.queued:
-                    left = wait_until - time.monotonic()
+                    left = wait_at_most - waited.elapsed()
                     if left > 0:  # commands first (controller/runtime/executor.py), for a while
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(left):
@@ -293,6 +278,14 @@ class Daemon:
         )
         return notes
 
+    async def set_poll_timeouts(self, timeout_s: float, retries: int) -> None:
+        """Read devices with these timeouts from the next cycle on, keeping all state: the
+        demo widens them when it slows its farm clock (controller/demo_pace.py)."""
+        poll = self.source_cfg.poll.model_copy(update={"timeout_s": timeout_s, "retries": retries})
+        async with self._cycle_lock:
+            await self._swap(self.source_cfg.model_copy(update={"poll": poll}))
+        log.info("poll_timeouts_changed", timeout_s=timeout_s, retries=retries)
+
     async def _swap(self, source: Config) -> None:
         """Run on `source` (found miners resolved) from the next cycle, keeping all state.
 
@@ -304,13 +297,7 @@ class Daemon:
         cfg = autodiscover.resolve(source, self.found)
         self.devices = build_devices(cfg)
         self.devices.adopt_sessions(old_devices)
-        self.state = SiteState(
-            cfg.site.id,
-            self.devices.rigs,
-            list(self.devices.meters),
-            list(self.devices.pdus),
-            self.devices.import_meter,
-        )
+        self.state = SiteState.of(cfg.site.id, self.devices)
         self.state.adopt(old_state)
         self.cfg = cfg
         self._apply_poll(cfg)
@@ -519,6 +506,12 @@ class Daemon:
             log.error("admin_socket_failed", socket=str(self.cfg.admin.socket), error=str(e))
         await self.exports.start()
         discovering = asyncio.create_task(self._discover_loop(stop), name="discovery")
+        # Grid progress reports on their own timer, not once a cycle.
+        reporting = (
+            asyncio.create_task(self.grid.run_reports(self.clock, stop), name="grid-reports")
+            if self.grid is not None
+            else None
+        )
         try:
             next_t = self.clock.monotonic()
             kicked = False
@@ -542,19 +535,49 @@ class Daemon:
                 kick = self.grid.kick if self.grid is not None else None
                 kicked = await _sleep_or_stop(self.clock, delay, stop, kick)
         finally:
-            log.info("rigd_stopping", site=self.cfg.site.id)
-            discovering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await discovering
-            await admin.stop()
-            await self.exports.stop()
-            if self.controller is not None:
-                await self.controller.close()
-            await self.link.close(link_task)
-            await self.devices.close()
+            await self._stop([discovering, reporting], admin, link_task)
+
+    async def _stop(
+        self,
+        tasks: list[asyncio.Task[None] | None],
+        admin: AdminServer,
+        link_task: asyncio.Task[None],
+    ) -> None:
+        """The clean stop: every step is taken even if one before it fails, so a stopped
+        rigd always says `offline` (a clean disconnect sends no Last Will), leaves no
+        admin socket behind and closes the state database (no -wal file left)."""
+
+        async def close_store() -> None:
             if self.store is not None:
                 self.store.close()
-            log.info("rigd_stopped", site=self.cfg.site.id)
+
+        async def close_controller() -> None:
+            if self.controller is not None:
+                await self.controller.close()
+
+        async def end_tasks() -> None:  # discovery and the grid's report timer
+            for task in tasks:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("tasks", end_tasks),
+            ("admin", admin.stop),
+            ("exports", self.exports.stop),
+            ("control", close_controller),  # commands in flight land first
+            ("mqtt", lambda: self.link.close(link_task)),  # then `offline`, retained
+            ("devices", self.devices.close),
+            ("state_db", close_store),
+        ]
+        log.info("rigd_stopping", site=self.cfg.site.id)
+        for name, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("stop_step_failed", step=name)
+        log.info("rigd_stopped", site=self.cfg.site.id)
 
 
 async def _sleep_or_stop(

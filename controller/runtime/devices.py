@@ -5,28 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import structlog
 
 from controller.config import Config
-from controller.runtime.state import RigInfo
+from controller.core.snapshot import RigInfo
 from drivers.apc_snmp import ApcPdu, close_engines
-from drivers.luxos import renew_after_s
-from drivers.miner import LuxOSDriver, MinerDriver, make_miner_driver
+from drivers.base import MeterDriver, MinerDriver, PduDriver
+from drivers.luxos import LuxOSDriver
 from drivers.modbus_meter import ModbusMeter
-from drivers.telemetry import MeterReading, PduReading
-
-
-class MeterDriver(Protocol):
-    async def read(self, ts: float) -> MeterReading: ...
-    async def close(self) -> None: ...
-
-
-class PduDriver(Protocol):
-    async def read(self, ts: float) -> PduReading: ...
-    async def close(self) -> None: ...
-
+from drivers.registry import MinerAccess, make_miner_driver
 
 log = structlog.get_logger(__name__)
 
@@ -95,26 +83,21 @@ def build_devices(cfg: Config) -> Devices:
     timeout, retries = cfg.poll.timeout_s, cfg.poll.retries
     rigs: list[RigInfo] = []
     devs = Devices(rigs)
-    hold_after = renew_after_s(cfg.poll.interval_s)
     for r in cfg.rigs():
         m = r.miner
         if m.driver == "auto":
             continue  # an unscanned range: controller/adapters/autodiscover.py resolves it first
         rigs.append(RigInfo(r.id, r.host, m.port, m.driver, m.group, r.outlet))
-        devs.miners[r.id] = make_miner_driver(
-            m.driver,
-            r.id,
+        access = MinerAccess(
             r.host,
             m.port,
             username=m.username,
             password=_secret(m.password),
             timeout=timeout,
             retries=retries,
-            web_port=m.web_port,
-            power_min_w=m.power_min_w,
-            power_max_w=m.power_max_w,
-            low_power_w=m.low_power_w,
-            renew_session_after=hold_after if m.session == "hold" else None,
+        )
+        devs.miners[r.id] = make_miner_driver(
+            m.driver, r.id, access, m.driver_settings(cfg.poll.interval_s)
         )
     for mc in cfg.meters:
         devs.meters[mc.id] = ModbusMeter(

@@ -18,18 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
 from controller.adapters.mqtt import MqttLink
 from controller.adapters.store import AuditRow, StateStore, StoreError, audit_row
 from controller.core.planner import Action, ActionKind
+from controller.core.status import ActionResult
+from controller.runtime.clock import Stopwatch
 from controller.runtime.devices import Devices
+from drivers.base import PduDriver
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
 log = structlog.get_logger(__name__)
@@ -37,15 +37,6 @@ log = structlog.get_logger(__name__)
 RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
 CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
 RECORD_WAIT_S = 10.0  # ...or after this long
-
-
-@dataclass(frozen=True, slots=True)
-class ActionResult:
-    action: Action
-    ok: bool
-    error: str | None
-    attempts: int
-    duration_s: float
 
 
 class Executor:
@@ -117,7 +108,7 @@ class Executor:
             if info is None or info.outlet is None:
                 raise DeviceError("rig has no PDU outlet", device=a.rig_id, operation=a.kind)
             pdu_id, number = info.outlet
-            pdu: Any = self.devices.pdus[pdu_id]
+            pdu: PduDriver = self.devices.pdus[pdu_id]
             await pdu.set_outlet(number, "off" if a.kind is ActionKind.OUTLET_OFF else "on")
             return
         miner = self.devices.miners[a.rig_id]
@@ -146,7 +137,7 @@ class Executor:
 
     async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
         """Send one action, with retries; record it; never raises for device errors."""
-        t0 = time.monotonic()
+        work = Stopwatch()
         error: str | None = None
         attempt = 0
         self._count(1)
@@ -173,7 +164,7 @@ class Executor:
                         break
         finally:
             self._count(-1)
-        result = ActionResult(a, error is None, error, attempt, time.monotonic() - t0)
+        result = ActionResult(a, error is None, error, attempt, work.elapsed())
         if self._room.is_set() and not self._deferred:
             self.record(result, actor=actor)
         else:  # commands are queued: book this one once they are sent

@@ -9,7 +9,8 @@ in one is logged and never stops the control loop or the others.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -19,13 +20,23 @@ from controller.adapters.metrics import Metrics, MetricsServer
 from controller.adapters.store import StoreError
 
 if TYPE_CHECKING:
-    from controller.runtime.daemon import CycleResult, Daemon
+    from controller.adapters.ports import ExportsView
+    from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
 
 
+def _isolated(event: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """One export's work for this cycle. Its failure is a bug in that export: logged as
+    `event` with the traceback, and kept from the control loop and the other exports."""
+    try:
+        fn(*args, **kwargs)
+    except Exception:  # the one place an export's bug is contained
+        log.exception(event)
+
+
 class Exports:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: ExportsView) -> None:
         cfg = daemon.cfg
         self.daemon = daemon
         self.metrics: Metrics | None = None
@@ -51,25 +62,18 @@ class Exports:
     def on_cycle(self, result: CycleResult) -> None:
         d = self.daemon
         if self.metrics is not None:
-            try:
-                self.metrics.observe(
-                    result,
-                    mqtt_connected=d.link.connected.is_set(),
-                    mqtt_connects=d.link.connects,
-                    grid_rejected=None if d.grid is None else d.grid.rejected,
-                )
-            except Exception:
-                log.exception("metrics_update_failed")
+            _isolated(
+                "metrics_update_failed",
+                self.metrics.observe,
+                result,
+                mqtt_connected=d.link.connected.is_set(),
+                mqtt_connects=d.link.connects,
+                grid_rejected=None if d.grid is None else d.grid.rejected,
+            )
         if self.history is not None:
-            try:
-                self.history.record(result)
-            except Exception:
-                log.exception("history_record_failed")
+            _isolated("history_record_failed", self.history.record, result)
         if self.hass is not None:
-            try:
-                self.hass.on_cycle(result)
-            except Exception:
-                log.exception("hass_discovery_failed")
+            _isolated("hass_discovery_failed", self.hass.on_cycle, result)
 
     async def start(self) -> None:
         cfg = self.daemon.cfg.metrics
@@ -91,7 +95,4 @@ class Exports:
         if self.hass is not None:
             await self.hass.stop()
         if self.history is not None:
-            try:
-                self.history.flush()
-            except Exception:
-                log.exception("history_flush_failed")
+            _isolated("history_flush_failed", self.history.flush)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import structlog
 
+from controller.adapters.grid import topics
 from controller.adapters.grid.verify import Rejected, Verified, Verifier, load_keys
 from controller.adapters.mqtt import MqttLink, encode
 from controller.adapters.store import StateStore, StoreError
@@ -25,6 +26,8 @@ from controller.config import Config, GridConfig
 from controller.core.grid.book import (
     CANCELLED,
     COMPLETED,
+    GridRules,
+    HeartbeatRules,
     Note,
     Order,
     OrderBook,
@@ -35,12 +38,32 @@ from controller.core.planner import Mode
 from drivers.telemetry import RigState
 
 if TYPE_CHECKING:
-    from controller.runtime.control import Controller, ControlStatus
-    from controller.runtime.state import SiteSnapshot
+    from controller.core.snapshot import SiteSnapshot
+    from controller.core.status import ControlStatus
+    from controller.runtime.clock import Clock
+    from controller.runtime.control import Controller
 
 log = structlog.get_logger(__name__)
 
-MAX_RESPONSE_TOPIC = 256
+
+def grid_rules(grid: GridConfig) -> GridRules:
+    """The order book's rules from the `[grid]` config section."""
+    hb = grid.heartbeat
+    return GridRules(
+        respond_within_s=grid.respond_within_s,
+        report_interval_s=grid.report_interval_s,
+        levels_kw=None if grid.levels_kw is None else tuple(grid.levels_kw),
+        levels_pct=tuple(grid.levels_pct),
+        heartbeat=None
+        if hb is None
+        else HeartbeatRules(
+            timeout_s=hb.timeout_s,
+            failsafe_kw=hb.failsafe_kw,
+            min_failsafe_s=hb.min_failsafe_s,
+            recovery_s=hb.recovery_s,
+            always=hb.always,
+        ),
+    )
 
 
 class GridService:
@@ -60,7 +83,9 @@ class GridService:
         self.now = now
         self.verifier = Verifier(self.grid, self.site, load_keys(self.grid))
         self.book = OrderBook(
-            self.grid, cfg.control.max_import_kw, max_gap_s=max(60.0, 3 * cfg.poll.interval_s)
+            grid_rules(self.grid),
+            cfg.control.max_import_kw,
+            max_gap_s=max(60.0, 3 * cfg.poll.interval_s),
         )
         self.book.load(store.get("grid.book"), now())
         base = f"rigd/{self.site}/grid"
@@ -69,7 +94,6 @@ class GridService:
         self.reports_subtopic = "grid/reports"
         self.kick = asyncio.Event()  # set when limits changed: run a control cycle now
         self.rejected = 0
-        self._last: tuple[SiteSnapshot | None, Controller | None] = (None, None)
         self._hb_iat = 0.0  # newest signed heartbeat: an older one is a replay
         if link is not None:
             link.subscribe(self.orders_topic, 1)
@@ -114,20 +138,44 @@ class GridService:
         plan = status.plan if status is not None else None
         kw = plan.measured_kw if plan is not None else None
         basis = plan.basis if plan is not None else None
-        self.book.observe(now, kw, basis)
+        rigs = self._rig_counts(snap, controller) if self.book.active() else None
+        self.book.observe(now, kw, basis, rigs)
+        self.send_reports(now)  # also the timer's job (run_reports): whichever comes first
+        if controller is not None:
+            controller.comply_by = self.book.comply_by()
+        self._save()
+
+    def send_reports(self, now: float) -> None:
+        """The progress reports due at `now`, each with its order's last observation."""
         due = self.book.reports_due(now)
         if due and self.link is not None:
-            rigs = self._rig_counts(snap, controller)
             for o in due:
                 self.link.set_latest(
                     f"report:{o.order_id}",
                     self.reports_subtopic,
-                    report_doc(self.site, o, now, rigs, final=False),
+                    report_doc(self.site, o, now, o.rigs, final=False),
                 )
-        if controller is not None:
-            controller.comply_by = self.book.comply_by()
-        self._save()
-        self._last = (snap, controller)
+
+    async def run_reports(self, clock: Clock, stop: asyncio.Event) -> None:
+        """Send progress reports when they are due, not when a control cycle happens to
+        end: with a poll interval longer than `report_interval_s`, checking once a cycle
+        sent them an interval late. Until `stop`."""
+        every = self.grid.report_interval_s
+        while not stop.is_set():
+            now = self.now()
+            try:
+                self.send_reports(now)
+            except Exception:  # a report problem must never stop the farm's control
+                log.exception("grid_report_failed")
+            nxt = self.book.next_report_at()
+            delay = every if nxt is None else min(every, max(0.0, nxt - now))
+            sleeping = asyncio.ensure_future(clock.sleep(delay))
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((sleeping, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in (sleeping, stopping):
+                    f.cancel()
 
     def _rig_counts(
         self, snap: SiteSnapshot | None, controller: Controller | None
@@ -192,22 +240,23 @@ class GridService:
         """The MQTT 5 response topic if it is a sane one, else rigd/<site>/grid/acks.
 
         A message may name any response topic, and we refuse to be made to publish on
-        rigd's own topics (a forged order must not overwrite another site's state)."""
+        rigd's own topics or the broker's (grid/topics.py); a refusal is logged."""
         if not response_topic:
             return self.acks_topic
-        ok = (
-            len(response_topic) <= MAX_RESPONSE_TOPIC
-            and "+" not in response_topic
-            and "#" not in response_topic
-            and "\x00" not in response_topic
-            and (
-                not response_topic.startswith("rigd/")
-                or response_topic.startswith(f"rigd/{self.site}/grid/")
-            )
-            and response_topic != self.orders_topic
+        hb = self.grid.heartbeat
+        why = topics.refusal(
+            response_topic,
+            site=self.site,
+            heartbeat_topic=hb.topic if hb is not None else None,
+            used_by_rigd=self.link.used_topic if self.link is not None else None,
         )
-        if not ok:
-            log.warning("grid_response_topic_refused", response_topic=response_topic[:300])
+        if why is not None:
+            log.warning(
+                "grid_response_topic_refused",
+                response_topic=response_topic[:300],
+                why=why,
+                ack_topic=self.acks_topic,
+            )
             return self.acks_topic
         return response_topic
 
@@ -283,8 +332,7 @@ class GridService:
         final: Order | None = None
         if outcome.accepted and outcome.order is not None and outcome.order.status == CANCELLED:
             final = outcome.order
-            rigs = self._rig_counts(*self._last)
-            doc = report_doc(self.site, final, now, rigs, final=True)
+            doc = report_doc(self.site, final, now, final.rigs, final=True)
             outbox.append((f"rigd/{self.site}/{self.reports_subtopic}", encode(doc), None))
         self._audit(v, ack)
         try:
@@ -391,17 +439,26 @@ class GridService:
             log.error("grid_state_write_failed", error=str(e))
 
     def handle_heartbeat(self, raw: bytes) -> bool:
-        """Count a heartbeat; where only signed orders are accepted, only a signed one."""
+        """Count a heartbeat message, and nothing else (verify.py says what one is); where
+        only signed orders are accepted, only a signed one."""
         now = self.now()
-        if not self.grid.allow_unsigned:
-            try:
+        try:
+            if self.grid.allow_unsigned:
+                self.verifier.unsigned_heartbeat(raw)
+            else:
                 iat = self.verifier.heartbeat(raw, now)
                 if iat <= self._hb_iat:
                     raise Rejected("replayed", "a heartbeat no newer than the last one")
-            except Rejected as r:
-                log.warning("grid_heartbeat_rejected", reason=r.reason, detail=r.detail)
-                return False
-            self._hb_iat = iat
+                self._hb_iat = iat
+        except Rejected as r:
+            log.warning(
+                "grid_heartbeat_rejected",
+                reason=r.reason,
+                detail=r.detail,
+                jti=r.hint.get("jti"),
+                kind=r.hint.get("kind"),
+            )
+            return False
         self.book.heartbeat(now)
         return True
 
@@ -427,10 +484,9 @@ class GridService:
         )
         self._audit_note(f"grid_order_{note.kind}", f"order {o.order_id}", o.order_id)
         if note.kind == COMPLETED:
-            rigs = self._rig_counts(*self._last)
             self._publish(
                 f"rigd/{self.site}/{self.reports_subtopic}",
-                report_doc(self.site, o, now, rigs, final=True),
+                report_doc(self.site, o, now, o.rigs, final=True),
                 None,
                 persist=True,
             )

@@ -72,7 +72,7 @@ def test_auto_is_for_ranges_and_takes_every_kind_of_setting() -> None:
         SITE + '[[miners]]\nrange = "127.0.0.1-3"\ndriver = "auto"\nlow_power_w = 2300\n'
         "power_max_w = 3400\nweb_port = 8080\n"
     )
-    assert cfg.miners[0].driver == "auto" and cfg.miners[0].low_power_w == 2300
+    assert cfg.miners[0].driver == "auto" and cfg.miners[0].settings.low_power_w == 2300
 
 
 async def test_daemon_finds_each_firmware_and_remembers_a_rig_switched_off(

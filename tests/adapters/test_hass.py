@@ -29,10 +29,13 @@ from controller.adapters.hass import (
     command_topic,
     discovery,
     node_id,
+    override_topic,
+    power_limit_topic,
 )
 from controller.adapters.metrics import CAP_SOURCES
 from controller.config import HomeAssistantConfig, parse_config
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult
+from controller.runtime.daemon import Daemon
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, watch
@@ -69,7 +72,15 @@ def check_payload(topic: str, cfg: dict[str, Any]) -> None:
     assert set(dev) <= set(SCHEMA["device_keys"]), set(dev)
     assert isinstance(dev["identifiers"], list) and dev["identifiers"] and dev["name"]
     assert set(cfg["origin"]) <= set(SCHEMA["origin_keys"]) and cfg["origin"]["name"] == "rigd"
-    assert cfg["payload_available"] == "online" and cfg["payload_not_available"] == "offline"
+    if "availability" in cfg:  # a rig's: rigd online and the rig reachable
+        assert "availability_topic" not in cfg
+        assert cfg["availability_mode"] in SCHEMA["availability_modes"]
+        for a in cfg["availability"]:
+            assert set(a) <= set(SCHEMA["availability_keys"]) and a["topic"]
+            assert a["payload_available"] == "online" and a["payload_not_available"] == "offline"
+        assert cfg["availability"][0]["topic"].endswith("/status")
+    else:
+        assert cfg["payload_available"] == "online" and cfg["payload_not_available"] == "offline"
     dc = cfg.get("device_class")
     if component == "sensor":
         sc = cfg.get("state_class")
@@ -86,13 +97,23 @@ def check_payload(topic: str, cfg: dict[str, Any]) -> None:
     elif component == "switch":
         assert dc is None or dc in SCHEMA["switch_device_classes"]
         assert cfg["payload_on"] != cfg["payload_off"]
+    elif component == "number":
+        assert cfg["mode"] in SCHEMA["number_modes"]
+        assert cfg["min"] < cfg["max"] and cfg["step"] > 0
+        if dc is not None:
+            assert cfg["unit_of_measurement"] in SCHEMA["number_device_classes"][dc]["units"]
+    elif component == "button":
+        assert dc is None or dc in SCHEMA["button_device_classes"]
+        assert cfg["payload_press"]
 
 
 def check_value(cfg: dict[str, Any], state: bytes) -> str:
     """Render the entity's template against its state document; the value must fit it."""
     out = render(cfg["value_template"], state)
-    is_switch = "command_topic" in cfg
-    if cfg.get("options"):
+    is_switch = "payload_on" in cfg
+    if "min" in cfg:  # a number: a value in its range, or unknown
+        assert out == "None" or cfg["min"] <= float(out) <= cfg["max"], (cfg["unique_id"], out)
+    elif cfg.get("options"):
         assert out in cfg["options"] or out == "None", (cfg["unique_id"], out)
     elif "unit_of_measurement" in cfg or cfg.get("state_class"):
         if out != "None":  # unknown, as Home Assistant shows a null
@@ -108,14 +129,23 @@ def check_value(cfg: dict[str, Any], state: bytes) -> str:
 
 
 RIGS = [
-    RigDevice("rig-001", "Antminer", "Antminer S19 Pro", "LuxOS", "2025.4.8", can_sleep=True),
+    RigDevice(
+        "rig-001",
+        "Antminer",
+        "Antminer S19 Pro",
+        "LuxOS",
+        "2025.4.8",
+        can_sleep=True,
+        power_min_w=1200.0,
+        power_max_w=3600.0,
+    ),
     RigDevice("rig.002", "", "", "", "", can_sleep=False),  # silent so far, and stock firmware
 ]
 
 
 def test_every_payload_is_what_home_assistant_accepts() -> None:
     cfg = HomeAssistantConfig(enabled=True)
-    full = SiteFeatures(control=True, budget=True, grid=True)
+    full = SiteFeatures(control=True, budget=True, grid=True, max_import_kw=400.0)
     msgs = discovery("kg.chui-01", "Chui valley", cfg, full, RIGS)
     for topic, payload in msgs.items():
         check_payload(topic, payload)
@@ -124,7 +154,19 @@ def test_every_payload_is_what_home_assistant_accepts() -> None:
     node = node_id("kg.chui-01")
     assert node == "rigd_kg_chui-01"
     site = [p for p in msgs.values() if p["device"]["identifiers"] == [node]]
-    assert {p["name"] for p in site} >= {"Import", "Cap", "Cap source", "Energy budget used"}
+    assert {p["name"] for p in site} >= {
+        "Import",
+        "Cap",
+        "Cap source",
+        "Energy budget used",
+        "Import cap override",
+        "Clear override",
+    }
+    (override,) = [p for p in site if p["name"] == "Import cap override"]
+    assert override["command_topic"] == override_topic("kg.chui-01") and override["max"] == 400
+    (clear,) = [p for p in site if p["name"] == "Clear override"]
+    assert clear["command_topic"] == override_topic("kg.chui-01")
+    assert clear["payload_press"] == "CLEAR"
     assert all(p["device"]["name"] == "Chui valley" for p in site)
     rig1 = [p for p in msgs.values() if p["device"]["identifiers"] == [f"{node}_rig-001"]]
     assert {p["name"] for p in rig1} == {
@@ -134,13 +176,32 @@ def test_every_payload_is_what_home_assistant_accepts() -> None:
         "State",
         "Reachable",
         "Mining",
+        "Power limit",
     }
     assert rig1[0]["device"]["via_device"] == node
+    (limit,) = [p for p in rig1 if p["name"] == "Power limit"]
+    assert limit["command_topic"] == power_limit_topic("kg.chui-01", "rig-001")
+    assert (limit["min"], limit["max"], limit["unit_of_measurement"]) == (1200, 3600, "W")
+    # unavailable while the rig is unreachable, except what says it is
+    for p in rig1:
+        if p["name"] in ("State", "Reachable"):
+            assert p["availability_topic"] == "rigd/kg.chui-01/status"
+        else:
+            rig_avail = p["availability"][1]
+            assert rig_avail["topic"] == "rigd/kg.chui-01/rigs/rig-001/state"
+            unreachable = json.dumps({"health": {"reachable": False}}).encode()
+            reachable = json.dumps({"health": {"reachable": True}}).encode()
+            assert render(rig_avail["value_template"], unreachable) == "offline"
+            assert render(rig_avail["value_template"], reachable) == "online"
     assert rig1[0]["device"]["model"] == "Antminer S19 Pro"
-    (switch,) = [p for p in rig1 if "command_topic" in p]
+    (switch,) = [p for p in rig1 if "payload_on" in p]
     assert switch["command_topic"] == command_topic("kg.chui-01", "rig-001")
     assert switch["state_topic"] == "rigd/kg.chui-01/rigs/rig-001/state"
-    assert all(p["availability_topic"] == "rigd/kg.chui-01/status" for p in msgs.values())
+    assert all(
+        p.get("availability_topic", p.get("availability", [{}])[0].get("topic"))
+        == "rigd/kg.chui-01/status"
+        for p in msgs.values()
+    )
     # a rig that cannot sleep over its API gets no switch, and no made-up model
     rig2 = [p for p in msgs.values() if p["device"]["identifiers"] == [f"{node}_rig_002"]]
     assert rig2 and not [p for p in rig2 if "command_topic" in p]
@@ -194,7 +255,7 @@ async def test_off_by_default_publishes_nothing_and_removed_rigs_are_cleared(
     assert bridge is not None
     mine = {t: p for t, p in h.link._retained.items() if t.startswith("homeassistant/")}
     gone = [t for t in mine if "_rig-004_" in t]
-    assert len(gone) == 6 and all(json.loads(mine[t]) for t in gone)
+    assert len(gone) == 7 and all(json.loads(mine[t]) for t in gone)
     # rig-004 leaves the config (a reload): its entities are removed by empty retained configs
     rigs = {k: v for k, v in result.snapshot.rigs.items() if k != "rig-004"}
     smaller = dataclasses.replace(result.snapshot, rigs=MappingProxyType(rigs))
@@ -319,7 +380,8 @@ async def test_topics_appear_and_the_switch_sleeps_or_is_refused(
             await ha.wait_for(f"homeassistant/sensor/{node}/{node}_import_power/config")
             await asyncio.sleep(0.3)  # the rest of the batch
             configs = {t: json.loads(p) for t, p in ha.latest.items()}
-            assert len(configs) == 15 + 6 * 6  # the site's entities, 6 per rig
+            # the site's entities, 7 per rig (power limit with LuxOS's power targets)
+            assert len(configs) == 17 + 6 * 7
             # retained: a Home Assistant that starts later (or restarts) finds them all
             async with watch(mosquitto.host, mosquitto.port, "homeassistant/#") as late:
                 await late.wait_for(switch_topic)
@@ -327,8 +389,8 @@ async def test_topics_appear_and_the_switch_sleeps_or_is_refused(
                 assert set(late.latest) == set(configs) and all(late.retained.values())
             for topic, cfg_doc in configs.items():
                 check_payload(topic, cfg_doc)
-                state = w.latest[cfg_doc["state_topic"]]
-                check_value(cfg_doc, state)
+                if "state_topic" in cfg_doc:  # not a button
+                    check_value(cfg_doc, w.latest[cfg_doc["state_topic"]])
             power = configs[f"homeassistant/sensor/{node}/{node}_import_power/config"]
             state_doc = w.latest["rigd/sim/state"]
             assert float(render(power["value_template"], state_doc)) == pytest.approx(
@@ -383,6 +445,43 @@ async def test_topics_appear_and_the_switch_sleeps_or_is_refused(
                 within=15,
             )
             assert "rig-002" not in ctl.pinned
+
+            # the power limit number throttles a rig, as `rigctl limit` does (and pins it)
+            (limit_cfg,) = [
+                c for t, c in configs.items() if t.endswith(f"{node}_rig-003_power_limit/config")
+            ]
+            watts = limit_cfg["min"] + 100
+            await publish(mosquitto, limit_cfg["command_topic"], str(watts).encode())
+            await w.wait_json(
+                "rigd/sim/rigs/rig-003/state",
+                lambda d: (
+                    d["telemetry"]["power_limit_w"] is not None
+                    and abs(d["telemetry"]["power_limit_w"] - watts) <= 150
+                ),
+                within=15,
+            )
+            assert "rig-003" in ctl.pinned
+            mine = [e for e in store.audit_for_rig("rig-003") if e.actor == ACTOR]
+            assert [(e.action, e.result) for e in mine] == [("set_power", "ok")]
+
+            # the override number caps import for an hour; the button clears it
+            override_cfg = configs[f"homeassistant/number/{node}/{node}_override/config"]
+            clear_cfg = configs[f"homeassistant/button/{node}/{node}_override_clear/config"]
+            assert cfg.control is not None
+            cap = cfg.control.max_import_kw - 0.5  # under the site's maximum: it sets the cap
+            await publish(mosquitto, override_cfg["command_topic"], str(cap).encode())
+            doc = await w.wait_json(
+                "rigd/sim/state", lambda d: (d.get("override") or {}).get("kw") == cap
+            )
+            assert doc["cap_source"] == "override" and doc["cap_kw"] == cap
+            assert float(render(override_cfg["value_template"], json.dumps(doc).encode())) == cap
+            assert ctl.override is not None and ctl.override.actor == ACTOR
+            await publish(
+                mosquitto, clear_cfg["command_topic"], clear_cfg["payload_press"].encode()
+            )
+            doc = await w.wait_json("rigd/sim/state", lambda d: d.get("override") is None)
+            assert render(override_cfg["value_template"], json.dumps(doc).encode()) == "None"
+            assert ctl.override is None
 
             # grid orders share the connection: they still reach the grid service
             msg = order(site="sim", now=site.clock.now(), order_id="ha-1", duration_s=60)

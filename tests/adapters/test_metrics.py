@@ -176,8 +176,10 @@ async def test_scrape_matches_the_published_state(mosquitto: Mosquitto, tmp_path
             assert value(series, "rigd_poll_duration_seconds_count") >= 2
             # loop timing in the daemon's own time base (farm seconds here, as the interval)
             assert value(series, "rigd_poll_interval_seconds") == 0.5 * SPEED
-            # 10 farm s; at 20x a pause of the test process is stretched 20-fold.
-            assert value(series, "rigd_cycle_interval_seconds") == pytest.approx(10, abs=6)
+            # 10 farm s; at 20x a pause of the test process is stretched 20-fold, and on a busy
+            # machine the cycle after an overrun comes early (the loop catches up). In wall
+            # seconds it would be about 0.5.
+            assert 1.0 < value(series, "rigd_cycle_interval_seconds") <= 16
             # per rig: every rig, its state and power, as the rig's own topic says
             rig_doc = json.loads(w.latest["rigd/sim/rigs/rig-001/state"])
             states = {dict(ls)["rig"] for n, ls in series if n == "rigd_rig_state"}

@@ -6,12 +6,13 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from controller.adapters.discovery import addresses, scan
+from controller.adapters import discovery
+from controller.adapters.discovery import Found, addresses, scan
 from controller.config import load_config
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
@@ -42,6 +43,61 @@ async def test_scan_finds_and_identifies(subnet_site: SimSite) -> None:
     assert lux.firmware == "LuxOS" and lux.driver == "luxos"
     assert lux.model == subnet_site.farm.rigs["rig-001"].model.name
     assert took < 5.0  # 254 addresses, 234 of them empty
+
+
+def _stall_each_turn(seconds: float, *, while_: Callable[[], bool]) -> None:
+    """Block the event loop `seconds` in every turn while `while_()`: a loop starved by a
+    busy host (both cores taken by other work) or flooded by the scan and a control cycle."""
+    loop = asyncio.get_running_loop()
+
+    def stall() -> None:
+        if while_():
+            time.sleep(seconds)
+            loop.call_soon(stall)
+
+    loop.call_soon(stall)
+
+
+def _assert_all_20(found: list[Found]) -> None:
+    assert [f.host for f in found] == [f"127.0.88.{n}" for n in range(1, 21)]
+    drivers = {f.host: f.driver for f in found}
+    assert drivers.pop("127.0.88.5") == "cgminer" and set(drivers.values()) == {"luxos"}
+
+
+async def test_a_starved_loop_does_not_time_out_the_screening_connects(
+    subnet_site: SimSite,
+) -> None:
+    """A connect answered by the kernel at once, seen by the loop a second later, is a miner."""
+    until = time.monotonic() + 1.5
+    _stall_each_turn(0.3, while_=lambda: time.monotonic() < until)
+    _assert_all_20(await scan(addresses(["127.0.88.1-30"]), wait_s=0.5))
+
+
+async def test_firmware_probes_starved_of_the_loop_are_repeated(
+    subnet_site: SimSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drivers' request timeouts are wall time: probes that ran while the loop was
+    starved may all have timed out, and are asked again once it is not."""
+    real = discovery._probe
+    first: set[str] = set()
+    in_flight = 0
+
+    async def starved_first_time(host: str, port: int, wait_s: float) -> Found | None:
+        nonlocal in_flight
+        if host in first:
+            return await real(host, port, wait_s)
+        first.add(host)
+        in_flight += 1
+        if in_flight == 1:
+            _stall_each_turn(0.3, while_=lambda: in_flight > 0)
+        try:
+            return await real(host, port, wait_s)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(discovery, "_probe", starved_first_time)
+    _assert_all_20(await scan(addresses(["127.0.88.1-30"]), wait_s=0.5))
+    assert len(first) == 20
 
 
 async def _scan_add(cfg: Path, *extra: str) -> tuple[int, str, str]:

@@ -27,9 +27,8 @@ from structlog.testing import capture_logs
 from controller.adapters import store as store_mod
 from controller.adapters.store import StateStore, StoreError
 from controller.cli.rigctl import _when, print_status
-from controller.runtime.control import Hold
-from controller.runtime.daemon import CycleResult
-from simulators.farm import Mode as RigMode
+from controller.core.status import CycleResult, Hold
+from simulators.farm import RigMode
 from tests.sim_harness import SimHarness
 
 HOUR = 3600.0

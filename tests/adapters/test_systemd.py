@@ -46,7 +46,8 @@ from controller.config.credentials import (
     reference,
     secret_or_credential,
 )
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import CycleResult
+from controller.runtime.daemon import Daemon
 from simulators.clock import ManualClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto
@@ -938,8 +939,9 @@ def test_unit_runs_what_the_readme_installs() -> None:
     assert fields["ExecStart"] == "/opt/rigd/bin/rigd run -c /etc/rigd/rigd.toml"
     assert fields["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert fields["Restart"] == "on-failure"
-    # Exits that a restart cannot mend: a config error, a damaged state database.
-    assert set(fields["RestartPreventExitStatus"].split()) == {"78", "65"}
+    # Exits that a restart cannot mend: a config error, a damaged state database, another
+    # rigd on the state directory.
+    assert set(fields["RestartPreventExitStatus"].split()) == {"78", "65", "73"}
     # The watchdog outlasts the keep-alive period of rigd (a quarter of it) many times over.
     assert int(fields["WatchdogSec"]) >= 30
     readme = (ROOT / "README.md").read_text()

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.adapters.zones import ZoneReport, allocate, fair_shares
 from controller.config import ConfigError, parse_config
+from controller.core.zone_allocation import ZoneReport, allocate, fair_shares
 from controller.runtime.daemon import Daemon
 from simulators.clock import ScaledClock
 from simulators.site import SimSite

@@ -7,13 +7,15 @@ import itertools
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from tests.conftest import Mosquitto, watch
 
 
-def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def demo(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`rigd demo`; a machine that cannot keep up makes it slow down, so allow for that."""
     return subprocess.run(
         [sys.executable, "-m", "controller.cli.rigd", "demo", *args],
         capture_output=True,
@@ -29,20 +31,24 @@ def test_headless_prints_one_state_document_per_interval() -> None:
     assert len(docs) >= 3  # speed 20, interval 10 farm-s: a cycle every 0.5 s
     cycles = [d["cycle"] for d in docs]
     assert cycles == sorted(cycles) and len(set(cycles)) == len(cycles)
-    first = docs[0]
     keys = {"ts", "import_kw", "rigs", "hashrate_ths", "rig_power_kw", "cap_kw", "cap_source"}
-    assert keys <= set(first)
-    assert first["rigs_total"] == 12 and first["meter_ok"] is True
-    # The staged farm: one spare switched off at its outlet, one control board silent.
-    assert first["rigs"]["off"] == 1 and first["rigs"]["unreachable"] == 1
-    assert first["rigs"]["mining"] == 10
-    assert 10 * 2.9 < first["import_kw"] < 10 * 4.0 + 30
-    assert first["cap_source"] == "max_import"
+    assert all(keys <= set(d) and d["rigs_total"] == 12 for d in docs)
+    # The staged farm: one spare switched off at its outlet, one control board silent. On a
+    # machine that cannot keep up, reads time out until the demo has slowed down (it says
+    # so): some cycle shows the farm as it is.
+    staged = [
+        d for d in docs if d["meter_ok"] and d["rigs"] == {**d["rigs"], "off": 1, "unreachable": 1}
+    ]
+    assert staged, [(d["rigs"], d["meter_ok"]) for d in docs]
+    full = [d for d in staged if d["rigs"]["mining"] == 10]  # before the script's order
+    assert all(10 * 2.9 < d["import_kw"] < 10 * 4.0 + 30 for d in full)
+    assert docs[0]["cap_source"] == "max_import"  # until the script's order
     # Logs are JSON lines on stderr, apart from the state on stdout.
     events = [json.loads(line)["event"] for line in r.stderr.splitlines() if line.strip()]
     assert "rigd_starting" in events and "rigd_stopped" in events
 
 
+@pytest.mark.timeout(300)  # a machine that cannot keep up runs the same farm time slower
 def test_demo_script_holds_the_cap_and_restores_without_overshoot() -> None:
     """Done-when of the control loop: a grid order drops the cap to about half the load a
     third of the way in, import settles under it within the rigs' stop time, and comes back
@@ -50,10 +56,15 @@ def test_demo_script_holds_the_cap_and_restores_without_overshoot() -> None:
     r = demo("--headless", "--duration", "15", "--rigs", "30", "--pdus", "2", "--speed", "20")
     assert r.returncode == 0, r.stderr
     everything = [json.loads(line) for line in r.stdout.splitlines()]
-    # A cycle whose meter read timed out (a loaded CI host) has no import figure: judge the
-    # cap on the cycles that measured it, and require that nearly all did.
+    # On a machine that cannot keep up (a loaded CI host) reads of the in-process devices time
+    # out; the demo then says so and slows its farm clock. Judge the cap on the cycles that
+    # measured import, and require that nearly all did once the demo had settled its pace.
+    slowed = [e for e in _logs(r.stderr) if e["event"] == "demo_cannot_keep_up"]
+    settled_at = max((e["farm_ts"] for e in slowed), default=0.0)
+    settled = [d for d in everything if d["ts"] > settled_at]
     docs = [d for d in everything if d["import_kw"] is not None]
-    assert len(docs) >= 0.8 * len(everything), len(everything) - len(docs)
+    measured = [d for d in settled if d["import_kw"] is not None]
+    assert len(measured) >= 0.8 * len(settled), (len(settled) - len(measured), slowed)
     dropped = [i for i, d in enumerate(docs) if d["cap_source"] == "grid"]
     assert dropped, "the script never dropped the cap"
     i0, i1 = dropped[0], dropped[-1]
@@ -75,6 +86,10 @@ def test_demo_script_holds_the_cap_and_restores_without_overshoot() -> None:
     ramp = docs[0]["cap_kw"] / 1.1 * 0.2  # the demo's ramp_kw_per_interval
     assert max(steps, default=0) <= ramp * 1.2
     assert restored[-1]["import_kw"] > docs[i1]["import_kw"]
+
+
+def _logs(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 def test_live_view_runs_and_stops() -> None:
@@ -105,8 +120,10 @@ async def test_demo_publishes_to_a_given_broker(mosquitto: Mosquitto) -> None:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        state = await w.wait_json("rigd/demo/state", lambda d: d["rigs_total"] == 5, within=30)
-        assert state["meter_ok"] is True
+        # The first cycles of a machine that cannot keep up may miss a read: wait for one.
+        state = await w.wait_json(
+            "rigd/demo/state", lambda d: d["rigs_total"] == 5 and d["meter_ok"], within=60
+        )
         await w.wait_json("rigd/demo/rigs/rig-001/state", lambda d: d["state"] == "mining")
         # The script's cap drop makes the control loop act; each action is an event.
         event = await w.wait_json("rigd/demo/events", within=30)

@@ -230,30 +230,29 @@ async def test_daemon_not_running_or_socket_denied(env: Env, tmp_path: Path) -> 
     assert proc.returncode == 2 and b"rigd is not running" in err
     if os.getuid() == 0:
         # root bypasses file permissions: check the path as an unprivileged user instead.
-        nobody = shutil.which("setpriv")
-        if nobody is None:
-            pytest.skip("setpriv not available to drop privileges")
+        # rigctl is imported while still root, then the process drops to nobody: a clone
+        # under a directory nobody cannot read (/root) must not fail the import, nor the
+        # venv's interpreter there its exec.
         sock = env.daemon.cfg.admin.socket
         mode = await asyncio.to_thread(lambda: sock.stat().st_mode & 0o777)
         assert oct(mode) == "0o600"
         await asyncio.to_thread(os.chmod, sock.parent, 0o755)
         proc = await asyncio.create_subprocess_exec(
-            nobody,
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
             sys.executable,
             "-c",
-            "import sys; sys.path.insert(0, sys.argv[1]);"
+            "import os, pathlib, sys\n"
             "from controller.cli.rigctl import AdminClient, Unreachable\n"
-            "try:\n AdminClient(__import__('pathlib').Path(sys.argv[2])).call('status')\n"
+            "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "try:\n AdminClient(pathlib.Path(sys.argv[1])).call('status')\n"
             "except Unreachable as e:\n print(e); sys.exit(2)",
-            str(ROOT),
             str(sock),
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        out, _ = await proc.communicate()
-        assert proc.returncode == 2 and b"permission denied" in out
+        out, err = await proc.communicate()
+        assert proc.returncode == 2 and b"permission denied" in out, (out, err)
 
 
 async def test_config_reload_keeps_state_and_refuses_a_bad_file(env: Env) -> None:
@@ -305,6 +304,47 @@ async def test_top_refreshes_in_place(env: Env) -> None:
     assert "3 rig(s)" in out
 
 
+async def test_top_on_a_terminal_quits_on_q_and_says_so(env: Env) -> None:
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.cli.rigctl",
+        "-c",
+        str(env.config),
+        "top",
+        "--interval",
+        "0.5",
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "200", "LINES": "60", "TERM": "xterm"},
+    )
+    os.close(slave)
+
+    def read() -> bytes:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        return os.read(master, 65536) if ready else b""
+
+    loop = asyncio.get_running_loop()
+    seen = b""
+    try:
+        deadline = loop.time() + 30
+        while b"q quits" not in seen and loop.time() < deadline:
+            seen += await loop.run_in_executor(None, read)
+        assert b"q quits" in seen and b"site sim" in seen
+        os.write(master, b"q")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(master)
+
+
 async def test_tables_of_budget_events_and_audit(env: Env) -> None:
     rc, _, err = await env.rigctl("budget", "override", "30", "--for", "1h", "--reason", "peak")
     assert rc == 0, err
@@ -312,9 +352,22 @@ async def test_tables_of_budget_events_and_audit(env: Env) -> None:
     assert rc == 0, err
     assert "set by override" in out and "max_import" in out and "override" in out
     assert "hashrate kept" in out and "% of attainable under this cap" in out
-    for cmd in ("events", "audit"):
-        rc, out, err = await env.rigctl(cmd, "--since", "10m")
-        assert rc == 0, err
-        assert "budget_override" in out and "peak" in out and "user:" in out
-        entries = await env.json(cmd, "--since", "10m")
-        assert isinstance(entries, list) and any(e["action"] == "budget_override" for e in entries)
+    # audit: who asked for what (people, Home Assistant, the grid), not rigd's own commands
+    rc, out, err = await env.rigctl("audit", "--since", "10m")
+    assert rc == 0, err
+    assert "budget_override" in out and "peak" in out and "user:" in out and "kw=30" in out
+    audit = await env.json("audit", "--since", "10m")
+    assert isinstance(audit, list) and any(e["action"] == "budget_override" for e in audit)
+    assert all(e["actor"] not in ("planner", "rigd") for e in audit)
+    # events: what happened to rigs (the override's sheds), one line each
+    for _ in range(100):
+        events = await env.json("events", "--since", "10m")
+        assert isinstance(events, list)
+        if events:
+            break
+        await asyncio.sleep(0.1)
+    assert events and all(e["action"] != "budget_override" for e in events)
+    assert {e["action"] for e in events} <= {"sleep", "set_power", "wake", "outlet_off"}
+    rc, out, err = await env.rigctl("events", "--since", "10m")
+    assert rc == 0, err
+    assert "over target" in out and "event(s)" in out and "budget_override" not in out

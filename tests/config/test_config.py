@@ -286,12 +286,14 @@ driver = "braiins"
 """
     )
     rigs = {r.id: r.miner for r in parse_config(text, source="t.toml", environ={}).rigs()}
-    assert (rigs["r1"].driver, rigs["r1"].port, rigs["r1"].web_port) == ("antminer", 4028, 8080)
-    assert rigs["r1"].low_power_w == 2300
+    r1 = rigs["r1"].settings
+    assert (rigs["r1"].driver, rigs["r1"].port, r1.web_port) == ("antminer", 4028, 8080)
+    assert r1.low_power_w == 2300
     assert rigs["wm3"].port == 4433  # API v3's own port when none is given
-    assert (rigs["wm3"].power_min_w, rigs["wm3"].power_max_w) == (1800, 3400)
+    wm3 = rigs["wm3"].settings
+    assert (wm3.power_min_w, wm3.power_max_w) == (1800, 3400)
     assert rigs["wm3b"].port == 14433
-    assert (rigs["bos"].port, rigs["bos"].web_port) == (4028, 80)
+    assert (rigs["bos"].port, rigs["bos"].settings.web_port) == (4028, 80)
 
 
 def test_miner_driver_setting_errors_name_the_driver() -> None:
@@ -310,7 +312,7 @@ power_max_w = 2000
 [[miners]]
 id = "x"
 host = "127.0.0.3"
-driver = "avalon"
+driver = "innosilicon"
 """
     )
     got = {p: (line, msg) for p, line, msg in errors(text)}

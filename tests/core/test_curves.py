@@ -11,8 +11,8 @@ import pytest
 
 from controller.core.curves import ALPHA_PRIOR, Curve, CurveData, prior_curve
 from simulators.farm import MODELS, RigModel, SimRig
-from simulators.miner_server import build_profiles
-from simulators.whatsminer_server import WHATSMINER_MODELS
+from simulators.cgminer import build_profiles
+from simulators.whatsminer import WHATSMINER_MODELS
 
 ALL = {**MODELS, **WHATSMINER_MODELS}
 

@@ -17,7 +17,7 @@ from controller.config import Config, GridConfig, parse_config
 from controller.core.caps import effective_cap
 from controller.core.grid.book import OrderBook, report_doc
 from controller.core.grid.orders import REJECT_REASONS, json_schema
-from controller.runtime.grid_service import GridService
+from controller.runtime.grid_service import GridService, grid_rules
 from tests.grid_helpers import Operator, grid_toml, order, plain
 
 NOW = 1_790_000_000.0
@@ -222,7 +222,9 @@ def test_orders_survive_a_restart_of_the_service(tmp_path: Path) -> None:
 
 
 def book(**grid: Any) -> OrderBook:
-    return OrderBook(GridConfig.model_validate({"allow_unsigned": True, **grid}), 1000.0)
+    return OrderBook(
+        grid_rules(GridConfig.model_validate({"allow_unsigned": True, **grid})), 1000.0
+    )
 
 
 def apply(b: OrderBook, kind: str, now: float, **f: Any) -> Any:
@@ -444,10 +446,11 @@ def test_heartbeats_must_be_signed_where_orders_must_be(tmp_path: Path) -> None:
     cfg = parse_config(BASE.format(state=tmp_path / "s2") + grid_toml(op) + hb, environ={})
     svc = GridService(cfg, StateStore.open(cfg.site.state_dir), None, now=lambda: clock[0])
     assert not svc.handle_heartbeat(b'{"seq": 1}')  # plain: could be anyone
-    assert not svc.handle_heartbeat(Operator.new().sign({"iat": NOW}))  # unknown key
-    assert svc.handle_heartbeat(op.sign({"iat": NOW, "seq": 1}))
-    assert not svc.handle_heartbeat(op.sign({"iat": NOW - 1}))  # older than the last: replay
-    assert not svc.handle_heartbeat(op.sign({"iat": NOW - 500}))  # stale
+    beat = {"kind": "heartbeat"}
+    assert not svc.handle_heartbeat(Operator.new().sign({**beat, "iat": NOW}))  # unknown key
+    assert svc.handle_heartbeat(op.sign({**beat, "iat": NOW, "seq": 1}))
+    assert not svc.handle_heartbeat(op.sign({**beat, "iat": NOW - 1}))  # older: a replay
+    assert not svc.handle_heartbeat(op.sign({**beat, "iat": NOW - 500}))  # stale
     assert svc.book.failsafe.heartbeats == 1
 
 

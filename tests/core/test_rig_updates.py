@@ -10,8 +10,8 @@ import pytest
 
 from controller.config import parse_config
 from controller.core.rig_updates import update_due
+from controller.core.snapshot import Health, RigInfo, RigView
 from controller.runtime.daemon import Daemon
-from controller.runtime.state import Health, RigInfo, RigView
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
 from simulators.clock import ManualClock
 from simulators.site import SimSite

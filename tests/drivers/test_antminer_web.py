@@ -39,6 +39,7 @@ from drivers.antminer_web import (
     parse_system_info,
     parse_work_mode,
 )
+from drivers.base import MinerCapabilities, MinerDriver
 from drivers.cgminer import CGMinerClient
 from drivers.errors import (
     CommandRejected,
@@ -48,7 +49,6 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import RigState
 from simulators.antminer_web import (
     REALM,
@@ -56,9 +56,9 @@ from simulators.antminer_web import (
     AntminerWebServer,
     parse_digest_header,
 )
+from simulators.cgminer import MinerFleet, MinerServer
 from simulators.clock import ManualClock
-from simulators.farm import Farm, Mode
-from simulators.miner_server import MinerFleet, MinerServer
+from simulators.farm import Farm, RigMode
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "antminer-stock-web"
 MODEL = "Antminer S19j Pro"
@@ -69,7 +69,7 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
-def mode(r: Rig) -> Mode:
+def mode(r: Rig) -> RigMode:
     """The simulated rig's firmware mode, read fresh (so type narrowing does not stick)."""
     return r.farm.rigs["rig-001"].mode
 
@@ -340,7 +340,7 @@ async def test_sleep_and_wake_over_the_web_show_on_4028(rig: Rig) -> None:
 
         await drv.sleep()
         assert r.posted_modes() == [1]
-        assert r.web.work_mode == "1" and mode(r) is Mode.SLEEPING
+        assert r.web.work_mode == "1" and mode(r) is RigMode.SLEEPING
         post = next(h for h in r.web.hits if h.method == "POST")
         assert post.content_type.startswith("text/plain") and post.requested_with
         r.clock.advance(sim_rig.model.sleep_s + 1)
@@ -353,7 +353,7 @@ async def test_sleep_and_wake_over_the_web_show_on_4028(rig: Rig) -> None:
 
         await drv.wake()
         assert r.posted_modes() == [1, 0]
-        assert r.web.work_mode == "0" and mode(r) is Mode.MINING
+        assert r.web.work_mode == "0" and mode(r) is RigMode.MINING
         r.clock.advance(sim_rig.model.boot_s + sim_rig.model.wake_ramp_s + 5)
         tel = await drv.read(r.clock.now())
         assert tel.state is RigState.MINING and (tel.hashrate_ths or 0) > 100
@@ -422,10 +422,10 @@ async def test_power_target_while_asleep_waits_for_wake(rig: Rig) -> None:
         await drv.sleep()
         await drv.set_power_target(lpm)  # must not wake the rig
         assert r.posted_modes() == [SLEEP]
-        assert mode(r) is Mode.SLEEPING and r.web.work_mode == "1"
+        assert mode(r) is RigMode.SLEEPING and r.web.work_mode == "1"
         await drv.wake()  # wakes straight into low power: one write
         assert r.posted_modes() == [SLEEP, LOW_POWER]
-        assert mode(r) is Mode.MINING and sim_rig.power_target_w == lpm
+        assert mode(r) is RigMode.MINING and sim_rig.power_target_w == lpm
         await drv.sleep()
         await drv.wake()  # restores the mode in force before sleep
         assert r.posted_modes() == [SLEEP, LOW_POWER, SLEEP, LOW_POWER]
@@ -467,7 +467,7 @@ async def test_ignored_write_is_a_clear_rejection(rig: Rig) -> None:
     assert "answered OK" in msg and "ignored the write" in msg and "PDU" in msg
     assert err.value.operation == "sleep"
     assert rig.posted_modes() == [1]
-    assert rig.web.work_mode == "0" and mode(rig) is Mode.MINING
+    assert rig.web.work_mode == "0" and mode(rig) is RigMode.MINING
     assert rig.gets() == 1 + 2  # the read before the write, then two read-backs
 
 
@@ -537,7 +537,7 @@ async def test_wrong_credentials_are_an_auth_error(rig: Rig) -> None:
         assert tel.state is RigState.MINING
         assert isinstance(drv.web_error, DeviceAuthError)
     assert r.web.auth_failures >= 2 and not r.web.posts
-    assert mode(r) is Mode.MINING
+    assert mode(r) is RigMode.MINING
 
 
 async def test_slow_write_that_landed_is_a_success() -> None:
@@ -751,8 +751,8 @@ async def test_web_fleet_follows_the_miner_fleet() -> None:
             await drv.sleep()
         finally:
             await drv.close()
-        assert farm.rigs["rig-003"].mode is Mode.SLEEPING
-        assert farm.rigs["rig-001"].mode is Mode.MINING
+        assert farm.rigs["rig-003"].mode is RigMode.SLEEPING
+        assert farm.rigs["rig-001"].mode is RigMode.MINING
     finally:
         await webs.stop()
         await rpc.stop()

@@ -26,6 +26,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drivers.base import MinerDriver
 from drivers.braiins import (
     FIRMWARE,
     BraiinsDriver,
@@ -49,12 +50,11 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.miner import MinerDriver
 from drivers.telemetry import RigState
-from simulators.braiins_rest import BOS_VERSION, BraiinsRestFleet, BraiinsRestServer
+from simulators.braiins import BOS_VERSION, BraiinsRestFleet, BraiinsRestServer
+from simulators.cgminer import BOSER_BUILD, MinerFleet, MinerServer
 from simulators.clock import ManualClock
-from simulators.farm import MODELS, Farm, Mode, SimRig
-from simulators.miner_server import BOSER_BUILD, MinerFleet, MinerServer
+from simulators.farm import MODELS, Farm, RigMode, SimRig
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 REST_CAPTURES = FIXTURES / "braiins-os-25.07"
@@ -71,7 +71,7 @@ def rpc_capture(name: str) -> dict[str, Any]:
     return data
 
 
-def mode(rig: SimRig) -> Mode:
+def mode(rig: SimRig) -> RigMode:
     """The rig's firmware mode, read fresh (a helper so type narrowing does not stick)."""
     return rig.mode
 
@@ -326,7 +326,7 @@ async def test_rpc_sim_quirks_and_refusals(bos: Bos) -> None:
     assert joined["tunerstatus"]["TUNERSTATUS"][0]["PowerLimit"] == round(bos.rig.target_w)
     with pytest.raises(CommandRejected):
         await client.multi("summary", "pause")  # writes cannot be joined (Code 45)
-    assert mode(bos.rig) is Mode.MINING
+    assert mode(bos.rig) is RigMode.MINING
 
 
 # -- reads through the driver ----------------------------------------------------------------
@@ -382,7 +382,7 @@ async def test_sleep_then_wake(bos: Bos) -> None:
     drv = bos.driver()
     await drv.read(clock.now())
     await drv.sleep()
-    assert mode(rig) is Mode.SLEEPING
+    assert mode(rig) is RigMode.SLEEPING
     assert bos.rest_calls("PUT", "/api/v1/actions/pause") == 1
     tel = await drv.read(clock.now())
     assert tel.state is RigState.SLEEPING  # at once, although the MH/s are still decaying
@@ -393,10 +393,10 @@ async def test_sleep_then_wake(bos: Bos) -> None:
     assert tel.power_w is not None and tel.power_w <= rig.model.idle_w + 1
     assert not any(b.active for b in tel.hashboards)
     await drv.sleep()  # pausing twice is harmless ("already paused")
-    assert mode(rig) is Mode.SLEEPING
+    assert mode(rig) is RigMode.SLEEPING
 
     await drv.wake()
-    assert mode(rig) is Mode.MINING
+    assert mode(rig) is RigMode.MINING
     assert bos.rest_calls("PUT", "/api/v1/actions/resume") == 1
     tel = await drv.read(clock.now())
     assert tel.state is RigState.WAKING  # told to mine, hashboards still starting
@@ -411,7 +411,7 @@ async def test_pause_by_another_client_is_seen_and_booting_is_not_paused(bos: Bo
     """4028 shows only zero MH/s; the REST status tells a paused rig from a booting one."""
     rig, clock = bos.rig, bos.clock
     await CGMinerClient(bos.host, device="other").command("pause")  # e.g. a pool's tool
-    assert mode(rig) is Mode.SLEEPING
+    assert mode(rig) is RigMode.SLEEPING
     clock.advance(rig.model.sleep_s + 1)
     drv = bos.driver()  # a daemon that just started: it paused nothing itself
     tel = await drv.read(clock.now())
@@ -478,7 +478,7 @@ async def test_wrong_password_is_an_auth_error_and_reads_go_on(bos: Bos) -> None
     assert err.value.kind == "auth"
     assert err.value.device == "rig-001" and err.value.operation == "sleep"
     assert "auth:" in str(err.value)
-    assert mode(bos.rig) is Mode.MINING
+    assert mode(bos.rig) is RigMode.MINING
     assert bos.rest.failed_logins == 1  # an auth error is never retried
     tel = await drv.read(bos.clock.now())  # 4028 needs no credentials
     assert tel.state is RigState.MINING and tel.hashrate_ths
@@ -497,7 +497,7 @@ async def test_token_is_cached_and_renewed_after_expiry(bos: Bos) -> None:
     assert bos.rest.logins == 1
     bos.clock.advance(3601)  # the firmware forgets tokens idle longer than timeout_s
     await drv.sleep()
-    assert mode(bos.rig) is Mode.SLEEPING
+    assert mode(bos.rig) is RigMode.SLEEPING
     assert bos.rest.logins == 2
     pauses = [i for i, r in enumerate(bos.rest.requests) if r == ("PUT", "/api/v1/actions/pause")]
     assert bos.rest.requests[pauses[-2] + 1] == ("POST", "/api/v1/auth/login")  # 401, re-login
@@ -520,7 +520,7 @@ async def test_rest_timeout_is_bounded_and_retried(bos: Bos) -> None:
     assert len(bos.rest.requests) - seen == 2  # one retry
     await bos.rest.set_fault(None)
     await drv.sleep()
-    assert mode(bos.rig) is Mode.SLEEPING
+    assert mode(bos.rig) is RigMode.SLEEPING
 
 
 @pytest.mark.parametrize(
@@ -533,7 +533,7 @@ async def test_rest_timeout_is_bounded_and_retried(bos: Bos) -> None:
     ],
 )
 async def test_rest_faults_are_typed(bos: Bos, fault: str, error: type[Exception]) -> None:
-    drv = bos.driver(retries=0)
+    drv = bos.driver(retries=0, timeout=5.0)  # each fault answers at once; a busy host is slow
     await drv.read(bos.clock.now())
     await bos.rest.set_fault(fault)
     with pytest.raises(error) as err:
@@ -544,7 +544,7 @@ async def test_rest_faults_are_typed(bos: Bos, fault: str, error: type[Exception
     assert tel.state is RigState.MINING
     await bos.rest.set_fault(None)
     await drv.sleep()
-    assert mode(bos.rig) is Mode.SLEEPING
+    assert mode(bos.rig) is RigMode.SLEEPING
 
 
 @pytest.mark.parametrize(
@@ -607,7 +607,7 @@ async def test_firmware_without_tuner_or_without_rest_api(bos: Bos) -> None:
             await drv.set_power_target(2000)
         assert bos.rig.power_target_w is None
         await drv.sleep()
-        assert mode(bos.rig) is Mode.SLEEPING
+        assert mode(bos.rig) is RigMode.SLEEPING
     finally:
         await no_tuner.stop()
     # An HTTP server without the API at all (an older BOS, or something else on port 80).
@@ -618,7 +618,7 @@ async def test_firmware_without_tuner_or_without_rest_api(bos: Bos) -> None:
         bos.clock.advance(bos.rig.model.sleep_s + 1)
         with pytest.raises(UnsupportedOperation, match="HTTP 404"):
             await drv.wake()
-        assert mode(bos.rig) is Mode.SLEEPING
+        assert mode(bos.rig) is RigMode.SLEEPING
         # Without the status from REST, the driver keeps what it last knew...
         assert (await drv.read(bos.clock.now())).state is RigState.SLEEPING
         # ...and a driver that knows nothing can only say "not hashing".
@@ -712,7 +712,7 @@ async def test_concurrent_calls_share_one_login(bos: Bos) -> None:
     drv = bos.driver()
     await asyncio.gather(drv.sleep(), drv.set_power_target(2400), drv.read(bos.clock.now()))
     assert bos.rest.logins == 1
-    assert mode(bos.rig) is Mode.SLEEPING and bos.rig.power_target_w == 2400
+    assert mode(bos.rig) is RigMode.SLEEPING and bos.rig.power_target_w == 2400
 
 
 async def test_slow_firmware_within_and_beyond_the_timeout(bos: Bos) -> None:
@@ -722,12 +722,12 @@ async def test_slow_firmware_within_and_beyond_the_timeout(bos: Bos) -> None:
         await drv.sleep()  # the login fits, the pause does not
     assert bos.rest.logins == 1
     await asyncio.sleep(0.3)
-    assert mode(bos.rig) is Mode.SLEEPING  # a timeout is not "not done": verify by reading
+    assert mode(bos.rig) is RigMode.SLEEPING  # a timeout is not "not done": verify by reading
     patient = bos.driver(timeout=1.0, retries=0)
     start = time.monotonic()
     await patient.wake()
     assert time.monotonic() - start >= 0.6  # login and action both waited
-    assert mode(bos.rig) is Mode.MINING
+    assert mode(bos.rig) is RigMode.MINING
 
 
 async def test_fleet_of_mixed_firmware_on_a_loopback_subnet() -> None:
@@ -759,8 +759,8 @@ async def test_fleet_of_mixed_firmware_on_a_loopback_subnet() -> None:
             tel = await drv.read(farm.now())
             assert tel.identity.model == "Antminer S19 XP" and tel.state is RigState.MINING
             await drv.sleep()
-            assert mode(farm.rigs[rid]) is Mode.SLEEPING
-        assert mode(farm.rigs["rig-002"]) is Mode.MINING
+            assert mode(farm.rigs[rid]) is RigMode.SLEEPING
+        assert mode(farm.rigs["rig-002"]) is RigMode.MINING
     finally:
         for d in drivers:
             await d.close()

@@ -45,8 +45,8 @@ from drivers.telemetry import (
     RigState,
     RigTelemetry,
 )
-from drivers.whatsminer_crypto import V2Token, aes_ecb_encrypt_b64
-from simulators.meter_modbus import f32_regs
+from drivers.whatsminer.crypto import V2Token, aes_ecb_encrypt_b64
+from simulators.modbus_meter import f32_regs
 from tests.fuzz_support import (
     NASTY,
     dumps,

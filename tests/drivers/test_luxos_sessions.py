@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from controller.config import ConfigError, parse_config
-from controller.runtime.control import Hold
+from controller.core.status import Hold
 from controller.runtime.daemon import Daemon
 from controller.runtime.devices import build_devices
 from drivers.cgminer import CGMinerClient
-from drivers.luxos import renew_after_s
-from drivers.miner import LuxOSDriver, make_miner_driver
+from drivers.luxos import LuxOSDriver, renew_after_s
+from drivers.registry import LuxOSSettings, MinerAccess, make_miner_driver
+from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock
-from simulators.farm import Farm, Mode
-from simulators.miner_server import MinerServer
+from simulators.farm import Farm, RigMode
 from simulators.site import SimSite
 
 RENEW = renew_after_s(10.0)
@@ -32,7 +32,10 @@ class Env:
     def driver(self, renew: float | None = RENEW) -> LuxOSDriver:
         s = self.server
         drv = make_miner_driver(
-            "luxos", s.rig_id, s.host, s.port, timeout=2.0, renew_session_after=renew
+            "luxos",
+            s.rig_id,
+            MinerAccess(s.host, s.port, timeout=2.0),
+            LuxOSSettings(renew_session_after=renew),
         )
         assert isinstance(drv, LuxOSDriver)
         return drv
@@ -41,7 +44,7 @@ class Env:
         return CGMinerClient(self.server.host, self.server.port, timeout=2.0)
 
     @property
-    def mode(self) -> Mode:
+    def mode(self) -> RigMode:
         return self.server.rig.mode
 
 
@@ -71,11 +74,11 @@ async def test_a_poll_holds_a_session_so_a_command_is_one_request(env: Env) -> N
     assert sid and drv.control.holding  # logged on before any command was due
     before = env.server.requests
     await drv.sleep()
-    assert env.mode is Mode.SLEEPING
+    assert env.mode is RigMode.SLEEPING
     assert env.server.requests == before + 1  # curtail only: no logon, no logoff
     assert env.server.session_id == sid  # still ours for the next command
     await drv.wake()
-    assert env.mode is Mode.MINING and env.server.requests == before + 2
+    assert env.mode is RigMode.MINING and env.server.requests == before + 2
 
 
 async def test_the_poll_renews_the_session_before_the_firmware_ends_it(env: Env) -> None:
@@ -94,7 +97,7 @@ async def test_the_poll_renews_the_session_before_the_firmware_ends_it(env: Env)
         await drv.read(env.clock.now())
     before = env.server.requests
     await drv.sleep()
-    assert env.mode is Mode.SLEEPING and env.server.requests == before + 1
+    assert env.mode is RigMode.SLEEPING and env.server.requests == before + 1
 
 
 async def test_a_lapsed_session_is_replaced_and_the_command_sent_again(env: Env) -> None:
@@ -102,7 +105,7 @@ async def test_a_lapsed_session_is_replaced_and_the_command_sent_again(env: Env)
     await drv.read(env.clock.now())
     env.clock.advance(61)  # no poll for a minute: the firmware ended the session
     await drv.sleep()
-    assert env.mode is Mode.SLEEPING
+    assert env.mode is RigMode.SLEEPING
     assert env.server.session_id and drv.control.holding  # the new one is held
 
 
@@ -113,7 +116,7 @@ async def test_a_session_taken_over_elsewhere_is_borrowed_not_ended(env: Env) ->
     await other.command("logoff", env.server.session_id)  # e.g. pyasic, then its own
     theirs = (await other.command("logon"))["SESSION"][0]["SessionID"]
     await drv.sleep()
-    assert env.mode is Mode.SLEEPING
+    assert env.mode is RigMode.SLEEPING
     assert env.server.session_id == theirs  # used, never logged off under its owner
     assert not drv.control.holding
     await drv.read(env.clock.now())  # and not fought over: no logon while theirs lives
@@ -143,7 +146,7 @@ async def test_per_write_logs_off_after_each_command(env: Env) -> None:
     assert env.server.session_id == ""
     before = env.server.requests
     await drv.sleep()
-    assert env.mode is Mode.SLEEPING
+    assert env.mode is RigMode.SLEEPING
     assert env.server.requests == before + 3  # logon, curtail, logoff
     assert env.server.session_id == ""
     drv.hold_session = True  # cannot hold what the config said not to

@@ -27,18 +27,28 @@ from controller.adapters.discovery import add_to_config, addresses, scan
 from controller.config import load_config
 from controller.runtime.daemon import Daemon
 from drivers.antminer_web import AntminerDriver
+from drivers.base import MinerDriver
 from drivers.braiins import BraiinsDriver
 from drivers.errors import DeviceError
-from drivers.miner import MinerDriver, make_miner_driver
+from drivers.registry import (
+    AntminerSettings,
+    BraiinsSettings,
+    MinerAccess,
+    WhatsminerSettings,
+    make_miner_driver,
+)
 from drivers.telemetry import RigState
 from drivers.whatsminer import WhatsminerDriver, WhatsminerV3Driver
 from simulators.antminer_web import AntminerWebServer
-from simulators.braiins_rest import BraiinsRestServer
+from simulators.avalon import AvalonServer, avalon_rig
+from simulators.braiins import BraiinsRestServer
+from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock, ScaledClock
-from simulators.farm import Farm, Mode, SimRig
-from simulators.miner_server import MinerServer
+from simulators.epic import EpicDashboard, EpicServer
+from simulators.farm import Farm, RigMode, SimRig
 from simulators.site import SimSite
-from simulators.whatsminer_server import WhatsminerServer, whatsminer_rig
+from simulators.vnish import VNishRpcServer, VNishWebServer
+from simulators.whatsminer import WhatsminerServer, whatsminer_rig
 
 BRAIINS_PASSWORD = "bos-secret"
 
@@ -49,6 +59,9 @@ LAYOUT = {
     3: ("wm-001", "btminer", "whatsminer", 4028),
     4: ("wm-002", "btminer", "whatsminer-v3", 4433),
     5: ("rig-003", "bosminer", "braiins", 4028),
+    6: ("av-001", "avalon", "avalon", 4028),
+    7: ("rig-004", "epic", "epic", 4028),
+    8: ("rig-005", "vnish", "vnish", 4028),
 }
 
 
@@ -93,17 +106,23 @@ def _servers(farm: Farm, block: str) -> list[_Server]:
         WhatsminerServer(farm, "wm-002", host=h[4], api="v3", port_v3=4433),
         MinerServer(farm, "rig-003", host=h[5], port=4028),
         BraiinsRestServer(farm, "rig-003", host=h[5], port=80, password=BRAIINS_PASSWORD),
+        AvalonServer(farm, "av-001", host=h[6], port=4028),
+        EpicServer(farm, "rig-004", host=h[7], port=4028),
+        EpicDashboard(farm, "rig-004", host=h[7], port=80),
+        VNishRpcServer(farm, "rig-005", host=h[8], port=4028),
+        VNishWebServer(farm, "rig-005", host=h[8], port=80),
     ]
 
 
 async def _start() -> MixedFarm:
     clock = ManualClock()
-    farm = Farm.build(clock, rigs=3, pdus=1, models={"Antminer S19j Pro": 1.0})
+    farm = Farm.build(clock, rigs=5, pdus=1, models={"Antminer S19j Pro": 1.0})
     for rid, firmware, _kind, _port in LAYOUT.values():
         if rid in farm.rigs:
             farm.rigs[rid].firmware = firmware
     for n, rid in ((1, "wm-001"), (2, "wm-002")):
         farm.rigs[rid] = whatsminer_rig(rid, "Whatsminer M50S_VH50", clock.now(), seed=n)
+    farm.rigs["av-001"] = avalon_rig("av-001", "AvalonMiner 15-194", clock.now(), seed=3)
     last: OSError | None = None
     for _ in range(10):
         mixed = MixedFarm(clock, farm, f"127.{random.randint(100, 250)}.{random.randint(1, 254)}")
@@ -139,6 +158,9 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
     assert makes["whatsminer"] == makes["whatsminer-v3"] == ("Whatsminer", "btminer")
     assert makes["antminer"] == ("Antminer", "bmminer")
     assert makes["luxos"][1] == "LuxOS"
+    assert makes["avalon"] == ("Avalon", "Avalon cgminer")
+    assert makes["epic"] == ("Antminer", "ePIC PowerPlay")
+    assert makes["vnish"] == ("Antminer", "VNish")
     assert took < 5.0, took  # 256 addresses, 251 of them empty
 
     cfg_path = tmp_path / "rigd.toml"
@@ -155,21 +177,16 @@ async def test_scan_add_and_control_a_mixed_farm(mixed: MixedFarm, tmp_path: Pat
     for n, (sim_id, _fw, kind, _port) in LAYOUT.items():
         m = rigs[mixed.host(n)].miner
         extra: dict[str, Any] = {"password": BRAIINS_PASSWORD} if kind == "braiins" else {}
+        access = MinerAccess(
+            mixed.host(n), m.port, username=m.username, timeout=1.0, retries=0, **extra
+        )
         drv = make_miner_driver(
-            m.driver,
-            rigs[mixed.host(n)].id,
-            mixed.host(n),
-            m.port,
-            username=m.username,
-            timeout=1.0,
-            retries=0,
-            web_port=m.web_port,
-            **extra,
+            m.driver, rigs[mixed.host(n)].id, access, m.driver_settings(cfg.poll.interval_s)
         )
         await _read_sleep_wake(drv, mixed, sim_id, kind)
 
 
-def _mode(rig: SimRig) -> Mode:
+def _mode(rig: SimRig) -> RigMode:
     """Read fresh each time, so an assert's type narrowing does not stick to the next one."""
     return rig.mode
 
@@ -182,11 +199,11 @@ async def _read_sleep_wake(drv: MinerDriver, mixed: MixedFarm, sim_id: str, kind
         assert tel.hashrate_ths is not None and tel.hashrate_ths > 0, kind
         assert drv.capabilities.can_sleep, kind
         await drv.sleep()
-        assert _mode(rig) is Mode.SLEEPING, kind
+        assert _mode(rig) is RigMode.SLEEPING, kind
         mixed.clock.advance(120)  # hashboards off, power down to idle
         assert (await drv.read(mixed.clock.now())).state is RigState.SLEEPING, kind
         await drv.wake()
-        assert _mode(rig) is Mode.MINING, kind
+        assert _mode(rig) is RigMode.MINING, kind
     except DeviceError as e:  # name the rig's kind: the trace alone does not
         raise AssertionError(f"{kind}: {e!r}") from e
     finally:
@@ -195,16 +212,16 @@ async def _read_sleep_wake(drv: MinerDriver, mixed: MixedFarm, sim_id: str, kind
 
 def test_every_kind_builds_with_its_settings() -> None:
     """The config's settings reach the kinds that use them, whatever else is passed."""
-    common: dict[str, Any] = {"timeout": 1.5, "retries": 0}
-    stock = make_miner_driver("antminer", "r", "127.0.0.1", low_power_w=2300, **common)
+    common = MinerAccess("127.0.0.1", timeout=1.5, retries=0)
+    stock = make_miner_driver("antminer", "r", common, AntminerSettings(low_power_w=2300))
     assert isinstance(stock, AntminerDriver) and stock.capabilities.can_sleep
-    bos = make_miner_driver("braiins", "r", "127.0.0.1", web_port=8080, **common)
+    bos = make_miner_driver("braiins", "r", common, BraiinsSettings(web_port=8080))
     assert isinstance(bos, BraiinsDriver)
-    v2 = make_miner_driver("whatsminer", "r", "127.0.0.1", power_max_w=3500, **common)
+    v2 = make_miner_driver("whatsminer", "r", common, WhatsminerSettings(power_max_w=3500))
     assert isinstance(v2, WhatsminerDriver) and v2.client.port == 4028
-    v3 = make_miner_driver("Whatsminer-V3", "r", "127.0.0.1", **common)
+    v3 = make_miner_driver("Whatsminer-V3", "r", common)
     assert isinstance(v3, WhatsminerV3Driver) and v3.client.port == 4433  # its own default
-    explicit = make_miner_driver("whatsminer-v3", "r", "127.0.0.1", 9999)
+    explicit = make_miner_driver("whatsminer-v3", "r", MinerAccess("127.0.0.1", 9999))
     assert isinstance(explicit, WhatsminerV3Driver) and explicit.client.port == 9999
     for d in (stock, bos, v2, v3):
         assert isinstance(d, MinerDriver)
@@ -213,7 +230,9 @@ def test_every_kind_builds_with_its_settings() -> None:
 # -- the daemon's control loop over a scanned mixed farm ------------------------------------
 
 SPEED = 20.0  # farm seconds per wall second
-MIX = ("luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins")
+MIX = (
+    "luxos", "antminer", "whatsminer", "whatsminer-v3", "braiins", "avalon", "epic", "vnish",
+)  # fmt: skip
 
 
 async def _scan_add(cfg: Path, block: str) -> str:
@@ -229,14 +248,20 @@ async def _scan_add(cfg: Path, block: str) -> str:
 
 
 def _measured_low_power(text: str, site: SimSite, block: str) -> str:
-    """Add each stock Antminer's low-power draw, as an operator does after measuring it on
-    the outlet: scan cannot know it, and without it the driver offers sleep only."""
+    """Add each stock Antminer's (and Avalon's) low-power draw, as an operator does after
+    measuring it on the outlet: scan cannot know it, and without it the driver offers sleep
+    only."""
     out = []
     for chunk in text.split("\n[[miners]]"):
         m = re.search(r'host = "([\d.]+)"', chunk)
+        low: float | None = None
         if m and 'driver = "antminer"' in chunk:
             rid = next(r for r in site.farm.rigs if site.address_of(r)[0] == m.group(1))
             low = site.antminer_web.servers[rid].low_power_w
+        elif m and 'driver = "avalon"' in chunk:
+            rid = next(r for r in site.farm.rigs if site.address_of(r)[0] == m.group(1))
+            low = site.families.avalon.servers[rid].avalon.work_mode_w[0]
+        if low is not None:
             chunk = chunk.rstrip("\n") + f"\nlow_power_w = {low:g}\n"
         out.append(chunk)
     return "\n[[miners]]".join(out)
@@ -319,7 +344,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
 
             def under(cap: float) -> bool:
                 for c, r in sims.items():
-                    if r.power_target_w is not None and r.mode is Mode.MINING:
+                    if r.power_target_w is not None and r.mode is RigMode.MINING:
                         throttled.add(dialect[c])
                 return m.true_power_w(farm.now()) / 1000 <= cap
 
@@ -329,7 +354,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             cap2 = base_kw + 0.5
             ctl.set_override(cap2, site.clock.now() + 3600, "test: sleep", "test")
             await _until(
-                lambda: all(_mode(r) is Mode.SLEEPING for r in sims.values()) and under(cap2),
+                lambda: all(_mode(r) is RigMode.SLEEPING for r in sims.values()) and under(cap2),
                 "every rig asleep",
             )
 
@@ -337,7 +362,7 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             ctl.clear_override()
             await _until(
                 lambda: all(
-                    _mode(r) is Mode.MINING and r.power_target_w in (None, r.model.nominal_w)
+                    _mode(r) is RigMode.MINING and r.power_target_w in (None, r.model.nominal_w)
                     for r in sims.values()
                 ),
                 "every rig restored",
@@ -361,6 +386,13 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
         for api, fleet in site.whatsminers.items():
             cmds = {c for s in fleet.servers.values() for c in s.commands()}
             assert wants[api] <= cmds, (api, sorted(cmds))
+        ascset = {c for s in site.families.avalon.servers.values() for c in s.commands_seen}
+        assert {"softoff", "softon", "workmode"} <= ascset, sorted(ascset)
+        posts = {(p, str(v)) for s in site.families.epic.api.values() for p, v in s.posts}
+        assert {("/miner", "Stop"), ("/miner", "Autostart")} <= posts, sorted(posts)
+        assert any(p == "/perpetualtune/algo" for p, _ in posts), sorted(posts)
+        vnish = {p for s in site.families.vnish.web.values() for p, _ in s.posts}
+        assert {"/mining/stop", "/mining/start", "/settings"} <= vnish, sorted(vnish)
     finally:
         await site.stop()
         shutil.rmtree(state, ignore_errors=True)

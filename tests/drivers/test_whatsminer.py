@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drivers.base import MinerCapabilities, MinerDriver
 from drivers.errors import (
     CommandRejected,
     DeviceAuthError,
@@ -33,7 +34,6 @@ from drivers.errors import (
     MalformedReply,
     UnsupportedOperation,
 )
-from drivers.miner import MinerCapabilities, MinerDriver
 from drivers.telemetry import RigIdentity, RigState
 from drivers.whatsminer import (
     DEFAULT_MIN_FRACTION,
@@ -49,17 +49,17 @@ from drivers.whatsminer import (
     parse_v2_telemetry,
     parse_v3_telemetry,
 )
-from drivers.whatsminer_crypto import (
+from drivers.whatsminer.crypto import (
     V2Token,
     aes_ecb_decrypt_b64,
     aes_ecb_encrypt_b64,
     md5_crypt,
     v3_token,
 )
+from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock
-from simulators.farm import Farm, Mode
-from simulators.miner_server import MinerServer
-from simulators.whatsminer_server import (
+from simulators.farm import Farm, RigMode
+from simulators.whatsminer import (
     WHATSMINER_MODELS,
     WhatsminerFleet,
     WhatsminerServer,
@@ -87,7 +87,7 @@ def fresh_host() -> str:
     return f"127.{_BLOCK[0]}.{_BLOCK[1]}.{next(_next_host)}"
 
 
-def mode(server: WhatsminerServer) -> Mode:
+def mode(server: WhatsminerServer) -> RigMode:
     return server.rig.mode
 
 
@@ -421,7 +421,7 @@ async def test_sim_v2_joins_text_mode_and_errors(v2env: Env) -> None:
     assert (await raw_v2(s.host, s.port_v2, b'{"cmd":"nonsense"}'))["STATUS"][0]["Code"] == 14
     enc = await raw_v2(s.host, s.port_v2, b'{"enc":1,"data":"%%%"}')
     assert enc["Code"] == 137
-    assert mode(s) is Mode.MINING
+    assert mode(s) is RigMode.MINING
 
 
 async def test_sim_v2_hands_out_at_most_32_tokens_per_address(v2env: Env) -> None:
@@ -437,10 +437,10 @@ async def test_sim_v2_hands_out_at_most_32_tokens_per_address(v2env: Env) -> Non
     with pytest.raises(CommandRejected) as err:
         await drv.sleep()
     assert err.value.code == 136  # type: ignore[attr-defined]
-    assert mode(s) is Mode.MINING
+    assert mode(s) is RigMode.MINING
     v2env.clock.advance(31 * 60)  # tokens expire: the address may ask again
     await drv.sleep()
-    assert mode(s) is Mode.SLEEPING
+    assert mode(s) is RigMode.SLEEPING
 
 
 async def test_sim_v3_framing_and_errors(v3env: Env) -> None:
@@ -478,7 +478,7 @@ async def test_sim_v3_framing_and_errors(v3env: Env) -> None:
             assert (await read_frame(reader))["code"] == code
     finally:
         writer.close()
-    assert mode(s) is Mode.MINING
+    assert mode(s) is RigMode.MINING
 
 
 # -- reads through the drivers --------------------------------------------------------------
@@ -498,7 +498,7 @@ async def test_read_normalises_against_the_model(model: str, api: str) -> None:
         assert tel.ts == t and tel.state is RigState.MINING
         assert tel.hashrate_ths == pytest.approx(rig.hashrate_ths(t), abs=1e-3)
         assert tel.power_w == pytest.approx(rig.power_w(t), abs=0.51)
-        assert tel.power_limit_w == pytest.approx(min(m.nominal_w, m.max_w), abs=0.51)
+        assert tel.power_limit_w == pytest.approx(m.max_w, abs=0.51)  # rated: no limit set
         assert tel.nominal_hashrate_ths == pytest.approx(m.nominal_ths, abs=1e-3)
         assert len(tel.hashboards) == m.boards
         for board, ths in zip(tel.hashboards, rig.board_hashrates_ths(t), strict=True):
@@ -561,7 +561,7 @@ async def test_v2_sleep_then_wake(v2env: Env) -> None:
     s, rig, clock = v2env.server, v2env.server.rig, v2env.clock
     drv = v2env.v2()
     await drv.sleep()
-    assert mode(s) is Mode.SLEEPING
+    assert mode(s) is RigMode.SLEEPING
     writes = [r for r in s.received if r.encrypted]
     assert [(r.command, r.code) for r in writes] == [("power_off", 131)]
     assert s.commands().count("get_token") == 1
@@ -575,7 +575,7 @@ async def test_v2_sleep_then_wake(v2env: Env) -> None:
     assert status["mineroff"] == "true" and status["mineroff_time"]
 
     await drv.wake()
-    assert mode(s) is Mode.MINING
+    assert mode(s) is RigMode.MINING
     assert s.commands().count("get_token") == 1  # the cached token served both writes
     tel = await drv.read(clock.now())
     assert tel.state is RigState.WAKING  # hashboards booting
@@ -641,7 +641,7 @@ async def test_v2_wrong_password_is_an_auth_error(v2env: Env) -> None:
     with pytest.raises(DeviceAuthError, match="admin password is wrong") as err:
         await drv.sleep()
     assert err.value.device == "wm-001" and err.value.operation == "power_off"
-    assert mode(s) is Mode.MINING and s.rig.command_count == 0
+    assert mode(s) is RigMode.MINING and s.rig.command_count == 0
     assert s.commands().count("get_token") == 2  # renewed once, then gave up
     assert [r.code for r in s.received if r.encrypted] == [135, 135]
     default = v2env.v2(password="")
@@ -653,7 +653,7 @@ async def test_v2_write_api_disabled(v2env: Env) -> None:
     v2env.server.write_enabled = False
     with pytest.raises(DeviceAuthError, match="write API"):
         await v2env.v2().sleep()
-    assert mode(v2env.server) is Mode.MINING
+    assert mode(v2env.server) is RigMode.MINING
 
 
 async def test_v2_token_renewed_when_30_minutes_old(v2env: Env) -> None:
@@ -675,7 +675,7 @@ async def test_v2_token_refused_by_miner_is_renewed(v2env: Env) -> None:
     await drv.sleep()
     clock.advance(31 * 60)  # ... but the miner expired it
     await drv.wake()
-    assert mode(s) is Mode.MINING
+    assert mode(s) is RigMode.MINING
     assert [(r.command, r.code) for r in s.received if r.encrypted] == [
         ("power_off", 131),
         ("power_on", 135),
@@ -690,7 +690,7 @@ async def test_v2_write_applied_without_reply_is_verified(v2env: Env) -> None:
     drv = v2env.v2(timeout=0.3, retries=0)
     start = time.monotonic()
     await drv.sleep()  # times out, then reads status: mineroff, so it worked
-    assert mode(s) is Mode.SLEEPING
+    assert mode(s) is RigMode.SLEEPING
     assert time.monotonic() - start < 2.0
     assert s.commands()[-1] == "status"
     await s.set_fault("silent")  # now nothing answers, not even the verification
@@ -708,11 +708,11 @@ async def test_v3_sleep_wake_power_target_and_percent(v3env: Env) -> None:
     await drv.read(clock.now())
     assert drv.capabilities.power_target_max_w == rig.model.max_w  # get.miner.setting power
     await drv.sleep()
-    assert mode(s) is Mode.SLEEPING
+    assert mode(s) is RigMode.SLEEPING
     assert (await drv.read(clock.now())).state is RigState.SLEEPING
     clock.advance(rig.model.sleep_s + 1)
     await drv.wake()
-    assert mode(s) is Mode.MINING
+    assert mode(s) is RigMode.MINING
     assert (await drv.read(clock.now())).state is RigState.WAKING
     sets = [(r.command, r.code) for r in s.received if r.command.startswith("set.")]
     assert sets == [("set.miner.service", 0), ("set.miner.service", 0)]
@@ -743,7 +743,7 @@ async def test_v3_wrong_password_is_an_auth_error(v3env: Env) -> None:
         await drv.sleep()
     assert err.value.operation == "set.miner.service"
     assert v3env.codes("set.miner.service") == [-4, -4]
-    assert drv.client.salt_fetches == 2 and mode(s) is Mode.MINING
+    assert drv.client.salt_fetches == 2 and mode(s) is RigMode.MINING
     s.write_enabled = False
     with pytest.raises(DeviceAuthError, match="no permission"):
         await v3env.v3().sleep()
@@ -763,14 +763,14 @@ async def test_v3_salt_rotation_and_miner_clock_skew(v3env: Env) -> None:
     s.v3_salt = "rotated1"  # e.g. after a password change
     await drv.sleep()
     assert v3env.codes("set.miner.service") == [0, -4, 0, -4, 0]
-    assert drv.client.salt_fetches == 3 and mode(s) is Mode.SLEEPING
+    assert drv.client.salt_fetches == 3 and mode(s) is RigMode.SLEEPING
 
 
 async def test_v3_write_applied_without_reply_is_verified(v3env: Env) -> None:
     v3env.server.silent_writes = {"set.miner.service"}
     drv = v3env.v3(timeout=0.3, retries=0)
     await drv.sleep()
-    assert mode(v3env.server) is Mode.SLEEPING
+    assert mode(v3env.server) is RigMode.SLEEPING
     await v3env.server.set_fault("silent")
     with pytest.raises(DeviceTimeout):
         await drv.wake()
@@ -811,7 +811,7 @@ async def test_silent_refused_garbage_truncated(api: str) -> None:
         s.reply_delay_s = 0.5  # a slow control board: longer than the client waits
         with pytest.raises(DeviceTimeout):
             await drv.read(e.clock.now())
-        assert mode(s) is Mode.MINING
+        assert mode(s) is RigMode.MINING
     finally:
         await s.stop()
 
@@ -853,7 +853,7 @@ async def test_outlet_off_then_reboot_forgets_tokens() -> None:
         assert tel.state is RigState.WAKING  # a power cycle mines again: sleep is not kept
         await drv.sleep()  # cached token died with the reboot: 135, renewed, accepted
         assert [r.code for r in s.received if r.encrypted] == [131, 135, 131]
-        assert mode(s) is Mode.SLEEPING
+        assert mode(s) is RigMode.SLEEPING
     finally:
         await s.stop()
 
@@ -919,7 +919,7 @@ async def test_fleet_on_a_subnet_serves_both_apis() -> None:
         )
         await v3.sleep()  # one firmware behind both ports
         assert (await v2.read(clock.now())).state is RigState.SLEEPING
-        assert rig.mode is Mode.SLEEPING
+        assert rig.mode is RigMode.SLEEPING
         with socket.socket() as probe:
             probe.settimeout(1)
             probe.connect(fleet.ports_of("wm-003")[:2])
@@ -959,4 +959,4 @@ def test_server_answers_anything(bare_server: WhatsminerServer, data: bytes) -> 
     v3 = bare_server.respond_v3(data)
     assert v3 is not None and isinstance(v3["code"], int)
     json.dumps(v3)
-    assert bare_server.rig.mode is Mode.MINING  # nothing unauthenticated changed the rig
+    assert bare_server.rig.mode is RigMode.MINING  # nothing unauthenticated changed the rig

@@ -28,14 +28,15 @@ from controller.core.caps import Cap, period_bounds
 from controller.core.grid.book import OrderBook
 from controller.core.grid.orders import GridMessage
 from controller.core.planner import ActionKind, Mode, RigMemory
+from controller.core.status import CycleResult, Hold
 from controller.runtime.clock import StepGuard
-from controller.runtime.control import Hold
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.runtime.daemon import Daemon
+from controller.runtime.grid_service import grid_rules
 from simulators.clock import SteppedWall
-from simulators.farm import Mode as RigMode
+from simulators.farm import RigMode
+from tests.adapters.test_store_faults import fill_disk, free_disk, on_disk
 from tests.grid_helpers import order, plain
 from tests.sim_harness import START, OfflineLink, SimHarness
-from tests.adapters.test_store_faults import fill_disk, free_disk, on_disk
 
 HOUR = 3600.0
 STEPS = [pytest.param(2 * HOUR, id="forward-2h"), pytest.param(-2 * HOUR, id="back-2h")]
@@ -170,7 +171,7 @@ def test_order_book_moves_what_rigd_timed_not_the_operators_times(tmp_path: Path
         allow_unsigned=True,
         heartbeat=HeartbeatConfig(topic="op/hb", failsafe_kw=10.0, always=True),
     )
-    book = OrderBook(g, 100.0)
+    book = OrderBook(grid_rules(g), 100.0)
     book.load(None, 1000.0)
     msg = GridMessage.model_validate(
         {"message": order(now=1000.0, duration_s=600, start="now")}

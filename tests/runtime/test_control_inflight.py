@@ -13,11 +13,11 @@ import pytest
 
 from controller.config import parse_config
 from controller.core.planner import Action, ActionKind, Mode
+from controller.errors import ManualRefused
 from controller.runtime import control as control_mod
-from controller.runtime.control import ManualRefused
 from controller.runtime.daemon import Daemon
 from simulators.clock import ManualClock
-from simulators.farm import Mode as RigMode
+from simulators.farm import RigMode
 from simulators.site import SimSite
 
 

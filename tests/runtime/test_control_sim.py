@@ -18,11 +18,9 @@ from typing import Any, Protocol
 import pytest
 
 from controller.core.caps import GRID, OVERRIDE
-from controller.runtime.control import Hold
-from controller.runtime.daemon import CycleResult
+from controller.core.status import CycleResult, Hold
 from simulators.clock import ManualClock
-from simulators.farm import Farm
-from simulators.farm import Mode as RigMode
+from simulators.farm import Farm, RigMode
 from tests.sim_harness import (
     Report,
     SimHarness,
@@ -389,6 +387,7 @@ async def test_no_trustworthy_reading_at_all_puts_the_farm_in_its_safe_state(
 # -- 5. energy pacing over a month -----------------------------------------------------------
 
 
+@pytest.mark.timeout(360)  # a month of farm time, CPU-bound: 40 s alone, 3x that on busy cores
 async def test_energy_pacing_over_a_month_uses_the_budget_without_overdrawing(
     sim: MakeSim, report: Emit
 ) -> None:

@@ -17,7 +17,7 @@ from controller.runtime import executor as executor_mod
 from controller.runtime.devices import Devices, build_devices
 from controller.runtime.executor import Executor
 from simulators.clock import ManualClock
-from simulators.farm import Mode
+from simulators.farm import RigMode
 from simulators.site import SimSite
 
 
@@ -58,7 +58,7 @@ async def test_sleep_is_sent_recorded_and_published(env: _Env) -> None:
     rig = env.farm.rigs["rig-001"]
     res = await env.executor().execute(Action("rig-001", ActionKind.SLEEP, "over target"))
     assert res.ok and res.attempts == 1
-    assert rig.mode is Mode.SLEEPING
+    assert rig.mode is RigMode.SLEEPING
     (entry,) = env.store.audit_since(0)
     assert (entry.action, entry.rig_id, entry.result, entry.actor) == (
         "sleep",
@@ -78,7 +78,7 @@ async def test_wake_at_a_power_target(env: _Env) -> None:
     await env.devices.miners["rig-002"].read(env.farm.now())  # learns the profiles
     res = await env.executor().execute(Action("rig-002", ActionKind.WAKE, "room", low))
     assert res.ok, res.error
-    assert rig.mode is Mode.MINING
+    assert rig.mode is RigMode.MINING
     assert rig.power_target_w is not None and rig.power_target_w <= low
     env.clock.advance(rig.model.boot_s + rig.model.wake_ramp_s + 1)
     assert rig.power_w(env.farm.now()) == pytest.approx(rig.power_target_w, rel=0.01)
@@ -97,7 +97,7 @@ async def test_timeouts_are_retried_then_reported(env: _Env) -> None:
     res = await env.executor(attempts=3).execute(Action("rig-001", ActionKind.SLEEP, "r"))
     assert not res.ok and res.attempts == 3
     assert res.error is not None and "timeout" in res.error
-    assert env.farm.rigs["rig-001"].mode is Mode.MINING
+    assert env.farm.rigs["rig-001"].mode is RigMode.MINING
     assert env.store.audit_since(0)[-1].result == "failed"
 
 
@@ -133,7 +133,7 @@ async def test_commands_come_before_reads_and_their_bookkeeping(
     await asyncio.sleep(0)
     assert not read.done()  # the poll holds back while commands queue
     first = await burst[0]
-    assert first.ok and env.farm.rigs["rig-001"].mode is Mode.SLEEPING
+    assert first.ok and env.farm.rigs["rig-001"].mode is RigMode.SLEEPING
     assert env.store.audit_since(0) == []  # kept back: two commands still queued
     results = await asyncio.gather(*burst)
     assert all(r.ok for r in results)
@@ -143,4 +143,4 @@ async def test_commands_come_before_reads_and_their_bookkeeping(
     assert sorted(str(e.rig_id) for e in env.store.audit_since(0)) == list(rigs)  # ...none lost
     events = [p for _, p in env.link._events if b'"type":"action"' in p]
     assert len(events) == 3
-    assert all(env.farm.rigs[r].mode is Mode.SLEEPING for r in rigs)
+    assert all(env.farm.rigs[r].mode is RigMode.SLEEPING for r in rigs)

@@ -35,13 +35,12 @@ from structlog.testing import capture_logs
 from controller.adapters.store import StateStore
 from controller.config import Config, parse_config
 from controller.core.planner import Action, Mode
-from controller.runtime.daemon import CycleResult, Daemon
+from controller.core.status import ActionResult, CycleResult
+from controller.runtime.daemon import Daemon
 from controller.runtime.devices import build_devices
-from controller.runtime.executor import ActionResult
 from drivers.errors import DeviceError
 from simulators.clock import ScaledClock
-from simulators.farm import Farm
-from simulators.farm import Mode as RigMode
+from simulators.farm import Farm, RigMode
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, running, watch
 from tests.grid_helpers import Operator, grid_toml, order

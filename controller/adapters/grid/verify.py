@@ -28,17 +28,19 @@ from controller.core.grid.orders import (
     Cancel,
     Curtail,
     GridMessage,
+    Heartbeat,
     Modify,
     Ping,
     RejectReason,
 )
+from controller.errors import RigdError
 
 ALGORITHMS = ("EdDSA", "ES256")
 
 AnyMessage = Curtail | Modify | Cancel | Ping
 
 
-class Rejected(Exception):
+class Rejected(RigdError):
     """A message refused, with what could be read of it for the acknowledgement."""
 
     def __init__(
@@ -126,9 +128,33 @@ def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members, refusing a repeated key: JSON parsers disagree on which of two
+    `kind`s wins (Python's keeps the last), so a signed `{"kind": "ping", ..., "kind":
+    "curtail"}` could mean a ping to the operator's tools and a curtail to rigd."""
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _RepeatedKey(f"the key {k!r} appears more than once in one JSON object")
+        obj[k] = v
+    return obj
+
+
+def strict_json(raw: bytes | str) -> Any:
+    """JSON as the protocol allows it: no NaN or Infinity, no object with a repeated key.
+    Raises ValueError (a `_RepeatedKey` for the latter) or RecursionError."""
+    return json.loads(raw, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+
+
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
+        data = strict_json(raw)
+    except _RepeatedKey as e:
+        raise Rejected("malformed", str(e)) from e
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise Rejected("malformed", f"not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -142,11 +168,24 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def not_heartbeat(data: dict[str, Any], *, kind_required: bool = True) -> None:
+    """Refuse a message of another kind on the heartbeat topic (`kind_required` False: only
+    one that names another kind)."""
+    kind = data.get("kind")
+    if kind != "heartbeat" and (kind_required or kind is not None):
+        shown = repr(kind)[:40] if kind is not None else "no kind"
+        raise Rejected(
+            "invalid",
+            f'not a heartbeat ({shown}): a heartbeat says "kind": "heartbeat"',
+            hint=_hint(data),
+        )
+
+
 def peek_jws_payload(token: str) -> dict[str, Any]:
     """The unverified payload, only to name the message in a rejection."""
     try:
         data = json.loads(base64url_decode(token.split(".")[1]))
-    except Exception:
+    except (IndexError, ValueError, TypeError, RecursionError):  # binascii, JSON, nesting
         return {}
     return _hint(data)
 
@@ -181,15 +220,20 @@ class Verifier:
         return Verified(msg, signed, kid, digest)
 
     def heartbeat(self, raw: bytes, now: float) -> float:
-        """A signed heartbeat (a JWS whose payload has `iat`, and `site` if any matches):
-        its iat. Unsigned heartbeats are not checked here; where the site accepts only
-        signed orders a forged heartbeat must not hold off the failsafe either."""
+        """A signed heartbeat (a JWS whose payload says `"kind": "heartbeat"`, has `iat`,
+        and `site` if any matches): its iat. Where the site accepts only signed orders a
+        forged heartbeat must not hold off the failsafe, and neither may a genuine order or
+        ping replayed on the heartbeat topic: the operator signed those too."""
         if len(raw) > self.grid.max_message_bytes:
             raise Rejected("too_large", f"{len(raw)} bytes")
         data, _ = self._verify_jws(raw.strip())
-        iat = data.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, int | float) or not 0 <= iat <= 1e11:
-            raise Rejected("invalid", "a heartbeat needs a numeric iat (epoch seconds)")
+        not_heartbeat(data)
+        try:
+            iat = Heartbeat.model_validate(data).iat
+        except ValidationError as e:
+            raise Rejected(
+                "invalid", "a heartbeat needs a numeric iat (epoch seconds) and a string site"
+            ) from e
         skew = self.grid.clock_skew_s
         hb = self.grid.heartbeat
         if iat > now + skew:
@@ -201,6 +245,22 @@ class Verifier:
             raise Rejected("wrong_site", f"addressed to site {site!r}")
         return float(iat)
 
+    def unsigned_heartbeat(self, raw: bytes) -> None:
+        """Where unsigned orders are allowed any payload is a heartbeat, except one that
+        reads as another kind of message (an order, plain or signed, is no heartbeat)."""
+        if len(raw) > self.grid.max_message_bytes:
+            raise Rejected("too_large", f"{len(raw)} bytes")
+        text = raw.strip()
+        try:
+            if text.startswith(b"{"):
+                data = strict_json(text)
+            else:
+                data = strict_json(base64url_decode(text.split(b".")[1]))
+        except (ValueError, RecursionError, IndexError):
+            return  # "alive", a counter, ...: anything goes here
+        if isinstance(data, dict):
+            not_heartbeat(data, kind_required=False)
+
     def _verify_jws(self, text: bytes) -> tuple[dict[str, Any], str | None]:
         try:
             token = text.decode("ascii")
@@ -208,6 +268,12 @@ class Verifier:
         except (UnicodeDecodeError, jwt.InvalidTokenError) as e:  # e.g. a kid that is no string
             raise Rejected("malformed", f"not a compact JWS: {e}") from e
         hint = peek_jws_payload(token)
+        try:  # the header too: two `alg`s or `kid`s are as ambiguous as two `kind`s
+            strict_json(base64url_decode(token.split(".", 1)[0]))
+        except _RepeatedKey as e:
+            raise Rejected("malformed", f"JWS header: {e}", hint=hint) from e
+        except (ValueError, RecursionError):
+            pass  # PyJWT has read it: what it could not parse is refused below
         alg = header.get("alg")
         if alg not in ALGORITHMS:
             raise Rejected(

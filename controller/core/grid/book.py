@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controller.config import GridConfig, HeartbeatConfig
 from controller.core.caps import GRID, Limit
 from controller.core.grid.orders import (
     Cancel,
@@ -82,6 +81,13 @@ class Order:
     last_report_ts: float = 0.0
     ended_at: float | None = None
     revisions: list[Revision] = field(default_factory=list)
+    # The current target's obligation began here (a new target while active): None, the start.
+    obliged_since: float | None = None
+    # rigd has restarted since it last observed this order: until the next observation,
+    # nobody watched, and that time is a data gap whatever the poll interval.
+    unwatched: bool = False
+    # The rig counts of the last observation (reports say what was seen, and when).
+    rigs: dict[str, int] | None = None
 
     @property
     def deadline(self) -> float:
@@ -139,10 +145,33 @@ class Note:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class HeartbeatRules:
+    """The operator's liveness contract (config `[grid.heartbeat]`), as the book applies it."""
+
+    timeout_s: float
+    failsafe_kw: float
+    min_failsafe_s: float
+    recovery_s: float
+    always: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GridRules:
+    """The parts of `[grid]` the order book decides with. A frozen value rather than the
+    config model, so the book stays pure and a reload hands it a new one."""
+
+    respond_within_s: float
+    report_interval_s: float
+    levels_kw: tuple[float, ...] | None
+    levels_pct: tuple[float, ...]
+    heartbeat: HeartbeatRules | None
+
+
 class OrderBook:
     def __init__(
         self,
-        grid: GridConfig,
+        grid: GridRules,
         max_import_kw: float,
         *,
         max_gap_s: float = 60.0,
@@ -167,11 +196,16 @@ class OrderBook:
 
     def load(self, d: dict[str, Any] | None, now: float) -> None:
         """Read back a saved book. The heartbeat gets a fresh timeout from `now` (we could
-        not hear it while down), but a failsafe in force stays in force."""
+        not hear it while down), but a failsafe in force stays in force. Every order in
+        force, or due to have started, was unwatched from its last saved observation (or
+        its start) until the first observation from now on: that is its data gap."""
         if not d:
             self.failsafe.last_heartbeat = now
             return
         self.orders = {o["order_id"]: Order.from_dict(o) for o in d.get("orders", [])}
+        for o in self.orders.values():
+            if o.status == ACTIVE or (o.status == PENDING and o.start <= now):
+                o.unwatched = True
         self.failsafe = Failsafe(**d.get("failsafe", {}))
         self.failsafe.last_heartbeat = now
         self.failsafe.back_since = None
@@ -291,6 +325,10 @@ class OrderBook:
                 )
             if msg.modification is not None:
                 order.modification = msg.modification
+            if order.status == ACTIVE or (order.unwatched and order.start <= now):
+                self._accumulate(order, now)  # up to the cancel: held, or a gap
+            if order.unwatched:
+                self._unseen_end(order)
             order.status = CANCELLED
             order.ended_at = now
             self._note_fresh(now)
@@ -353,6 +391,7 @@ class OrderBook:
                 # A new target is a new obligation: its own deadline from now.
                 order.compliant = None
                 order.first_compliant_at = None
+                order.obliged_since = now
                 order.respond_within_s = (now - order.start) + (
                     msg.respond_within_s or self.grid.respond_within_s
                 )
@@ -384,16 +423,25 @@ class OrderBook:
                         o.cap_kw = max(0.0, self.max_import_kw - float(o.target["shed_kw"]))
                 notes.append(Note("activated", o))
             if o.status in OPEN and o.end is not None and now >= o.end:
-                if o.last_obs_ts is not None and o.status == ACTIVE:
-                    self._accumulate(o, o.end)  # a long silence up to the end is a gap
-                elif o.status == PENDING:
-                    o.data_gap_s += max(0.0, o.end - o.start)  # ran entirely while we were down
+                if o.status == ACTIVE or o.unwatched:
+                    self._accumulate(o, o.end)  # a silence up to the end is a gap
+                else:
+                    o.data_gap_s += max(0.0, o.end - o.start)  # began and ended between ticks
+                if o.unwatched:
+                    self._unseen_end(o)
                 o.status = COMPLETED
                 o.ended_at = o.end
                 notes.append(Note("completed", o))
         notes += self._run_failsafe(now)
         self._prune()
         return notes
+
+    @staticmethod
+    def _unseen_end(o: Order) -> None:
+        """Nobody saw the end: no reading, compliance or rig count stands for it."""
+        o.compliant = None
+        o.last_kw = o.last_basis = None
+        o.rigs = None
 
     def _prune(self) -> None:
         closed = [o for o in self.orders.values() if o.status not in OPEN]
@@ -428,14 +476,20 @@ class OrderBook:
 
     def _accumulate(self, o: Order, until: float) -> None:
         """Fold the time since the last observation into the order's figures (sample and
-        hold); a silence longer than `max_gap_s` is a data gap, not compliance either way."""
-        if o.last_obs_ts is None or o.last_kw is None or o.cap_kw is None:
-            return
-        t0 = max(o.last_obs_ts, o.start)
+        hold). A data gap, not compliance either way, is: the time since the last
+        observation before a restart (or since the start, if rigd never saw the order
+        active), a silence longer than `max_gap_s`, and time without an import figure.
+        A reading is never held across a gap."""
+        t0 = o.start if o.last_obs_ts is None else max(o.last_obs_ts, o.start)
         dt = until - t0
         if dt <= 0:
             return
-        if until - o.last_obs_ts > self.max_gap_s:
+        if o.unwatched:
+            o.data_gap_s += dt
+            return
+        if o.last_obs_ts is None:
+            return  # activated by this process since its last observation: nothing held yet
+        if o.last_kw is None or o.cap_kw is None or until - o.last_obs_ts > self.max_gap_s:
             o.data_gap_s += dt
             return
         over = o.last_kw - o.cap_kw
@@ -446,27 +500,46 @@ class OrderBook:
         if o.baseline_kw is not None:
             o.energy_shed_kwh += (o.baseline_kw - o.last_kw) * dt / 3600.0
 
-    def observe(self, now: float, import_kw: float | None, basis: str | None) -> None:
+    def observe(
+        self,
+        now: float,
+        import_kw: float | None,
+        basis: str | None,
+        rigs: dict[str, int] | None = None,
+    ) -> None:
+        """One control cycle's view: import (None: not known) and the rigs' states."""
         if import_kw is not None and basis == "meter":
             self.last_import = (now, import_kw)
         for o in self.active():
             self._accumulate(o, now)
             o.last_obs_ts = now
+            o.unwatched = False
             o.last_kw = import_kw
             o.last_basis = basis
+            o.rigs = rigs
             if import_kw is None or o.cap_kw is None:
                 continue
             o.compliant = import_kw <= o.cap_kw + 1e-9
             if o.compliant and o.first_compliant_at is None:
                 o.first_compliant_at = now
 
+    def _reportable(self) -> list[Order]:
+        """Active orders with an observation since rigd last started: a progress report
+        shows what was seen, never a reading from before an outage."""
+        return [o for o in self.active() if o.last_obs_ts is not None and not o.unwatched]
+
     def reports_due(self, now: float) -> list[Order]:
         due = []
-        for o in self.active():
-            if now - o.last_report_ts >= self.grid.report_interval_s:
+        for o in self._reportable():
+            if now >= o.last_report_ts + self.grid.report_interval_s:
                 o.last_report_ts = now
                 due.append(o)
         return due
+
+    def next_report_at(self) -> float | None:
+        """When the next progress report is due (None: no order to report on)."""
+        due = [o.last_report_ts + self.grid.report_interval_s for o in self._reportable()]
+        return min(due) if due else None
 
     # -- heartbeat and failsafe -------------------------------------------------------------
 
@@ -488,7 +561,7 @@ class OrderBook:
             f.last_heartbeat is None or now - f.last_heartbeat > hb.timeout_s
         )
 
-    def _armed(self, hb: HeartbeatConfig) -> bool:
+    def _armed(self, hb: HeartbeatRules) -> bool:
         return hb.always or any(o.end is None for o in self.active())
 
     def _run_failsafe(self, now: float) -> list[Note]:
@@ -529,9 +602,10 @@ def _target(t: Target) -> dict[str, Any]:
 
 
 def report_doc(
-    site: str, o: Order, now: float, rigs: dict[str, int], final: bool
+    site: str, o: Order, now: float, rigs: dict[str, int] | None, final: bool
 ) -> dict[str, Any]:
-    """The report document (orders.Report) for one order."""
+    """The report document (orders.Report) for one order. Its figures are those of the
+    order's last observation; `rigs` None (nothing seen) is reported as {}."""
     return {
         "site": site,
         "order_id": o.order_id,
@@ -547,14 +621,15 @@ def report_doc(
         "basis": o.last_basis,
         "baseline_kw": None if o.baseline_kw is None else round(o.baseline_kw, 3),
         "compliant": o.compliant,
+        # From the start of the current target's obligation (a modify's new target).
         "time_to_comply_s": None
         if o.first_compliant_at is None
-        else round(max(0.0, o.first_compliant_at - o.start), 3),
+        else round(max(0.0, o.first_compliant_at - (o.obliged_since or o.start)), 3),
         "seconds_out_of_compliance": round(o.out_of_compliance_s, 3),
         "seconds_over_target": round(o.over_s, 3),
         "max_overshoot_kw": round(o.max_overshoot_kw, 3),
         "energy_shed_kwh": round(o.energy_shed_kwh, 4),
-        "rigs": rigs,
+        "rigs": rigs or {},
         "data_gap_s": round(o.data_gap_s, 3),
         "missed_reports": 0,
     }

@@ -21,7 +21,7 @@ Seconds = Annotated[float, Field(gt=0, le=366 * 86_400, allow_inf_nan=False)]
 
 REJECT_REASONS: dict[str, str] = {
     "too_large": "the message is larger than the configured limit",
-    "malformed": "not a compact JWS, not JSON, or not a JSON object",
+    "malformed": "not a compact JWS, not JSON, not a JSON object, or a key repeated in an object",
     "unsigned_not_allowed": "a plain JSON order where only signed orders are accepted",
     "unsupported_algorithm": "the JWS algorithm is not EdDSA or ES256",
     "unknown_key": "the JWS names a key (kid) that is not configured, or no key matches",
@@ -211,6 +211,18 @@ class Ping(_Claims):
 Message = Annotated[Curtail | Modify | Cancel | Ping, Field(discriminator="kind")]
 
 
+class Heartbeat(BaseModel):
+    """The operator's heartbeat, on `[grid.heartbeat] topic` (signed like an order where the
+    site accepts only signed orders). Its `kind` is what makes it one: an order or a ping
+    replayed on the heartbeat topic is signed too, and must not hold off the failsafe."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    kind: Literal["heartbeat"]
+    iat: NumericDate = Field(description="issued at, epoch seconds; newer than the last one")
+    site: str | None = Field(None, max_length=64, description="if given, this site's id")
+
+
 class GridMessage(_Wire):
     """Wrapper so one model validates (and documents) every kind."""
 
@@ -252,17 +264,30 @@ class Report(BaseModel):
     end: float | None
     deadline: float = Field(description="start + respond_within_s")
     target_kw: float | None
-    measured_kw: float | None = Field(description="import at the grid meter")
+    measured_kw: float | None = Field(
+        description="import at the grid meter at the last observation; null if none stands"
+    )
     basis: str | None = Field(description="meter, estimate or safe: how measured_kw was known")
     baseline_kw: float | None = Field(description="import just before the start")
-    compliant: bool | None
-    time_to_comply_s: float | None = Field(description="from the start to first under target")
+    compliant: bool | None = Field(
+        description="at the last observation; null when not known (an end nobody saw)"
+    )
+    time_to_comply_s: float | None = Field(
+        description="from the start (or a modify's new target) to first under target"
+    )
     seconds_out_of_compliance: float = Field(description="time over target after the deadline")
     seconds_over_target: float = Field(description="time over target since the start")
     max_overshoot_kw: float
     energy_shed_kwh: float = Field(description="baseline minus import, integrated")
-    rigs: dict[str, int] = Field(description="sleeping, off, throttled, unreachable, mining")
-    data_gap_s: float = Field(0.0, description="time rigd was not observing (down, restarting)")
+    rigs: dict[str, int] = Field(
+        description="sleeping, off, throttled, unreachable, mining at the last observation; "
+        "empty when there was none"
+    )
+    data_gap_s: float = Field(
+        0.0,
+        description="time nobody watched: from the last observation before an outage to the "
+        "first after it, a silence over 60 s, time without an import figure",
+    )
     missed_reports: int = Field(0, description="progress reports summarised while disconnected")
 
 
@@ -270,7 +295,7 @@ def json_schema() -> dict[str, Any]:
     """One schema document with the message, ack and report definitions."""
     msg = GridMessage.model_json_schema(ref_template="#/$defs/{model}")
     defs = dict(msg.pop("$defs", {}))
-    for model in (Ack, Report):
+    for model in (Ack, Report, Heartbeat):
         s = model.model_json_schema(ref_template="#/$defs/{model}")
         defs.update(s.pop("$defs", {}))
         defs[model.__name__] = s

@@ -1,0 +1,1 @@
+"""Generated from Braiins' `bos-plus-api` protocol buffers: see README.md here. Do not edit."""
