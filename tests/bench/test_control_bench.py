@@ -79,6 +79,7 @@ async def test_a_tiny_fleet_through_a_cap_and_a_step(tmp_path: Path) -> None:
         step_fleet="tiny",
         step_phase_s=900.0,
         verbose=False,
+        budget=False,  # a month of farm time: tests/runtime/test_control_sim.py paces one
     )
     result = await run(plan)
     (row,) = result["rows"]
@@ -91,6 +92,11 @@ async def test_a_tiny_fleet_through_a_cap_and_a_step(tmp_path: Path) -> None:
     step = result["step"]
     assert step["over_cap_s_after_stop"] == 0
     assert step["time_under_cap_s"] is not None and step["time_under_cap_s"] < 120
+    # No controller comes back faster than the sleepers' own boot and ramp.
+    bound = step["restore_physical_bound_s"]
+    assert bound is not None
+    took = step["time_to_1pct_of_optimum_at_own_import_after_restore_s"]
+    assert took is None or took >= bound - 1
     assert "machine" in result
 
 
@@ -98,7 +104,8 @@ def test_the_command_line_writes_json(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setitem(FLEETS, "tiny", TINY["tiny"])
     out = tmp_path / "bench.json"
     assert main(["--fleet", "tiny", "--cap", "30", "--no-step", "--settle-h", "0.2",
-                 "--steady-h", "0.1", "--json", str(out)]) == 0  # fmt: skip
+                 "--steady-h", "0.1", "--no-budget", "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
-    assert set(doc) == {"machine", "rows", "step"} and doc["step"] is None
+    assert set(doc) == {"machine", "rows", "step", "budget"}
+    assert doc["step"] is None and doc["budget"] is None
     assert doc["rows"][0]["cap_pct"] == 30

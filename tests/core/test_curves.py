@@ -10,8 +10,8 @@ import math
 import pytest
 
 from controller.core.curves import ALPHA_PRIOR, Curve, CurveData, prior_curve
-from simulators.farm import MODELS, RigModel, SimRig
 from simulators.cgminer import build_profiles
+from simulators.farm import MODELS, RigModel, SimRig
 from simulators.whatsminer import WHATSMINER_MODELS
 
 ALL = {**MODELS, **WHATSMINER_MODELS}
