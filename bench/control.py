@@ -527,6 +527,7 @@ def step_lines(step: Mapping[str, Any]) -> str:
 
 
 async def run(plan: Plan) -> dict[str, Any]:
+    machine = proc.machine()  # its load as the run starts, not as it ends
     rows = []
     for fleet, mix in plan.fleets.items():
         for cap in plan.caps:
@@ -566,7 +567,7 @@ async def run(plan: Plan) -> dict[str, Any]:
         budget = await run_budget(plan)
         if plan.verbose:
             print(f"{budget_line(budget)}  [{time.monotonic() - t:.0f} s]", file=sys.stderr)
-    return {"machine": proc.machine(), "rows": rows, "step": step, "budget": budget}
+    return {"machine": machine, "rows": rows, "step": step, "budget": budget}
 
 
 def budget_line(b: Mapping[str, Any]) -> str:
