@@ -28,6 +28,9 @@ class MinerCapabilities:
     # API sleep leaves the control board (and on stock, everything) drawing: only the PDU
     # takes a rig to zero.
     needs_pdu_to_power_off: bool = True
+    # The power targets the firmware takes, as (watts, its published hashrate or None),
+    # lowest first: LuxOS profiles. Empty: any target in the range.
+    profiles: tuple[tuple[float, float | None], ...] = ()
 
 
 @runtime_checkable

@@ -405,6 +405,7 @@ class LuxOSDriver(CGMinerDriver):
                 can_power_target=True,
                 power_target_min_w=span[0],
                 power_target_max_w=span[1],
+                profiles=tuple((p.watts, p.hashrate_ths) for p in self.control.profiles),
             )
 
     async def read(self, ts: float) -> RigTelemetry:

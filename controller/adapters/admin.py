@@ -29,7 +29,7 @@ import structlog
 from controller.config import ConfigError
 from controller.core.caps import effective_cap
 from controller.core.planner import ActionKind
-from controller.core.status import Hold
+from controller.core.status import Hold, attainment_fields
 from controller.errors import ManualRefused, RigdError
 
 if TYPE_CHECKING:
@@ -345,6 +345,7 @@ class AdminServer:
             ],
             "budget": doc.get("budget"),
             "override": ctl.override.as_dict() if ctl.override else None,
+            "hashrate": attainment_fields(ctl.attainment) or None,
         }
 
     # -- changes -------------------------------------------------------------------------

@@ -647,6 +647,12 @@ def _budget(args: argparse.Namespace, c: AdminClient) -> int:
                     f"energy {bb['used_kwh']:,.0f} of {bb['budget_kwh']:,.0f} kWh this "
                     f"{bb['period']} ({bb['remaining_kwh']:,.0f} left)"
                 )
+            hr = b.get("hashrate")
+            if hr:
+                out.print(
+                    f"hashrate kept {hr['kept_pct']:.1f} % of attainable under this cap "
+                    f"({hr['hashrate_ths']:,.1f} of {hr['attainable_ths']:,.1f} TH/s)"
+                )
 
         _emit(args, c.call("budget"), show)
     elif args.budget_command == "override":

@@ -214,9 +214,10 @@ class ControlConfig(Strict):
     dry_run: bool = False  # plan, log and publish, send nothing (also `rigd run --dry-run`)
     max_import_kw: float = Field(gt=0)  # contracted maximum at the grid connection
     headroom_kw: float = Field(0.0, ge=0)  # keep measured import this far below the cap
-    headroom_pct: float = Field(2.0, ge=0, le=50)  # ... or this share of the cap, whichever is more
+    # ... or this share of the cap, whichever is more; a floor under the meter's noise margin
+    headroom_pct: float = Field(0.5, ge=0, le=50)
     deadband_kw: float = Field(0.0, ge=0)  # no restoring unless this far below target
-    deadband_pct: float = Field(3.0, ge=0, le=50)
+    deadband_pct: float = Field(1.0, ge=0, le=50)
     ramp_kw_per_interval: float = Field(0.0, ge=0)  # max kW being added at once; 0: 10 % of cap
     min_on_s: float = Field(300, ge=0)  # a woken rig runs at least this long (unless over cap)
     min_off_s: float = Field(300, ge=0)  # a slept rig sleeps at least this long
@@ -231,6 +232,9 @@ class ControlConfig(Strict):
     timing_default: ModelTiming = ModelTiming(sleep_s=15, wake_s=300, power_change_s=60)
     timing: dict[str, ModelTiming] = Field(default_factory=dict)  # by model, e.g. "Antminer S21"
     schedules: list[ScheduleConfig] = Field(default_factory=list)
+    reopt_gain_pct: float = Field(0.5, ge=0, le=100)  # re-plan when it gains this much hashrate
+    reopt_hold_s: float = Field(1800, ge=0)  # ... changing a rig for it at most this often
+    above_nominal: bool = False  # power targets above a rig's default, up to its maximum
 
     def timing_for(self, model: str) -> ModelTiming:
         return self.timing.get(model, self.timing_default)

@@ -93,7 +93,10 @@ class BudgetSettings:
 
     period: Literal["day", "month"]
     kwh: float
-    reserve_pct: float = 0.5  # kept back from pacing
+    reserve_pct: float = 0.5  # kept back from pacing, and released over the period's end
+    # Never released: what the farm could draw over the cap while it obeys a lower one
+    # (its maximum import over a few poll intervals and its slowest power-down).
+    lag_kwh: float = 0.0
 
 
 # -- schedules ------------------------------------------------------------------------------
@@ -155,14 +158,31 @@ def period_bounds(period: str, tz: str, now: float) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
-def pacing_limit(budget: BudgetSettings, used_kwh: float, period_end: float, now: float) -> Limit:
+RELEASE_SHARE = 0.1  # the reserve is released over this last share of the period
+
+
+def pacing_limit(
+    budget: BudgetSettings,
+    used_kwh: float,
+    period_end: float,
+    now: float,
+    period_start: float | None = None,
+) -> Limit:
     """Spread what remains of the budget over what remains of the period.
 
-    The reserve is kept back so that the lag between a cap and the farm obeying it can
-    never overdraw the budget; what is not used early raises the cap later, so pacing
-    self-corrects towards using (almost) all of the budget.
+    A reserve is kept back so that the lag between a cap and the farm obeying it can
+    never overdraw the budget, and what is not used early raises the cap later, so pacing
+    self-corrects towards using all of the budget. The reserve matters most early, when a
+    misjudged month could run out; over the last `RELEASE_SHARE` of the period it is
+    released, down to `lag_kwh` (what the farm could overdraw while it obeys), so the
+    period ends with nearly all of its budget used and none overdrawn. Without
+    `period_start` the reserve is kept whole (as before the release).
     """
     reserve = budget.kwh * budget.reserve_pct / 100.0
+    if period_start is not None and period_end > period_start:
+        release_s = RELEASE_SHARE * (period_end - period_start)
+        reserve *= min(1.0, max(0.0, period_end - now) / release_s)
+    reserve = max(reserve, min(budget.lag_kwh, budget.kwh * budget.reserve_pct / 100.0))
     remaining_kwh = budget.kwh - used_kwh - reserve
     remaining_h = max(period_end - now, 1.0) / 3600.0
     kw = max(0.0, remaining_kwh) / remaining_h

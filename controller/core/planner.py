@@ -7,32 +7,46 @@ rule below is tested by feeding it states.
 The policy, in order:
 
 1. Never re-command a rig before its model has had time to show the last command
-   in its power (the one exception: a rig still waking may be slept when the cap needs
-   it; a rig still going down is never told again); never touch rigs in maintenance,
+   in its power (the exceptions: a rig still waking, or still showing a throttle, may be
+   slept when the cap needs it; a rig going to sleep is never told again); never touch
+   rigs in maintenance,
    pinned, unreachable, or held asleep/off by someone else (rigd only wakes what it put
    to sleep). At most one command per rig per plan.
 2. A rig told to sleep that still draws power after `escalate_after_s` has its
    PDU outlet switched off (where mapped and allowed).
-3. Import is the meter's reading when fresh; otherwise an estimate (rig and outlet
-   readings, unreachable rigs at their last known power, plus the non-rig load last
-   seen by the meter, plus a safety margin); with no trustworthy reading at all, the
-   configured safe state. To it are added the changes already in flight (rigs still
-   ramping up, still going to sleep), so a decision never double-counts or forgets one.
-4. Above the target (cap minus headroom): shed. Least useful rigs go first (lowest
-   group priority, then worst J/TH). Throttling keeps more hashrate per kW shed than
-   sleeping (hashrate falls slower than power), so: sleep the worst rigs only until
-   throttling the rest can cover what remains, then throttle, worst first. If that is
-   not enough, rigs inside their minimum on-time or still waking are slept too, or
-   throttled where they cannot sleep (the cap comes first), then rigs without API sleep
-   are switched off at their outlet. Every saving is counted from the power the rig is
-   heading for (what the prediction counts), so nothing in flight is counted twice.
-5. Below the target by more than the deadband: restore, best rigs first (highest
-   priority, then best J/TH), raising throttled rigs and waking slept ones, never
-   adding more than `ramp_kw_per_interval` counting rigs still ramping, and never
-   beyond the target. A rig slept less than `min_off_s` ago stays asleep. A wake counts
-   from what the rig draws now (nothing, if unknown), so it is never under-counted.
-   Power targets stay inside the rig's range; without power targets (in config or
-   firmware), a throttled rig goes straight back to full power once that fits.
+3. Import is the meter's reading when fresh, filtered through the import model
+   (controller/core/overhead.py: the site's load besides the rigs, a fixed part plus losses
+   growing with the rigs' power); otherwise an estimate (rig and outlet readings,
+   unreachable rigs at their last known power, plus the non-rig load, plus a safety
+   margin); with no trustworthy reading at all, the configured safe state. To it are added
+   the changes already in flight (rigs still ramping up, still going to sleep, rigs coming
+   up after a boot rigd did not command), each times the losses, so a decision never
+   double-counts or forgets one. The target is the cap minus the headroom: the configured
+   one, or the meter's measured noise margin where that is larger.
+4. Every decision is an allocation by marginal value (controller/core/allocation.py): the
+   most hashrate, by each rig's learned curve (controller/core/curves.py), for a budget of
+   rig power, across run, throttle and sleep, group priority first.
+5. Above the target: shed, to a quarter of the dead band under it, by the allocation of what
+   the rigs free to shed (settled, outside their minimum on-time) may keep, each only going
+   down: throttled rigs end at equal marginal hashrate per kW, a rig sleeps when its
+   whole-rig hashrate per kW is the lowest on offer. If that is not enough, the cap comes
+   first: rigs inside their minimum on-time or still waking are slept, and a throttle still
+   showing may become a sleep; then rigs without API sleep are switched off at their outlet.
+   Under a grid deadline, sleep only, least hashrate per kW first. Every saving is counted
+   from the power the rig is heading for, so nothing in flight is counted twice.
+6. Below the target by more than the dead band: fill, to a quarter of the band under it, by
+   the allocation of the room among the rigs rigd lowered (raising throttled rigs, waking
+   slept ones at the power given to them), never adding more than `ramp_kw_per_interval`
+   counting rigs still ramping, and never beyond the target; the room counts nothing still
+   on its way down as gone. A rig slept less than `min_off_s` ago stays asleep. A wake
+   counts from what the rig draws now (nothing, if unknown), so it is never under-counted.
+7. Inside the band, when asked (`reoptimize`): move towards a better plan when it gains at
+   least `reopt_gain_pct` of the hashrate beyond what raising alone would give: swaps, only
+   from a steady state, no bigger than the ramp lets come back at once, on rigs outside
+   their dwell and not commanded within `reopt_hold_s`; their increases wait for their
+   decreases to show.
+8. Fewer commands: a rig whose share of a change is small is held where it is while the
+   others cover it, if that costs under 0.1 % of the hashrate.
 """
 
 from __future__ import annotations
@@ -44,7 +58,10 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
+from controller.core.allocation import Allocation, Unit, allocate
 from controller.core.caps import Cap
+from controller.core.curves import Curve
+from controller.core.overhead import ImportModel
 from drivers.telemetry import RigState
 
 IDLE_W = 20.0  # a sleeping rig's control board and fans
@@ -81,6 +98,11 @@ class PlannerSettings:
     meter_stale_s: float = 30.0
     estimate_margin_pct: float = 10.0
     safe_state: Literal["sleep", "hold"] = "sleep"
+    # Re-optimisation in a steady state: move to a better plan when it gains this share
+    # of the farm's hashrate, changing a rig for it at most once per `reopt_hold_s`.
+    reopt_gain_pct: float = 0.5
+    reopt_hold_s: float = 1800.0
+    above_nominal: bool = False  # power targets above a rig's default, to its maximum
 
 
 class ActionKind(StrEnum):
@@ -128,6 +150,7 @@ class RigMemory:
     target_w: float | None = None  # throttle target
     failures: int = 0
     retry_at: float = 0.0
+    commanded_at: float = 0.0  # when rigd last commanded it (0: never)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +161,7 @@ class RigMemory:
             "target_w": self.target_w,
             "failures": self.failures,
             "retry_at": self.retry_at,
+            "commanded_at": self.commanded_at,
         }
 
     def shifted(self, dt: float) -> RigMemory:
@@ -152,6 +176,7 @@ class RigMemory:
             since=sh(self.since),
             settle_until=sh(self.settle_until),
             retry_at=sh(self.retry_at),
+            commanded_at=sh(self.commanded_at),
         )
 
     @classmethod
@@ -164,6 +189,7 @@ class RigMemory:
             d.get("target_w"),
             int(d.get("failures", 0)),
             float(d.get("retry_at", 0.0)),
+            float(d.get("commanded_at", 0.0)),
         )
 
 
@@ -197,6 +223,14 @@ class RigInput:
     maintenance: bool = False
     pinned: bool = False
     busy: bool = False  # an action is still being sent to it
+    # Its value: hashrate against power, learned (controller.core.curves). None: the
+    # prior through `efficiency_j_th` at `full_w`, or, without that, worth nothing.
+    curve: Curve | None = None
+    idle_w: float = IDLE_W  # what it draws asleep
+    steps: tuple[float, ...] = ()  # the power targets its firmware takes (profiles); ()
+    # Power still to come from a rig coming up after a boot rigd did not command (a
+    # technician's power-on, a reboot): counted like a command in flight.
+    coming_w: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +246,12 @@ class PlanInput:
     memory: Mapping[str, RigMemory]
     nonrig_kw: float | None = None  # facility load last seen by the meter (not rigs)
     urgent: bool = False  # a grid order awaits compliance: fastest shedding first
+    # The site's load besides the rigs and the meter's noise, learned from the meter
+    # (controller.core.overhead); None: the non-rig load is taken as fixed (`nonrig_kw`).
+    model: ImportModel | None = None
+    # Look for a better plan even inside the dead band (the runtime asks every few
+    # cycles: it costs a full allocation), and say what the best plan under the cap gives.
+    reoptimize: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,24 +263,32 @@ class Plan:
     basis: str  # "meter", "estimate" or "safe"
     nonrig_kw: float | None
     note: str = ""
+    model: ImportModel | None = None  # the import model after this reading
+    headroom_kw: float | None = None  # the headroom in force (configured or from noise)
+    # Hashrate (TH/s) the farm will give once this plan has settled, and the most it could
+    # give under the cap with every rig free to change (no dwell, nothing in flight).
+    hashrate_ths: float | None = None
+    attainable_ths: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "target_kw": round(self.target_kw, 3),
             "measured_kw": None if self.measured_kw is None else round(self.measured_kw, 3),
             "predicted_kw": None if self.predicted_kw is None else round(self.predicted_kw, 3),
             "basis": self.basis,
             "note": self.note,
         }
+        if self.headroom_kw is not None:
+            doc["headroom_kw"] = round(self.headroom_kw, 3)
+        if self.hashrate_ths is not None and self.attainable_ths:
+            doc["hashrate_ths"] = round(self.hashrate_ths, 1)
+            doc["attainable_ths"] = round(self.attainable_ths, 1)
+            doc["kept_pct"] = round(100.0 * self.hashrate_ths / self.attainable_ths, 1)
+        return doc
 
 
 _Pred = Callable[[RigInput], bool]
 _Add = Callable[[RigInput, ActionKind, str, float | None, float], None]
-
-
-def _efficiency(r: RigInput) -> float:
-    """J/TH, with unknown treated as the worst: we would rather shed what we cannot judge."""
-    return r.efficiency_j_th if r.efficiency_j_th and r.efficiency_j_th > 0 else math.inf
 
 
 def _consuming(r: RigInput) -> bool:
@@ -259,7 +307,7 @@ def _final_w(r: RigInput, mm: RigMemory, now: float) -> float:
     """The rig's power once what is in flight has settled, as the prediction counts it."""
     if mm.expected_w is not None and now < mm.settle_until and r.power_w is not None:
         return mm.expected_w
-    return _current_w(r)
+    return _current_w(r) + r.coming_w
 
 
 def _going_down(r: RigInput, mm: RigMemory, now: float) -> bool:
@@ -281,13 +329,50 @@ def settle_s(kind: ActionKind, t: RigTiming) -> float:
     return 5.0  # outlet off: immediate, give the PDU a few seconds to report
 
 
+# Shed to, and fill to, this share of the dead band under the target: the import then
+# rests there, a quarter of the band under the target, and moves again only when it
+# leaves the band (above the target, or below it by the whole band).
+SHED_TO = 0.25
+FILL_TO = 0.25
+MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
+REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
+HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
+MAX_HOLDS = 64  # rigs held back that way per plan, at most (each is an allocation)
+
+
+def _whole(watts: float, r: RigInput) -> float:
+    """A power target in whole watts (what firmwares take), rounded down (never more than
+    was counted), but never below the rig's minimum."""
+    w = float(math.floor(watts + 1e-6))
+    return max(w, r.min_w) if r.min_w is not None and watts >= r.min_w - 1e-9 else w
+
+
+def _curve(r: RigInput) -> Curve | None:
+    """The rig's value curve: learned, else the prior through its J/TH at full power."""
+    if r.curve is not None:
+        return r.curve
+    eff = r.efficiency_j_th
+    if eff and eff > 0 and math.isfinite(eff) and r.full_w > 0:
+        return Curve.through(r.full_w, r.full_w / eff)
+    return None
+
+
+def _ths(r: RigInput, watts: float) -> float:
+    c = _curve(r)
+    return c.ths(watts) if c is not None and watts > r.idle_w else 0.0
+
+
+def _merit(r: RigInput, watts: float) -> float:
+    """Hashrate per W given up by sleeping a rig drawing `watts` (lowest goes first)."""
+    extra = watts - min(r.idle_w, watts)
+    return _ths(r, watts) / extra if extra > 0 else math.inf
+
+
 def plan(inp: PlanInput) -> Plan:
     cfg = inp.settings
     now = inp.now
     cap_kw = inp.cap.kw
-    headroom = max(cfg.headroom_kw, cap_kw * cfg.headroom_pct / 100.0)
     deadband = max(cfg.deadband_kw, cap_kw * cfg.deadband_pct / 100.0)
-    target = max(0.0, cap_kw - headroom)
     ramp_limit = cfg.ramp_kw_per_interval or 0.1 * cfg.max_import_kw
     mem = inp.memory
     actions: list[Action] = []
@@ -337,7 +422,7 @@ def plan(inp: PlanInput) -> Plan:
                 and r.can_sleep
                 and now < mm.since + cfg.escalate_after_s
             ):
-                add(r, ActionKind.SLEEP, "sleep did not take: sending it again", None, IDLE_W)
+                add(r, ActionKind.SLEEP, "sleep did not take: sending it again", None, r.idle_w)
 
     # -- 2. what is the import, and what will it be ------------------------------------
     fresh = (
@@ -347,6 +432,18 @@ def plan(inp: PlanInput) -> Plan:
     )
     rig_sum_kw = sum(_current_w(r) for r in inp.rigs if r.state is not RigState.OFF) / 1000.0
     nonrig = inp.nonrig_kw
+    model = inp.model
+    quiet = all(
+        (now >= m(r).settle_until or m(r).expected_w is None or r.power_w is None)
+        and not r.coming_w
+        for r in inp.rigs
+    )
+    # For the import model: also nothing commanded since its previous reading.
+    steady = quiet and (
+        inp.model is None
+        or inp.model.last_ts is None
+        or all(mm.commanded_at < inp.model.last_ts for mm in mem.values())
+    )
     if fresh:
         assert inp.import_kw is not None
         measured: float = inp.import_kw
@@ -354,54 +451,129 @@ def plan(inp: PlanInput) -> Plan:
         known_kw = sum(r.power_w for r in inp.rigs if r.power_w is not None) / 1000.0
         sample = max(0.0, inp.import_kw - known_kw)
         nonrig = sample if nonrig is None else nonrig + NONRIG_SMOOTHING * (sample - nonrig)
+        if model is not None:
+            # The meter, filtered through what the rigs' own readings explain.
+            model = model.update(inp.import_kw, known_kw, steady, now)
+            measured = model.estimate_kw(known_kw)
+            nonrig = model.nonrig_kw(known_kw)
     else:
         known = [r for r in inp.rigs if r.power_w is not None or r.state is RigState.OFF]
         coverage = len(known) / len(inp.rigs) if inp.rigs else 1.0
         if coverage < 0.5:
-            return _safe_plan(inp, target, actions, touched, nonrig)
+            return _safe_plan(inp, max(0.0, cap_kw - _headroom(inp, None)), actions, touched)
+        if model is not None and model.base_kw is not None:
+            nonrig = model.nonrig_kw(rig_sum_kw)
         measured = (rig_sum_kw + (nonrig or 0.0)) * (1.0 + cfg.estimate_margin_pct / 100.0)
         basis = "estimate"
+    factor = model.factor if model is not None else 1.0
+    headroom = _headroom(inp, measured if fresh else None)
+    target = max(0.0, cap_kw - headroom)
 
-    in_flight = 0.0  # kW still to come (+) or go (-) from commands not yet settled
+    in_flight = 0.0  # kW of rig power still to come (+) or go (-), not yet settled
     ramping_up = 0.0
+    going_down = 0.0  # kW still to go: what the prediction counts as gone already
     for r in inp.rigs:
         mm = m(r)
         if mm.expected_w is None or settled(r) or r.power_w is None:
+            in_flight += r.coming_w / 1000.0  # a boot rigd did not command, still rising
             continue
         delta = (mm.expected_w - r.power_w) / 1000.0
         in_flight += delta
         if delta > 0:
             ramping_up += delta
+        else:
+            going_down -= delta
     if actions:  # confirmations just planned
         by_id = {r.id: r for r in inp.rigs}
         for a in actions:
             in_flight += (a.expected_w - _current_w(by_id[a.rig_id])) / 1000.0
-    predicted = measured + in_flight
+    predicted = measured + factor * in_flight
 
     upper = target
     lower = target - deadband
     note = ""
-    if predicted > upper:
-        need = predicted - (upper - 0.25 * deadband)
-        shed = _shed(inp, need, free, settled, add)
-        predicted -= shed
+    shedding = predicted > upper
+    if shedding:
+        need = predicted - (upper - SHED_TO * deadband)
+        shed = _shed(inp, need / factor, free, settled, add)
+        predicted -= factor * shed
         if predicted > upper + 1e-6:
             note = f"cannot shed enough: {predicted - upper:.1f} kW over target"
-    elif predicted < lower:
-        room = min((target - 0.5 * deadband) - predicted, ramp_limit - ramping_up)
-        if room > 0:
-            predicted += _restore(inp, room, free, settled, add)
-    return Plan(tuple(actions), target, measured, predicted, basis, nonrig, note)
+    elif not inp.urgent:
+        # Room now, counting what is still to go as not gone yet: an increase must never
+        # land before the decrease that makes room for it.
+        # The ramp limit is on the import: rig power coming back moves it by `factor`.
+        room = min(
+            ((target - FILL_TO * deadband) - (predicted + factor * going_down)) / factor,
+            ramp_limit / factor - ramping_up,
+        )
+        fill = predicted < lower
+        if fill or inp.reoptimize:
+            budget = ((target - FILL_TO * deadband) - predicted) / factor
+            # Swaps only from a steady state, and only as big as the ramp lets their other
+            # half come back at once: a swap half done is a loss.
+            swap_kw = (
+                ramp_limit / factor if quiet and not actions and ramping_up <= _EPS_KW else 0.0
+            )
+            predicted += factor * _improve(
+                inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add
+            )
+    hashrate = attainable = None
+    # What the plan gives up (a full allocation): not while shedding, when commands wait.
+    if model is not None and inp.reoptimize and not inp.urgent and not shedding:
+        hashrate, attainable = _attainment(inp, actions, (cap_kw - predicted) / factor)
+    return Plan(
+        tuple(actions),
+        target,
+        measured,
+        predicted,
+        basis,
+        nonrig,
+        note,
+        model,
+        headroom if model is not None else None,
+        hashrate,
+        attainable,
+    )
+
+
+def _headroom(inp: PlanInput, import_kw: float | None) -> float:
+    """The configured headroom, or the meter's own noise margin where that is larger."""
+    cfg = inp.settings
+    cap_kw = inp.cap.kw
+    h = max(cfg.headroom_kw, cap_kw * cfg.headroom_pct / 100.0)
+    if inp.model is not None and import_kw is not None:
+        h = max(h, inp.model.margin_kw(import_kw))
+    return h
+
+
+def _top_w(inp: PlanInput, r: RigInput) -> float:
+    """The highest power target rigd may give the rig."""
+    if inp.settings.above_nominal and r.max_w is not None:
+        return r.max_w
+    return r.full_w if r.max_w is None else min(r.full_w, r.max_w)
+
+
+def _can_throttle(inp: PlanInput, r: RigInput) -> bool:
+    return inp.settings.power_targets and r.can_power_target and r.min_w is not None
+
+
+def _levels(r: RigInput, lo: float, hi: float, *extra: float) -> tuple[float, ...]:
+    """The rig's firmware steps inside [lo, hi], with `extra` powers; () if continuous."""
+    if not r.steps:
+        return ()
+    return tuple(sorted({s for s in r.steps if lo - 1e-6 <= s <= hi + 1e-6} | set(extra)))
 
 
 def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add) -> float:
-    """Plan commands that take `need_kw` off the import; return what they will take."""
+    """Plan commands that take `need_kw` of rig power off; return what they will take."""
     cfg = inp.settings
     now = inp.now
     mem = inp.memory
 
     def order(rs: list[RigInput]) -> list[RigInput]:
-        return sorted(rs, key=lambda r: (r.priority, -_efficiency(r), r.id))
+        """Least useful first: lowest priority, then the least hashrate per kW."""
+        return sorted(rs, key=lambda r: (r.priority, _merit(r, final(r)), r.id))
 
     def dwell_ok(r: RigInput) -> bool:
         mm = mem.get(r.id)
@@ -411,10 +583,10 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         return _final_w(r, mem.get(r.id, _NO_MEMORY), now)
 
     def sleep_save(r: RigInput) -> float:
-        return max(0.0, final(r) - IDLE_W) / 1000.0
+        return max(0.0, final(r) - r.idle_w) / 1000.0
 
     def throttle_room(r: RigInput) -> float:
-        if not (cfg.power_targets and r.can_power_target and r.min_w is not None):
+        if not _can_throttle(inp, r) or r.min_w is None:
             return 0.0
         room = (final(r) - r.min_w) / 1000.0
         return room if room > _EPS_KW else 0.0  # float dust is no room: no 0 kW commands
@@ -423,11 +595,12 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
 
     def may_shed(r: RigInput) -> bool:
         """A rig already on its way down is not told again: its fall is counted in flight.
-        Under a grid deadline a slow throttle in progress may still become a fast sleep."""
+        When the cap needs it, a slow throttle in progress may still become a fast sleep
+        (counted from the throttle's target): the throttle would show too late."""
         mm = mem.get(r.id, _NO_MEMORY)
         if not _going_down(r, mm, now):
             return True
-        return urgent and mm.mode is Mode.THROTTLE and r.can_sleep
+        return mm.mode is Mode.THROTTLE and r.can_sleep
 
     base = [r for r in inp.rigs if _consuming(r) and free(r) and may_shed(r)]
     first = order([r for r in base if settled(r) and dwell_ok(r)])
@@ -444,6 +617,9 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         take = min(room, need_kw - shed)
         # All the room: exactly the minimum, not a float's width off it.
         watts = r.min_w if take >= room else final(r) - take * 1000.0
+        if r.steps and take < room:  # the highest firmware step that sheds enough
+            fits = [x for x in r.steps if r.min_w <= x <= watts]
+            watts = max(fits) if fits else r.min_w
         # Never a target above the rig's range (the firmware refuses it): a rig drawing more
         # than its maximum sheds the excess too.
         watts = min(watts, r.full_w if r.max_w is None else r.max_w)
@@ -451,29 +627,25 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
         planned[r.id] = (r, ActionKind.SET_POWER, f"{reason} {take:.2f} kW", watts, watts)
         return take
 
-    # Sleep the worst rigs until throttling the rest can cover what remains. Under a grid
-    # deadline, sleep only: a power target takes minutes to show, a sleep seconds.
-    sleepers = [r for r in first if r.can_sleep and sleep_save(r) > 0]
-    throttle_total = 0.0 if urgent else sum(throttle_room(r) for r in first)
-    for r in sleepers:
-        if enough() or need_kw - shed <= throttle_total:
-            break
-        reason = f"over target: shed {need_kw:.1f} kW, least efficient first"
-        planned[r.id] = (r, ActionKind.SLEEP, reason, None, IDLE_W)
-        shed += sleep_save(r)
-        throttle_total -= throttle_room(r)
-    for r in [] if urgent else first:
-        if enough():
-            break
-        if r.id not in planned and throttle_room(r) > 0:
-            shed += throttle(r, "over target: throttle to shed")
+    if urgent:
+        # Under a grid deadline, sleep only: a power target takes minutes to show, a sleep
+        # seconds. The least hashrate per kW goes first.
+        for r in first:
+            if enough():
+                break
+            if r.can_sleep and sleep_save(r) > 0:
+                reason = f"over target: shed {need_kw:.1f} kW, least hashrate per kW first"
+                planned[r.id] = (r, ActionKind.SLEEP, reason, None, r.idle_w)
+                shed += sleep_save(r)
+    else:
+        shed += _shed_by_value(inp, first, need_kw, final, planned)
     # Still over: the cap comes first. Sleep rigs inside their on-time or still waking
     # (throttle those that cannot sleep).
     for r in order([r for r in base if r.id not in planned]):
         if enough():
             break
         if r.can_sleep and sleep_save(r) > 0:
-            planned[r.id] = (r, ActionKind.SLEEP, "over target: cap before dwell", None, IDLE_W)
+            planned[r.id] = (r, ActionKind.SLEEP, "over target: cap before dwell", None, r.idle_w)
             shed += sleep_save(r)
         elif not urgent and not r.can_sleep and throttle_room(r) > 0:
             shed += throttle(r, "over target: cap before dwell, throttle to shed")
@@ -501,69 +673,422 @@ def _shed(inp: PlanInput, need_kw: float, free: _Pred, settled: _Pred, add: _Add
     return shed
 
 
-def _restore(inp: PlanInput, room_kw: float, free: _Pred, settled: _Pred, add: _Add) -> float:
-    """Plan commands that add at most `room_kw`; return what they will add."""
+_Planned = dict[str, tuple[RigInput, ActionKind, str, float | None, float]]
+
+
+def _shed_by_value(
+    inp: PlanInput,
+    rigs: list[RigInput],
+    need_kw: float,
+    final: Callable[[RigInput], float],
+    planned: _Planned,
+) -> float:
+    """Take `need_kw` off `rigs` (free, settled, outside their dwell) losing the least
+    hashrate: the allocation of what they may keep, where each may only go down. Changes
+    smaller than `MIN_CHANGE_W` are not worth a command: those rigs keep their power and
+    the others cover it."""
+    units: dict[str, Unit] = {}
+    rig_of: dict[str, RigInput] = {}
+    for r in rigs:
+        f = final(r)
+        may_stop = r.can_sleep and f > r.idle_w
+        throttle = _can_throttle(inp, r) and r.min_w is not None and f > r.min_w
+        lo = r.min_w if throttle and r.min_w is not None else f
+        units[r.id] = Unit(
+            r.id,
+            _curve(r),
+            f,
+            True,
+            lo,
+            f,
+            _levels(r, lo, min(f, _top_w(inp, r)), f),
+            min(r.idle_w, f),
+            True,
+            may_stop,
+            r.priority,
+        )
+        rig_of[r.id] = r
+    if not units:
+        return 0.0
+    total = sum(u.now_w for u in units.values())
+    budget = total - need_kw * 1000.0
+    alloc = allocate(units.values(), budget)
+    units, alloc = _fewer_commands(units, alloc, budget)
+    shed_w = 0.0
+    for uid, u in units.items():
+        r = rig_of[uid]
+        goal = alloc.watts[uid]
+        if uid not in alloc.running:
+            reason = f"over target: shed {need_kw:.1f} kW, least hashrate per kW sleeps"
+            planned[uid] = (r, ActionKind.SLEEP, reason, None, u.stop_w)
+            shed_w += u.now_w - u.stop_w
+        elif goal < u.now_w - 1e-6:
+            watts = _whole(goal if r.min_w is None else max(r.min_w, goal), r)
+            # Never a target above the rig's range (the firmware refuses it).
+            watts = min(watts, r.full_w if r.max_w is None else r.max_w)
+            if watts >= u.now_w - 1e-6:
+                continue
+            take = (u.now_w - watts) / 1000.0
+            reason = f"over target: throttle to shed {take:.2f} kW"
+            planned[uid] = (r, ActionKind.SET_POWER, reason, watts, watts)
+            shed_w += u.now_w - watts
+    return shed_w / 1000.0
+
+
+def _fewer_commands(
+    units: dict[str, Unit], alloc: Allocation, budget: float
+) -> tuple[dict[str, Unit], Allocation]:
+    """Equal marginal values spread a change over every rig that can take it: many small
+    commands. Hold the rig with the smallest change where it is and let the others cover
+    it, one rig at a time, while that costs next to nothing (`HOLD_LOSS` of the
+    hashrate in all): a small shed is then a few throttles, never a sleep, and a change
+    under `MIN_CHANGE_W` is not sent at all."""
+    floor = alloc.ths * (1.0 - HOLD_LOSS)
+    for _ in range(min(len(units), MAX_HOLDS)):
+        moved = sorted(
+            (abs(alloc.watts[uid] - u.now_w), uid)
+            for uid, u in units.items()
+            if uid in alloc.running and u.running and abs(alloc.watts[uid] - u.now_w) > 1e-6
+        )
+        if not moved or not alloc.feasible:
+            break
+        uid = moved[0][1]
+        u = units[uid]
+        held = {**units, uid: replace(u, lo=u.now_w, hi=u.now_w, steps=(), may_stop=False)}
+        again = allocate(held.values(), budget)
+        if not again.feasible or again.ths < floor:
+            break  # that change is needed, however small
+        units, alloc = held, again
+    return units, alloc
+
+
+def _improve(
+    inp: PlanInput,
+    budget_kw: float,
+    room_kw: float,
+    fill: bool,
+    swap_kw: float,
+    waiting: bool,
+    free: _Pred,
+    settled: _Pred,
+    add: _Add,
+) -> float:
+    """Under the target: move towards the best plan for the target, and return the rig
+    power (kW) the commands add (less what they take off).
+
+    The best plan is the allocation of `budget_kw` more than the rigs will draw (possibly
+    negative) among the rigs rigd may change now. Increases (raising a throttled rig,
+    waking one it slept) are taken best value per kW first, within `room_kw`, the room
+    there is now without counting anything still on its way down. Decreases (a throttle
+    or sleep that makes room for a better rig: a swap) are made only when the better plan
+    gains at least `reopt_gain_pct` of the hashrate, and only on rigs not commanded within
+    `reopt_hold_s`: the freed room is used in later cycles, once the decrease shows.
+    `fill` (below the dead band): increases even when the gain is smaller. `swap_kw`: the
+    most a swap may bring back (0: no swap now). `waiting`: decreases are still on their
+    way down, so room is coming: no partial increase now (it would take what is coming
+    piecemeal, and the rest would go to the wrong rigs)."""
     cfg = inp.settings
     now = inp.now
     mem = inp.memory
-    added = 0.0
-
-    def order(rs: list[RigInput]) -> list[RigInput]:
-        return sorted(rs, key=lambda r: (-r.priority, _efficiency(r), r.id))
-
-    candidates = []
+    units: dict[str, Unit] = {}
+    rig_of: dict[str, RigInput] = {}
+    fixed_ths = 0.0
     for r in inp.rigs:
-        mm = mem.get(r.id)
-        if mm is None or not free(r) or not settled(r):
+        mm = mem.get(r.id, _NO_MEMORY)
+        f = _final_w(r, mm, now)
+        u = _unit(inp, r, mm, f, free(r) and settled(r))
+        if u is None:
+            if _consuming(r):
+                fixed_ths += _ths(r, f)
             continue
-        if (mm.mode is Mode.THROTTLE and _consuming(r)) or (
-            mm.mode in (Mode.SLEEP, Mode.OFF) and now >= mm.since + cfg.min_off_s
-        ):
-            candidates.append(r)
-    for r in order(candidates):
-        left = room_kw - added
-        if left <= 0.05:
+        units[r.id] = u
+        rig_of[r.id] = r
+    if not units:
+        return 0.0
+    if not any(u.hi > u.now_w + MIN_CHANGE_W or not u.running for u in units.values()):
+        # Nothing can rise: there is nothing to fill with, and a better plan could only
+        # trade one rig for another, with nothing that may rise to take the other side.
+        # (The cheap exit for a farm under no cap.)
+        return 0.0
+    now_ths = sum(u.ths(u.now_w) for u in units.values() if u.running)
+    total = sum(u.now_w for u in units.values())
+    budget = total + budget_kw * 1000.0
+    alloc = allocate(units.values(), budget)
+    if not alloc.feasible:
+        return 0.0
+    # What raising and waking alone would give: a swap (lowering one rig for another) is
+    # worth it only for what it adds beyond that. (Room made by a swap still in flight
+    # is counted as made: the swap is not made again while its other half waits.)
+    rising = allocate(
+        [
+            replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
+            if u.running
+            else u
+            for u in units.values()
+        ],
+        budget,
+    )
+    rising_ths = rising.ths if rising.feasible else now_ths
+    threshold = cfg.reopt_gain_pct / 100.0 * (now_ths + fixed_ths)
+    gain = alloc.ths - rising_ths
+
+    def brings_back(a: Allocation) -> float:
+        return sum(
+            max(0.0, a.watts[uid] - (u.now_w if u.running else 0.0))
+            for uid, u in units.items()
+            if uid in a.running
+        )
+
+    worth = gain >= threshold and gain > 0 and brings_back(alloc) <= swap_kw * 1000.0
+    for _ in range(4 if worth else 0):
+        # A small cut is not worth a command of its own: hold those rigs and plan again,
+        # unless the swap needs them.
+        small = [
+            uid
+            for uid, u in units.items()
+            if u.running and uid in alloc.running and 0 < u.now_w - alloc.watts[uid] < REOPT_CUT_W
+        ]
+        if not small:
             break
-        mm = mem[r.id]
-        if mm.mode is Mode.THROTTLE:
-            current = _current_w(r)
-            want = min(r.full_w, current + left * 1000.0)
-            if want < r.full_w and not (
-                cfg.power_targets and r.can_power_target and r.min_w is not None
+        held = dict(units)
+        for uid in small:
+            u = held[uid]
+            held[uid] = replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
+        again = allocate(held.values(), budget)
+        if not (
+            again.feasible
+            and again.ths - rising_ths >= threshold
+            and brings_back(again) <= swap_kw * 1000.0
+        ):
+            break
+        units, alloc, gain = held, again, again.ths - rising_ths
+    if not worth:
+        if not fill or not rising.feasible:
+            return 0.0
+        alloc = rising
+    units, alloc = _fewer_commands(units, alloc, budget)
+    ups: list[tuple[float, Unit, float]] = []
+    removed = 0.0  # W the swaps' decreases take off, once they show
+    for uid, u in units.items():
+        goal = alloc.watts[uid]
+        r = rig_of[uid]
+        mm = mem.get(uid, _NO_MEMORY)
+        if uid in alloc.running and (not u.running or goal > u.now_w + MIN_CHANGE_W):
+            base = u.now_w if u.running else 0.0
+            per_w = (u.ths(goal) - u.ths(u.now_w) * u.running) / max(goal - base, 1e-9)
+            ups.append((per_w, u, goal))
+        elif worth and now >= mm.commanded_at + cfg.reopt_hold_s and u.running:
+            if uid not in alloc.running:
+                reason = f"re-optimising: sleep for +{gain:.0f} TH/s elsewhere"
+                add(r, ActionKind.SLEEP, reason, None, u.stop_w)
+                removed += u.now_w - u.stop_w
+            elif goal < u.now_w - MIN_CHANGE_W:
+                reason = f"re-optimising: throttle for +{gain:.0f} TH/s elsewhere"
+                cut = _whole(goal, r)
+                add(r, ActionKind.SET_POWER, reason, cut, cut)
+                removed += u.now_w - cut
+    added = 0.0
+    for _, u, goal in sorted(ups, key=lambda x: (-x[1].priority, -x[0], x[1].id)):
+        left = room_kw * 1000.0 - added
+        r = rig_of[u.id]
+        mm = mem.get(u.id, _NO_MEMORY)
+        if u.running:
+            want = min(goal, u.now_w + left)
+            if u.steps:
+                fits = [s for s in u.steps if s <= want + 1e-6]
+                want = max(fits) if fits else u.now_w
+            if want < goal - 1e-6 and (
+                waiting or want - u.now_w < max(MIN_CHANGE_W, (goal - u.now_w) / 2)
             ):
-                continue  # no power targets (any more): back to full power only when it fits
-            if want - current < 1.0 or (want < r.full_w and r.min_w is not None and want < r.min_w):
+                continue  # a sliver of the way now, and again and again: wait for room
+            if r.min_w is not None and want < r.min_w:  # below its range: to its minimum
+                if r.min_w > u.now_w + left + 1e-6:
+                    continue
+                want = r.min_w
+            if want - u.now_w < 1.0:
                 continue
-            watts = None if want >= r.full_w else want
-            add(r, ActionKind.SET_POWER, "under target: raise power target", watts, want)
-            added += (want - current) / 1000.0
+            full = abs(want - r.full_w) <= 1.0
+            want = r.full_w if full else _whole(want, r)
+            expected = want
+            add(r, ActionKind.SET_POWER, "under target: raise power target", _cmd(full, want), want)
+            added += expected - u.now_w
             continue
-        # What the import counts it at now; unknown counts as nothing, so never under-counted.
+        # Waking: counted from what it draws now (nothing, if unknown), never under-counted.
         base_w = r.power_w if r.power_w is not None else 0.0
-        full_add = max(0.0, r.full_w - base_w) / 1000.0
+        want = goal
+        if want - base_w > left:
+            if not u.lo < u.hi or waiting:
+                continue  # all or nothing, and it does not fit (or room is coming)
+            want = base_w + left
+            if u.steps:
+                fits = [s for s in u.steps if s <= want + 1e-6]
+                want = max(fits) if fits else 0.0
+            if want < u.lo - 1e-6:
+                continue
+        full = abs(want - r.full_w) <= 1.0
+        want = r.full_w if full else _whole(want, r)
+        expected = want
         if mm.mode is Mode.OFF:
-            if not r.has_outlet or full_add > left:
+            if not r.has_outlet or abs(expected - r.full_w) > 1.0:
                 continue
             add(r, ActionKind.OUTLET_ON, "under target: power back on", None, r.full_w)
-            added += full_add
-        elif full_add <= left:
-            add(r, ActionKind.WAKE, "under target: wake, most efficient first", None, r.full_w)
-            added += full_add
-        elif (
-            cfg.power_targets
-            and r.can_power_target
-            and r.min_w is not None
-            and (r.min_w - base_w) / 1000.0 <= left
+        elif full:
+            add(
+                r, ActionKind.WAKE, "under target: wake, most hashrate per kW first", None, r.full_w
+            )
+        else:
+            reason = "under target: wake at a power target that fits"
+            add(r, ActionKind.WAKE, reason, _cmd(full, want), want)
+        added += expected - base_w
+    return (added - removed) / 1000.0
+
+
+def _cmd(full: bool, watts: float) -> float | None:
+    """The power target to send: None (the rig's default) for its full power."""
+    return None if full else watts
+
+
+def _above(steps: tuple[float, ...], w: float) -> tuple[float, ...]:
+    """Steps at or above `w`, with `w` itself: a unit that may only rise."""
+    return tuple(sorted({x for x in steps if x > w} | {w})) if steps else ()
+
+
+def _unit(inp: PlanInput, r: RigInput, mm: RigMemory, f: float, changeable: bool) -> Unit | None:
+    """The rig as the allocation may change it now; None if it must stay as it is."""
+    cfg = inp.settings
+    now = inp.now
+    if not changeable:
+        return None
+    if _consuming(r):
+        if _going_down(r, mm, now):
+            return None
+        throttle = _can_throttle(inp, r) and r.min_w is not None
+        # Raised only where rigd lowered it (or above its default, where allowed).
+        top = _top_w(inp, r)
+        if (mm.mode is Mode.THROTTLE and r.id in inp.memory) or (
+            cfg.above_nominal and throttle and f >= r.full_w - 1.0
         ):
-            watts = base_w + left * 1000.0
-            add(r, ActionKind.WAKE, "under target: wake at a power target that fits", watts, watts)
-            added += left
-    return added
+            hi = max(f, top)
+        else:
+            hi = f
+        # Lowered (a swap) only outside its dwell and the re-optimisation hold.
+        optional = now >= mm.commanded_at + cfg.reopt_hold_s and (
+            mm.mode is not Mode.RUN or now >= mm.since + cfg.min_on_s
+        )
+        lo = r.min_w if throttle and optional and r.min_w is not None and r.min_w < f else f
+        if not throttle and hi > f:  # no power targets: back to full power, or not at all
+            steps: tuple[float, ...] = (f, r.full_w)
+            lo = f
+        else:
+            steps = _levels(r, lo, hi, f) if throttle else ()
+        if not throttle:
+            steps = steps if hi > f else ()
+        return Unit(
+            r.id,
+            _curve(r),
+            f,
+            True,
+            lo,
+            hi,
+            steps,
+            min(r.idle_w, f),
+            True,
+            optional and r.can_sleep and f > r.idle_w,
+            r.priority,
+        )
+    # Asleep or off: woken only if rigd put it there, and no sooner than `min_off_s`.
+    if r.id not in inp.memory or mm.mode not in (Mode.SLEEP, Mode.OFF):
+        return None
+    if now < mm.since + cfg.min_off_s:
+        return None
+    if mm.mode is Mode.OFF and not r.has_outlet:
+        return None
+    throttle = _can_throttle(inp, r) and r.min_w is not None and mm.mode is Mode.SLEEP
+    top = r.full_w
+    lo = r.min_w if throttle and r.min_w is not None and r.min_w < top else top
+    return Unit(
+        r.id,
+        _curve(r),
+        f,
+        False,
+        lo,
+        top,
+        _levels(r, lo, top, top) if throttle else (),
+        f,
+        True,
+        True,
+        r.priority,
+    )
 
 
-def _safe_plan(
-    inp: PlanInput, target: float, actions: list[Action], touched: set[str], nonrig: float | None
-) -> Plan:
+def _attainment(
+    inp: PlanInput, actions: list[Action], room_kw: float
+) -> tuple[float | None, float | None]:
+    """(TH/s once this plan has settled, the most the rigs could give under the cap with
+    no dwell, hold or command in flight in the way), both from the learned curves."""
+    by_action = {a.rig_id: a for a in actions}
+    after_ths = 0.0
+    units: list[Unit] = []
+    total = 0.0
+    for r in inp.rigs:
+        mm = inp.memory.get(r.id, _NO_MEMORY)
+        f = _final_w(r, mm, inp.now)
+        a = by_action.get(r.id)
+        w = f if a is None else a.expected_w
+        running = (_consuming(r) and (a is None or a.kind in (ActionKind.SET_POWER,))) or (
+            a is not None and a.kind in (ActionKind.WAKE, ActionKind.OUTLET_ON)
+        )
+        if running:
+            after_ths += _ths(r, w)
+        total += w
+        held = r.maintenance or r.pinned or r.state is RigState.UNREACHABLE
+        ours = _consuming(r) or (r.id in inp.memory and mm.mode in (Mode.SLEEP, Mode.OFF))
+        if held or not ours:
+            units.append(
+                Unit(
+                    r.id,
+                    _curve(r),
+                    f,
+                    _consuming(r),
+                    f,
+                    f,
+                    (),
+                    f,
+                    _consuming(r),
+                    not _consuming(r),
+                    r.priority,
+                )
+            )
+            continue
+        throttle = _can_throttle(inp, r) and r.min_w is not None
+        top = _top_w(inp, r)
+        lo = r.min_w if throttle and r.min_w is not None and r.min_w < top else top
+        units.append(
+            Unit(
+                r.id,
+                _curve(r),
+                f,
+                _consuming(r),
+                lo,
+                top,
+                _levels(r, lo, top, top) if throttle else (),
+                min(r.idle_w, f) if _consuming(r) else f,
+                True,
+                r.can_sleep or not _consuming(r),
+                r.priority,
+            )
+        )
+    if room_kw >= 0 and all(
+        u.now_w >= u.hi - MIN_CHANGE_W and (u.running or not u.may_run) for u in units
+    ):
+        return after_ths, after_ths  # every rig at its top, under the cap: nothing to gain
+    best = allocate(units, total + room_kw * 1000.0)
+    if not best.feasible or best.ths <= 0:
+        return after_ths, None
+    return after_ths, max(best.ths, after_ths)
+
+
+def _safe_plan(inp: PlanInput, target: float, actions: list[Action], touched: set[str]) -> Plan:
     """No meter and too few rig readings to estimate import: the configured safe state."""
     cfg = inp.settings
     if cfg.safe_state == "sleep":
@@ -575,11 +1100,12 @@ def _safe_plan(
             if r.can_sleep and inp.now >= inp.memory.get(r.id, RigMemory()).retry_at:
                 actions.append(
                     Action(
-                        r.id, ActionKind.SLEEP, "no trustworthy reading: safe state", None, IDLE_W
+                        r.id, ActionKind.SLEEP, "no trustworthy reading: safe state", None, r.idle_w
                     )
                 )
                 touched.add(r.id)
-    return Plan(tuple(actions), target, None, None, "safe", nonrig, f"safe state: {cfg.safe_state}")
+    note = f"safe state: {cfg.safe_state}"
+    return Plan(tuple(actions), target, None, None, "safe", inp.nonrig_kw, note, inp.model)
 
 
 def failed(mm: RigMemory, now: float) -> RigMemory:
@@ -627,7 +1153,9 @@ def remembered(
         mode = Mode.RUN if action.watts is None else Mode.THROTTLE
         target = action.watts
     else:  # SET_POWER
-        full = action.watts is None or action.watts >= full_w - 1.0
+        # Within a watt of its default is its default; above it (where allowed) is a
+        # power target like any other.
+        full = action.watts is None or abs(action.watts - full_w) <= 1.0
         mode, target = (Mode.RUN, None) if full else (Mode.THROTTLE, action.watts)
     since = mm.since if mode is mm.mode else now
-    return RigMemory(mode, since, settle, action.expected_w, target, 0, 0.0)
+    return RigMemory(mode, since, settle, action.expected_w, target, 0, 0.0, now)

@@ -62,6 +62,9 @@ class ControlStatus:
     # {"rigs", "min_off_s", "next_in_s", "all_in_s"}; else None.
     min_off_wait: dict[str, Any] | None = None
     override: Override | None = None  # a technician's (or Home Assistant's) override
+    # (TH/s the plan gives once settled, TH/s the best plan under the cap would give),
+    # both from the learned curves, as of the last full allocation.
+    attainment: tuple[float, float] | None = None
 
     def site_fields(self) -> dict[str, Any]:
         """Fields merged into the `state` document."""
@@ -76,12 +79,24 @@ class ControlStatus:
                 **self.held,
                 "cannot_shed": self.cannot_shed,
                 "min_off_wait": self.min_off_wait,
+                **attainment_fields(self.attainment),
             },
         }
         doc["override"] = None if self.override is None else self.override.as_dict()
         if self.budget is not None:
             doc["budget"] = self.budget
         return doc
+
+
+def attainment_fields(att: tuple[float, float] | None) -> dict[str, Any]:
+    """What the plan gives up against the best plan under the cap, for documents."""
+    if att is None or att[1] <= 0:
+        return {}
+    return {
+        "hashrate_ths": round(att[0], 1),
+        "attainable_ths": round(att[1], 1),
+        "kept_pct": round(100.0 * min(1.0, att[0] / att[1]), 1),
+    }
 
 
 @dataclass(frozen=True, slots=True)

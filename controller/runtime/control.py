@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -30,8 +30,11 @@ from controller.core.caps import (
     Schedule,
     effective_cap,
     pacing_limit,
+    period_bounds,
     schedule_limits,
 )
+from controller.core.curves import FIRMWARE_WEIGHT, Band, CurveData, prior_curve
+from controller.core.overhead import ImportModel
 from controller.core.planner import (
     IDLE_W,
     Action,
@@ -70,6 +73,13 @@ log = structlog.get_logger(__name__)
 # every cycle is a write of megabytes, and a few minutes lost is relearned by watching.
 LEARNED_SAVE_S = 300.0
 CLOSE_WAIT_S = 10.0  # how long a stop or reload waits for commands in flight
+# A full allocation (re-optimisation inside the dead band, and what the best plan under the
+# cap would give) costs a few ms at 40 rigs and a few hundred at 10,000: asked for this
+# often, and at once when the cap changes.
+REOPT_EVERY_S = 60.0
+SLEEP_SMOOTHING = 0.2  # weight of a new reading in a rig's learned sleeping power
+FULL_AT_TARGET = 0.03  # a rig within this share of its power target has reached it
+FULL_FLOOR = 0.85  # a learned full power under this share of the highest target is not used
 
 
 # -- the config, as the pure core's plain values -------------------------------------------------
@@ -92,6 +102,9 @@ def planner_settings(c: ControlConfig) -> PlannerSettings:
         meter_stale_s=c.meter_stale_s,
         estimate_margin_pct=c.estimate_margin_pct,
         safe_state=c.safe_state,
+        reopt_gain_pct=c.reopt_gain_pct,
+        reopt_hold_s=c.reopt_hold_s,
+        above_nominal=c.above_nominal,
     )
 
 
@@ -111,8 +124,11 @@ def cap_settings(c: ControlConfig, timezone: str) -> CapSettings:
     return CapSettings(c.max_import_kw, timezone, schedules)
 
 
-def budget_settings(b: BudgetConfig) -> BudgetSettings:
-    return BudgetSettings(b.period, b.kwh, b.reserve_pct)
+def budget_settings(b: BudgetConfig, max_import_kw: float, poll_s: float) -> BudgetSettings:
+    # What the farm could overdraw while it obeys: its maximum import for two polls and
+    # two minutes of powering down.
+    lag_kwh = max_import_kw * (2.0 * poll_s + 120.0) / 3600.0
+    return BudgetSettings(b.period, b.kwh, b.reserve_pct, lag_kwh)
 
 
 def rig_timing(t: ModelTiming) -> RigTiming:
@@ -121,10 +137,29 @@ def rig_timing(t: ModelTiming) -> RigTiming:
 
 @dataclass(slots=True)
 class Learned:
-    """What rigd has learned of a rig by watching it at full power."""
+    """What rigd has learned of a rig by watching it: its full power and J/TH there, its
+    hashrate at each power it settled at (its value curve), and its draw asleep."""
 
     full_w: float | None = None
     efficiency_j_th: float | None = None
+    curve: CurveData = field(default_factory=CurveData)
+    sleep_w: float | None = None
+    profiles: tuple[tuple[float, float | None], ...] = ()  # the firmware's, once seen
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "full_w": self.full_w,
+            "efficiency_j_th": self.efficiency_j_th,
+            "bands": [[b.key, b.n, b.watts, b.ths] for b in self.curve.bands],
+            "sleep_w": self.sleep_w,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Learned:
+        bands = tuple(
+            Band(int(k), float(n), float(w), float(t)) for k, n, w, t in d.get("bands", ())
+        )
+        return cls(d.get("full_w"), d.get("efficiency_j_th"), CurveData(bands), d.get("sleep_w"))
 
 
 class Controller:
@@ -148,7 +183,11 @@ class Controller:
         # The config as the pure core reads it: plain frozen values, made once per config.
         self.settings = planner_settings(control)
         self.cap_settings = cap_settings(control, cfg.site.timezone)
-        self.budget_settings = None if cfg.budget is None else budget_settings(cfg.budget)
+        self.budget_settings = (
+            None
+            if cfg.budget is None
+            else budget_settings(cfg.budget, control.max_import_kw, cfg.poll.interval_s)
+        )
         self._timings: dict[str, RigTiming] = {}
         # As many commands at once as reads: a grid order may put thousands of rigs to sleep.
         self.executor = Executor(
@@ -163,6 +202,12 @@ class Controller:
         # An active grid order not yet complied with: shed by the fastest means until then.
         self.comply_by: float | None = None
         self.nonrig_kw: float | None = None
+        self.import_model = ImportModel()
+        self._reopt_at = -math.inf  # when the next full allocation is due
+        self._last_cap_kw: float | None = None
+        self.attainment: tuple[float, float] | None = None  # (TH/s planned, attainable)
+        self._curves: dict[str, tuple[CurveData, Any]] = {}  # fitted curve per rig, cached
+        self._curve_polls: dict[str, int] = {}
         self.energy: EnergyCounter | None = None
         self._inflight: dict[str, asyncio.Task[ActionResult]] = {}
         self._prior: dict[str, RigMemory] = {}  # memory before an in-flight action
@@ -194,12 +239,14 @@ class Controller:
     def _load(self) -> None:
         st = self.store
         self.memory = {k: RigMemory.from_dict(v) for k, v in st.get("planner.memory", {}).items()}
-        self.learned = {k: Learned(**v) for k, v in st.get("rigs.learned", {}).items()}
+        self.learned = {k: Learned.from_dict(v) for k, v in st.get("rigs.learned", {}).items()}
         ov = st.get("control.override")
         self.override = Override(**ov) if ov else None
         self.maintenance = {k: Hold(**v) for k, v in st.get("control.maintenance", {}).items()}
         self.pinned = {k: Hold(**v) for k, v in st.get("control.pinned", {}).items()}
         self.nonrig_kw = st.get("control.nonrig_kw")
+        model = st.get("control.import_model")
+        self.import_model = ImportModel.from_dict(model) if model else ImportModel()
         self._unconfirmed = {
             k: RigMemory.from_dict(v)
             for k, v in st.get("control.inflight", {}).items()
@@ -249,6 +296,8 @@ class Controller:
         Returns what changed, for the caller to save in one transaction with the clock mark
         that says the step was applied (a restart between the two would apply it again)."""
         self.memory = {k: m.shifted(dt) for k, m in self.memory.items()}
+        if self.import_model.last_ts is not None:
+            self.import_model = replace(self.import_model, last_ts=self.import_model.last_ts + dt)
         self._prior = {k: m.shifted(dt) for k, m in self._prior.items()}
         self._unconfirmed = {k: m.shifted(dt) for k, m in self._unconfirmed.items()}
         items: dict[str, Any] = {}
@@ -348,7 +397,8 @@ class Controller:
         out += schedule_limits(self.cap_settings, now)
         if self.budget_settings is not None and self.energy is not None:
             used, end = self.energy.used_at(now, self.cfg.site.timezone)
-            out.append(pacing_limit(self.budget_settings, used, end, now))
+            start, _ = period_bounds(self.budget_settings.period, self.cfg.site.timezone, now)
+            out.append(pacing_limit(self.budget_settings, used, end, now, start))
         out += self.external.values()
         if self.override is not None:
             o = self.override
@@ -358,16 +408,38 @@ class Controller:
     def _learn(self, rig: RigView) -> None:
         t = rig.telemetry
         mm = self.memory.get(rig.info.id)
-        if (
-            t is None
-            or rig.state is not RigState.MINING
-            or (mm is not None and mm.mode is not Mode.RUN)
-        ):
+        if t is None:
             return
         if mm is not None and self.now() < mm.settle_until:
-            return  # still ramping: not its full power
-        learned = self.learned.setdefault(rig.info.id, Learned())
-        if t.power_w:
+            return  # still ramping or going down: not a steady state
+        rid = rig.info.id
+        if rig.state is RigState.SLEEPING and t.power_w is not None:
+            learned = self.learned.setdefault(rid, Learned())
+            w = t.power_w
+            learned.sleep_w = (
+                w
+                if learned.sleep_w is None
+                else (learned.sleep_w + SLEEP_SMOOTHING * (w - learned.sleep_w))
+            )
+            return
+        if rig.state is not RigState.MINING:
+            return
+        learned = self.learned.setdefault(rid, Learned())
+        profiles = self.devices.miners[rid].capabilities.profiles
+        if profiles and profiles != learned.profiles:
+            # The firmware's own table: each profile's hashrate, as many polls' worth.
+            learned.profiles = profiles
+            for watts, ths in profiles:
+                if ths:
+                    learned.curve = learned.curve.observe(watts, ths, FIRMWARE_WEIGHT)
+        if t.power_w and t.hashrate_ths:
+            learned.curve = learned.curve.observe(t.power_w, t.hashrate_ths)
+        if mm is not None and mm.mode is not Mode.RUN:
+            return  # below (or above) its default: not its full power
+        limit = t.power_limit_w
+        if t.power_w and (limit is None or abs(t.power_w - limit) <= FULL_AT_TARGET * limit):
+            # At its default and at its own target (not still ramping up to it after a boot
+            # rigd did not command): its full power.
             learned.full_w = max(learned.full_w or 0.0, t.power_w) if learned.full_w else t.power_w
         if t.efficiency_j_per_th:
             learned.efficiency_j_th = t.efficiency_j_per_th
@@ -385,7 +457,14 @@ class Controller:
         learned = self.learned.get(info.id, Learned())
         t = rig.telemetry
         model = t.identity.model if t else ""
-        full = caps.power_target_max_w or learned.full_w or self.control.rig_default_w
+        # Its full power is what it was seen to draw at its default, not its firmware's
+        # highest target (an S21 may take 3,650 W and draws 3,500 at default); until seen,
+        # the highest target (never under-counted), else the configured default.
+        top = caps.power_target_max_w
+        seen = learned.full_w
+        if seen is not None and top is not None and seen < FULL_FLOOR * top:
+            seen = None  # far under its highest target: not trusted as its full power
+        full = seen or top or self.control.rig_default_w
         eff = learned.efficiency_j_th
         if eff is None and t is not None and rig.state is RigState.MINING:
             eff = t.efficiency_j_per_th
@@ -394,6 +473,21 @@ class Controller:
             and self.control.allow_outlet_off
             and info.outlet[0] in self._switchable_pdus
         )
+        timing = self._timing(model)
+        coming = 0.0
+        mm = self.memory.get(info.id)
+        if (
+            t is not None
+            and rig.state in (RigState.MINING, RigState.WAKING)
+            and t.uptime_s is not None
+            and t.uptime_s < timing.wake_s
+            and rig.power_w is not None
+            and (mm is None or self.now() >= mm.settle_until)
+        ):
+            # Up for less than a wake takes, and rigd did not wake it: a power-on or a
+            # reboot, still ramping to its own target.
+            goal = mm.target_w if mm is not None and mm.target_w is not None else full
+            coming = max(0.0, goal - rig.power_w)
         return RigInput(
             id=info.id,
             state=rig.state,
@@ -408,11 +502,33 @@ class Controller:
             max_w=caps.power_target_max_w,
             has_outlet=has_outlet,
             outlet_on=rig.outlet_on,
-            timing=self._timing(model),
+            timing=timing,
             maintenance=info.id in self.maintenance,
             pinned=info.id in self.pinned,
             busy=info.id in self._inflight,
+            curve=self._curve(info.id, learned)
+            or prior_curve(full, t.nominal_hashrate_ths if t is not None else None, eff),
+            idle_w=IDLE_W if learned.sleep_w is None else learned.sleep_w,
+            steps=tuple(w for w, _ in caps.profiles),
+            coming_w=coming,
         )
+
+    def _curve(self, rig_id: str, learned: Learned) -> Any:
+        """The rig's fitted value curve, refitted only when its observations changed."""
+        cached = self._curves.get(rig_id)
+        if cached is not None and cached[0] is learned.curve:
+            return cached[1]
+        # Observations change every poll (running means); a refit per band's worth of
+        # change is plenty: refit when a band appeared or every tenth poll.
+        if cached is not None and len(cached[0].bands) == len(learned.curve.bands):
+            seen = self._curve_polls.get(rig_id, 0) + 1
+            self._curve_polls[rig_id] = seen
+            if seen < 10:
+                return cached[1]
+        self._curve_polls[rig_id] = 0
+        curve = learned.curve.fit()
+        self._curves[rig_id] = (learned.curve, curve)
+        return curve
 
     def _harvest(self) -> None:
         """Fold finished actions back into memory: keep successes, undo failures."""
@@ -473,6 +589,10 @@ class Controller:
         for rig in snap.rigs.values():
             self._learn(rig)
         reading = snap.import_reading
+        reopt = now >= self._reopt_at or cap.kw != self._last_cap_kw
+        if reopt:
+            self._reopt_at = now + REOPT_EVERY_S
+        self._last_cap_kw = cap.kw
         inp = PlanInput(
             now=now,
             cap=cap,
@@ -483,15 +603,24 @@ class Controller:
             memory=frozen_memory(self.memory),
             nonrig_kw=self.nonrig_kw,
             urgent=self.comply_by is not None,
+            model=self.import_model,
+            reoptimize=reopt,
         )
         result = plan(inp)
         self.last_input, self.last_plan = inp, result
         self.nonrig_kw = result.nonrig_kw
+        if result.model is not None:
+            self.import_model = result.model
+        if result.hashrate_ths is not None and result.attainable_ths:
+            self.attainment = (result.hashrate_ths, result.attainable_ths)
         if self.dry_run:
             self._report_dry_run(result.actions)
         else:
             self._launch(result.actions, inp)
-        items: dict[str, Any] = {"control.nonrig_kw": self.nonrig_kw}
+        items: dict[str, Any] = {
+            "control.nonrig_kw": self.nonrig_kw,
+            "control.import_model": self.import_model.as_dict(),
+        }
         if len(self.learned) != self._learned_saved[1] or not (
             0.0 <= now - self._learned_saved[0] < LEARNED_SAVE_S
         ):
@@ -509,6 +638,7 @@ class Controller:
             cannot_shed=self._cannot_shed(inp, result, now),
             min_off_wait=min_off_wait(inp, result),
             override=self.override,
+            attainment=self.attainment,
         )
 
     def _cannot_shed(self, inp: PlanInput, result: Plan, now: float) -> dict[str, Any] | None:
@@ -544,10 +674,7 @@ class Controller:
         return doc
 
     def _learned_doc(self) -> dict[str, Any]:
-        return {
-            k: {"full_w": v.full_w, "efficiency_j_th": v.efficiency_j_th}
-            for k, v in self.learned.items()
-        }
+        return {k: v.as_dict() for k, v in self.learned.items()}
 
     def _launch(self, actions: tuple[Action, ...], inp: PlanInput) -> None:
         if not actions:
@@ -661,7 +788,7 @@ class Controller:
         actions = []
         for rid in rig_ids:
             r = rigs[rid]
-            expected = {ActionKind.SLEEP: IDLE_W, ActionKind.WAKE: r.full_w}.get(
+            expected = {ActionKind.SLEEP: r.idle_w, ActionKind.WAKE: r.full_w}.get(
                 kind, watts or r.full_w
             )
             actions.append(Action(rid, kind, f"technician: {reason}", watts, expected))

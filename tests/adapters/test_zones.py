@@ -208,11 +208,14 @@ async def test_three_daemons_share_one_site_cap(mosquitto: Mosquitto, tmp_path: 
                 assert caps["hall-c"] == pytest.approx(full["hall-c"], rel=0.15)  # all it needs
                 assert caps["hall-a"] == pytest.approx(caps["hall-b"], rel=0.1)  # # an even split
 
-                # hall-b's daemon dies; its rigs run on. The others count it at its last load.
-                last_b = w.json("rigd/chui/zones/hall-b")["load_kw"]
+                # hall-b's daemon dies; its rigs run on. The others count it at its last load
+                # (read once it is dead: a report it sent while this read was made would be
+                # the last one the others count).
                 tasks["hall-b"].cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks["hall-b"]
+                await asyncio.sleep(0.2)  # its last report delivered
+                last_b = w.json("rigd/chui/zones/hall-b")["load_kw"]
                 await asyncio.sleep(120 / SPEED)  # past stale_s
                 summary = daemons["hall-a"].zones.summary()  # type: ignore[union-attr]
                 assert summary["peers"]["hall-b"]["silent"] is True

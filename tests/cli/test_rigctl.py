@@ -139,6 +139,9 @@ async def test_budget_override_for_an_hour(env: Env) -> None:
     assert "grid call" in status["cap_detail"]
     show = await env.json("budget", "show")
     assert isinstance(show, dict) and show["override"]["kw"] == 12.0
+    # What the plan keeps of the best plan under this cap (from the learned curves).
+    assert 0 < show["hashrate"]["kept_pct"] <= 100
+    assert show["hashrate"]["hashrate_ths"] <= show["hashrate"]["attainable_ths"]
     rc, out, _ = await env.rigctl("budget", "clear")
     assert rc == 0 and "override cleared" in out
 
@@ -348,6 +351,7 @@ async def test_tables_of_budget_events_and_audit(env: Env) -> None:
     rc, out, err = await env.rigctl("budget", "show")
     assert rc == 0, err
     assert "set by override" in out and "max_import" in out and "override" in out
+    assert "hashrate kept" in out and "% of attainable under this cap" in out
     # audit: who asked for what (people, Home Assistant, the grid), not rigd's own commands
     rc, out, err = await env.rigctl("audit", "--since", "10m")
     assert rc == 0, err

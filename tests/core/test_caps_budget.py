@@ -125,6 +125,21 @@ def test_pacing_spreads_what_remains_over_what_remains() -> None:
     assert pacing_limit(r, 0.0, end, now).kw == pytest.approx(1000.0 * 0.99)
 
 
+def test_the_reserve_is_released_over_the_periods_end_down_to_the_lag() -> None:
+    b = BudgetSettings(period="day", kwh=24_000, reserve_pct=1, lag_kwh=10.0)
+    start, end = at(BISHKEK, 2026, 12, 1, 0), at(BISHKEK, 2026, 12, 2, 0)
+    # Held whole until the last tenth of the day (2.4 h).
+    assert pacing_limit(b, 0.0, end, start, start).kw == pytest.approx(1000.0 * 0.99)
+    noon = at(BISHKEK, 2026, 12, 1, 12)
+    assert pacing_limit(b, 12_000.0, end, noon, start).kw == pytest.approx((12_000 - 240) / 12)
+    # Half released 1.2 h before the end, all but the lag at the end.
+    late = end - 1.2 * 3600
+    used = 24_000 - 1_200
+    assert pacing_limit(b, used, end, late, start).kw == pytest.approx((1_200 - 120) / 1.2)
+    last = end - 360
+    assert pacing_limit(b, 23_900, end, last, start).kw == pytest.approx((100 - 10) / 0.1)
+
+
 def test_energy_counter_counts_register_differences() -> None:
     t0 = at(BISHKEK, 2026, 12, 1, 10)
     c = EnergyCounter.new("day", BISHKEK, t0)

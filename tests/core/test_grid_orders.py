@@ -429,8 +429,8 @@ def test_urgent_shedding_sleeps_instead_of_throttling_and_switches_off_what_cann
         inp = PlanInput(NOW, cap, control, rigs, 33.0, 1.0, {}, urgent=urgent)
         return {a.rig_id: a.kind for a in plan(inp).actions}
 
-    calm = run(False, 25.0)  # 9 kW to shed: throttling keeps the most hashrate
-    assert set(calm.values()) == {ActionKind.SET_POWER}
+    calm = run(False, 25.0)  # 9 kW to shed: mostly by throttling, which keeps more hashrate
+    assert sum(k is ActionKind.SET_POWER for k in calm.values()) > len(calm) / 2
     urgent = run(True, 25.0)  # the same under a deadline: sleep, which shows in seconds
     assert set(urgent.values()) == {ActionKind.SLEEP} and len(urgent) == 3
     deep = run(True, 2.0)  # everything: sleep all that can, switch off what cannot
@@ -487,5 +487,7 @@ def test_urgent_shedding_may_sleep_a_rig_still_settling_a_throttle() -> None:
         inp = PlanInput(NOW, cap, control, (rig,), 3.0, 1.0, memory, urgent=urgent)
         return [a.kind for a in plan(inp).actions]
 
-    assert run(False) == []  # not told again while its throttle shows
+    # The throttle alone leaves it over the cap: with or without a deadline, the slow
+    # throttle becomes a fast sleep (counted from the throttle's target, not twice).
+    assert run(False) == [ActionKind.SLEEP]
     assert run(True) == [ActionKind.SLEEP]

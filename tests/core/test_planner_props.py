@@ -8,6 +8,7 @@ settled ("final"), and what it will draw once this plan's action has settled.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.core.caps import MAX_IMPORT, SCHEDULE, Limit, effective_cap
+from controller.core.curves import Curve
 from controller.core.planner import (
     IDLE_W,
     Action,
@@ -440,7 +442,20 @@ def test_never_above_target_while_enough_sheddable_load(inp: PlanInput) -> None:
         by_id = {r.id: r for r in inp.rigs}
         for a in p.actions:
             r = by_id[a.rig_id]
-            assert is_increase(inp, r, a) or confirming(inp, r), a
+            assert is_increase(inp, r, a) or confirming(inp, r) or reoptimising(inp, r, a), a
+
+
+def reoptimising(inp: PlanInput, r: RigInput, a: Action) -> bool:
+    """A decrease under the target is a swap towards a better plan: only on a rig outside
+    its minimum on-time and not commanded within the re-optimisation hold."""
+    mm = mem(inp, r)
+    cfg = inp.settings
+    return (
+        a.reason.startswith("re-optimising")
+        and inp.now >= mm.commanded_at + cfg.reopt_hold_s
+        and (mm.mode is not Mode.RUN or inp.now >= mm.since + cfg.min_on_s)
+        and not unsettled(inp, r)
+    )
 
 
 # -- 2. waking gradually ----------------------------------------------------------------------
@@ -505,7 +520,11 @@ def test_respects_dwell_and_response_times(inp: PlanInput) -> None:
             if mm.mode in (Mode.SLEEP, Mode.OFF):
                 assert inp.now >= mm.since + cfg.min_off_s, (a, mm)
         else:
-            assert not going_down(inp, r), (a, mm)  # it is already on its way down
+            # It is already on its way down: not told again, except that a slow throttle
+            # still showing may become a fast sleep when the cap needs it (checked below).
+            assert not going_down(inp, r) or (
+                a.kind is ActionKind.SLEEP and mm.mode is Mode.THROTTLE
+            ), (a, mm)
     if p.basis == "safe":
         return
     # A rig inside its minimum on-time (or still waking) is shed only when the rigs free
@@ -529,60 +548,138 @@ def test_respects_dwell_and_response_times(inp: PlanInput) -> None:
 # -- 5. who goes first ------------------------------------------------------------------------
 
 
-def _eff(r: RigInput) -> float:
-    return r.efficiency_j_th if r.efficiency_j_th else float("inf")
-
-
-@PROFILE
-@given(plan_inputs(meter="fresh", max_rigs=25))
-def test_sheds_least_efficient_first_and_restores_most_efficient_first(
-    inp: PlanInput,
-) -> None:
-    p = plan(inp)
-    acts = by_rig(p)
+def first_to_shed(inp: PlanInput) -> list[RigInput]:
+    """Rigs free to shed through their API without breaking a dwell."""
     cfg = inp.settings
-    # Shedding: among rigs free to sleep without breaking a dwell, a slept rig never
-    # leaves a less useful one (lower priority, or equal priority and worse J/TH) untouched.
-    first = [
+    return [
         r
         for r in inp.rigs
         if consuming(r)
         and free(inp, r)
-        and r.can_sleep
         and not unsettled(inp, r)
         and not confirming(inp, r)
         and (mem(inp, r).mode is not Mode.RUN or inp.now >= mem(inp, r).since + cfg.min_on_s)
         and final_w(inp, r) > IDLE_W
     ]
-    for a in first:
-        if a.id not in acts or acts[a.id].kind is not ActionKind.SLEEP:
+
+
+def at_least(inp: PlanInput, r: RigInput, a: Action | None) -> bool:
+    """The rig is made to draw the least it can through its API."""
+    if r.can_sleep:
+        return a is not None and a.kind is ActionKind.SLEEP
+    if can_throttle(inp, r):
+        assert r.min_w is not None
+        return (a is not None and a.watts == r.min_w) or final_w(inp, r) <= r.min_w
+    return True
+
+
+@PROFILE
+@given(plan_inputs(meter="fresh", max_rigs=25))
+def test_sheds_lower_priority_groups_first_and_restores_higher_first(inp: PlanInput) -> None:
+    p = plan(inp)
+    acts = by_rig(p)
+    by_id = {r.id: r for r in inp.rigs}
+    first = first_to_shed(inp)
+    # Shedding: a rig of a group is lowered only when the lower groups could not have
+    # covered the shed on their own, or when they are all at their least.
+    b = bands(inp)
+    need = (predicted_before(inp, p) - (b.target - 0.25 * b.deadband)) * 1000
+    for r in first:
+        a = acts.get(r.id)
+        if a is None or not is_decrease(inp, r, a) or a.reason.startswith("re-optimising"):
             continue
-        for b in first:
-            if (b.priority, -_eff(b)) < (a.priority, -_eff(a)):
-                assert b.id in acts, f"slept {a.id} but left less useful {b.id} running"
-    # Restoring: a rig woken at full power was not woken before a more useful one that
-    # needs no more room.
-    asleep = [
-        r
+        lower = [x for x in first if x.priority < r.priority]
+        if sum(sheddable_w(inp, x, outlets=False) for x in lower) >= need + 1e-6:
+            for x in lower:
+                assert at_least(inp, x, acts.get(x.id)), (r.id, x.id)
+    # Restoring: a rig is raised or woken only if no rig of a higher group that fits in
+    # no more room than it took was left as it was.
+    cfg = inp.settings
+
+    def eligible(r: RigInput) -> bool:
+        mm = mem(inp, r)
+        if r.id not in inp.memory or not free(inp, r) or unsettled(inp, r):
+            return False
+        if mm.mode is Mode.SLEEP and not consuming(r):
+            return inp.now >= mm.since + cfg.min_off_s
+        return False
+
+    def least_raise(r: RigInput) -> float:  # counted from what it draws now
+        lo = r.min_w if can_throttle(inp, r) and r.min_w is not None else r.full_w
+        return lo - (r.power_w or 0.0)
+
+    for a in p.actions:
+        r = by_id[a.rig_id]
+        if not is_increase(inp, r, a):
+            continue
+        took = raise_w(inp, r, a)
+        for hi in inp.rigs:
+            if hi.priority > r.priority and eligible(hi) and least_raise(hi) <= took:
+                assert hi.id in acts, f"raised {r.id} before higher priority {hi.id}"
+
+
+def brute_force_kept(inp: PlanInput, rigs: list[RigInput], need_w: float) -> float:
+    """Most hashrate `rigs` can keep while taking `need_w` off, each only going down (sleep,
+    a power target on a 10 W grid, or as it is): a DP over rigs, by hand."""
+    grid = 10.0
+    cells = int(sum(final_w(inp, r) for r in rigs) // grid) + 2
+    neg = float("-inf")
+    best = [0.0] + [neg] * cells  # best[c]: TH/s with c cells of power shed
+    for r in rigs:
+        f = final_w(inp, r)
+        curve = Curve.through(r.full_w, r.full_w / (r.efficiency_j_th or 1e9))
+        opts = [(0, curve.ths(f) if r.efficiency_j_th else 0.0)]
+        if r.can_sleep:
+            opts.append((int((f - IDLE_W) // grid), 0.0))
+        if can_throttle(inp, r) and r.min_w is not None and f > r.min_w:
+            w = f - grid
+            while w >= r.min_w:
+                opts.append((int((f - w) // grid), curve.ths(w) if r.efficiency_j_th else 0.0))
+                w -= grid
+        nxt = [neg] * (cells + 1)
+        for c, v in enumerate(best):
+            if v == neg:
+                continue
+            for dc, dv in opts:
+                cc = min(cells, c + dc)
+                nxt[cc] = max(nxt[cc], v + dv)
+        best = nxt
+    need_cells = math.ceil(need_w / grid - 1e-9)
+    return max((v for c, v in enumerate(best) if c >= need_cells), default=neg)
+
+
+@PROFILE
+@given(plan_inputs(meter="fresh", max_rigs=6))
+def test_a_shed_keeps_about_as_much_hashrate_as_brute_force(inp: PlanInput) -> None:
+    """Over the target with one group, every rig free, settled and outside its dwell: the
+    planner's shed keeps within 3 % of the most hashrate any shed of that size could keep
+    (changes under `MIN_CHANGE_W` are not worth a command, and steps do not exist here)."""
+    rigs = [
+        replace(r, priority=0, state=RigState.MINING, maintenance=False, pinned=False, busy=False)
         for r in inp.rigs
-        if r.id in inp.memory
-        and inp.memory[r.id].mode is Mode.SLEEP
-        and free(inp, r)
-        and not unsettled(inp, r)
-        and inp.now >= inp.memory[r.id].since + cfg.min_off_s
     ]
-
-    def wake_adds(r: RigInput) -> float:  # counted from what it draws now, unknown as 0
-        return r.full_w - (r.power_w or 0.0)
-
-    for a in asleep:
-        act = acts.get(a.id)
-        if act is None or act.kind is not ActionKind.WAKE or act.watts is not None:
-            continue
-        for b in asleep:
-            better = (-b.priority, _eff(b)) < (-a.priority, _eff(a))
-            if better and wake_adds(b) <= wake_adds(a):
-                assert b.id in acts, f"woke {a.id} before more efficient {b.id}"
+    memory = {r.id: RigMemory(Mode.RUN, since=NOW - 10_000) for r in rigs}
+    inp = replace(inp, rigs=tuple(rigs), memory=memory)
+    p = plan(inp)
+    b = bands(inp)
+    before = predicted_before(inp, p)
+    if before <= b.target or inp.urgent:
+        return
+    need = (before - (b.target - 0.25 * b.deadband)) * 1000
+    first = first_to_shed(inp)
+    sheddable = sum(sheddable_w(inp, r, outlets=False) for r in first)
+    if not first or sheddable < need or len(first) < len(rigs):
+        return
+    acts = by_rig(p)
+    kept = 0.0
+    for r in first:
+        curve = Curve.through(r.full_w, r.full_w / (r.efficiency_j_th or 1e9))
+        a = acts.get(r.id)
+        w = final_w(inp, r) if a is None else after_w(inp, r, a)
+        if (a is None or a.kind is ActionKind.SET_POWER) and r.efficiency_j_th:
+            kept += curve.ths(w)
+    best = brute_force_kept(inp, first, need)
+    assert kept >= best * 0.97 - 1e-6, (kept, best)
 
 
 # -- 6. no meter ------------------------------------------------------------------------------
@@ -686,8 +783,9 @@ def test_remember_reflects_what_was_sent(
         ActionKind.OUTLET_OFF: Mode.OFF,
         ActionKind.OUTLET_ON: Mode.RUN if a.watts is None else Mode.THROTTLE,
         ActionKind.WAKE: Mode.RUN if a.watts is None else Mode.THROTTLE,
+        # Within a watt of its full power is its default; above it, a target like any other.
         ActionKind.SET_POWER: (
-            Mode.RUN if a.watts is None or a.watts >= full - 1 else Mode.THROTTLE
+            Mode.RUN if a.watts is None or abs(a.watts - full) <= 1 else Mode.THROTTLE
         ),
     }[a.kind]
     assert got.mode is want
@@ -716,4 +814,7 @@ def test_a_plan_remembered_is_not_planned_again(inp: PlanInput) -> None:
     b = bands(inp)
     assert p.predicted_kw is not None and again.predicted_kw is not None
     if p.predicted_kw <= b.target and len(slow) == len(p.actions):
-        assert not any(is_decrease(inp, by_id[a.rig_id], a) for a in again.actions)
+        # Nothing more is shed; a swap towards a better plan may still lower a rig.
+        for a in again.actions:
+            r = by_id[a.rig_id]
+            assert not is_decrease(inp, r, a) or reoptimising(inp, r, a), (p.actions, a)

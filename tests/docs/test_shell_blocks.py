@@ -7,7 +7,7 @@ sandbox that looks like a fresh machine with a clone of this repository:
   may start `mosquitto -p 1883` or assume a broker there, as the README does; the host
   name `broker` (the docs' placeholder for the operator's broker) is 127.0.0.1;
 - a fresh directory per document, holding links to the repository's `.venv`, `config`,
-  `scripts` and `systemd`, with `.venv/bin` first on the PATH (the README's
+  `scripts`, `systemd`, `bench` and `tests`, with `.venv/bin` first on the PATH (the README's
   `. .venv/bin/activate`) and no `RIGD_*` variables; blocks of one document share it,
   in order, as a reader following the document would;
 - a broker on 1883 when the block starts none itself.
@@ -220,7 +220,8 @@ FIXTURES: dict[str, Callable[[Block, int], str]] = {
 
 
 def _sandbox(workdir: Path) -> dict[str, str]:
-    for name in (".venv", "config", "scripts", "systemd", "bench", "README.md"):
+    # tests/: `python -m bench.control` runs the daemon on the tests' simulated-farm harness.
+    for name in (".venv", "config", "scripts", "systemd", "bench", "tests", "README.md"):
         link = workdir / name
         if not link.exists():
             link.symlink_to(ROOT / name)

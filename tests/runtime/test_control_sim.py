@@ -422,7 +422,7 @@ async def test_energy_pacing_over_a_month_uses_the_budget_without_overdrawing(
     pct = 100 * used / budget_kwh
     report(f"month, energy used {pct:.2f} % of budget", h.recorder.report())
     assert used <= budget_kwh
-    assert used >= 0.98 * budget_kwh
+    assert used >= 0.998 * budget_kwh  # the reserve is released over the month's end
     # The counter is the meter's register, reading by reading: no drift, no double count.
     assert len(checks) == month_h * 12
     assert max(abs(counted - register) for counted, register in checks) < 1e-6
@@ -433,8 +433,9 @@ async def test_energy_pacing_over_a_month_uses_the_budget_without_overdrawing(
 
 async def test_restart_keeps_counters_overrides_sleeps_and_holds(sim: MakeSim) -> None:
     """A restart mid-curtailment must be invisible to the farm and to the bill: same cap,
-    same sleepers (nothing woken early), same holds, one continuous energy count."""
-    h = sim(rigs=30, pdus=3, control={}, budget={"period": "day", "kwh": 1e6})
+    same sleepers (nothing woken early), same holds, one continuous energy count.
+    (Re-optimisation is off: a swap would move sleepers for reasons of its own.)"""
+    h = sim(rigs=30, pdus=3, control={"reopt_gain_pct": 100}, budget={"period": "day", "kwh": 1e6})
     ctl = h.cfg.control
     assert ctl is not None
     t0 = h.now

@@ -1,0 +1,633 @@
+"""`python -m bench.control`: under any cap, how close does rigd get to the most hashrate
+the farm can give?
+
+For two mixed fleets of 40 rigs (seven models, 17.5 to 34 J/TH) and caps of 10 to 100 % of
+full load, the daemon's real cycle runs against the simulated farm in virtual time (the
+harness of tests/sim_harness.py: in-process adapters on a manual clock, the farm's true
+import sampled every 2 s), and each run is set against the exact optimum of
+`bench.optimum` on the farm's true physics. Then one fleet takes a step 100 -> 40 -> 100 %.
+
+Per fleet and cap, one row:
+
+- `optimum_ths`: the most hashrate under the cap (exact; `dual_bound_ths` its upper bound);
+- `rigd_ths`: rigd's mean hashrate over the steady hour (after two hours to settle), on the
+  farm's mean physics (its ripple left out, as in the optimum);
+- `ratio`: rigd / optimum; `ratio_at_own_import`: rigd / the optimum at rigd's own mean
+  steady import (how well it allocates what it imports, margins aside);
+- `import_over_cap`: rigd's mean steady import / the cap;
+- `over_cap_s_after_stop`, `worst_over_kw_after_stop`: seconds of true import over the cap,
+  and the worst excess, outside the physical stop time after each cap drop (the slowest
+  power-down response plus two polls), over the whole run;
+- `commands`: commands sent in the whole run (rig commands and outlet switches);
+  `steady_commands`: in the steady hour; `rigs_flapping`: rigs commanded more than twice
+  in the steady hour.
+
+The step (`step`): time to get under the cap after the drop to 40 %, time to within 1 % of
+the optimum at 40 % and after the return to 100 % (also of the optimum at rigd's own
+settled import, its margins aside), the least time any controller could take to come back
+(`restore_physical_bound_s`: the sleepers' own boot and ramp in the simulator), and the
+worst overshoot of the cap during the restore.
+
+The month's energy budget (`budget`): a calendar month with a budget of 70 % of running
+flat out, on a smaller farm of the same models polled every 5 minutes (`run_budget`): the
+share of the budget used at the month's end, and whether it was ever overdrawn.
+
+Config: the defaults, except `ramp_kw_per_interval` = the site's maximum import (no ramp
+limit: with the default 10 %, counting rigs still ramping, coming back from 40 % takes six
+waves of wakes of up to 340 s each, and the step target is five minutes). The cap is a
+technician's override below `max_import_kw` = the farm's full load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import proc
+from bench.optimum import optimum, true_ths
+from controller.core.caps import period_bounds
+from simulators.clock import ManualClock
+from simulators.farm import MODELS, Farm, RigModel, SimMeter, SimPdu, SimRig
+from simulators.whatsminer import WHATSMINER_MODELS
+from tests.sim_harness import SimHarness, farm_config, flat_out_kw
+
+ALL_MODELS: dict[str, RigModel] = {**MODELS, **WHATSMINER_MODELS}
+START = 1_764_547_200.0  # 2025-12-01 00:00 UTC
+
+# Two mixed fleets of 40: every model of the issue, in different shares.
+FLEETS: dict[str, dict[str, int]] = {
+    "fleet-1": {
+        "Antminer S19 Pro": 8,
+        "Antminer S19j Pro": 6,
+        "Antminer S19 XP": 6,
+        "Antminer S21": 5,
+        "Whatsminer M30S+_VE40": 5,
+        "Whatsminer M50S_VH50": 6,
+        "Whatsminer M60S_VK40": 4,
+    },
+    "fleet-2": {
+        "Antminer S19 Pro": 10,
+        "Antminer S19j Pro": 8,
+        "Antminer S19 XP": 3,
+        "Antminer S21": 3,
+        "Whatsminer M30S+_VE40": 8,
+        "Whatsminer M50S_VH50": 6,
+        "Whatsminer M60S_VK40": 2,
+    },
+}
+CAPS = (10, 30, 50, 75, 90, 100)
+# The month's energy budget runs on a smaller farm of the same models (see `run_budget`).
+BUDGET_FLEET = {model: 2 for model in FLEETS["fleet-1"]}
+OVERHEAD_BASE_W = 4000.0  # a small farm's lighting, network and offices
+BUDGET_POLL_S = 300.0  # the month's budget run polls every 5 minutes
+
+
+@dataclass
+class Plan:
+    fleets: dict[str, dict[str, int]] = field(default_factory=lambda: dict(FLEETS))
+    caps: tuple[int, ...] = CAPS
+    settle_s: float = 2 * 3600.0  # before the steady hour
+    steady_s: float = 3600.0
+    step_fleet: str | None = "fleet-1"
+    step_phase_s: float = 3600.0
+    step_low_pct: float = 40.0
+    interval_s: float = 10.0
+    control: dict[str, Any] = field(default_factory=dict)
+    seed: int = 7  # the rigs' ripple phases and the meter's noise
+    real_caps: tuple[int, ...] = ()  # caps for the run through the real drivers
+    budget: bool = True  # the month's energy budget run (on `BUDGET_FLEET`)
+    budget_share: float = 0.7  # of the energy of running flat out all month
+    verbose: bool = True
+
+
+def build_farm(clock: ManualClock, mix: Mapping[str, int], *, pdus: int = 4, seed: int = 7) -> Farm:
+    """The fleet's rigs, interleaved by model, on `pdus` PDUs; every rig takes power targets
+    and sleeps (the in-process adapters drive them as LuxOS rigs)."""
+    farm = Farm(clock)
+    farm.meter.overhead_base_w = OVERHEAD_BASE_W
+    if seed != 7:
+        farm.meter = SimMeter(farm.meter.id, farm, overhead_base_w=OVERHEAD_BASE_W, seed=seed)
+    queue = [name for name, n in mix.items() for _ in range(n)]
+    # Interleave so that every PDU carries every model.
+    order = sorted(range(len(queue)), key=lambda i: (i % 7, i))
+    t = clock.now()
+    for n, i in enumerate(order, start=1):
+        rid = f"rig-{n:03d}"
+        farm.rigs[rid] = SimRig(rid, ALL_MODELS[queue[i]], t, seed=seed * 100_003 + n)
+    per = math.ceil(len(farm.rigs) / pdus)
+    rigs = list(farm.rigs.values())
+    for p in range(pdus):
+        pid = f"pdu-{p + 1:02d}"
+        farm.pdus[pid] = SimPdu(pid, rigs[p * per : (p + 1) * per])
+    return farm
+
+
+def harness(tmp: Path, farm: Farm, clock: ManualClock, plan: Plan) -> SimHarness:
+    full = flat_out_kw(farm)
+    control = {"max_import_kw": round(full, 1), "ramp_kw_per_interval": round(full, 1)}
+    control.update(plan.control)
+    cfg = farm_config(farm, tmp / "state", interval_s=plan.interval_s, control=control)
+    slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
+    return SimHarness(
+        tmp,
+        farm,
+        clock,
+        cfg,
+        substep_s=2.0,
+        settle_s=slowest + 2 * plan.interval_s,
+    )
+
+
+def commands(h: SimHarness) -> dict[str, int]:
+    counts = h.command_counts()
+    for pdu in h.direct.pdus.values():
+        for c in pdu.commands:
+            o = pdu.pdu.outlets[c.outlet]
+            if o.rig is not None:
+                counts[o.rig.id] = counts.get(o.rig.id, 0) + 1
+    return counts
+
+
+async def run_cap(fleet: str, mix: Mapping[str, int], cap_pct: float, plan: Plan) -> dict[str, Any]:
+    clock = ManualClock(START)
+    farm = build_farm(clock, mix, seed=plan.seed)
+    with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
+        h = harness(Path(tmp), farm, clock, plan)
+        full = flat_out_kw(farm)
+        cap_kw = full * cap_pct / 100.0
+        t0 = h.now
+        if cap_pct < 100:
+            h.at(t0 + 33, lambda: h.set_override(cap_kw, 10 * 24 * 3600.0, "bench"))
+        steady_from = t0 + plan.settle_s
+        samples: list[tuple[float, float]] = []
+        before: dict[str, int] = {}
+
+        def each(_: object) -> None:
+            nonlocal before
+            if not before and h.now >= steady_from:
+                before = commands(h)
+            if h.now >= steady_from:
+                samples.append((h.now, true_ths(farm.rigs.values(), h.now)))
+
+        await h.run_until(steady_from + plan.steady_s, each)
+        after = commands(h)
+        rep = h.recorder.report(since=t0)
+        steady = [s for s in h.recorder.samples if s.t >= steady_from]
+        import_kw = sum(s.import_kw * s.dt for s in steady) / sum(s.dt for s in steady)
+        over_s = sum(s.dt for s in h.recorder.samples if not s.settling and s.import_kw > s.cap_kw)
+        rigd_ths = sum(v for _, v in samples) / len(samples)
+        best = optimum(farm, cap_kw)
+        own = optimum(farm, min(cap_kw, import_kw))
+        steady_cmds = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        kept = h.controller.attainment
+        await h.close()
+    return {
+        "fleet": fleet,
+        "cap_pct": cap_pct,
+        "cap_kw": round(cap_kw, 3),
+        "optimum_ths": round(best.ths, 2),
+        "dual_bound_ths": round(best.dual_bound_ths, 2),
+        "rigd_ths": round(rigd_ths, 2),
+        "ratio": round(rigd_ths / best.ths, 4) if best.ths else None,
+        "optimum_at_own_import_ths": round(own.ths, 2),
+        "ratio_at_own_import": round(rigd_ths / own.ths, 4) if own.ths else None,
+        "import_over_cap": round(import_kw / cap_kw, 4),
+        "over_cap_s_after_stop": round(over_s, 1),
+        "worst_over_kw_after_stop": round(max(0.0, rep.worst_kw_settled), 3),
+        "commands": sum(after.values()),
+        "steady_commands": sum(steady_cmds.values()),
+        "rigs_flapping": sum(1 for v in steady_cmds.values() if v > 2),
+        "rigd_kept_pct": round(100 * kept[0] / kept[1], 2) if kept else None,
+        "optimum_running": best.running,
+    }
+
+
+async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, Any]:
+    """100 % -> `step_low_pct` -> 100 %, each for `step_phase_s`."""
+    clock = ManualClock(START)
+    farm = build_farm(clock, mix, seed=plan.seed)
+    with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
+        h = harness(Path(tmp), farm, clock, plan)
+        full = flat_out_kw(farm)
+        low_kw = full * plan.step_low_pct / 100.0
+        t0 = h.now
+        t_drop = t0 + plan.step_phase_s + 3
+        t_back = t_drop + plan.step_phase_s
+        h.at(t_drop, lambda: h.set_override(low_kw, t_back - t_drop, "bench step"))
+        series: list[tuple[float, float]] = []
+
+        def each(_: object) -> None:
+            series.append((h.now, true_ths(farm.rigs.values(), h.now)))
+
+        t_end = t_back + plan.step_phase_s
+        asleep: list[RigModel] = []
+        h.at(t_back, lambda: asleep.extend(sleepers(farm, t_back)))
+        await h.run_until(t_end, each)
+        samples = list(h.recorder.samples)
+        await h.close()
+    opt_low = optimum(farm, low_kw).ths
+    opt_full = optimum(farm, full).ths
+
+    def under_at(since: float, until: float) -> float | None:
+        """Time from `since` until import is under the cap for good (before `until`)."""
+        last_over = since
+        for s in samples:
+            if since <= s.t < until and s.import_kw > s.cap_kw:
+                last_over = s.t
+        return last_over - since
+
+    def within(since: float, until: float, opt: float) -> float | None:
+        """Time from `since` until hashrate stays within 1 % of `opt` (before `until`)."""
+        hit: float | None = None
+        for t, v in series:
+            if not since <= t < until:
+                continue
+            close = abs(v - opt) <= 0.01 * opt
+            hit = (t if hit is None else hit) if close else None
+        return None if hit is None else hit - since
+
+    def level(since: float, until: float) -> float:
+        """rigd's mean hashrate over the last quarter of a phase: where it settled."""
+        tail = [v for t, v in series if since + 0.75 * (until - since) <= t < until]
+        return sum(tail) / len(tail)
+
+    low_import = mean_import(samples, t_drop + 0.75 * plan.step_phase_s, t_back)
+    full_import = mean_import(samples, t_back + 0.75 * plan.step_phase_s, t_end)
+    own_low = optimum(farm, min(low_kw, low_import)).ths
+    own_full = optimum(farm, min(full, full_import)).ths
+    restore_over = max(
+        (s.import_kw - s.cap_kw for s in samples if s.t >= t_back), default=-math.inf
+    )
+    drop_over_after_stop = sum(
+        s.dt
+        for s in samples
+        if t_drop <= s.t < t_back and not s.settling and s.import_kw > s.cap_kw
+    )
+    return {
+        "fleet": fleet,
+        "low_pct": plan.step_low_pct,
+        "time_under_cap_s": under_at(t_drop, t_back),
+        "over_cap_s_after_stop": drop_over_after_stop,
+        "time_to_1pct_of_optimum_at_low_s": within(t_drop, t_back, opt_low),
+        "time_to_1pct_of_optimum_after_restore_s": within(t_back, math.inf, opt_full),
+        # Where rigd settles in each phase, against the optimum at the cap (its margins
+        # included), and how long it takes to get within 1 % of that level.
+        "settled_ratio_at_low": round(level(t_drop, t_back) / opt_low, 4),
+        "settled_ratio_after_restore": round(level(t_back, t_end) / opt_full, 4),
+        "time_to_1pct_of_settled_at_low_s": within(t_drop, t_back, level(t_drop, t_back)),
+        "time_to_1pct_of_settled_after_restore_s": within(t_back, math.inf, level(t_back, t_end)),
+        # Against the optimum at rigd's own settled import (its margins aside, as the
+        # 99 % target): how long the move itself takes.
+        "time_to_1pct_of_optimum_at_own_import_at_low_s": within(t_drop, t_back, own_low),
+        "time_to_1pct_of_optimum_at_own_import_after_restore_s": within(t_back, math.inf, own_full),
+        # No controller does better than waking every sleeper the instant the cap lifts,
+        # with every other rig at its optimum power at once: the farm's own wake time.
+        "restore_physical_bound_s": wake_bound_s(asleep, farm, opt_full),
+        "restore_overshoot_kw": round(max(0.0, restore_over), 3),
+        "optimum_low_ths": round(opt_low, 2),
+        "optimum_full_ths": round(opt_full, 2),
+    }
+
+
+async def run_budget(plan: Plan, mix: Mapping[str, int] = BUDGET_FLEET) -> dict[str, Any]:
+    """A calendar month's energy budget of 70 % of running flat out, paced by rigd: the
+    share used at the month's end (read off the meter's register), and whether it ever
+    overdrew. A smaller farm (two rigs of each model) polled every 5 minutes keeps the 31
+    days to a minute or two: pacing spreads what remains of the budget over what remains
+    of the month, so neither the farm's size nor the poll rate changes what it does,
+    only the lag its reserve covers."""
+    clock = ManualClock(START)
+    farm = build_farm(clock, mix, pdus=1, seed=plan.seed)
+    start, end = period_bounds("month", "UTC", START)
+    month_s = end - start
+    with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
+        full = flat_out_kw(farm)
+        kwh = round(plan.budget_share * full * month_s / 3600.0)
+        control = {"max_import_kw": round(full, 1), "ramp_kw_per_interval": round(full, 1)}
+        control.update(plan.control)
+        cfg = farm_config(
+            farm,
+            Path(tmp) / "state",
+            interval_s=BUDGET_POLL_S,
+            control=control,
+            budget={"period": "month", "kwh": kwh},
+        )
+        h = SimHarness(Path(tmp), farm, clock, cfg, substep_s=BUDGET_POLL_S, settle_s=0.0)
+        assert h.now == start
+        register0 = farm.meter.import_kwh(start)
+        await h.run_until(end)
+        used = farm.meter.import_kwh(end) - register0
+        await h.close()
+    return {
+        "rigs": sum(mix.values()),
+        "period": "month",
+        "budget_kwh": kwh,
+        "used_kwh": round(used, 1),
+        "used_pct": round(100.0 * used / kwh, 3),
+        "over_budget": used > kwh,  # the register only rises: over at the end or never
+        "poll_s": BUDGET_POLL_S,
+    }
+
+
+def mean_import(samples: list[Any], since: float, until: float) -> float:
+    """Mean true import (kW) over [since, until) of the harness's samples."""
+    chosen = [x for x in samples if since <= x.t < until]
+    return float(sum(x.import_kw * x.dt for x in chosen) / sum(x.dt for x in chosen))
+
+
+def sleepers(farm: Farm, t: float) -> list[RigModel]:
+    """The models of the rigs not hashing at `t`."""
+    return [r.model for r in farm.rigs.values() if true_ths([r], t) <= 0.0]
+
+
+def wake_bound_s(asleep: list[RigModel], farm: Farm, opt_ths: float) -> float | None:
+    """Seconds from waking `asleep` at once (the rest of the farm at the optimum from the
+    start) until the farm's hashrate is within 1 % of `opt_ths`, on the simulator's own
+    boot and ramp: the least time any controller can take to come back."""
+    t0 = START
+    rigs = []
+    for n, model in enumerate(asleep):
+        r = SimRig(f"bound-{n}", model, t0 - 7200.0)
+        r.sleep(t0 - 3600.0)
+        r.wake(t0)
+        rigs.append(r)
+    full = sum(true_ths([SimRig("x", m, t0)], t0) for m in asleep)
+    for dt in range(0, 3601):
+        if opt_ths - full + true_ths(rigs, t0 + dt) >= 0.99 * opt_ths:
+            return float(dt)
+    return None
+
+
+# -- through the real drivers over loopback ---------------------------------------------------
+
+REAL_MIX = ("luxos", "whatsminer", "braiins")  # every firmware that throttles and sleeps
+REAL_MODELS = {"Antminer S19 Pro": 0.4, "Antminer S19j Pro": 0.2, "Antminer S19 XP": 0.2,
+               "Antminer S21": 0.2}  # fmt: skip
+
+
+async def run_real(
+    cap_pct: float, plan: Plan, *, rigs: int = 21, speed: float = 30.0
+) -> dict[str, Any]:
+    """One cap on a farm served by the firmware simulators on their real ports over
+    loopback (LuxOS with its profiles, Whatsminer API v2, Braiins OS REST), the daemon's
+    real drivers polling them, on a clock `speed` times faster than the wall clock."""
+    import random
+
+    from controller.config import load_config
+    from controller.runtime.daemon import Daemon
+    from simulators.clock import ScaledClock
+    from simulators.site import SimSite
+
+    site: SimSite | None = None
+    for _ in range(10):
+        block = f"127.{random.randint(100, 250)}.{random.randint(1, 254)}"
+        candidate = SimSite(
+            rigs=rigs, pdus=3, subnet=f"{block}.0/24", clock=ScaledClock(speed),
+            mix=REAL_MIX, models=REAL_MODELS, seed=plan.seed,
+        )  # fmt: skip
+        try:
+            await candidate.start()
+        except OSError:  # an address of this block is taken
+            continue
+        site = candidate
+        break
+    if site is None:
+        raise RuntimeError("no free loopback block for the real-driver run")
+    farm = site.farm
+    farm.meter.overhead_base_w = OVERHEAD_BASE_W * rigs / 40
+    full = flat_out_kw(farm)
+    cap_kw = full * cap_pct / 100.0
+    tmp = Path(tempfile.mkdtemp(prefix="rigd-bench-real-", dir="/tmp"))
+    samples: list[tuple[float, float, float, float]] = []  # t, true import, cap, TH/s
+    try:
+        control = (
+            f"[control]\nmax_import_kw = {full:.3f}\nramp_kw_per_interval = {full:.3f}\n"
+            + "".join(f"{k} = {v!r}\n" for k, v in plan.control.items())
+        )
+        cfg_path = tmp / "rigd.toml"
+        cfg_path.write_text(
+            site.config_toml(
+                broker_url="mqtt://127.0.0.1:9",  # no broker: control needs none
+                state_dir=tmp,
+                interval_s=plan.interval_s,
+                extra=control,
+            )
+        )
+        cfg = load_config(cfg_path, environ={})
+        daemon = Daemon(cfg, clock=site.clock, config_path=str(cfg_path))
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop))
+        clock = site.clock
+        for _ in range(600):
+            if daemon.controller is not None and daemon.last is not None:
+                break
+            await asyncio.sleep(0.05)
+        ctl = daemon.controller
+        assert ctl is not None, "the daemon never completed a cycle"
+        t0 = clock.now()
+        ctl.set_override(cap_kw, t0 + 10 * 3600, "bench", "bench")
+        end = t0 + plan.settle_s + plan.steady_s
+        while clock.now() < end:
+            t = clock.now()
+            samples.append(
+                (t, farm.meter.true_power_w(t) / 1000, cap_kw, true_ths(farm.rigs.values(), t))
+            )
+            await asyncio.sleep(2.0 / speed)
+        last = ctl.last_plan
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    finally:
+        await site.stop()
+    slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
+    stop_s = slowest + 2 * plan.interval_s + 10.0  # and the real drivers' own round trips
+    steady_from = t0 + plan.settle_s
+    steady = [x for x in samples if x[0] >= steady_from]
+    over = [x for x in samples if x[0] > t0 + stop_s and x[1] > x[2]]
+    import_kw = sum(x[1] for x in steady) / len(steady)
+    rigd_ths = sum(x[3] for x in steady) / len(steady)
+    best = optimum(farm, cap_kw)
+    own = optimum(farm, min(cap_kw, import_kw))
+    return {
+        "fleet": f"real-{rigs}",
+        "cap_pct": cap_pct,
+        "cap_kw": round(cap_kw, 3),
+        "optimum_ths": round(best.ths, 2),
+        "rigd_ths": round(rigd_ths, 2),
+        "ratio": round(rigd_ths / best.ths, 4),
+        "ratio_at_own_import": round(rigd_ths / own.ths, 4),
+        "import_over_cap": round(import_kw / cap_kw, 4),
+        "over_cap_s_after_stop": round(2.0 * len(over), 1),
+        "worst_over_kw_after_stop": round(max((x[1] - x[2] for x in over), default=0.0), 3),
+        "commands": sum(r.command_count for r in farm.rigs.values()),
+        "steady_commands": None,
+        "rigs_flapping": None,
+        "dialects": sorted(set(site.dialects.values())),
+        "last_plan": None if last is None else last.as_dict(),
+    }
+
+
+COLUMNS = (
+    ("fleet", "fleet", "{}"),
+    ("cap_pct", "cap %", "{:.0f}"),
+    ("optimum_ths", "optimum TH/s", "{:.1f}"),
+    ("rigd_ths", "rigd TH/s", "{:.1f}"),
+    ("ratio", "ratio", "{:.4f}"),
+    ("ratio_at_own_import", "ratio at own import", "{:.4f}"),
+    ("import_over_cap", "import / cap", "{:.4f}"),
+    ("over_cap_s_after_stop", "s over cap after stop", "{:.0f}"),
+    ("worst_over_kw_after_stop", "worst over kW", "{:.2f}"),
+    ("commands", "commands", "{:d}"),
+    ("steady_commands", "steady-hour commands", "{:d}"),
+    ("rigs_flapping", "rigs > 2 in steady hour", "{:d}"),
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if k == "fleet" else "---:" for k, _, _ in COLUMNS) + "|"
+    out = [head, rule]
+    for r in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = r.get(key)
+            cells.append("n/a" if v is None else fmt.format(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def step_lines(step: Mapping[str, Any]) -> str:
+    def s(v: Any) -> str:
+        return "never" if v is None else f"{v:.0f} s"
+
+    return (
+        f"step {step['fleet']} 100 -> {step['low_pct']:.0f} -> 100 %: under the cap "
+        f"{s(step['time_under_cap_s'])} after the drop ({step['over_cap_s_after_stop']:.0f} s "
+        f"over after the stop time); within 1 % of the optimum "
+        f"{s(step['time_to_1pct_of_optimum_at_low_s'])} after the drop and "
+        f"{s(step['time_to_1pct_of_optimum_after_restore_s'])} after the restore; "
+        f"settled at {step['settled_ratio_at_low']:.4f} and "
+        f"{step['settled_ratio_after_restore']:.4f} of the optimum, within 1 % of that "
+        f"{s(step['time_to_1pct_of_settled_at_low_s'])} and "
+        f"{s(step['time_to_1pct_of_settled_after_restore_s'])} after each step; within 1 % "
+        f"of the optimum at its own import "
+        f"{s(step['time_to_1pct_of_optimum_at_own_import_at_low_s'])} and "
+        f"{s(step['time_to_1pct_of_optimum_at_own_import_after_restore_s'])}; the sleepers' "
+        f"own wake bounds the restore at {s(step['restore_physical_bound_s'])}; worst "
+        f"overshoot during the restore {step['restore_overshoot_kw']:.2f} kW"
+    )
+
+
+async def run(plan: Plan) -> dict[str, Any]:
+    machine = proc.machine()  # its load as the run starts, not as it ends
+    rows = []
+    for fleet, mix in plan.fleets.items():
+        for cap in plan.caps:
+            t = time.monotonic()
+            row = await run_cap(fleet, mix, cap, plan)
+            rows.append(row)
+            if plan.verbose:
+                print(
+                    f"{fleet} {cap:>3}%: optimum {row['optimum_ths']:.1f} TH/s, rigd "
+                    f"{row['rigd_ths']:.1f} ({row['ratio']:.4f}; {row['ratio_at_own_import']:.4f} "
+                    f"at its own import {row['import_over_cap']:.4f} of the cap), "
+                    f"{row['over_cap_s_after_stop']:.0f} s over, {row['commands']} commands, "
+                    f"{row['rigs_flapping']} flapping  [{time.monotonic() - t:.0f} s]",
+                    file=sys.stderr,
+                )
+    for cap in plan.real_caps:
+        t = time.monotonic()
+        row = await run_real(cap, plan)
+        rows.append(row)
+        if plan.verbose:
+            print(
+                f"{row['fleet']} {cap:>3}%: optimum {row['optimum_ths']:.1f} TH/s, rigd "
+                f"{row['rigd_ths']:.1f} ({row['ratio']:.4f}; {row['ratio_at_own_import']:.4f} "
+                f"at its own import {row['import_over_cap']:.4f} of the cap), "
+                f"{row['over_cap_s_after_stop']:.0f} s over, {row['commands']} commands  "
+                f"[{time.monotonic() - t:.0f} s]",
+                file=sys.stderr,
+            )
+    step = None
+    if plan.step_fleet is not None:
+        step = await run_step(plan.step_fleet, plan.fleets[plan.step_fleet], plan)
+        if plan.verbose:
+            print(step_lines(step), file=sys.stderr)
+    budget = None
+    if plan.budget:
+        t = time.monotonic()
+        budget = await run_budget(plan)
+        if plan.verbose:
+            print(f"{budget_line(budget)}  [{time.monotonic() - t:.0f} s]", file=sys.stderr)
+    return {"machine": machine, "rows": rows, "step": step, "budget": budget}
+
+
+def budget_line(b: Mapping[str, Any]) -> str:
+    return (
+        f"energy budget, a month on {b['rigs']} rigs: {b['used_pct']:.3f} % used "
+        f"({b['used_kwh']:,.0f} of {b['budget_kwh']:,} kWh), "
+        + ("OVER the budget" if b["over_budget"] else "never over")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.control", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, help="write {machine, rows, step, budget} here")
+    ap.add_argument("--fleet", action="append", choices=sorted(FLEETS), help="only this fleet")
+    ap.add_argument("--cap", action="append", type=int, help="only this cap, %% of full load")
+    ap.add_argument("--no-step", action="store_true", help="skip the 100 -> 40 -> 100 %% step")
+    ap.add_argument("--no-budget", action="store_true", help="skip the month's energy budget")
+    ap.add_argument("--settle-h", type=float, default=2.0, help="hours before the steady hour")
+    ap.add_argument("--steady-h", type=float, default=1.0, help="hours measured (default 1)")
+    ap.add_argument("--seed", type=int, default=7, help="rig ripple phases and meter noise")
+    ap.add_argument(
+        "--real",
+        action="append",
+        type=int,
+        metavar="CAP",
+        help="also run this cap through the real drivers over loopback (30x farm time)",
+    )
+    args = ap.parse_args(argv)
+    plan = Plan(settle_s=args.settle_h * 3600.0, steady_s=args.steady_h * 3600.0, seed=args.seed)
+    if args.fleet:
+        plan.fleets = {f: FLEETS[f] for f in args.fleet}
+        if plan.step_fleet not in plan.fleets:
+            plan.step_fleet = args.fleet[0]
+    if args.cap:
+        plan.caps = tuple(args.cap)
+    if args.no_step:
+        plan.step_fleet = None
+    if args.no_budget:
+        plan.budget = False
+    if args.real:
+        plan.real_caps = tuple(args.real)
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    result = asyncio.run(run(plan))
+    print(table(result["rows"]))
+    if result["step"] is not None:
+        print()
+        print(step_lines(result["step"]))
+    if result["budget"] is not None:
+        print()
+        print(budget_line(result["budget"]))
+    m = result["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
