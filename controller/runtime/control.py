@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -61,6 +61,7 @@ from controller.core.status import (
 from controller.errors import ManualRefused
 from controller.runtime.devices import Devices
 from controller.runtime.executor import Executor
+from controller.runtime.timeline import Timeline
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,10 @@ log = structlog.get_logger(__name__)
 # every cycle is a write of megabytes, and a few minutes lost is relearned by watching.
 LEARNED_SAVE_S = 300.0
 CLOSE_WAIT_S = 10.0  # how long a stop or reload waits for commands in flight
+# A grid order's first commands, started before the rest are made into tasks (`shed_now`):
+# as many as the executor runs at once, so none of them waits for the others' bookkeeping.
+FIRST_WAVE = 64
+_SHEDDING = frozenset({ActionKind.SLEEP, ActionKind.OUTLET_OFF})
 
 
 # -- the config, as the pure core's plain values -------------------------------------------------
@@ -170,6 +175,7 @@ class Controller:
         # memory before the command, until the rig shows whether the command landed.
         self._unconfirmed: dict[str, RigMemory] = {}
         self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
+        self.timeline: Timeline | None = None  # a grid order's way to its first command
         self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
         # PDUs rigd may switch outlets on: SNMPv3, or v2c with a write community.
         self._switchable_pdus = frozenset(
@@ -484,13 +490,20 @@ class Controller:
             nonrig_kw=self.nonrig_kw,
             urgent=self.comply_by is not None,
         )
+        timeline, self.timeline = self.timeline, None
+        if timeline is not None:
+            timeline.mark("plan_input")
         result = plan(inp)
+        if timeline is not None:
+            timeline.mark("planned")
         self.last_input, self.last_plan = inp, result
         self.nonrig_kw = result.nonrig_kw
         if self.dry_run:
             self._report_dry_run(result.actions)
         else:
             self._launch(result.actions, inp)
+        if timeline is not None:
+            timeline.mark("tasks_made")
         items: dict[str, Any] = {"control.nonrig_kw": self.nonrig_kw}
         if len(self.learned) != self._learned_saved[1] or not (
             0.0 <= now - self._learned_saved[0] < LEARNED_SAVE_S
@@ -498,6 +511,8 @@ class Controller:
             items["rigs.learned"] = self._learned_doc()
             self._learned_saved = (now, len(self.learned))
         self._save(items)
+        if timeline is not None:
+            timeline.mark("launched")
         held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
         return ControlStatus(
             cap,
@@ -510,6 +525,44 @@ class Controller:
             min_off_wait=min_off_wait(inp, result),
             override=self.override,
         )
+
+    async def shed_now(self, now: float, *, wave: int = FIRST_WAVE) -> int:
+        """A grid order lowered the cap: shed at once, before a fresh poll and snapshot.
+
+        The planner runs on the last cycle's input (readings at most one interval old) with
+        the limits now in force, and only its shedding commands are sent (a wake waits for
+        fresh readings: the next step plans it). The first `wave` commands, the planner's
+        most important, are remembered, stored and started before the rest are even made
+        into tasks, so the first leaves within milliseconds. What is stored before a command
+        leaves is what a restarted rigd needs: the order (by the grid service, before its
+        ack) and the memory of that command (by `_launch`, as for every command), so a
+        rigd killed mid-burst knows which rigs it put to sleep. Returns commands launched."""
+        last = self.last_input
+        if last is None or self.dry_run:
+            return 0
+        timeline, self.timeline = self.timeline, None
+        self._expire(now)
+        self._harvest()
+        inp = replace(
+            last,
+            now=now,
+            cap=effective_cap(self.limits(now)),
+            memory=frozen_memory(self.memory),
+            urgent=self.comply_by is not None,
+        )
+        result = plan(inp)
+        actions = tuple(
+            a for a in result.actions if a.kind in _SHEDDING and a.rig_id not in self._inflight
+        )
+        if timeline is not None:
+            timeline.mark("planned")
+        self._launch(actions[:wave], inp)
+        if timeline is not None:
+            timeline.mark("launched")
+        await asyncio.sleep(0)  # the first wave's connections start here
+        self._launch(actions[wave:], inp)
+        log.info("grid_order_shed_now", commands=len(actions), cap_kw=round(inp.cap.kw, 3))
+        return len(actions)
 
     def _cannot_shed(self, inp: PlanInput, result: Plan, now: float) -> dict[str, Any] | None:
         """Import stays over the target with nothing left to shed: say so once per episode

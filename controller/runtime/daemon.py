@@ -162,15 +162,39 @@ class Daemon:
                 jobs.append((kind, dev_id, driver, ok, failed, health))
         if await self._read_all(jobs, ts, stop_on_kick=rigs and self._polled_all):
             # Cut short by a grid order: decide on a fresh import reading all the same.
+            self._mark("poll_cut")
             await self._read_all([j for j in jobs if j[0] == "meter"], ts)
+            self._mark("meter_read")
         elif rigs:
             if not self._polled_all and self._settle_gc:
                 eventloop.settle_gc()  # drivers, state and a first reading of every rig
             self._polled_all = True
         st.cycle += 1
         snap = st.snapshot(ts, work.elapsed())
+        self._mark("snapshot")
         self.snapshot = snap
         return snap
+
+    async def shed_now(self) -> None:
+        """A grid order lowered the cap: its first commands leave now, planned on the last
+        readings (controller.runtime.control.Controller.shed_now), before the poll is cut,
+        the meter read afresh and the whole farm planned again, which follows at once."""
+        grid, ctl = self.grid, self.controller
+        if grid is None or ctl is None or grid.timeline is None:
+            return
+        timeline, grid.timeline = grid.timeline, None
+        timeline.mark("control")
+        ctl.timeline = ctl.executor.timeline = timeline
+        try:
+            grid.before_step(self.clock.now(), ctl)
+            await ctl.shed_now(self.clock.now())
+        except Exception:  # the full step follows: a fault here must not stop it
+            log.exception("shed_now_failed")
+
+    def _mark(self, name: str) -> None:
+        """A step of a grid order's way to its first command (controller/runtime/timeline.py)."""
+        if self.grid is not None and self.grid.timeline is not None:
+            self.grid.timeline.mark(name)
 
     async def _read_all(self, jobs: list[_Job], ts: float, *, stop_on_kick: bool = False) -> bool:
         """Read the devices `poll.concurrency` at a time (as many workers, not a task per
@@ -210,6 +234,8 @@ class Daemon:
         cut = False
         try:
             await asyncio.wait((reads, kicked), return_when=asyncio.FIRST_COMPLETED)
+            if kicked.done() and not kicked.cancelled():
+                await self.shed_now()
         finally:
             kicked.cancel()
             if not reads.done():  # a grid order, or this cycle itself cancelled
@@ -417,10 +443,15 @@ class Daemon:
     async def _control(self, snap: SiteSnapshot) -> ControlStatus | None:
         """The grid's limits, then one control step on `snap`."""
         grid = self.grid
+        ctl = self.controller
         if grid is not None:
             grid.kick.clear()
-            grid.before_step(self.clock.now(), self.controller)
-        status = await self.controller.step(snap) if self.controller is not None else None
+            if grid.timeline is not None and ctl is not None:  # timed to its first command
+                grid.timeline.mark("control")
+                ctl.timeline = ctl.executor.timeline = grid.timeline
+            grid.timeline = None
+            grid.before_step(self.clock.now(), ctl)
+        status = await ctl.step(snap) if ctl is not None else None
         if grid is not None:
             grid.after_step(self.clock.now(), snap, status, self.controller)
         return status
@@ -516,6 +547,8 @@ class Daemon:
             next_t = self.clock.monotonic()
             kicked = False
             while not stop.is_set():
+                if kicked:  # between two polls: the first commands before the meter's read
+                    await self.shed_now()
                 result = await self.cycle(rigs=not kicked)
                 snap = result.snapshot
                 log.debug("poll_cycle", cycle=snap.cycle, duration_s=round(snap.poll_duration_s, 3))

@@ -29,6 +29,7 @@ from controller.core.planner import Action, ActionKind
 from controller.core.status import ActionResult
 from controller.runtime.clock import Stopwatch
 from controller.runtime.devices import Devices
+from controller.runtime.timeline import Timeline
 from drivers.base import PduDriver
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
@@ -72,6 +73,7 @@ class Executor:
         self._deferred: deque[tuple[ActionResult, str, float]] = deque()
         self._recorder: asyncio.Task[None] | None = None
         self._rigs = {r.id: r for r in devices.rigs}
+        self.timeline: Timeline | None = None  # a grid order's, logged at its first command
 
     @property
     def queued(self) -> int:
@@ -103,6 +105,9 @@ class Executor:
                 gc.enable()
 
     async def _send(self, a: Action) -> None:
+        if self.timeline is not None:
+            self.timeline.log_first_command()
+            self.timeline = None
         if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
             info = self._rigs.get(a.rig_id)
             if info is None or info.outlet is None:
