@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import math
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,6 +81,19 @@ OUTLET_COLUMNS: tuple[Oid, ...] = (
     OUTLET_STATE,
     OUTLET_POWER,
 )
+
+
+def steady_oids(rows: Iterable[int]) -> list[Oid]:
+    """What a steady poll GETs: device power and energy, and each known row's state and
+    power. Names, outlet numbers and modules are configuration, read by the full walk."""
+    rows = list(rows)
+    return [
+        (*DEVICE_POWER, HOST_DEVICE),
+        (*DEVICE_ENERGY, HOST_DEVICE),
+        *((*OUTLET_STATE, r) for r in rows),
+        *((*OUTLET_POWER, r) for r in rows),
+    ]
+
 
 # Plausibility limits: a value beyond these is a misread unit or a broken card, not a load.
 MAX_DEVICE_POWER_W = 100_000.0  # a 3-phase 63 A rack PDU tops out near 44 kW
