@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 PYASIC = "pyasic==0.79.0"  # the version the issue measured
-PYASIC_SAMPLE = 200  # rigs of each dialect pyasic reads (its CPU per read is what counts)
+PYASIC_SAMPLE = 100  # rigs of each dialect pyasic reads (its CPU per read is what counts)
 
 Target = tuple[str, int]
 

@@ -526,26 +526,28 @@ class Controller:
             override=self.override,
         )
 
-    async def shed_now(self, now: float, *, wave: int = FIRST_WAVE) -> int:
-        """A grid order lowered the cap: shed at once, before a fresh poll and snapshot.
+    def shed_now(self, now: float, *, wave: int = FIRST_WAVE) -> int:
+        """A grid order changed the limits: shed at once, before a fresh poll and snapshot.
 
         The planner runs on the last cycle's input (readings at most one interval old) with
         the limits now in force, and only its shedding commands are sent (a wake waits for
         fresh readings: the next step plans it). The first `wave` commands, the planner's
-        most important, are remembered, stored and started before the rest are even made
-        into tasks, so the first leaves within milliseconds. What is stored before a command
-        leaves is what a restarted rigd needs: the order (by the grid service, before its
-        ack) and the memory of that command (by `_launch`, as for every command), so a
-        rigd killed mid-burst knows which rigs it put to sleep. Returns commands launched."""
+        most important, are remembered, stored and made into tasks at once; the rest on the
+        next turn of the loop, after the first wave has started. What is stored before a
+        command leaves is what a restarted rigd needs: the order (by the grid service,
+        before its ack) and the memory of that command (by `_launch`, as for every command),
+        so a rigd killed mid-burst knows which rigs it put to sleep. Returns the commands."""
         last = self.last_input
         if last is None or self.dry_run:
             return 0
         timeline, self.timeline = self.timeline, None
         self._expire(now)
         self._harvest()
+        age = last.import_age_s
         inp = replace(
             last,
             now=now,
+            import_age_s=None if age is None else age + max(0.0, now - last.now),
             cap=effective_cap(self.limits(now)),
             memory=frozen_memory(self.memory),
             urgent=self.comply_by is not None,
@@ -559,10 +561,14 @@ class Controller:
         self._launch(actions[:wave], inp)
         if timeline is not None:
             timeline.mark("launched")
-        await asyncio.sleep(0)  # the first wave's connections start here
-        self._launch(actions[wave:], inp)
+        if len(actions) > wave:
+            asyncio.get_running_loop().call_soon(self._launch_rest, actions[wave:], inp)
         log.info("grid_order_shed_now", commands=len(actions), cap_kw=round(inp.cap.kw, 3))
         return len(actions)
+
+    def _launch_rest(self, actions: tuple[Action, ...], inp: PlanInput) -> None:
+        # A step in between (it cannot, before this turn of the loop) would own its rigs.
+        self._launch(tuple(a for a in actions if a.rig_id not in self._inflight), inp)
 
     def _cannot_shed(self, inp: PlanInput, result: Plan, now: float) -> dict[str, Any] | None:
         """Import stays over the target with nothing left to shed: say so once per episode

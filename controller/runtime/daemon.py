@@ -94,6 +94,7 @@ class Daemon:
         if cfg.grid is not None and cfg.grid.enabled and self.store is not None:
             # Before the first connect: the limits of orders in force apply from cycle 1.
             self.grid = GridService(cfg, self.store, self.link, now=self.clock.now)
+            self.grid.on_lowered = self.shed_now  # an order's first commands, as it lands
             if self.controller is not None:
                 self.grid.attach(self.controller)
         # A zone of a shared site: its share of the site's cap is a limit like an order's.
@@ -175,19 +176,19 @@ class Daemon:
         self.snapshot = snap
         return snap
 
-    async def shed_now(self) -> None:
-        """A grid order lowered the cap: its first commands leave now, planned on the last
-        readings (controller.runtime.control.Controller.shed_now), before the poll is cut,
-        the meter read afresh and the whole farm planned again, which follows at once."""
+    def shed_now(self) -> None:
+        """A grid order changed the limits (called by the grid service once the order is
+        stored): its first commands leave now, planned on the last readings
+        (controller.runtime.control.Controller.shed_now), without waiting for the poll to be
+        cut, the meter read afresh and the whole farm planned again, which follow."""
         grid, ctl = self.grid, self.controller
         if grid is None or ctl is None or grid.timeline is None:
             return
         timeline, grid.timeline = grid.timeline, None
-        timeline.mark("control")
         ctl.timeline = ctl.executor.timeline = timeline
         try:
             grid.before_step(self.clock.now(), ctl)
-            await ctl.shed_now(self.clock.now())
+            ctl.shed_now(self.clock.now())
         except Exception:  # the full step follows: a fault here must not stop it
             log.exception("shed_now_failed")
 
@@ -234,8 +235,6 @@ class Daemon:
         cut = False
         try:
             await asyncio.wait((reads, kicked), return_when=asyncio.FIRST_COMPLETED)
-            if kicked.done() and not kicked.cancelled():
-                await self.shed_now()
         finally:
             kicked.cancel()
             if not reads.done():  # a grid order, or this cycle itself cancelled
@@ -547,8 +546,6 @@ class Daemon:
             next_t = self.clock.monotonic()
             kicked = False
             while not stop.is_set():
-                if kicked:  # between two polls: the first commands before the meter's read
-                    await self.shed_now()
                 result = await self.cycle(rigs=not kicked)
                 snap = result.snapshot
                 log.debug("poll_cycle", cycle=snap.cycle, duration_s=round(snap.poll_duration_s, 3))

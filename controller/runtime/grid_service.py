@@ -95,6 +95,9 @@ class GridService:
         self.reports_subtopic = "grid/reports"
         self.kick = asyncio.Event()  # set when limits changed: run a control cycle now
         self.timeline: Timeline | None = None  # the newest such order's way to its commands
+        # Called once such an order is stored (and before its ack is sent): the daemon's
+        # first commands for it (controller.runtime.daemon.Daemon.shed_now).
+        self.on_lowered: Callable[[], None] | None = None
         self.rejected = 0
         self._hb_iat = 0.0  # newest signed heartbeat: an older one is a replay
         if link is not None:
@@ -361,6 +364,8 @@ class GridService:
             timeline.order_id = ack["order_id"]
             self.timeline = timeline
             self.kick.set()
+            if self.on_lowered is not None:
+                self.on_lowered()
         return ack
 
     def _outcome_ack(self, v: Verified, outcome: Outcome) -> dict[str, Any]:
