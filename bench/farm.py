@@ -1,13 +1,17 @@
 """One farm size, end to end: simulated farm, broker and daemon, each in its own process.
 
-The simulated farm is `rigd sim` itself: every miner on its own loopback address and the
-real port 4028, PDUs, and one import meter that sums the whole farm (one process, so the
+The simulated farm is `rigd sim` itself: every miner on its own loopback address and its
+firmware's real ports (the `mix` of dialects, in its shares), switched PDUs, and one import
+meter that sums the whole farm (one process, so the
 meter sees every rig: a sharded farm would need its meters added up outside the model,
 and the daemon would control on a meter that saw only part of the farm). The broker is a
 real mosquitto. The daemon is `rigd run` on the config `rigd sim` wrote, so its CPU and
 memory are its own, read from /proc.
 
 What is measured, and from where:
+
+- the yardsticks (bench/ratios.py): the floors of the farm's dialects and PDUs, and pyasic
+  where asked, each in a child process, after the farm is up and before the daemon starts;
 
 - poll cycles: the `poll_duration_s` of every cycle, from the daemon's retained `state`
   document, which also says how many rigs answered;
@@ -19,8 +23,9 @@ What is measured, and from where:
   farm draws with every rig asleep, so every rig must be slept) is published at a chosen
   moment of a poll cycle. Latency per rig runs from just before that publish (so broker
   delivery is included) to the time the executor recorded the rig's sleep as acknowledged
-  in the audit table; "metered" is when the simulated meter, read over Modbus by this
-  benchmark, first shows import under the order's cap.
+  in the audit table (a sleep, or an outlet switched off); the daemon's own marks of the
+  order's way to its first command come from its log; "metered" is when the simulated
+  meter, read over Modbus by this benchmark, first shows import under the order's cap.
 """
 
 from __future__ import annotations
