@@ -554,9 +554,9 @@ class Controller:
         inp = self._input_now(last, now)
         first: tuple[Action, ...] = ()
         if inp.urgent:  # sleeps only, the worst rigs first: a prefix of the full plan's
-            sub = replace(inp, rigs=self._first_candidates(inp, 4 * wave))
+            sub = replace(inp, rigs=self._first_candidates(inp, 4 * wave), **self._farm_import(inp))
             result = plan(sub)
-            if result.basis == "meter":  # an estimate over a few rigs would be no estimate
+            if result.basis == "meter":
                 first = self._shedding(result.actions)[:wave]
         if timeline is not None:
             timeline.mark("planned")
@@ -577,6 +577,24 @@ class Controller:
             memory=frozen_memory(self.memory),
             urgent=self.comply_by is not None,
         )
+
+    def _farm_import(self, inp: PlanInput) -> dict[str, Any]:
+        """The import a plan of a few rigs must see: the meter's while fresh, else the whole
+        farm's estimate as the planner makes it (rigs' power, the facility's load, the
+        margin), given as a reading, since an estimate over a few rigs would be none."""
+        s = self.settings
+        fresh = inp.import_age_s is not None and inp.import_age_s <= s.meter_stale_s
+        if inp.import_kw is not None and fresh:
+            return {}
+        rigs_w = sum(
+            r.power_w
+            if r.power_w is not None
+            else (r.last_known_w if r.last_known_w is not None else r.full_w)
+            for r in inp.rigs
+            if r.state is not RigState.OFF
+        )
+        kw = (rigs_w / 1000.0 + (inp.nonrig_kw or 0.0)) * (1.0 + s.estimate_margin_pct / 100.0)
+        return {"import_kw": kw, "import_age_s": 0.0}
 
     def _shedding(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
         return tuple(a for a in actions if a.kind in _SHEDDING and a.rig_id not in self._inflight)
