@@ -95,7 +95,7 @@ class GridService:
         self.reports_subtopic = "grid/reports"
         self.kick = asyncio.Event()  # set when limits changed: run a control cycle now
         self.timeline: Timeline | None = None  # the newest such order's way to its commands
-        # Called once such an order is stored (and before its ack is sent): the daemon's
+        # Called once such an order is stored and its ack handed to the link: the daemon's
         # first commands for it (controller.runtime.daemon.Daemon.shed_now).
         self.on_lowered: Callable[[], None] | None = None
         self.rejected = 0
