@@ -153,23 +153,28 @@ class Executor:
         that sleep in milliseconds wait."""
         work = Stopwatch()
         self._count(1)
+        slot = "waiting"  # then "held", and "given back" past SLOT_HOLD_S
+
+        def give_back() -> None:
+            nonlocal slot
+            if slot == "held":
+                slot = "given back"
+                self._sem.release()
+                self._count(0, released=1)
+
+        timer: asyncio.TimerHandle | None = None
         try:
-            async with self._sem:
-                task = asyncio.ensure_future(self._attempts(a))
-                try:
-                    await asyncio.wait((task,), timeout=SLOT_HOLD_S)
-                except asyncio.CancelledError:
-                    task.cancel()
-                    raise
-                slow = not task.done()
-                if slow:
-                    self._count(0, released=1)
-            try:
-                error, attempt = await task
-            finally:
-                if slow:
-                    self._count(0, released=-1)
+            await self._sem.acquire()
+            slot = "held"
+            timer = asyncio.get_running_loop().call_later(SLOT_HOLD_S, give_back)
+            error, attempt = await self._attempts(a)
         finally:
+            if timer is not None:
+                timer.cancel()
+            if slot == "held":
+                self._sem.release()
+            elif slot == "given back":
+                self._count(0, released=-1)
             self._count(-1)
         result = ActionResult(a, error is None, error, attempt, work.elapsed())
         if self._room.is_set() and not self._deferred:
