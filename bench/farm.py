@@ -1,13 +1,17 @@
 """One farm size, end to end: simulated farm, broker and daemon, each in its own process.
 
-The simulated farm is `rigd sim` itself: every miner on its own loopback address and the
-real port 4028, PDUs, and one import meter that sums the whole farm (one process, so the
+The simulated farm is `rigd sim` itself: every miner on its own loopback address and its
+firmware's real ports (the `mix` of dialects, in its shares), switched PDUs, and one import
+meter that sums the whole farm (one process, so the
 meter sees every rig: a sharded farm would need its meters added up outside the model,
 and the daemon would control on a meter that saw only part of the farm). The broker is a
 real mosquitto. The daemon is `rigd run` on the config `rigd sim` wrote, so its CPU and
 memory are its own, read from /proc.
 
 What is measured, and from where:
+
+- the yardsticks (bench/ratios.py): the floors of the farm's dialects and PDUs, and pyasic
+  where asked, each in a child process, after the farm is up and before the daemon starts;
 
 - poll cycles: the `poll_duration_s` of every cycle, from the daemon's retained `state`
   document, which also says how many rigs answered;
@@ -19,8 +23,9 @@ What is measured, and from where:
   farm draws with every rig asleep, so every rig must be slept) is published at a chosen
   moment of a poll cycle. Latency per rig runs from just before that publish (so broker
   delivery is included) to the time the executor recorded the rig's sleep as acknowledged
-  in the audit table; "metered" is when the simulated meter, read over Modbus by this
-  benchmark, first shows import under the order's cap.
+  in the audit table (a sleep, or an outlet switched off); the daemon's own marks of the
+  order's way to its first command come from its log; "metered" is when the simulated
+  meter, read over Modbus by this benchmark, first shows import under the order's cap.
 """
 
 from __future__ import annotations
@@ -47,12 +52,19 @@ from typing import Any
 
 import aiomqtt
 
-from bench import proc
+from bench import proc, ratios
 from controller.adapters.grid.sign import build, generate, sign, write_keypair
 from drivers.modbus_meter import ModbusMeter
 from simulators.farm import MODELS, SimMeter
 
 SITE = "bench"
+# An order's way to its first command, as the daemon logs it (ms since it arrived).
+FIRST_COMMAND_MARKS = (
+    *("verified", "stored", "poll_cut", "meter_read", "snapshot", "control"),
+    *("plan_input", "planned", "tasks_made", "launched", "first_send"),
+)
+# What the planner sheds load with: a rig slept, powered down, or its outlet switched off.
+SHED_ACTIONS = ("sleep", "set_power", "outlet_off")
 
 
 def _mosquitto() -> str:
@@ -68,7 +80,8 @@ def _mosquitto() -> str:
 @dataclass(frozen=True)
 class Settings:
     rigs: int
-    pdus: int = 0  # 0: no switched PDUs (LuxOS rigs sleep over their own API)
+    pdus: int = 0  # 0: no switched PDUs (rigs sleep over their own API)
+    mix: str = "luxos"  # the firmware mix, as `rigd sim --mix` takes it
     interval_s: float = 10.0
     warmup_cycles: int = 2
     cycles: int = 6  # steady cycles measured
@@ -78,6 +91,9 @@ class Settings:
     daemon_env: dict[str, str] = field(default_factory=dict)
     profile: Path | None = None  # py-spy's collapsed stacks of the daemon, steady cycles
     verbose: bool = True
+    floors: bool = True  # measure bench/floors against this farm before the daemon starts
+    floor_rounds: int = 2
+    pyasic: bool = False  # and pyasic reading a sample of each dialect's rigs
 
 
 class BenchError(RuntimeError):
@@ -163,7 +179,7 @@ def _start_farm(s: Settings, work: Path, broker: str, pub: Path, procs: _Procs) 
     max_import = round(s.rigs * 4.0 + 100.0)  # above the whole farm at full power
     p = subprocess.Popen(
         [sys.executable, "-m", "controller.cli.rigd", "sim", "--rigs", str(s.rigs),
-         "--pdus", str(s.pdus), "--subnet", s.subnet, "--mix", "luxos",
+         "--pdus", str(s.pdus), "--subnet", s.subnet, "--mix", s.mix,
          "--write-config", str(cfg), "--broker", broker, "--site", SITE,
          "--state-dir", str(work / "state"), "--interval", f"{s.interval_s:g}",
          "--max-import-kw", str(max_import), "--grid-key", str(pub),
@@ -316,7 +332,8 @@ def _audit_sleeps(db: Path, since: float) -> tuple[list[float], int]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         rows = con.execute(
-            "SELECT rig_id, ts, result FROM audit WHERE action = 'sleep' AND ts >= ?", (since,)
+            "SELECT rig_id, ts, result FROM audit WHERE action IN (?, ?, ?) AND ts >= ?",
+            (*SHED_ACTIONS, since),
         ).fetchall()
     finally:
         con.close()
@@ -346,6 +363,14 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
         cfg = _start_farm(s, work, broker, pub_path, procs)
         farm_up_s = time.monotonic() - t_start
         sim_pid = procs.started[-1][1].pid
+        rig_targets, pdu_targets = ratios.farm_targets(cfg)
+        yardsticks: dict[str, Any] = {}
+        if s.floors:
+            _say(s, f"farm up in {farm_up_s:.1f} s; measuring the floors")
+            yardsticks["floors"] = ratios.measure_floors(rig_targets, pdu_targets, s.floor_rounds)
+        if s.pyasic:
+            _say(s, "measuring pyasic on a sample of each dialect")
+            yardsticks["pyasic"] = ratios.measure_pyasic(rig_targets)
         _say(s, f"farm up in {farm_up_s:.1f} s; starting the daemon")
         observer = _Observer(port, s.rigs)
         watch = asyncio.create_task(observer.run())
@@ -355,11 +380,15 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
         first_wait = 60 + s.rigs / 100
         await observer.wait_cycle(1, first_wait)
         last = s.warmup_cycles + s.cycles
-        begin = await observer.wait_cycle(s.warmup_cycles, first_wait + s.interval_s * 3)
+        slowest = max([s.interval_s, *(c.poll_s for c in observer.cycles)])
+        begin = await observer.wait_cycle(s.warmup_cycles, first_wait + 1.5 * slowest * 3)
         sim_cpu0 = proc.cpu_s(sim_pid)
         _say(s, f"warm; measuring {s.cycles} cycles")
         spy = _start_profiler(s, daemon.pid, procs)
-        end = await observer.wait_cycle(last, s.interval_s * (s.cycles + 3))
+        # A busy host may overrun the interval: allow each cycle what the warm-up ones took
+        # (the overruns are reported, not fatal).
+        slowest = max([s.interval_s, *(c.poll_s for c in observer.cycles)])
+        end = await observer.wait_cycle(last, 1.5 * slowest * (s.cycles + 3))
         sim_cpu1 = proc.cpu_s(sim_pid)
         rss_steady = proc.rss_mb(daemon.pid)
         if spy is not None:
@@ -420,15 +449,19 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
         rss_now = proc.rss_mb(daemon.pid)
         overruns = 0
         accepted_log = None
+        first_command: dict[str, Any] = {}
         with contextlib.suppress(OSError):
             for line in (work / "daemon.log").read_text().splitlines():
                 if '"poll_overrun"' in line:
                     overruns += 1
                 elif '"grid_order_accepted"' in line and accepted_log is None:
                     accepted_log = json.loads(line).get("timestamp")
+                elif '"grid_order_first_command"' in line and not first_command:
+                    first_command = json.loads(line)
         result: dict[str, Any] = {
             "rigs": s.rigs,
             "pdus": s.pdus,
+            "mix": s.mix,
             "interval_s": s.interval_s,
             "cycles_measured": n_cycles,
             "cycles_fully_polled": fully,
@@ -454,16 +487,30 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
             "curtail_rigs_acknowledged": len(lat),
             "curtail_failed": failed,
             "curtail_commanded_first_s": round(min(lat), 3) if lat else math.nan,
+            # The first command leaving, from just before the order was published
+            "curtail_first_send_s": round(
+                first_command["arrived_at"] + first_command["first_send"] / 1000.0 - t_order, 4
+            )
+            if "arrived_at" in first_command and "first_send" in first_command
+            else math.nan,
             "curtail_commanded_p50_s": round(percentile(lat, 50), 3),
             "curtail_commanded_p99_s": round(percentile(lat, 99), 3),
             "curtail_commanded_max_s": round(max(lat), 3) if lat else math.nan,
             "curtail_metered_s": round(metered, 3),
             "order_accepted_log_ts": accepted_log,
+            # The daemon's own marks, ms from the order's arrival (controller/runtime/timeline.py)
+            "curtail_first_breakdown_ms": {
+                k: first_command[k] for k in FIRST_COMMAND_MARKS if k in first_command
+            },
+            # The daemon's CPU at the same marks: its own work, without the waits for a core
+            "curtail_first_breakdown_cpu_ms": first_command.get("cpu_ms", {}),
             # CPU from the order until the check above saw every sleep (it polls every 0.5 s)
             "curtail_daemon_cpu_s": round(cpu_after[0] - cpu_before[0], 2),
             "curtail_sim_cpu_s": round(cpu_after[1] - cpu_before[1], 2),
             "curtail_wall_s": round(time.time() - t_order, 2),
             "farm_start_s": round(farm_up_s, 1),
+            "rigs_by_driver": {d: len(t) for d, t in rig_targets.items()},
+            **yardsticks,
         }
         return result
     finally:

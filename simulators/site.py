@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,16 +45,49 @@ DIALECTS: Final = {
 BRAIINS_USER, BRAIINS_PASSWORD = "root", "root"
 
 
+def mix_weights(spec: str | Sequence[str]) -> dict[str, float]:
+    """Dialect -> share, from "luxos=40,whatsminer=20,..." or the plain "luxos,antminer"
+    (each name one share; a name given twice, two), checked. Shares need not add up to
+    anything: they are proportions."""
+    items = [d.strip().lower() for d in (spec.split(",") if isinstance(spec, str) else spec)]
+    weights: dict[str, float] = {}
+    for item in (i for i in items if i):
+        name, eq, share = item.partition("=")
+        name = name.strip()
+        if name not in DIALECTS:
+            raise ValueError(f"unknown firmware dialect {name!r}; known: {', '.join(DIALECTS)}")
+        try:
+            w = float(share) if eq else 1.0
+        except ValueError:
+            raise ValueError(f"the share of {name!r} is not a number: {share!r}") from None
+        if not (w >= 0.0 and math.isfinite(w)):
+            raise ValueError(f"the share of {name!r} must be 0 or more, got {share!r}")
+        weights[name] = weights.get(name, 0.0) + w
+    weights = {d: w for d, w in weights.items() if w > 0.0}
+    if not weights:
+        raise ValueError("a firmware mix needs at least one dialect with a share above 0")
+    return weights
+
+
 def parse_mix(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """Dialects from "luxos,antminer,..." (rigs take them in turn), checked."""
-    names = [d.strip().lower() for d in (spec.split(",") if isinstance(spec, str) else spec)]
-    names = [d for d in names if d]
-    if not names:
-        raise ValueError("a firmware mix needs at least one dialect")
-    unknown = [d for d in names if d not in DIALECTS]
-    if unknown:
-        raise ValueError(f"unknown firmware dialect {unknown[0]!r}; known: {', '.join(DIALECTS)}")
-    return tuple(names)
+    """The dialects of a mix (see `mix_weights`), each once, in the order given."""
+    return tuple(mix_weights(spec))
+
+
+def assign_dialects(rigs: int, weights: dict[str, float]) -> list[str]:
+    """The dialect of each of `rigs` rigs in turn, in proportion to `weights` and interleaved
+    (smooth weighted round robin), so any run of rigs, and so each PDU's outlets, holds the
+    mix too. Equal shares take turns in the order given, as the plain list always did."""
+    total = sum(weights.values())
+    current = dict.fromkeys(weights, 0.0)
+    out: list[str] = []
+    for _ in range(rigs):
+        for d, w in weights.items():
+            current[d] += w
+        pick = max(current, key=lambda d: current[d])  # the first of equals: order kept
+        current[pick] -= total
+        out.append(pick)
+    return out
 
 
 def _q(s: str) -> str:
@@ -94,8 +128,10 @@ class SimSite:
         braiins_release: str = "25.07",
     ) -> None:
         """`mix` names the firmware dialects (see `DIALECTS`); rigs take them in turn, so
-        "luxos,whatsminer" makes every other rig a Whatsminer. Each dialect is served by its
-        own simulator on its real ports (with `subnet`), as on a mixed farm LAN.
+        "luxos,whatsminer" makes every other rig a Whatsminer, or in proportion, so
+        "luxos=3,whatsminer=1" makes one rig in four a Whatsminer (see `mix_weights`).
+        Each dialect is served by its own simulator on its real ports (with `subnet`), as
+        on a mixed farm LAN.
         `braiins_release` is the Braiins OS release of the "braiins" rigs: every release
         serves gRPC (50051), those from 25.07 on the REST API (80) too."""
         if subnet is not None:
@@ -104,10 +140,11 @@ class SimSite:
         self.farm = Farm.build(self.clock, rigs=rigs, pdus=pdus, seed=seed, models=models)
         self.subnet = subnet
         self.meter_protocol: MeterProtocol = meter_protocol
-        self.mix = parse_mix(mix)
-        self.dialects: dict[str, str] = {
-            rid: self.mix[n % len(self.mix)] for n, rid in enumerate(self.farm.rigs)
-        }
+        self.mix_weights = mix_weights(mix)
+        self.mix = tuple(self.mix_weights)
+        self.dialects: dict[str, str] = dict(
+            zip(self.farm.rigs, assign_dialects(len(self.farm.rigs), self.mix_weights), strict=True)
+        )
         self._make_firmware(seed)
         by = {d: [r for r, rd in self.dialects.items() if rd == d] for d in DIALECTS}
         self.fleet = MinerFleet(

@@ -305,7 +305,8 @@ def farm_args(sp: argparse.ArgumentParser, *, mix: str = "luxos") -> None:
         default=mix,
         metavar="DIALECTS",
         help="firmware of the rigs, taken in turn: comma-separated from luxos, antminer, "
-        f"whatsminer, whatsminer-v3, braiins, avalon, epic, vnish (default {mix})",
+        "whatsminer, whatsminer-v3, braiins, avalon, epic, vnish, each optionally with its "
+        f"share (luxos=40,whatsminer=20,...) (default {mix})",
     )
 
 

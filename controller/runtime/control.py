@@ -11,6 +11,7 @@ read back at start, before the first cycle.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -64,6 +65,7 @@ from controller.core.status import (
 from controller.errors import ManualRefused
 from controller.runtime.devices import Devices
 from controller.runtime.executor import Executor
+from controller.runtime.timeline import Timeline
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
@@ -80,6 +82,11 @@ REOPT_EVERY_S = 60.0
 SLEEP_SMOOTHING = 0.2  # weight of a new reading in a rig's learned sleeping power
 FULL_AT_TARGET = 0.03  # a rig within this share of its power target has reached it
 FULL_FLOOR = 0.85  # a learned full power under this share of the highest target is not used
+# A grid order's first commands, started before the rest are made into tasks (`shed_now`):
+# as many as the executor runs at once, so none of them waits for the others' bookkeeping.
+FIRST_WAVE = 64
+_SHEDDING = frozenset({ActionKind.SLEEP, ActionKind.OUTLET_OFF})
+_RUNNING = frozenset({RigState.MINING, RigState.WAKING})
 
 
 # -- the config, as the pure core's plain values -------------------------------------------------
@@ -215,6 +222,7 @@ class Controller:
         # memory before the command, until the rig shows whether the command landed.
         self._unconfirmed: dict[str, RigMemory] = {}
         self._last_dry: tuple[tuple[str, str, float | None], ...] = ()
+        self.timeline: Timeline | None = None  # a grid order's way to its first command
         self._group_priority = {name: g.priority for name, g in cfg.groups.items()}
         # PDUs rigd may switch outlets on: SNMPv3, or v2c with a write community.
         self._switchable_pdus = frozenset(
@@ -606,7 +614,12 @@ class Controller:
             model=self.import_model,
             reoptimize=reopt,
         )
+        timeline, self.timeline = self.timeline, None
+        if timeline is not None:
+            timeline.mark("plan_input")
         result = plan(inp)
+        if timeline is not None:
+            timeline.mark("planned")
         self.last_input, self.last_plan = inp, result
         self.nonrig_kw = result.nonrig_kw
         if result.model is not None:
@@ -617,6 +630,8 @@ class Controller:
             self._report_dry_run(result.actions)
         else:
             self._launch(result.actions, inp)
+        if timeline is not None:
+            timeline.mark("tasks_made")
         items: dict[str, Any] = {
             "control.nonrig_kw": self.nonrig_kw,
             "control.import_model": self.import_model.as_dict(),
@@ -627,6 +642,8 @@ class Controller:
             items["rigs.learned"] = self._learned_doc()
             self._learned_saved = (now, len(self.learned))
         self._save(items)
+        if timeline is not None:
+            timeline.mark("launched")
         held = {"maintenance": len(self.maintenance), "pinned": len(self.pinned)}
         return ControlStatus(
             cap,
@@ -640,6 +657,117 @@ class Controller:
             override=self.override,
             attainment=self.attainment,
         )
+
+    def shed_now(self, now: float, *, wave: int = FIRST_WAVE) -> int:
+        """A grid order changed the limits: shed at once, before a fresh poll and snapshot.
+
+        Planning the whole farm takes a while (about 0.13 s of CPU at 10,000 rigs), so under
+        a grid deadline the planner first runs on the few rigs it would shed first (the
+        least efficient running rigs free to sleep now, `_first_candidates`, and every rig
+        whose command is still settling, so what is in flight is counted) with the farm's
+        last metered import, and the first `wave` of its sleeps leave at once; the whole
+        farm is planned on the next turn of the loop (`_shed_rest`), counting that wave in
+        flight. Both run on the last cycle's input (readings at most one interval old)
+        with the limits now in force, and send only shedding commands (a wake waits for
+        fresh readings: the next step plans it); the full step with a fresh poll follows.
+
+        What is stored before a command leaves is what a restarted rigd needs: the order
+        (by the grid service, before its ack) and the memory of that command (by `_launch`,
+        as for every command), so a rigd killed mid-burst knows which rigs it put to
+        sleep. Returns the commands of the first wave."""
+        last = self.last_input
+        if last is None or self.dry_run:
+            return 0
+        timeline, self.timeline = self.timeline, None
+        self._expire(now)
+        self._harvest()
+        inp = self._input_now(last, now)
+        first: tuple[Action, ...] = ()
+        if inp.urgent:  # sleeps only, the worst rigs first: a prefix of the full plan's
+            sub = replace(inp, rigs=self._first_candidates(inp, 4 * wave), **self._farm_import(inp))
+            result = plan(sub)
+            if result.basis == "meter":
+                first = self._shedding(result.actions)[:wave]
+        if timeline is not None:
+            timeline.mark("planned")
+        self._launch(first, sub)
+        if timeline is not None:
+            timeline.mark("launched")
+        asyncio.get_running_loop().call_soon(self._shed_rest, now)
+        return len(first)
+
+    def _input_now(self, last: PlanInput, now: float) -> PlanInput:
+        """The last cycle's input at `now`, with the limits and memory now in force."""
+        age = last.import_age_s
+        return replace(
+            last,
+            now=now,
+            import_age_s=None if age is None else age + max(0.0, now - last.now),
+            cap=effective_cap(self.limits(now)),
+            memory=frozen_memory(self.memory),
+            urgent=self.comply_by is not None,
+        )
+
+    def _farm_import(self, inp: PlanInput) -> dict[str, Any]:
+        """The import a plan of a few rigs must see: the meter's while fresh, else the whole
+        farm's estimate as the planner makes it (rigs' power, the facility's load, the
+        margin), given as a reading, since an estimate over a few rigs would be none."""
+        s = self.settings
+        fresh = inp.import_age_s is not None and inp.import_age_s <= s.meter_stale_s
+        if inp.import_kw is not None and fresh:
+            return {}
+        rigs_w = sum(
+            r.power_w
+            if r.power_w is not None
+            else (r.last_known_w if r.last_known_w is not None else r.full_w)
+            for r in inp.rigs
+            if r.state is not RigState.OFF
+        )
+        kw = (rigs_w / 1000.0 + (inp.nonrig_kw or 0.0)) * (1.0 + s.estimate_margin_pct / 100.0)
+        return {"import_kw": kw, "import_age_s": 0.0}
+
+    def _shedding(self, actions: tuple[Action, ...]) -> tuple[Action, ...]:
+        return tuple(a for a in actions if a.kind in _SHEDDING and a.rig_id not in self._inflight)
+
+    def _first_candidates(self, inp: PlanInput, k: int) -> tuple[RigInput, ...]:
+        """The `k` rigs the planner sleeps first under a deadline, by its own order
+        (priority, then least efficient: controller.core.planner._shed), among the running
+        rigs free to sleep now (settled, past their minimum on-time), and every rig with a
+        command still settling."""
+        mem, now, min_on = inp.memory, inp.now, self.settings.min_on_s
+
+        def free(r: RigInput) -> bool:
+            if r.state not in _RUNNING or not r.can_sleep or r.busy or r.maintenance or r.pinned:
+                return False
+            mm = mem.get(r.id)
+            return mm is None or (
+                mm.mode is Mode.RUN
+                and now >= mm.settle_until
+                and now >= mm.since + min_on
+                and now >= mm.retry_at
+            )
+
+        def key(r: RigInput) -> tuple[int, float, str]:
+            eff = r.efficiency_j_th if r.efficiency_j_th and r.efficiency_j_th > 0 else math.inf
+            return (r.priority, -eff, r.id)
+
+        worst = heapq.nsmallest(k, filter(free, inp.rigs), key=key)
+        settling = [
+            r
+            for r in inp.rigs
+            if (mm := mem.get(r.id)) is not None and mm.expected_w is not None
+            and now < mm.settle_until
+        ]  # fmt: skip
+        return tuple({r.id: r for r in (*worst, *settling)}.values())
+
+    def _shed_rest(self, now: float) -> None:
+        """The whole farm planned, after the first wave has started (see `shed_now`)."""
+        if self.last_input is None:
+            return
+        inp = self._input_now(self.last_input, now)
+        actions = self._shedding(plan(inp).actions)
+        self._launch(actions, inp)
+        log.info("grid_order_shed_now", commands=len(actions), cap_kw=round(inp.cap.kw, 3))
 
     def _cannot_shed(self, inp: PlanInput, result: Plan, now: float) -> dict[str, Any] | None:
         """Import stays over the target with nothing left to shed: say so once per episode

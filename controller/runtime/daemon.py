@@ -108,6 +108,7 @@ class Daemon:
         if cfg.grid is not None and cfg.grid.enabled and self.store is not None:
             # Before the first connect: the limits of orders in force apply from cycle 1.
             self.grid = GridService(cfg, self.store, self.link, now=self.clock.now)
+            self.grid.on_lowered = self.shed_now  # an order's first commands, as it lands
             if self.controller is not None:
                 self.grid.attach(self.controller)
         # An OpenADR VTN's events: orders in the same book (runtime/openadr_service.py).
@@ -226,7 +227,9 @@ class Daemon:
             try:
                 cut = await self._read_all(jobs, ts, stop_on_kick=rigs and self._polled_all)
                 if cut:  # by a grid order: decide on a fresh import reading all the same
+                    self._mark("poll_cut")
                     await self._read_all([j for j in jobs if j[0] == "meter"], ts)
+                    self._mark("meter_read")
             finally:
                 self._lag = None
         if self._starved_reads:
@@ -242,8 +245,30 @@ class Daemon:
             self._polled_all = True
         st.cycle += 1
         snap = st.snapshot(ts, work.elapsed())
+        self._mark("snapshot")
         self.snapshot = snap
         return snap
+
+    def shed_now(self) -> None:
+        """A grid order changed the limits (called by the grid service once the order is
+        stored): its first commands leave now, planned on the last readings
+        (controller.runtime.control.Controller.shed_now), without waiting for the poll to be
+        cut, the meter read afresh and the whole farm planned again, which follow."""
+        grid, ctl = self.grid, self.controller
+        if grid is None or ctl is None or grid.timeline is None:
+            return
+        timeline, grid.timeline = grid.timeline, None
+        ctl.timeline = ctl.executor.timeline = timeline
+        try:
+            grid.before_step(self.clock.now(), ctl)
+            ctl.shed_now(self.clock.now())
+        except Exception:  # the full step follows: a fault here must not stop it
+            log.exception("shed_now_failed")
+
+    def _mark(self, name: str) -> None:
+        """A step of a grid order's way to its first command (controller/runtime/timeline.py)."""
+        if self.grid is not None and self.grid.timeline is not None:
+            self.grid.timeline.mark(name)
 
     async def _read_all(self, jobs: list[_Job], ts: float, *, stop_on_kick: bool = False) -> bool:
         """Read the devices `poll.concurrency` at a time (as many workers, not a task per
@@ -493,10 +518,15 @@ class Daemon:
     async def _control(self, snap: SiteSnapshot) -> ControlStatus | None:
         """The grid's limits, then one control step on `snap`."""
         grid = self.grid
+        ctl = self.controller
         if grid is not None:
             grid.kick.clear()
-            grid.before_step(self.clock.now(), self.controller)
-        status = await self.controller.step(snap) if self.controller is not None else None
+            if grid.timeline is not None and ctl is not None:  # timed to its first command
+                grid.timeline.mark("control")
+                ctl.timeline = ctl.executor.timeline = grid.timeline
+            grid.timeline = None
+            grid.before_step(self.clock.now(), ctl)
+        status = await ctl.step(snap) if ctl is not None else None
         if grid is not None:
             grid.after_step(self.clock.now(), snap, status, self.controller)
         if self.openadr is not None:

@@ -29,6 +29,7 @@ from controller.core.planner import Action, ActionKind
 from controller.core.status import ActionResult
 from controller.runtime.clock import Stopwatch
 from controller.runtime.devices import Devices
+from controller.runtime.timeline import Timeline
 from drivers.base import PduDriver
 from drivers.errors import DeviceError, DeviceTimeout, DeviceUnreachable
 
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
 CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
 RECORD_WAIT_S = 10.0  # ...or after this long
+SLOT_HOLD_S = 2.0  # a command slower than this gives its slot to the next (see `execute`)
 
 
 class Executor:
@@ -64,6 +66,7 @@ class Executor:
         self._sem = asyncio.Semaphore(concurrency)
         self._slots = concurrency
         self._pending = 0  # actions started and not finished, queued ones included
+        self._released = 0  # of those, slow ones that gave their slot back (SLOT_HOLD_S)
         self._room = asyncio.Event()
         self._room.set()
         self._calm = asyncio.Event()  # few actions left: time to book the kept-back ones
@@ -72,26 +75,29 @@ class Executor:
         self._deferred: deque[tuple[ActionResult, str, float]] = deque()
         self._recorder: asyncio.Task[None] | None = None
         self._rigs = {r.id: r for r in devices.rigs}
+        self.timeline: Timeline | None = None  # a grid order's, logged at its first command
 
     @property
     def queued(self) -> int:
         """Actions waiting for a slot."""
-        return max(0, self._pending - self._slots)
+        return max(0, self._pending - self._released - self._slots)
 
     async def room_for_reads(self) -> None:
         """Return once no action waits for a slot (at once, nearly always)."""
         if not self._room.is_set():
             await self._room.wait()
 
-    def _count(self, delta: int) -> None:
+    def _count(self, delta: int, *, released: int = 0) -> None:
         self._pending += delta
-        if self._pending > self._slots:
+        self._released += released  # slow commands going on without a slot
+        waiting = self._pending - self._released > self._slots
+        if waiting:
             self._room.clear()
         else:
             self._room.set()
         if self._pending > CALM_PENDING:
             self._calm.clear()
-            if self._pending > self._slots and gc.isenabled():
+            if waiting and gc.isenabled():
                 # A burst: no collector pauses until it is sent (it allocates little, for
                 # a few seconds; a full collection in it would hold every reply back).
                 gc.disable()
@@ -103,6 +109,9 @@ class Executor:
                 gc.enable()
 
     async def _send(self, a: Action) -> None:
+        if self.timeline is not None:
+            self.timeline.log_first_command()
+            self.timeline = None
         if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
             info = self._rigs.get(a.rig_id)
             if info is None or info.outlet is None:
@@ -136,33 +145,36 @@ class Executor:
             ) from e
 
     async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
-        """Send one action, with retries; record it; never raises for device errors."""
+        """Send one action, with retries; record it; never raises for device errors.
+
+        A command holds one of the slots for at most `SLOT_HOLD_S`, then goes on without
+        it: a stock Antminer applies a mode through its web UI in about 21 s, and 3,000 of
+        them would otherwise hold every slot of a curtailment for minutes while the rigs
+        that sleep in milliseconds wait."""
         work = Stopwatch()
-        error: str | None = None
-        attempt = 0
         self._count(1)
+        slot = "waiting"  # then "held", and "given back" past SLOT_HOLD_S
+
+        def give_back() -> None:
+            nonlocal slot
+            if slot == "held":
+                slot = "given back"
+                self._sem.release()
+                self._count(0, released=1)
+
+        timer: asyncio.TimerHandle | None = None
         try:
-            async with self._sem:
-                for attempt in range(1, self.attempts + 1):
-                    try:
-                        await self._attempt(a)
-                        error = None
-                        break
-                    except (DeviceTimeout, DeviceUnreachable) as e:
-                        error = str(e)
-                        if attempt < self.attempts:
-                            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-                    except DeviceError as e:
-                        error = str(e)  # rejected, auth, unsupported: retrying will not help
-                        break
-                    except ValueError as e:  # e.g. a power target outside the rig's range
-                        error = f"invalid: {e}"
-                        break
-                    except Exception as e:  # a driver bug must not take the controller down
-                        error = f"{type(e).__name__}: {e}"
-                        log.exception("action_crashed", rig=a.rig_id, action=a.kind.value)
-                        break
+            await self._sem.acquire()
+            slot = "held"
+            timer = asyncio.get_running_loop().call_later(SLOT_HOLD_S, give_back)
+            error, attempt = await self._attempts(a)
         finally:
+            if timer is not None:
+                timer.cancel()
+            if slot == "held":
+                self._sem.release()
+            elif slot == "given back":
+                self._count(0, released=-1)
             self._count(-1)
         result = ActionResult(a, error is None, error, attempt, work.elapsed())
         if self._room.is_set() and not self._deferred:
@@ -172,6 +184,27 @@ class Executor:
             if self._recorder is None or self._recorder.done():
                 self._recorder = asyncio.create_task(self._record_deferred(), name="audit")
         return result
+
+    async def _attempts(self, a: Action) -> tuple[str | None, int]:
+        """(error or None, attempts made): the retries of one action."""
+        error: str | None = None
+        attempt = 0
+        for attempt in range(1, self.attempts + 1):
+            try:
+                await self._attempt(a)
+                return None, attempt
+            except (DeviceTimeout, DeviceUnreachable) as e:
+                error = str(e)
+                if attempt < self.attempts:
+                    await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            except DeviceError as e:
+                return str(e), attempt  # rejected, auth, unsupported: retrying will not help
+            except ValueError as e:  # e.g. a power target outside the rig's range
+                return f"invalid: {e}", attempt
+            except Exception as e:  # a driver bug must not take the controller down
+                log.exception("action_crashed", rig=a.rig_id, action=a.kind.value)
+                return f"{type(e).__name__}: {e}", attempt
+        return error, attempt
 
     async def _record_deferred(self) -> None:
         # Once the burst is nearly done (or after a while: stragglers retrying must not

@@ -35,6 +35,7 @@ from controller.core.grid.book import (
     report_doc,
 )
 from controller.core.planner import Mode
+from controller.runtime.timeline import Timeline
 from drivers.telemetry import RigState
 
 if TYPE_CHECKING:
@@ -93,6 +94,10 @@ class GridService:
         self.acks_topic = f"{base}/acks"
         self.reports_subtopic = "grid/reports"
         self.kick = asyncio.Event()  # set when limits changed: run a control cycle now
+        self.timeline: Timeline | None = None  # the newest such order's way to its commands
+        # Called once such an order is stored and its ack handed to the link: the daemon's
+        # first commands for it (controller.runtime.daemon.Daemon.shed_now).
+        self.on_lowered: Callable[[], None] | None = None
         self.rejected = 0
         self._hb_iat = 0.0  # newest signed heartbeat: an older one is a replay
         if link is not None:
@@ -282,6 +287,7 @@ class GridService:
         self, raw: bytes, *, response_topic: str | None = None, correlation: bytes | None = None
     ) -> dict[str, Any]:
         """Verify, apply, persist and acknowledge one message; returns the ack document."""
+        timeline = Timeline()
         now = self.now()
         reply_to = self._reply_topic(response_topic)
         try:
@@ -292,6 +298,7 @@ class GridService:
             self._publish(reply_to, ack, correlation, persist=False)
             return ack
         msg = v.message
+        timeline.mark("verified")
         seen = self.store.grid_seen(msg.jti)
         if seen is not None:
             digest, old_ack = seen
@@ -349,11 +356,16 @@ class GridService:
             # Obeying is still safe (orders only lower the cap); say so loudly.
             log.error("grid_state_write_failed", error=str(e), jti=msg.jti)
             ids = [0] * len(outbox)
+        timeline.mark("stored")
         if self.link is not None:
             for row_id, (topic, payload, corr) in zip(ids, outbox, strict=True):
                 self._send(topic, payload, corr, row_id)
         if outcome.changed:
+            timeline.order_id = ack["order_id"]
+            self.timeline = timeline
             self.kick.set()
+            if self.on_lowered is not None:
+                self.on_lowered()
         return ack
 
     def _outcome_ack(self, v: Verified, outcome: Outcome) -> dict[str, Any]:

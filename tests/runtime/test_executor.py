@@ -144,3 +144,30 @@ async def test_commands_come_before_reads_and_their_bookkeeping(
     events = [p for _, p in env.link._events if b'"type":"action"' in p]
     assert len(events) == 3
     assert all(env.farm.rigs[r].mode is RigMode.SLEEPING for r in rigs)
+
+
+async def test_a_slow_command_gives_its_slot_to_the_next(
+    env: _Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stock Antminer's mode write takes ~21 s: past SLOT_HOLD_S it goes on without its
+    slot, so a rig that sleeps at once is not kept waiting behind it."""
+    monkeypatch.setattr(executor_mod, "SLOT_HOLD_S", 0.05)
+    slow_done = asyncio.Event()
+    miner = env.devices.miners["rig-001"]
+
+    async def slow_sleep() -> None:
+        await slow_done.wait()
+
+    monkeypatch.setattr(miner, "sleep", slow_sleep)
+    ex = Executor(env.devices, store=env.store, link=env.link, now=env.farm.now, concurrency=1)
+    slow = asyncio.create_task(ex.execute(Action("rig-001", ActionKind.SLEEP, "grid order")))
+    await asyncio.sleep(0)
+    fast = await asyncio.wait_for(
+        ex.execute(Action("rig-002", ActionKind.SLEEP, "grid order")), timeout=30
+    )
+    assert fast.ok and not slow.done()
+    assert env.farm.rigs["rig-002"].mode is RigMode.SLEEPING
+    assert ex.queued == 0
+    slow_done.set()
+    assert (await slow).ok
+    await ex.drain()
