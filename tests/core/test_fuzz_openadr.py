@@ -109,3 +109,15 @@ def test_events_map_to_orders_or_event_error(doc: Any) -> None:
     for msg in [*ch.cancel, *ch.curtail]:
         out = book.apply(msg, T0, signed=True, kid=None)
         assert out.accepted or out.reason == "not_applicable", out
+
+
+def test_an_interval_id_of_any_size_makes_a_valid_order_id() -> None:
+    """Found by the fuzz test: an interval id hundreds of digits long made an order id the
+    order book refused (a crash of the mapping, not an invalid event)."""
+    from controller.core.grid.openadr_events import order_id
+
+    huge = str(10**400)
+    ids = {order_id("e2", huge), order_id("e2", huge + "1"), order_id("e2", "7")}
+    assert len(ids) == 3
+    assert all(len(i) <= 120 for i in ids)
+    assert order_id("e2", "7").endswith(".7")

@@ -416,9 +416,15 @@ class OrderSpec:
     detail: str = ""
 
 
+KEY_MAX = 24  # characters of an interval's key kept as they are in an order id
+
+
 def order_id(event_id: str, key: str) -> str:
     """`oadr.<eventID>.<interval>`, within 120 of an order id's 128 characters (a long
-    event id is shortened with a hash, so two long ids never meet)."""
+    event id is shortened with a hash, so two long ids never meet; so is a long interval
+    key, since OpenADR's interval ids are integers of any size)."""
+    if len(key) > KEY_MAX:
+        key = "h" + hashlib.sha256(key.encode()).hexdigest()[:16]
     base = f"{ORDER_PREFIX}{event_id}"
     if len(base) + 1 + len(key) > 120:  # room for a -r<n> suffix (see `live_id`)
         h = hashlib.sha256(event_id.encode()).hexdigest()[:16]
