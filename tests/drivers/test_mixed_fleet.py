@@ -348,7 +348,15 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
                         throttled.add(dialect[c])
                 return m.true_power_w(farm.now()) / 1000 <= cap
 
-            await _until(lambda: under(cap1) and throttled >= set(MIX), "throttled under cap 1")
+            # The planner may sleep the rig whose whole-rig hashrate per kW is the lowest
+            # (an Avalon, here) rather than throttle it: issue 17's marginal-value rule.
+            def each_throttled_or_asleep() -> bool:
+                asleep = {dialect[c] for c, r in sims.items() if _mode(r) is RigMode.SLEEPING}
+                return throttled | asleep >= set(MIX) and len(throttled) >= len(MIX) - 1
+
+            await _until(
+                lambda: under(cap1) and each_throttled_or_asleep(), "throttled under cap 1"
+            )
 
             # 2. Nothing but the site's own load: every rig asleep, by its own dialect.
             cap2 = base_kw + 0.5
@@ -387,7 +395,10 @@ async def test_daemon_curtails_and_restores_a_scanned_mixed_farm(tmp_path: Path)
             cmds = {c for s in fleet.servers.values() for c in s.commands()}
             assert wants[api] <= cmds, (api, sorted(cmds))
         ascset = {c for s in site.families.avalon.servers.values() for c in s.commands_seen}
-        assert {"softoff", "softon", "workmode"} <= ascset, sorted(ascset)
+        # A work mode only where the planner throttled the Avalon rather than slept it (its
+        # work modes are driven in tests/drivers/test_avalon.py).
+        avalon_wants = {"softoff", "softon"} | ({"workmode"} if "avalon" in throttled else set())
+        assert avalon_wants <= ascset, sorted(ascset)
         posts = {(p, str(v)) for s in site.families.epic.api.values() for p, v in s.posts}
         assert {("/miner", "Stop"), ("/miner", "Autostart")} <= posts, sorted(posts)
         assert any(p == "/perpetualtune/algo" for p, _ in posts), sorted(posts)
