@@ -62,10 +62,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import secrets
-import socket
 import string
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -75,7 +73,8 @@ from aiohttp import web
 
 from simulators.farm import Farm, RigMode, SimPdu, SimRig, above_room
 from simulators.fleet import Fleet
-from simulators.server import SILENT_HOLD_S, RigServer
+from simulators.server import SILENT_HOLD_S
+from simulators.webserver import WebRigServer
 
 log = structlog.get_logger(__name__)
 
@@ -333,10 +332,11 @@ class BosViews:
         return {"fans": fans, "highest_temperature": highest}
 
 
-class BraiinsRestServer(BosViews, RigServer):
+class BraiinsRestServer(BosViews, WebRigServer):
     """The REST API of one simulated BOS rig. See the module docstring for its behaviour."""
 
     faults = FAULTS
+    max_body = 64 * 1024
 
     def __init__(
         self,
@@ -350,30 +350,19 @@ class BraiinsRestServer(BosViews, RigServer):
         token_timeout_s: int = TOKEN_TIMEOUT_S,
         outlet: tuple[SimPdu, int] | None = None,
     ) -> None:
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"{host} is not a loopback address")
-        super().__init__(farm, rig_id, host=host, outlet=outlet)
-        self.port = port
+        super().__init__(farm, rig_id, host=host, port=port, outlet=outlet)
         self.username = username
         self.password = password
         self.token_timeout_s = token_timeout_s
         self.api_version = API_VERSION
         self.delays: dict[str, float] = {"login": 0.0, "read": 0.0, "action": 0.0}
-        self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
         self.logins = 0  # successful logins
         self.failed_logins = 0
         self.tokens: dict[str, float] = {}  # token -> farm time of its last use
-        self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
-        self._closing = asyncio.Event()
 
-    # -- lifecycle -------------------------------------------------------------
+    # -- lifecycle (simulators/webserver.py) -------------------------------------
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            return
-        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
-        r = app.router
+    def routes(self, r: web.UrlDispatcher) -> None:
         r.add_post("/api/v1/auth/login", self._login)
         r.add_get("/api/v1/version", self._version)
         r.add_get("/api/v1/version/", self._version)
@@ -389,55 +378,10 @@ class BraiinsRestServer(BosViews, RigServer):
         r.add_get("/api/v1/miner/stats", self._stats)
         r.add_get("/api/v1/miner/hw/hashboards", self._hashboards)
         r.add_get("/api/v1/cooling/state", self._cooling)
-        self._closing = asyncio.Event()
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        self._runner = runner
-        try:
-            await self._listen()
-        except BaseException:
-            await self.stop()
-            raise
+
+    async def start(self) -> None:
+        await super().start()
         log.debug("braiins_simulator.started", rig=self.rig_id, host=self.host, port=self.port)
-
-    def _listening(self) -> bool:
-        return self._site is not None
-
-    def _can_listen(self) -> bool:
-        return self._runner is not None  # started, and not stopped since
-
-    async def _listen(self) -> None:
-        assert self._runner is not None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        # Port 0 asks for an ephemeral port; keep the real one so "refuse" can re-open it.
-        self.port = sock.getsockname()[1]
-        site = web.SockSite(self._runner, sock)
-        await site.start()
-        self._site = site
-
-    async def _stop_listening(self) -> None:
-        site, self._site = self._site, None
-        if site is not None:
-            await site.stop()
-
-    async def stop(self) -> None:
-        self._closing.set()
-        runner, self._runner = self._runner, None
-        self._site = None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     # -- plumbing --------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class WebRigServer(RigServer):
     """One rig's HTTP server on `host:port` (0: an ephemeral port)."""
 
     faults: ClassVar[frozenset[str]] = FAULTS
+    max_body: ClassVar[int] = 256 * 1024  # the largest request body accepted
 
     def __init__(
         self,
@@ -76,7 +77,7 @@ class WebRigServer(RigServer):
     async def start(self) -> None:
         if self._runner is not None:
             return
-        app = web.Application(middlewares=[self._middleware], client_max_size=256 * 1024)
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
         self.routes(app.router)
         self._closing = asyncio.Event()
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
