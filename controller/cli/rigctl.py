@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from controller.cli import grid as grid_cli
@@ -468,11 +469,25 @@ def _client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(cfg.admin.socket)
 
 
+def inert(value: Any) -> Any:
+    """`value` with every string escaped for Rich: names, errors and reasons come from
+    miners, grid operators and VTNs, and a `[/x]` in one of them would otherwise stop the
+    printer with a MarkupError (or a `[bold]` silently vanish). Printers keep their own
+    markup in their format strings; only the data is made inert."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {inert(k): inert(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [inert(v) for v in value]
+    return value
+
+
 def _emit(args: argparse.Namespace, result: Any, printer: Any) -> None:
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     else:
-        printer(result, Console(highlight=False))
+        printer(inert(result), Console(highlight=False))
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -514,7 +529,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
             t.add_column(col)
         for f in found:
             t.add_row(
-                f"{f.host}:{f.port}", f.make, f.model, f.firmware, f.firmware_version, f.driver
+                *inert(
+                    [
+                        f"{f.host}:{f.port}",
+                        f.make,
+                        f.model,
+                        f.firmware,
+                        f.firmware_version,
+                        f.driver,
+                    ]
+                )
             )
         out = Console(highlight=False)
         out.print(t)
@@ -681,8 +705,8 @@ def _top(args: argparse.Namespace, c: AdminClient) -> int:
         rigs = c.call("rigs")
         hot = sorted(rigs, key=lambda r: -((r.get("telemetry") or {}).get("temp_c") or 0))
         buf = Console(record=True, file=io.StringIO(), width=console.width, highlight=False)
-        print_status(status, buf)
-        print_rigs(hot[: args.rows], buf)
+        print_status(inert(status), buf)
+        print_rigs(inert(hot[: args.rows]), buf)
         if keys:
             buf.print(f"[dim]q quits · refreshed every {args.interval:g} s[/dim]")
         return Text.from_ansi(buf.export_text(styles=True))

@@ -100,3 +100,22 @@ def test_rig_without_chip_counts_or_model_says_dash_not_none() -> None:
     out = _text(print_rig, rig)
     assert "None" not in out and "[" not in out
     assert "chips -" in out and "fans 6000, 6060 rpm" in out
+
+
+def test_markup_in_device_and_grid_strings_is_printed_as_written() -> None:
+    """An error from a VTN or a reason from a grid operator may hold `[/x]` or `[bold]`:
+    printed through `inert`, it reads as written and never stops the printer."""
+    from controller.cli.rigctl import inert
+
+    doc = _status_doc()
+    doc["cap_detail"] = "order [/red] evt-1 [bold]now"
+    doc["openadr"] = {
+        "vtn": "https://vtn.example/[/x]",
+        "status": "failing",
+        "mqtt": "down",
+        "events": [],
+        "error": "HTTP 500: [/bold] oops",
+    }
+    out = _text(print_status, inert(doc))
+    assert "order [/red] evt-1 [bold]now" in out
+    assert "HTTP 500: [/bold] oops" in out
