@@ -228,6 +228,7 @@ class _Connection(asyncio.Protocol):
 # -- digest auth ----------------------------------------------------------------------------
 
 _PARAM_RE: Final = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_UNQUOTABLE: Final = re.compile(r'["\\\x00-\x1f\x7f]')
 _HASHES: Final = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 
 
@@ -278,6 +279,9 @@ class DigestAuth:
             return f"unsupported digest challenge (algorithm {algorithm}, nonce {bool(nonce)})"
         if qops and "auth" not in qops:
             return f"unsupported digest qop {params['qop']!r} (only auth is)"
+        for key in ("realm", "nonce", "opaque"):
+            if _UNQUOTABLE.search(params.get(key, "")):
+                return f"the challenge's {key} cannot be quoted back"
         self.realm = params.get("realm", "")
         self._nonce = nonce
         self._opaque = params.get("opaque")
@@ -529,8 +533,11 @@ class JsonHttpClient:
         payload += b"\r\n" if data is None else b"\r\n" + data
         where = {"device": self.device, "operation": operation}
         loop = asyncio.get_running_loop()
+        safe = method in _SAFE_TO_RESEND
         for attempt in (0, 1):
-            conn = await self._acquire(deadline, where)
+            # A command goes on a fresh connection: on a kept-alive one the device may have
+            # closed, it could fail for nothing, and it must not be sent twice.
+            conn = await self._acquire(deadline, where, reuse=safe)
             reused = conn.requests > 0
             waiter = conn.send(payload)
             timer = loop.call_at(deadline, conn.expire)
@@ -542,7 +549,7 @@ class JsonHttpClient:
                     f"no reply within {wait:g}s ({method} {path})", **where
                 ) from exc
             except _Closed as exc:
-                if not exc.started and reused and attempt == 0 and method in _SAFE_TO_RESEND:
+                if not exc.started and reused and attempt == 0 and safe:
                     continue  # the device had closed the idle connection: once more, fresh
                 if exc.started:
                     raise MalformedReply(
@@ -572,8 +579,8 @@ class JsonHttpClient:
             return reply
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    async def _acquire(self, deadline: float, where: dict[str, str]) -> _Connection:
-        while self._idle:
+    async def _acquire(self, deadline: float, where: dict[str, str], *, reuse: bool) -> _Connection:
+        while reuse and self._idle:
             conn = self._idle.pop()
             if conn.usable:
                 return conn
