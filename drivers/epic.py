@@ -167,16 +167,23 @@ def tune_target(summary: Mapping[str, Any] | None) -> tuple[str, float, str] | N
     return None
 
 
-def power_limit(summary: Mapping[str, Any] | None, caps: Mapping[str, Any]) -> float | None:
+def power_limit(
+    summary: Mapping[str, Any] | None,
+    caps: Mapping[str, Any],
+    table: list[tuple[float, float]] | None = None,
+) -> float | None:
     """The power target in force: the "Power" algorithm's target, or the power of the
-    preset whose hashrate a hashrate algorithm aims at (as this driver sets it)."""
+    preset whose hashrate a hashrate algorithm aims at (as this driver sets it).
+    `table` is `presets(caps)` when the caller keeps it (it changes with `caps` only)."""
     tuned = tune_target(summary)
     if tuned is None:
         return None
     algo, target, unit = tuned
     if algo == POWER_ALGO or unit.strip().upper() == "W":
         return measure(positive(target), MAX_RIG_POWER_W)
-    match = [w for w, ths in presets(caps) if math.floor(ths) == math.floor(target)]
+    if table is None:
+        table = presets(caps)
+    match = [w for w, ths in table if math.floor(ths) == math.floor(target)]
     return match[-1] if match else None
 
 
@@ -191,8 +198,10 @@ def parse_epic_telemetry(
     capabilities: Mapping[str, Any] | None = None,
     identity: RigIdentity | None = None,
     device: str = "",
+    table: list[tuple[float, float]] | None = None,
 ) -> RigTelemetry:
-    """`/summary` (and, when known, `/capabilities`) -> one reading."""
+    """`/summary` (and, when known, `/capabilities`) -> one reading; `table` is
+    `presets(capabilities)` when the caller keeps it."""
     if not isinstance(summary, Mapping) or not isinstance(summary.get("HBs"), list | None):
         raise MalformedReply(
             f"summary is not PowerPlay's: {snippet(repr(summary))}",
@@ -229,10 +238,14 @@ def parse_epic_telemetry(
     else:
         state = RigState.WAKING
     fans_rpm = mapping(summary.get("Fans Rpm"))
-    numbered = sorted((int(m.group(1)), v) for k, v in fans_rpm.items() if (m := _FAN_KEY.match(k)))
+    numbered = sorted(
+        (int(m.group(1)), v)
+        for k, v in fans_rpm.items()
+        if v is not None and (m := _FAN_KEY.match(k))  # null: no fan in that slot
+    )
     fans = tuple(rpm for _n, v in numbered[:MAX_FANS] if (rpm := to_int(v)) is not None)
     psu = mapping(summary.get("Power Supply Stats"))
-    limit = power_limit(summary, caps)
+    limit = power_limit(summary, caps, table)
     default_ths = positive(caps.get("Default Hashrate"))
     temps = [b.temp_c for b in boards if b.temp_c is not None]
     if identity is None or capabilities is not None:
@@ -265,6 +278,7 @@ class EpicDriver:
         self.capabilities = MinerCapabilities(can_sleep=True, can_power_target=False)
         self._reboots = RebootWatch(device)
         self._caps: Mapping[str, Any] | None = None
+        self._table: tuple[Any, list[tuple[float, float]]] = (None, [])  # (caps, presets)
         self._identity: RigIdentity | None = None
         self._tune: tuple[str, float, str] | None = None  # the tune in force, as last read
 
@@ -285,6 +299,7 @@ class EpicDriver:
             capabilities=caps if caps is not None else self._caps,
             identity=self._identity if caps is None else None,
             device=self.device,
+            table=self._presets() if caps is None else None,
         )
         if caps is not None:
             self._caps = caps
@@ -295,6 +310,14 @@ class EpicDriver:
             self._identity = tel.identity
         self._tune = tune_target(summary)
         return tel
+
+    def _presets(self) -> list[tuple[float, float]]:
+        """`presets(self._caps)`, computed again only when the capabilities change."""
+        caps, table = self._table
+        if caps is not self._caps:
+            table = presets(self._caps)
+            self._table = (self._caps, table)
+        return table
 
     async def _capabilities(self) -> Mapping[str, Any] | None:
         """`/capabilities`, or None when it fails: the summary alone still makes a reading

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
 import httptools
+import orjson
 
 from drivers.errors import (
     CommandRejected,
@@ -616,10 +617,11 @@ class JsonHttpClient:
         if not data.strip():
             return None
         try:
-            try:
-                return json.loads(data)
-            except UnicodeDecodeError:  # stray bytes in a string: read them as U+FFFD
-                return json.loads(data.decode("utf-8", "replace"))
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # what orjson refuses (NaN, bad UTF-8, huge ints), the stdlib may read
+        try:
+            return json.loads(data.decode("utf-8", "replace"))
         except (ValueError, RecursionError) as exc:
             text = data.decode("utf-8", "replace")
             if not 200 <= status < 300:
