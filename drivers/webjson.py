@@ -84,11 +84,13 @@ class Reply(NamedTuple):
 
 
 class _Closed(Exception):
-    """The connection ended before the reply was whole; `started`: some of it had come."""
+    """The connection ended before the reply was whole; `started`: some of it had come;
+    `by_us`: `close()` ended it (never a reason to send again)."""
 
-    def __init__(self, started: bool, why: str) -> None:
+    def __init__(self, started: bool, why: str, *, by_us: bool = False) -> None:
         super().__init__(why)
         self.started = started
+        self.by_us = by_us
 
 
 class _TooBig(Exception):
@@ -169,6 +171,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
+        if key == "www-authenticate" and self.headers.get(key, "")[:6].lower() == "digest":
+            return  # several schemes offered: keep the one we answer
         self.headers[key] = value.decode("latin-1")
         if key == "content-length":
             self.framed = True
@@ -188,6 +192,10 @@ class _Connection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:  # "100 Continue": the reply follows
+            self.headers, self.body, self.size = {}, [], 0
+            self.framed = self.headers_done = False
+            return
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()  # reset once feed_data returns
 
@@ -378,7 +386,7 @@ class JsonHttpClient:
             if conn.transport is not None:
                 conn.transport.close()
             conn.closed = True
-            conn._fail(_Closed(False, "the client was closed"))
+            conn._fail(_Closed(False, "the client was closed", by_us=True))
 
     async def request(
         self,
@@ -538,7 +546,7 @@ class JsonHttpClient:
         for attempt in (0, 1):
             # A command goes on a fresh connection: on a kept-alive one the device may have
             # closed, it could fail for nothing, and it must not be sent twice.
-            conn = await self._acquire(deadline, where, reuse=safe)
+            conn = await self._acquire(deadline, where, reuse=safe and attempt == 0)
             reused = conn.requests > 0
             waiter = conn.send(payload)
             timer = loop.call_at(deadline, conn.expire)
@@ -550,7 +558,7 @@ class JsonHttpClient:
                     f"no reply within {wait:g}s ({method} {path})", **where
                 ) from exc
             except _Closed as exc:
-                if not exc.started and reused and attempt == 0 and safe:
+                if not (exc.started or exc.by_us) and reused and attempt == 0 and safe:
                     continue  # the device had closed the idle connection: once more, fresh
                 if exc.started:
                     raise MalformedReply(

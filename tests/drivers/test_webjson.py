@@ -269,6 +269,19 @@ async def test_chunked_and_content_length_and_read_to_close(serve: Serve) -> Non
         await c.close()
 
 
+async def test_informational_reply_then_the_answer(serve: Serve) -> None:
+    async def reply(req: Request) -> bytes:
+        return b"HTTP/1.1 100 Continue\r\n\r\n" + await answer(req)
+
+    s = await serve(reply)
+    c = client(s)
+    try:
+        for n in range(2):
+            assert await c.request("GET", "/x", operation="read") == (200, {"path": "/x", "n": n})
+    finally:
+        await c.close()
+
+
 async def test_oversized_bodies_are_refused(serve: Serve) -> None:
     big = b'{"x":"' + b"a" * 5000 + b'"}'
 
@@ -376,6 +389,15 @@ async def test_close_ends_calls_in_flight_and_the_client_reconnects(serve: Serve
         await call
     gate.set()
     assert (await c.request("GET", "/after", operation="read"))[0] == 200
+    # On a kept-alive connection too: a call that close() ended is not sent again.
+    gate.clear()
+    call = asyncio.ensure_future(c.request("GET", "/held", operation="read"))
+    await asyncio.sleep(0.1)
+    await c.close()
+    with pytest.raises(DeviceUnreachable, match="client was closed"):
+        await call
+    assert [r.path for r in s.requests] == ["/held", "/after", "/held"]
+    gate.set()
     await c.close()
 
 
@@ -471,6 +493,23 @@ async def test_digest_wrong_password_returns_the_401(serve: Serve) -> None:
         reply = await c.exchange("GET", "/a", operation="r")
         assert reply.status == 401 and REALM in reply.header("WWW-Authenticate")
         assert len(s.requests) == 2  # challenge, one answer: no loop
+    finally:
+        await c.close()
+
+
+async def test_digest_is_chosen_among_several_schemes(serve: Serve) -> None:
+    d = DigestServer()
+
+    async def reply(req: Request) -> bytes:
+        out = await d.reply(req)
+        return out.replace(
+            b"WWW-Authenticate:", b'WWW-Authenticate: Basic realm="x"\r\n' + b"WWW-Authenticate:"
+        )
+
+    s = await serve(reply)
+    c = client(s, auth=DigestAuth("root", "root"))
+    try:
+        assert (await c.request("GET", "/a", operation="r"))[0] == 200
     finally:
         await c.close()
 
