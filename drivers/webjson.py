@@ -116,6 +116,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0
         self.framed = False  # Content-Length or chunked: the reply ends without EOF
+        self.headers_done = False
         self.started = False
         self.complete = False
         self.too_big = False
@@ -166,8 +167,6 @@ class _Connection(asyncio.Protocol):
         self._fail(_Closed(self.started, why or type(exc).__name__))
 
     # -- httptools callbacks ---------------------------------------------------
-
-    headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
@@ -371,6 +370,7 @@ class JsonHttpClient:
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         hostport = f"[{host}]" if ":" in host else host
+        _check_header("Host", hostport)
         self._host_line = f"Host: {hostport}:{port}\r\n".encode("latin-1")
 
     @property
@@ -617,6 +617,7 @@ class JsonHttpClient:
         return conn
 
     def _decode(self, status: int, data: bytes, method: str, path: str, operation: str) -> Any:
+        """The name callers knew before `decode` was public."""
         return self.decode(status, data, method, path, operation)
 
     def decode(self, status: int, data: bytes, method: str, path: str, operation: str) -> Any:
