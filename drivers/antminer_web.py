@@ -46,7 +46,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-import aiohttp
 import structlog
 
 from drivers.base import MinerCapabilities
@@ -56,12 +55,12 @@ from drivers.errors import (
     DeviceAuthError,
     DeviceError,
     DeviceTimeout,
-    DeviceUnreachable,
     MalformedReply,
     UnsupportedOperation,
     snippet,
 )
 from drivers.telemetry import RigIdentity, RigState, RigTelemetry
+from drivers.webjson import DigestAuth, JsonHttpClient, parse_challenge
 
 log = structlog.get_logger(__name__)
 
@@ -99,10 +98,8 @@ NAMEPLATE_W: Final[Mapping[str, float]] = {
 }
 
 # What the stock browser UI sends with a config write.
-_POST_HEADERS: Final = {
-    "Content-Type": "text/plain;charset=UTF-8",
-    "X-Requested-With": "XMLHttpRequest",
-}
+_POST_TYPE: Final = "text/plain;charset=UTF-8"
+_POST_HEADERS: Final = {"X-Requested-With": "XMLHttpRequest"}
 _REALM_RE: Final = re.compile(r'realm\s*=\s*"([^"]*)"', re.IGNORECASE)
 
 
@@ -253,10 +250,12 @@ def check_set_reply(reply: Mapping[str, Any], *, device: str = "", operation: st
 class AntminerWebControl:
     """The stock web UI of one miner: JSON CGI calls under digest auth, with typed errors.
 
-    One `aiohttp` session per miner (the digest middleware keeps that miner's nonce and
-    counts), one TCP connection per request (`force_close`): control is rare, and a pooled
-    keep-alive connection would be stale after every power cycle. Mode changes on one miner
-    are serialised, because each one restarts bmminer and two at once would race.
+    The HTTP client is the web-API drivers' one (`drivers.webjson`): its `DigestAuth`
+    keeps this miner's nonce and counts, so a read is one request once the first challenge
+    is answered; a kept-alive connection the miner closed (a power cycle, lighttpd's idle
+    timeout) is replaced before use or, for a read, resent once, and a config write always
+    goes on a fresh connection. Mode changes on one miner are serialised, because each one
+    restarts bmminer and two at once would race.
     """
 
     def __init__(
@@ -295,21 +294,20 @@ class AntminerWebControl:
         self.verify_attempts = verify_attempts
         self.verify_interval_s = verify_interval_s
         self.lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=2),
-                middlewares=(aiohttp.DigestAuthMiddleware(self.username, self._password),),
-                trust_env=False,  # a farm LAN is never reached through an HTTP proxy
-            )
-        return self._session
+        self.auth = DigestAuth(username, password)
+        self.http = JsonHttpClient(
+            host,
+            port,
+            timeout=read_timeout,
+            retries=0,
+            device=self.device,
+            max_body_bytes=MAX_BODY_BYTES,
+            connect_timeout=connect_timeout,
+            auth=self.auth,
+        )
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        await self.http.close()
 
     # -- transport -------------------------------------------------------------
 
@@ -326,43 +324,20 @@ class AntminerWebControl:
         timeout = self.read_timeout if wait_s is None else wait_s
         operation = operation or cgi.removesuffix(".cgi")
         where = {"device": self.device, "operation": operation}
-        url = f"http://{self.host}:{self.port}/cgi-bin/{cgi}"
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        client_timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=min(timeout, self.connect_timeout)
-        )
         try:
-            async with self._client().request(
+            reply = await self.http.exchange(
                 method,
-                url,
+                f"/cgi-bin/{cgi}",
                 data=data,
+                content_type=_POST_TYPE,
                 headers=_POST_HEADERS if data is not None else None,
-                timeout=client_timeout,
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                raw = await resp.content.read(MAX_BODY_BYTES + 1)
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise DeviceUnreachable(
-                f"web UI {self.host}:{self.port}: connect timed out", **where
-            ) from exc
-        except TimeoutError as exc:
+                operation=operation,
+                wait_s=timeout,
+            )
+        except DeviceTimeout as exc:
             raise DeviceTimeout(f"{cgi} gave no answer within {timeout:g}s", **where) from exc
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or type(exc.os_error).__name__
-            raise DeviceUnreachable(f"web UI {self.host}:{self.port}: {reason}", **where) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise DeviceUnreachable(f"{cgi}: connection closed without a reply", **where) from exc
-        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
-            raise MalformedReply(f"{cgi}: not a valid HTTP reply ({exc})", **where) from exc
-        except aiohttp.ClientConnectionError as exc:  # reset mid-way, OS errors
-            raise DeviceUnreachable(f"{cgi}: {exc or type(exc).__name__}", **where) from exc
-        except aiohttp.ClientError as exc:
-            # The digest middleware raises plain ClientError for a challenge it cannot answer.
-            raise DeviceAuthError(
-                f"cannot answer the web UI's auth challenge: {exc}", **where
-            ) from exc
+        status, challenge, raw = reply.status, reply.header("www-authenticate"), reply.body
         return self._decode(cgi, status, challenge, raw, where)
 
     def _decode(
@@ -733,25 +708,19 @@ def make_antminer_driver(
 
 async def _realm(host: str, port: int, wait_s: float) -> str | None:
     """The digest realm an unauthenticated GET / is challenged with, if any."""
+    client = JsonHttpClient(host, port, timeout=wait_s, retries=0, device=host)
     try:
-        async with (
-            aiohttp.ClientSession(trust_env=False) as session,
-            session.get(
-                f"http://{host}:{port}/",
-                timeout=aiohttp.ClientTimeout(total=wait_s),
-                allow_redirects=False,
-            ) as resp,
-        ):
-            if resp.status != 401:
-                return None
-            challenge = resp.headers.get("WWW-Authenticate", "")
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        reply = await client.exchange("GET", "/", operation="identify")
+    except DeviceError:
         return None
-    scheme, _, _ = challenge.partition(" ")
-    match = _REALM_RE.search(challenge)
-    if scheme.lower() != "digest" or match is None:
+    finally:
+        await client.close()
+    if reply.status != 401:
         return None
-    return match.group(1)
+    scheme, params = parse_challenge(reply.header("www-authenticate"))
+    if scheme != "digest" or "realm" not in params:
+        return None
+    return params["realm"]
 
 
 async def identify(

@@ -34,6 +34,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -167,16 +168,49 @@ def tune_target(summary: Mapping[str, Any] | None) -> tuple[str, float, str] | N
     return None
 
 
-def power_limit(summary: Mapping[str, Any] | None, caps: Mapping[str, Any]) -> float | None:
+@dataclass(frozen=True, slots=True)
+class CapsView:
+    """What a reading needs from `/capabilities`, worked out once per capabilities reply
+    rather than on every poll (they change only with the firmware)."""
+
+    chips: int | None  # per hashboard
+    default_ths: float | None
+    presets: list[tuple[float, float]]  # `presets(capabilities)`
+    make: str
+    model: str
+
+    @classmethod
+    def of(cls, capabilities: Mapping[str, Any] | None) -> CapsView:
+        caps = mapping(capabilities)
+        chips = to_int(mapping(caps.get("Performance Estimator")).get("Chip Count"))
+        default_ths = positive(caps.get("Default Hashrate"))
+        make, model = parse_model(capabilities)
+        return cls(
+            chips=chips if chips and chips > 0 else None,
+            default_ths=measure(default_ths, MAX_RIG_HASHRATE_THS) if default_ths else None,
+            presets=presets(capabilities),
+            make=make,
+            model=model,
+        )
+
+
+def power_limit(
+    summary: Mapping[str, Any] | None,
+    caps: Mapping[str, Any],
+    table: list[tuple[float, float]] | None = None,
+) -> float | None:
     """The power target in force: the "Power" algorithm's target, or the power of the
-    preset whose hashrate a hashrate algorithm aims at (as this driver sets it)."""
+    preset whose hashrate a hashrate algorithm aims at (as this driver sets it).
+    `table` is `presets(caps)` when the caller keeps it."""
     tuned = tune_target(summary)
     if tuned is None:
         return None
     algo, target, unit = tuned
     if algo == POWER_ALGO or unit.strip().upper() == "W":
         return measure(positive(target), MAX_RIG_POWER_W)
-    match = [w for w, ths in presets(caps) if math.floor(ths) == math.floor(target)]
+    if table is None:
+        table = presets(caps)
+    match = [w for w, ths in table if math.floor(ths) == math.floor(target)]
     return match[-1] if match else None
 
 
@@ -191,16 +225,21 @@ def parse_epic_telemetry(
     capabilities: Mapping[str, Any] | None = None,
     identity: RigIdentity | None = None,
     device: str = "",
+    view: CapsView | None = None,
 ) -> RigTelemetry:
-    """`/summary` (and, when known, `/capabilities`) -> one reading."""
+    """`/summary` (and, when known, `/capabilities`) -> one reading.
+
+    A poller passes `view` (`CapsView.of(capabilities)`, kept until the capabilities
+    change) so that it is not worked out on every poll."""
     if not isinstance(summary, Mapping) or not isinstance(summary.get("HBs"), list | None):
         raise MalformedReply(
             f"summary is not PowerPlay's: {snippet(repr(summary))}",
             device=device,
             operation="read",
         )
-    caps = mapping(capabilities)
-    chips = to_int(mapping(caps.get("Performance Estimator")).get("Chip Count"))
+    if view is None:
+        view = CapsView.of(capabilities)
+    chips = view.chips
     boards = []
     for hb in _list(summary.get("HBs")):
         item = mapping(hb)
@@ -215,7 +254,7 @@ def parse_epic_telemetry(
                 index=index,
                 hashrate_ths=ths,
                 temp_c=positive(item.get("Temperature")),
-                chips=chips if chips and chips > 0 else None,
+                chips=chips,
                 active=bool(ths and ths > 0),
             )
         )
@@ -229,21 +268,31 @@ def parse_epic_telemetry(
     else:
         state = RigState.WAKING
     fans_rpm = mapping(summary.get("Fans Rpm"))
-    numbered = sorted((int(m.group(1)), v) for k, v in fans_rpm.items() if (m := _FAN_KEY.match(k)))
+    numbered = sorted(
+        (int(m.group(1)), v)
+        for k, v in fans_rpm.items()
+        if v is not None and (m := _FAN_KEY.match(k))  # null: no fan in that slot
+    )
     fans = tuple(rpm for _n, v in numbered[:MAX_FANS] if (rpm := to_int(v)) is not None)
     psu = mapping(summary.get("Power Supply Stats"))
-    limit = power_limit(summary, caps)
-    default_ths = positive(caps.get("Default Hashrate"))
+    limit = power_limit(summary, {}, view.presets)
     temps = [b.temp_c for b in boards if b.temp_c is not None]
-    if identity is None or capabilities is not None:
-        identity = parse_epic_identity(summary, capabilities)
+    if identity is None or capabilities is not None:  # else the caller's, as it is
+        software = parse_software(summary)
+        if identity is None or (
+            (identity.make, identity.model, identity.firmware, identity.firmware_version)
+            != (view.make, view.model, FIRMWARE, software)
+        ):  # a new one only when it differs: this runs on every poll
+            identity = RigIdentity(
+                make=view.make, model=view.model, firmware=FIRMWARE, firmware_version=software
+            )
     return RigTelemetry(
         ts=ts,
         state=state,
         hashrate_ths=hashrate,
         power_w=measure(to_float(psu.get("Input Power")), MAX_RIG_POWER_W),
         power_limit_w=limit,
-        nominal_hashrate_ths=measure(default_ths, MAX_RIG_HASHRATE_THS) if default_ths else None,
+        nominal_hashrate_ths=view.default_ths,
         temp_c=max(temps) if temps else None,
         fans_rpm=fans,
         hashboards=tuple(boards),
@@ -265,6 +314,7 @@ class EpicDriver:
         self.capabilities = MinerCapabilities(can_sleep=True, can_power_target=False)
         self._reboots = RebootWatch(device)
         self._caps: Mapping[str, Any] | None = None
+        self._caps_view: tuple[Any, CapsView | None] = (None, None)  # (caps, its view)
         self._identity: RigIdentity | None = None
         self._tune: tuple[str, float, str] | None = None  # the tune in force, as last read
 
@@ -285,6 +335,7 @@ class EpicDriver:
             capabilities=caps if caps is not None else self._caps,
             identity=self._identity if caps is None else None,
             device=self.device,
+            view=self._view() if caps is None else None,
         )
         if caps is not None:
             self._caps = caps
@@ -295,6 +346,14 @@ class EpicDriver:
             self._identity = tel.identity
         self._tune = tune_target(summary)
         return tel
+
+    def _view(self) -> CapsView:
+        """`CapsView.of(self._caps)`, worked out again only when the capabilities change."""
+        caps, view = self._caps_view
+        if view is None or caps is not self._caps:
+            view = CapsView.of(self._caps)
+            self._caps_view = (self._caps, view)
+        return view
 
     async def _capabilities(self) -> Mapping[str, Any] | None:
         """`/capabilities`, or None when it fails: the summary alone still makes a reading

@@ -293,6 +293,28 @@ def _digest(nonce: str, uri: str, *, user: str = "root", password: str = "root")
     )
 
 
+async def test_reads_are_one_request_each_once_challenged(rig: Rig) -> None:
+    """The nonce is reused with a counted nc and the connection kept alive: a steady read is
+    one request on one connection, not a challenge and a request on a new one."""
+    ctl = rig.control()
+    for _ in range(4):
+        assert await ctl.read_mode() == 0
+    assert [h.status for h in rig.web.hits] == [401, 200, 200, 200, 200]
+    assert ctl.http.connections == 1
+
+
+async def test_stale_nonce_is_renewed_within_the_read() -> None:
+    r = await start_rig(nonce_ttl_s=1.0)  # the sim's nonces are stamped to the second
+    try:
+        ctl = r.control()
+        assert await ctl.read_mode() == 0
+        await asyncio.sleep(2.1)
+        assert await ctl.read_mode() == 0  # 401 stale=true, then the fresh nonce: one call
+        assert [h.status for h in r.web.hits] == [401, 200, 401, 200]
+    finally:
+        await r.stop()
+
+
 async def test_sim_checks_the_digest_itself(rig: Rig) -> None:
     uri = "/cgi-bin/get_system_info.cgi"
     async with aiohttp.ClientSession() as s:
