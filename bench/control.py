@@ -3,7 +3,7 @@ the farm can give?
 
 For two mixed fleets of 40 rigs (seven models, 17.5 to 34 J/TH) and caps of 10 to 100 % of
 full load, the daemon's real cycle runs against the simulated farm in virtual time (the
-harness of tests/sim_harness.py: in-process adapters on a manual clock, the farm's true
+harness of bench/sim_harness.py: in-process adapters on a manual clock, the farm's true
 import sampled every 2 s), and each run is set against the exact optimum of
 `bench.optimum` on the farm's true physics. Then one fleet takes a step 100 -> 40 -> 100 %.
 
@@ -54,11 +54,11 @@ from typing import Any
 
 from bench import proc
 from bench.optimum import optimum, true_ths
+from bench.sim_harness import SimHarness, farm_config, flat_out_kw
 from controller.core.caps import period_bounds
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, RigModel, SimMeter, SimPdu, SimRig
 from simulators.whatsminer import WHATSMINER_MODELS
-from tests.sim_harness import SimHarness, farm_config, flat_out_kw
 
 ALL_MODELS: dict[str, RigModel] = {**MODELS, **WHATSMINER_MODELS}
 START = 1_764_547_200.0  # 2025-12-01 00:00 UTC
