@@ -95,6 +95,7 @@ BUDGET_FLEET = {model: 2 for model in FLEETS["fleet-1"]}
 OVERHEAD_BASE_W = 4000.0  # a small farm's lighting, network and offices
 BUDGET_POLL_S = 300.0  # the month's budget run polls every 5 minutes
 PREPARE_WINDOW_S = 600.0  # the step's span costed before the cap's end, and after it
+WARM_UP_S = 1200.0  # the step's first curtailment, where rigd first sees its rigs wake
 
 
 @dataclass
@@ -137,11 +138,19 @@ def build_farm(clock: ManualClock, mix: Mapping[str, int], *, pdus: int = 4, see
     return farm
 
 
-def harness(tmp: Path, farm: Farm, clock: ManualClock, plan: Plan) -> SimHarness:
+def harness(
+    tmp: Path, farm: Farm, clock: ManualClock, plan: Plan, *, physical_timing: bool = True
+) -> SimHarness:
     full = flat_out_kw(farm)
     control = {"max_import_kw": round(full, 1), "ramp_kw_per_interval": round(full, 1)}
     control.update(plan.control)
-    cfg = farm_config(farm, tmp / "state", interval_s=plan.interval_s, control=control)
+    cfg = farm_config(
+        farm,
+        tmp / "state",
+        interval_s=plan.interval_s,
+        control=control,
+        physical_timing=physical_timing,
+    )
     slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
     return SimHarness(
         tmp,
@@ -226,7 +235,9 @@ async def run_step(
     clock = ManualClock(START)
     farm = build_farm(clock, mix, seed=plan.seed)
     with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
-        h = harness(Path(tmp), farm, clock, plan)
+        # No wake times in the config: rigd starts from the default prior (300 s for
+        # every model) and learns them from a first curtailment, early in the first hour.
+        h = harness(Path(tmp), farm, clock, plan, physical_timing=False)
         if not prepare:
             ctl = h.controller
             ctl.settings = replace(ctl.settings, prepare_restore=False)
@@ -235,6 +246,8 @@ async def run_step(
         t0 = h.now
         t_drop = t0 + plan.step_phase_s + 3
         t_back = t_drop + plan.step_phase_s
+        warm = min(WARM_UP_S, plan.step_phase_s / 3)
+        h.at(t0 + 33, lambda: h.set_override(low_kw, warm, "bench warm-up"))
         h.at(t_drop, lambda: h.set_override(low_kw, t_back - t_drop, "bench step"))
         series: list[tuple[float, float]] = []
 
@@ -246,6 +259,12 @@ async def run_step(
         h.at(t_back, lambda: asleep.extend(sleepers(farm, t_back)))
         await h.run_until(t_end, each)
         samples = list(h.recorder.samples)
+        timing = (
+            {r.id: r.timing for r in h.controller.last_input.rigs}
+            if h.controller.last_input
+            else {}
+        )
+        learned = {farm.rigs[rid].model.name: round(t.wake_s) for rid, t in sorted(timing.items())}
         await h.close()
     opt_low = optimum(farm, low_kw).ths
     opt_full = optimum(farm, full).ths
@@ -323,6 +342,8 @@ async def run_step(
         "restore_physical_bound_s": wake_bound_s(asleep, farm, opt_full),
         "restore_overshoot_kw": round(max(0.0, restore_over), 3),
         "prepared": prepare,
+        # The wake times rigd learned (model -> s; its prior: 300 s for every model).
+        "learned_wake_s": learned,
         # What the preparation cost under the cap: hashrate x time given up in the last
         # `PREPARE_WINDOW_S` before the end (against the level settled before), in TH/s x s
         # and as a share of the low phase's hashrate x time; and the farm's hashrate x time

@@ -858,9 +858,9 @@ def _improve(
 
     # Preparing a restore, a swap is worth its (bounded) loss when the slow sleepers
     # cannot come in by raising and waking alone.
-    worth = (
-        (gain >= threshold and gain > 0) or (prepare and not rising.feasible)
-    ) and brings_back(alloc) <= swap_kw * 1000.0
+    worth = ((gain >= threshold and gain > 0) or (prepare and not rising.feasible)) and brings_back(
+        alloc
+    ) <= swap_kw * 1000.0
     for _ in range(4 if worth else 0):
         # A small cut is not worth a command of its own: hold those rigs and plan again,
         # unless the swap needs them.
