@@ -346,6 +346,7 @@ FILL_TO = 0.25
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
 HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
+PREPARE_TRIES = 12  # allocations tried to fit the slow rigs of a prepared restore
 MAX_HOLDS = 64  # rigs held back that way per plan, at most (each is an allocation)
 
 
@@ -986,15 +987,16 @@ def _prepared(
         key=lambda u: (-keep[u], u),
     )
     n = len(asleep)
-    while True:
+    for _ in range(PREPARE_TRIES):  # each try is an allocation: a few, even at 10,000 rigs
         chosen = running + asleep[:n]
         trial = {**units, **{uid: replace(units[uid], may_stop=False) for uid in chosen}}
         a = allocate(trial.values(), budget)
         if a.feasible and a.ths >= floor:
             return trial, n > 0
         if n == 0:
-            return units, False
+            break
         n = n - 1 if n <= 8 else n // 2
+    return units, False
 
 
 def _cmd(full: bool, watts: float) -> float | None:
