@@ -859,9 +859,8 @@ def _improve(
 
     # Preparing a restore, a swap is worth its (bounded) loss when the slow sleepers
     # cannot come in by raising and waking alone.
-    worth = ((gain >= threshold and gain > 0) or (prepare and not rising.feasible)) and brings_back(
-        alloc
-    ) <= swap_kw * 1000.0
+    wanted = (gain >= threshold and gain > 0) or (prepare and not rising.feasible)
+    worth = wanted and brings_back(alloc) <= swap_kw * 1000.0
     for _ in range(4 if worth else 0):
         # A small cut is not worth a command of its own: hold those rigs and plan again,
         # unless the swap needs them.
@@ -909,7 +908,11 @@ def _improve(
                 add(r, ActionKind.SLEEP, reason, None, u.stop_w)
                 removed += u.now_w - u.stop_w
             elif goal < u.now_w - MIN_CHANGE_W:
-                reason = f"re-optimising: throttle for +{gain:.0f} TH/s elsewhere"
+                reason = (
+                    "preparing the restore: throttle to make room for a slow-to-wake rig"
+                    if prepare
+                    else f"re-optimising: throttle for +{gain:.0f} TH/s elsewhere"
+                )
                 cut = _whole(goal, r)
                 add(r, ActionKind.SET_POWER, reason, cut, cut)
                 removed += u.now_w - cut

@@ -87,8 +87,7 @@ def test_known_end_makes_room_for_the_slow_sleeper_then_wakes_it() -> None:
     cuts = {a.rig_id: a for a in p.actions}
     assert cuts and set(cuts) <= {"f0", "f1", "f2"}
     assert all(a.kind in (ActionKind.SET_POWER, ActionKind.SLEEP) for a in cuts.values())
-    assert all(a.reason.startswith("preparing the restore") or "re-optimising" in a.reason
-               for a in cuts.values())  # fmt: skip
+    assert all(a.reason.startswith("preparing the restore") for a in cuts.values())
     assert p.predicted_kw is not None and p.predicted_kw <= CAP_KW + 1e-9
     # Once the cuts have shown, the slow rig wakes at a power that fits under the target.
     after = [replace(r, power_w=cuts[r.id].expected_w) if r.id in cuts else r for r in rs]
