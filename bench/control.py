@@ -32,6 +32,8 @@ an override of known duration, so rigd prepares the restore in its last minutes
 end, and the preparation is costed on its own (`prepare_cost_*`: hashrate x time given up
 in those last minutes against the level settled before). `step.unprepared` is the same step
 with the preparation off: what it gives after the end (`after_end_ths_s`) and costs before.
+The step's config states no response times: rigd starts from the default prior and learns
+the wake times (`learned_wake_s`) in a first 20-minute curtailment early in the first hour.
 
 The month's energy budget (`budget`): a calendar month with a budget of 70 % of running
 flat out, on a smaller farm of the same models polled every 5 minutes (`run_budget`): the
