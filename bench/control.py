@@ -3,7 +3,7 @@ the farm can give?
 
 For two mixed fleets of 40 rigs (seven models, 17.5 to 34 J/TH) and caps of 10 to 100 % of
 full load, the daemon's real cycle runs against the simulated farm in virtual time (the
-harness of tests/sim_harness.py: in-process adapters on a manual clock, the farm's true
+harness of bench/sim_harness.py: in-process adapters on a manual clock, the farm's true
 import sampled every 2 s), and each run is set against the exact optimum of
 `bench.optimum` on the farm's true physics. Then one fleet takes a step 100 -> 40 -> 100 %.
 
@@ -25,8 +25,15 @@ Per fleet and cap, one row:
 The step (`step`): time to get under the cap after the drop to 40 %, time to within 1 % of
 the optimum at 40 % and after the return to 100 % (also of the optimum at rigd's own
 settled import, its margins aside), the least time any controller could take to come back
-(`restore_physical_bound_s`: the sleepers' own boot and ramp in the simulator), and the
-worst overshoot of the cap during the restore.
+(`restore_physical_bound_s`: the sleepers' own boot and ramp in the simulator, for the rigs
+asleep at the end), and the worst overshoot of the cap during the restore. The 40 % cap is
+an override of known duration, so rigd prepares the restore in its last minutes
+(controller/core/restore.py): the 40 % phase is judged up to `PREPARE_WINDOW_S` before its
+end, and the preparation is costed on its own (`prepare_cost_*`: hashrate x time given up
+in those last minutes against the level settled before). `step.unprepared` is the same step
+with the preparation off: what it gives after the end (`after_end_ths_s`) and costs before.
+The step's config states no response times: rigd starts from the default prior and learns
+the wake times (`learned_wake_s`) in a first 20-minute curtailment early in the first hour.
 
 The month's energy budget (`budget`): a calendar month with a budget of 70 % of running
 flat out, on a smaller farm of the same models polled every 5 minutes (`run_budget`): the
@@ -48,17 +55,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench import proc
 from bench.optimum import optimum, true_ths
+from bench.sim_harness import SimHarness, farm_config, flat_out_kw
 from controller.core.caps import period_bounds
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, RigModel, SimMeter, SimPdu, SimRig
 from simulators.whatsminer import WHATSMINER_MODELS
-from tests.sim_harness import SimHarness, farm_config, flat_out_kw
 
 ALL_MODELS: dict[str, RigModel] = {**MODELS, **WHATSMINER_MODELS}
 START = 1_764_547_200.0  # 2025-12-01 00:00 UTC
@@ -89,6 +96,8 @@ CAPS = (10, 30, 50, 75, 90, 100)
 BUDGET_FLEET = {model: 2 for model in FLEETS["fleet-1"]}
 OVERHEAD_BASE_W = 4000.0  # a small farm's lighting, network and offices
 BUDGET_POLL_S = 300.0  # the month's budget run polls every 5 minutes
+PREPARE_WINDOW_S = 600.0  # the step's span costed before the cap's end, and after it
+WARM_UP_S = 1200.0  # the step's first curtailment, where rigd first sees its rigs wake
 
 
 @dataclass
@@ -131,11 +140,19 @@ def build_farm(clock: ManualClock, mix: Mapping[str, int], *, pdus: int = 4, see
     return farm
 
 
-def harness(tmp: Path, farm: Farm, clock: ManualClock, plan: Plan) -> SimHarness:
+def harness(
+    tmp: Path, farm: Farm, clock: ManualClock, plan: Plan, *, physical_timing: bool = True
+) -> SimHarness:
     full = flat_out_kw(farm)
     control = {"max_import_kw": round(full, 1), "ramp_kw_per_interval": round(full, 1)}
     control.update(plan.control)
-    cfg = farm_config(farm, tmp / "state", interval_s=plan.interval_s, control=control)
+    cfg = farm_config(
+        farm,
+        tmp / "state",
+        interval_s=plan.interval_s,
+        control=control,
+        physical_timing=physical_timing,
+    )
     slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
     return SimHarness(
         tmp,
@@ -211,17 +228,28 @@ async def run_cap(fleet: str, mix: Mapping[str, int], cap_pct: float, plan: Plan
     }
 
 
-async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, Any]:
-    """100 % -> `step_low_pct` -> 100 %, each for `step_phase_s`."""
+async def run_step(
+    fleet: str, mix: Mapping[str, int], plan: Plan, *, prepare: bool = True
+) -> dict[str, Any]:
+    """100 % -> `step_low_pct` -> 100 %, each for `step_phase_s`. The cap is an override
+    of known duration, so rigd prepares the restore before its end (controller/core/
+    restore.py); `prepare=False` turns that off, to measure what it gives and costs."""
     clock = ManualClock(START)
     farm = build_farm(clock, mix, seed=plan.seed)
     with tempfile.TemporaryDirectory(prefix="rigd-bench-") as tmp:
-        h = harness(Path(tmp), farm, clock, plan)
+        # No wake times in the config: rigd starts from the default prior (300 s for
+        # every model) and learns them from a first curtailment, early in the first hour.
+        h = harness(Path(tmp), farm, clock, plan, physical_timing=False)
+        if not prepare:
+            ctl = h.controller
+            ctl.settings = replace(ctl.settings, prepare_restore=False)
         full = flat_out_kw(farm)
         low_kw = full * plan.step_low_pct / 100.0
         t0 = h.now
         t_drop = t0 + plan.step_phase_s + 3
         t_back = t_drop + plan.step_phase_s
+        warm = min(WARM_UP_S, plan.step_phase_s / 3)
+        h.at(t0 + 33, lambda: h.set_override(low_kw, warm, "bench warm-up"))
         h.at(t_drop, lambda: h.set_override(low_kw, t_back - t_drop, "bench step"))
         series: list[tuple[float, float]] = []
 
@@ -233,6 +261,12 @@ async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, 
         h.at(t_back, lambda: asleep.extend(sleepers(farm, t_back)))
         await h.run_until(t_end, each)
         samples = list(h.recorder.samples)
+        timing = (
+            {r.id: r.timing for r in h.controller.last_input.rigs}
+            if h.controller.last_input
+            else {}
+        )
+        learned = {farm.rigs[rid].model.name: round(t.wake_s) for rid, t in sorted(timing.items())}
         await h.close()
     opt_low = optimum(farm, low_kw).ths
     opt_full = optimum(farm, full).ths
@@ -255,12 +289,44 @@ async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, 
             hit = (t if hit is None else hit) if close else None
         return None if hit is None else hit - since
 
-    def level(since: float, until: float) -> float:
-        """rigd's mean hashrate over the last quarter of a phase: where it settled."""
-        tail = [v for t, v in series if since + 0.75 * (until - since) <= t < until]
+    def held(since: float, until: float, opt: float, hold_s: float) -> float | None:
+        """Time from `since` until hashrate is within 1 % of `opt` and stays there for
+        `hold_s` at least (before `until`): `within` without a later dip counted against
+        the restore (a re-optimisation's swap, half an hour on, dips for a minute)."""
+        start: float | None = None
+        for t, v in series:
+            if not since <= t < until:
+                continue
+            if abs(v - opt) <= 0.01 * opt:
+                start = t if start is None else start
+                if t - start >= hold_s:
+                    return start - since
+            else:
+                start = None
+        return None
+
+    def level(since: float, until: float, last: float = 1.0) -> float:
+        """rigd's mean hashrate over the quarter of a phase that ends at `last` of it:
+        where it settled."""
+        span = until - since
+        tail = [v for t, v in series if since + (last - 0.25) * span <= t < since + last * span]
         return sum(tail) / len(tail)
 
-    low_import = mean_import(samples, t_drop + 0.75 * plan.step_phase_s, t_back)
+    # At 40 % the level is taken over the third quarter: the last minutes are the
+    # preparation of the restore, costed on their own below.
+    low_level = level(t_drop, t_back, 0.75)
+    low_end = t_back - PREPARE_WINDOW_S  # the low phase's times are measured up to here
+    window = [(t, v) for t, v in series if t_back - PREPARE_WINDOW_S <= t < t_back]
+    dt = window[1][0] - window[0][0] if len(window) > 1 else 0.0
+    # Hashrate given up in the last minutes before the end (TH/s x s), against the level
+    # settled before them, and as a share of the whole low phase's hashrate.
+    prepare_cost = sum(low_level - v for _, v in window) * dt
+    after = [(t, v) for t, v in series if t_back <= t < t_back + PREPARE_WINDOW_S]
+    after_ths_s = sum(v for _, v in after) * dt
+
+    low_import = mean_import(
+        samples, t_drop + 0.5 * plan.step_phase_s, t_drop + 0.75 * plan.step_phase_s
+    )
     full_import = mean_import(samples, t_back + 0.75 * plan.step_phase_s, t_end)
     own_low = optimum(farm, min(low_kw, low_import)).ths
     own_full = optimum(farm, min(full, full_import)).ths
@@ -277,22 +343,40 @@ async def run_step(fleet: str, mix: Mapping[str, int], plan: Plan) -> dict[str, 
         "low_pct": plan.step_low_pct,
         "time_under_cap_s": under_at(t_drop, t_back),
         "over_cap_s_after_stop": drop_over_after_stop,
-        "time_to_1pct_of_optimum_at_low_s": within(t_drop, t_back, opt_low),
+        "time_to_1pct_of_optimum_at_low_s": within(t_drop, low_end, opt_low),
         "time_to_1pct_of_optimum_after_restore_s": within(t_back, math.inf, opt_full),
+        "time_to_1pct_of_optimum_after_restore_held_10min_s": held(
+            t_back, math.inf, opt_full, 600.0
+        ),
         # Where rigd settles in each phase, against the optimum at the cap (its margins
         # included), and how long it takes to get within 1 % of that level.
-        "settled_ratio_at_low": round(level(t_drop, t_back) / opt_low, 4),
+        "settled_ratio_at_low": round(low_level / opt_low, 4),
         "settled_ratio_after_restore": round(level(t_back, t_end) / opt_full, 4),
-        "time_to_1pct_of_settled_at_low_s": within(t_drop, t_back, level(t_drop, t_back)),
+        "time_to_1pct_of_settled_at_low_s": within(t_drop, low_end, low_level),
         "time_to_1pct_of_settled_after_restore_s": within(t_back, math.inf, level(t_back, t_end)),
         # Against the optimum at rigd's own settled import (its margins aside, as the
         # 99 % target): how long the move itself takes.
-        "time_to_1pct_of_optimum_at_own_import_at_low_s": within(t_drop, t_back, own_low),
+        "time_to_1pct_of_optimum_at_own_import_at_low_s": within(t_drop, low_end, own_low),
         "time_to_1pct_of_optimum_at_own_import_after_restore_s": within(t_back, math.inf, own_full),
         # No controller does better than waking every sleeper the instant the cap lifts,
         # with every other rig at its optimum power at once: the farm's own wake time.
         "restore_physical_bound_s": wake_bound_s(asleep, farm, opt_full),
         "restore_overshoot_kw": round(max(0.0, restore_over), 3),
+        "prepared": prepare,
+        # The wake times rigd learned (model -> s; its prior: 300 s for every model).
+        "learned_wake_s": learned,
+        # What the preparation cost under the cap: hashrate x time given up in the last
+        # `PREPARE_WINDOW_S` before the end (against the level settled before), in TH/s x s
+        # and as a share of the low phase's hashrate x time; and the farm's hashrate x time
+        # over the same span after the end, for the prepared and unprepared runs to compare.
+        "prepare_cost_ths_s": round(prepare_cost),
+        "prepare_cost_pct_of_low_phase": round(
+            100 * prepare_cost / (low_level * plan.step_phase_s), 3
+        ),
+        "after_end_ths_s": round(after_ths_s),
+        "min_import_margin_kw_at_low": round(
+            min(s.cap_kw - s.import_kw for s in samples if t_drop + 60 <= s.t < t_back), 3
+        ),
         "optimum_low_ths": round(opt_low, 2),
         "optimum_full_ths": round(opt_full, 2),
     }
@@ -513,7 +597,9 @@ def step_lines(step: Mapping[str, Any]) -> str:
         f"{s(step['time_under_cap_s'])} after the drop ({step['over_cap_s_after_stop']:.0f} s "
         f"over after the stop time); within 1 % of the optimum "
         f"{s(step['time_to_1pct_of_optimum_at_low_s'])} after the drop and "
-        f"{s(step['time_to_1pct_of_optimum_after_restore_s'])} after the restore; "
+        f"{s(step['time_to_1pct_of_optimum_after_restore_s'])} after the restore (and "
+        f"held for 10 minutes from "
+        f"{s(step['time_to_1pct_of_optimum_after_restore_held_10min_s'])}); "
         f"settled at {step['settled_ratio_at_low']:.4f} and "
         f"{step['settled_ratio_after_restore']:.4f} of the optimum, within 1 % of that "
         f"{s(step['time_to_1pct_of_settled_at_low_s'])} and "
@@ -522,8 +608,30 @@ def step_lines(step: Mapping[str, Any]) -> str:
         f"{s(step['time_to_1pct_of_optimum_at_own_import_at_low_s'])} and "
         f"{s(step['time_to_1pct_of_optimum_at_own_import_after_restore_s'])}; the sleepers' "
         f"own wake bounds the restore at {s(step['restore_physical_bound_s'])}; worst "
-        f"overshoot during the restore {step['restore_overshoot_kw']:.2f} kW"
+        f"overshoot during the restore {step['restore_overshoot_kw']:.2f} kW" + prepare_line(step)
     )
+
+
+def prepare_line(step: Mapping[str, Any]) -> str:
+    """What preparing the restore cost before the end and gave after it."""
+    if not step.get("prepared"):
+        return ""
+    line = (
+        f"; preparing the restore cost {step['prepare_cost_pct_of_low_phase']:.2f} % of the "
+        f"low phase's hashrate x time ({step['prepare_cost_ths_s']:,} TH/s x s)"
+    )
+    un = step.get("unprepared")
+    if un:
+        w = un["time_to_1pct_of_optimum_after_restore_held_10min_s"]
+        gain = step["after_end_ths_s"] - un["after_end_ths_s"]
+        cost = step["prepare_cost_ths_s"] - un["prepare_cost_ths_s"]
+        line += (
+            f"; unprepared, within 1 % (held 10 minutes) "
+            f"{'never' if w is None else f'{w:.0f} s'} after the restore; over "
+            f"{PREPARE_WINDOW_S:.0f} s either side of the end, prepared gives "
+            f"{gain:+,} TH/s x s after and {-cost:+,} before"
+        )
+    return line
 
 
 async def run(plan: Plan) -> dict[str, Any]:
@@ -558,7 +666,10 @@ async def run(plan: Plan) -> dict[str, Any]:
             )
     step = None
     if plan.step_fleet is not None:
-        step = await run_step(plan.step_fleet, plan.fleets[plan.step_fleet], plan)
+        mix = plan.fleets[plan.step_fleet]
+        step = await run_step(plan.step_fleet, mix, plan)
+        # The same step with no preparation of the restore: what it gives and costs.
+        step["unprepared"] = await run_step(plan.step_fleet, mix, plan, prepare=False)
         if plan.verbose:
             print(step_lines(step), file=sys.stderr)
     budget = None

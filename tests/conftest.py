@@ -19,10 +19,10 @@ import aiomqtt
 import pytest
 import structlog
 
+from bench.sim_harness import SimHarness
 from controller.config import Config
 from controller.runtime.daemon import Daemon
 from simulators.site import SimSite
-from tests.sim_harness import SimHarness
 
 # -- running the suite on a busy machine ----------------------------------------------------------
 
@@ -243,7 +243,7 @@ async def running(cfg: Config, site: SimSite) -> AsyncIterator[Daemon]:
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Callable[..., SimHarness]]:
-    """Make simulated-time harnesses (tests/sim_harness.py), each in its own directory,
+    """Make simulated-time harnesses (bench/sim_harness.py), each in its own directory,
     all closed at the end of the test."""
     made: list[SimHarness] = []
 

@@ -37,6 +37,11 @@ class Cap:
     source: str
     detail: str
     limits: tuple[Limit, ...]  # every limit considered, lowest first
+    # When the binding limit ends, if that is known (an override's duration, a grid order's
+    # end, a schedule's window), and the cap once it has ended (the lowest of the limits
+    # still in force then): what lets the planner prepare a restore (controller.core.restore).
+    ends_at: float | None = None
+    after_kw: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -58,7 +63,17 @@ def effective_cap(limits: list[Limit]) -> Cap:
         raise ValueError("no limits: the site's max import is always one")
     ordered = sorted(limits, key=lambda lim: (lim.kw, _TIE_ORDER.get(lim.source, 99)))
     low = ordered[0]
-    return Cap(max(0.0, low.kw), low.source, low.detail, tuple(ordered))
+    kw = max(0.0, low.kw)
+    # The cap lifts when every limit at its level has ended: the latest of their ends, and
+    # never if one of them has none.
+    binding = [lim for lim in ordered if max(0.0, lim.kw) <= kw]
+    ends = [lim.expires_at for lim in binding]
+    if any(e is None for e in ends):
+        return Cap(kw, low.source, low.detail, tuple(ordered))
+    end = max(e for e in ends if e is not None)
+    rest = [lim for lim in ordered if lim.expires_at is None or lim.expires_at > end]
+    after = max(0.0, min(lim.kw for lim in rest)) if rest else None
+    return Cap(kw, low.source, low.detail, tuple(ordered), end, after)
 
 
 # -- settings (plain values the runtime takes from the config) ------------------------------
@@ -124,13 +139,23 @@ def schedule_active(s: Schedule, local: dt.datetime) -> bool:
     return False
 
 
+def schedule_end(s: Schedule, local: dt.datetime) -> float:
+    """When the window active at `local` (site time) ends, as epoch seconds."""
+    end = _minutes(s.end)
+    day = local.date()
+    if _minutes(s.start) >= end and local.hour * 60 + local.minute >= _minutes(s.start):
+        day += dt.timedelta(days=1)  # the evening part of a window past midnight
+    at = dt.datetime(day.year, day.month, day.day, end // 60, end % 60, tzinfo=local.tzinfo)
+    return at.timestamp()
+
+
 def schedule_limits(caps: CapSettings, now: float) -> list[Limit]:
     local = dt.datetime.fromtimestamp(now, ZoneInfo(caps.timezone))
     out = []
     for s in caps.schedules:
         if schedule_active(s, local):
             kw = s.cap_kw if s.cap_kw is not None else caps.max_import_kw * (s.cap_pct or 0) / 100
-            out.append(Limit(SCHEDULE, kw, s.name))
+            out.append(Limit(SCHEDULE, kw, s.name, schedule_end(s, local)))
     return out
 
 

@@ -47,6 +47,11 @@ The policy, in order:
    decreases to show.
 8. Fewer commands: a rig whose share of a change is small is held where it is while the
    others cover it, if that costs under 0.1 % of the hashrate.
+9. A cap that ends at a known time and lifts then: in its last minutes, slow-to-wake rigs
+   are kept running and slow sleepers are swapped in for fast-to-wake rigs, under the same
+   target, while that costs at most `PREPARE_LOSS` of the hashrate
+   (controller/core/restore.py): when the cap lifts, what is asleep wakes fast and the rest
+   only raise their power targets.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from controller.core.allocation import Allocation, Unit, allocate
 from controller.core.caps import Cap
 from controller.core.curves import Curve
 from controller.core.overhead import ImportModel
+from controller.core.restore import PREPARE_LOSS, to_prepare
 from drivers.telemetry import RigState
 
 IDLE_W = 20.0  # a sleeping rig's control board and fans
@@ -103,6 +109,9 @@ class PlannerSettings:
     reopt_gain_pct: float = 0.5
     reopt_hold_s: float = 1800.0
     above_nominal: bool = False  # power targets above a rig's default, to its maximum
+    # Before a cap's known end, have the slow-to-wake rigs running (rule 9); off only to
+    # measure what that preparation gives (bench.control's step).
+    prepare_restore: bool = True
 
 
 class ActionKind(StrEnum):
@@ -337,6 +346,7 @@ FILL_TO = 0.25
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
 HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
+PREPARE_TRIES = 12  # allocations tried to fit the slow rigs of a prepared restore
 MAX_HOLDS = 64  # rigs held back that way per plan, at most (each is an allocation)
 
 
@@ -493,6 +503,8 @@ def plan(inp: PlanInput) -> Plan:
     lower = target - deadband
     note = ""
     shedding = predicted > upper
+    # The slow rigs to have running when the cap lifts, in its last minutes (rule 9).
+    keep = {} if inp.urgent or not cfg.prepare_restore else to_prepare(inp.cap, now, inp.rigs)
     if shedding:
         need = predicted - (upper - SHED_TO * deadband)
         shed = _shed(inp, need / factor, free, settled, add)
@@ -508,7 +520,7 @@ def plan(inp: PlanInput) -> Plan:
             ramp_limit / factor - ramping_up,
         )
         fill = predicted < lower
-        if fill or inp.reoptimize:
+        if fill or inp.reoptimize or keep:
             budget = ((target - FILL_TO * deadband) - predicted) / factor
             # Swaps only from a steady state, and only as big as the ramp lets their other
             # half come back at once: a swap half done is a loss.
@@ -516,7 +528,7 @@ def plan(inp: PlanInput) -> Plan:
                 ramp_limit / factor if quiet and not actions and ramping_up <= _EPS_KW else 0.0
             )
             predicted += factor * _improve(
-                inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add
+                inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add, keep
             )
     hashrate = attainable = None
     # What the plan gives up (a full allocation): not while shedding, when commands wait.
@@ -772,6 +784,7 @@ def _improve(
     free: _Pred,
     settled: _Pred,
     add: _Add,
+    keep: Mapping[str, float] | None = None,
 ) -> float:
     """Under the target: move towards the best plan for the target, and return the rig
     power (kW) the commands add (less what they take off).
@@ -786,7 +799,9 @@ def _improve(
     `fill` (below the dead band): increases even when the gain is smaller. `swap_kw`: the
     most a swap may bring back (0: no swap now). `waiting`: decreases are still on their
     way down, so room is coming: no partial increase now (it would take what is coming
-    piecemeal, and the rest would go to the wrong rigs)."""
+    piecemeal, and the rest would go to the wrong rigs). `keep`: slow-to-wake rigs (id ->
+    wake seconds) to have running when the cap lifts (`_prepared`): the swap that brings
+    them in is made even at a loss, within `PREPARE_LOSS`."""
     cfg = inp.settings
     now = inp.now
     mem = inp.memory
@@ -813,6 +828,9 @@ def _improve(
     now_ths = sum(u.ths(u.now_w) for u in units.values() if u.running)
     total = sum(u.now_w for u in units.values())
     budget = total + budget_kw * 1000.0
+    prepare = False
+    if keep:
+        units, prepare = _prepared(units, keep, budget)
     alloc = allocate(units.values(), budget)
     if not alloc.feasible:
         return 0.0
@@ -839,7 +857,10 @@ def _improve(
             if uid in a.running
         )
 
-    worth = gain >= threshold and gain > 0 and brings_back(alloc) <= swap_kw * 1000.0
+    # Preparing a restore, a swap is worth its (bounded) loss when the slow sleepers
+    # cannot come in by raising and waking alone.
+    wanted = (gain >= threshold and gain > 0) or (prepare and not rising.feasible)
+    worth = wanted and brings_back(alloc) <= swap_kw * 1000.0
     for _ in range(4 if worth else 0):
         # A small cut is not worth a command of its own: hold those rigs and plan again,
         # unless the swap needs them.
@@ -863,7 +884,7 @@ def _improve(
             break
         units, alloc, gain = held, again, again.ths - rising_ths
     if not worth:
-        if not fill or not rising.feasible:
+        if not (fill or prepare) or not rising.feasible:
             return 0.0
         alloc = rising
     units, alloc = _fewer_commands(units, alloc, budget)
@@ -879,11 +900,19 @@ def _improve(
             ups.append((per_w, u, goal))
         elif worth and now >= mm.commanded_at + cfg.reopt_hold_s and u.running:
             if uid not in alloc.running:
-                reason = f"re-optimising: sleep for +{gain:.0f} TH/s elsewhere"
+                reason = (
+                    "preparing the restore: sleep to make room for a slow-to-wake rig"
+                    if prepare
+                    else f"re-optimising: sleep for +{gain:.0f} TH/s elsewhere"
+                )
                 add(r, ActionKind.SLEEP, reason, None, u.stop_w)
                 removed += u.now_w - u.stop_w
             elif goal < u.now_w - MIN_CHANGE_W:
-                reason = f"re-optimising: throttle for +{gain:.0f} TH/s elsewhere"
+                reason = (
+                    "preparing the restore: throttle to make room for a slow-to-wake rig"
+                    if prepare
+                    else f"re-optimising: throttle for +{gain:.0f} TH/s elsewhere"
+                )
                 cut = _whole(goal, r)
                 add(r, ActionKind.SET_POWER, reason, cut, cut)
                 removed += u.now_w - cut
@@ -941,6 +970,36 @@ def _improve(
             add(r, ActionKind.WAKE, reason, _cmd(full, want), want)
         added += expected - base_w
     return (added - removed) / 1000.0
+
+
+def _prepared(
+    units: dict[str, Unit], keep: Mapping[str, float], budget: float
+) -> tuple[dict[str, Unit], bool]:
+    """`units` with the slow rigs of `keep` held running and, slowest first, as many of the
+    slow sleepers brought to run as the allocation can hold while it keeps 1 -
+    `PREPARE_LOSS` of the free allocation's hashrate; and whether any sleeper is among
+    them. Nothing is forced if even the running ones cost more than that."""
+    free = allocate(units.values(), budget)
+    if not free.feasible or not keep:
+        return units, False
+    floor = free.ths * (1.0 - PREPARE_LOSS) - 1e-9
+    ours = [uid for uid in keep if uid in units and units[uid].may_run]
+    running = [uid for uid in ours if units[uid].running]
+    asleep = sorted(
+        (uid for uid in ours if not units[uid].running and keep[uid] > 0),
+        key=lambda u: (-keep[u], u),
+    )
+    n = len(asleep)
+    for _ in range(PREPARE_TRIES):  # each try is an allocation: a few, even at 10,000 rigs
+        chosen = running + asleep[:n]
+        trial = {**units, **{uid: replace(units[uid], may_stop=False) for uid in chosen}}
+        a = allocate(trial.values(), budget)
+        if a.feasible and a.ths >= floor:
+            return trial, n > 0
+        if n == 0:
+            break
+        n = n - 1 if n <= 8 else n // 2
+    return units, False
 
 
 def _cmd(full: bool, watts: float) -> float | None:

@@ -62,6 +62,7 @@ from controller.core.status import (
     shed_blockers,
     shortfall_kw,
 )
+from controller.core.wake_times import GIVE_UP_FACTOR, WakeTimes, kind_key, reached
 from controller.errors import ManualRefused
 from controller.runtime.devices import Devices
 from controller.runtime.executor import Executor
@@ -196,6 +197,12 @@ class Controller:
             else budget_settings(cfg.budget, control.max_import_kw, cfg.poll.interval_s)
         )
         self._timings: dict[str, RigTiming] = {}
+        # Wake times learned from telemetry (controller.core.wake_times), the wakes being
+        # timed (rig -> when commanded, the power it was woken to, its kind), and each rig's
+        # kind as last seen (a sleeping rig may not say).
+        self.wake_times = WakeTimes()
+        self._waking: dict[str, tuple[float, float, str]] = {}
+        self._kinds: dict[str, str] = {}
         # As many commands at once as reads: a grid order may put thousands of rigs to sleep.
         self.executor = Executor(
             devices, store=store, link=link, now=now, concurrency=max(64, cfg.poll.concurrency)
@@ -255,6 +262,8 @@ class Controller:
         self.nonrig_kw = st.get("control.nonrig_kw")
         model = st.get("control.import_model")
         self.import_model = ImportModel.from_dict(model) if model else ImportModel()
+        wakes = st.get("rigs.wake_times")
+        self.wake_times = WakeTimes.from_dict(wakes) if wakes else WakeTimes()
         self._unconfirmed = {
             k: RigMemory.from_dict(v)
             for k, v in st.get("control.inflight", {}).items()
@@ -452,11 +461,40 @@ class Controller:
         if t.efficiency_j_per_th:
             learned.efficiency_j_th = t.efficiency_j_per_th
 
-    def _timing(self, model: str) -> RigTiming:
-        t = self._timings.get(model)
+    def _timing(self, model: str, key: str) -> RigTiming:
+        """The model's configured timing, its wake time as learned for its kind `key`."""
+        t = self._timings.get(key)
         if t is None:
-            t = self._timings[model] = rig_timing(self.control.timing_for(model))
+            cfg = rig_timing(self.control.timing_for(model))
+            t = replace(cfg, wake_s=self.wake_times.wake_s(key, cfg.wake_s))
+            self._timings[key] = t
         return t
+
+    def _learn_wakes(self, snap: SiteSnapshot, now: float) -> None:
+        """Time each wake rigd sent: from its command to the first poll showing the rig's
+        power at the target it was woken to (controller.core.wake_times)."""
+        for rid, (t0, target, key) in list(self._waking.items()):
+            rig = snap.rigs.get(rid)
+            mm = self.memory.get(rid)
+            if rig is None or mm is None or mm.mode not in (Mode.RUN, Mode.THROTTLE):
+                del self._waking[rid]  # failed, or slept again: not a wake to time
+                continue
+            model = key.split("|", 1)[0]
+            if now - t0 > GIVE_UP_FACTOR * self.control.timing_for(model).wake_s:
+                del self._waking[rid]
+                continue
+            if rig.state is RigState.MINING and reached(rig.power_w, target):
+                del self._waking[rid]
+                self.wake_times = self.wake_times.observe(key, now - t0)
+                self._timings.pop(key, None)
+                log.info(
+                    "wake_timed",
+                    rig=rid,
+                    kind=key,
+                    seconds=round(now - t0, 1),
+                    estimate_s=round(self._timing(model, key).wake_s, 1),
+                )
+                self._save({"rigs.wake_times": self.wake_times.as_dict()})
 
     def _rig_input(self, rig: RigView) -> RigInput:
         info = rig.info
@@ -465,6 +503,11 @@ class Controller:
         learned = self.learned.get(info.id, Learned())
         t = rig.telemetry
         model = t.identity.model if t else ""
+        if model:
+            key = self._kinds[info.id] = kind_key(model, t.identity.firmware if t else "")
+        else:
+            key = self._kinds.get(info.id, kind_key("", ""))
+            model = key.split("|", 1)[0]
         # Its full power is what it was seen to draw at its default, not its firmware's
         # highest target (an S21 may take 3,650 W and draws 3,500 at default); until seen,
         # the highest target (never under-counted), else the configured default.
@@ -481,7 +524,7 @@ class Controller:
             and self.control.allow_outlet_off
             and info.outlet[0] in self._switchable_pdus
         )
-        timing = self._timing(model)
+        timing = self._timing(model, key)
         coming = 0.0
         mm = self.memory.get(info.id)
         if (
@@ -596,6 +639,8 @@ class Controller:
         cap = effective_cap(self.limits(now))
         for rig in snap.rigs.values():
             self._learn(rig)
+        if self._waking:
+            self._learn_wakes(snap, now)
         reading = snap.import_reading
         reopt = now >= self._reopt_at or cap.kw != self._last_cap_kw
         if reopt:
@@ -811,6 +856,10 @@ class Controller:
         memory = dict(self.memory)
         for a in actions:
             r = by_id[a.rig_id]
+            if a.kind in (ActionKind.WAKE, ActionKind.OUTLET_ON):
+                self._waking[a.rig_id] = (inp.now, a.expected_w, self._kinds.get(a.rig_id, "|"))
+            else:  # a new command ends the wake's timing: it changed its course
+                self._waking.pop(a.rig_id, None)
             prior = self._prior[a.rig_id] = memory.get(a.rig_id, RigMemory())
             # Optimistic: count the action as in flight now; undone if it fails.
             memory[a.rig_id] = remembered(prior, a, True, inp.now, r.timing, r.full_w)

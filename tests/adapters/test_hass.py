@@ -21,6 +21,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from structlog.testing import capture_logs
 
+from bench.sim_harness import SimHarness
 from controller.adapters.grid.sign import send
 from controller.adapters.hass import (
     ACTOR,
@@ -40,7 +41,6 @@ from simulators.clock import ScaledClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, watch
 from tests.grid_helpers import order, plain
-from tests.sim_harness import SimHarness
 
 SPEED = 20.0
 SCHEMA = json.loads(

@@ -27,6 +27,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import controller.adapters.metrics
+from bench.sim_harness import SimHarness
 from controller.adapters.grid.sign import send
 from controller.adapters.metrics import (
     CAP_SOURCES,
@@ -43,7 +44,6 @@ from simulators.clock import ScaledClock
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, watch
 from tests.grid_helpers import order, plain
-from tests.sim_harness import SimHarness
 
 SPEED = 20.0
 ROOT = Path(__file__).resolve().parent.parent.parent

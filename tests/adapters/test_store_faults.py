@@ -24,12 +24,12 @@ import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
+from bench.sim_harness import SimHarness
 from controller.adapters import store as store_mod
 from controller.adapters.store import StateStore, StoreError
 from controller.cli.rigctl import _when, print_status
 from controller.core.status import CycleResult, Hold
 from simulators.farm import RigMode
-from tests.sim_harness import SimHarness
 
 HOUR = 3600.0
 

@@ -27,6 +27,7 @@ from matplotlib.image import imread
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle, StepPatch
 
+from bench.sim_harness import START, SimHarness
 from controller.adapters.history import (
     Bucket,
     HistoryError,
@@ -56,7 +57,6 @@ from controller.cli.report import (
 from controller.cli.rigctl import main as rigctl
 from controller.config import ConfigError, GridConfig, HistoryConfig, parse_config
 from tests.grid_helpers import order, plain
-from tests.sim_harness import START, SimHarness
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DAY = 86_400.0

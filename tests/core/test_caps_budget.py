@@ -73,7 +73,9 @@ def test_schedule_in_site_local_time() -> None:
     # 17:30 in Bishkek is 11:30 UTC: the limit follows the site's clock, not UTC.
     caps = CapSettings(max_import_kw=20_000, timezone=BISHKEK, schedules=(s,))
     limits = schedule_limits(caps, at("UTC", 2026, 12, 1, 11, 30))
-    assert limits == [Limit(SCHEDULE, 12_000.0, "winter evening peak")]
+    # It ends with its window, 21:00 in Bishkek (15:00 UTC): a known end, for the restore.
+    end = at("UTC", 2026, 12, 1, 15, 0)
+    assert limits == [Limit(SCHEDULE, 12_000.0, "winter evening peak", end)]
     assert schedule_limits(caps, at("UTC", 2026, 12, 1, 17, 30)) == []
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from bench.sim_harness import START, OfflineLink, SimHarness
 from controller.adapters.store import RETRY_S
 from controller.cli.direct_farm import build_direct_devices
 from controller.config import GridConfig, HeartbeatConfig
@@ -36,7 +37,6 @@ from simulators.clock import SteppedWall
 from simulators.farm import RigMode
 from tests.adapters.test_store_faults import fill_disk, free_disk, on_disk
 from tests.grid_helpers import order, plain
-from tests.sim_harness import START, OfflineLink, SimHarness
 
 HOUR = 3600.0
 STEPS = [pytest.param(2 * HOUR, id="forward-2h"), pytest.param(-2 * HOUR, id="back-2h")]

@@ -1,7 +1,7 @@
 """The control loop over hours (and a month) of farm time, against the farm model.
 
 Each scenario runs the daemon's real cycle on a manual clock through in-process device
-adapters (see tests/sim_harness.py), and judges the result by the farm's *true* import,
+adapters (see bench/sim_harness.py), and judges the result by the farm's *true* import,
 sampled between polls, not by what the daemon believes. The cap may be exceeded only
 while the farm physically cannot obey yet: the slowest power-down response (a power
 target change) plus two poll intervals after each cap drop.
@@ -17,16 +17,16 @@ from typing import Any, Protocol
 
 import pytest
 
-from controller.core.caps import GRID, OVERRIDE
-from controller.core.status import CycleResult, Hold
-from simulators.clock import ManualClock
-from simulators.farm import Farm, RigMode
-from tests.sim_harness import (
+from bench.sim_harness import (
     Report,
     SimHarness,
     flat_out_kw,
     sleep_only_hashrate_ths,
 )
+from controller.core.caps import GRID, OVERRIDE
+from controller.core.status import CycleResult, Hold
+from simulators.clock import ManualClock
+from simulators.farm import Farm, RigMode
 
 HOUR = 3600.0
 MONTH_START = 1_761_955_200.0  # 2025-11-01 00:00 UTC: a 30-day month

@@ -32,6 +32,7 @@ import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
+from bench.sim_harness import SimHarness
 from controller.adapters.store import StateStore
 from controller.config import Config, parse_config
 from controller.core.planner import Action, Mode
@@ -44,7 +45,6 @@ from simulators.farm import Farm, RigMode
 from simulators.site import SimSite
 from tests.conftest import Mosquitto, running, watch
 from tests.grid_helpers import Operator, grid_toml, order
-from tests.sim_harness import SimHarness
 
 SPEED = 20.0  # farm seconds per wall second
 INTERVAL_S = 10.0  # farm seconds: a poll every 0.5 wall s

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from bench.sim_harness import SimHarness
 from controller.adapters.grid.verify import Rejected, Verifier, load_keys
 from controller.adapters.mqtt import MqttLink
 from controller.adapters.store import StateStore
@@ -25,7 +26,6 @@ from controller.core.grid.book import OrderBook, report_doc
 from controller.core.grid.orders import GridMessage
 from controller.runtime.grid_service import GridService
 from tests.grid_helpers import Operator, grid_toml, order, plain
-from tests.sim_harness import SimHarness
 
 NOW = 1_790_000_000.0
 BASE = """

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.sim_harness import SimHarness, flat_out_kw
 from simulators.farm import RigMode
-from tests.sim_harness import SimHarness, flat_out_kw
 
 
 async def test_power_returns_every_rig_mines_and_rigd_brings_the_farm_under_the_cap(

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+from bench.sim_harness import OfflineLink
 from controller.config import parse_config
 from controller.runtime.daemon import STARVED_MISSES, Daemon
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
-from tests.sim_harness import OfflineLink
 
 TIMEOUT_S = 0.3
 SLOW_S = 0.1  # how late the miners answer: a third of the timeout

@@ -15,13 +15,13 @@ import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
+from bench.sim_harness import SimHarness, flat_out_kw
 from controller.adapters.metrics import Context, samples
 from controller.adapters.sdnotify import status_line
 from controller.cli.rigctl import print_status
 from controller.core.planner import ActionKind
 from controller.core.status import CycleResult
 from controller.errors import ManualRefused
-from tests.sim_harness import SimHarness, flat_out_kw
 
 
 @pytest.fixture

@@ -287,13 +287,15 @@ class SimHarness:
         rig_groups: Mapping[str, str] | None = None,
         dry_run: bool = False,
         max_import_pct: float = 105.0,
+        physical_timing: bool = True,
     ) -> SimHarness:
         """Build farm, config and daemon.
 
         `control` defaults `max_import_kw` to `max_import_pct` % of the farm's flat-out
         import; `stock` lists rigs on stock firmware (no API control). The settling
         window defaults to the slowest power-down response (power-target change or sleep)
-        plus two poll intervals.
+        plus two poll intervals. `physical_timing=False` leaves the models' response times
+        out of the config: rigd then starts from its default prior and learns them.
         """
         clock = ManualClock(start)
         farm = Farm.build(clock, rigs=rigs, pdus=pdus, models=models, seed=seed)
@@ -312,6 +314,7 @@ class SimHarness:
             budget=budget,
             groups=groups,
             rig_groups=rig_groups,
+            physical_timing=physical_timing,
         )
         slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
         return cls(
