@@ -235,6 +235,8 @@ class ControlConfig(Strict):
     reopt_gain_pct: float = Field(0.5, ge=0, le=100)  # re-plan when it gains this much hashrate
     reopt_hold_s: float = Field(1800, ge=0)  # ... changing a rig for it at most this often
     above_nominal: bool = False  # power targets above a rig's default, up to its maximum
+    # before a cap's known end, swap slow-to-wake rigs in (back at full sooner, a little less now)
+    prepare_restore: bool = True
 
     def timing_for(self, model: str) -> ModelTiming:
         return self.timing.get(model, self.timing_default)

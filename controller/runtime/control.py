@@ -113,6 +113,7 @@ def planner_settings(c: ControlConfig) -> PlannerSettings:
         reopt_gain_pct=c.reopt_gain_pct,
         reopt_hold_s=c.reopt_hold_s,
         above_nominal=c.above_nominal,
+        prepare_restore=c.prepare_restore,
     )
 
 

@@ -177,3 +177,13 @@ def test_wake_times_learn_from_the_prior_and_err_long() -> None:
     assert fast.wake_s("a|b", 300.0) == pytest.approx(170.0, abs=5.0)
     assert WakeTimes.from_dict(w.as_dict()).wake_s(key, 300.0) == 350.0
     assert reached(1660.0, 1700.0) and not reached(1600.0, 1700.0) and not reached(None, 1.0)
+
+
+def test_prepare_restore_is_a_config_key() -> None:
+    """`[control] prepare_restore` reaches the planner (default on; off declines the trade)."""
+    from controller.config.schema import ControlConfig
+    from controller.runtime.control import planner_settings
+
+    assert planner_settings(ControlConfig(max_import_kw=100)).prepare_restore is True
+    off = ControlConfig(max_import_kw=100, prepare_restore=False)
+    assert planner_settings(off).prepare_restore is False
