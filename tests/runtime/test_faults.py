@@ -320,9 +320,9 @@ class Sampler:
         return [(t - since, kw) for t, kw in self.samples if t >= since and kw > self.cap_kw]
 
 
-def _memory(state: Path) -> dict[str, dict[str, Any]]:
+def _memory(state: Path, key: str = "planner.memory") -> dict[str, dict[str, Any]]:
     with sqlite3.connect(state / StateStore.FILENAME) as db:
-        row = db.execute("SELECT value FROM kv WHERE key = 'planner.memory'").fetchone()
+        row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
     return dict(json.loads(row[0])) if row else {}
 
 
@@ -458,8 +458,14 @@ async def test_storm_of_faults_holds_the_cap_and_ends_where_the_loop_wants(
                 await obs.wait(
                     "rigd/sim/status", lambda m: m.payload == b"offline", 10, since=killed
                 )
-                remembered = _memory(state)
-                slept = {r for r, m in remembered.items() if m["mode"] in ("sleep", "off")}
+                # Asleep at the kill: remembered asleep, or with a wake in flight whose
+                # memory before it (control.inflight) says asleep: the restart checks those.
+                slept = {
+                    r
+                    for key in ("planner.memory", "control.inflight")
+                    for r, m in _memory(state, key).items()
+                    if m["mode"] in ("sleep", "off")
+                }
                 assert asleep_at_kill <= slept, "who is asleep survives a SIGKILL"
                 # NTP puts the clock an hour forward while rigd is down.
                 await child.start(wall_offset_s=3600.0)
