@@ -22,6 +22,7 @@ from typing import Any, Final, cast
 
 import structlog
 
+from drivers import jsonwire
 from drivers.base import MinerCapabilities
 from drivers.errors import (
     CommandRejected,
@@ -80,37 +81,47 @@ class CGMinerRejected(CommandRejected):
 
 
 def decode_reply(raw: bytes, *, device: str = "", operation: str = "") -> Json:
-    """Bytes off the wire -> the reply object, tolerating the NUL and missing-comma quirks."""
+    """Bytes off the wire -> the reply object, tolerating the NUL and missing-comma quirks.
+
+    Decoded once, straight from the bytes (drivers/jsonwire.py); only a reply that is not
+    plain JSON takes the slower way through text (`_repaired`)."""
     data = raw.split(b"\x00", 1)[0]
     try:
-        text = data.decode("utf-8").strip()
+        obj = jsonwire.loads(data, strict=False)
     except UnicodeDecodeError as exc:
         raise MalformedReply(
             f"reply is not UTF-8 text: {snippet(data)}", device=device, operation=operation
         ) from exc
+    except (ValueError, RecursionError):
+        obj = _repaired(data.decode("utf-8").strip(), device=device, operation=operation)
+    if not isinstance(obj, dict):
+        raise MalformedReply(
+            f"reply is JSON {type(obj).__name__}, not an object", device=device, operation=operation
+        )
+    return obj
+
+
+def _repaired(text: str, *, device: str, operation: str) -> Any:
+    """A reply JSON alone cannot read: surrounded by whitespace JSON does not skip, or
+    joined parts without a comma ("}{", as some bmminer builds send; pyasic repairs it the
+    same way)."""
     if not text:
         raise MalformedReply("empty reply", device=device, operation=operation)
     try:
-        obj = json.loads(text, strict=False)
+        return jsonwire.loads(text, strict=False)
     except (ValueError, RecursionError) as exc:
-        # Some bmminer builds join objects without a comma ("}{"); pyasic repairs it the same way.
         if "}{" not in text:
             raise MalformedReply(
                 f"reply is not JSON ({exc}): {snippet(text)}", device=device, operation=operation
             ) from exc
         try:
-            obj = json.loads(text.replace("}{", "},{"), strict=False)
+            return jsonwire.loads(text.replace("}{", "},{"), strict=False)
         except (ValueError, RecursionError) as exc2:
             raise MalformedReply(
                 f"reply is not JSON ({exc2}): {snippet(text)}",
                 device=device,
                 operation=operation,
             ) from exc2
-    if not isinstance(obj, dict):
-        raise MalformedReply(
-            f"reply is JSON {type(obj).__name__}, not an object", device=device, operation=operation
-        )
-    return obj
 
 
 def check_status(reply: Mapping[str, Any], *, device: str = "", operation: str = "") -> None:
