@@ -261,7 +261,7 @@ class CGMinerClient:
             )
         out: dict[str, Json] = {}
         for name in names:
-            slot = reply.get(name, reply.get(name.lower()))
+            slot = reply[name] if name in reply else reply.get(name.lower())
             if not (isinstance(slot, list) and slot and isinstance(slot[0], dict)):
                 raise MalformedReply(
                     f"joined reply has no {name!r} slot", device=self.device, operation=op
@@ -404,13 +404,20 @@ def _device_stats(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 
 def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:
-    # The pattern tried on every key at C speed: a stats item has some seventy keys.
     try:
-        return sorted({int(m.group(1)) for m in map(_CHAIN_KEY.fullmatch, dev) if m})
-    except TypeError:  # a key that is not text (never so in JSON)
+        return list(_chain_numbers_of(tuple(dev)))
+    except TypeError:  # a key that is not text (never so in JSON), or not hashable
         return sorted(
             {int(m.group(1)) for k in dev if isinstance(k, str) and (m := _CHAIN_KEY.fullmatch(k))}
         )
+
+
+@functools.lru_cache(maxsize=128)
+def _chain_numbers_of(keys: tuple[str, ...]) -> tuple[int, ...]:
+    """The chain numbers in a stats item's keys. Cached by the keys themselves: every rig
+    of one firmware build sends the same seventy, poll after poll, and a tuple of them is
+    cheaper to look up than the pattern is to try on each."""
+    return tuple(sorted({int(m.group(1)) for m in map(_CHAIN_KEY.fullmatch, keys) if m}))
 
 
 def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:

@@ -1,11 +1,12 @@
 """JSON off the wire, decoded once, for every TCP driver (4028 and Whatsminer's 4433).
 
-Decoding was about a quarter of a LuxOS poll's CPU with the standard library; orjson
-decodes the same replies three to four times faster. It is strict (RFC 8259 in valid
-UTF-8), so anything it refuses is handed to the standard library, which takes what it
-always took: `NaN`/`Infinity`, control characters in strings (with `strict=False`),
-integers of any size. Firmware quirks beyond that (a NUL terminator, `}{` between the parts
-of a joined reply) stay with the protocol's own decoder (drivers/cgminer.py).
+With the standard library, decoding was about a quarter of what a LuxOS poll cost above
+its floor (bench/floors); orjson decodes the same replies three to four times faster. It
+is strict (RFC 8259 in valid UTF-8), so anything it refuses is handed to the standard
+library, which takes what it always took: `NaN`/`Infinity`, control characters in
+strings (with `strict=False`), integers of any size. Firmware quirks beyond that (a NUL
+terminator, `}{` between the parts of a joined reply) stay with the protocol's own
+decoder (drivers/cgminer.py).
 
 One difference remains and is accepted: an integer beyond 64 bits, which no rig's figure
 is, comes back from orjson as the nearest float rather than as an exact int.
