@@ -36,7 +36,6 @@ figure as the wall power when `WALLPOWER` is absent (on the A15 capture both agr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -50,7 +49,7 @@ from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
     CGMinerClient,
-    parse_telemetry,
+    parse_rate_and_uptime,
 )
 from drivers.errors import CommandRejected, DeviceError, UnsupportedOperation
 from drivers.probes import shared_command
@@ -78,8 +77,8 @@ MODE_NAMES: Final = {LOW: "low", NORMAL: "normal", HIGH: "high"}
 _OPTIONAL: Final = frozenset({"version"})
 # `Key[value]`: keys are words; values never hold a ']'.
 _FIELD: Final = re.compile(r"(\w+)\[([^\]]*)\]")
-_FAN_KEY: Final = re.compile(r"Fan(\d+)")
 _MM_KEY: Final = re.compile(r"MM ID\d+")
+_CHIP_ARRAY: Final = re.compile(r"[0-9 ]*")  # PVT_Tn: "62  58  57 ..."
 
 
 # -- the MM ID string ----------------------------------------------------------------------
@@ -103,12 +102,36 @@ def numbers(value: str | None) -> list[float]:
     """Space-separated figures ("59459.52 61407.83 63139.66") -> floats; non-numbers dropped."""
     if not value:
         return []
+    parts = _whole_numbers(value)
+    if parts is not None:
+        return [float(p) for p in parts]
     out = []
     for part in value.replace("%", " ").split():
         f = to_float(part)
         if f is not None:
             out.append(f)
     return out
+
+
+def count_numbers(value: str | None) -> int:
+    """`len(numbers(value))` without reading each figure: a board's `PVT_Tn` has one
+    temperature per chip (over a hundred), and only their count is read."""
+    if not value:
+        return 0
+    if _CHIP_ARRAY.fullmatch(value):  # ASCII digits and spaces: each word is a figure,
+        parts = value.split()  # unless too long for a float
+        if len(value) < 300 or max(map(len, parts)) < 300:
+            return len(parts)
+    return len(numbers(value))
+
+
+def _whole_numbers(value: str) -> list[str] | None:
+    """The figures of `value` if every one is a plain whole number (as in the per-chip
+    arrays), short enough to be a finite float; else None, to be read one by one."""
+    parts = value.split()
+    if parts and "".join(parts).isdecimal() and max(map(len, parts)) < 300:
+        return parts
+    return None
 
 
 def one(mm: Mapping[str, str], key: str) -> float | None:
@@ -181,7 +204,7 @@ def parse_hashboards(
     boards = []
     for i in range(count):
         chips_raw = mm.get(f"PVT_T{i}") or hbinfo.get(f"PVT_T{i}")
-        chips = len(numbers(chips_raw)) or None
+        chips = count_numbers(chips_raw) or None
         rate = rates[i] if i < len(rates) else None
         # MGHS is an average, still non-zero for a while after the boards stopped.
         ths = None if rate is None else (_ghs_to_ths(rate) if hashing else 0.0)
@@ -203,7 +226,8 @@ def parse_hashboards(
 
 
 def parse_fans(mm: Mapping[str, str]) -> tuple[int, ...]:
-    nums = sorted(int(m.group(1)) for k in mm if (m := _FAN_KEY.fullmatch(k)))
+    # `Fan<digits>` (a regex's \d is `isdecimal`), without a pattern per key: 60 keys a poll.
+    nums = sorted(int(k[3:]) for k in mm if k.startswith("Fan") and k[3:].isdecimal())
     fans = []
     for n in nums[:MAX_FANS]:
         rpm = to_int(mm.get(f"Fan{n}"))
@@ -240,12 +264,25 @@ def parse_avalon_telemetry(
     device: str = "",
 ) -> RigTelemetry:
     """`summary` + `estats` (or `stats`, or `litestats`) replies -> one reading."""
-    base = parse_telemetry(
-        ts, summary=summary, stats=stats, identity=identity or RigIdentity(), device=device
-    )
     mm, hbinfo = mm_fields(stats)
+    return _reading(ts, summary, stats, mm, hbinfo, version, identity, device)
+
+
+def _reading(
+    ts: float,
+    summary: Mapping[str, Any] | None,
+    stats: Mapping[str, Any] | None,
+    mm: Mapping[str, str],
+    hbinfo: Mapping[str, str],
+    version: Mapping[str, Any] | None,
+    identity: RigIdentity | None,
+    device: str,
+) -> RigTelemetry:
+    """`parse_avalon_telemetry` with the controller's fields already read (`mm_fields`),
+    which the driver needs too: the string is read once a poll."""
+    base_rate, base_uptime = parse_rate_and_uptime(summary, stats, device=device)
     realtime = _ghs_to_ths(to_float(mm.get("GHSspd")))
-    hashrate = realtime if realtime is not None else base.hashrate_ths
+    hashrate = realtime if realtime is not None else base_rate
     hashing = bool(hashrate and hashrate > 0)
     boards = parse_hashboards(mm, hbinfo, hashing)
     if is_soft_off(mm):
@@ -261,9 +298,9 @@ def parse_avalon_telemetry(
         chip_temps.append(tmax)
     if version is not None or identity is None:
         identity = parse_avalon_identity(version, mm)
-    uptime = base.uptime_s if base.uptime_s is not None else to_int(mm.get("Elapsed"))
-    return dataclasses.replace(
-        base,
+    uptime = base_uptime if base_uptime is not None else to_int(mm.get("Elapsed"))
+    return RigTelemetry(
+        ts=ts,
         state=state,
         hashrate_ths=hashrate,
         power_w=wall_power_w(mm),
@@ -341,16 +378,19 @@ class AvalonDriver:
     async def read(self, ts: float) -> RigTelemetry:
         cmds = ["summary", "estats"] + (["version"] if self._identity is None else [])
         replies = await self._client.multi(*cmds, optional=_OPTIONAL)
-        tel = parse_avalon_telemetry(
+        estats = replies["estats"]
+        mm, hbinfo = mm_fields(estats)
+        tel = _reading(
             ts,
-            summary=replies["summary"],
-            stats=replies["estats"],
-            version=replies.get("version"),
-            identity=self._identity,
-            device=self.device,
+            replies["summary"],
+            estats,
+            mm,
+            hbinfo,
+            replies.get("version"),
+            self._identity,
+            self.device,
         )
         self._identity = None if self._reboots.restarted(tel) else tel.identity
-        mm, _ = mm_fields(replies["estats"])
         self.mode = work_mode(mm)
         if self.mode is not None and tel.power_limit_w is not None:
             self.mode_w[self.mode] = tel.power_limit_w

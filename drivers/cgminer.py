@@ -15,6 +15,7 @@ there is no connection to pool or keep alive; the cost of a poll is one connect.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Final, cast
 
 import structlog
 
+from drivers import jsonwire
 from drivers.base import MinerCapabilities
 from drivers.errors import (
     CommandRejected,
@@ -80,37 +82,47 @@ class CGMinerRejected(CommandRejected):
 
 
 def decode_reply(raw: bytes, *, device: str = "", operation: str = "") -> Json:
-    """Bytes off the wire -> the reply object, tolerating the NUL and missing-comma quirks."""
+    """Bytes off the wire -> the reply object, tolerating the NUL and missing-comma quirks.
+
+    Decoded once, straight from the bytes (drivers/jsonwire.py); only a reply that is not
+    plain JSON takes the slower way through text (`_repaired`)."""
     data = raw.split(b"\x00", 1)[0]
     try:
-        text = data.decode("utf-8").strip()
+        obj = jsonwire.loads(data, strict=False)
     except UnicodeDecodeError as exc:
         raise MalformedReply(
             f"reply is not UTF-8 text: {snippet(data)}", device=device, operation=operation
         ) from exc
+    except (ValueError, RecursionError):
+        obj = _repaired(data.decode("utf-8").strip(), device=device, operation=operation)
+    if not isinstance(obj, dict):
+        raise MalformedReply(
+            f"reply is JSON {type(obj).__name__}, not an object", device=device, operation=operation
+        )
+    return obj
+
+
+def _repaired(text: str, *, device: str, operation: str) -> Any:
+    """A reply JSON alone cannot read: surrounded by whitespace JSON does not skip, or
+    joined parts without a comma ("}{", as some bmminer builds send; pyasic repairs it the
+    same way)."""
     if not text:
         raise MalformedReply("empty reply", device=device, operation=operation)
     try:
-        obj = json.loads(text, strict=False)
+        return jsonwire.loads(text, strict=False)
     except (ValueError, RecursionError) as exc:
-        # Some bmminer builds join objects without a comma ("}{"); pyasic repairs it the same way.
         if "}{" not in text:
             raise MalformedReply(
                 f"reply is not JSON ({exc}): {snippet(text)}", device=device, operation=operation
             ) from exc
         try:
-            obj = json.loads(text.replace("}{", "},{"), strict=False)
+            return jsonwire.loads(text.replace("}{", "},{"), strict=False)
         except (ValueError, RecursionError) as exc2:
             raise MalformedReply(
                 f"reply is not JSON ({exc2}): {snippet(text)}",
                 device=device,
                 operation=operation,
             ) from exc2
-    if not isinstance(obj, dict):
-        raise MalformedReply(
-            f"reply is JSON {type(obj).__name__}, not an object", device=device, operation=operation
-        )
-    return obj
 
 
 def check_status(reply: Mapping[str, Any], *, device: str = "", operation: str = "") -> None:
@@ -144,6 +156,25 @@ def check_status(reply: Mapping[str, Any], *, device: str = "", operation: str =
     raise MalformedReply(f"unknown STATUS letter {letter!r}", device=device, operation=operation)
 
 
+@functools.lru_cache(maxsize=256)
+def _encoded(cmd: str) -> bytes:
+    """A parameterless request's bytes: the same few go to every rig at every poll."""
+    return json.dumps({"command": cmd}, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _joinable(cmds: tuple[str, ...]) -> tuple[str, ...]:
+    """`multi`'s commands, stripped and without repeats; checked once per list (drivers ask
+    for a few fixed lists, never for names that come from a device)."""
+    names = tuple(dict.fromkeys(c.strip() for c in cmds if c.strip()))
+    if not names:
+        raise ValueError("multi() needs at least one command")
+    for name in names:
+        if any(ch in name for ch in "+|,"):
+            raise ValueError(f"{name!r} cannot be joined: only plain command names")
+    return names
+
+
 class CGMinerClient:
     """Talks the 4028 protocol to one miner: one connection per request, bounded everything.
 
@@ -175,10 +206,12 @@ class CGMinerClient:
 
     async def command(self, cmd: str, parameter: str | None = None) -> Json:
         """Run one command; returns the whole reply (STATUS, section, id) after checking it."""
-        payload: Json = {"command": cmd}
-        if parameter is not None:
-            payload["parameter"] = parameter
-        raw = await self._request(payload, cmd)
+        if parameter is None:
+            data = _encoded(cmd)
+        else:
+            payload = {"command": cmd, "parameter": parameter}
+            data = json.dumps(payload, separators=(",", ":")).encode()
+        raw = await self._request(data, cmd)
         reply = decode_reply(raw, device=self.device, operation=cmd)
         check_status(reply, device=self.device, operation=cmd)
         return reply
@@ -192,12 +225,7 @@ class CGMinerClient:
         instead of failing the whole read: a firmware build without `atm` or `profiles`
         must still be monitored.
         """
-        names = list(dict.fromkeys(c.strip() for c in cmds if c.strip()))
-        if not names:
-            raise ValueError("multi() needs at least one command")
-        for name in names:
-            if any(ch in name for ch in "+|,"):
-                raise ValueError(f"{name!r} cannot be joined: only plain command names")
+        names = _joinable(cmds)
         if len(names) == 1:
             return {names[0]: await self.command(names[0])}
         joined_error: MalformedReply | None = None
@@ -222,7 +250,7 @@ class CGMinerClient:
         self, names: Sequence[str], optional: Collection[str] = ()
     ) -> dict[str, Json]:
         op = "+".join(names)
-        raw = await self._request({"command": op}, op)
+        raw = await self._request(_encoded(op), op)
         reply = decode_reply(raw, device=self.device, operation=op)
         if "STATUS" in reply:
             # A firmware without join support answers the whole thing as one (bad) command.
@@ -233,7 +261,7 @@ class CGMinerClient:
             )
         out: dict[str, Json] = {}
         for name in names:
-            slot = reply.get(name, reply.get(name.lower()))
+            slot = reply[name] if name in reply else reply.get(name.lower())
             if not (isinstance(slot, list) and slot and isinstance(slot[0], dict)):
                 raise MalformedReply(
                     f"joined reply has no {name!r} slot", device=self.device, operation=op
@@ -247,8 +275,7 @@ class CGMinerClient:
             out[name] = slot[0]
         return out
 
-    async def _request(self, payload: Json, operation: str) -> bytes:
-        data = json.dumps(payload, separators=(",", ":")).encode()
+    async def _request(self, data: bytes, operation: str) -> bytes:
         return await with_retries(
             lambda: self.exchange(data, operation),
             retries=self.retries,
@@ -356,7 +383,12 @@ def _rate_ths(entry: Mapping[str, Any], suffix: str) -> float | None:
 def _temps(value: Any) -> list[float]:
     """Sensor strings like "73-45-64-65" (or a plain number) -> non-zero readings."""
     if isinstance(value, str):
-        parts = [to_float(p) for p in value.split("-")]
+        parts_s = value.split("-")
+        # The usual all-digit string, short enough that no part overflows a float: read
+        # at C speed (a rig sends eight of these a poll).
+        if len(value) < 300 and "" not in parts_s and value.replace("-", "").isdecimal():
+            return [f for f in map(float, parts_s) if f > 0]
+        parts = [to_float(p) for p in parts_s]
         return [p for p in parts if p is not None and p > 0]
     f = to_float(value)
     return [f] if f is not None and f > 0 else []
@@ -372,16 +404,20 @@ def _device_stats(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 
 def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:
-    nums: set[int] = set()
-    for key in dev:
-        m = (
-            _CHAIN_KEY.fullmatch(key)
-            if isinstance(key, str) and key.startswith(_CHAIN_PREFIXES)
-            else None
+    try:
+        return list(_chain_numbers_of(tuple(dev)))
+    except TypeError:  # a key that is not text (never so in JSON), or not hashable
+        return sorted(
+            {int(m.group(1)) for k in dev if isinstance(k, str) and (m := _CHAIN_KEY.fullmatch(k))}
         )
-        if m:
-            nums.add(int(m.group(1)))
-    return sorted(nums)
+
+
+@functools.lru_cache(maxsize=128)
+def _chain_numbers_of(keys: tuple[str, ...]) -> tuple[int, ...]:
+    """The chain numbers in a stats item's keys. Cached by the keys themselves: every rig
+    of one firmware build sends the same seventy, poll after poll, and a tuple of them is
+    cheaper to look up than the pattern is to try on each."""
+    return tuple(sorted({int(m.group(1)) for m in map(_CHAIN_KEY.fullmatch, keys) if m}))
 
 
 def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
@@ -396,6 +432,30 @@ def parse_hashboards(stats: Mapping[str, Any] | None) -> tuple[Hashboard, ...]:
     return _hashboards(_device_stats(stats))
 
 
+@functools.lru_cache(maxsize=64)
+def _chain_keys(n: int) -> tuple[str, str, str, str, str, str]:
+    """Chain n's keys: chips, rate, board temp (two spellings), chip temp (two)."""
+    return (
+        f"chain_acn{n}",
+        f"chain_rate{n}",
+        f"temp_pcb{n}",
+        f"temp{n}",
+        f"temp_chip{n}",
+        f"temp2_{n}",
+    )
+
+
+def _hottest(value: Any) -> float | None:
+    """The highest non-zero reading of a sensor string (`max(_temps(value))`), or None."""
+    if isinstance(value, str) and len(value) < 300:
+        parts = value.split("-")
+        if "" not in parts and value.replace("-", "").isdecimal():
+            top = max(map(float, parts))
+            return top if top > 0 else None
+    temps = _temps(value)
+    return max(temps) if temps else None
+
+
 def _hashboards(dev: Mapping[str, Any]) -> tuple[Hashboard, ...]:
     nums = _chain_numbers(dev)
     if not nums:
@@ -404,23 +464,29 @@ def _hashboards(dev: Mapping[str, Any]) -> tuple[Hashboard, ...]:
     scale = _UNIT_TO_THS.get(unit, 1e-3)
     chains = to_int(dev.get("miner_count"))
     boards = []
+    get = dev.get
     for n in nums:
-        acn = to_int(dev.get(f"chain_acn{n}"))
-        rate_raw = dev.get(f"chain_rate{n}")
+        acn_k, rate_k, pcb_k, temp_k, chip_k, temp2_k = _chain_keys(n)
+        acn = to_int(get(acn_k))
+        rate_raw = get(rate_k)
         rate = to_float(rate_raw)
-        pcb = _temps(dev.get(f"temp_pcb{n}")) or _temps(dev.get(f"temp{n}"))
-        chip = _temps(dev.get(f"temp_chip{n}")) or _temps(dev.get(f"temp2_{n}"))
+        pcb = _hottest(get(pcb_k))
+        if pcb is None:
+            pcb = _hottest(get(temp_k))
+        chip = _hottest(get(chip_k))
+        if chip is None:
+            chip = _hottest(get(temp2_k))
         if not acn and not rate:
             beyond = chains is not None and n - nums[0] >= chains
-            if rate_raw in (None, "") or rate is None or beyond or not (pcb or chip):
+            if rate_raw in (None, "") or rate is None or beyond or (pcb is None and chip is None):
                 continue
         ths = None if rate is None else measure(rate * scale, MAX_RIG_HASHRATE_THS)
         boards.append(
             Hashboard(
                 index=n - nums[0],
                 hashrate_ths=ths,
-                temp_c=max(pcb) if pcb else None,
-                chip_temp_c=max(chip) if chip else None,
+                temp_c=pcb,
+                chip_temp_c=chip,
                 chips=acn if acn else None,
                 active=bool(ths and ths > 0),
             )
@@ -488,6 +554,44 @@ def parse_power_limit(
     return measure(profile_watts.get(name), MAX_RIG_POWER_W)
 
 
+def _summary_and_device(
+    summary: Mapping[str, Any] | None, stats: Mapping[str, Any] | None, device: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    summ = first(summary, "SUMMARY")
+    dev = _device_stats(stats)
+    if not summ and not dev:
+        raise MalformedReply(
+            "neither SUMMARY nor device STATS in the replies", device=device, operation="read"
+        )
+    return summ, dev
+
+
+def _hashrate(
+    summ: Mapping[str, Any], dev: Mapping[str, Any], boards: Sequence[Hashboard]
+) -> float | None:
+    hashrate = _rate_ths(summ, "5s")
+    if hashrate is None:
+        hashrate = _rate_ths(dev, "5s")
+    if hashrate is None and boards:
+        rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
+        hashrate = measure(sum(rates), MAX_RIG_HASHRATE_THS) if rates else None
+    return hashrate
+
+
+def _uptime(summ: Mapping[str, Any], dev: Mapping[str, Any]) -> int | None:
+    uptime = to_int(summ.get("Elapsed"))
+    return to_int(dev.get("Elapsed")) if uptime is None else uptime
+
+
+def parse_rate_and_uptime(
+    summary: Mapping[str, Any] | None, stats: Mapping[str, Any] | None, *, device: str = ""
+) -> tuple[float | None, int | None]:
+    """(hashrate TH/s, uptime s) as `parse_telemetry` reads them, for a firmware whose
+    other figures are elsewhere (drivers/avalon.py): the rest is not worth reading."""
+    summ, dev = _summary_and_device(summary, stats, device)
+    return _hashrate(summ, dev, _hashboards(dev)), _uptime(summ, dev)
+
+
 def parse_telemetry(
     ts: float,
     *,
@@ -509,19 +613,9 @@ def parse_telemetry(
     changes and so is not fetched every poll); `identity` is reused when `version` was not
     fetched this time.
     """
-    summ = first(summary, "SUMMARY")
-    dev = _device_stats(stats)
-    if not summ and not dev:
-        raise MalformedReply(
-            "neither SUMMARY nor device STATS in the replies", device=device, operation="read"
-        )
+    summ, dev = _summary_and_device(summary, stats, device)
     boards = _hashboards(dev)
-    hashrate = _rate_ths(summ, "5s")
-    if hashrate is None:
-        hashrate = _rate_ths(dev, "5s")
-    if hashrate is None and boards:
-        rates = [b.hashrate_ths for b in boards if b.hashrate_ths is not None]
-        hashrate = measure(sum(rates), MAX_RIG_HASHRATE_THS) if rates else None
+    hashrate = _hashrate(summ, dev, boards)
 
     power_w = measure(to_float(first(power, "POWER").get("Watts")), MAX_RIG_POWER_W)
     if power_w is None:  # some stock builds: "3250 W"
@@ -545,9 +639,7 @@ def parse_telemetry(
 
     board_temps = [b.temp_c for b in boards if b.temp_c is not None]
     chip_temps = [b.chip_temp_c for b in boards if b.chip_temp_c is not None]
-    uptime = to_int(summ.get("Elapsed"))
-    if uptime is None:
-        uptime = to_int(dev.get("Elapsed"))
+    uptime = _uptime(summ, dev)
     if version is not None or identity is None:
         identity = parse_identity(version, stats, config)
     return RigTelemetry(

@@ -18,6 +18,7 @@ from typing import Any, Final, cast
 
 import structlog
 
+from drivers import jsonwire
 from drivers.errors import (
     DeviceAuthError,
     DeviceError,
@@ -270,7 +271,7 @@ class BTMinerV3Client:
             if not done.done():
                 done.cancel()
         try:
-            reply = json.loads(payload.decode("utf-8"))
+            reply = jsonwire.loads(payload)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise MalformedReply(f"reply is not JSON: {snippet(payload)}", **where) from exc
         if not isinstance(reply, dict):

@@ -402,3 +402,25 @@ async def test_every_simulated_model_reads(model: str) -> None:
         assert tel.hashrate_ths == pytest.approx(m.nominal_ths, rel=0.05)
     finally:
         await a.server.stop()
+
+
+async def test_a_poll_reads_the_controller_string_once(
+    av: Av, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MM ID string is most of an Avalon poll's parsing: read once, not once for the
+    reading and again for the work mode."""
+    from drivers import avalon
+
+    calls = []
+
+    def counted(text: str) -> dict[str, str]:
+        calls.append(text)
+        return parse_mm(text)
+
+    drv = av.driver()
+    await drv.read(av.clock.now())  # the first poll also asks for `version`
+    monkeypatch.setattr(avalon, "parse_mm", counted)
+    av.clock.advance(10)
+    tel = await drv.read(av.clock.now())
+    assert len(calls) == 1 and tel.state is RigState.MINING and drv.mode == 1
+    assert tel.hashboards and all(b.chips == 160 for b in tel.hashboards)
