@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
 import httptools
-import orjson
 
+from drivers import jsonwire
 from drivers.errors import (
     CommandRejected,
     DeviceAuthError,
@@ -626,13 +626,13 @@ class JsonHttpClient:
         if not data.strip():
             return None
         try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass  # what orjson refuses (NaN, bad UTF-8, huge ints), the stdlib may read
+            return jsonwire.loads(data)
+        except (ValueError, RecursionError):
+            pass  # not UTF-8, or not JSON: an error page may still be text, bad bytes replaced
+        text = data.decode("utf-8", "replace")
         try:
-            return json.loads(data.decode("utf-8", "replace"))
+            return json.loads(text)
         except (ValueError, RecursionError) as exc:
-            text = data.decode("utf-8", "replace")
             if not 200 <= status < 300:
                 return text
             raise MalformedReply(
