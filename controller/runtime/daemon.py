@@ -24,7 +24,7 @@ from controller.adapters.store import StateStore, StoreError
 from controller.adapters.zones import ZoneService
 from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.core import rig_updates
-from controller.core.snapshot import Health, RigView, SiteSnapshot
+from controller.core.snapshot import Health, SiteSnapshot
 from controller.core.status import ControlStatus, CycleResult
 from controller.runtime import eventloop
 from controller.runtime.clock import Clock, StepGuard, Stopwatch, SystemClock
@@ -94,7 +94,7 @@ class Daemon:
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
         self.on_snapshot = on_snapshot
         # What each rig's retained topic shows, and when it was sent (core/rig_updates.py).
-        self._published: dict[str, tuple[RigView, float]] = {}
+        self._published: dict[str, rig_updates.Sent] = {}
         self._polled_all = False  # every device read once: a cycle may then skip the rigs
         self.snapshot: SiteSnapshot | None = None
         self.last: CycleResult | None = None
@@ -592,10 +592,10 @@ class Daemon:
             sent = seen.get(rig_id)
             if sent is None:
                 # A random age, so that rigs first seen together refresh at different polls.
-                seen[rig_id] = (rig, now - random.random() * refresh)
+                seen[rig_id] = rig_updates.Sent.of(rig, now - random.random() * refresh)
                 link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
-            elif rig_updates.update_due(sent[0], rig, now - sent[1], refresh):
-                seen[rig_id] = (rig, now)
+            elif rig_updates.update_due(sent, rig, now, refresh):
+                seen[rig_id] = rig_updates.Sent.of(rig, now)
                 link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
             for dev_id, view in views.items():
