@@ -157,15 +157,24 @@ class Daemon:
                             break
                     self._starved.pop(dev_id, None)
                     failed(dev_id, ts, e)
-                except asyncio.CancelledError:
-                    if not guard.fired(task):
+                except asyncio.CancelledError as e:
+                    if guard.fired(task):
+                        failed(
+                            dev_id,
+                            ts,
+                            DeviceError(f"no answer within {guard.limit_s:.1f} s", device=dev_id),
+                        )
+                        log.error("driver_hung", kind=kind, device=dev_id)
+                    elif task.cancelling() == 0:
+                        # Nobody cancelled this poll: a library gave up on a future of
+                        # its own (aiohttp may, under load). A bug of the driver's, like
+                        # any exception: this device's reading fails, the poll goes on.
+                        failed(
+                            dev_id, ts, DeviceError("read cancelled by the driver", device=dev_id)
+                        )
+                        log.error("driver_cancelled", kind=kind, device=dev_id, exc_info=e)
+                    else:
                         raise
-                    failed(
-                        dev_id,
-                        ts,
-                        DeviceError(f"no answer within {guard.limit_s:.1f} s", device=dev_id),
-                    )
-                    log.error("driver_hung", kind=kind, device=dev_id)
                 except Exception as e:  # a driver bug must not stop the farm's control
                     failed(dev_id, ts, e)
                     log.exception("driver_error", kind=kind, device=dev_id)

@@ -42,8 +42,13 @@ class ReadWatchdog:
         self._deadlines[task] = self._loop.time() + self.limit_s
 
     def end(self, task: asyncio.Task[object]) -> None:
-        """`task`'s read is over (however it ended)."""
+        """`task`'s read is over (however it ended). A read that ended otherwise than by
+        our CancelledError swallowed it (a driver turning it into an error of its own):
+        the cancellation is taken back all the same, so the task is not left cancelling."""
         self._deadlines[task] = math.inf
+        if task in self._fired:
+            self._fired.discard(task)
+            task.uncancel()
 
     def fired(self, task: asyncio.Task[object]) -> bool:
         """Whether a CancelledError in `task` came from this watchdog alone: then it is
