@@ -92,6 +92,7 @@ class Daemon:
         self.devices = devices or build_devices(cfg)
         self.state = SiteState.of(cfg.site.id, self.devices)
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
+        self.link.refill.append(self._refill_rigs)
         self.on_snapshot = on_snapshot
         # What each rig's retained topic shows, and when it was sent (core/rig_updates.py).
         self._published: dict[str, rig_updates.Sent] = {}
@@ -602,13 +603,24 @@ class Daemon:
             if sent is None:
                 # A random age, so that rigs first seen together refresh at different polls.
                 seen[rig_id] = rig_updates.Sent.of(rig, now - random.random() * refresh)
-                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
             elif rig_updates.update_due(sent, rig, now, refresh):
                 seen[rig_id] = rig_updates.Sent.of(rig, now)
-                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
             for dev_id, view in views.items():
                 link.set_retained(f"{kind}/{dev_id}/state", view.as_dict())
+
+    def _refill_rigs(self) -> None:
+        """On every (re)connect: each rig's retained document again, from the last
+        snapshot. The link does not keep them once sent (1 KB a rig; `keep=False` in
+        `publish`), and a broker restarted without persistence has lost them."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        for rig_id, rig in snap.rigs.items():
+            self._published[rig_id] = rig_updates.Sent.of(rig, snap.ts)
+            self.link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
 
     # -- the loop -------------------------------------------------------------------
 
