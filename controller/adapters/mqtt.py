@@ -4,6 +4,9 @@ Polling must never wait on the broker, so publishing only records the latest
 document per retained topic; a separate task flushes whatever changed while it
 is connected, and on every (re)connect republishes availability and every
 retained topic, since a broker restarted without persistence has lost them.
+A retained topic set with `keep=False` (one per rig: 10,000 documents of 1 KB) is held
+only until sent; on a reconnect the `refill` hooks set such topics again from what the
+daemon knows now, instead of the link keeping a second copy of the farm.
 Events (not retained) wait in a bounded queue: if the broker is gone for long,
 the oldest are dropped and the count of dropped ones is logged.
 
@@ -72,6 +75,10 @@ class MqttLink:
         self.status_topic = f"{self.base}/status"
         self.client_id = cfg.client_id or f"rigd-{site}"
         self._retained: dict[str, bytes] = {}
+        # Topics whose payload is dropped once sent (`set_retained(keep=False)`); `refill`
+        # hooks set them again on every (re)connect.
+        self._volatile: set[str] = set()
+        self.refill: list[Callable[[], None]] = []
         self._dirty: dict[str, None] = {}  # insertion-ordered set
         self._events: deque[tuple[str, bytes]] = deque(maxlen=max_events)
         self._dropped_events = 0
@@ -91,15 +98,21 @@ class MqttLink:
 
     # -- what the rest of the daemon calls ---------------------------------------------
 
-    def set_retained(self, subtopic: str, doc: Any) -> None:
-        """Record the latest document for a retained topic; published when connected."""
-        self.set_retained_raw(f"{self.base}/{subtopic}", encode(doc))
+    def set_retained(self, subtopic: str, doc: Any, *, keep: bool = True) -> None:
+        """Record the latest document for a retained topic; published when connected.
+        `keep` False: forget the payload once sent (a `refill` hook sets it again after a
+        reconnect); the caller then decides itself what is worth sending again."""
+        self.set_retained_raw(f"{self.base}/{subtopic}", encode(doc), keep=keep)
 
-    def set_retained_raw(self, topic: str, payload: bytes) -> None:
+    def set_retained_raw(self, topic: str, payload: bytes, *, keep: bool = True) -> None:
         """`set_retained` for a full topic, possibly outside rigd/<site>/ (Home Assistant
         discovery), and a ready payload; b"" clears a retained message."""
-        if self._retained.get(topic) == payload:
-            return
+        if keep:
+            self._volatile.discard(topic)
+            if self._retained.get(topic) == payload:
+                return
+        else:
+            self._volatile.add(topic)
         self._retained[topic] = payload
         self._dirty[topic] = None
         self._idle.clear()
@@ -145,8 +158,10 @@ class MqttLink:
     def used_topic(self, topic: str) -> bool:
         """Whether rigd subscribes to `topic` or publishes it retained: such a topic is
         never a grid response topic (controller/grid/topics.py)."""
-        return topic in self._retained or any(
-            paho.topic_matches_sub(f, topic) for f in self.subscriptions
+        return (
+            topic in self._retained
+            or topic in self._volatile
+            or any(paho.topic_matches_sub(f, topic) for f in self.subscriptions)
         )
 
     # -- connection management -----------------------------------------------------------
@@ -203,6 +218,11 @@ class MqttLink:
                     await client.publish(self.status_topic, ONLINE, qos=1, retain=True)
                     # Republish everything: the broker may have lost retained state.
                     self._dirty = dict.fromkeys(self._retained)
+                    for hook in self.refill:
+                        try:
+                            hook()
+                        except Exception:  # a hook's bug must not keep the link down
+                            log.exception("mqtt_refill_failed")
                     for topic, qos in self.subscriptions.items():
                         await client.subscribe(topic, qos=qos)
                     self.connected.set()
@@ -295,6 +315,9 @@ class MqttLink:
                 if not sent:  # failed, or cancelled (the broker went away): again later
                     for t in topics:
                         self._dirty.setdefault(t, None)
+            for t in topics:  # sent: a volatile payload is not kept (unless set again since)
+                if t in self._volatile and t not in self._dirty:
+                    del self._retained[t]
             await self._flush_urgent(client)  # grid acks do not wait for a long flush
         while self._events:
             # In batches, like retained topics: one PUBACK awaited at a time would let a

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from functools import partial
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -25,7 +24,7 @@ from controller.adapters.store import StateStore, StoreError
 from controller.adapters.zones import ZoneService
 from controller.config import Config, ConfigError, ConfigIssue, load_config
 from controller.core import rig_updates
-from controller.core.snapshot import Health, RigView, SiteSnapshot
+from controller.core.snapshot import Health, SiteSnapshot
 from controller.core.status import ControlStatus, CycleResult
 from controller.runtime import eventloop
 from controller.runtime.clock import Clock, StepGuard, Stopwatch, SystemClock
@@ -35,6 +34,7 @@ from controller.runtime.exports import Exports
 from controller.runtime.grid_service import GridService
 from controller.runtime.openadr_service import OpenADRService, grid_config_for_openadr
 from controller.runtime.state import SiteState
+from controller.runtime.watchdog import ReadWatchdog
 from drivers.errors import DeviceError, DeviceTimeout
 
 log = structlog.get_logger(__name__)
@@ -92,9 +92,10 @@ class Daemon:
         self.devices = devices or build_devices(cfg)
         self.state = SiteState.of(cfg.site.id, self.devices)
         self.link = link if link is not None else MqttLink(cfg.mqtt, cfg.site.id)
+        self.link.refill.append(self._refill_rigs)
         self.on_snapshot = on_snapshot
         # What each rig's retained topic shows, and when it was sent (core/rig_updates.py).
-        self._published: dict[str, tuple[RigView, float]] = {}
+        self._published: dict[str, rig_updates.Sent] = {}
         self._polled_all = False  # every device read once: a cycle may then skip the rigs
         self.snapshot: SiteSnapshot | None = None
         self.last: CycleResult | None = None
@@ -134,20 +135,19 @@ class Daemon:
     # -- one cycle ------------------------------------------------------------------
 
     async def _read(
-        self,
-        kind: str,
-        dev_id: str,
-        call: Callable[[], Awaitable[Any]],
-        ok: Callable[[Any], None],
-        failed: Callable[[BaseException], None],
-        health: Health,
+        self, job: _Job, ts: float, task: asyncio.Task[Any], guard: ReadWatchdog
     ) -> None:
+        """Read one device into the state. A read is bounded by the driver's own timeouts;
+        `guard` (one timer for the whole poll) only ends a driver that hangs."""
+        kind, dev_id, driver, ok, failed, health_of = job
+        health = health_of(dev_id)
         was = health.reachable
         async with self._sem:
             for again in (False, True):
                 before = self._lag.late_s if self._lag is not None else 0.0
+                guard.begin(task)
                 try:
-                    reading = await asyncio.wait_for(call(), self._guard_s)
+                    reading = await driver.read(ts)
                 except DeviceError as e:
                     if _timed_out(e) and self._starved_since(before):
                         # The host's fault, not the device's (see `_starved_since`).
@@ -157,16 +157,33 @@ class Daemon:
                         if kind == "miner" and self._keep_last(dev_id):
                             break
                     self._starved.pop(dev_id, None)
-                    failed(e)
-                except TimeoutError as e:
-                    failed(DeviceError(f"no answer within {self._guard_s:.1f} s", device=dev_id))
-                    log.error("driver_hung", kind=kind, device=dev_id, error=str(e))
+                    failed(dev_id, ts, e)
+                except asyncio.CancelledError as e:
+                    if guard.fired(task):
+                        failed(
+                            dev_id,
+                            ts,
+                            DeviceError(f"no answer within {guard.limit_s:.1f} s", device=dev_id),
+                        )
+                        log.error("driver_hung", kind=kind, device=dev_id)
+                    elif task.cancelling() == 0:
+                        # Nobody cancelled this poll: a library gave up on a future of
+                        # its own (aiohttp may, under load). A bug of the driver's, like
+                        # any exception: this device's reading fails, the poll goes on.
+                        failed(
+                            dev_id, ts, DeviceError("read cancelled by the driver", device=dev_id)
+                        )
+                        log.error("driver_cancelled", kind=kind, device=dev_id, exc_info=e)
+                    else:
+                        raise
                 except Exception as e:  # a driver bug must not stop the farm's control
-                    failed(e)
+                    failed(dev_id, ts, e)
                     log.exception("driver_error", kind=kind, device=dev_id)
                 else:
                     self._starved.pop(dev_id, None)
-                    ok(reading)
+                    ok(dev_id, reading)
+                finally:
+                    guard.end(task)
                 break
         # Log changes only: a farm of thousands of rigs must not log every first contact.
         if health.reachable is False and was is not False:
@@ -282,24 +299,28 @@ class Daemon:
         # Commands go first, but a burst of failing rigs must not stall the poll for good.
         waited, wait_at_most = Stopwatch(), self.cfg.poll.interval_s
 
-        async def worker() -> None:
-            for kind, dev_id, driver, ok, failed, health in todo:  # shared: each job once
-                if executor is not None and kind != "meter" and executor.queued:
+        async def worker(guard: ReadWatchdog) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            for job in todo:  # shared: each job once
+                if executor is not None and job[0] != "meter" and executor.queued:
                     left = wait_at_most - waited.elapsed()
                     if left > 0:  # commands first (controller/runtime/executor.py), for a while
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(left):
                                 await executor.room_for_reads()
-                await self._read(
-                    kind,
-                    dev_id,
-                    partial(driver.read, ts),
-                    partial(ok, dev_id),
-                    partial(failed, dev_id, ts),
-                    health(dev_id),
-                )
+                await self._read(job, ts, task, guard)
 
-        reads = asyncio.gather(*(worker() for _ in range(min(self._concurrency, len(jobs)))))
+        with ReadWatchdog(self._guard_s) as guard:
+            n = min(self._concurrency, len(jobs))
+            reads = asyncio.gather(*(worker(guard) for _ in range(n)))
+            return await self._until_kicked(reads, todo, stop_on_kick)
+
+    async def _until_kicked(
+        self, reads: asyncio.Future[list[None]], todo: Iterator[_Job], stop_on_kick: bool
+    ) -> bool:
+        """Wait for the reads; with `stop_on_kick`, cancel them if a grid order changes the
+        limits first (True: the poll was cut, see `_read_all`)."""
         kick = self.grid.kick if self.grid is not None and stop_on_kick else None
         if kick is None:
             await reads
@@ -581,14 +602,25 @@ class Daemon:
             sent = seen.get(rig_id)
             if sent is None:
                 # A random age, so that rigs first seen together refresh at different polls.
-                seen[rig_id] = (rig, now - random.random() * refresh)
-                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
-            elif rig_updates.update_due(sent[0], rig, now - sent[1], refresh):
-                seen[rig_id] = (rig, now)
-                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict())
+                seen[rig_id] = rig_updates.Sent.of(rig, now - random.random() * refresh)
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
+            elif rig_updates.update_due(sent, rig, now, refresh):
+                seen[rig_id] = rig_updates.Sent.of(rig, now)
+                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
             for dev_id, view in views.items():
                 link.set_retained(f"{kind}/{dev_id}/state", view.as_dict())
+
+    def _refill_rigs(self) -> None:
+        """On every (re)connect: each rig's retained document again, from the last
+        snapshot. The link does not keep them once sent (1 KB a rig; `keep=False` in
+        `publish`), and a broker restarted without persistence has lost them."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        for rig_id, rig in snap.rigs.items():
+            self._published[rig_id] = rig_updates.Sent.of(rig, snap.ts)
+            self.link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
 
     # -- the loop -------------------------------------------------------------------
 

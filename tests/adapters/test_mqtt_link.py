@@ -60,3 +60,40 @@ async def test_grid_acks_go_out_between_batches(mosquitto: Mosquitto) -> None:
                 if len(order) == 51:
                     break
     assert order.index("rigd/s/grid/acks") < 20  # not after all 50 rig topics
+
+
+async def test_volatile_topics_are_forgotten_once_sent_and_refilled_on_reconnect(
+    mosquitto: Mosquitto,
+) -> None:
+    """A rig's document (keep=False) is not kept once the broker has it; a reconnect asks
+    the `refill` hooks for it again, and a cleared topic (kept) stays cleared."""
+    link = MqttLink(MqttConfig(url=mosquitto.url), "s", publish_batch=10)
+    for i in range(25):
+        link.set_retained(f"rigs/r{i}/state", {"n": i}, keep=False)
+    link.set_retained("state", {"site": "s"})
+    link.set_retained_raw("rigd/s/rigs/gone/state", b"")
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="t") as client:
+        await link._flush(client)
+    assert set(link._retained) == {"rigd/s/state", "rigd/s/rigs/gone/state"}
+    assert link.used_topic("rigd/s/rigs/r3/state")  # still rigd's own topic
+
+    calls: list[int] = []
+
+    def refill() -> None:
+        calls.append(1)
+        link.set_retained("rigs/r0/state", {"n": 100}, keep=False)
+
+    link.refill.append(refill)
+    run = asyncio.create_task(link.run())
+    try:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="w") as watch:
+            await watch.subscribe("rigd/s/rigs/r0/state", qos=1)
+            async with asyncio.timeout(10):
+                async for m in watch.messages:
+                    if m.payload == b'{"n":100}':
+                        break
+        assert calls == [1]
+        await link.flush(5.0)
+        assert "rigd/s/rigs/r0/state" not in link._retained
+    finally:
+        await link.close(run)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from controller.config import parse_config
-from controller.core.rig_updates import update_due
+from controller.core.rig_updates import Sent, update_due
 from controller.core.snapshot import Health, RigInfo, RigView
 from controller.runtime.daemon import Daemon
 from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
@@ -46,10 +46,14 @@ def view(
     return RigView(INFO, state, tel, health, None, None)
 
 
+def sent_at(v: RigView, at: float = 0.0) -> Sent:
+    return Sent.of(v, at)
+
+
 def test_first_sight_and_nothing_new() -> None:
     cur = view()
     assert update_due(None, cur, 0, 60)
-    assert not update_due(cur, cur, 3600, 60)  # the very same reading: never twice
+    assert not update_due(sent_at(cur), cur, 3600, 60)  # the very same reading: never twice
 
 
 @pytest.mark.parametrize(
@@ -67,18 +71,19 @@ def test_first_sight_and_nothing_new() -> None:
     ],
 )
 def test_what_matters_goes_out_at_once(changed: dict[str, object]) -> None:
-    sent = view(ts=100)
+    sent = sent_at(view(ts=100))
     assert update_due(sent, view(ts=110, **changed), 10, 60)  # type: ignore[arg-type]
 
 
 def test_wandering_readings_wait_for_the_refresh() -> None:
-    sent = view(ts=100)
+    sent = sent_at(view(ts=100))
     drift = view(ts=110, power=3250 * 1.01, ths=110 * 1.015, temp=71.5)
     assert not update_due(sent, drift, 10, 60)
     assert update_due(sent, drift, 60, 60)  # but a rig is never silent for longer
     assert update_due(sent, drift, 10, 0)  # refresh 0: every new reading, as before
-    small = view(power=100.0)  # at low power the band is 20 W, not 2 W
-    assert not update_due(small, dataclasses.replace(small, health=Health(True, 1.0)), 5, 60)
+    low = view(power=100.0)  # at low power the band is 20 W, not 2 W
+    small = sent_at(low)
+    assert not update_due(small, dataclasses.replace(low, health=Health(True, 1.0)), 5, 60)
     assert not update_due(small, view(ts=110, power=115.0), 10, 60)
     assert update_due(small, view(ts=110, power=125.0), 10, 60)
 
@@ -114,6 +119,6 @@ async def test_the_daemon_sends_changes_and_refreshes(tmp_path: Path) -> None:
                 await daemon.cycle()
                 sent()
             refreshed = daemon._published
-            assert all(site.clock.now() - at <= 60 + 10 for _, at in refreshed.values())
+            assert all(site.clock.now() - s.at <= 60 + 10 for s in refreshed.values())
         finally:
             await daemon.devices.close()
