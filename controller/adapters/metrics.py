@@ -30,7 +30,6 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -38,6 +37,8 @@ from prometheus_client.exposition import choose_encoder
 from drivers.telemetry import RigState
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from controller.core.status import CycleResult
 
 log = structlog.get_logger(__name__)
@@ -427,6 +428,9 @@ class MetricsServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        # Imported here: aiohttp's server costs ~20 MB a daemon without [metrics] saves.
+        from aiohttp import web
+
         app = web.Application()
         app.router.add_get("/metrics", self._scrape)
         app.router.add_get("/", self._index)
@@ -441,12 +445,16 @@ class MetricsServer:
         log.info("metrics_listening", listen=f"{self.host}:{self.port}", path="/metrics")
 
     async def _scrape(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         body, ctype = await asyncio.to_thread(
             self.metrics.render, request.headers.get("Accept", "")
         )
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def _index(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         return web.Response(
             text='<html><body><a href="/metrics">rigd metrics</a></body></html>',
             content_type="text/html",

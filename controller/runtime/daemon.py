@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -32,10 +32,12 @@ from controller.runtime.control import Controller
 from controller.runtime.devices import Devices, build_devices
 from controller.runtime.exports import Exports
 from controller.runtime.grid_service import GridService
-from controller.runtime.openadr_service import OpenADRService, grid_config_for_openadr
 from controller.runtime.state import SiteState
 from controller.runtime.watchdog import ReadWatchdog
 from drivers.errors import DeviceError, DeviceTimeout
+
+if TYPE_CHECKING:
+    from controller.runtime.openadr_service import OpenADRService
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +117,12 @@ class Daemon:
         # An OpenADR VTN's events: orders in the same book (runtime/openadr_service.py).
         self.openadr: OpenADRService | None = None
         if cfg.openadr is not None and cfg.openadr.enabled and self.store is not None:
+            # Imported here: its HTTP client (aiohttp) costs ~20 MB a farm without a VTN saves.
+            from controller.runtime.openadr_service import (
+                OpenADRService,
+                grid_config_for_openadr,
+            )
+
             if self.grid is None:  # no signed orders: a book for OpenADR's alone
                 self.grid = GridService(
                     grid_config_for_openadr(cfg), self.store, None, now=self.clock.now
