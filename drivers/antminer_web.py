@@ -577,7 +577,10 @@ class AntminerDriver(CGMinerDriver):
         except DeviceError as exc:
             if self.web_error is None or type(exc) is not type(self.web_error):
                 log.warning("antminer.web_read_failed", device=self.device, error=str(exc))
-            self.web_error = exc
+            # Kept without its traceback: the frames (and their locals) would hold ~35 KB
+            # per failing rig for as long as the web UI stays down.
+            exc.__cause__ = exc.__context__ = None
+            self.web_error = exc.with_traceback(None)
             self._web_retry_ts = ts + self.web_retry_s
             return
         if self.web_error is not None:
