@@ -21,6 +21,7 @@ Oid = tuple[int, ...]
 
 GET: Final = 0xA0
 GETBULK: Final = 0xA5
+SET: Final = 0xA3
 RESPONSE: Final = 0xA2
 
 # Exception values of a var-bind (RFC 3416): kept as these markers, never confused with data.
@@ -84,6 +85,11 @@ def encode_binds(oids: list[Oid] | tuple[Oid, ...]) -> bytes:
     return _tlv(0x30, b"".join(_tlv(0x30, encode_oid(o) + b"\x05\x00") for o in oids))
 
 
+def encode_set_binds(binds: list[tuple[Oid, int]] | tuple[tuple[Oid, int], ...]) -> bytes:
+    """The var-bind list of a SET of INTEGER values (an outlet command)."""
+    return _tlv(0x30, b"".join(_tlv(0x30, encode_oid(o) + _integer(v)) for o, v in binds))
+
+
 def encode_request(
     pdu_type: int,
     request_id: int,
@@ -93,7 +99,8 @@ def encode_request(
     non_repeaters: int = 0,
     max_repetitions: int = 0,
 ) -> bytes:
-    """A v2c GET (`GET`) or GETBULK (`GETBULK`) message around `binds` (`encode_binds`)."""
+    """A v2c GET (`GET`), GETBULK (`GETBULK`) or SET (`SET`) message around `binds`
+    (`encode_binds`, or `encode_set_binds` for a SET)."""
     second, third = (non_repeaters, max_repetitions) if pdu_type == GETBULK else (0, 0)
     pdu = _tlv(
         pdu_type,
