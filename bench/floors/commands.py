@@ -65,6 +65,7 @@ EPIC_PASSWORD = "letmein"
 VNISH_PASSWORD = "admin"
 ANTMINER_SLEEP, ANTMINER_NORMAL = 1, 0  # bitmain-work-mode
 ANTMINER_WRITE_WAIT_S = 60.0  # set_miner_conf answers after ~21 s
+WAIT_S = 30.0  # any other reply: a burst of 10,000 keeps this client's own loop busy
 OUTLET_OFF, OUTLET_ON = 2, 1  # immediateOff, immediateOn
 
 
@@ -218,6 +219,9 @@ class CommandFloor:
                     if c.kind == "luxos" and c.rig not in self.sessions:
                         reply = _json(await wire.to_eof_reply(c.host, c.port, _cg("logon")))
                         sid = _first(reply, "SESSION").get("SessionID")
+                        if not sid:  # another client holds it: borrow it, as rigd does
+                            reply = _json(await wire.to_eof_reply(c.host, c.port, _cg("session")))
+                            sid = _first(reply, "SESSION").get("SessionID")
                         if not isinstance(sid, str) or not sid:
                             raise wire.FloorError(f"logon: no SessionID in {reply}")
                         self.sessions[c.rig] = sid
@@ -265,7 +269,7 @@ class CommandFloor:
         await _KINDS[c.kind](self, c, action == "sleep")
 
     async def _eof(self, c: Command, data: bytes) -> bytes:
-        reply = await wire.to_eof_reply(c.host, c.port, data)
+        reply = await wire.to_eof_reply(c.host, c.port, data, WAIT_S)
         self.requests += 1
         self.received += len(reply)
         return reply
@@ -292,7 +296,7 @@ class CommandFloor:
 
     async def _v3(self, c: Command, request: dict[str, Any]) -> bytes:
         body = json.dumps(request, separators=(",", ":")).encode()
-        reply = await wire.framed_reply(c.host, c.port, wire.frame(body))
+        reply = await wire.framed_reply(c.host, c.port, wire.frame(body), WAIT_S)
         self.requests += 1
         self.received += len(reply) + 4
         return reply
@@ -308,7 +312,7 @@ class CommandFloor:
                            "token": v3_token(cmd, WHATSMINER_V3_PASSWORD, salt, ts)})  # fmt: skip
 
     async def _http_on(self, conn: wire.HttpConnection, request: bytes,
-                       wait_s: float = 5.0) -> bytes:  # fmt: skip
+                       wait_s: float = WAIT_S) -> bytes:  # fmt: skip
         await conn.request(request, wait_s)
         self.requests += 1
         self.received += len(conn.buf)
@@ -352,7 +356,7 @@ class CommandFloor:
             conn.close()
 
     async def _cgi(self, c: Command, method: str, cgi: str, body: bytes = b"",
-                   wait_s: float = 10.0) -> bytes:  # fmt: skip
+                   wait_s: float = WAIT_S) -> bytes:  # fmt: skip
         uri = f"/cgi-bin/{cgi}"
         headers = [("Authorization", self.digests[c.rig].header(method, uri))]
         if body:
@@ -378,9 +382,9 @@ class CommandFloor:
         addr = (c.host, c.port)
         value = OUTLET_OFF if sleep else OUTLET_ON
         binds = snmp_wire.encode_set_binds([((*OUTLET_COMMAND, c.outlet), value)])
-        self.received += await self.snmp.exchange(addr, snmp_wire.SET, "private", binds)
+        self.received += await self.snmp.exchange(addr, snmp_wire.SET, "private", binds, WAIT_S)
         state = snmp_wire.encode_binds([(*OUTLET_STATE, c.outlet)])
-        self.received += await self.snmp.exchange(addr, snmp_wire.GET, "public", state)
+        self.received += await self.snmp.exchange(addr, snmp_wire.GET, "public", state, WAIT_S)
         self.requests += 2
 
 
