@@ -39,6 +39,9 @@ RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
 CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
 RECORD_WAIT_S = 10.0  # ...or after this long
 SLOT_HOLD_S = 2.0  # a command slower than this gives its slot to the next (see `execute`)
+# A command of a driver kind known to be slow (one of its commands took over SLOT_HOLD_S)
+# holds a slot of its own lane only this long: enough for its requests to leave.
+SLOW_HOLD_S = 0.1
 
 
 class Executor:
@@ -65,6 +68,9 @@ class Executor:
         self.attempt_timeout_s = attempt_timeout_s
         self._sem = asyncio.Semaphore(concurrency)
         self._slots = concurrency
+        # Driver kinds (classes) whose commands outlast SLOT_HOLD_S, and their own lane.
+        self._slow: set[type] = set()
+        self._slow_sem = asyncio.Semaphore(concurrency)
         self._pending = 0  # actions started and not finished, queued ones included
         self._released = 0  # of those, slow ones that gave their slot back (SLOT_HOLD_S)
         self._room = asyncio.Event()
@@ -144,35 +150,55 @@ class Executor:
                 operation=a.kind.value,
             ) from e
 
+    def _kind(self, a: Action) -> type:
+        """The driver class a command goes to: what slowness is learnt for."""
+        if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
+            info = self._rigs.get(a.rig_id)
+            pdu = self.devices.pdus.get(info.outlet[0]) if info and info.outlet else None
+            return type(pdu)
+        return type(self.devices.miners.get(a.rig_id))
+
     async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
         """Send one action, with retries; record it; never raises for device errors.
 
         A command holds one of the slots for at most `SLOT_HOLD_S`, then goes on without
         it: a stock Antminer applies a mode through its web UI in about 21 s, and 3,000 of
         them would otherwise hold every slot of a curtailment for minutes while the rigs
-        that sleep in milliseconds wait."""
+        that sleep in milliseconds wait. Its driver kind is then known to be slow: its
+        other commands take a slot of their own lane for `SLOW_HOLD_S` only (so they are
+        paced, not queued behind the fast ones), and one that was already queued in the
+        main lane passes through it at once."""
         work = Stopwatch()
         self._count(1)
-        slot = "waiting"  # then "held", and "given back" past SLOT_HOLD_S
+        kind = self._kind(a)
+        lane = self._slow_sem if kind in self._slow else self._sem
+        slot = "waiting"  # then "held", and "given back" past the hold
 
         def give_back() -> None:
             nonlocal slot
             if slot == "held":
                 slot = "given back"
-                self._sem.release()
+                lane.release()
                 self._count(0, released=1)
+                if lane is self._sem:
+                    self._slow.add(kind)
 
         timer: asyncio.TimerHandle | None = None
         try:
-            await self._sem.acquire()
+            await lane.acquire()
+            if lane is self._sem and kind in self._slow:  # learnt slow while it queued
+                lane.release()
+                lane = self._slow_sem
+                await lane.acquire()
             slot = "held"
-            timer = asyncio.get_running_loop().call_later(SLOT_HOLD_S, give_back)
+            hold = SLOW_HOLD_S if lane is self._slow_sem else SLOT_HOLD_S
+            timer = asyncio.get_running_loop().call_later(hold, give_back)
             error, attempt = await self._attempts(a)
         finally:
             if timer is not None:
                 timer.cancel()
             if slot == "held":
-                self._sem.release()
+                lane.release()
             elif slot == "given back":
                 self._count(0, released=-1)
             self._count(-1)
