@@ -415,6 +415,7 @@ async def curtail(
     """Send every command at once; when each was acknowledged (s from the first send),
     and this process's CPU over the burst. `floor` must have been `prepare`d."""
     floor = floor or CommandFloor()
+    floor.requests = floor.received = 0  # this burst's
     gc.collect()
     acked: list[float] = []
     errors: dict[str, int] = {}
