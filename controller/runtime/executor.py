@@ -44,6 +44,56 @@ SLOT_HOLD_S = 2.0  # a command slower than this gives its slot to the next (see 
 SLOW_HOLD_S = 0.1
 
 
+class _Lane:
+    """Slots handed out first come, first served, like a semaphore; and the commands of a
+    driver kind can be sent out of the queue at once (`divert`), when the kind turns out
+    to be slow while they wait."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._queue: deque[tuple[type, asyncio.Future[bool]]] = deque()
+
+    def locked(self) -> bool:
+        return self._free <= 0
+
+    async def acquire(self, kind: type) -> bool:
+        """True with a slot, False when diverted (see `divert`) without one."""
+        if self._free > 0 and not self._queue:
+            self._free -= 1
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        entry = (kind, fut)
+        self._queue.append(entry)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                if fut.result():
+                    self.release()  # handed a slot just as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(entry)
+            raise
+
+    def release(self) -> None:
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        self._free += 1
+
+    def divert(self, kind: type) -> None:
+        """Every queued command of `kind` leaves the queue now, without a slot."""
+        keep: deque[tuple[type, asyncio.Future[bool]]] = deque()
+        for entry in self._queue:
+            if entry[0] is kind and not entry[1].done():
+                entry[1].set_result(False)
+            else:
+                keep.append(entry)
+        self._queue = keep
+
+
 class Executor:
     def __init__(
         self,
@@ -66,11 +116,11 @@ class Executor:
         # Drivers time out their own requests; this bounds an attempt whatever a driver
         # does (a stock Antminer's mode write takes ~21 s), so no slot is held for good.
         self.attempt_timeout_s = attempt_timeout_s
-        self._sem = asyncio.Semaphore(concurrency)
+        self._sem: _Lane | asyncio.Semaphore = _Lane(concurrency)
         self._slots = concurrency
         # Driver kinds (classes) whose commands outlast SLOT_HOLD_S, and their own lane.
         self._slow: set[type] = set()
-        self._slow_sem = asyncio.Semaphore(concurrency)
+        self._slow_sem = _Lane(concurrency)
         self._pending = 0  # actions started and not finished, queued ones included
         self._released = 0  # of those, slow ones that gave their slot back (SLOT_HOLD_S)
         self._room = asyncio.Event()
@@ -166,8 +216,8 @@ class Executor:
         them would otherwise hold every slot of a curtailment for minutes while the rigs
         that sleep in milliseconds wait. Its driver kind is then known to be slow: its
         other commands take a slot of their own lane for `SLOW_HOLD_S` only (so they are
-        paced, not queued behind the fast ones), and one that was already queued in the
-        main lane passes through it at once."""
+        paced, not queued behind the fast ones), and those already queued in the main lane
+        leave it for their own at once."""
         work = Stopwatch()
         self._count(1)
         kind = self._kind(a)
@@ -180,16 +230,23 @@ class Executor:
                 slot = "given back"
                 lane.release()
                 self._count(0, released=1)
-                if lane is self._sem:
+                if lane is self._sem and kind not in self._slow:
                     self._slow.add(kind)
+                    if isinstance(self._sem, _Lane):
+                        self._sem.divert(kind)
 
         timer: asyncio.TimerHandle | None = None
         try:
-            await lane.acquire()
-            if lane is self._sem and kind in self._slow:  # learnt slow while it queued
-                lane.release()
+            if isinstance(lane, _Lane):
+                got = await lane.acquire(kind)
+            else:  # a plain semaphore (tests set one)
+                got = await lane.acquire()
+            if not got or (lane is self._sem and kind in self._slow):
+                # Learnt slow while it queued: its own lane, then.
+                if got:
+                    lane.release()
                 lane = self._slow_sem
-                await lane.acquire()
+                await self._slow_sem.acquire(kind)
             slot = "held"
             hold = SLOW_HOLD_S if lane is self._slow_sem else SLOT_HOLD_S
             timer = asyncio.get_running_loop().call_later(hold, give_back)
