@@ -335,13 +335,12 @@ async def _meter_under(meter: ModbusMeter, cap_kw: float, since: float, limit_s:
 
 
 def _audit_actions(db: Path, since: float) -> dict[str, str]:
-    """The shed action each rig was acknowledged with since `since` (the command floor
-    sends the same ones)."""
+    """The first shed action sent to each rig since `since`, acknowledged or not (the
+    command floor sends the same ones)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         rows = con.execute(
-            "SELECT rig_id, action FROM audit WHERE action IN (?, ?, ?) AND ts >= ? "
-            "AND result = 'ok' ORDER BY ts",
+            "SELECT rig_id, action FROM audit WHERE action IN (?, ?, ?) AND ts >= ? ORDER BY ts",
             (*SHED_ACTIONS, since),
         ).fetchall()
     finally:

@@ -382,7 +382,8 @@ class _SteadyPlan:
 
     walk_ts: float
     outlets: tuple[tuple[int, str], ...]  # (number, name), in the order of the rows
-    chunks: tuple[tuple[bytes, tuple[bytes, ...], tuple[Oid, ...]], ...]  # binds, names
+    # Each packet's var-binds, names (OID contents and tuples) and reply template.
+    chunks: tuple[tuple[bytes, tuple[bytes, ...], tuple[Oid, ...], snmp_wire.IntegerTemplate], ...]
 
     @classmethod
     def after_walk(cls, ts: float, decoded: DecodedPoll) -> _SteadyPlan:
@@ -394,6 +395,7 @@ class _SteadyPlan:
                 snmp_wire.encode_binds(part),
                 tuple(snmp_wire.oid_body(o) for o in part),
                 tuple(part),
+                snmp_wire.integer_template(tuple(part)),
             )
             for part in (oids[i : i + _MAX_GET_OIDS] for i in range(0, len(oids), _MAX_GET_OIDS))
         )
@@ -625,13 +627,13 @@ class ApcPdu:
         """The steady GET's values in `plan.oids` order, or None when a row has gone or an
         answer names other objects (time for a walk)."""
         values: list[Any] = []
-        for binds, bodies, oids in plan.chunks:
+        for binds, bodies, oids, template in plan.chunks:
             if self.version == "3":
                 reply: Sequence[tuple[Any, Any]] = await self._read_request("read", oids)
                 names: Sequence[Any] = oids
             else:
                 answer = await self._v2c("read", snmp_wire.GET, binds)
-                ints = snmp_wire.integer_template(oids).values(answer)
+                ints = template.values(answer)
                 if ints is not None:  # the usual reply: checked and decoded in one go
                     values += ints
                     continue

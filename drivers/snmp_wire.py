@@ -109,6 +109,33 @@ def encode_request(
     return _tlv(0x30, _integer(1) + _tlv(0x04, community.encode()) + pdu)
 
 
+# Request ids in this range take exactly four octets in BER, so a message can be kept
+# encoded with room for its id (`request_template`).
+REQUEST_ID_MIN: Final = 0x0080_0000
+REQUEST_ID_MAX: Final = 0x7FFF_FFFF
+
+
+@functools.lru_cache(maxsize=1024)  # keyed by the binds' bytes, whose hash Python caches
+def request_template(
+    pdu_type: int, community: str, binds: bytes, non_repeaters: int = 0, max_repetitions: int = 0
+) -> tuple[bytes, bytes]:
+    """(head, tail) of `encode_request`'s message, so that head + the request id's four
+    octets + tail is the message for any id in REQUEST_ID_MIN..REQUEST_ID_MAX: a steady
+    poll sends the same request every cycle, and encoding it is then one join."""
+    message = encode_request(
+        pdu_type,
+        REQUEST_ID_MIN,
+        community,
+        binds,
+        non_repeaters=non_repeaters,
+        max_repetitions=max_repetitions,
+    )
+    second, third = (non_repeaters, max_repetitions) if pdu_type == GETBULK else (0, 0)
+    tail = _integer(second) + _integer(third) + binds  # what follows the id in the PDU
+    at = len(message) - len(tail) - 4
+    return message[:at], message[at + 4 :]
+
+
 # -- decoding --------------------------------------------------------------------------
 
 

@@ -40,8 +40,12 @@ CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than thi
 RECORD_WAIT_S = 10.0  # ...or after this long
 SLOT_HOLD_S = 2.0  # a command slower than this gives its slot to the next (see `execute`)
 # A command of a driver kind known to be slow (one of its commands took over SLOT_HOLD_S)
-# holds a slot of its own lane only this long: enough for its requests to leave.
+# holds a slot of its own lane only this long: enough for its requests to leave...
 SLOW_HOLD_S = 0.1
+# ...plus this many times the event loop's lag (how late the last slot timer fired), up to
+# SLOT_HOLD_S: a busy loop starts slow commands no faster than it can serve them (at 10,000
+# rigs, 3,000 stock Antminers started in 5 s made every web connect time out after 3 s).
+LAG_HOLD_FACTOR = 2.0
 
 
 class _Lane:
@@ -121,6 +125,7 @@ class Executor:
         # Driver kinds (classes) whose commands outlast SLOT_HOLD_S, and their own lane.
         self._slow: set[type] = set()
         self._slow_sem = _Lane(concurrency)
+        self._lag = 0.0  # s the last slot timer fired late: the event loop's lag
         self._pending = 0  # actions started and not finished, queued ones included
         self._released = 0  # of those, slow ones that gave their slot back (SLOT_HOLD_S)
         self._room = asyncio.Event()
@@ -226,6 +231,7 @@ class Executor:
 
         def give_back() -> None:
             nonlocal slot
+            self._lag = max(0.0, loop.time() - due)
             if slot == "held":
                 slot = "given back"
                 lane.release()
@@ -236,6 +242,8 @@ class Executor:
                         self._sem.divert(kind)
 
         timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        due = 0.0
         try:
             if isinstance(lane, _Lane):
                 got = await lane.acquire(kind)
@@ -248,8 +256,11 @@ class Executor:
                 lane = self._slow_sem
                 await self._slow_sem.acquire(kind)
             slot = "held"
-            hold = SLOW_HOLD_S if lane is self._slow_sem else SLOT_HOLD_S
-            timer = asyncio.get_running_loop().call_later(hold, give_back)
+            hold = SLOT_HOLD_S
+            if lane is self._slow_sem:
+                hold = min(SLOT_HOLD_S, SLOW_HOLD_S + LAG_HOLD_FACTOR * self._lag)
+            due = loop.time() + hold
+            timer = loop.call_later(hold, give_back)
             error, attempt = await self._attempts(a)
         finally:
             if timer is not None:
