@@ -98,8 +98,10 @@ async def exchange(
     """One GET or GETBULK of `binds` (`snmp_wire.encode_binds`) and its Response-PDU
     (error status left to the caller). A timer per attempt rather than wait_for: this runs
     for every PDU every cycle, and a timer handle is the cheapest timeout asyncio has."""
-    sock = await _socket()
     loop = asyncio.get_running_loop()
+    sock = _SOCKETS.get(loop)  # the usual case, without a coroutine to find it
+    if sock is None or sock.transport is None or sock.transport.is_closing():
+        sock = await _socket()
     span = snmp_wire.REQUEST_ID_MAX - snmp_wire.REQUEST_ID_MIN + 1
     request_id = snmp_wire.REQUEST_ID_MIN + next(sock.ids) % span
     head, tail = snmp_wire.request_template(

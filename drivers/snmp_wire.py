@@ -158,7 +158,10 @@ def _head(buf: bytes, i: int, end: int) -> tuple[int, int, int]:
     return tag, i, stop
 
 
+@functools.lru_cache(maxsize=16384)  # a walk names the same few hundred objects every time
 def decode_oid(body: bytes) -> Oid:
+    """An OID's content octets as a tuple (cached: decoding it is a Python loop per octet,
+    and the full walk of every PDU decodes the same names every `WALK_EVERY_S`)."""
     if not body:
         raise BerError("empty OID")
     first = body[0]
