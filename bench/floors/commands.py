@@ -67,6 +67,7 @@ ANTMINER_SLEEP, ANTMINER_NORMAL = 1, 0  # bitmain-work-mode
 ANTMINER_WRITE_WAIT_S = 60.0  # set_miner_conf answers after ~21 s
 WAIT_S = 30.0  # any other reply: a burst of 10,000 keeps this client's own loop busy
 OUTLET_OFF, OUTLET_ON = 2, 1  # immediateOff, immediateOn
+ATTEMPTS, BACKOFF_S = 3, 0.5  # as rigd's executor retries a transport failure
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ def _json(raw: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise wire.FloorError(f"expected a JSON object, got {raw[:80]!r}")
     return doc
+
+
+def _refused(reply: bytes) -> bool:
+    """A CGMiner-style error status (the one look at a reply the floor takes: a refused
+    LuxOS session must be logged on again, as rigd does)."""
+    return b'"STATUS":"E"' in reply or b'"STATUS": "E"' in reply
 
 
 def _first(doc: dict[str, Any], key: str) -> dict[str, Any]:
@@ -263,10 +270,19 @@ class CommandFloor:
     # -- one command ---------------------------------------------------------------------
 
     async def send(self, c: Command, action: str) -> None:
-        """Sleep (or wake) one rig; returns once the firmware acknowledged it."""
+        """Sleep (or wake) one rig; returns once the firmware acknowledged it. A failed
+        exchange (a reset, a short reply, a timeout: a busy farm) is tried again after
+        the backoff rigd's executor uses, as many times."""
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
-        await _KINDS[c.kind](self, c, action == "sleep")
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                await _KINDS[c.kind](self, c, action == "sleep")
+                return
+            except (OSError, TimeoutError, ValueError, KeyError, wire.FloorError):
+                if attempt == ATTEMPTS:
+                    raise
+                await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
     async def _eof(self, c: Command, data: bytes) -> bytes:
         reply = await wire.to_eof_reply(c.host, c.port, data, WAIT_S)
@@ -275,8 +291,17 @@ class CommandFloor:
         return reply
 
     async def _luxos(self, c: Command, sleep: bool) -> None:
-        sid = self.sessions[c.rig]
-        await self._eof(c, _cg("curtail", f"{sid},{'sleep' if sleep else 'wakeup'}"))
+        sid = self.sessions.get(c.rig)
+        if sid is None:  # not logged on beforehand (a busy farm): as rigd would, now
+            logon = _json(await self._eof(c, _cg("logon")))
+            sid = _first(logon, "SESSION").get("SessionID")
+            if not isinstance(sid, str) or not sid:
+                raise wire.FloorError("logon: no SessionID")
+            self.sessions[c.rig], self.where[c.rig] = sid, (c.host, c.port)
+        reply = await self._eof(c, _cg("curtail", f"{sid},{'sleep' if sleep else 'wakeup'}"))
+        if _refused(reply):  # the session lapsed: log on again at the next attempt
+            self.sessions.pop(c.rig, None)
+            raise wire.FloorError("curtail refused")
 
     async def _avalon(self, c: Command, sleep: bool) -> None:
         word = "softoff" if sleep else "softon"

@@ -39,9 +39,10 @@ def test_every_command_dialect_is_a_simulated_one() -> None:
 
 def test_command_floor_sleeps_and_wakes_every_dialect() -> None:
     async def main() -> None:
-        # A fast farm clock: the Antminer's ~21 s mode write shrinks with it.
+        # A fast farm clock: the Antminer's ~21 s mode write shrinks with it (and a LuxOS
+        # session's 60 s with it: the floor logs on again when one lapsed).
         async with SimSite(rigs=len(DIALECTS) * 2, pdus=0, subnet=SUBNET, mix=MIX,
-                           speed=200.0) as site:  # fmt: skip
+                           speed=20.0) as site:  # fmt: skip
             cmds = _commands(site)
             floor = CommandFloor()
             assert await floor.prepare(cmds) == []
