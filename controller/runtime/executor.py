@@ -40,13 +40,13 @@ CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than thi
 RECORD_WAIT_S = 10.0  # ...or after this long
 SLOT_HOLD_S = 2.0  # a command slower than this gives its slot to the next (see `execute`)
 # A command of a driver kind known to be slow (one of its commands took over SLOT_HOLD_S)
-# holds one of SLOW_SLOTS slots of its own lane only this long: enough for its requests to
-# leave...
-SLOW_HOLD_S = 0.25
-SLOW_SLOTS = 16
+# holds a slot of its own lane (as many as the main one) only this long: enough for its
+# requests to leave...
+SLOW_HOLD_S = 0.1
 # ...plus this many times the event loop's lag (how late the last slot timer fired), up to
-# SLOT_HOLD_S: a busy loop starts slow commands no faster than it can serve them (at 10,000
-# rigs, 3,000 stock Antminers started in 5 s made every web connect time out after 3 s).
+# SLOT_HOLD_S (so never slower than the main lane): a busy loop starts slow commands no
+# faster than it can serve them (at 10,000 rigs, 3,000 stock Antminers started in 5 s made
+# every web connect time out after 3 s).
 LAG_HOLD_FACTOR = 2.0
 
 
@@ -126,7 +126,7 @@ class Executor:
         self._slots = concurrency
         # Driver kinds (classes) whose commands outlast SLOT_HOLD_S, and their own lane.
         self._slow: set[type] = set()
-        self._slow_sem = _Lane(min(SLOW_SLOTS, concurrency))
+        self._slow_sem = _Lane(concurrency)
         self._lag = 0.0  # s the last slot timer fired late: the event loop's lag
         self._pending = 0  # actions started and not finished, queued ones included
         self._released = 0  # of those, slow ones that gave their slot back (SLOT_HOLD_S)
