@@ -334,9 +334,10 @@ async def _meter_under(meter: ModbusMeter, cap_kw: float, since: float, limit_s:
     return math.nan
 
 
-def _audit_actions(db: Path, since: float) -> dict[str, str]:
+def _audit_actions(db: Path, since: float) -> tuple[dict[str, str], set[str]]:
     """The first shed action sent to each rig since `since`, acknowledged or not (the
-    command floor sends the same ones)."""
+    command floor sends the same ones), and the rigs whose outlet was switched off (the
+    planner's next turn may add that to a sleep: the floor must power them first)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         rows = con.execute(
@@ -348,14 +349,16 @@ def _audit_actions(db: Path, since: float) -> dict[str, str]:
     out: dict[str, str] = {}
     for rig, action in rows:
         out.setdefault(str(rig), str(action))
-    return out
+    return out, {str(rig) for rig, action in rows if action == "outlet_off"}
 
 
 def _command_floor(s: Settings, cfg: Path, db: Path, since: float,
                    daemon: subprocess.Popen[Any]) -> dict[str, Any]:  # fmt: skip
     """Stop the daemon, then have the command floor wake every rig it shed and shed them
     again the bare way (bench/floors/commands.py): the floor_curtail_* figures."""
-    jobs, skipped = ratios.shed_commands(cfg, _audit_actions(db, since))
+    first, switched_off = _audit_actions(db, since)
+    jobs, skipped = ratios.shed_commands(cfg, first)
+    restore, _ = ratios.shed_commands(cfg, dict.fromkeys(switched_off, "outlet_off"))
     daemon.send_signal(signal.SIGTERM)  # it must not fight the floor over the rigs
     try:
         daemon.wait(60)
@@ -363,7 +366,7 @@ def _command_floor(s: Settings, cfg: Path, db: Path, since: float,
         daemon.kill()
         daemon.wait()
     _say(s, f"daemon stopped; the command floor wakes and sheds {len(jobs)} rigs")
-    got = ratios.measure_command_floor(jobs)
+    got = ratios.measure_command_floor(jobs, restore)
     shed = got.get("sleep") or {}
     return {
         "floor_curtail_commands": len(jobs),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 PYASIC = "pyasic==0.79.0"  # the version the issue measured
+BOOT_WAIT_S = 16.0  # a simulated rig's API answers this long after its outlet is on
 PYASIC_SAMPLE = 100  # rigs of each dialect pyasic reads (its CPU per read is what counts)
 
 Target = tuple[str, int]
@@ -108,12 +109,17 @@ def shed_commands(cfg: Path, actions: dict[str, str]) -> tuple[list[dict[str, An
     return jobs, skipped
 
 
-def measure_command_floor(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+def measure_command_floor(
+    jobs: list[dict[str, Any]],
+    restore: list[dict[str, Any]] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
     """The command floor (bench/floors/commands.py) sending `jobs` (`shed_commands`): it
-    first wakes every rig (switches every outlet back on), since the farm must be running
-    again, then sends the same commands rigd sent, all at once. {"wake": ..., "sleep": ...}
-    with each burst's figures, or {"error"}."""
-    return _child("commands", {"commands": jobs}, 300 + len(jobs) * 0.02)
+    first switches the `restore` outlets back on and lets those rigs boot, wakes every rig
+    (switches every outlet back on), since the farm must be running again, then sends the
+    same commands rigd sent, all at once. {"wake": ..., "sleep": ...} with each burst's
+    figures, or {"error"}."""
+    job = {"commands": jobs, "restore": restore or []}
+    return _child("commands", job, 300 + len(jobs) * 0.02)
 
 
 def measure_pyasic(rigs: dict[str, list[Target]], sample: int = PYASIC_SAMPLE) -> dict[str, Any]:
@@ -153,10 +159,17 @@ def _commands(job: dict[str, Any]) -> dict[str, Any]:
 
     proc.raise_open_files()
     cmds = [Command(**c) for c in job["commands"]]
+    restore = [Command(**c) for c in job.get("restore") or ()]
 
     async def main() -> dict[str, Any]:
         floor = CommandFloor()
+        if restore:  # rigs the daemon powered off: power, and their boot (sim: <= 15 s)
+            await floor.prepare(restore)
+            restored = await curtail(restore, "wake", floor)
+            await asyncio.sleep(BOOT_WAIT_S)
         out: dict[str, Any] = {"unprepared": len(await floor.prepare(cmds))}
+        if restore:
+            out["restored"] = restored
         try:
             out["wake"] = await curtail(cmds, "wake", floor)
             await asyncio.sleep(1.0)  # the last replies' connections closing
