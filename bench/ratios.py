@@ -111,7 +111,7 @@ def shed_commands(cfg: Path, actions: dict[str, str]) -> tuple[list[dict[str, An
 
 def measure_command_floor(
     jobs: list[dict[str, Any]],
-    restore: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    restore: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The command floor (bench/floors/commands.py) sending `jobs` (`shed_commands`): it
     first switches the `restore` outlets back on and lets those rigs boot, wakes every rig
