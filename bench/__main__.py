@@ -5,7 +5,9 @@ Each run starts a simulated farm (`rigd sim`: rigs of every firmware rigd drives
 proportions of `--mix`, 24-outlet switched PDUs, one meter), measures the floors of its
 dialects (bench/floors) and, on the largest farm, pyasic against it (bench/ratios.py), then
 runs the real daemon against it in its own process: poll cycle, CPU, peak memory, MQTT, and
-a full curtailment, with the order's way to its first command broken down.
+a full curtailment, with the order's way to its first command broken down. Then it stops
+the daemon, and the command floor (bench/floors/commands.py) wakes the farm and sends the
+same commands the bare way, all at once: `curtail_p99_ratio` is the daemon's p99 over it.
 
 By default it runs the default farm (10,000 rigs, 417 PDUs) and the runs that draw the two
 cost curves: rigs without PDUs (2,500, 5,000, 10,000) and PDUs at 10,000 rigs (0, 417).
@@ -158,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the grid order arrives this long after a poll cycle began (s)",
     )
     p.add_argument("--no-floors", action="store_true", help="skip bench/floors")
+    p.add_argument(
+        "--no-command-floor",
+        action="store_true",
+        help="skip the command floor after the curtailment (no curtail_p99_ratio)",
+    )
     p.add_argument("--no-pyasic", action="store_true", help="skip pyasic")
     p.add_argument("--subnet", default="127.64.0.0/18", help="loopback only")
     p.add_argument("--workdir", type=Path, help="keep configs, logs and state here")
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(plan) == 1 or args.profile is None
             else args.profile.with_suffix(f".{name}{args.profile.suffix}"),
             floors=not args.no_floors,
+            command_floor=not args.no_command_floor,
             pyasic=not args.no_pyasic and (n, pdus) == largest,
         )
         try:

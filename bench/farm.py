@@ -25,7 +25,11 @@ What is measured, and from where:
   delivery is included) to the time the executor recorded the rig's sleep as acknowledged
   in the audit table (a sleep, or an outlet switched off); the daemon's own marks of the
   order's way to its first command come from its log; "metered" is when the simulated
-  meter, read over Modbus by this benchmark, first shows import under the order's cap.
+  meter, read over Modbus by this benchmark, first shows import under the order's cap;
+- the command floor: then the daemon is stopped, and the floor client of each dialect
+  (bench/floors/commands.py, in a child process) wakes every rig the daemon shed and
+  sends the very commands the daemon's audit shows, every one at once: its p99 from the
+  first send is `floor_curtail_p99_s`, beside the daemon's from the order's publish.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class Settings:
     floors: bool = True  # measure bench/floors against this farm before the daemon starts
     floor_rounds: int = 2
     pyasic: bool = False  # and pyasic reading a sample of each dialect's rigs
+    # After the daemon's curtailment: stop it, and have the command floor (bench/floors/
+    # commands.py) wake the farm and send the same commands
+    command_floor: bool = True
 
 
 class BenchError(RuntimeError):
@@ -327,6 +334,53 @@ async def _meter_under(meter: ModbusMeter, cap_kw: float, since: float, limit_s:
     return math.nan
 
 
+def _audit_actions(db: Path, since: float) -> tuple[dict[str, str], set[str]]:
+    """The first shed action sent to each rig since `since`, acknowledged or not (the
+    command floor sends the same ones), and the rigs whose outlet was switched off (the
+    planner's next turn may add that to a sleep: the floor must power them first)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = con.execute(
+            "SELECT rig_id, action FROM audit WHERE action IN (?, ?, ?) AND ts >= ? ORDER BY ts",
+            (*SHED_ACTIONS, since),
+        ).fetchall()
+    finally:
+        con.close()
+    out: dict[str, str] = {}
+    for rig, action in rows:
+        out.setdefault(str(rig), str(action))
+    return out, {str(rig) for rig, action in rows if action == "outlet_off"}
+
+
+def _command_floor(s: Settings, cfg: Path, db: Path, since: float,
+                   daemon: subprocess.Popen[Any]) -> dict[str, Any]:  # fmt: skip
+    """Stop the daemon, then have the command floor wake every rig it shed and shed them
+    again the bare way (bench/floors/commands.py): the floor_curtail_* figures."""
+    first, switched_off = _audit_actions(db, since)
+    jobs, skipped = ratios.shed_commands(cfg, first)
+    restore, _ = ratios.shed_commands(cfg, dict.fromkeys(switched_off, "outlet_off"))
+    daemon.send_signal(signal.SIGTERM)  # it must not fight the floor over the rigs
+    try:
+        daemon.wait(60)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+    _say(s, f"daemon stopped; the command floor wakes and sheds {len(jobs)} rigs")
+    got = ratios.measure_command_floor(jobs, restore)
+    shed = got.get("sleep") or {}
+    return {
+        "floor_curtail_commands": len(jobs),
+        "floor_curtail_skipped": skipped,  # commands with no floor (none on a full shed)
+        "floor_curtail_acknowledged": shed.get("acknowledged"),
+        "floor_curtail_errors": shed.get("errors") or got.get("error"),
+        "floor_curtail_p50_s": shed.get("p50_s"),
+        "floor_curtail_p99_s": shed.get("p99_s"),
+        "floor_curtail_max_s": shed.get("max_s"),
+        "floor_curtail_cpu_s": shed.get("cpu_s"),
+        "floor_curtail": got,
+    }
+
+
 def _audit_sleeps(db: Path, since: float) -> tuple[list[float], int]:
     """Latencies of acknowledged sleeps since `since`, and how many sleeps failed."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -447,6 +501,10 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
             raise BenchError(f"the daemon exited with {daemon.returncode}: see its log")
         peak_rss = proc.peak_rss_mb(daemon.pid)
         rss_now = proc.rss_mb(daemon.pid)
+        wall = time.time() - t_order
+        floor_cmds: dict[str, Any] = {}
+        if s.command_floor:
+            floor_cmds = _command_floor(s, cfg, db, t_order, daemon)
         overruns = 0
         accepted_log = None
         first_command: dict[str, Any] = {}
@@ -507,10 +565,11 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
             # CPU from the order until the check above saw every sleep (it polls every 0.5 s)
             "curtail_daemon_cpu_s": round(cpu_after[0] - cpu_before[0], 2),
             "curtail_sim_cpu_s": round(cpu_after[1] - cpu_before[1], 2),
-            "curtail_wall_s": round(time.time() - t_order, 2),
+            "curtail_wall_s": round(wall, 2),
             "farm_start_s": round(farm_up_s, 1),
             "rigs_by_driver": {d: len(t) for d, t in rig_targets.items()},
             **yardsticks,
+            **floor_cmds,
         }
         return result
     finally:

@@ -9,7 +9,7 @@ also measures, against the very farm the daemon polls,
 - pyasic reading the same rigs (a third-party client; installed into this interpreter by
   the benchmark if missing, never a dependency of rigd), where pyasic can read them.
 
-Each is measured in a child process (`python -m bench.ratios floors|pyasic`, a JSON job on
+Each is measured in a child process (`python -m bench.ratios floors|commands|pyasic`, a JSON job on
 stdin, a JSON answer on stdout) whose own CPU is the figure: not this process, whose MQTT
 watcher would be counted too, and never while the daemon polls, so the two do not share
 the cores at the moment either is measured.
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 PYASIC = "pyasic==0.79.0"  # the version the issue measured
+BOOT_WAIT_S = 16.0  # a simulated rig's API answers this long after its outlet is on
 PYASIC_SAMPLE = 100  # rigs of each dialect pyasic reads (its CPU per read is what counts)
 
 Target = tuple[str, int]
@@ -80,6 +81,47 @@ def measure_floors(
     return _child("floors", job, 120 + n * 0.02 * rounds)
 
 
+def shed_commands(cfg: Path, actions: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+    """The command floor's jobs for the shed commands rigd sent (rig -> its audit action,
+    see bench/farm.py), from the config `rigd sim` wrote: a sleep goes to the rig's own
+    API, an outlet switched off to its PDU. Also how many commands had no floor (a power
+    target, say)."""
+    doc = tomllib.loads(cfg.read_text(encoding="utf-8"))
+    miners = {str(m["id"]): m for m in doc.get("miners", [])}
+    outlets: dict[str, tuple[str, int, int]] = {}
+    for pdu in doc.get("pdus", []):
+        for number, rig in (pdu.get("outlets") or {}).items():
+            outlets[str(rig)] = (str(pdu["host"]), int(pdu["port"]), int(number))
+    jobs: list[dict[str, Any]] = []
+    skipped = 0
+    for rig, action in sorted(actions.items()):
+        m = miners.get(rig)
+        if action == "sleep" and m is not None:
+            host, port = str(m["host"]), int(m["port"])
+            web = int(m.get("web_port", 80))
+            jobs.append({"rig": rig, "kind": str(m["driver"]), "host": host, "port": port,
+                         "web_port": web})  # fmt: skip
+        elif action == "outlet_off" and rig in outlets:
+            host, port, number = outlets[rig]
+            jobs.append({"rig": rig, "kind": "pdu", "host": host, "port": port, "outlet": number})
+        else:
+            skipped += 1
+    return jobs, skipped
+
+
+def measure_command_floor(
+    jobs: list[dict[str, Any]],
+    restore: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The command floor (bench/floors/commands.py) sending `jobs` (`shed_commands`): it
+    first switches the `restore` outlets back on and lets those rigs boot, wakes every rig
+    (switches every outlet back on), since the farm must be running again, then sends the
+    same commands rigd sent, all at once. {"wake": ..., "sleep": ...} with each burst's
+    figures, or {"error"}."""
+    job = {"commands": jobs, "restore": restore or []}
+    return _child("commands", job, 300 + len(jobs) * 0.02)
+
+
 def measure_pyasic(rigs: dict[str, list[Target]], sample: int = PYASIC_SAMPLE) -> dict[str, Any]:
     """{driver: {"cpu_ms_per_poll", "devices", "errors"} | {"error"}} for pyasic's reads."""
     job = {"rigs": {d: [h for h, _ in t[:sample]] for d, t in rigs.items()}}
@@ -108,6 +150,36 @@ def _floors(job: dict[str, Any]) -> dict[str, Any]:
         except Exception as e:
             out["pdu"] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+def _commands(job: dict[str, Any]) -> dict[str, Any]:
+    from bench import proc
+    from bench.floors.commands import Command, CommandFloor, curtail
+    from controller.runtime import eventloop
+
+    proc.raise_open_files()
+    cmds = [Command(**c) for c in job["commands"]]
+    restore = [Command(**c) for c in job.get("restore") or ()]
+
+    async def main() -> dict[str, Any]:
+        floor = CommandFloor()
+        if restore:  # rigs the daemon powered off: power, and their boot (sim: <= 15 s)
+            await floor.prepare(restore)
+            restored = await curtail(restore, "wake", floor)
+            await asyncio.sleep(BOOT_WAIT_S)
+        out: dict[str, Any] = {"unprepared": len(await floor.prepare(cmds))}
+        if restore:
+            out["restored"] = restored
+        try:
+            out["wake"] = await curtail(cmds, "wake", floor)
+            await asyncio.sleep(1.0)  # the last replies' connections closing
+            out["sleep"] = await curtail(cmds, "sleep", floor)
+        finally:
+            await floor.release()
+        return out
+
+    with asyncio.Runner(loop_factory=eventloop.loop_factory()) as runner:
+        return runner.run(main())
 
 
 def _ensure_pyasic() -> Any:
@@ -184,7 +256,8 @@ def _pyasic(job: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     job = json.loads(sys.stdin.read())
-    out = _floors(job) if argv[0] == "floors" else _pyasic(job)
+    run = {"floors": _floors, "commands": _commands, "pyasic": _pyasic}[argv[0]]
+    out = run(job)
     print(json.dumps(out))
     return 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import operator
 import socket
@@ -382,7 +383,9 @@ class _SteadyPlan:
 
     walk_ts: float
     outlets: tuple[tuple[int, str], ...]  # (number, name), in the order of the rows
-    chunks: tuple[tuple[bytes, tuple[bytes, ...], tuple[Oid, ...]], ...]  # binds, names
+    ordered: bool  # the rows run in outlet-number order
+    # Each packet's var-binds, names (OID contents and tuples) and reply template.
+    chunks: tuple[tuple[bytes, tuple[bytes, ...], tuple[Oid, ...], snmp_wire.IntegerTemplate], ...]
 
     @classmethod
     def after_walk(cls, ts: float, decoded: DecodedPoll) -> _SteadyPlan:
@@ -394,10 +397,13 @@ class _SteadyPlan:
                 snmp_wire.encode_binds(part),
                 tuple(snmp_wire.oid_body(o) for o in part),
                 tuple(part),
+                snmp_wire.integer_template(tuple(part)),
             )
             for part in (oids[i : i + _MAX_GET_OIDS] for i in range(0, len(oids), _MAX_GET_OIDS))
         )
-        return cls(ts, tuple((n, names[n]) for _, n in by_row), chunks)
+        numbers = [n for _, n in by_row]
+        ordered = all(a < b for a, b in itertools.pairwise(numbers))
+        return cls(ts, tuple((n, names[n]) for n in numbers), ordered, chunks)
 
 
 _BY_NUMBER = operator.attrgetter("number")
@@ -412,10 +418,17 @@ def _plain_int(value: Any, device: str, what: str) -> int | None:
 
 
 def steady_reading(
-    device: str, ts: float, outlets: Sequence[tuple[int, str]], values: Sequence[Any]
+    device: str,
+    ts: float,
+    outlets: Sequence[tuple[int, str]],
+    values: Sequence[Any],
+    *,
+    ordered: bool = False,
 ) -> PduReading:
     """A PduReading from the steady GET's values (`steady_oids` order: device power and
-    energy, the rows' states, the rows' powers) and the walk's (number, name) per row."""
+    energy, the rows' states, the rows' powers) and the walk's (number, name) per row;
+    `ordered`: the rows are known to run in outlet-number order (no sort needed). This
+    runs for every PDU every cycle: one pass, plain ints taken as they come."""
     n = len(outlets)
     if len(values) != 2 + 2 * n:
         raise MalformedReply(
@@ -425,31 +438,37 @@ def steady_reading(
                       MAX_DEVICE_POWER_W, device=device, what="device power W")  # fmt: skip
     energy = _scaled(_plain_int(values[1], device, "device energy"), 0.1, MAX_ENERGY_KWH,
                      device=device, what="device energy kWh")  # fmt: skip
-    readings = []
-    for k, (number, name) in enumerate(outlets):
-        state = values[2 + k]
+    readings: list[OutletReading] = []
+    append = readings.append
+    states, powers = values[2 : 2 + n], values[2 + n :]
+    for (number, name), state, watts in zip(outlets, states, powers, strict=True):
         if type(state) is not int:
             state = snmp_int(state, device=device, what="outlet state")
-        if state != 1 and state != 2:
+        if state == 2:
+            on = True
+        elif state == 1:
+            on = False
+        else:
             raise MalformedReply(
                 f"outlet {number} state {state!r}, expected off(1) or on(2)",
                 device=device,
                 operation="read",
             )
-        watts = values[2 + n + k]
         if type(watts) is not int or watts == UNSUPPORTED:
             watts = snmp_int(watts, device=device, what="outlet power")
-        if watts is not None and not 0 <= watts <= MAX_OUTLET_POWER_W:
+            if watts is None:
+                append(OutletReading(number, on, name, None))
+                continue
+        if not 0 <= watts <= MAX_OUTLET_POWER_W:
             raise MalformedReply(
                 f"outlet {number} power W {watts:g} outside the plausible "
                 f"0..{MAX_OUTLET_POWER_W:g}",
                 device=device,
                 operation="read",
             )
-        readings.append(
-            OutletReading(number, state == 2, name, None if watts is None else float(watts))
-        )
-    readings.sort(key=_BY_NUMBER)  # rows may run out of number order (NPS chains)
+        append(OutletReading(number, on, name, float(watts)))
+    if not ordered:
+        readings.sort(key=_BY_NUMBER)  # rows may run out of number order (NPS chains)
     return PduReading(ts=ts, power_w=power_w, energy_kwh=energy, outlets=tuple(readings))
 
 
@@ -559,7 +578,9 @@ class ApcPdu:
             if plan is not None and 0.0 <= ts - plan.walk_ts < self._walk_every_s:
                 values = await self._steady(plan)
                 if values is not None:
-                    return steady_reading(self.device, ts, plan.outlets, values)
+                    return steady_reading(
+                        self.device, ts, plan.outlets, values, ordered=plan.ordered
+                    )
             walked = await self._poll()
         decoded = decode_poll(self.device, ts, walked)
         self._rows = dict(decoded.rows)
@@ -625,13 +646,13 @@ class ApcPdu:
         """The steady GET's values in `plan.oids` order, or None when a row has gone or an
         answer names other objects (time for a walk)."""
         values: list[Any] = []
-        for binds, bodies, oids in plan.chunks:
+        for binds, bodies, oids, template in plan.chunks:
             if self.version == "3":
                 reply: Sequence[tuple[Any, Any]] = await self._read_request("read", oids)
                 names: Sequence[Any] = oids
             else:
                 answer = await self._v2c("read", snmp_wire.GET, binds)
-                ints = snmp_wire.integer_template(oids).values(answer)
+                ints = template.values(answer)
                 if ints is not None:  # the usual reply: checked and decoded in one go
                     values += ints
                     continue

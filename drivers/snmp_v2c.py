@@ -23,7 +23,7 @@ class _Socket(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self.waiting: dict[int, tuple[Addr, asyncio.Future[snmp_wire.Reply | None]]] = {}
-        self.ids = itertools.count(1)
+        self.ids = itertools.count()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -98,13 +98,16 @@ async def exchange(
     """One GET or GETBULK of `binds` (`snmp_wire.encode_binds`) and its Response-PDU
     (error status left to the caller). A timer per attempt rather than wait_for: this runs
     for every PDU every cycle, and a timer handle is the cheapest timeout asyncio has."""
-    sock = await _socket()
     loop = asyncio.get_running_loop()
-    request_id = next(sock.ids) % 0x7FFFFFFF
-    message = snmp_wire.encode_request(
-        pdu_type, request_id, community, binds,
-        non_repeaters=non_repeaters, max_repetitions=max_repetitions,
-    )  # fmt: skip
+    sock = _SOCKETS.get(loop)  # the usual case, without a coroutine to find it
+    if sock is None or sock.transport is None or sock.transport.is_closing():
+        sock = await _socket()
+    span = snmp_wire.REQUEST_ID_MAX - snmp_wire.REQUEST_ID_MIN + 1
+    request_id = snmp_wire.REQUEST_ID_MIN + next(sock.ids) % span
+    head, tail = snmp_wire.request_template(
+        pdu_type, community, binds, non_repeaters, max_repetitions
+    )
+    message = head + request_id.to_bytes(4, "big") + tail
     where = {"device": device, "operation": operation}
     try:
         for _ in range(retries + 1):

@@ -21,6 +21,7 @@ Oid = tuple[int, ...]
 
 GET: Final = 0xA0
 GETBULK: Final = 0xA5
+SET: Final = 0xA3
 RESPONSE: Final = 0xA2
 
 # Exception values of a var-bind (RFC 3416): kept as these markers, never confused with data.
@@ -84,6 +85,11 @@ def encode_binds(oids: list[Oid] | tuple[Oid, ...]) -> bytes:
     return _tlv(0x30, b"".join(_tlv(0x30, encode_oid(o) + b"\x05\x00") for o in oids))
 
 
+def encode_set_binds(binds: list[tuple[Oid, int]] | tuple[tuple[Oid, int], ...]) -> bytes:
+    """The var-bind list of a SET of INTEGER values (an outlet command)."""
+    return _tlv(0x30, b"".join(_tlv(0x30, encode_oid(o) + _integer(v)) for o, v in binds))
+
+
 def encode_request(
     pdu_type: int,
     request_id: int,
@@ -93,13 +99,41 @@ def encode_request(
     non_repeaters: int = 0,
     max_repetitions: int = 0,
 ) -> bytes:
-    """A v2c GET (`GET`) or GETBULK (`GETBULK`) message around `binds` (`encode_binds`)."""
+    """A v2c GET (`GET`), GETBULK (`GETBULK`) or SET (`SET`) message around `binds`
+    (`encode_binds`, or `encode_set_binds` for a SET)."""
     second, third = (non_repeaters, max_repetitions) if pdu_type == GETBULK else (0, 0)
     pdu = _tlv(
         pdu_type,
         _integer(request_id) + _integer(second) + _integer(third) + binds,
     )
     return _tlv(0x30, _integer(1) + _tlv(0x04, community.encode()) + pdu)
+
+
+# Request ids in this range take exactly four octets in BER, so a message can be kept
+# encoded with room for its id (`request_template`).
+REQUEST_ID_MIN: Final = 0x0080_0000
+REQUEST_ID_MAX: Final = 0x7FFF_FFFF
+
+
+@functools.lru_cache(maxsize=1024)  # keyed by the binds' bytes, whose hash Python caches
+def request_template(
+    pdu_type: int, community: str, binds: bytes, non_repeaters: int = 0, max_repetitions: int = 0
+) -> tuple[bytes, bytes]:
+    """(head, tail) of `encode_request`'s message, so that head + the request id's four
+    octets + tail is the message for any id in REQUEST_ID_MIN..REQUEST_ID_MAX: a steady
+    poll sends the same request every cycle, and encoding it is then one join."""
+    message = encode_request(
+        pdu_type,
+        REQUEST_ID_MIN,
+        community,
+        binds,
+        non_repeaters=non_repeaters,
+        max_repetitions=max_repetitions,
+    )
+    second, third = (non_repeaters, max_repetitions) if pdu_type == GETBULK else (0, 0)
+    tail = _integer(second) + _integer(third) + binds  # what follows the id in the PDU
+    at = len(message) - len(tail) - 4
+    return message[:at], message[at + 4 :]
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -124,7 +158,10 @@ def _head(buf: bytes, i: int, end: int) -> tuple[int, int, int]:
     return tag, i, stop
 
 
+@functools.lru_cache(maxsize=16384)  # a walk names the same few hundred objects every time
 def decode_oid(body: bytes) -> Oid:
+    """An OID's content octets as a tuple (cached: decoding it is a Python loop per octet,
+    and the full walk of every PDU decodes the same names every `WALK_EVERY_S`)."""
     if not body:
         raise BerError("empty OID")
     first = body[0]

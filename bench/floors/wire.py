@@ -21,16 +21,19 @@ class FloorError(RuntimeError):
 class _ToEof(asyncio.Protocol):
     """Send once, collect to EOF or a NUL: the 4028 framing (cgminer, LuxOS, btminer v2)."""
 
-    def __init__(self, data: bytes, done: asyncio.Future[int]) -> None:
+    def __init__(self, data: bytes, done: asyncio.Future[int], keep: bool = False) -> None:
         self.data = data
         self.done = done
         self.got = 0
+        self.chunks: list[bytes] | None = [] if keep else None  # the reply, when asked for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cast(asyncio.WriteTransport, transport).write(self.data)
 
     def data_received(self, chunk: bytes) -> None:
         self.got += len(chunk)
+        if self.chunks is not None:
+            self.chunks.append(chunk)
         if chunk.endswith(b"\x00") and not self.done.done():
             self.done.set_result(self.got)
 
@@ -90,6 +93,24 @@ async def to_eof(host: str, port: int, data: bytes, wait_s: float = 5.0) -> int:
     return await _one_connection(host, port, _ToEof(data, done), done, wait_s)
 
 
+async def to_eof_reply(host: str, port: int, data: bytes, wait_s: float = 5.0) -> bytes:
+    """`to_eof`, keeping the reply: for the exchanges whose answer the next request needs
+    (a LuxOS session id, a Whatsminer token's salts)."""
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    proto = _ToEof(data, done, keep=True)
+    await _one_connection(host, port, proto, done, wait_s)
+    return b"".join(proto.chunks or ()).rstrip(b"\x00")
+
+
+async def framed_reply(host: str, port: int, data: bytes, wait_s: float = 5.0) -> bytes:
+    """`framed`, keeping the reply's body (a Whatsminer API v3 salt)."""
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    proto = _Framed(data, done)
+    await _one_connection(host, port, proto, done, wait_s)
+    (length,) = struct.unpack_from("<I", proto.buf)
+    return proto.buf[4 : 4 + length]
+
+
 async def framed(host: str, port: int, data: bytes, wait_s: float = 5.0) -> int:
     """Connect, send one length-prefixed frame (`data` already carries the prefix), read one."""
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -145,6 +166,19 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done is not None and not self.done.done():
             self.done.set_exception(FloorError("connection lost"))
+
+    def body(self) -> bytes:
+        """The last reply's body (after `request` returned)."""
+        return self.buf[self.buf.find(b"\r\n\r\n") + 4 :]
+
+    def header(self, name: bytes) -> bytes:
+        """One header of the last reply ("" when absent), for a digest challenge."""
+        head = self.buf[: self.buf.find(b"\r\n\r\n")]
+        for line in head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower():
+                return value.strip()
+        return b""
 
     def close(self) -> None:
         if self.transport is not None:

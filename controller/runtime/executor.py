@@ -39,6 +39,65 @@ RECORD_CHUNK = 250  # outcomes booked between two turns of the event loop
 CALM_PENDING = 16  # kept-back outcomes are booked once no more actions than this remain...
 RECORD_WAIT_S = 10.0  # ...or after this long
 SLOT_HOLD_S = 2.0  # a command slower than this gives its slot to the next (see `execute`)
+# A command of a driver kind known to be slow (one of its commands took over SLOT_HOLD_S)
+# holds a slot of its own lane (as many as the main one) only this long: enough for its
+# requests to leave...
+SLOW_HOLD_S = 0.1
+# ...plus this many times the event loop's lag (how late the last slot timer fired), up to
+# SLOT_HOLD_S (so never slower than the main lane): a busy loop starts slow commands no
+# faster than it can serve them (at 10,000 rigs, 3,000 stock Antminers started in 5 s made
+# every web connect time out after 3 s).
+LAG_HOLD_FACTOR = 2.0
+
+
+class _Lane:
+    """Slots handed out first come, first served, like a semaphore; and the commands of a
+    driver kind can be sent out of the queue at once (`divert`), when the kind turns out
+    to be slow while they wait."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._queue: deque[tuple[type, asyncio.Future[bool]]] = deque()
+
+    def locked(self) -> bool:
+        return self._free <= 0
+
+    async def acquire(self, kind: type) -> bool:
+        """True with a slot, False when diverted (see `divert`) without one."""
+        if self._free > 0 and not self._queue:
+            self._free -= 1
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        entry = (kind, fut)
+        self._queue.append(entry)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                if fut.result():
+                    self.release()  # handed a slot just as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(entry)
+            raise
+
+    def release(self) -> None:
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        self._free += 1
+
+    def divert(self, kind: type) -> None:
+        """Every queued command of `kind` leaves the queue now, without a slot."""
+        keep: deque[tuple[type, asyncio.Future[bool]]] = deque()
+        for entry in self._queue:
+            if entry[0] is kind and not entry[1].done():
+                entry[1].set_result(False)
+            else:
+                keep.append(entry)
+        self._queue = keep
 
 
 class Executor:
@@ -63,8 +122,12 @@ class Executor:
         # Drivers time out their own requests; this bounds an attempt whatever a driver
         # does (a stock Antminer's mode write takes ~21 s), so no slot is held for good.
         self.attempt_timeout_s = attempt_timeout_s
-        self._sem = asyncio.Semaphore(concurrency)
+        self._sem: _Lane | asyncio.Semaphore = _Lane(concurrency)
         self._slots = concurrency
+        # Driver kinds (classes) whose commands outlast SLOT_HOLD_S, and their own lane.
+        self._slow: set[type] = set()
+        self._slow_sem = _Lane(concurrency)
+        self._lag = 0.0  # s the last slot timer fired late: the event loop's lag
         self._pending = 0  # actions started and not finished, queued ones included
         self._released = 0  # of those, slow ones that gave their slot back (SLOT_HOLD_S)
         self._room = asyncio.Event()
@@ -144,35 +207,68 @@ class Executor:
                 operation=a.kind.value,
             ) from e
 
+    def _kind(self, a: Action) -> type:
+        """The driver class a command goes to: what slowness is learnt for."""
+        if a.kind in (ActionKind.OUTLET_OFF, ActionKind.OUTLET_ON):
+            info = self._rigs.get(a.rig_id)
+            pdu = self.devices.pdus.get(info.outlet[0]) if info and info.outlet else None
+            return type(pdu)
+        return type(self.devices.miners.get(a.rig_id))
+
     async def execute(self, a: Action, *, actor: str = "planner") -> ActionResult:
         """Send one action, with retries; record it; never raises for device errors.
 
         A command holds one of the slots for at most `SLOT_HOLD_S`, then goes on without
         it: a stock Antminer applies a mode through its web UI in about 21 s, and 3,000 of
         them would otherwise hold every slot of a curtailment for minutes while the rigs
-        that sleep in milliseconds wait."""
+        that sleep in milliseconds wait. Its driver kind is then known to be slow: its
+        other commands take a slot of their own lane for `SLOW_HOLD_S` only (so they are
+        paced, not queued behind the fast ones), and those already queued in the main lane
+        leave it for their own at once."""
         work = Stopwatch()
         self._count(1)
-        slot = "waiting"  # then "held", and "given back" past SLOT_HOLD_S
+        kind = self._kind(a)
+        lane = self._slow_sem if kind in self._slow else self._sem
+        slot = "waiting"  # then "held", and "given back" past the hold
 
         def give_back() -> None:
             nonlocal slot
+            self._lag = max(0.0, loop.time() - due)
             if slot == "held":
                 slot = "given back"
-                self._sem.release()
+                lane.release()
                 self._count(0, released=1)
+                if lane is self._sem and kind not in self._slow:
+                    self._slow.add(kind)
+                    if isinstance(self._sem, _Lane):
+                        self._sem.divert(kind)
 
         timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        due = 0.0
         try:
-            await self._sem.acquire()
+            if isinstance(lane, _Lane):
+                got = await lane.acquire(kind)
+            else:  # a plain semaphore (tests set one)
+                got = await lane.acquire()
+            if not got or (lane is self._sem and kind in self._slow):
+                # Learnt slow while it queued: its own lane, then.
+                if got:
+                    lane.release()
+                lane = self._slow_sem
+                await self._slow_sem.acquire(kind)
             slot = "held"
-            timer = asyncio.get_running_loop().call_later(SLOT_HOLD_S, give_back)
+            hold = SLOT_HOLD_S
+            if lane is self._slow_sem:
+                hold = min(SLOT_HOLD_S, SLOW_HOLD_S + LAG_HOLD_FACTOR * self._lag)
+            due = loop.time() + hold
+            timer = loop.call_later(hold, give_back)
             error, attempt = await self._attempts(a)
         finally:
             if timer is not None:
                 timer.cancel()
             if slot == "held":
-                self._sem.release()
+                lane.release()
             elif slot == "given back":
                 self._count(0, released=-1)
             self._count(-1)

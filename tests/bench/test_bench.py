@@ -72,8 +72,14 @@ def test_a_small_farm_is_polled_and_curtailed(tmp_path: Path) -> None:
     assert 0 < r["curtail_first_send_s"] <= r["curtail_commanded_first_s"]
     # The floors of the same farm (bench/floors), measured before the daemon started.
     assert r["floors"]["rigs"]["luxos"]["cpu_ms_per_poll"] > 0
+    # The command floor (bench/floors/commands.py), after the daemon: it woke every rig
+    # and slept it again with the commands the daemon's audit shows.
+    assert r["floor_curtail_commands"] == rigs and r["floor_curtail_skipped"] == 0
+    assert r["floor_curtail_acknowledged"] == rigs and not r["floor_curtail_errors"]
+    assert r["floor_curtail"]["wake"]["acknowledged"] == rigs
     derive([r], fit_curves([r]))
     assert r["floor_cpu_ms_per_rig"] > 0 and r["rig_poll_cpu_ratio"] > 0
+    assert r["curtail_p99_ratio"] > 0
     row = table([r]).splitlines()[-1]
     assert row.startswith(f"| {rigs} | 0 |")
 

@@ -114,3 +114,25 @@ def test_random_bytes_raise_only_ber_errors(raw: bytes) -> None:
         reply.decoded()
     except snmp_wire.BerError:
         pass
+
+
+def test_a_request_template_makes_the_message_for_any_id_in_its_range() -> None:
+    binds = snmp_wire.encode_binds([(1, 3, 6, 1, 2, 1, 1, 1, 0)] * 60)  # long-form lengths
+    for rid in (snmp_wire.REQUEST_ID_MIN, 0x1234_5678, snmp_wire.REQUEST_ID_MAX):
+        for community in ("public", "c" * 200):
+            head, tail = snmp_wire.request_template(snmp_wire.GET, community, binds)
+            want = snmp_wire.encode_request(snmp_wire.GET, rid, community, binds)
+            assert head + rid.to_bytes(4, "big") + tail == want
+            head, tail = snmp_wire.request_template(snmp_wire.GETBULK, community, binds, 2, 24)
+            want = snmp_wire.encode_request(
+                snmp_wire.GETBULK, rid, community, binds, non_repeaters=2, max_repetitions=24
+            )
+            assert head + rid.to_bytes(4, "big") + tail == want
+
+
+def test_a_set_of_an_integer_is_encoded() -> None:
+    binds = snmp_wire.encode_set_binds([((1, 3, 6, 1, 4, 1, 318, 1, 1, 26, 9, 2, 4, 1, 5, 3), 2)])
+    msg = snmp_wire.encode_request(snmp_wire.SET, 7, "private", binds)
+    assert msg.startswith(b"\x30") and b"\xa3" in msg
+    assert msg.endswith(snmp_wire.encode_oid((1, 3, 6, 1, 4, 1, 318, 1, 1, 26, 9, 2, 4, 1, 5, 3))
+                        + b"\x02\x01\x02")  # fmt: skip

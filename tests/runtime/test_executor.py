@@ -171,3 +171,40 @@ async def test_a_slow_command_gives_its_slot_to_the_next(
     slow_done.set()
     assert (await slow).ok
     await ex.drain()
+
+
+async def test_a_kind_known_slow_is_paced_in_its_own_lane(
+    env: _Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a driver kind's command outlasted SLOT_HOLD_S, its other commands hold a slot
+    of their own lane for SLOW_HOLD_S only: 3,000 stock Antminers of a curtailment start
+    within seconds instead of holding every slot for SLOT_HOLD_S each."""
+    monkeypatch.setattr(executor_mod, "SLOT_HOLD_S", 0.05)
+    monkeypatch.setattr(executor_mod, "SLOW_HOLD_S", 0.01)
+    release = asyncio.Event()
+    entered: dict[str, asyncio.Event] = {}
+    for rid in ("rig-001", "rig-002", "rig-003"):
+        entered[rid] = asyncio.Event()
+
+        async def slow_sleep(rid: str = rid) -> None:
+            entered[rid].set()
+            await release.wait()
+
+        monkeypatch.setattr(env.devices.miners[rid], "sleep", slow_sleep)
+    ex = Executor(env.devices, store=env.store, link=env.link, now=env.farm.now, concurrency=1)
+    first = asyncio.create_task(ex.execute(Action("rig-001", ActionKind.SLEEP, "grid order")))
+    await asyncio.wait_for(entered["rig-001"].wait(), timeout=10)
+    await asyncio.sleep(0.3)  # past SLOT_HOLD_S...
+    assert ex._slow  # ...its kind is known slow
+    # From now on a command of the main lane would hold its slot for a minute...
+    monkeypatch.setattr(executor_mod, "SLOT_HOLD_S", 60.0)
+    rest = [
+        asyncio.create_task(ex.execute(Action(r, ActionKind.SLEEP, "grid order")))
+        for r in ("rig-002", "rig-003")
+    ]
+    # ...but the known-slow kind's commands go through their own lane, one after the other.
+    await asyncio.wait_for(entered["rig-003"].wait(), timeout=10)
+    assert entered["rig-002"].is_set()
+    release.set()
+    assert all(r.ok for r in await asyncio.gather(first, *rest))
+    await ex.drain()
