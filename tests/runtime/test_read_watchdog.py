@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from bench.sim_harness import OfflineLink
 from controller.config import parse_config
 from controller.runtime.daemon import Daemon
 from controller.runtime.watchdog import ReadWatchdog
 from simulators.clock import ScaledClock
 from simulators.site import SimSite
-from tests.sim_harness import OfflineLink
 
 GUARD_S = 0.3  # the daemon's guard, made short (it is the driver's timeouts plus 2 s)
 
