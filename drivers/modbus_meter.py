@@ -484,6 +484,14 @@ class ModbusMeter:
         except OSError as exc:
             self._drop_client()
             raise DeviceUnreachable(str(exc), device=self.device, operation=where) from exc
+        except RuntimeError as exc:
+            # uvloop refuses to write on a transport it closed (a reset seen while the loop
+            # was starved) before pymodbus heard of it; pymodbus then still says connected
+            # and every later poll would fail the same way: a new connection instead.
+            self._drop_client()
+            raise DeviceUnreachable(
+                f"connection lost: {exc}", device=self.device, operation=where
+            ) from exc
         if rr.isError():
             code = getattr(rr, "exception_code", None)
             if not isinstance(code, int):

@@ -556,3 +556,34 @@ def test_garbage_detection() -> None:
     assert looks_like_garbage(GARBAGE, 4)
     assert looks_like_garbage(bytes.fromhex("0001 0000 0fff 01".replace(" ", "")), 4)
     assert looks_like_garbage(good, 3)  # a reply to some other request
+
+
+def test_a_transport_closed_behind_pymodbus_is_reconnected(farm: Farm, clock: ManualClock) -> None:
+    """Under uvloop, a connection reset while the loop is starved can leave pymodbus on a
+    transport uvloop has closed, still "connected": every write then raises RuntimeError.
+    Found in the 10,000-rig benchmark, where the meter was lost for good. The read fails as
+    unreachable and the next poll reconnects."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        srv = MeterServer(farm)
+        await srv.start()
+        meter = meter_for(srv, timeout=0.5, retries=0)
+        try:
+            await meter.read(clock.now())
+            client = meter._client
+            assert client is not None
+            proto = client.ctx
+            transport = proto.transport
+            assert transport is not None
+            proto.connection_lost = lambda exc: None  # type: ignore[method-assign]
+            transport.close()  # closed by the loop; pymodbus never told
+            await asyncio.sleep(0.05)
+            with pytest.raises(DeviceUnreachable, match="connection lost"):
+                await meter.read(clock.now())
+            assert (await meter.read(clock.now())).power_w > 0
+        finally:
+            await meter.close()
+            await srv.stop()
+
+    uvloop.run(scenario())
