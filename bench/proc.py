@@ -40,10 +40,27 @@ def rss_mb(pid: int) -> float:
     return _status_kb(pid, "VmRSS") / 1024.0
 
 
+OPEN_FILES_WANTED = 1 << 17  # a 10,000-rig farm in one simulator: ~17,000 listening sockets
+
+
 def raise_open_files() -> int:
-    """Raise this process's open-files limit to its hard limit (children inherit it): every
-    simulated miner is a listening socket, and every poll in flight a connection."""
+    """Raise this process's open-files limit (children inherit it): every simulated miner
+    is one or more listening sockets, and every connection the daemon keeps alive one more
+    in the simulator. The 10,000-rig farm ran out at a hard limit of 20,000 (its meter and
+    new connections refused); so the hard limit too is raised where that is allowed (root,
+    CAP_SYS_RESOURCE), up to the kernel's `fs.nr_open`, else the soft one to the hard."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < OPEN_FILES_WANTED:
+        try:
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            nr_open = OPEN_FILES_WANTED
+        want = min(OPEN_FILES_WANTED, nr_open)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass  # not allowed: what the hard limit gives
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard

@@ -53,6 +53,10 @@ from drivers.retry import check_timing, with_retries
 
 MAX_BODY_BYTES: Final = 1 << 20  # a summary is a few KiB
 MAX_IDLE: Final = 2  # kept-alive connections per rig; more only while calls overlap
+# An idle connection is closed after this (aiohttp's keepalive_timeout): longer than a
+# poll interval, so a rig polled every 10 s keeps its connection, while one called every few
+# minutes (a stock Antminer's mode) holds no socket, here or in the device, in between.
+IDLE_CLOSE_S: Final = 15.0
 _SNIPPET: Final = 120
 _JSON_HEADERS: Final = b"Content-Type: application/json\r\n"
 _SAFE_TO_RESEND: Final = frozenset({"GET"})  # reads only: never repeat a command
@@ -123,6 +127,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.closed = False
         self.requests = 0
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio ---------------------------------------------------------------
 
@@ -378,11 +383,23 @@ class JsonHttpClient:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
+    def _close_idle(self, conn: _Connection) -> None:
+        """`IDLE_CLOSE_S` passed with `conn` unused: close it."""
+        conn.idle_timer = None
+        if conn in self._idle:
+            self._idle.remove(conn)
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+
     async def close(self) -> None:
         """Close every connection (in use ones too: their callers get `DeviceUnreachable`)."""
         conns = [*self._idle, *self._busy]
         self._idle.clear()
         for conn in conns:
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
             if conn.transport is not None:
                 conn.transport.close()
             conn.closed = True
@@ -581,6 +598,7 @@ class JsonHttpClient:
                     conn.waiter = None
                     conn.abort()
             if conn.reusable() and len(self._idle) < MAX_IDLE:
+                conn.idle_timer = loop.call_later(IDLE_CLOSE_S, self._close_idle, conn)
                 self._idle.append(conn)
             elif conn.transport is not None:
                 conn.closed = True
@@ -591,6 +609,9 @@ class JsonHttpClient:
     async def _acquire(self, deadline: float, where: dict[str, str], *, reuse: bool) -> _Connection:
         while reuse and self._idle:
             conn = self._idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
             if conn.usable:
                 return conn
         loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers import webjson
 from drivers.errors import DeviceAuthError, DeviceTimeout, DeviceUnreachable, MalformedReply
 from drivers.webjson import DigestAuth, JsonHttpClient, parse_challenge
 
@@ -128,6 +129,26 @@ async def answer(req: Request) -> bytes:
 
 
 # -- keep-alive ----------------------------------------------------------------------------
+
+
+async def test_an_idle_connection_is_closed_after_a_while(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rig called every few minutes (a stock Antminer's mode) holds no socket in between:
+    a 10,000-rig farm's simulator ran out of descriptors with one idle per rig."""
+    monkeypatch.setattr(webjson, "IDLE_CLOSE_S", 0.2)
+    s = await serve(answer)
+    c = client(s)
+    try:
+        await c.request("GET", "/summary", operation="read")
+        await c.request("GET", "/summary", operation="read")  # within the idle time: reused
+        assert c.connections == 1
+        await asyncio.sleep(0.5)
+        assert not c._idle  # closed, not kept
+        await c.request("GET", "/summary", operation="read")
+        assert c.connections == 2
+    finally:
+        await c.close()
 
 
 async def test_reads_reuse_one_kept_alive_connection(serve: Serve) -> None:
