@@ -61,7 +61,7 @@ from typing import Any
 
 from bench import proc
 from bench.optimum import optimum, true_ths
-from bench.sim_harness import SimHarness, farm_config, flat_out_kw
+from bench.sim_harness import SimHarness, farm_config, flat_out_kw, stop_time_s
 from controller.core.caps import period_bounds
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, RigModel, SimMeter, SimPdu, SimRig
@@ -153,14 +153,13 @@ def harness(
         control=control,
         physical_timing=physical_timing,
     )
-    slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
     return SimHarness(
         tmp,
         farm,
         clock,
         cfg,
         substep_s=2.0,
-        settle_s=slowest + 2 * plan.interval_s,
+        settle_s=stop_time_s(farm, plan.interval_s),
     )
 
 

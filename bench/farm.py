@@ -334,18 +334,24 @@ async def _meter_under(meter: ModbusMeter, cap_kw: float, since: float, limit_s:
     return math.nan
 
 
-def _audit_actions(db: Path, since: float) -> tuple[dict[str, str], set[str]]:
-    """The first shed action sent to each rig since `since`, acknowledged or not (the
-    command floor sends the same ones), and the rigs whose outlet was switched off (the
-    planner's next turn may add that to a sleep: the floor must power them first)."""
+def _audit_sheds(db: Path, since: float, columns: str) -> list[tuple[Any, ...]]:
+    """`columns` of the shedding commands in the daemon's audit since `since`, in order
+    (read-only: the daemon may still be writing)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        rows = con.execute(
-            "SELECT rig_id, action FROM audit WHERE action IN (?, ?, ?) AND ts >= ? ORDER BY ts",
+        return con.execute(
+            f"SELECT {columns} FROM audit WHERE action IN (?, ?, ?) AND ts >= ? ORDER BY ts",
             (*SHED_ACTIONS, since),
         ).fetchall()
     finally:
         con.close()
+
+
+def _audit_actions(db: Path, since: float) -> tuple[dict[str, str], set[str]]:
+    """The first shed action sent to each rig since `since`, acknowledged or not (the
+    command floor sends the same ones), and the rigs whose outlet was switched off (the
+    planner's next turn may add that to a sleep: the floor must power them first)."""
+    rows = _audit_sheds(db, since, "rig_id, action")
     out: dict[str, str] = {}
     for rig, action in rows:
         out.setdefault(str(rig), str(action))
@@ -383,14 +389,7 @@ def _command_floor(s: Settings, cfg: Path, db: Path, since: float,
 
 def _audit_sleeps(db: Path, since: float) -> tuple[list[float], int]:
     """Latencies of acknowledged sleeps since `since`, and how many sleeps failed."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = con.execute(
-            "SELECT rig_id, ts, result FROM audit WHERE action IN (?, ?, ?) AND ts >= ?",
-            (*SHED_ACTIONS, since),
-        ).fetchall()
-    finally:
-        con.close()
+    rows = _audit_sheds(db, since, "rig_id, ts, result")
     ok: dict[str, float] = {}
     failed = 0
     for rig, ts, result in rows:

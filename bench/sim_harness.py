@@ -239,6 +239,13 @@ class Recorder:
 Callback = Callable[[], object]
 
 
+def stop_time_s(farm: Farm, interval_s: float) -> float:
+    """The farm's physical stop time: its slowest power-down response (a power-target change
+    or a sleep) plus two poll intervals; "over the cap" is counted only after it."""
+    slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
+    return slowest + 2 * interval_s
+
+
 class SimHarness:
     """A farm on a manual clock, the daemon driving it through direct adapters, and a recorder."""
 
@@ -316,14 +323,13 @@ class SimHarness:
             rig_groups=rig_groups,
             physical_timing=physical_timing,
         )
-        slowest = max(max(r.model.target_change_s, r.model.sleep_s) for r in farm.rigs.values())
         return cls(
             tmp_path,
             farm,
             clock,
             cfg,
             substep_s=substep_s or min(interval_s, 2.0),
-            settle_s=settle_s if settle_s is not None else slowest + 2 * interval_s,
+            settle_s=settle_s if settle_s is not None else stop_time_s(farm, interval_s),
             dry_run=dry_run,
         )
 
