@@ -33,7 +33,7 @@ from typing import Any
 
 from bench import proc
 from bench.farm import BenchError, Settings, run
-from bench.figures import derive, fit, fit_curves
+from bench.figures import derive, fit, fit_curves, markdown_table
 from controller.cli.logs import configure_logging
 from simulators.site import mix_weights
 
@@ -74,18 +74,7 @@ COLUMNS = (
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    """A Markdown table: readable in a terminal and pasteable into the README."""
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---:" for _ in COLUMNS) + "|"
-    rows = []
-    for r in runs:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            ok = isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))
-            cells.append(fmt.format(v) if ok else "n/a")
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, rule, *rows])
+    return markdown_table(COLUMNS, runs)
 
 
 def breakdown(r: dict[str, Any]) -> str:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import proc
+from bench.figures import markdown_table
 from bench.optimum import optimum, true_ths
 from bench.sim_harness import SimHarness, farm_config, flat_out_kw, stop_time_s
 from controller.core.caps import period_bounds
@@ -575,16 +576,7 @@ COLUMNS = (
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if k == "fleet" else "---:" for k, _, _ in COLUMNS) + "|"
-    out = [head, rule]
-    for r in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            cells.append("n/a" if v is None else fmt.format(v))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return markdown_table(COLUMNS, rows, text=frozenset({"fleet"}))
 
 
 def step_lines(step: Mapping[str, Any]) -> str:

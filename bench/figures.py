@@ -112,3 +112,28 @@ def derive(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any] | None]) -
         r["pyasic_dialects"] = sorted(both)
         r["pyasic_cpu_ms_per_rig"] = None if py_ms is None else round(py_ms, 3)
         r["pyasic_cpu_ratio"] = _div(py_ms, weighted(rig_floors, both), 1)
+
+
+def markdown_table(
+    columns: tuple[tuple[str, str, str], ...],
+    rows: list[dict[str, Any]],
+    *,
+    text: frozenset[str] = frozenset(),
+) -> str:
+    """A Markdown table of `rows` (`columns`: key, heading, format): readable in a terminal
+    and pasteable into the README. Numbers align right; a number not measured (missing,
+    None or NaN) reads "n/a"; the `text` columns align left and print as they are."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" if k in text else "---:" for k, _, _ in columns) + "|"
+    out = [head, rule]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            if key in text:
+                ok = v is not None
+            else:
+                ok = isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))
+            cells.append(fmt.format(v) if ok else "n/a")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)

@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlencode
 
 import aiomqtt
@@ -65,6 +65,15 @@ def _now_text(ts: float) -> str:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
+
+
+# The scope a client needs to change an object of each kind (VENs and their resources:
+# write_vens); creating a subscription needs write_subscriptions as well.
+_WRITE_SCOPES: Final = {
+    "programs": "write_programs",
+    "events": "write_events",
+    "reports": "write_reports",
+}
 
 
 @dataclass
@@ -480,12 +489,7 @@ class SimVtn:
         return doc
 
     async def _create(self, kind: str, request: web.Request) -> web.Response:
-        scope = {
-            "programs": "write_programs",
-            "events": "write_events",
-            "reports": "write_reports",
-            "subscriptions": "write_subscriptions",
-        }.get(kind, "write_vens")
+        scope = {**_WRITE_SCOPES, "subscriptions": "write_subscriptions"}.get(kind, "write_vens")
         try:
             client = self._client(request, scope)
             doc = self._check(kind, await self._body(request), client)
@@ -525,11 +529,7 @@ class SimVtn:
         return web.json_response(obj)
 
     async def _update(self, kind: str, request: web.Request) -> web.Response:
-        scope = {
-            "programs": "write_programs",
-            "events": "write_events",
-            "reports": "write_reports",
-        }.get(kind, "write_vens")
+        scope = _WRITE_SCOPES.get(kind, "write_vens")
         try:
             client, old = self._own(kind, request, scope)
             doc = (
@@ -553,11 +553,7 @@ class SimVtn:
         return web.json_response(obj)
 
     async def _delete(self, kind: str, request: web.Request) -> web.Response:
-        scope = {
-            "programs": "write_programs",
-            "events": "write_events",
-            "reports": "write_reports",
-        }.get(kind, "write_vens")
+        scope = _WRITE_SCOPES.get(kind, "write_vens")
         try:
             _, obj = self._own(kind, request, scope)
         except _Fail as f:
