@@ -67,12 +67,16 @@ def _now_text(ts: float) -> str:
     )
 
 
-# The scope a client needs to change an object of each kind (VENs and their resources:
-# write_vens); creating a subscription needs write_subscriptions as well.
-_WRITE_SCOPES: Final = {
+# The scope a client needs to create, change or delete an object of each kind, as the 3.1
+# OpenAPI document's security requirements say (VENs and their resources: write_vens;
+# subscriptions: write_subscriptions, for an update or delete too).
+WRITE_SCOPES: Final = {
     "programs": "write_programs",
     "events": "write_events",
     "reports": "write_reports",
+    "subscriptions": "write_subscriptions",
+    "vens": "write_vens",
+    "resources": "write_vens",
 }
 
 
@@ -489,7 +493,7 @@ class SimVtn:
         return doc
 
     async def _create(self, kind: str, request: web.Request) -> web.Response:
-        scope = {**_WRITE_SCOPES, "subscriptions": "write_subscriptions"}.get(kind, "write_vens")
+        scope = WRITE_SCOPES[kind]
         try:
             client = self._client(request, scope)
             doc = self._check(kind, await self._body(request), client)
@@ -529,7 +533,7 @@ class SimVtn:
         return web.json_response(obj)
 
     async def _update(self, kind: str, request: web.Request) -> web.Response:
-        scope = _WRITE_SCOPES.get(kind, "write_vens")
+        scope = WRITE_SCOPES[kind]
         try:
             client, old = self._own(kind, request, scope)
             doc = (
@@ -553,7 +557,7 @@ class SimVtn:
         return web.json_response(obj)
 
     async def _delete(self, kind: str, request: web.Request) -> web.Response:
-        scope = _WRITE_SCOPES.get(kind, "write_vens")
+        scope = WRITE_SCOPES[kind]
         try:
             _, obj = self._own(kind, request, scope)
         except _Fail as f:

@@ -9,9 +9,9 @@ import json
 import aiomqtt
 import httpx
 
-from simulators.openadr_vtn import SimVtn
+from simulators.openadr_vtn import KINDS, WRITE_SCOPES, SimVtn
 from tests.conftest import Mosquitto
-from tests.openadr_helpers import Bl, cap_event, check_exchanges, check_notifications
+from tests.openadr_helpers import Bl, cap_event, check_exchanges, check_notifications, spec_dict
 
 CLIENTS = {"bl": ("bl-secret", "bl"), "ven-1": ("ven-secret", "ven")}
 
@@ -123,3 +123,21 @@ async def test_injected_faults_and_expired_tokens() -> None:
 def c_notifiers(vtn: SimVtn) -> object:
     token = _ven_token(vtn)
     return httpx.get(vtn.url("/notifiers"), headers={"Authorization": f"Bearer {token}"}).json()
+
+
+def test_write_scopes_are_the_documents() -> None:
+    """Every create, update and delete asks for the scope the 3.1 document's security
+    requirement names (a subscription's update once asked for write_vens)."""
+    seen = 0
+    for path, ops in spec_dict("http://127.0.0.1").get("paths", {}).items():
+        kind = path.strip("/").split("/")[0]
+        if kind not in KINDS:
+            continue
+        for method in ("post", "put", "delete"):
+            if method not in ops:
+                continue
+            wanted = [s["oAuth2ClientCredentials"] for s in ops[method]["security"]
+                      if "oAuth2ClientCredentials" in s]  # fmt: skip
+            assert wanted == [[WRITE_SCOPES[kind]]], (method, path)
+            seen += 1
+    assert seen == 3 * len(KINDS)
