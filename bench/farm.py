@@ -204,7 +204,9 @@ def _start_farm(s: Settings, work: Path, broker: str, pub: Path, procs: _Procs) 
     )  # fmt: skip
     procs.add("sim", p, signal.SIGINT)
     assert p.stdout is not None
-    deadline = time.monotonic() + 60 + s.rigs / 50
+    # A failure deadline, not a figure: a 10,000-rig farm took 150 s to start on a busy host
+    # (its workers' SNMP agents cost 0.1 s of CPU each to set up).
+    deadline = time.monotonic() + 60 + s.rigs / 20
     for line in p.stdout:
         if "Ctrl-C" in line:
             return cfg
@@ -439,7 +441,9 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
         await asyncio.wait_for(observer.ready.wait(), 10)
         daemon = _start_daemon(s, cfg, work, procs)
         observer.pid = daemon.pid
-        first_wait = 60 + s.rigs / 100
+        # The daemon's start (its config and drivers) and its first full cycle (identities,
+        # every PDU's outlet names) on a host the farm keeps busy: a deadline, not a figure.
+        first_wait = 60 + s.rigs / 40
         await observer.wait_cycle(1, first_wait)
         last = s.warmup_cycles + s.cycles
         slowest = max([s.interval_s, *(c.poll_s for c in observer.cycles)])

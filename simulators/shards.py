@@ -35,7 +35,7 @@ from simulators.farm import Farm
 
 REPORT_S: Final = 0.5  # wall seconds between a worker's power reports: the meter's lag
 RIGS_PER_PROCESS: Final = 2_500  # what `default_processes` gives each worker
-START_TIMEOUT_S: Final = 120.0
+START_TIMEOUT_S: Final = 600.0  # a hung worker; one that fails exits, and says why, at once
 STOP_TIMEOUT_S: Final = 10.0
 
 
