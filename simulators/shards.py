@@ -33,6 +33,8 @@ import structlog
 from simulators.clock import ScaledClock
 from simulators.farm import Farm
 
+log = structlog.get_logger(__name__)
+
 REPORT_S: Final = 0.5  # wall seconds between a worker's power reports: the meter's lag
 RIGS_PER_PROCESS: Final = 2_500  # what `default_processes` gives each worker
 START_TIMEOUT_S: Final = 600.0  # a hung worker; one that fails exits, and says why, at once
@@ -175,9 +177,12 @@ class Worker:
     async def _read(self) -> None:
         """Power reports, "t watts" a line, until the worker's stdout closes."""
         assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
+        proc, out = self.proc, self.proc.stdout
+        while line := await out.readline():
             t, w = line.split()
             self.power.report(self.spec.index, float(t), float(w))
+        if self.proc is proc:  # not stopped by us: its rigs are dark, its draw frozen
+            log.error("farm_worker_exited", worker=self.spec.index, pid=proc.pid)
 
     async def stop(self) -> None:
         """Close its stdin (it stops its servers and exits), killed if it lingers."""
