@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from controller.config import parse_config
 from drivers.apc_snmp import ApcPdu
 from drivers.modbus_meter import ModbusMeter
 from simulators.clock import ManualClock
@@ -120,3 +124,19 @@ async def test_the_config_is_the_one_process_config() -> None:
     assert one.count("[[miners]]") == 24 and one.count("[[pdus]]") == 2
     # Miners keep their real ports on the subnet: only the ephemeral ones differ.
     assert "port = 4028" in two and _ports_out(one) == _ports_out(two)
+
+
+def test_rigd_sim_processes_writes_one_valid_config(tmp_path: Path) -> None:
+    """`rigd sim --processes 2`: the farm comes up, its config passes the daemon's checks
+    with every rig and PDU, and Ctrl-C's path (`--duration`) stops every worker."""
+    cfg_path = tmp_path / "sim.toml"
+    r = subprocess.run(
+        [sys.executable, "-m", "controller.cli.rigd", "sim", "--rigs", "30", "--pdus", "2",
+         "--processes", "2", "--mix", MIX, "--write-config", str(cfg_path),
+         "--state-dir", str(tmp_path / "state"), "--duration", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "30 rigs on 2 PDUs" in r.stdout and "served by 2 processes" in r.stdout
+    cfg = parse_config(cfg_path.read_text(), environ={})
+    assert len(cfg.miners) == 30 and len(cfg.pdus) == 2 and len(cfg.meters) == 1
