@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-pyasic", action="store_true", help="skip pyasic")
     p.add_argument("--subnet", default="127.64.0.0/18", help="loopback only")
+    p.add_argument("--sim-processes", type=int, metavar="N",
+                   help="processes serving the farm (default 1 per 2,500 rigs)")  # fmt: skip
     p.add_argument("--workdir", type=Path, help="keep configs, logs and state here")
     p.add_argument("--profile", type=Path, metavar="FILE",
                    help="py-spy the daemon over the steady cycles (collapsed stacks)")  # fmt: skip
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--mix: {e}")
     if any(n < 1 for n in args.rigs or ()) or any(n < 0 for n in args.pdus or ()):
         p.error("--rigs must be 1 or more, --pdus 0 or more")
+    if args.sim_processes is not None and args.sim_processes < 1:
+        p.error("--sim-processes must be 1 or more")
     plan = plan_runs(args.rigs, args.pdus)
     largest = max(plan)
     configure_logging("warning")  # the meter driver this benchmark reads with is chatty
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_cycles=args.warmup,
             cycles=args.cycles,
             subnet=args.subnet,
+            sim_processes=args.sim_processes,
             order_phase_s=args.order_phase,
             workdir=None if args.workdir is None else args.workdir / name,
             verbose=not args.quiet,

@@ -6,6 +6,7 @@ and the benchmark needs nothing the daemon does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -24,6 +25,31 @@ def cpu_s(pid: int) -> float:
     return (utime + stime) / _TICK
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (a farm simulator's workers), from /proc."""
+    out: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4 of proc(5): the parent
+            out.append(int(entry.name))
+    return out
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of these processes, each counted while it lives (see `cpu_s`)."""
+    total = 0.0
+    for pid in pids:
+        # one exited: its last figure is lost, which a steady window does not see
+        with contextlib.suppress(OSError, IndexError):
+            total += cpu_s(pid)
+    return total
+
+
 def _status_kb(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -40,7 +66,7 @@ def rss_mb(pid: int) -> float:
     return _status_kb(pid, "VmRSS") / 1024.0
 
 
-OPEN_FILES_WANTED = 1 << 17  # a 10,000-rig farm in one simulator: ~17,000 listening sockets
+OPEN_FILES_WANTED = 1 << 17  # a 10,000-rig farm in one process: ~17,000 listening sockets
 
 
 def raise_open_files() -> int:

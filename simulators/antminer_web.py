@@ -769,8 +769,8 @@ class AntminerWebFleet(Fleet[AntminerWebServer]):
     ) -> None:
         stock = [rid for rid, rig in farm.rigs.items() if rig.firmware == "bmminer"]
         addresses: dict[str, tuple[str, int]] = {}
-        if rpc is not None:
-            for rid in stock:
+        if rpc is not None:  # a UI for each stock rig the fleet serves (a farm's slice)
+            for rid in (r for r in stock if r in rpc.servers):
                 h, p = rpc.address_of(rid)
                 addresses[rid] = (h, port if p == 4028 else 0)
         elif subnet is not None:

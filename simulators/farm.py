@@ -28,6 +28,14 @@ class FarmClock(Protocol):
     def now(self) -> float: ...
 
 
+class RigPower(Protocol):
+    """The draw of rigs this process does not hold (a farm served by several processes)."""
+
+    def power_w(self, t: float) -> float: ...
+
+    def energy_j(self, t: float) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RigModel:
     """A miner model's physics. Times are farm seconds, power in watts."""
@@ -381,21 +389,34 @@ class SimMeter:
     overhead_frac: float = 0.04  # cooling and transformer losses, proportional to rig load
     noise_frac: float = 0.003
     seed: int = 1
+
+    # Where the rigs' draw comes from when other processes serve them (simulators.shards):
+    # None, the farm's own rigs.
+    rigs_from: RigPower | None = None
     _rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
+    def rigs_power_w(self, t: float) -> float:
+        if self.rigs_from is not None:
+            return self.rigs_from.power_w(t)
+        return sum(r.power_w(t) for r in self.farm.rigs.values() if r.powered)
+
+    def rigs_energy_j(self, t: float) -> float:
+        if self.rigs_from is not None:
+            return self.rigs_from.energy_j(t)
+        return sum(r.energy_j(t) for r in self.farm.rigs.values())
+
     def true_power_w(self, t: float) -> float:
-        rigs = sum(r.power_w(t) for r in self.farm.rigs.values() if r.powered)
-        return self.overhead_base_w + rigs * (1.0 + self.overhead_frac)
+        return self.overhead_base_w + self.rigs_power_w(t) * (1.0 + self.overhead_frac)
 
     def power_w(self, t: float) -> float:
         p = self.true_power_w(t)
         return p * (1.0 + self._rng.gauss(0.0, self.noise_frac))
 
     def import_kwh(self, t: float) -> float:
-        rigs_j = sum(r.energy_j(t) for r in self.farm.rigs.values())
+        rigs_j = self.rigs_energy_j(t)
         base_j = self.overhead_base_w * (t - self.farm.start_t)
         return self.farm.meter_start_kwh + (base_j + rigs_j * (1.0 + self.overhead_frac)) / 3.6e6
 

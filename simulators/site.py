@@ -6,6 +6,7 @@ so the config a user tries by hand is the very one the tests run.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
@@ -23,6 +24,7 @@ from simulators.cgminer import MinerFleet
 from simulators.clock import ManualClock, ScaledClock
 from simulators.farm import Farm
 from simulators.modbus_meter import MeterServer
+from simulators.shards import RemotePower, Worker, slices, worker_specs
 from simulators.whatsminer import WHATSMINER_MODELS, WhatsminerFleet, whatsminer_rig
 
 MeterProtocol = Literal["sdm630", "sunspec"]
@@ -126,6 +128,9 @@ class SimSite:
         models: dict[str, float] | None = None,
         mix: str | Sequence[str] = ("luxos",),
         braiins_release: str = "25.07",
+        processes: int = 1,
+        shard: tuple[int, int] | None = None,
+        log_level: str = "warning",
     ) -> None:
         """`mix` names the firmware dialects (see `DIALECTS`); rigs take them in turn, so
         "luxos,whatsminer" makes every other rig a Whatsminer, or in proportion, so
@@ -133,10 +138,18 @@ class SimSite:
         Each dialect is served by its own simulator on its real ports (with `subnet`), as
         on a mixed farm LAN.
         `braiins_release` is the Braiins OS release of the "braiins" rigs: every release
-        serves gRPC (50051), those from 25.07 on the REST API (80) too."""
+        serves gRPC (50051), those from 25.07 on the REST API (80) too.
+        `processes` above 1 serves the rigs and PDUs from that many worker processes, this
+        one keeping the meter (see `simulators.shards`); `shard` (index, processes) is what
+        one worker serves, given by that module; `log_level` is the workers' (they log to
+        this process's stderr)."""
         if subnet is not None:
             check_loopback_subnet(subnet)
+        if processes < 1:
+            raise ValueError(f"a farm is served by at least one process, got {processes}")
         self.clock = clock if clock is not None else ScaledClock(speed)
+        if processes > 1 and not isinstance(self.clock, ScaledClock):
+            raise ValueError("a farm over several processes needs a ScaledClock (shared time)")
         self.farm = Farm.build(self.clock, rigs=rigs, pdus=pdus, seed=seed, models=models)
         self.subnet = subnet
         self.meter_protocol: MeterProtocol = meter_protocol
@@ -146,13 +159,44 @@ class SimSite:
             zip(self.farm.rigs, assign_dialects(len(self.farm.rigs), self.mix_weights), strict=True)
         )
         self._make_firmware(seed)
-        by = {d: [r for r, rd in self.dialects.items() if rd == d] for d in DIALECTS}
+        # What this process serves: every rig and PDU, a worker's slice, or (the parent of
+        # workers) none, only the meter.
+        self._workers: list[Worker] = []
+        self._remote_rows: dict[str, list[str]] = {}
+        self._remote_addresses: dict[str, tuple[str, int]] = {}
+        self._remote_pdus: dict[str, tuple[str, int]] = {}
+        serve_rigs, serve_pdus = set(self.farm.rigs), set(self.farm.pdus)
+        if shard is not None:
+            mine = slices(self.farm, shard[1])[shard[0]]
+            serve_rigs, serve_pdus = set(mine[0]), set(mine[1])
+        elif processes > 1:
+            assert isinstance(self.clock, ScaledClock)
+            power = RemotePower()
+            self.farm.meter.rigs_from = power
+            specs = worker_specs(
+                count=processes,
+                rigs=rigs,
+                pdus=pdus,
+                clock=self.clock,
+                subnet=subnet,
+                meter_protocol=meter_protocol,
+                seed=seed,
+                models=models,
+                mix=mix,
+                braiins_release=braiins_release,
+                log_level=log_level,
+            )
+            n = len(slices(self.farm, processes))  # fewer when the farm has fewer PDUs
+            self._workers = [Worker(spec, power) for spec in specs[:n]]
+            serve_rigs, serve_pdus = set(), set()
+        served = {r: d for r, d in self.dialects.items() if r in serve_rigs}
+        by = {d: [r for r, rd in served.items() if rd == d] for d in DIALECTS}
         self.fleet = MinerFleet(
             self.farm,
             subnet=subnet,
             rig_ids=[
                 r
-                for r, d in self.dialects.items()
+                for r, d in served.items()
                 if not d.startswith("whatsminer") and d not in families.DIALECTS
             ],
         )
@@ -186,12 +230,17 @@ class SimSite:
             "v2": WhatsminerFleet(self.farm, subnet=subnet, api="v2", rig_ids=by["whatsminer"]),
             "v3": WhatsminerFleet(self.farm, subnet=subnet, api="v3", rig_ids=by["whatsminer-v3"]),
         }
-        self.families = families.Families(self.farm, self.dialects, subnet=subnet)
+        self.families = families.Families(self.farm, served, subnet=subnet)
         self.pdu_agents = {
             pid: PduAgent(self.farm, pid, community="public", write_community="private")
             for pid in self.farm.pdus
+            if pid in serve_pdus
         }
         self.meter = MeterServer(self.farm, model=meter_protocol)
+        self._serves_meter = shard is None  # a worker's farm is a slice: its parent meters
+        if shard is not None:  # a worker holds its slice only: the power it reports
+            self.farm.rigs = {r: rig for r, rig in self.farm.rigs.items() if r in serve_rigs}
+            self.farm.pdus = {p: pdu for p, pdu in self.farm.pdus.items() if p in serve_pdus}
         self._started = False
 
     def _make_firmware(self, seed: int) -> None:
@@ -227,7 +276,31 @@ class SimSite:
             *self.families.fleets,
         ]
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes serving the rigs (none when this process serves them)."""
+        return [pid for w in self._workers if (pid := w.pid) is not None]
+
+    async def _start_workers(self) -> None:
+        try:
+            for served in await asyncio.gather(*(w.start() for w in self._workers)):
+                self._remote_rows.update(served.rows)
+                self._remote_addresses.update(served.addresses)
+                self._remote_pdus.update(served.pdus)
+        except BaseException:
+            await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
+            raise
+
     async def start(self) -> None:
+        if self._workers:
+            await self._start_workers()
+            try:
+                await self.meter.start()
+            except BaseException:
+                await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
+                raise
+            self._started = True
+            return
         started: list[_AnyFleet] = []
         try:
             for fleet in self._servers():
@@ -235,7 +308,8 @@ class SimSite:
                 started.append(fleet)
             for agent in self.pdu_agents.values():
                 await agent.start()
-            await self.meter.start()
+            if self._serves_meter:
+                await self.meter.start()
         except BaseException:
             for agent in self.pdu_agents.values():
                 await agent.stop()
@@ -248,7 +322,9 @@ class SimSite:
         if not self._started:
             return
         self._started = False
-        await self.meter.stop()
+        if self._serves_meter:
+            await self.meter.stop()
+        await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
         for agent in self.pdu_agents.values():
             await agent.stop()
         for fleet in reversed(self._servers()):
@@ -256,6 +332,8 @@ class SimSite:
 
     def address_of(self, rig_id: str) -> tuple[str, int]:
         """Where the daemon reaches a rig's API (4433 for an API v3 Whatsminer)."""
+        if rig_id in self._remote_addresses:
+            return self._remote_addresses[rig_id]
         dialect = self.dialects[rig_id]
         if dialect.startswith("whatsminer"):
             return self.whatsminers["v3" if dialect.endswith("v3") else "v2"].address_of(rig_id)
@@ -265,6 +343,8 @@ class SimSite:
 
     def miner_rows(self, rig_id: str) -> list[str]:
         """The `[[miners]]` settings for one rig, as an operator would write them."""
+        if rig_id in self._remote_rows:
+            return self._remote_rows[rig_id]
         host, port = self.address_of(rig_id)
         dialect = self.dialects[rig_id]
         driver = (
@@ -293,6 +373,13 @@ class SimSite:
                 rows.append(f"grpc_port = {grpc.port}")
         rows += self.families.miner_rows(rig_id)
         return rows
+
+    def pdu_address(self, pdu_id: str) -> tuple[str, int]:
+        """Where the daemon reaches a PDU's SNMP agent (call after `start`)."""
+        if pdu_id in self._remote_pdus:
+            return self._remote_pdus[pdu_id]
+        agent = self.pdu_agents[pdu_id]
+        return agent.host, agent.port
 
     async def __aenter__(self) -> SimSite:
         await self.start()
@@ -350,7 +437,7 @@ class SimSite:
             "unit_id = 1",
         ]
         for pid, pdu in self.farm.pdus.items() if miners else ():
-            agent = self.pdu_agents[pid]
+            host, port = self.pdu_address(pid)
             outlets = ", ".join(
                 f"{n} = {_q(o.rig.id)}" for n, o in pdu.outlets.items() if o.rig is not None
             )
@@ -358,8 +445,8 @@ class SimSite:
                 "",
                 "[[pdus]]",
                 f"id = {_q(pid)}",
-                f"host = {_q(agent.host)}",
-                f"port = {agent.port}",
+                f"host = {_q(host)}",
+                f"port = {port}",
                 'snmp_version = "2c"',
                 'community = "public"',
                 'write_community = "private"',

@@ -166,6 +166,7 @@ def _sim_grid_toml(args: argparse.Namespace) -> str:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
+    from simulators.shards import default_processes
     from simulators.site import SimSite
 
     async def main() -> None:
@@ -177,6 +178,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             meter_protocol=args.meter_protocol,
             seed=args.seed,
             mix=args.mix,
+            processes=args.processes or default_processes(args.rigs),
+            log_level=args.log_level,
         )
         await site.start()
         eventloop.settle_gc()  # the farm model and its servers live as long as the process
@@ -214,15 +217,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
             print(
                 f"simulated farm: {len(farm.rigs)} rigs on {len(farm.pdus)} PDUs, "
                 f"meter {site.meter.host}:{site.meter.port} ({args.meter_protocol}), "
-                f"clock x{args.speed:g}",
+                f"clock x{args.speed:g}"
+                + (f", served by {len(site.worker_pids)} processes" if site.worker_pids else ""),
                 flush=True,
             )
             for dialect in site.mix:  # the first rig of each firmware, to try by hand
                 rid = next(r for r, d in site.dialects.items() if d == dialect)
                 host, port = site.address_of(rid)
                 print(f"  {dialect} miner {rid} at {host}:{port}", flush=True)
-            for pid, agent in site.pdu_agents.items():
-                print(f"  PDU {pid} SNMP at {agent.host}:{agent.port} (public/private)", flush=True)
+            for pid in farm.pdus:
+                host, port = site.pdu_address(pid)
+                print(f"  PDU {pid} SNMP at {host}:{port} (public/private)", flush=True)
             if vtn is not None:
                 bl_secret, _ = vtn.clients["bl"]
                 print(
@@ -363,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="give each miner its own loopback address on port 4028, as on a farm subnet",
     )
     sp.add_argument("--speed", type=_positive, default=1.0, help="farm clock speed (default 1)")
+    sp.add_argument(
+        "--processes",
+        type=_count,
+        metavar="N",
+        help="serve the rigs and PDUs from N worker processes, the meter from this one "
+        "(default 1 up to 2,500 rigs, then one per 2,500): one process runs out of open "
+        "files and of CPU at 10,000 rigs",
+    )
     sp.add_argument("--meter-protocol", choices=("sdm630", "sunspec"), default="sdm630")
     sp.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL for the config")
     sp.add_argument("--site", default="sim", help="site id for the config (default sim)")
