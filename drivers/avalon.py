@@ -79,6 +79,8 @@ _OPTIONAL: Final = frozenset({"version"})
 # `Key[value]`: keys are words; values never hold a ']'.
 _FIELD: Final = re.compile(r"(\w+)\[([^\]]*)\]")
 _MM_KEY: Final = re.compile(r"MM ID\d+")
+_DIGITS_AND_SPACE: Final = b"0123456789 "
+_DIGITS_TO_X: Final = bytes.maketrans(b"0123456789", b"x" * 10)
 
 
 # -- the MM ID string ----------------------------------------------------------------------
@@ -126,14 +128,19 @@ def count_numbers(value: str | None) -> int:
     temperature per chip (over a hundred), and only their count is read."""
     if not value:
         return 0
-    digits = value.replace(" ", "")
-    if digits.isascii() and digits.isdigit():  # ASCII digits and spaces: each word is a
-        # figure, unless too long for a float (and fewer than 300 digits in all are not)
-        if len(digits) < 300:
-            return len(value.split())
-        parts = value.split()
-        if max(map(len, parts)) < 300:
-            return len(parts)
+    if value.isascii():  # a flag CPython keeps: no scan
+        raw = value.encode("ascii")
+        # ASCII digits and spaces (nothing left once they are deleted): each word is a
+        # figure, unless too long for a float, as none is when 300 digits is more than all.
+        if not raw.translate(None, _DIGITS_AND_SPACE):
+            if len(raw) - raw.count(b" ") < 300:
+                # Words counted without making them: each digit becomes "x", and a word
+                # starts at the string's start or after a space.
+                marked = raw.translate(_DIGITS_TO_X)
+                return marked.count(b" x") + (marked[:1] == b"x")
+            parts = raw.split()
+            if max(map(len, parts)) < 300:
+                return len(parts)
     return len(numbers(value))
 
 
