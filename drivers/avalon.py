@@ -81,6 +81,7 @@ _FIELD: Final = re.compile(r"(\w+)\[([^\]]*)\]")
 _MM_KEY: Final = re.compile(r"MM ID\d+")
 _DIGITS_AND_SPACE: Final = b"0123456789 "
 _DIGITS_TO_X: Final = bytes.maketrans(b"0123456789", b"x" * 10)
+_TOO_LONG: Final = b"x" * 300  # a figure of 300 digits is past any float: not counted
 
 
 # -- the MM ID string ----------------------------------------------------------------------
@@ -131,16 +132,13 @@ def count_numbers(value: str | None) -> int:
     if value.isascii():  # a flag CPython keeps: no scan
         raw = value.encode("ascii")
         # ASCII digits and spaces (nothing left once they are deleted): each word is a
-        # figure, unless too long for a float, as none is when 300 digits is more than all.
+        # figure, unless too long for a float (300 digits or more: `_TOO_LONG`).
         if not raw.translate(None, _DIGITS_AND_SPACE):
-            if len(raw) - raw.count(b" ") < 300:
-                # Words counted without making them: each digit becomes "x", and a word
-                # starts at the string's start or after a space.
-                marked = raw.translate(_DIGITS_TO_X)
+            # Words counted without making them: each digit becomes "x", and a word
+            # starts at the string's start or after a space.
+            marked = raw.translate(_DIGITS_TO_X)
+            if _TOO_LONG not in marked:
                 return marked.count(b" x") + (marked[:1] == b"x")
-            parts = raw.split()
-            if max(map(len, parts)) < 300:
-                return len(parts)
     return len(numbers(value))
 
 
