@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -62,7 +61,7 @@ from drivers.errors import (
 )
 from drivers.reboots import RebootWatch
 from drivers.retry import check_timing, with_retries
-from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry, revised
 from drivers.values import (
     MAX_RIG_HASHRATE_THS,
     MAX_RIG_POWER_W,
@@ -563,8 +562,8 @@ def parse_bosminer_telemetry(
     if version is not None or devdetails is not None or identity is None:
         identity = parse_bos_identity(version, devdetails)
     nominal = measure(sum(nominals) * 1e-6, MAX_RIG_HASHRATE_THS) if nominals else None
-    return dataclasses.replace(
-        base,
+    return RigTelemetry(  # every field but the time and uptime anew (not `replace`: per poll)
+        ts=base.ts,
         state=RigState.MINING if hashrate and hashrate > 0 else RigState.WAKING,
         hashrate_ths=hashrate,
         power_w=measure(to_float(tuner.get("ApproximateMinerPowerConsumption")), MAX_RIG_POWER_W),
@@ -574,6 +573,7 @@ def parse_bosminer_telemetry(
         chip_temp_c=max(chip_temps) if chip_temps else None,
         fans_rpm=tuple(fan_rpms),
         hashboards=tuple(boards),
+        uptime_s=base.uptime_s,
         identity=identity,
     )
 
@@ -643,7 +643,7 @@ class BraiinsDriver:
         else:
             state = RigState.MINING if hashing else RigState.WAKING
         limit = tel.power_limit_w if tel.power_limit_w is not None else self._target_w
-        return dataclasses.replace(
+        return revised(
             tel, state=state, power_limit_w=limit, identity=self._identity or tel.identity
         )
 
