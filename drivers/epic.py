@@ -73,6 +73,7 @@ DEFAULT_ALGO: Final = "VoltageOptimizer"
 HASHRATE_ALGOS: Final = frozenset({"VoltageOptimizer", "BoardTune", "ChipTune"})
 SLEEP_STATES: Final = frozenset({"Idling", "Stopping"})
 _FAN_KEY: Final = re.compile(r"Fans Speed (\d+)")
+_LIST_OR_NONE: Final = (list, type(None))  # a tuple: `list | None` is a new union each call
 
 
 def _list(value: Any) -> list[Any]:
@@ -261,7 +262,7 @@ def _telemetry(
     """`parse_epic_telemetry`, and the perpetual tune in force (`tune_target`), which the
     driver keeps: read once a poll."""
     if (type(summary) is not dict and not isinstance(summary, Mapping)) or not isinstance(
-        summary.get("HBs"), list | None
+        summary.get("HBs"), _LIST_OR_NONE
     ):
         raise MalformedReply(
             f"summary is not PowerPlay's: {snippet(repr(summary))}",

@@ -60,6 +60,7 @@ IDLE_CLOSE_S: Final = 15.0
 _SNIPPET: Final = 120
 _JSON_HEADERS: Final = b"Content-Type: application/json\r\n"
 _SAFE_TO_RESEND: Final = frozenset({"GET"})  # reads only: never repeat a command
+_MAX_HEADS: Final = 32  # request heads kept encoded per client (a driver uses a handful)
 
 
 class HttpRejected(CommandRejected):
@@ -375,6 +376,7 @@ class JsonHttpClient:
         self.connections = 0  # connections opened, for tests and diagnostics
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        self._heads: dict[tuple[str, str], bytes] = {}  # (method, path) -> head, no body
         hostport = f"[{host}]" if ":" in host else host
         _check_header("Host", hostport)
         self._host_line = f"Host: {hostport}:{port}\r\n".encode("latin-1")
@@ -506,7 +508,14 @@ class JsonHttpClient:
         loop = asyncio.get_running_loop()
         wait = self.timeout if wait_s is None else wait_s
         deadline = loop.time() + wait
-        head = self._head(method, path, data, content_type, headers)
+        if data is None and not headers:  # a plain GET, as every poll sends: kept encoded
+            head = self._heads.get((method, path))
+            if head is None:
+                head = self._heads[(method, path)] = self._head(method, path, None, "", None)
+                if len(self._heads) > _MAX_HEADS:
+                    self._heads.clear()
+        else:
+            head = self._head(method, path, data, content_type, headers)
         auth = self.auth
         authorization = auth.header(method, path) if auth is not None and auth.ready else None
         reply = await self._one(method, path, head, data, authorization, wait, deadline, operation)
