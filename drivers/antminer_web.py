@@ -59,7 +59,7 @@ from drivers.errors import (
     UnsupportedOperation,
     snippet,
 )
-from drivers.telemetry import RigIdentity, RigState, RigTelemetry
+from drivers.telemetry import RigIdentity, RigState, RigTelemetry, revised
 from drivers.webjson import DigestAuth, JsonHttpClient, parse_challenge
 
 log = structlog.get_logger(__name__)
@@ -596,9 +596,9 @@ class AntminerDriver(CGMinerDriver):
         if self.mode == SLEEP:
             # Asleep per its config; if it still hashes the sleep did not take (a known
             # quirk), and the reading says so rather than trusting the config.
-            return tel if hashing else replace(tel, state=RigState.SLEEPING, power_limit_w=None)
+            return tel if hashing else revised(tel, state=RigState.SLEEPING, power_limit_w=None)
         if tel.power_limit_w is None and self.expected_w(self.mode) is not None:
-            return replace(tel, power_limit_w=self.expected_w(self.mode))
+            return revised(tel, power_limit_w=self.expected_w(self.mode))
         return tel
 
     # -- control ---------------------------------------------------------------

@@ -9,14 +9,11 @@ energy, and each known row's state and power (`steady_oids`); names and numbers 
 the last walk. Packets, not OIDs, are what to save, and so is decoding.
 
 Decoding is the cost: pysnmp/pyasn1 spend about 20 ms of CPU on one 24-outlet poll. So
-v2c reads are encoded and decoded by `drivers.snmp_wire` (the small BER subset a read
-needs) over one UDP socket per event loop, and pysnmp is kept for what needs it and is
-rare: SNMP v3 (USM authentication and privacy) and SETs.
-
-pysnmp engines are expensive (~80 ms to build) and bound to the event loop that first
-used them, so every driver in a loop shares one engine from a module-level registry;
-`close_engines()` closes them (and the v2c socket) at shutdown. pysnmp reports timeouts
-and SNMP errors as return values; everything is translated into the typed errors of
+v2c reads and SETs are encoded and decoded by `drivers.snmp_wire` (the small BER subset
+they need) over one UDP socket per event loop, and pysnmp is kept for SNMP v3 (USM
+authentication and privacy) in `drivers.apc_snmp_v3`, imported only by a v3 PDU: a farm
+of v2c PDUs never loads pysnmp (about 24 MB of memory). `close_engines()` closes the v2c
+socket and any v3 engines at shutdown. Everything is translated into the typed errors of
 `drivers.errors` with the device and operation attached, and odd values ("-1 =
 unsupported", missing instances) become None rather than exceptions.
 """
@@ -29,33 +26,13 @@ import itertools
 import math
 import operator
 import socket
+import sys
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
-from pyasn1.type import univ
-from pysnmp.carrier.error import CarrierError
-from pysnmp.entity import config
-from pysnmp.error import PySnmpError
-from pysnmp.hlapi.v3arch.asyncio import (
-    CommunityData,
-    ContextData,
-    EndOfMibView,
-    Integer,
-    NoSuchInstance,
-    NoSuchObject,
-    ObjectIdentity,
-    ObjectType,
-    SnmpEngine,
-    UdpTransportTarget,
-    UsmUserData,
-    bulk_cmd,
-    get_cmd,
-    set_cmd,
-)
-from pysnmp.proto import errind
 
 from drivers import snmp_v2c, snmp_wire
 from drivers.base import OutletAction
@@ -68,6 +45,9 @@ from drivers.errors import (
     MalformedReply,
 )
 from drivers.telemetry import OutletReading, PduReading
+
+if TYPE_CHECKING:  # imported by a v3 PDU only (see the module docstring)
+    from drivers.apc_snmp_v3 import V3Session
 
 log = structlog.get_logger(__name__)
 
@@ -117,33 +97,8 @@ _COMMANDS = {"on": 1, "off": 2, "reboot": 3}  # immediateOn, immediateOff, immed
 _STATE_ON = {1: False, 2: True}
 # Error statuses a PDU answers when the credentials may read but not write.
 _ACCESS_STATUSES = {"noAccess", "notWritable", "authorizationError", "readOnly"}
-_AUTH_INDICATIONS = (
-    errind.WrongDigest,
-    errind.UnknownUserName,
-    errind.UnknownSecurityName,
-    errind.DecryptionError,
-    errind.AuthenticationError,
-    errind.AuthenticationFailure,
-    errind.UnsupportedSecurityLevel,
-    errind.UnknownCommunityName,
-)
-_MALFORMED_INDICATIONS = (
-    errind.DeserializationError,
-    errind.InvalidMsg,
-    errind.OidNotIncreasing,
-    errind.EmptyResponse,
-    errind.TooBig,
-)
-_AUTH_PROTOCOLS = {
-    "SHA": config.USM_AUTH_HMAC96_SHA,
-    "SHA256": config.USM_AUTH_HMAC192_SHA256,
-    "MD5": config.USM_AUTH_HMAC96_MD5,
-}
-_PRIV_PROTOCOLS = {
-    "AES": config.USM_PRIV_CFB128_AES,
-    "AES256": config.USM_PRIV_CFB256_AES,
-    "DES": config.USM_PRIV_CBC56_DES,
-}
+_AUTH_PROTOCOLS = ("SHA", "SHA256", "MD5")  # drivers.apc_snmp_v3 maps them to pysnmp's
+_PRIV_PROTOCOLS = ("AES", "AES256", "DES")
 _MAX_GET_OIDS = 60  # var-binds per steady GET: 29 outlets a packet, well inside 1,472 bytes
 WALK_EVERY_S = 300.0  # poll time between full walks (names, numbers, rows)
 _CONFIG_COLUMNS = (OUTLET_MODULE, OUTLET_NAME, OUTLET_NUMBER)
@@ -161,77 +116,45 @@ _VERIFY_ATTEMPTS = 3
 _VERIFY_INTERVAL_S = 0.2
 
 
-# -- the shared engines ----------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _EngineSlot:
-    """One engine and the v3 users configured in it.
-
-    pysnmp keys USM users by name only, so two PDUs with the same v3 user name but
-    different keys would keep overwriting each other's user in one engine and fail
-    each other's replies; such a clash gets a second engine.
-    """
-
-    engine: Any
-    users: dict[str, str] = field(default_factory=dict)  # user name -> credential hash
-    closed: bool = False
-
-
-@dataclass(eq=False)
-class _LoopEngines:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    slots: list[_EngineSlot] = field(default_factory=list)
-
-
-_REGISTRY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEngines] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _engine_slot(user: str | None, credential: str) -> _EngineSlot:
-    """The running loop's engine for these credentials, built on first use.
-
-    Built in a thread: its ~80 ms of MIB loading would otherwise stall every poll in
-    the loop. It touches no event loop until its first request.
-    """
-    loop = asyncio.get_running_loop()
-    engines = _REGISTRY.get(loop)
-    if engines is None:
-        engines = _REGISTRY[loop] = _LoopEngines()
-    async with engines.lock:
-        for slot in engines.slots:
-            if user is None:
-                return slot
-            known = slot.users.get(user)
-            if known is None or known == credential:
-                slot.users[user] = credential
-                return slot
-        slot = _EngineSlot(await asyncio.to_thread(SnmpEngine))
-        if user is not None:
-            slot.users[user] = credential
-        engines.slots.append(slot)
-        log.debug("snmp engine built", engines=len(engines.slots))
-        return slot
+# -- shutdown ---------------------------------------------------------------------------
 
 
 async def close_engines() -> None:
-    """Close the running loop's shared SNMP engines (their sockets and timers) and v2c socket.
-
-    Requests still in flight then end in DeviceTimeout; a later request builds a new engine.
-    """
+    """Close the running loop's v2c socket and shared SNMP v3 engines (if any v3 PDU built
+    one). Requests still in flight then fail; a later request opens anew."""
     snmp_v2c.close_socket()
-    engines = _REGISTRY.pop(asyncio.get_running_loop(), None)
-    if engines is None:
-        await asyncio.sleep(0)
-        return
-    for slot in engines.slots:
-        slot.closed = True
-        try:
-            slot.engine.close_dispatcher()
-        except Exception as exc:  # closing must not mask the shutdown that called it
-            log.warning("closing snmp engine failed", error=repr(exc))
+    v3 = sys.modules.get("drivers.apc_snmp_v3")
+    if v3 is not None:
+        v3.close_engines()
     await asyncio.sleep(0)
+
+
+# -- pysnmp's values, without importing pysnmp ------------------------------------------
+
+
+def _pysnmp_absent(value: Any) -> bool:
+    """A pysnmp noSuchObject / noSuchInstance / endOfMibView. Only a v3 poll (or a test)
+    makes one, and it has imported pysnmp then: so this imports nothing."""
+    rfc1905 = sys.modules.get("pysnmp.proto.rfc1905")
+    return rfc1905 is not None and isinstance(
+        value, rfc1905.NoSuchObject | rfc1905.NoSuchInstance | rfc1905.EndOfMibView
+    )
+
+
+def _pyasn1(kind: str) -> Any:
+    """pyasn1's `univ.<kind>` class if pyasn1 is loaded (else no value can be one)."""
+    univ = sys.modules.get("pyasn1.type.univ")
+    return getattr(univ, kind, None) if univ is not None else None
+
+
+def __getattr__(name: str) -> Any:
+    """pysnmp's exception-value classes, as this module exported them before pysnmp was
+    made lazy (`apc_snmp.NoSuchInstance`): importing them loads pysnmp."""
+    if name in ("NoSuchObject", "NoSuchInstance", "EndOfMibView"):
+        from pysnmp.proto import rfc1905
+
+        return getattr(rfc1905, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- decoding (pure, so it can be tested without a network) ----------------------------
@@ -241,13 +164,14 @@ def is_absent(value: Any) -> bool:
     """noSuchObject / noSuchInstance / endOfMibView (pysnmp's or `snmp_wire`'s), or nothing."""
     if value is None or (isinstance(value, str) and value in _ABSENT_MARKERS):
         return True
-    return isinstance(value, NoSuchObject | NoSuchInstance | EndOfMibView)
+    return _pysnmp_absent(value)
 
 
 def _end_of_view(value: Any) -> bool:
-    return isinstance(value, EndOfMibView) or (
-        isinstance(value, str) and value == snmp_wire.END_OF_MIB_VIEW
-    )
+    if isinstance(value, str):
+        return value == snmp_wire.END_OF_MIB_VIEW
+    rfc1905 = sys.modules.get("pysnmp.proto.rfc1905")
+    return rfc1905 is not None and isinstance(value, rfc1905.EndOfMibView)
 
 
 def snmp_int(value: Any, *, device: str = "", what: str = "") -> int | None:
@@ -257,10 +181,10 @@ def snmp_int(value: Any, *, device: str = "", what: str = "") -> int | None:
     """
     if is_absent(value):
         return None
-    if isinstance(value, univ.Integer):
-        number = int(value)
-    elif isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         number = value
+    elif (integer := _pyasn1("Integer")) is not None and isinstance(value, integer):
+        number = int(value)
     else:
         raise MalformedReply(
             f"{what or 'value'} is {type(value).__name__}, expected an integer",
@@ -273,10 +197,10 @@ def snmp_int(value: Any, *, device: str = "", what: str = "") -> int | None:
 def snmp_text(value: Any, *, device: str = "", what: str = "") -> str | None:
     if is_absent(value):
         return None
-    if isinstance(value, univ.OctetString):
-        raw = bytes(value)
-    elif isinstance(value, bytes | str):
+    if isinstance(value, bytes | str):
         raw = value.encode(errors="replace") if isinstance(value, str) else value
+    elif (octets := _pyasn1("OctetString")) is not None and isinstance(value, octets):
+        raw = bytes(value)
     else:
         raise MalformedReply(
             f"{what or 'value'} is {type(value).__name__}, expected a string",
@@ -479,15 +403,6 @@ def _under(oid: Oid, column: Oid) -> bool:
 # -- the driver ------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _LoopState:
-    """The pysnmp objects one driver needs per event loop: they must not cross loops (a
-    reused engine hangs). Only v3 and SETs build them."""
-
-    slot: _EngineSlot
-    target: Any
-
-
 class ApcPdu:
     """One APC rPDU2 PDU: poll power, energy and outlets; switch outlets."""
 
@@ -522,14 +437,12 @@ class ApcPdu:
         self._retries = int(retries)
         self._max_in_flight = max_in_flight
         self._log = log.bind(device=device, host=host, port=port)
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
-        )
         # asyncio primitives must not cross loops either (a semaphore raises).
         self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
         self._community = community
+        self._write_community = write_community
         self._addr: tuple[str, int] | None = None  # resolved once, for the v2c socket
         self._walk_every_s = walk_every_s
         self._plan: _SteadyPlan | None = None  # the steady GET, learnt from the last walk
@@ -537,7 +450,7 @@ class ApcPdu:
         self._repetitions = _DEFAULT_REPETITIONS
         self._closed = False
         self._v3_user: str | None = None
-        self._credential = ""
+        self._v3: V3Session | None = None
         if version == "3":
             if not user:
                 raise ValueError("SNMPv3 needs a user name")
@@ -548,22 +461,18 @@ class ApcPdu:
                     raise ValueError(f"SNMPv3 {key_name} must be at least 8 characters")
             if priv_key and not auth_key:
                 raise ValueError("SNMPv3 privacy needs an auth_key too")
-            usm = UsmUserData(
-                user,
-                auth_key or None,
-                priv_key or None,
-                authProtocol=_AUTH_PROTOCOLS[auth_protocol] if auth_key else config.USM_AUTH_NONE,
-                privProtocol=_PRIV_PROTOCOLS[priv_protocol] if priv_key else config.USM_PRIV_NONE,
-            )
-            self._read_auth: Any = usm
-            self._write_auth: Any = usm
+            from drivers.apc_snmp_v3 import V3Session
+
             self._v3_user = user
-            self._credential = hashlib.sha256(
-                "\0".join((auth_protocol, auth_key, priv_protocol, priv_key)).encode()
-            ).hexdigest()
-        else:
-            self._read_auth = CommunityData(community, mpModel=1)
-            self._write_auth = CommunityData(write_community, mpModel=1)
+            self._v3 = V3Session(
+                device, host, port, user=user, auth_key=auth_key, priv_key=priv_key,
+                auth_protocol=auth_protocol, priv_protocol=priv_protocol,
+                credential=hashlib.sha256(
+                    "\0".join((auth_protocol, auth_key, priv_protocol, priv_key)).encode()
+                ).hexdigest(),
+                timeout=self._timeout, retries=self._retries,
+                timeout_error=self._timeout_error, status_error=self._status_error,
+            )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"ApcPdu({self.device!r}, {self.host}:{self.port}, v{self.version})"
@@ -602,15 +511,7 @@ class ApcPdu:
         row = await self._row_of(outlet, operation)
         oid = (*OUTLET_COMMAND, row)
         async with self._gate(operation):
-            state = await self._state(operation)
-            reply = await self._request(
-                state,
-                operation,
-                set_cmd,
-                self._write_auth,
-                ObjectType(ObjectIdentity(oid), Integer(_COMMANDS[action])),
-                writing=True,
-            )
+            reply = await self._set_int(operation, oid, _COMMANDS[action])
         if not reply or is_absent(reply[0][1]):
             # Some agents answer a SET on a missing object with noError and a
             # noSuchInstance var-bind; that is not success.
@@ -626,7 +527,8 @@ class ApcPdu:
     async def close(self) -> None:
         """Forget this PDU. The shared engine stays up for the others: see close_engines()."""
         self._closed = True
-        self._states = weakref.WeakKeyDictionary()
+        if self._v3 is not None:
+            self._v3.close()
         self._gates = weakref.WeakKeyDictionary()
 
     # -- internals -----------------------------------------------------------------------
@@ -647,7 +549,7 @@ class ApcPdu:
         answer names other objects (time for a walk)."""
         values: list[Any] = []
         for binds, bodies, oids, template in plan.chunks:
-            if self.version == "3":
+            if self._v3 is not None:
                 reply: Sequence[tuple[Any, Any]] = await self._read_request("read", oids)
                 names: Sequence[Any] = oids
             else:
@@ -672,13 +574,11 @@ class ApcPdu:
         repetitions: int = 0,
     ) -> list[VarBind]:  # fmt: skip
         """A GET (or GETBULK, given `non_repeaters`): `snmp_wire` on v2c, pysnmp on v3."""
-        if self.version == "3":
-            state = await self._state(operation)
-            return await self._request(
-                state, operation, get_cmd if non_repeaters is None else bulk_cmd,
-                self._read_auth, *(ObjectType(ObjectIdentity(o)) for o in oids),
-                non_repeaters=non_repeaters, repetitions=repetitions,
-            )  # fmt: skip
+        if self._v3 is not None:
+            self._check_open(operation)
+            if non_repeaters is None:
+                return await self._v3.get(operation, oids)
+            return await self._v3.bulk(operation, oids, non_repeaters, repetitions)
         binds = snmp_wire.encode_binds(list(oids))
         reply = await self._v2c(
             operation,
@@ -702,14 +602,31 @@ class ApcPdu:
                 f"malformed var-binds: {exc}", device=self.device, operation=operation
             ) from exc
 
+    async def _set_int(self, operation: str, oid: Oid, value: int) -> list[VarBind]:
+        """A SET of one INTEGER (an outlet command) with the write community, or the v3
+        user; its error status raised, the var-binds the agent answered returned."""
+        if self._v3 is not None:
+            self._check_open(operation)
+            return await self._v3.set_int(operation, oid, value)
+        binds = snmp_wire.encode_set_binds([(oid, value)])
+        reply = await self._v2c(operation, snmp_wire.SET, binds, writing=True)
+        try:
+            return reply.decoded()  # type: ignore[return-value]
+        except snmp_wire.BerError as exc:
+            raise MalformedReply(
+                f"malformed var-binds: {exc}", device=self.device, operation=operation
+            ) from exc
+
     async def _v2c(
         self, operation: str, pdu_type: int, binds: bytes, *, non_repeaters: int = 0,
-        repetitions: int = 0,
+        repetitions: int = 0, writing: bool = False,
     ) -> snmp_wire.Reply:  # fmt: skip
-        """One v2c read over the loop's shared socket, its error status raised."""
+        """One v2c request over the loop's shared socket (a SET with the write community),
+        its error status raised."""
+        community = self._write_community if writing else self._community
         try:
             reply = await snmp_v2c.exchange(
-                self._addr or await self._address(operation), pdu_type, self._community,
+                self._addr or await self._address(operation), pdu_type, community,
                 binds, wait_s=self._timeout, retries=self._retries, device=self.device,
                 operation=operation, non_repeaters=non_repeaters, max_repetitions=repetitions,
             )  # fmt: skip
@@ -721,7 +638,7 @@ class ApcPdu:
                 found: list[Any] = reply.decoded()
             except snmp_wire.BerError:
                 found = []
-            raise self._status_error(name, reply.error_index, found, operation, False)
+            raise self._status_error(name, reply.error_index, found, operation, writing)
         return reply
 
     async def _address(self, operation: str) -> tuple[str, int]:
@@ -740,30 +657,9 @@ class ApcPdu:
             self._addr = (str(host), int(port))
         return self._addr
 
-    async def _state(self, operation: str) -> _LoopState:
+    def _check_open(self, operation: str) -> None:
         if self._closed:
             raise DeviceUnreachable("driver is closed", device=self.device, operation=operation)
-        loop = asyncio.get_running_loop()
-        state = self._states.get(loop)
-        if state is not None and not state.slot.closed:
-            return state
-        slot = await _engine_slot(self._v3_user, self._credential)
-        try:
-            target = await UdpTransportTarget.create(
-                (self.host, self.port), timeout=self._timeout, retries=self._retries
-            )
-        except PySnmpError as exc:
-            raise DeviceUnreachable(
-                f"cannot resolve {self.host}:{self.port}: {exc}",
-                device=self.device,
-                operation=operation,
-            ) from exc
-        current = self._states.get(loop)
-        if current is not None and not current.slot.closed:
-            return current  # a concurrent first request got there while this one awaited
-        state = _LoopState(slot, target)
-        self._states[loop] = state
-        return state
 
     async def _poll(self) -> dict[Oid, Any]:
         """GETBULK the outlet columns, with the two device scalars as non-repeaters."""
@@ -846,57 +742,6 @@ class ApcPdu:
             operation=operation,
         )
 
-    async def _request(
-        self,
-        state: _LoopState,
-        operation: str,
-        command: Any,
-        auth: Any,
-        *var_binds: Any,
-        writing: bool = False,
-        non_repeaters: int | None = None,
-        repetitions: int = 0,
-    ) -> list[VarBind]:
-        """One SNMP exchange, with every failure mode turned into a typed error."""
-        bulk_args = () if non_repeaters is None else (non_repeaters, repetitions)
-        # pysnmp enforces timeout x retries itself; this outer bound only catches an
-        # engine that never calls back (closed under us, or reused from another loop).
-        # v3 can spend a second exchange on engine discovery.
-        bound = 2 * self._timeout * (self._retries + 1) + 1.0
-        try:
-            async with asyncio.timeout(bound):
-                err_ind, err_status, err_index, reply = await command(
-                    state.slot.engine,
-                    auth,
-                    state.target,
-                    ContextData(),
-                    *bulk_args,
-                    *var_binds,
-                    lookupMib=False,
-                )
-        except TimeoutError:
-            raise self._timeout_error(operation) from None
-        except CarrierError as exc:
-            raise DeviceUnreachable(
-                f"cannot send to {self.host}:{self.port}: {exc}",
-                device=self.device,
-                operation=operation,
-            ) from exc
-        except PySnmpError as exc:
-            raise MalformedReply(
-                f"SNMP exchange failed: {exc}", device=self.device, operation=operation
-            ) from exc
-        if err_ind:
-            raise self._indication_error(err_ind, operation)
-        if err_status and int(err_status):
-            raise self._status_error(err_status, err_index, reply, operation, writing)
-        try:
-            return [(tuple(vb[0]), vb[1]) for vb in reply]
-        except (TypeError, IndexError) as exc:
-            raise MalformedReply(
-                f"unexpected var-binds: {exc}", device=self.device, operation=operation
-            ) from exc
-
     def _timeout_error(self, operation: str) -> DeviceError:
         tries = self._retries + 1
         hint = (
@@ -912,35 +757,12 @@ class ApcPdu:
             operation=operation,
         )
 
-    def _indication_error(self, indication: Any, operation: str) -> DeviceError:
-        if isinstance(indication, errind.RequestTimedOut):
-            return self._timeout_error(operation)
-        text = str(indication)
-        if isinstance(indication, _AUTH_INDICATIONS):
-            self._log.warning("snmp authentication failed", operation=operation, error=text)
-            return DeviceAuthError(
-                f"SNMPv3 authentication failed ({text}): check the user, keys and protocols",
-                device=self.device,
-                operation=operation,
-            )
-        if isinstance(indication, _MALFORMED_INDICATIONS):
-            return MalformedReply(text, device=self.device, operation=operation)
-        return DeviceUnreachable(
-            f"SNMP exchange failed: {text}", device=self.device, operation=operation
-        )
-
     def _status_error(
-        self,
-        status: Any,
-        index: Any,
-        reply: Sequence[Any],
-        operation: str,
-        writing: bool,
+        self, name: str, index: int, reply: Sequence[Any], operation: str, writing: bool
     ) -> DeviceError:
-        name = status.prettyPrint() if hasattr(status, "prettyPrint") else str(status)
+        """The error an SNMP error-status (by its RFC 3416 name) stands for."""
         try:
-            at = int(index)
-            oid = _dotted(tuple(reply[at - 1][0])) if 0 < at <= len(reply) else "?"
+            oid = _dotted(tuple(reply[index - 1][0])) if 0 < index <= len(reply) else "?"
         except (TypeError, ValueError, IndexError):
             oid = "?"
         if name in _ACCESS_STATUSES:

@@ -36,6 +36,7 @@ figure as the wall power when `WALLPOWER` is absent (on the A15 capture both agr
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -78,7 +79,9 @@ _OPTIONAL: Final = frozenset({"version"})
 # `Key[value]`: keys are words; values never hold a ']'.
 _FIELD: Final = re.compile(r"(\w+)\[([^\]]*)\]")
 _MM_KEY: Final = re.compile(r"MM ID\d+")
-_CHIP_ARRAY: Final = re.compile(r"[0-9 ]*")  # PVT_Tn: "62  58  57 ..."
+_DIGITS_AND_SPACE: Final = b"0123456789 "
+_DIGITS_TO_X: Final = bytes.maketrans(b"0123456789", b"x" * 10)
+_TOO_LONG: Final = b"x" * 300  # a figure of 300 digits is past any float: not counted
 
 
 # -- the MM ID string ----------------------------------------------------------------------
@@ -102,9 +105,17 @@ def numbers(value: str | None) -> list[float]:
     """Space-separated figures ("59459.52 61407.83 63139.66") -> floats; non-numbers dropped."""
     if not value:
         return []
-    parts = _whole_numbers(value)
-    if parts is not None:
-        return [float(p) for p in parts]
+    parts = value.split()
+    # The usual figures: ASCII digits with at most a decimal point each, not leading, and
+    # too few digits to overflow a float. `float` reads those exactly as `to_float` does
+    # (it raises for "1.2.3", which then takes the general path below).
+    digits = "".join(parts).replace(".", "")
+    plain = digits.isascii() and digits.isdigit() and len(digits) < 300
+    if plain and not any(p[0] == "." for p in parts):
+        try:
+            return [float(p) for p in parts]
+        except ValueError:
+            pass
     out = []
     for part in value.replace("%", " ").split():
         f = to_float(part)
@@ -118,20 +129,17 @@ def count_numbers(value: str | None) -> int:
     temperature per chip (over a hundred), and only their count is read."""
     if not value:
         return 0
-    if _CHIP_ARRAY.fullmatch(value):  # ASCII digits and spaces: each word is a figure,
-        parts = value.split()  # unless too long for a float
-        if len(value) < 300 or max(map(len, parts)) < 300:
-            return len(parts)
+    if value.isascii():  # a flag CPython keeps: no scan
+        raw = value.encode("ascii")
+        # ASCII digits and spaces (nothing left once they are deleted): each word is a
+        # figure, unless too long for a float (300 digits or more: `_TOO_LONG`).
+        if not raw.translate(None, _DIGITS_AND_SPACE):
+            # Words counted without making them: each digit becomes "x", and a word
+            # starts at the string's start or after a space.
+            marked = raw.translate(_DIGITS_TO_X)
+            if _TOO_LONG not in marked:
+                return marked.count(b" x") + (marked[:1] == b"x")
     return len(numbers(value))
-
-
-def _whole_numbers(value: str) -> list[str] | None:
-    """The figures of `value` if every one is a plain whole number (as in the per-chip
-    arrays), short enough to be a finite float; else None, to be read one by one."""
-    parts = value.split()
-    if parts and "".join(parts).isdecimal() and max(map(len, parts)) < 300:
-        return parts
-    return None
 
 
 def one(mm: Mapping[str, str], key: str) -> float | None:
@@ -226,14 +234,21 @@ def parse_hashboards(
 
 
 def parse_fans(mm: Mapping[str, str]) -> tuple[int, ...]:
-    # `Fan<digits>` (a regex's \d is `isdecimal`), without a pattern per key: 60 keys a poll.
-    nums = sorted(int(k[3:]) for k in mm if k.startswith("Fan") and k[3:].isdecimal())
     fans = []
-    for n in nums[:MAX_FANS]:
-        rpm = to_int(mm.get(f"Fan{n}"))
+    for key in _fan_keys(tuple(mm)):
+        rpm = to_int(mm.get(key))
         if rpm is not None and rpm >= 0:
             fans.append(rpm)
     return tuple(fans)
+
+
+@functools.lru_cache(maxsize=64)
+def _fan_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The first MAX_FANS `Fan<digits>` keys in fan order (`isdecimal`, as a regex's d).
+    Cached by the keys themselves: every rig of a firmware build sends the same sixty,
+    poll after poll, and looking them up is cheaper than trying each."""
+    nums = sorted(int(k[3:]) for k in keys if k.startswith("Fan") and k[3:].isdecimal())
+    return tuple(f"Fan{n}" for n in nums[:MAX_FANS])
 
 
 def parse_avalon_identity(

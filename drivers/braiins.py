@@ -33,21 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping
-from datetime import datetime
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-import betterproto
 import structlog
 
 from drivers.base import MinerCapabilities
-from drivers.braiins_grpc.client import DEFAULT_PORT as _GRPC_PORT
-from drivers.braiins_grpc.client import BraiinsGrpcClient
-from drivers.braiins_grpc.proto.bos import v1
 from drivers.cgminer import (
     DEFAULT_PORT,
     MAX_FANS,
@@ -67,7 +61,7 @@ from drivers.errors import (
 )
 from drivers.reboots import RebootWatch
 from drivers.retry import check_timing, with_retries
-from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry
+from drivers.telemetry import Hashboard, RigIdentity, RigState, RigTelemetry, revised
 from drivers.values import (
     MAX_RIG_HASHRATE_THS,
     MAX_RIG_POWER_W,
@@ -81,12 +75,18 @@ from drivers.values import (
 )
 from drivers.webjson import HttpRejected, JsonHttpClient
 
+if TYPE_CHECKING:  # imported when a rig speaks gRPC (VersionedControl), not before
+    from drivers.braiins_grpc.client import BraiinsGrpcClient
+    from drivers.braiins_grpc.control import BraiinsGrpcControl
+
 log = structlog.get_logger(__name__)
 
 Json = dict[str, Any]
 
 DEFAULT_REST_PORT: Final = 80
-DEFAULT_GRPC_PORT: Final = _GRPC_PORT  # the public gRPC API (releases before REST use it)
+# The public gRPC API (releases before REST use it); drivers.braiins_grpc.client's
+# DEFAULT_PORT, not imported from there so that the gRPC stack loads only when needed.
+DEFAULT_GRPC_PORT: Final = 50051
 DEFAULT_USERNAME: Final = "root"
 DEFAULT_PASSWORD: Final = "root"  # the factory login (pyasic's default too)
 FIRMWARE: Final = "Braiins OS"
@@ -98,6 +98,9 @@ DEFAULT_POWER_TARGET_PATH: Final = "/api/v1/performance/power-target/default"
 TUNER_STATE_PATH: Final = "/api/v1/performance/tuner-state"
 CONSTRAINTS_PATH: Final = "/api/v1/configuration/constraints"
 DETAILS_PATH: Final = "/api/v1/miner/details"
+VERSION_PATH: Final = "/api/v1/version"  # no token needed
+# The first public API version whose Braiins OS release (25.07) also serves the REST API.
+REST_SINCE_API: Final = (1, 7, 0)
 # `MinerStatus` of the BOS API: 1 not started, 2 normal, 3 paused, 4 suspended, 5 restricted.
 STATUS_NOT_STARTED: Final = 1
 STATUS_PAUSED: Final = 3
@@ -270,6 +273,23 @@ class BraiinsRestClient:
         headers = {"Authorization": token} if token else None
         return await self.http.send(method, path, body=body, headers=headers, operation=operation)
 
+    async def api_version(self, operation: str) -> tuple[int, int, int] | None:
+        """The public API version from `GET /api/v1/version` (no login, one attempt), or
+        None when this port serves no REST API (refused, silent, 404, not JSON). A REST API
+        that answers but will not say (401, odd JSON) counts as the first with REST."""
+        try:
+            status, data = await self._send("GET", VERSION_PATH, None, None, operation)
+            if status in (401, 403):
+                return REST_SINCE_API
+            reply = self._decode(status, data, "GET", VERSION_PATH, operation)
+        except DeviceError:
+            return None
+        parts = [to_int(mapping(reply).get(k)) for k in ("major", "minor", "patch")]
+        if any(p is None or p < 0 for p in parts):
+            return REST_SINCE_API
+        major, minor, patch = (int(p or 0) for p in parts)
+        return major, minor, patch
+
     def _decode(self, status: int, data: bytes, method: str, path: str, operation: str) -> Any:
         where = {"device": self.device, "operation": operation}
         text = data.decode("utf-8", "replace")
@@ -299,9 +319,6 @@ class BraiinsRestClient:
 
 # -- gRPC transport, and choosing one ------------------------------------------------------
 
-# The first public API version whose Braiins OS release (25.07) also serves the REST API.
-REST_SINCE_API: Final = (1, 7, 0)
-
 
 class BraiinsControl(Protocol):
     """What the driver asks of a control transport: the REST API's paths and JSON."""
@@ -311,114 +328,39 @@ class BraiinsControl(Protocol):
     async def close(self) -> None: ...
 
 
-def _plain(value: Any) -> Any:
-    """A message field's value as the REST API's JSON carries it: messages as objects with
-    their proto field names, enums as numbers, timestamps as {"seconds": N}."""
-    if isinstance(value, betterproto.Message):
-        return _snake(value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, betterproto.Enum):
-        return int(value)
-    if isinstance(value, datetime):
-        return {"seconds": int(value.timestamp()), "nanos": 0}
-    return value
-
-
-def _snake(message: betterproto.Message) -> Json:
-    """A message as JSON with proto (snake_case) field names; of a oneof, only the member
-    set (betterproto 2.0.0b7's own `to_pydict` trips over oneofs)."""
-    meta: Any = message._betterproto  # type: ignore[arg-type]  # betterproto's metadata
-    out: Json = {}
-    for name, field in meta.meta_by_field_name.items():
-        if field.group and betterproto.which_one_of(message, field.group)[0] != name:
-            continue
-        value = getattr(message, name)
-        if value is not None:
-            out[name] = _plain(value)
-    return out
-
-
-class BraiinsGrpcControl:
-    """The driver's control calls over the public gRPC API, answered in the REST API's
-    terms (`miner/details`, `performance/tuner-state`, ...), so one driver serves both.
-
-    Power targets are set with SAVE_AND_APPLY: applied without restarting bosminer (pyasic
-    uses SAVE_AND_FORCE_APPLY, which restarts it; pyasic PR #421)."""
-
-    def __init__(self, client: BraiinsGrpcClient) -> None:
-        self.client = client
-
-    async def close(self) -> None:
-        await self.client.close()
-
-    async def get(self, path: str, *, operation: str) -> Any:
-        c = self.client
-        if path == DETAILS_PATH:
-            return _snake(
-                await c.call("get_miner_details", v1.GetMinerDetailsRequest(), operation=operation)
-            )
-        if path == CONSTRAINTS_PATH:
-            return _snake(
-                await c.call("get_constraints", v1.GetConstraintsRequest(), operation=operation)
-            )
-        if path == TUNER_STATE_PATH:
-            reply = await c.call("get_tuner_state", v1.GetTunerStateRequest(), operation=operation)
-            state = _snake(reply)
-            mode = state.get("power_target_mode_state")
-            return {
-                "overall_tuner_state": state.get("overall_tuner_state"),
-                "mode_state": {"powertargetmodestate": mode} if mode else {},
-            }
-        raise UnsupportedOperation(
-            f"no gRPC call for GET {path}", device=c.device, operation=operation
-        )
-
-    async def put(self, path: str, body: Any = None, *, operation: str) -> Any:
-        c = self.client
-        apply = v1.SaveAction(v1.SaveAction.SAVE_AND_APPLY)
-        if path == PAUSE_PATH:
-            reply = await c.call("pause_mining", v1.PauseMiningRequest(), operation=operation)
-            return bool(reply.already_paused)
-        if path == RESUME_PATH:
-            reply = await c.call("resume_mining", v1.ResumeMiningRequest(), operation=operation)
-            return bool(reply.already_mining)
-        if path == DEFAULT_POWER_TARGET_PATH:
-            default = v1.SetDefaultPowerTargetRequest(save_action=apply)
-            reply = await c.call("set_default_power_target", default, operation=operation)
-            return {"watt": reply.power_target.watt}
-        if path == POWER_TARGET_PATH:
-            watt = mapping(body).get("watt")
-            if isinstance(watt, bool) or not isinstance(watt, int):
-                raise ValueError(f"a power target is whole watts, got {watt!r}")
-            request = v1.SetPowerTargetRequest(save_action=apply, power_target=v1.Power(watt=watt))
-            reply = await c.call("set_power_target", request, operation=operation)
-            return {"watt": reply.power_target.watt}
-        raise UnsupportedOperation(
-            f"no gRPC call for PUT {path}", device=c.device, operation=operation
-        )
-
-
 class VersionedControl:
-    """Control over the transport the firmware's version calls for, chosen at first use:
-    gRPC on Braiins OS releases before the REST API (public API < 1.7.0, BOS < 25.07), REST
-    from then on. The gRPC API's `GetApiVersion` (no login) tells; a rig whose gRPC port
-    does not answer is taken to be on REST (as before this choice existed). `forget()`
+    """Control over the transport the firmware calls for, chosen at first use: the REST API
+    where the rig serves it (Braiins OS 25.07 on, public API 1.7.0: `GET /api/v1/version`,
+    no login), else the public gRPC API on releases before it (`GetApiVersion`, no login).
+    The REST API is asked first so that the gRPC stack (grpclib, betterproto and the
+    generated messages, about 25 MB) is imported only for a rig that really speaks gRPC. A
+    rig that answers neither is taken to be on REST (its errors then say why). `forget()`
     (after a reboot: maybe an upgrade) makes the next call ask again."""
 
-    def __init__(self, rest: BraiinsRestClient, grpc: BraiinsGrpcClient) -> None:
+    def __init__(self, rest: BraiinsRestClient, grpc: Callable[[], BraiinsGrpcClient]) -> None:
+        """`grpc` makes the gRPC client when it is first needed (`make_braiins_driver`)."""
         self.rest = rest
-        self.grpc = BraiinsGrpcControl(grpc)
+        self._make_grpc = grpc
+        self._grpc: BraiinsGrpcControl | None = None
         self.chosen: BraiinsControl | None = None
-        self.api_version: tuple[int, int, int] | None = None
+        self.api_version: tuple[int, int, int] | None = None  # as the chosen API says it
         self._lock = asyncio.Lock()
+
+    @property
+    def grpc(self) -> BraiinsGrpcControl:
+        """The gRPC transport, built (and the gRPC stack imported) on first use."""
+        if self._grpc is None:
+            from drivers.braiins_grpc.control import BraiinsGrpcControl
+
+            self._grpc = BraiinsGrpcControl(self._make_grpc())
+        return self._grpc
 
     @property
     def transport(self) -> str:
         """ "grpc", "rest", or "" before the first call."""
         if self.chosen is None:
             return ""
-        return "grpc" if self.chosen is self.grpc else "rest"
+        return "rest" if self.chosen is self.rest else "grpc"
 
     def forget(self) -> None:
         self.chosen = None
@@ -427,17 +369,22 @@ class VersionedControl:
         async with self._lock:
             if self.chosen is not None:
                 return self.chosen
-            try:
-                self.api_version = await self.grpc.client.api_version(operation=operation)
-            except (DeviceTimeout, DeviceUnreachable, UnsupportedOperation) as exc:
-                log.info("braiins.grpc_unavailable", device=self.grpc.client.device, error=str(exc))
-                self.api_version = None
+            device = self.rest.device
+            self.api_version = await self.rest.api_version(operation)
+            if self.api_version is not None:
                 self.chosen = self.rest
-                return self.chosen
-            self.chosen = self.grpc if self.api_version < REST_SINCE_API else self.rest
+            else:
+                try:
+                    self.api_version = await self.grpc.client.api_version(operation=operation)
+                except (DeviceTimeout, DeviceUnreachable, UnsupportedOperation) as exc:
+                    log.info("braiins.grpc_unavailable", device=device, error=str(exc))
+                    self.api_version = None
+                    self.chosen = self.rest
+                    return self.chosen
+                self.chosen = self.grpc if self.api_version < REST_SINCE_API else self.rest
             log.info(
                 "braiins.transport",
-                device=self.grpc.client.device,
+                device=device,
                 api_version=".".join(map(str, self.api_version)),
                 transport=self.transport,
             )
@@ -451,7 +398,8 @@ class VersionedControl:
 
     async def close(self) -> None:
         await self.rest.close()
-        await self.grpc.close()
+        if self._grpc is not None:
+            await self._grpc.close()
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -614,8 +562,8 @@ def parse_bosminer_telemetry(
     if version is not None or devdetails is not None or identity is None:
         identity = parse_bos_identity(version, devdetails)
     nominal = measure(sum(nominals) * 1e-6, MAX_RIG_HASHRATE_THS) if nominals else None
-    return dataclasses.replace(
-        base,
+    return RigTelemetry(  # every field but the time and uptime anew (not `replace`: per poll)
+        ts=base.ts,
         state=RigState.MINING if hashrate and hashrate > 0 else RigState.WAKING,
         hashrate_ths=hashrate,
         power_w=measure(to_float(tuner.get("ApproximateMinerPowerConsumption")), MAX_RIG_POWER_W),
@@ -625,6 +573,7 @@ def parse_bosminer_telemetry(
         chip_temp_c=max(chip_temps) if chip_temps else None,
         fans_rpm=tuple(fan_rpms),
         hashboards=tuple(boards),
+        uptime_s=base.uptime_s,
         identity=identity,
     )
 
@@ -694,7 +643,7 @@ class BraiinsDriver:
         else:
             state = RigState.MINING if hashing else RigState.WAKING
         limit = tel.power_limit_w if tel.power_limit_w is not None else self._target_w
-        return dataclasses.replace(
+        return revised(
             tel, state=state, power_limit_w=limit, identity=self._identity or tel.identity
         )
 
@@ -856,10 +805,15 @@ def make_braiins_driver(
         host, rest_port, username=user, password=pw, timeout=timeout, retries=retries,
         device=device,
     )  # fmt: skip
-    grpc = BraiinsGrpcClient(
-        host, grpc_port, username=user, password=pw, timeout=timeout, retries=retries,
-        device=device,
-    )  # fmt: skip
+
+    def grpc() -> BraiinsGrpcClient:
+        from drivers.braiins_grpc.client import BraiinsGrpcClient
+
+        return BraiinsGrpcClient(
+            host, grpc_port, username=user, password=pw, timeout=timeout, retries=retries,
+            device=device,
+        )  # fmt: skip
+
     return BraiinsDriver(device, client, VersionedControl(rest, grpc))
 
 

@@ -398,9 +398,20 @@ def _device_stats(stats: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """The STATS item that carries the chains (STATS[1] on Antminer; STATS[0] is the version)."""
     items = section(stats, "STATS")
     for item in items:
-        if any(str(k).startswith(_CHAIN_PREFIXES) for k in item):
+        try:
+            chains = _has_chain_keys(tuple(item))
+        except TypeError:  # a key that is not hashable (never so in JSON)
+            chains = any(str(k).startswith(_CHAIN_PREFIXES) for k in item)
+        if chains:
             return item
     return items[-1] if items else {}
+
+
+@functools.lru_cache(maxsize=128)
+def _has_chain_keys(keys: tuple[Any, ...]) -> bool:
+    """Whether a STATS item's keys name chains: cached by the keys, as `_chain_numbers_of`
+    is (every rig of a firmware build sends the same ones, poll after poll)."""
+    return any(str(k).startswith(_CHAIN_PREFIXES) for k in keys)
 
 
 def _chain_numbers(dev: Mapping[str, Any]) -> list[int]:

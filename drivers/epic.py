@@ -30,6 +30,7 @@ not hashing); every other state (booting, loading, testing, adjusting clocks) is
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -72,6 +73,7 @@ DEFAULT_ALGO: Final = "VoltageOptimizer"
 HASHRATE_ALGOS: Final = frozenset({"VoltageOptimizer", "BoardTune", "ChipTune"})
 SLEEP_STATES: Final = frozenset({"Idling", "Stopping"})
 _FAN_KEY: Final = re.compile(r"Fans Speed (\d+)")
+_LIST_OR_NONE: Final = (list, type(None))  # a tuple: `list | None` is a new union each call
 
 
 def _list(value: Any) -> list[Any]:
@@ -202,7 +204,15 @@ def power_limit(
     """The power target in force: the "Power" algorithm's target, or the power of the
     preset whose hashrate a hashrate algorithm aims at (as this driver sets it).
     `table` is `presets(caps)` when the caller keeps it."""
-    tuned = tune_target(summary)
+    return _limit_of(tune_target(summary), caps, table)
+
+
+def _limit_of(
+    tuned: tuple[str, float, str] | None,
+    caps: Mapping[str, Any],
+    table: list[tuple[float, float]] | None,
+) -> float | None:
+    """`power_limit` of a `tune_target` already read."""
     if tuned is None:
         return None
     algo, target, unit = tuned
@@ -231,7 +241,29 @@ def parse_epic_telemetry(
 
     A poller passes `view` (`CapsView.of(capabilities)`, kept until the capabilities
     change) so that it is not worked out on every poll."""
-    if not isinstance(summary, Mapping) or not isinstance(summary.get("HBs"), list | None):
+    return _telemetry(ts, summary, capabilities, identity, device, view)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _fan_slots(keys: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    """(fan number, key) of the `Fans Rpm` keys, in fan order. Cached by the keys: every
+    rig of a firmware build sends the same ones, poll after poll."""
+    return tuple(sorted((int(m.group(1)), k) for k in keys if (m := _FAN_KEY.match(k))))
+
+
+def _telemetry(
+    ts: float,
+    summary: Any,
+    capabilities: Mapping[str, Any] | None,
+    identity: RigIdentity | None,
+    device: str,
+    view: CapsView | None,
+) -> tuple[RigTelemetry, tuple[str, float, str] | None]:
+    """`parse_epic_telemetry`, and the perpetual tune in force (`tune_target`), which the
+    driver keeps: read once a poll."""
+    if (type(summary) is not dict and not isinstance(summary, Mapping)) or not isinstance(
+        summary.get("HBs"), _LIST_OR_NONE
+    ):
         raise MalformedReply(
             f"summary is not PowerPlay's: {snippet(repr(summary))}",
             device=device,
@@ -268,14 +300,16 @@ def parse_epic_telemetry(
     else:
         state = RigState.WAKING
     fans_rpm = mapping(summary.get("Fans Rpm"))
-    numbered = sorted(
-        (int(m.group(1)), v)
-        for k, v in fans_rpm.items()
-        if v is not None and (m := _FAN_KEY.match(k))  # null: no fan in that slot
-    )
-    fans = tuple(rpm for _n, v in numbered[:MAX_FANS] if (rpm := to_int(v)) is not None)
+    try:
+        slots = _fan_slots(tuple(fans_rpm))
+    except TypeError:  # a key that is not text (never so in JSON)
+        slots = tuple(sorted((int(m.group(1)), k) for k in fans_rpm
+                             if isinstance(k, str) and (m := _FAN_KEY.match(k))))  # fmt: skip
+    present = [v for _n, k in slots if (v := fans_rpm[k]) is not None]  # null: no fan there
+    fans = tuple(rpm for v in present[:MAX_FANS] if (rpm := to_int(v)) is not None)
     psu = mapping(summary.get("Power Supply Stats"))
-    limit = power_limit(summary, {}, view.presets)
+    tuned = tune_target(summary)
+    limit = _limit_of(tuned, {}, view.presets)
     temps = [b.temp_c for b in boards if b.temp_c is not None]
     if identity is None or capabilities is not None:  # else the caller's, as it is
         software = parse_software(summary)
@@ -286,7 +320,7 @@ def parse_epic_telemetry(
             identity = RigIdentity(
                 make=view.make, model=view.model, firmware=FIRMWARE, firmware_version=software
             )
-    return RigTelemetry(
+    tel = RigTelemetry(
         ts=ts,
         state=state,
         hashrate_ths=hashrate,
@@ -299,6 +333,7 @@ def parse_epic_telemetry(
         uptime_s=to_int(mapping(summary.get("Session")).get("Uptime")),
         identity=identity,
     )
+    return tel, tuned
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -329,13 +364,13 @@ class EpicDriver:
         caps = None
         if self._caps is None:
             caps = await self._capabilities()
-        tel = parse_epic_telemetry(
+        tel, tune = _telemetry(
             ts,
             summary,
-            capabilities=caps if caps is not None else self._caps,
-            identity=self._identity if caps is None else None,
-            device=self.device,
-            view=self._view() if caps is None else None,
+            caps if caps is not None else self._caps,
+            self._identity if caps is None else None,
+            self.device,
+            self._view() if caps is None else None,
         )
         if caps is not None:
             self._caps = caps
@@ -344,7 +379,7 @@ class EpicDriver:
             self._caps = None  # new firmware or a new range, maybe: ask again next poll
         if self._identity is None or caps is not None:
             self._identity = tel.identity
-        self._tune = tune_target(summary)
+        self._tune = tune
         return tel
 
     def _view(self) -> CapsView:

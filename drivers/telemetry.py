@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class RigState(StrEnum):
@@ -69,6 +70,35 @@ class RigTelemetry:
             return None
         eff = self.power_w / self.hashrate_ths
         return eff if math.isfinite(eff) else None
+
+
+_KEEP: Any = object()  # `revised`: the field as it was
+
+
+def revised(
+    tel: RigTelemetry,
+    *,
+    state: RigState = _KEEP,
+    power_limit_w: float | None = _KEEP,
+    identity: RigIdentity = _KEEP,
+) -> RigTelemetry:
+    """`dataclasses.replace(tel, ...)` for what drivers revise on every poll (the state,
+    the power limit, the identity): `replace` looks the fields up on each call, which
+    costs a stock Antminer or a Braiins rig more than the rest of its reading."""
+    return RigTelemetry(
+        tel.ts,
+        tel.state if state is _KEEP else state,
+        tel.hashrate_ths,
+        tel.power_w,
+        tel.power_limit_w if power_limit_w is _KEEP else power_limit_w,
+        tel.nominal_hashrate_ths,
+        tel.temp_c,
+        tel.chip_temp_c,
+        tel.fans_rpm,
+        tel.hashboards,
+        tel.uptime_s,
+        tel.identity if identity is _KEEP else identity,
+    )
 
 
 @dataclass(frozen=True, slots=True)

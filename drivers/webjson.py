@@ -60,6 +60,7 @@ IDLE_CLOSE_S: Final = 15.0
 _SNIPPET: Final = 120
 _JSON_HEADERS: Final = b"Content-Type: application/json\r\n"
 _SAFE_TO_RESEND: Final = frozenset({"GET"})  # reads only: never repeat a command
+_MAX_HEADS: Final = 32  # request heads kept encoded per client (a driver uses a handful)
 
 
 class HttpRejected(CommandRejected):
@@ -128,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it last went idle
 
     # -- asyncio ---------------------------------------------------------------
 
@@ -374,6 +376,7 @@ class JsonHttpClient:
         self.connections = 0  # connections opened, for tests and diagnostics
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        self._heads: dict[tuple[str, str], bytes] = {}  # (method, path) -> head, no body
         hostport = f"[{host}]" if ":" in host else host
         _check_header("Host", hostport)
         self._host_line = f"Host: {hostport}:{port}\r\n".encode("latin-1")
@@ -384,8 +387,18 @@ class JsonHttpClient:
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def _close_idle(self, conn: _Connection) -> None:
-        """`IDLE_CLOSE_S` passed with `conn` unused: close it."""
+        """`IDLE_CLOSE_S` passed since the timer was set: close `conn` if it has stayed idle
+        that long. The timer is armed once and re-armed from here, not on every request
+        (a steady poll reuses its connection every cycle, and a timer set and cancelled
+        per request costs more than the check)."""
         conn.idle_timer = None
+        if conn not in self._idle:
+            return  # in use: armed again when it goes back idle
+        loop = asyncio.get_running_loop()
+        due = conn.idle_since + IDLE_CLOSE_S
+        if loop.time() < due:  # used since: wait out its own idle time
+            conn.idle_timer = loop.call_at(due, self._close_idle, conn)
+            return
         if conn in self._idle:
             self._idle.remove(conn)
             conn.closed = True
@@ -495,7 +508,14 @@ class JsonHttpClient:
         loop = asyncio.get_running_loop()
         wait = self.timeout if wait_s is None else wait_s
         deadline = loop.time() + wait
-        head = self._head(method, path, data, content_type, headers)
+        if data is None and not headers:  # a plain GET, as every poll sends: kept encoded
+            head = self._heads.get((method, path))
+            if head is None:
+                head = self._heads[(method, path)] = self._head(method, path, None, "", None)
+                if len(self._heads) > _MAX_HEADS:
+                    self._heads.clear()
+        else:
+            head = self._head(method, path, data, content_type, headers)
         auth = self.auth
         authorization = auth.header(method, path) if auth is not None and auth.ready else None
         reply = await self._one(method, path, head, data, authorization, wait, deadline, operation)
@@ -598,22 +618,30 @@ class JsonHttpClient:
                     conn.waiter = None
                     conn.abort()
             if conn.reusable() and len(self._idle) < MAX_IDLE:
-                conn.idle_timer = loop.call_later(IDLE_CLOSE_S, self._close_idle, conn)
+                conn.idle_since = loop.time()
+                if conn.idle_timer is None:
+                    conn.idle_timer = loop.call_at(
+                        conn.idle_since + IDLE_CLOSE_S, self._close_idle, conn
+                    )
                 self._idle.append(conn)
-            elif conn.transport is not None:
-                conn.closed = True
-                conn.transport.close()
+            else:
+                if conn.idle_timer is not None:
+                    conn.idle_timer.cancel()
+                    conn.idle_timer = None
+                if conn.transport is not None:
+                    conn.closed = True
+                    conn.transport.close()
             return reply
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _acquire(self, deadline: float, where: dict[str, str], *, reuse: bool) -> _Connection:
         while reuse and self._idle:
-            conn = self._idle.pop()
+            conn = self._idle.pop()  # its idle timer stays: `_close_idle` skips it in use
+            if conn.usable:
+                return conn
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
-            if conn.usable:
-                return conn
         loop = asyncio.get_running_loop()
         limit = deadline - loop.time()
         if self.connect_timeout is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -34,7 +35,7 @@ from pysnmp.hlapi.v3arch.asyncio import (
 )
 from pysnmp.proto.api import v2c
 
-from drivers import apc_snmp, snmp_v2c, snmp_wire
+from drivers import apc_snmp_v3, snmp_v2c, snmp_wire
 from drivers.apc_snmp import (
     DEVICE_ENERGY,
     DEVICE_POWER,
@@ -152,10 +153,10 @@ async def test_several_agents_share_one_engine_in_a_loop(clock: ManualClock) -> 
             assert_matches_farm(reading, a.pdu, farm.now())
         loop = asyncio.get_running_loop()
         assert loop in snmp_v2c._SOCKETS  # one v2c socket for every PDU of the loop
-        assert loop not in apc_snmp._REGISTRY  # and no pysnmp engine for v2c reads
+        assert loop not in apc_snmp_v3._REGISTRY  # and no pysnmp engine for v2c reads
         v3 = [driver(a, version="3", **V3) for a in agents]
         await asyncio.gather(*(d.read(ts=farm.now()) for d in v3))
-        assert len(apc_snmp._REGISTRY[loop].slots) == 1
+        assert len(apc_snmp_v3._REGISTRY[loop].slots) == 1
     finally:
         await asyncio.gather(*(a.stop() for a in agents))
 
@@ -296,6 +297,53 @@ async def test_set_on_missing_outlet_is_rejected(agent: PduAgent, pdu: SimPdu) -
 async def test_bad_action_is_a_caller_error(agent: PduAgent) -> None:
     with pytest.raises(ValueError, match="on, off or reboot"):
         await driver(agent).set_outlet(1, "cycle")  # type: ignore[arg-type]
+
+
+async def test_a_v2c_set_is_one_snmp_wire_set_with_the_write_community(
+    agent: PduAgent, pdu: SimPdu, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2c SETs are encoded by `snmp_wire` too (no pysnmp engine), and carry the write
+    community: the agent's read community may not write."""
+    sent = _count_pdu_types(monkeypatch)
+    d = driver(agent)
+    await d.read(ts=0.0)
+    sent.clear()
+    await d.set_outlet(5, "off")
+    assert sent[0] == snmp_wire.SET and set(sent[1:]) <= {snmp_wire.GET}  # then read back
+    assert pdu.outlets[5].on is False
+    assert asyncio.get_running_loop() not in apc_snmp_v3._REGISTRY
+
+
+_V2C_IMPORTS_SCRIPT = """
+import asyncio, sys
+from drivers.apc_snmp import ApcPdu, close_engines
+
+async def main():
+    host, port = sys.argv[1], int(sys.argv[2])
+    d = ApcPdu("pdu-01", host, port, timeout=1.0, retries=1)
+    await d.read(ts=0.0)
+    await d.read(ts=10.0)
+    await d.set_outlet(2, "off")
+    await d.set_outlet(2, "on")
+    await close_engines()
+    print("result:", "pysnmp" in sys.modules, "pyasn1" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+async def test_v2c_reads_and_sets_never_import_pysnmp(agent: PduAgent, pdu: SimPdu) -> None:
+    """A farm of v2c PDUs never loads pysnmp and pyasn1 (about 24 MB of a daemon)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _V2C_IMPORTS_SCRIPT, agent.host, str(agent.port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert [ln for ln in out.decode().splitlines() if ln.startswith("result:")] == [
+        "result: False False"
+    ]
+    assert pdu.outlets[2].on is True
 
 
 # -- failures -----------------------------------------------------------------------------

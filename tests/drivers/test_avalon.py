@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from drivers import avalon
 from drivers.avalon import (
     AvalonDriver,
     identify,
@@ -30,6 +31,7 @@ from drivers.cgminer import CGMinerClient
 from drivers.errors import CommandRejected, UnsupportedOperation
 from drivers.registry import AvalonSettings, MinerAccess, make_miner_driver
 from drivers.telemetry import RigState
+from drivers.values import to_float
 from simulators.avalon import AVALON_MODELS, AvalonServer, avalon_rig
 from simulators.cgminer import MinerServer
 from simulators.clock import ManualClock
@@ -424,3 +426,18 @@ async def test_a_poll_reads_the_controller_string_once(
     tel = await drv.read(av.clock.now())
     assert len(calls) == 1 and tel.state is RigState.MINING and drv.mode == 1
     assert tel.hashboards and all(b.chips == 160 for b in tel.hashboards)
+
+
+def _numbers_one_by_one(value: str) -> list[float]:
+    """What `numbers` reads, figure by figure (its fast path must agree)."""
+    return [f for p in value.replace("%", " ").split() if (f := to_float(p)) is not None]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["29808.48 29952.52 30505.66", "72 72 73", " 58  57  62 ", "1.2.3 4", ".5 3", "5. 4",
+     "1e5 2", "nan inf 3", "-4 5", "1_000 2", "3%  4", "1" * 400 + " 2", "\u0663 4", "\u00b2 5"],
+)  # fmt: skip
+def test_numbers_fast_path_reads_as_figure_by_figure(value: str) -> None:
+    assert avalon.numbers(value) == _numbers_one_by_one(value)
+    assert avalon.count_numbers(value) == len(_numbers_one_by_one(value))

@@ -2,13 +2,17 @@
 driver's choice of transport by firmware version (gRPC before the REST API, BOS 25.07).
 
 A rig on BOS 24.09 has no REST API: the driver reads it over 4028 as always and pauses,
-resumes and sets power targets over gRPC; a 25.07 rig keeps REST; one whose gRPC port is
-closed is taken to be on REST, as before the choice existed.
+resumes and sets power targets over gRPC; a 25.07 rig keeps REST (the REST API is asked
+first, so the gRPC stack is not even imported for it); one that answers neither is taken
+to be on REST, as before the choice existed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +22,7 @@ import pytest
 from drivers.braiins import BraiinsDriver, VersionedControl, make_braiins_driver
 from drivers.braiins_grpc.client import BraiinsGrpcClient
 from drivers.braiins_grpc.proto.bos import v1
-from drivers.errors import CommandRejected, DeviceAuthError, DeviceUnreachable
+from drivers.errors import CommandRejected, DeviceAuthError, DeviceError, DeviceUnreachable
 from drivers.telemetry import RigState
 from simulators.braiins import BraiinsRestServer
 from simulators.braiins_grpc import BraiinsGrpcServer, has_rest
@@ -144,7 +148,8 @@ async def test_a_release_with_rest_keeps_rest() -> None:
         await drv.read(b.clock.now())
         await drv.sleep()
         assert isinstance(drv.rest, VersionedControl) and drv.rest.transport == "rest"
-        assert _methods(b) == ["GetApiVersion"]  # asked the version, nothing else
+        assert b.rest is not None and drv.rest.api_version == b.rest.api_version  # its /version
+        assert _methods(b) == []  # REST answered: the gRPC API is never asked
         assert b.rest is not None and ("PUT", "/api/v1/actions/pause") in b.rest.requests
     finally:
         await b.close()
@@ -156,9 +161,27 @@ async def test_a_closed_grpc_port_means_rest() -> None:
         drv = b.driver()
         await drv.sleep()
         assert isinstance(drv.rest, VersionedControl) and drv.rest.transport == "rest"
+        assert b.rest is not None and drv.rest.api_version == b.rest.api_version
+    finally:
+        await b.close()
+
+
+async def test_a_rig_answering_neither_api_is_taken_to_be_on_rest() -> None:
+    b = await _bos("24.09", grpc_listening=False)  # no REST server, gRPC refused
+    try:
+        drv = b.driver(rest_port=_free_port(b.rpc.host))
+        with pytest.raises(DeviceError):
+            await drv.sleep()  # the REST API is not there either: its error says so
+        assert isinstance(drv.rest, VersionedControl) and drv.rest.transport == "rest"
         assert drv.rest.api_version is None
     finally:
         await b.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 async def test_a_reboot_asks_the_version_again(bos_2409: Bos) -> None:
@@ -208,3 +231,45 @@ async def test_a_rig_that_is_down_answers_unavailable(bos_2409: Bos) -> None:
             await client.api_version()
     finally:
         await client.close()
+
+
+_IMPORTS_SCRIPT = """
+import asyncio, sys
+from drivers.braiins import make_braiins_driver
+
+async def main():
+    host, port, rest_port, grpc_port, password = sys.argv[1:6]
+    drv = make_braiins_driver("rig-001", host, int(port), password=password, timeout=2.0,
+                              rest_port=int(rest_port), grpc_port=int(grpc_port))
+    await drv.read(1000.0)
+    await drv.sleep()
+    await drv.wake()
+    await drv.close()
+    print("result:", drv.rest.transport, "grpclib" in sys.modules, "betterproto" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("release", "transport", "grpc_loaded"),
+                         [("25.07", "rest", False), ("24.09", "grpc", True)])  # fmt: skip
+async def test_the_grpc_stack_is_imported_only_for_a_rig_that_speaks_grpc(
+    release: str, transport: str, grpc_loaded: bool
+) -> None:
+    """A daemon whose Braiins rigs all have the REST API never loads grpclib and
+    betterproto (about 25 MB); one before 25.07 still falls back to gRPC and works."""
+    b = await _bos(release)
+    try:
+        rest_port = b.rest.port if b.rest is not None else _free_port(b.rpc.host)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _IMPORTS_SCRIPT, b.rpc.host, str(b.rpc.port), str(rest_port),
+            str(b.grpc.port), PASSWORD, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        loaded = str(grpc_loaded)
+        result = [ln for ln in out.decode().splitlines() if ln.startswith("result:")]
+        assert result == [f"result: {transport} {loaded} {loaded}"]
+    finally:
+        await b.close()
