@@ -25,7 +25,7 @@ from typing import Any
 from bench.floors.dialects import DIALECTS, FloorClient, floor_client
 from controller.runtime import eventloop
 
-__all__ = ["DIALECTS", "FloorResult", "measure", "measure_driver", "ratio"]
+__all__ = ["DIALECTS", "FloorResult", "measure", "measure_driver", "pooled", "ratio"]
 
 Target = tuple[str, int]
 CONCURRENCY = 256  # polls in flight at once, as a daemon bounds its own
@@ -48,6 +48,22 @@ class FloorResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def pooled(a: FloorResult, b: FloorResult) -> FloorResult:
+    """Two runs of one client as one: `python -m bench.floors` measures floor, rigd, rigd,
+    floor, because whichever client runs second in a process was seen to pay 10 to 18 %
+    more CPU (a warmer heap, a busier allocator) and a busy host drifts."""
+    if (a.dialect, a.client, a.devices) != (b.dialect, b.client, b.devices):
+        raise ValueError(f"cannot pool {a.client} {a.dialect} with {b.client} {b.dialect}")
+    rounds, cpu = a.rounds + b.rounds, a.cpu_s + b.cpu_s
+    return FloorResult(
+        a.dialect, a.client, a.devices, rounds, cpu, a.wall_s + b.wall_s,
+        1000.0 * cpu / (rounds * a.devices),
+        b.requests_per_poll if a.requests_per_poll is None else a.requests_per_poll,
+        b.bytes_per_poll if a.bytes_per_poll is None else a.bytes_per_poll,
+        a.errors + b.errors,
+    )  # fmt: skip
 
 
 def ratio(rigd: FloorResult, floor: FloorResult) -> float:

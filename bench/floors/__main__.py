@@ -1,7 +1,8 @@
 """`python -m bench.floors --dialect X --devices N`: rigd's driver against the floor client.
 
 Starts the simulators of that dialect in a child process on loopback, then measures the
-floor and rigd's driver in this process, one after the other, over the same devices.
+floor and rigd's driver in this process over the same devices, in the order floor, rigd,
+rigd, floor (each figure pools its two runs), so neither always runs second.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 
 from bench import proc
-from bench.floors import DIALECTS, measure, measure_driver, ratio
+from bench.floors import DIALECTS, measure, measure_driver, pooled, ratio
 from bench.floors.sim import DEFAULT_SUBNET, simulated
 from controller.cli.logs import configure_logging
 
@@ -37,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for dialect in a.dialect or list(DIALECTS):
         with simulated(dialect, a.devices, a.subnet) as targets:
+            # floor, rigd, rigd, floor: neither client always runs second (see `pooled`)
             floor = measure(dialect, targets, a.rounds)
             rigd = measure_driver(dialect, targets, a.rounds)
+            rigd = pooled(rigd, measure_driver(dialect, targets, a.rounds))
+            floor = pooled(floor, measure(dialect, targets, a.rounds))
         r = ratio(rigd, floor)
         print(f"| {dialect} | {len(targets)} | {floor.cpu_ms_per_poll:.3f} | "
               f"{rigd.cpu_ms_per_poll:.3f} | {r:.2f} | {floor.requests_per_poll:.1f} | "

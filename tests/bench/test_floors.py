@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.floors import DIALECTS, measure, measure_driver
+from bench.floors import DIALECTS, FloorResult, measure, measure_driver, pooled
 from bench.floors.sim import simulated
 
 SUBNET = "127.83.0.0/24"
@@ -36,3 +36,13 @@ def test_floor_and_driver_read_the_simulators(dialect: str, requests: int) -> No
     assert floor.requests_per_poll == requests
     assert floor.bytes_per_poll is not None and floor.bytes_per_poll > 200  # real replies
     assert floor.cpu_ms_per_poll > 0 and rigd.cpu_ms_per_poll > 0
+
+
+def test_pooled_runs_weigh_by_rounds() -> None:
+    a = FloorResult("luxos", "floor", 10, 5, 0.5, 1.0, 10.0, 1.0, 300.0, 1)
+    b = FloorResult("luxos", "floor", 10, 5, 1.5, 1.0, 30.0, 1.0, 300.0, 2)
+    p = pooled(a, b)
+    assert (p.rounds, p.cpu_s, p.errors) == (10, 2.0, 3)
+    assert p.cpu_ms_per_poll == pytest.approx(20.0)
+    with pytest.raises(ValueError):
+        pooled(a, FloorResult("luxos", "rigd", 10, 5, 1.0, 1.0, 20.0, None, None, 0))
