@@ -78,8 +78,9 @@ class MqttLink:
         self.base = topic_base(site)
         self.status_topic = f"{self.base}/status"
         self.client_id = cfg.client_id or f"rigd-{site}"
-        # The payload of each retained topic, or what makes it (`set_retained_later`).
-        self._retained: dict[str, bytes | Callable[[], bytes]] = {}
+        self._retained: dict[str, bytes] = {}
+        # Retained topics whose payload is made when sent (`set_retained_later`).
+        self._later: dict[str, Callable[[], bytes]] = {}
         # Topics whose payload is dropped once sent (`set_retained(keep=False)`); `refill`
         # hooks set them again on every (re)connect.
         self._volatile: set[str] = set()
@@ -115,14 +116,18 @@ class MqttLink:
         10,000 of them encoded at once were 10 MB held until the broker took them; made in
         the link's batches, a few hundred are. `make` must give the document as it is to
         be sent (a frozen view's, as the daemon's rigs are)."""
-        self._put(f"{self.base}/{subtopic}", lambda: encode(make()), keep=False)
+        topic = f"{self.base}/{subtopic}"
+        self._retained.pop(topic, None)
+        self._later[topic] = lambda: encode(make())
+        self._volatile.add(topic)
+        self._dirty[topic] = None
+        self._idle.clear()
+        self._wake.set()
 
     def set_retained_raw(self, topic: str, payload: bytes, *, keep: bool = True) -> None:
         """`set_retained` for a full topic, possibly outside rigd/<site>/ (Home Assistant
         discovery), and a ready payload; b"" clears a retained message."""
-        self._put(topic, payload, keep=keep)
-
-    def _put(self, topic: str, payload: bytes | Callable[[], bytes], *, keep: bool) -> None:
+        self._later.pop(topic, None)
         if keep:
             self._volatile.discard(topic)
             if self._retained.get(topic) == payload:
@@ -176,6 +181,7 @@ class MqttLink:
         never a grid response topic (controller/grid/topics.py)."""
         return (
             topic in self._retained
+            or topic in self._later
             or topic in self._volatile
             or any(paho.topic_matches_sub(f, topic) for f in self.subscriptions)
         )
@@ -233,7 +239,7 @@ class MqttLink:
                     backoff = 1.0
                     await client.publish(self.status_topic, ONLINE, qos=1, retain=True)
                     # Republish everything: the broker may have lost retained state.
-                    self._dirty = dict.fromkeys(self._retained)
+                    self._dirty = dict.fromkeys([*self._retained, *self._later])
                     for hook in self.refill:
                         try:
                             hook()
@@ -312,8 +318,8 @@ class MqttLink:
                 await self._wake.wait()
 
     def _payload(self, topic: str) -> bytes:
-        p = self._retained[topic]
-        return p if isinstance(p, bytes) else p()
+        make = self._later.get(topic)
+        return self._retained[topic] if make is None else make()
 
     async def _flush(self, client: aiomqtt.Client) -> None:
         await self._flush_urgent(client)
@@ -337,7 +343,8 @@ class MqttLink:
                         self._dirty.setdefault(t, None)
             for t in topics:  # sent: a volatile payload is not kept (unless set again since)
                 if t in self._volatile and t not in self._dirty:
-                    del self._retained[t]
+                    self._retained.pop(t, None)
+                    self._later.pop(t, None)
             await self._flush_urgent(client)  # grid acks do not wait for a long flush
         while self._events:
             # In batches, like retained topics: one PUBACK awaited at a time would let a

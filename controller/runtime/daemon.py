@@ -105,6 +105,8 @@ class Daemon:
         self._lag: patience.LoopLag | None = None
         self._starved: dict[str, int] = {}
         self._starved_reads = 0
+        self._poll_task: asyncio.Task[Any] | None = None  # the task running `_read_all`
+        self._cut = False  # `_read_all`'s reads cancelled by it (see `_poll_cancelled`)
         # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
         self.controller = self._make_controller(cfg)
         self.grid: GridService | None = None
@@ -174,10 +176,15 @@ class Daemon:
                         DeviceError(f"no answer within {guard.limit_s:.1f} s", device=dev_id),
                     )
                     log.error("driver_hung", kind=kind, device=dev_id)
-                elif task.cancelling() == 0:
+                elif task.cancelling() == 0 or not self._poll_cancelled():
                     # Nobody cancelled this poll: a library gave up on a future of
-                    # its own (aiohttp may, under load). A bug of the driver's, like
-                    # any exception: this device's reading fails, the poll goes on.
+                    # its own (aiohttp may, under load), or cancelled the task it ran
+                    # in (grpclib does when a connection it made earlier is lost; seen
+                    # on the benchmark farm, where it stopped the daemon). A bug of the
+                    # driver's, like any exception: this device's reading fails, its
+                    # stray cancellation is taken back, and the poll goes on.
+                    while task.cancelling():
+                        task.uncancel()
                     failed(dev_id, ts, DeviceError("read cancelled by the driver", device=dev_id))
                     log.error("driver_cancelled", kind=kind, device=dev_id, exc_info=e)
                 else:
@@ -205,6 +212,12 @@ class Daemon:
             )
         elif health.reachable and was is False:
             log.info("device_recovered", kind=kind, device=dev_id)
+
+    def _poll_cancelled(self) -> bool:
+        """Whether the poll itself is being cancelled (cut by a grid order, or the task
+        running it cancelled: a stop), as opposed to a library cancelling one read."""
+        poll = self._poll_task
+        return self._cut or (poll is not None and poll.cancelling() > 0)
 
     def _starved_since(self, late_before: float) -> bool:
         """Whether a read that timed out did so because this host could not run us.
@@ -300,6 +313,7 @@ class Daemon:
         once on the readings so far, the rest being the last cycle's, since reading a farm
         of thousands of rigs takes seconds and a grid deadline cannot wait for it."""
         todo = iter(jobs)
+        self._poll_task, self._cut = asyncio.current_task(), False
         ctl = self.controller
         executor = ctl.executor if ctl is not None else None
         # Commands go first, but a burst of failing rigs must not stall the poll for good.
@@ -338,6 +352,7 @@ class Daemon:
         finally:
             kicked.cancel()
             if not reads.done():  # a grid order, or this cycle itself cancelled
+                self._cut = True
                 cut = reads.cancel()
                 await asyncio.wait((reads,))
         if not cut:

@@ -304,7 +304,7 @@ def test_rows_share_equal_driver_settings() -> None:
     copied with a change (`model_copy`) leaves the others' as they were."""
     rows = "".join(
         f'\n[[miners]]\nid = "a{i}"\nhost = "127.0.1.{i}"\ndriver = "antminer"\n'
-        'low_power_w = 2300\n'
+        "low_power_w = 2300\n"
         for i in range(1, 4)
     )
     rows += '\n[[miners]]\nid = "b"\nhost = "127.0.2.1"\ndriver = "antminer"\nweb_port = 81\n'
