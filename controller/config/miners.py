@@ -249,6 +249,44 @@ def default_port(driver: str) -> int:
 
 # -- the row ---------------------------------------------------------------------------------
 
+# Parts equal across a farm's rows, kept once: most of a 10,000-row config is the same
+# driver settings and the same set of keys given, and each row's own copies of them were
+# about half of its 2 KB. Both are never changed once made (the models are frozen;
+# pydantic copies a fields set before it adds to it, in `model_copy`). Settings are shared
+# only with the same keys given: a check may ask whether a row set a key (`session`).
+_SHARED: dict[tuple[Any, frozenset[str]], Any] = {}
+_SETS: dict[frozenset[str], set[str]] = {}
+_SHARED_MAX = 4096  # distinct parts kept at most (a config has a few)
+
+
+def _shared_set(fields: frozenset[str]) -> set[str]:
+    got = _SETS.get(fields)
+    if got is None:
+        if len(_SETS) >= _SHARED_MAX:
+            _SETS.clear()
+        got = _SETS[fields] = set(fields)
+    return got
+
+
+def _shared_parts(miner: MinerConfig) -> MinerConfig:
+    """`miner` with its settings and its fields set replaced by equal shared ones."""
+    d = miner.__dict__
+    settings = d["settings"]
+    key = (settings, frozenset(settings.model_fields_set))
+    try:
+        shared = _SHARED.get(key)
+    except TypeError:  # a setting that cannot be hashed: this row keeps its own
+        shared = settings
+    if shared is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        object.__setattr__(settings, "__pydantic_fields_set__", _shared_set(key[1]))
+        shared = _SHARED[key] = settings
+    d["settings"] = shared
+    fields = frozenset(miner.__pydantic_fields_set__)
+    object.__setattr__(miner, "__pydantic_fields_set__", _shared_set(fields))
+    return miner
+
 
 class MinerConfig(Strict):
     """One miner (`id` + `host`) or a range of them (`range`, ids made by `id_format`)."""
@@ -290,7 +328,7 @@ class MinerConfig(Strict):
                 f"`{key}` does not apply to driver {driver!r}; "
                 f"it is a setting of driver {' and '.join(_drivers_with(key))}"
             )
-        return miner
+        return _shared_parts(miner)
 
     @field_validator("driver", mode="before")
     @classmethod

@@ -52,7 +52,7 @@ from controller.core.planner import (
     plan,
     remembered,
 )
-from controller.core.snapshot import RigView, SiteSnapshot
+from controller.core.snapshot import RigInfo, RigView, SiteSnapshot
 from controller.core.status import (
     ActionResult,
     ControlStatus,
@@ -67,6 +67,7 @@ from controller.errors import ManualRefused
 from controller.runtime.devices import Devices
 from controller.runtime.executor import Executor
 from controller.runtime.timeline import Timeline
+from drivers.base import MinerCapabilities
 from drivers.telemetry import RigState
 
 log = structlog.get_logger(__name__)
@@ -171,6 +172,21 @@ class Learned:
         return cls(d.get("full_w"), d.get("efficiency_j_th"), CurveData(bands), d.get("sleep_w"))
 
 
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """The part of a rig's planner input that does not change from cycle to cycle."""
+
+    caps: MinerCapabilities  # the capabilities these were made of
+    priority: int
+    can_power_target: bool
+    has_outlet: bool
+    steps: tuple[float, ...]
+
+
+_UNLEARNED = Learned()  # a rig not learned yet (never changed: `_learn` makes its own)
+_NO_KIND = kind_key("", "")
+
+
 class Controller:
     def __init__(
         self,
@@ -198,6 +214,7 @@ class Controller:
             else budget_settings(cfg.budget, control.max_import_kw, cfg.poll.interval_s)
         )
         self._timings: dict[str, RigTiming] = {}
+        self._fixed_by_rig: dict[str, _Fixed] = {}
         # Wake times learned from telemetry (controller.core.wake_times), the wakes being
         # timed (rig -> when commanded, the power it was woken to, its kind), and each rig's
         # kind as last seen (a sleeping rig may not say).
@@ -423,16 +440,22 @@ class Controller:
             out.append(Limit(OVERRIDE, o.kw, f"{o.reason} ({o.actor})", o.expires_at))
         return out
 
-    def _learn(self, rig: RigView) -> None:
+    def _learned(self, rid: str) -> Learned:
+        learned = self.learned.get(rid)
+        if learned is None:
+            learned = self.learned[rid] = Learned()
+        return learned
+
+    def _learn(self, rig: RigView, now: float) -> None:
         t = rig.telemetry
-        mm = self.memory.get(rig.info.id)
         if t is None:
             return
-        if mm is not None and self.now() < mm.settle_until:
-            return  # still ramping or going down: not a steady state
         rid = rig.info.id
+        mm = self.memory.get(rid)
+        if mm is not None and now < mm.settle_until:
+            return  # still ramping or going down: not a steady state
         if rig.state is RigState.SLEEPING and t.power_w is not None:
-            learned = self.learned.setdefault(rid, Learned())
+            learned = self._learned(rid)
             w = t.power_w
             learned.sleep_w = (
                 w
@@ -442,7 +465,7 @@ class Controller:
             return
         if rig.state is not RigState.MINING:
             return
-        learned = self.learned.setdefault(rid, Learned())
+        learned = self._learned(rid)
         profiles = self.devices.miners[rid].capabilities.profiles
         if profiles and profiles != learned.profiles:
             # The firmware's own table: each profile's hashrate, as many polls' worth.
@@ -497,17 +520,39 @@ class Controller:
                 )
                 self._save({"rigs.wake_times": self.wake_times.as_dict()})
 
+    def _fixed(self, info: RigInfo, caps: MinerCapabilities) -> _Fixed:
+        """What a rig's planner input takes from the config and its firmware's
+        capabilities, made again only when a driver refines its capabilities."""
+        f = self._fixed_by_rig.get(info.id)
+        if f is not None and f.caps is caps:
+            return f
+        f = _Fixed(
+            caps,
+            priority=self._group_priority.get(info.group or "", 0),
+            can_power_target=caps.can_power_target and caps.power_target_min_w is not None,
+            has_outlet=(
+                info.outlet is not None
+                and self.control.allow_outlet_off
+                and info.outlet[0] in self._switchable_pdus
+            ),
+            steps=tuple(w for w, _ in caps.profiles),
+        )
+        self._fixed_by_rig[info.id] = f
+        return f
+
     def _rig_input(self, rig: RigView) -> RigInput:
         info = rig.info
-        driver = self.devices.miners[info.id]
-        caps = driver.capabilities
-        learned = self.learned.get(info.id, Learned())
+        rid = info.id
+        caps = self.devices.miners[rid].capabilities
+        fixed = self._fixed(info, caps)
+        learned = self.learned.get(rid, _UNLEARNED)
         t = rig.telemetry
         model = t.identity.model if t else ""
         if model:
-            key = self._kinds[info.id] = kind_key(model, t.identity.firmware if t else "")
+            assert t is not None
+            key = self._kinds[rid] = kind_key(model, t.identity.firmware)
         else:
-            key = self._kinds.get(info.id, kind_key("", ""))
+            key = self._kinds.get(rid, _NO_KIND)
             model = key.split("|", 1)[0]
         # Its full power is what it was seen to draw at its default, not its firmware's
         # highest target (an S21 may take 3,650 W and draws 3,500 at default); until seen,
@@ -520,48 +565,44 @@ class Controller:
         eff = learned.efficiency_j_th
         if eff is None and t is not None and rig.state is RigState.MINING:
             eff = t.efficiency_j_per_th
-        has_outlet = (
-            info.outlet is not None
-            and self.control.allow_outlet_off
-            and info.outlet[0] in self._switchable_pdus
-        )
         timing = self._timing(model, key)
         coming = 0.0
-        mm = self.memory.get(info.id)
+        mm = self.memory.get(rid)
+        power_w = rig.power_w
         if (
             t is not None
-            and rig.state in (RigState.MINING, RigState.WAKING)
             and t.uptime_s is not None
             and t.uptime_s < timing.wake_s
-            and rig.power_w is not None
+            and rig.state in _RUNNING
+            and power_w is not None
             and (mm is None or self.now() >= mm.settle_until)
         ):
             # Up for less than a wake takes, and rigd did not wake it: a power-on or a
             # reboot, still ramping to its own target.
             goal = mm.target_w if mm is not None and mm.target_w is not None else full
-            coming = max(0.0, goal - rig.power_w)
+            coming = max(0.0, goal - power_w)
         return RigInput(
-            id=info.id,
+            id=rid,
             state=rig.state,
-            power_w=rig.power_w if rig.health.reachable or rig.outlet_power_w is not None else None,
+            power_w=power_w if rig.health.reachable or rig.outlet_power_w is not None else None,
             last_known_w=(t.power_w if t is not None else None) or rig.outlet_power_w,
             full_w=full,
             efficiency_j_th=eff,
-            priority=self._group_priority.get(info.group or "", 0),
+            priority=fixed.priority,
             can_sleep=caps.can_sleep,
-            can_power_target=caps.can_power_target and caps.power_target_min_w is not None,
+            can_power_target=fixed.can_power_target,
             min_w=caps.power_target_min_w,
-            max_w=caps.power_target_max_w,
-            has_outlet=has_outlet,
+            max_w=top,
+            has_outlet=fixed.has_outlet,
             outlet_on=rig.outlet_on,
             timing=timing,
-            maintenance=info.id in self.maintenance,
-            pinned=info.id in self.pinned,
-            busy=info.id in self._inflight,
-            curve=self._curve(info.id, learned)
+            maintenance=rid in self.maintenance,
+            pinned=rid in self.pinned,
+            busy=rid in self._inflight,
+            curve=self._curve(rid, learned)
             or prior_curve(full, t.nominal_hashrate_ths if t is not None else None, eff),
             idle_w=IDLE_W if learned.sleep_w is None else learned.sleep_w,
-            steps=tuple(w for w, _ in caps.profiles),
+            steps=fixed.steps,
             coming_w=coming,
         )
 
@@ -639,7 +680,7 @@ class Controller:
         budget_doc = self._update_energy(snap)
         cap = effective_cap(self.limits(now))
         for rig in snap.rigs.values():
-            self._learn(rig)
+            self._learn(rig, now)
         if self._waking:
             self._learn_wakes(snap, now)
         reading = snap.import_reading

@@ -105,6 +105,8 @@ class Daemon:
         self._lag: patience.LoopLag | None = None
         self._starved: dict[str, int] = {}
         self._starved_reads = 0
+        self._poll_task: asyncio.Task[Any] | None = None  # the task running `_read_all`
+        self._cut = False  # `_read_all`'s reads cancelled by it (see `_poll_cancelled`)
         # Opened before anything else runs: remembered sleeps and caps apply from cycle 1.
         self.controller = self._make_controller(cfg)
         self.grid: GridService | None = None
@@ -150,49 +152,52 @@ class Daemon:
         kind, dev_id, driver, ok, failed, health_of = job
         health = health_of(dev_id)
         was = health.reachable
-        async with self._sem:
-            for again in (False, True):
-                before = self._lag.late_s if self._lag is not None else 0.0
-                guard.begin(task)
-                try:
-                    reading = await driver.read(ts)
-                except DeviceError as e:
-                    if _timed_out(e) and self._starved_since(before):
-                        # The host's fault, not the device's (see `_starved_since`).
-                        if kind == "meter" and not again:
-                            log.info("meter_read_again", device=dev_id, why=STARVED_WHY)
-                            continue
-                        if kind == "miner" and self._keep_last(dev_id):
-                            break
-                    self._starved.pop(dev_id, None)
-                    failed(dev_id, ts, e)
-                except asyncio.CancelledError as e:
-                    if guard.fired(task):
-                        failed(
-                            dev_id,
-                            ts,
-                            DeviceError(f"no answer within {guard.limit_s:.1f} s", device=dev_id),
-                        )
-                        log.error("driver_hung", kind=kind, device=dev_id)
-                    elif task.cancelling() == 0:
-                        # Nobody cancelled this poll: a library gave up on a future of
-                        # its own (aiohttp may, under load). A bug of the driver's, like
-                        # any exception: this device's reading fails, the poll goes on.
-                        failed(
-                            dev_id, ts, DeviceError("read cancelled by the driver", device=dev_id)
-                        )
-                        log.error("driver_cancelled", kind=kind, device=dev_id, exc_info=e)
-                    else:
-                        raise
-                except Exception as e:  # a driver bug must not stop the farm's control
-                    failed(dev_id, ts, e)
-                    log.exception("driver_error", kind=kind, device=dev_id)
+        # No semaphore: the poll's workers are `poll.concurrency` at most (`_read_all`).
+        for again in (False, True):
+            before = self._lag.late_s if self._lag is not None else 0.0
+            guard.begin(task)
+            try:
+                reading = await driver.read(ts)
+            except DeviceError as e:
+                if _timed_out(e) and self._starved_since(before):
+                    # The host's fault, not the device's (see `_starved_since`).
+                    if kind == "meter" and not again:
+                        log.info("meter_read_again", device=dev_id, why=STARVED_WHY)
+                        continue
+                    if kind == "miner" and self._keep_last(dev_id):
+                        break
+                self._starved.pop(dev_id, None)
+                failed(dev_id, ts, e)
+            except asyncio.CancelledError as e:
+                if guard.fired(task):
+                    failed(
+                        dev_id,
+                        ts,
+                        DeviceError(f"no answer within {guard.limit_s:.1f} s", device=dev_id),
+                    )
+                    log.error("driver_hung", kind=kind, device=dev_id)
+                elif task.cancelling() == 0 or not self._poll_cancelled():
+                    # Nobody cancelled this poll: a library gave up on a future of
+                    # its own (aiohttp may, under load), or cancelled the task it ran
+                    # in (grpclib does when a connection it made earlier is lost; seen
+                    # on the benchmark farm, where it stopped the daemon). A bug of the
+                    # driver's, like any exception: this device's reading fails, its
+                    # stray cancellation is taken back, and the poll goes on.
+                    while task.cancelling():
+                        task.uncancel()
+                    failed(dev_id, ts, DeviceError("read cancelled by the driver", device=dev_id))
+                    log.error("driver_cancelled", kind=kind, device=dev_id, exc_info=e)
                 else:
-                    self._starved.pop(dev_id, None)
-                    ok(dev_id, reading)
-                finally:
-                    guard.end(task)
-                break
+                    raise
+            except Exception as e:  # a driver bug must not stop the farm's control
+                failed(dev_id, ts, e)
+                log.exception("driver_error", kind=kind, device=dev_id)
+            else:
+                self._starved.pop(dev_id, None)
+                ok(dev_id, reading)
+            finally:
+                guard.end(task)
+            break
         # Log changes only: a farm of thousands of rigs must not log every first contact.
         if health.reachable is False and was is not False:
             # A rig behind an outlet known to be off is silent by design, not a fault.
@@ -207,6 +212,12 @@ class Daemon:
             )
         elif health.reachable and was is False:
             log.info("device_recovered", kind=kind, device=dev_id)
+
+    def _poll_cancelled(self) -> bool:
+        """Whether the poll itself is being cancelled (cut by a grid order, or the task
+        running it cancelled: a stop), as opposed to a library cancelling one read."""
+        poll = self._poll_task
+        return self._cut or (poll is not None and poll.cancelling() > 0)
 
     def _starved_since(self, late_before: float) -> bool:
         """Whether a read that timed out did so because this host could not run us.
@@ -302,6 +313,7 @@ class Daemon:
         once on the readings so far, the rest being the last cycle's, since reading a farm
         of thousands of rigs takes seconds and a grid deadline cannot wait for it."""
         todo = iter(jobs)
+        self._poll_task, self._cut = asyncio.current_task(), False
         ctl = self.controller
         executor = ctl.executor if ctl is not None else None
         # Commands go first, but a burst of failing rigs must not stall the poll for good.
@@ -340,6 +352,7 @@ class Daemon:
         finally:
             kicked.cancel()
             if not reads.done():  # a grid order, or this cycle itself cancelled
+                self._cut = True
                 cut = reads.cancel()
                 await asyncio.wait((reads,))
         if not cut:
@@ -517,7 +530,6 @@ class Daemon:
         )
 
     def _apply_poll(self, cfg: Config) -> None:
-        self._sem = asyncio.Semaphore(cfg.poll.concurrency)
         self._concurrency = cfg.poll.concurrency
         # A driver has its own timeout and retries; this guard only catches a driver bug.
         self._guard_s = cfg.poll.timeout_s * (cfg.poll.retries + 1) + 2.0
@@ -611,24 +623,24 @@ class Daemon:
             if sent is None:
                 # A random age, so that rigs first seen together refresh at different polls.
                 seen[rig_id] = rig_updates.Sent.of(rig, now - random.random() * refresh)
-                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
+                link.set_retained_later(f"rigs/{rig_id}/state", rig.as_dict)
             elif rig_updates.update_due(sent, rig, now, refresh):
                 seen[rig_id] = rig_updates.Sent.of(rig, now)
-                link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
+                link.set_retained_later(f"rigs/{rig_id}/state", rig.as_dict)
         for kind, views in (("meters", snap.meters), ("pdus", snap.pdus)):
             for dev_id, view in views.items():
                 link.set_retained(f"{kind}/{dev_id}/state", view.as_dict())
 
     def _refill_rigs(self) -> None:
         """On every (re)connect: each rig's retained document again, from the last
-        snapshot. The link does not keep them once sent (1 KB a rig; `keep=False` in
+        snapshot. The link does not keep them once sent (1 KB a rig; `set_retained_later` in
         `publish`), and a broker restarted without persistence has lost them."""
         snap = self.snapshot
         if snap is None:
             return
         for rig_id, rig in snap.rigs.items():
             self._published[rig_id] = rig_updates.Sent.of(rig, snap.ts)
-            self.link.set_retained(f"rigs/{rig_id}/state", rig.as_dict(), keep=False)
+            self.link.set_retained_later(f"rigs/{rig_id}/state", rig.as_dict)
 
     # -- the loop -------------------------------------------------------------------
 

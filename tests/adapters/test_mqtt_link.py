@@ -97,3 +97,34 @@ async def test_volatile_topics_are_forgotten_once_sent_and_refilled_on_reconnect
         assert "rigd/s/rigs/r0/state" not in link._retained
     finally:
         await link.close(run)
+
+
+async def test_a_document_set_later_is_made_when_sent_and_then_forgotten(
+    mosquitto: Mosquitto,
+) -> None:
+    """`set_retained_later`: the document is made (and encoded) in the link's batch, not
+    when it is set; a newer one set before the flush replaces it; once sent it is gone."""
+    link = MqttLink(MqttConfig(url=mosquitto.url), "s", publish_batch=10)
+    made: list[int] = []
+
+    def doc(n: int) -> dict[str, int]:
+        made.append(n)
+        return {"n": n}
+
+    link.set_retained_later("rigs/r0/state", lambda: doc(1))
+    link.set_retained_later("rigs/r0/state", lambda: doc(2))
+    assert made == []
+    got: list[bytes] = []
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="w2") as watch:
+        await watch.subscribe("rigd/s/rigs/r0/state", qos=1)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="t2") as client:
+            await link._flush(client)
+        async with asyncio.timeout(10):
+            async for m in watch.messages:
+                assert isinstance(m.payload, bytes)
+                got.append(m.payload)
+                break
+    assert made == [2]
+    assert got == [b'{"n":2}']
+    assert "rigd/s/rigs/r0/state" not in link._retained
+    assert link.used_topic("rigd/s/rigs/r0/state")

@@ -298,6 +298,25 @@ driver = "braiins"
     assert rigs["bos"].driver_settings(10.0) == registry.BraiinsSettings(grpc_port=50051)
 
 
+def test_rows_share_equal_driver_settings() -> None:
+    """A farm's rows of one driver and the same settings hold one settings object (and one
+    set of given keys) between them, not a copy each: half of a row's memory. A row
+    copied with a change (`model_copy`) leaves the others' as they were."""
+    rows = "".join(
+        f'\n[[miners]]\nid = "a{i}"\nhost = "127.0.1.{i}"\ndriver = "antminer"\n'
+        "low_power_w = 2300\n"
+        for i in range(1, 4)
+    )
+    rows += '\n[[miners]]\nid = "b"\nhost = "127.0.2.1"\ndriver = "antminer"\nweb_port = 81\n'
+    miners = parse_config(MINIMAL + rows, source="t.toml", environ={}).miners[1:]
+    a1, a2, a3, b = miners
+    assert a1.settings is a2.settings is a3.settings
+    assert b.settings is not a1.settings and b.settings.web_port == 81
+    assert a1.__pydantic_fields_set__ is a2.__pydantic_fields_set__
+    moved = a1.model_copy(update={"group": "hall"})
+    assert "group" in moved.model_fields_set and "group" not in a2.model_fields_set
+
+
 def test_braiins_grpc_port_reaches_the_driver() -> None:
     """Releases before 25.07 have only the gRPC API: a farm that forwards it elsewhere
     (NAT, a port per rig) says so per row, and the driver dials that port."""

@@ -29,6 +29,14 @@ async def _cancelled_inside(ts: float) -> Any:
     raise asyncio.CancelledError  # a library cancelled a future of its own (aiohttp may)
 
 
+async def _task_cancelled_inside(ts: float) -> Any:
+    # A library cancels the task it runs in (grpclib, on losing a connection it made).
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(0)
+
+
 async def test_a_hung_read_ends_and_the_poll_goes_on(tmp_path: Path) -> None:
     async with SimSite(rigs=4, pdus=0, clock=ScaledClock(1.0)) as site:
         text = site.config_toml(state_dir=tmp_path / "state", timeout_s=0.5, retries=0)
@@ -36,19 +44,22 @@ async def test_a_hung_read_ends_and_the_poll_goes_on(tmp_path: Path) -> None:
         try:
             d._guard_s = GUARD_S
             await d.poll_cycle()
-            hung, odd = "rig-002", "rig-003"
+            hung, odd, stray = "rig-002", "rig-003", "rig-004"
             d.devices.miners[hung].read = _hang  # type: ignore[method-assign]
             d.devices.miners[odd].read = _cancelled_inside  # type: ignore[method-assign]
+            d.devices.miners[stray].read = _task_cancelled_inside  # type: ignore[method-assign]
             with capture_logs() as logs:
                 snap = await asyncio.wait_for(d.poll_cycle(), 5 * GUARD_S + 2)
             h = d.state.rig_health(hung)
             assert h.reachable is False and "no answer within" in (h.last_error or "")
             assert d.state.rig_health(odd).reachable is False
-            others = [r for r in site.farm.rigs if r not in (hung, odd)]
+            assert d.state.rig_health(stray).reachable is False
+            others = [r for r in site.farm.rigs if r not in (hung, odd, stray)]
             assert all(d.state.rig_health(r).reachable for r in others)
             assert d.state.meter_health("meter-main").reachable
             assert [e["device"] for e in logs if e["event"] == "driver_hung"] == [hung]
-            assert [e["device"] for e in logs if e["event"] == "driver_cancelled"] == [odd]
+            cancelled = {e["device"] for e in logs if e["event"] == "driver_cancelled"}
+            assert cancelled == {odd, stray}
             assert snap.rigs[hung].state.value == "unreachable"
 
             # A cancellation that is not the watchdog's (a stop) still ends the poll.
