@@ -66,7 +66,7 @@ from typing import Any, Literal
 from controller.core.allocation import Allocation, Unit, allocate
 from controller.core.caps import Cap
 from controller.core.curves import Curve
-from controller.core.overhead import ImportModel
+from controller.core.overhead import MARGIN_SIGMA, ImportModel
 from controller.core.restore import PREPARE_LOSS, to_prepare
 from drivers.telemetry import RigState
 
@@ -343,6 +343,22 @@ def settle_s(kind: ActionKind, t: RigTiming) -> float:
 # leaves the band (above the target, or below it by the whole band).
 SHED_TO = 0.25
 FILL_TO = 0.25
+# With the meter's noise measured, sheds and fills rest closer: `REST_SIGMA` standard
+# deviations of the planner's estimate (its error and the rigs' wander: the headroom's
+# own sigma) under the target, where that is less than the quarter band. Inside the band
+# a steady farm more than `TRIM_SIGMA` of them under the target is topped up (a trim: the
+# fine throttle steps close the gap) to `TRIM_TO_SIGMA` under it, at most once per
+# re-optimisation pass. A trim starts on a reading low in its noise and the rigs' ripple
+# (that is what set it off), so it lands higher on the mean, about `REST_SIGMA` under the
+# target; closer, the sheds for the noise that follow undo it (measured on the simulated
+# farm: a trim to 4 sigma drew a shed within minutes, most times).
+REST_SIGMA = 3.0
+TRIM_SIGMA = 6.0
+TRIM_TO_SIGMA = 5.0
+# A re-optimisation swap lowers rigs before the better ones rise (or boot, for minutes):
+# it is taken in steps whose loss meanwhile stays under this share of the farm's hashrate.
+SWAP_DIP = 0.004
+SWAP_SHRINK = 5  # halvings of a swap's increases tried to fit that
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
 HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
@@ -478,6 +494,13 @@ def plan(inp: PlanInput) -> Plan:
     factor = model.factor if model is not None else 1.0
     headroom = _headroom(inp, measured if fresh else None)
     target = max(0.0, cap_kw - headroom)
+    # The estimate's own standard deviation (None: not measured, or no fresh reading).
+    sigma = (
+        model.margin_kw(measured) / MARGIN_SIGMA
+        if model is not None and fresh and model.noise_known
+        else None
+    )
+    rest = FILL_TO * deadband if sigma is None else min(FILL_TO * deadband, REST_SIGMA * sigma)
 
     in_flight = 0.0  # kW of rig power still to come (+) or go (-), not yet settled
     ramping_up = 0.0
@@ -506,7 +529,7 @@ def plan(inp: PlanInput) -> Plan:
     # The slow rigs to have running when the cap lifts, in its last minutes (rule 9).
     keep = {} if inp.urgent or not cfg.prepare_restore else to_prepare(inp.cap, now, inp.rigs)
     if shedding:
-        need = predicted - (upper - SHED_TO * deadband)
+        need = predicted - (upper - min(SHED_TO * deadband, rest))
         shed = _shed(inp, need / factor, free, settled, add)
         predicted -= factor * shed
         if predicted > upper + 1e-6:
@@ -516,19 +539,43 @@ def plan(inp: PlanInput) -> Plan:
         # land before the decrease that makes room for it.
         # The ramp limit is on the import: rig power coming back moves it by `factor`.
         room = min(
-            ((target - FILL_TO * deadband) - (predicted + factor * going_down)) / factor,
+            ((target - rest) - (predicted + factor * going_down)) / factor,
             ramp_limit / factor - ramping_up,
         )
-        fill = predicted < lower
+        steady_now = quiet and not actions and ramping_up <= _EPS_KW
+        # Inside the band, a steady farm resting well under the target is topped up (a
+        # trim), once per re-optimisation pass: it never sits at the band's bottom.
+        trim = (
+            sigma is not None
+            and inp.reoptimize
+            and steady_now
+            and going_down <= _EPS_KW
+            and not predicted < lower
+            and predicted < target - TRIM_SIGMA * sigma
+        )
+        fill = predicted < lower or trim
         if fill or inp.reoptimize or keep:
-            budget = ((target - FILL_TO * deadband) - predicted) / factor
+            budget = ((target - rest) - predicted) / factor
+            if trim:
+                # Sized from a reading low in its noise: see `TRIM_TO_SIGMA`.
+                assert sigma is not None
+                budget = (target - TRIM_TO_SIGMA * sigma - predicted) / factor
+                room = min(room, budget)
             # Swaps only from a steady state, and only as big as the ramp lets their other
             # half come back at once: a swap half done is a loss.
-            swap_kw = (
-                ramp_limit / factor if quiet and not actions and ramping_up <= _EPS_KW else 0.0
-            )
+            swap_kw = ramp_limit / factor if steady_now else 0.0
             predicted += factor * _improve(
-                inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add, keep
+                inp,
+                budget,
+                room,
+                fill,
+                swap_kw,
+                going_down > _EPS_KW,
+                free,
+                settled,
+                add,
+                keep,
+                trim=trim,
             )
     hashrate = attainable = None
     # What the plan gives up (a full allocation): not while shedding, when commands wait.
@@ -785,6 +832,8 @@ def _improve(
     settled: _Pred,
     add: _Add,
     keep: Mapping[str, float] | None = None,
+    *,
+    trim: bool = False,
 ) -> float:
     """Under the target: move towards the best plan for the target, and return the rig
     power (kW) the commands add (less what they take off).
@@ -801,7 +850,10 @@ def _improve(
     way down, so room is coming: no partial increase now (it would take what is coming
     piecemeal, and the rest would go to the wrong rigs). `keep`: slow-to-wake rigs (id ->
     wake seconds) to have running when the cap lifts (`_prepared`): the swap that brings
-    them in is made even at a loss, within `PREPARE_LOSS`."""
+    them in is made even at a loss, within `PREPARE_LOSS`. `trim`: a top-up inside the band
+    (`fill` set for it): it raises only rigs not commanded within `reopt_hold_s`, so a rig
+    lowered by a shed for the meter's noise is not raised again straight after, and no rig
+    is topped up more than twice an hour."""
     cfg = inp.settings
     now = inp.now
     mem = inp.memory
@@ -812,6 +864,8 @@ def _improve(
         mm = mem.get(r.id, _NO_MEMORY)
         f = _final_w(r, mm, now)
         u = _unit(inp, r, mm, f, free(r) and settled(r))
+        if u is not None and trim and now < mm.commanded_at + cfg.reopt_hold_s:
+            u = None if not u.running else replace(u, hi=u.now_w, steps=_below(u.steps, u.now_w))
         if u is None:
             if _consuming(r):
                 fixed_ths += _ths(r, f)
@@ -837,15 +891,13 @@ def _improve(
     # What raising and waking alone would give: a swap (lowering one rig for another) is
     # worth it only for what it adds beyond that. (Room made by a swap still in flight
     # is counted as made: the swap is not made again while its other half waits.)
-    rising = allocate(
-        [
-            replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
-            if u.running
-            else u
-            for u in units.values()
-        ],
-        budget,
-    )
+    rising_units = {
+        uid: replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
+        if u.running
+        else u
+        for uid, u in units.items()
+    }
+    rising = allocate(rising_units.values(), budget)
     rising_ths = rising.ths if rising.feasible else now_ths
     threshold = cfg.reopt_gain_pct / 100.0 * (now_ths + fixed_ths)
     gain = alloc.ths - rising_ths
@@ -883,11 +935,19 @@ def _improve(
         ):
             break
         units, alloc, gain = held, again, again.ths - rising_ths
+    bounded = worth and not prepare
+    if bounded:
+        # (`_fewer_commands` applied within: the bound is on the commands sent.)
+        units, alloc, worth = _bounded_swap(units, alloc, budget, rising_ths, now_ths + fixed_ths)
+        gain = alloc.ths - rising_ths
     if not worth:
         if not (fill or prepare) or not rising.feasible:
             return 0.0
-        alloc = rising
-    units, alloc = _fewer_commands(units, alloc, budget)
+        # Raising alone, with units that may only rise: `_fewer_commands` re-plans on
+        # them, and on the free units it would plan a swap (one never sent).
+        units, alloc = rising_units, rising
+    if not (bounded and worth):
+        units, alloc = _fewer_commands(units, alloc, budget)
     ups: list[tuple[float, Unit, float]] = []
     removed = 0.0  # W the swaps' decreases take off, once they show
     for uid, u in units.items():
@@ -972,6 +1032,65 @@ def _improve(
     return (added - removed) / 1000.0
 
 
+def _swap_dip(units: Mapping[str, Unit], alloc: Allocation) -> float:
+    """Hashrate (TH/s) a swap's decreases take off before its increases show."""
+    dip = 0.0
+    for uid, u in units.items():
+        if not u.running:
+            continue
+        if uid not in alloc.running:
+            dip += u.ths(u.now_w)
+        elif alloc.watts[uid] < u.now_w:
+            dip += u.ths(u.now_w) - u.ths(alloc.watts[uid])
+    return dip
+
+
+def _bounded_swap(
+    units: dict[str, Unit],
+    alloc: Allocation,
+    budget: float,
+    rising_ths: float,
+    farm_ths: float,
+) -> tuple[dict[str, Unit], Allocation, bool]:
+    """A re-optimisation swap whose decreases lose at most `SWAP_DIP` of the farm's
+    hashrate while its increases wait to show (a woken rig boots for minutes): the
+    increases are cut to a share of their way (`SWAP_SHRINK` tries, halving it) and the
+    allocation planned again, so the swap is taken in steps, one per pass, each of them a
+    gain. A sleep cannot be split: where no step fits the bound, the step that loses
+    least meanwhile is taken (one rig slept for one woken, rather than several).
+    The last bool: a step was found (else no swap now)."""
+    bound = SWAP_DIP * farm_ths
+    # Measured on the commands it will send: fewer, larger cuts (`_fewer_commands`).
+    best = _fewer_commands(units, alloc, budget)
+    least = _swap_dip(*best)
+    if least <= bound:
+        return best[0], best[1], True
+    share = 1.0
+    for _ in range(SWAP_SHRINK):
+        share /= 2.0
+        limited = dict(units)
+        for uid, u in units.items():
+            if uid not in alloc.running:
+                continue
+            base = u.now_w if u.running else 0.0
+            goal = alloc.watts[uid]
+            if goal <= base + MIN_CHANGE_W:
+                continue
+            hi = max(base + share * (goal - base), u.lo if not u.running else base)
+            steps = tuple(x for x in u.steps if x <= hi + 1e-6)
+            limited[uid] = replace(u, hi=hi, steps=steps)
+        again = allocate(limited.values(), budget)
+        if not again.feasible or again.ths <= rising_ths:
+            break  # no gain left in a smaller step
+        step = _fewer_commands(limited, again, budget)
+        dip = _swap_dip(*step)
+        if dip <= bound and step[1].ths > rising_ths:
+            return step[0], step[1], True
+        if dip < least and step[1].ths > rising_ths:
+            least, best = dip, step
+    return best[0], best[1], True
+
+
 def _prepared(
     units: dict[str, Unit], keep: Mapping[str, float], budget: float
 ) -> tuple[dict[str, Unit], bool]:
@@ -1005,6 +1124,11 @@ def _prepared(
 def _cmd(full: bool, watts: float) -> float | None:
     """The power target to send: None (the rig's default) for its full power."""
     return None if full else watts
+
+
+def _below(steps: tuple[float, ...], w: float) -> tuple[float, ...]:
+    """Steps at or below `w`, with `w` itself: a unit that may not rise."""
+    return tuple(sorted({x for x in steps if x < w} | {w})) if steps else ()
 
 
 def _above(steps: tuple[float, ...], w: float) -> tuple[float, ...]:
