@@ -370,17 +370,11 @@ async def run_step(
             t_drop, low_end, own_low
         ),
         "time_to_1pct_of_optimum_after_restore_avg60_s": within_avg(t_back, math.inf, opt_full),
-        "min_ratio_at_low_after_300s": round(
-            min(v for t, v in series if t_drop + 300 <= t < low_end) / opt_low, 4
-        ),
-        "min_ratio_at_low_after_300s_avg60": round(
-            min(v for t, v in averaged if t_drop + 300 <= t < low_end) / opt_low, 4
-        ),
-        "min_ratio_after_restore_after_300s": round(
-            min(v for t, v in series if t_back + 300 <= t) / opt_full, 4
-        ),
-        "min_ratio_after_restore_after_300s_avg60": round(
-            min(v for t, v in averaged if t_back + 300 <= t) / opt_full, 4
+        "min_ratio_at_low_after_300s": least(series, t_drop + 300, low_end, opt_low),
+        "min_ratio_at_low_after_300s_avg60": least(averaged, t_drop + 300, low_end, opt_low),
+        "min_ratio_after_restore_after_300s": least(series, t_back + 300, math.inf, opt_full),
+        "min_ratio_after_restore_after_300s_avg60": least(
+            averaged, t_back + 300, math.inf, opt_full
         ),
         "import_over_cap_at_low": round(low_import / low_kw, 4),
         "time_to_1pct_of_optimum_after_restore_held_10min_s": held(
@@ -458,6 +452,14 @@ async def run_budget(plan: Plan, mix: Mapping[str, int] = BUDGET_FLEET) -> dict[
         "over_budget": used > kwh,  # the register only rises: over at the end or never
         "poll_s": BUDGET_POLL_S,
     }
+
+
+def least(
+    series: list[tuple[float, float]], since: float, until: float, opt: float
+) -> float | None:
+    """The least of `series` over [since, until) as a share of `opt` (None: no sample)."""
+    chosen = [v for t, v in series if since <= t < until]
+    return round(min(chosen) / opt, 4) if chosen and opt else None
 
 
 def trailing_mean(series: list[tuple[float, float]], window_s: float) -> list[tuple[float, float]]:
@@ -665,6 +667,9 @@ def drop_line(step: Mapping[str, Any]) -> str:
     def s(v: Any) -> str:
         return "never" if v is None else f"{v:.0f} s"
 
+    def r(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     return (
         f"; after the drop (import {step['import_over_cap_at_low']:.4f} of the cap), within "
         f"1 % of the optimum at the cap and staying there: "
@@ -672,12 +677,12 @@ def drop_line(step: Mapping[str, Any]) -> str:
         f"{s(step['time_to_1pct_of_optimum_at_low_avg60_s'])} on the 60-s mean; of the "
         f"optimum at its own import {s(step['time_to_1pct_of_optimum_at_own_import_at_low_s'])}"
         f" and {s(step['time_to_1pct_of_optimum_at_own_import_at_low_avg60_s'])}; least "
-        f"ratio from 300 s on {step['min_ratio_at_low_after_300s']:.4f} "
-        f"({step['min_ratio_at_low_after_300s_avg60']:.4f} on the 60-s mean); after the "
+        f"ratio from 300 s on {r(step['min_ratio_at_low_after_300s'])} "
+        f"({r(step['min_ratio_at_low_after_300s_avg60'])} on the 60-s mean); after the "
         f"restore, on the 60-s mean, within 1 % to the end "
         f"{s(step['time_to_1pct_of_optimum_after_restore_avg60_s'])}, least ratio from 300 s "
-        f"on {step['min_ratio_after_restore_after_300s']:.4f} "
-        f"({step['min_ratio_after_restore_after_300s_avg60']:.4f})"
+        f"on {r(step['min_ratio_after_restore_after_300s'])} "
+        f"({r(step['min_ratio_after_restore_after_300s_avg60'])})"
     )
 
 

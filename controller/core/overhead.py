@@ -26,7 +26,11 @@ that is not there).
 The short-term noise is measured from the residual's successive differences, which a slow
 drift does not inflate, and so is the rigs' own wander (their power ripples a little
 between readings, and the import with it); the planner sizes its headroom from both
-(`margin_kw`), with the configured headroom as a floor.
+(`margin_kw`), with the configured headroom as a floor. The meter's noise is kept as a
+share of the reading (a meter's accuracy class is a share of what it reads), so after a
+cap drop the margin shrinks with the import at once; kept in kW, it held the full farm's
+noise for some 1,000 s after a drop to 40 %. The rigs' wander is kept in kW (fewer rigs
+running ripple less in kW, but more as a share: in kW it errs high after a drop).
 """
 
 from __future__ import annotations

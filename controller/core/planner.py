@@ -22,11 +22,13 @@ The policy, in order:
    the changes already in flight (rigs still ramping up, still going to sleep, rigs coming
    up after a boot rigd did not command), each times the losses, so a decision never
    double-counts or forgets one. The target is the cap minus the headroom: the configured
-   one, or the meter's measured noise margin where that is larger.
+   one, or the meter's measured noise margin where that is larger (four standard
+   deviations of the estimate: `sigma` below).
 4. Every decision is an allocation by marginal value (controller/core/allocation.py): the
    most hashrate, by each rig's learned curve (controller/core/curves.py), for a budget of
    rig power, across run, throttle and sleep, group priority first.
-5. Above the target: shed, to a quarter of the dead band under it, by the allocation of what
+5. Above the target: shed, to a quarter of the dead band under it (or `REST_SIGMA` sigma,
+   if less), by the allocation of what
    the rigs free to shed (settled, outside their minimum on-time) may keep, each only going
    down: throttled rigs end at equal marginal hashrate per kW, a rig sleeps when its
    whole-rig hashrate per kW is the lowest on offer. If that is not enough, the cap comes
@@ -34,17 +36,20 @@ The policy, in order:
    showing may become a sleep; then rigs without API sleep are switched off at their outlet.
    Under a grid deadline, sleep only, least hashrate per kW first. Every saving is counted
    from the power the rig is heading for, so nothing in flight is counted twice.
-6. Below the target by more than the dead band: fill, to a quarter of the band under it, by
+6. Below the target by more than the dead band: fill, to the same rest point, by
    the allocation of the room among the rigs rigd lowered (raising throttled rigs, waking
    slept ones at the power given to them), never adding more than `ramp_kw_per_interval`
    counting rigs still ramping, and never beyond the target; the room counts nothing still
    on its way down as gone. A rig slept less than `min_off_s` ago stays asleep. A wake
    counts from what the rig draws now (nothing, if unknown), so it is never under-counted.
-7. Inside the band, when asked (`reoptimize`): move towards a better plan when it gains at
+7. Inside the band, when asked (`reoptimize`): a steady farm more than `TRIM_SIGMA` sigma
+   under the target is trimmed up (rigs not commanded within `reopt_hold_s` raised to
+   `TRIM_TO_SIGMA` under it). And move towards a better plan when it gains at
    least `reopt_gain_pct` of the hashrate beyond what raising alone would give: swaps, only
    from a steady state, no bigger than the ramp lets come back at once, on rigs outside
    their dwell and not commanded within `reopt_hold_s`; their increases wait for their
-   decreases to show.
+   decreases to show, so a swap is taken in steps whose decreases lose at most
+   `SWAP_DIP` of the farm's hashrate meanwhile.
 8. Fewer commands: a rig whose share of a change is small is held where it is while the
    others cover it, if that costs under 0.1 % of the hashrate.
 9. A cap that ends at a known time and lifts then: in its last minutes, slow-to-wake rigs
@@ -1056,8 +1061,10 @@ def _bounded_swap(
     hashrate while its increases wait to show (a woken rig boots for minutes): the
     increases are cut to a share of their way (`SWAP_SHRINK` tries, halving it) and the
     allocation planned again, so the swap is taken in steps, one per pass, each of them a
-    gain. A sleep cannot be split: where no step fits the bound, the step that loses
-    least meanwhile is taken (one rig slept for one woken, rather than several).
+    gain. A sleep cannot be split, so the steps are planned with every running rig kept
+    running (throttled, not slept: a sleep gives up the rig's whole hashrate at once); the
+    rig a better one replaces is slept in a later pass, once that one shows. Where no step
+    fits the bound, the step that loses least meanwhile is taken.
     The last bool: a step was found (else no swap now)."""
     bound = SWAP_DIP * farm_ths
     # Measured on the commands it will send: fewer, larger cuts (`_fewer_commands`).
@@ -1066,22 +1073,21 @@ def _bounded_swap(
     if least <= bound:
         return best[0], best[1], True
     share = 1.0
-    for _ in range(SWAP_SHRINK):
-        share /= 2.0
+    for _ in range(SWAP_SHRINK + 1):
         limited = dict(units)
         for uid, u in units.items():
-            if uid not in alloc.running:
-                continue
             base = u.now_w if u.running else 0.0
-            goal = alloc.watts[uid]
-            if goal <= base + MIN_CHANGE_W:
-                continue
-            hi = max(base + share * (goal - base), u.lo if not u.running else base)
-            steps = tuple(x for x in u.steps if x <= hi + 1e-6)
-            limited[uid] = replace(u, hi=hi, steps=steps)
+            goal = alloc.watts[uid] if uid in alloc.running else 0.0
+            if u.running and u.may_stop:
+                u = replace(u, may_stop=False)
+            if uid in alloc.running and goal > base + MIN_CHANGE_W and share < 1.0:
+                hi = max(base + share * (goal - base), u.lo if not u.running else base)
+                u = replace(u, hi=hi, steps=tuple(x for x in u.steps if x <= hi + 1e-6))
+            limited[uid] = u
+        share /= 2.0
         again = allocate(limited.values(), budget)
         if not again.feasible or again.ths <= rising_ths:
-            break  # no gain left in a smaller step
+            continue  # no gain in a step this size without a sleep
         step = _fewer_commands(limited, again, budget)
         dip = _swap_dip(*step)
         if dip <= bound and step[1].ths > rising_ths:
