@@ -509,6 +509,7 @@ def plan(inp: PlanInput) -> Plan:
 
     in_flight = 0.0  # kW of rig power still to come (+) or go (-), not yet settled
     ramping_up = 0.0
+    waking = False  # a rig rigd woke is still coming up: a restore in progress
     going_down = 0.0  # kW still to go: what the prediction counts as gone already
     for r in inp.rigs:
         mm = m(r)
@@ -519,6 +520,7 @@ def plan(inp: PlanInput) -> Plan:
         in_flight += delta
         if delta > 0:
             ramping_up += delta
+            waking = waking or r.power_w < 0.5 * mm.expected_w
         else:
             going_down -= delta
     if actions:  # confirmations just planned
@@ -533,7 +535,12 @@ def plan(inp: PlanInput) -> Plan:
     shedding = predicted > upper
     # The slow rigs to have running when the cap lifts, in its last minutes (rule 9).
     keep = {} if inp.urgent or not cfg.prepare_restore else to_prepare(inp.cap, now, inp.rigs)
-    if shedding:
+    if shedding and not inp.urgent and _lifts_first(inp, predicted):
+        # No shed shows before the cap lifts, and the import is under the cap after it:
+        # a throttle sent now would only land under the higher cap, and linger there.
+        shedding = False
+        note = "over target in a cap's last seconds: it lifts before any shed shows"
+    elif shedding:
         need = predicted - (upper - min(SHED_TO * deadband, rest))
         shed = _shed(inp, need / factor, free, settled, add)
         predicted -= factor * shed
@@ -558,7 +565,11 @@ def plan(inp: PlanInput) -> Plan:
             and not predicted < lower
             and predicted < target - TRIM_SIGMA * sigma
         )
-        fill = predicted < lower or trim
+        # While a restore's wakes come up, it goes on filling to the rest point: a rig
+        # that was still showing a shed when it began is raised once that has shown
+        # (its share kept for it meanwhile: `_improve`'s `fill`).
+        restoring = waking and predicted < target - rest - max(sigma or 0.0, _EPS_KW)
+        fill = predicted < lower or trim or restoring
         if fill or inp.reoptimize or keep:
             budget = ((target - rest) - predicted) / factor
             if trim:
@@ -599,6 +610,20 @@ def plan(inp: PlanInput) -> Plan:
         hashrate,
         attainable,
     )
+
+
+def _lifts_first(inp: PlanInput, predicted_kw: float) -> bool:
+    """Does the cap end, to one the predicted import is under (less the configured
+    headroom), before the quickest shed could show (a sleep, the fastest way down)? On
+    the benchmark's step a shed for the meter's noise 3 s before a 40 % cap lifted left an
+    S19 XP at its minimum for the next half hour."""
+    cap = inp.cap
+    if cap.ends_at is None or cap.after_kw is None or not inp.rigs:
+        return False
+    cfg = inp.settings
+    quickest = min(r.timing.sleep_s for r in inp.rigs)
+    after = cap.after_kw - max(cfg.headroom_kw, cap.after_kw * cfg.headroom_pct / 100.0)
+    return inp.now + quickest >= cap.ends_at and predicted_kw <= after
 
 
 def _headroom(inp: PlanInput, import_kw: float | None) -> float:
@@ -865,9 +890,19 @@ def _improve(
     units: dict[str, Unit] = {}
     rig_of: dict[str, RigInput] = {}
     fixed_ths = 0.0
+    reserved: set[str] = set()  # rigs whose share of a fill is kept until they have settled
     for r in inp.rigs:
         mm = mem.get(r.id, _NO_MEMORY)
         f = _final_w(r, mm, now)
+        if fill and not trim and _reserve(inp, r, mm, f, free(r) and not settled(r)):
+            top = _top_w(inp, r)
+            units[r.id] = Unit(
+                r.id, _curve(r), f, True, f, top, _levels(r, f, top, f),
+                min(r.idle_w, f), True, False, r.priority,
+            )  # fmt: skip
+            rig_of[r.id] = r
+            reserved.add(r.id)
+            continue
         u = _unit(inp, r, mm, f, free(r) and settled(r))
         if u is not None and trim and now < mm.commanded_at + cfg.reopt_hold_s:
             u = None if not u.running else replace(u, hi=u.now_w, steps=_below(u.steps, u.now_w))
@@ -983,6 +1018,8 @@ def _improve(
                 removed += u.now_w - cut
     added = 0.0
     for _, u, goal in sorted(ups, key=lambda x: (-x[1].priority, -x[0], x[1].id)):
+        if u.id in reserved:
+            continue  # raised once its shed has shown (the room is kept for it)
         left = room_kw * 1000.0 - added
         r = rig_of[u.id]
         mm = mem.get(u.id, _NO_MEMORY)
@@ -1095,6 +1132,20 @@ def _bounded_swap(
         if dip < least and step[1].ths > rising_ths:
             least, best = dip, step
     return best[0], best[1], True
+
+
+def _reserve(inp: PlanInput, r: RigInput, mm: RigMemory, f: float, waiting: bool) -> bool:
+    """A rig rigd throttled, free but still showing that throttle (`waiting`), that a fill
+    would raise: the fill keeps its share for it rather than give it to worse rigs."""
+    return (
+        waiting
+        and mm.mode is Mode.THROTTLE
+        and r.id in inp.memory
+        and _can_throttle(inp, r)
+        and r.min_w is not None
+        and _consuming(r)
+        and _top_w(inp, r) > f + MIN_CHANGE_W
+    )
 
 
 def _prepared(

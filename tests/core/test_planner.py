@@ -682,3 +682,17 @@ def test_a_swap_is_taken_in_steps_that_lose_little_meanwhile() -> None:
     # Without the bound, the whole swap at once would lose about four times as much.
     whole = 2000.0 * curve.slope(3000.0)
     assert whole > 3 * SWAP_DIP * farm_ths
+
+
+def test_no_shed_in_a_caps_last_seconds_when_it_lifts_first() -> None:
+    rigs = [rig(f"r{i}", eff=20.0 + i, **WIDE) for i in range(4)]  # 12 kW
+    base = farm(rigs, cap_kw=11.9)
+    # The cap lifts (to 100 kW) in 5 s: no shed shows before then (a sleep takes 15 s).
+    lifting = replace(base, cap=replace(base.cap, ends_at=NOW + 5, after_kw=100.0))
+    p = plan(lifting)
+    assert p.actions == () and "lifts" in p.note
+    # A minute before the end, or lifting to a cap still under the import: shed.
+    assert plan(replace(lifting, cap=replace(lifting.cap, ends_at=NOW + 60))).actions
+    assert plan(replace(lifting, cap=replace(lifting.cap, after_kw=11.95))).actions
+    # Under a grid deadline, shed regardless.
+    assert plan(replace(lifting, urgent=True)).actions
