@@ -35,13 +35,16 @@ The policy, in order:
    first: rigs inside their minimum on-time or still waking are slept, and a throttle still
    showing may become a sleep; then rigs without API sleep are switched off at their outlet.
    Under a grid deadline, sleep only, least hashrate per kW first. Every saving is counted
-   from the power the rig is heading for, so nothing in flight is counted twice.
+   from the power the rig is heading for, so nothing in flight is counted twice. No shed
+   when the cap ends, to one the import is under, before the quickest shed could show.
 6. Below the target by more than the dead band: fill, to the same rest point, by
    the allocation of the room among the rigs rigd lowered (raising throttled rigs, waking
    slept ones at the power given to them), never adding more than `ramp_kw_per_interval`
    counting rigs still ramping, and never beyond the target; the room counts nothing still
    on its way down as gone. A rig slept less than `min_off_s` ago stays asleep. A wake
    counts from what the rig draws now (nothing, if unknown), so it is never under-counted.
+   While a rig rigd woke is still coming up (a restore in progress) the fill goes on to the
+   rest point, and a throttled rig still showing its last command keeps its share.
 7. Inside the band, when asked (`reoptimize`): a steady farm more than `TRIM_SIGMA` sigma
    under the target is trimmed up (rigs not commanded within `reopt_hold_s` raised to
    `TRIM_TO_SIGMA` under it). And move towards a better plan when it gains at
@@ -364,6 +367,10 @@ TRIM_TO_SIGMA = 5.0
 # it is taken in steps whose loss meanwhile stays under this share of the farm's hashrate.
 SWAP_DIP = 0.004
 SWAP_SHRINK = 5  # halvings of a swap's increases tried to fit that
+SWAP_STEP_GAIN = 0.25  # each step gains at least this share of `reopt_gain_pct`
+# ... and one that cannot fit `SWAP_DIP` loses at most this many times its gain meanwhile
+# (the gain lasts at least `reopt_hold_s`, the loss a wake: minutes).
+SWAP_PAYBACK = 10.0
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
 HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
@@ -978,7 +985,9 @@ def _improve(
     bounded = worth and not prepare
     if bounded:
         # (`_fewer_commands` applied within: the bound is on the commands sent.)
-        units, alloc, worth = _bounded_swap(units, alloc, budget, rising_ths, now_ths + fixed_ths)
+        units, alloc, worth = _bounded_swap(
+            units, alloc, budget, rising_ths, now_ths + fixed_ths, threshold * SWAP_STEP_GAIN
+        )
         gain = alloc.ths - rising_ths
     if not worth:
         if not (fill or prepare) or not rising.feasible:
@@ -1093,6 +1102,7 @@ def _bounded_swap(
     budget: float,
     rising_ths: float,
     farm_ths: float,
+    min_gain: float,
 ) -> tuple[dict[str, Unit], Allocation, bool]:
     """A re-optimisation swap whose decreases lose at most `SWAP_DIP` of the farm's
     hashrate while its increases wait to show (a woken rig boots for minutes): the
@@ -1101,7 +1111,10 @@ def _bounded_swap(
     gain. A sleep cannot be split, so the steps are planned with every running rig kept
     running (throttled, not slept: a sleep gives up the rig's whole hashrate at once); the
     rig a better one replaces is slept in a later pass, once that one shows. Where no step
-    fits the bound, the step that loses least meanwhile is taken.
+    fits the bound, the step that loses least meanwhile is taken, if that loss is at most
+    `SWAP_PAYBACK` times what it gains (else no swap now: on a small farm a sleep can give
+    up a fifth of its hashrate for minutes). A step gains at least `min_gain` (a share of
+    the re-optimisation's threshold): smaller ones are churn.
     The last bool: a step was found (else no swap now)."""
     bound = SWAP_DIP * farm_ths
     # Measured on the commands it will send: fewer, larger cuts (`_fewer_commands`).
@@ -1109,6 +1122,7 @@ def _bounded_swap(
     least = _swap_dip(*best)
     if least <= bound:
         return best[0], best[1], True
+    gain = best[1].ths - rising_ths
     share = 1.0
     for _ in range(SWAP_SHRINK + 1):
         limited = dict(units)
@@ -1123,15 +1137,17 @@ def _bounded_swap(
             limited[uid] = u
         share /= 2.0
         again = allocate(limited.values(), budget)
-        if not again.feasible or again.ths <= rising_ths:
-            continue  # no gain in a step this size without a sleep
+        if not again.feasible or again.ths < rising_ths + min_gain:
+            continue  # not enough gain in a step this size without a sleep
         step = _fewer_commands(limited, again, budget)
+        if step[1].ths < rising_ths + min_gain:
+            continue
         dip = _swap_dip(*step)
-        if dip <= bound and step[1].ths > rising_ths:
+        if dip <= bound:
             return step[0], step[1], True
-        if dip < least and step[1].ths > rising_ths:
-            least, best = dip, step
-    return best[0], best[1], True
+        if dip < least:
+            least, best, gain = dip, step, step[1].ths - rising_ths
+    return best[0], best[1], least <= SWAP_PAYBACK * gain
 
 
 def _reserve(inp: PlanInput, r: RigInput, mm: RigMemory, f: float, waiting: bool) -> bool:
