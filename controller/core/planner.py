@@ -52,7 +52,7 @@ The policy, in order:
    from a steady state, no bigger than the ramp lets come back at once, on rigs outside
    their dwell and not commanded within `reopt_hold_s`; their increases wait for their
    decreases to show, so a swap is taken in steps whose decreases lose at most
-   `SWAP_DIP` of the farm's hashrate meanwhile.
+   `SWAP_DIP` of the farm's hashrate meanwhile (`_bounded_swap`).
 8. Fewer commands: a rig whose share of a change is small is held where it is while the
    others cover it, if that costs under 0.1 % of the hashrate.
 9. A cap that ends at a known time and lifts then: in its last minutes, slow-to-wake rigs
