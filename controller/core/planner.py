@@ -369,8 +369,9 @@ SWAP_DIP = 0.004
 SWAP_SHRINK = 5  # halvings of a swap's increases tried to fit that
 SWAP_STEP_GAIN = 0.25  # each step gains at least this share of `reopt_gain_pct`
 # ... and one that cannot fit `SWAP_DIP` loses at most this many times its gain meanwhile
-# (the gain lasts at least `reopt_hold_s`, the loss a wake: minutes).
-SWAP_PAYBACK = 10.0
+# (the gain lasts at least `reopt_hold_s`, the loss about one wake: minutes; 10 refused a
+# swap fleet 1 needs at a 10 % cap in bench.control, 40 let fleet 2 sleep a rig in two).
+SWAP_PAYBACK = 20.0
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
 HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands

@@ -699,16 +699,16 @@ def test_no_shed_in_a_caps_last_seconds_when_it_lifts_first() -> None:
 
 
 def test_a_swap_step_keeps_running_rigs_running_and_a_costly_sleep_waits() -> None:
-    # Two rigs of 30 J/TH at full, and one of 28 rigd slept long ago; no room. The better
+    # Two rigs of 30 J/TH at full, and one of 29 rigd slept long ago; no room. The better
     # plan runs it instead of one of the others: its first step throttles (wakes it at its
     # minimum on the room a throttle makes), it does not sleep a rig first.
     def inp(**pt: Any) -> PlanInput:
-        rigs = [rig("b1", eff=30.0, **pt), rig("b2", eff=30.0, **pt), asleep("g", 28.0, **pt)]
+        rigs = [rig("b1", eff=30.0, **pt), rig("b2", eff=30.0, **pt), asleep("g", 29.0, **pt)]
         return farm(rigs, cap_kw=6.02, memory={"g": slept_memory(NOW - 5000)})
 
     p = plan(inp(**WIDE))
     assert p.actions and {a.kind for a in p.actions} == {ActionKind.SET_POWER}
     assert all(a.reason.startswith("re-optimising") for a in p.actions)
     # Without power targets the only swap sleeps a rig (100 TH/s given up while the other
-    # boots) for 7 TH/s: more than `SWAP_PAYBACK` times its gain, so not now.
+    # boots) for 3.4 TH/s: more than `SWAP_PAYBACK` times its gain, so not now.
     assert plan(inp()).actions == ()
