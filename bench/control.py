@@ -98,6 +98,7 @@ BUDGET_FLEET = {model: 2 for model in FLEETS["fleet-1"]}
 OVERHEAD_BASE_W = 4000.0  # a small farm's lighting, network and offices
 BUDGET_POLL_S = 300.0  # the month's budget run polls every 5 minutes
 PREPARE_WINDOW_S = 600.0  # the step's span costed before the cap's end, and after it
+AVG_S = 60.0  # the trailing mean of hashrate for the step's `*_avg60_s` figures
 WARM_UP_S = 1200.0  # the step's first curtailment, where rigd first sees its rigs wake
 
 
@@ -289,6 +290,22 @@ async def run_step(
             hit = (t if hit is None else hit) if close else None
         return None if hit is None else hit - since
 
+    # Hashrate is a rate: the farm's hashrate over the last `AVG_S` (a trailing mean of
+    # the 2-s samples), as a pool would see it; a swap's minute-long dip then counts by
+    # its share of that minute. The instantaneous figures are kept beside it.
+    averaged = trailing_mean(series, AVG_S)
+
+    def within_avg(since: float, until: float, opt: float) -> float | None:
+        """`within` on the `AVG_S` trailing mean, counted from `since` + `AVG_S` (the
+        first window wholly after the step)."""
+        hit: float | None = None
+        for t, v in averaged:
+            if not since + AVG_S <= t < until:
+                continue
+            close = abs(v - opt) <= 0.01 * opt
+            hit = (t if hit is None else hit) if close else None
+        return None if hit is None else hit - since
+
     def held(since: float, until: float, opt: float, hold_s: float) -> float | None:
         """Time from `since` until hashrate is within 1 % of `opt` and stays there for
         `hold_s` at least (before `until`): `within` without a later dip counted against
@@ -345,6 +362,21 @@ async def run_step(
         "over_cap_s_after_stop": drop_over_after_stop,
         "time_to_1pct_of_optimum_at_low_s": within(t_drop, low_end, opt_low),
         "time_to_1pct_of_optimum_after_restore_s": within(t_back, math.inf, opt_full),
+        # The drop side both ways, and on the hashrate's `AVG_S` trailing mean as well as
+        # instantaneously: within 1 % and staying there (to `PREPARE_WINDOW_S` before the
+        # low phase's end) of the optimum at the cap and at rigd's own settled import.
+        "time_to_1pct_of_optimum_at_low_avg60_s": within_avg(t_drop, low_end, opt_low),
+        "time_to_1pct_of_optimum_at_own_import_at_low_avg60_s": within_avg(
+            t_drop, low_end, own_low
+        ),
+        "time_to_1pct_of_optimum_after_restore_avg60_s": within_avg(t_back, math.inf, opt_full),
+        "min_ratio_at_low_after_300s": least(series, t_drop + 300, low_end, opt_low),
+        "min_ratio_at_low_after_300s_avg60": least(averaged, t_drop + 300, low_end, opt_low),
+        "min_ratio_after_restore_after_300s": least(series, t_back + 300, math.inf, opt_full),
+        "min_ratio_after_restore_after_300s_avg60": least(
+            averaged, t_back + 300, math.inf, opt_full
+        ),
+        "import_over_cap_at_low": round(low_import / low_kw, 4),
         "time_to_1pct_of_optimum_after_restore_held_10min_s": held(
             t_back, math.inf, opt_full, 600.0
         ),
@@ -420,6 +452,28 @@ async def run_budget(plan: Plan, mix: Mapping[str, int] = BUDGET_FLEET) -> dict[
         "over_budget": used > kwh,  # the register only rises: over at the end or never
         "poll_s": BUDGET_POLL_S,
     }
+
+
+def least(
+    series: list[tuple[float, float]], since: float, until: float, opt: float
+) -> float | None:
+    """The least of `series` over [since, until) as a share of `opt` (None: no sample)."""
+    chosen = [v for t, v in series if since <= t < until]
+    return round(min(chosen) / opt, 4) if chosen and opt else None
+
+
+def trailing_mean(series: list[tuple[float, float]], window_s: float) -> list[tuple[float, float]]:
+    """Each sample's mean over the `window_s` up to it (equal steps: a plain mean)."""
+    out: list[tuple[float, float]] = []
+    total = 0.0
+    start = 0
+    for i, (t, v) in enumerate(series):
+        total += v
+        while series[start][0] <= t - window_s:
+            total -= series[start][1]
+            start += 1
+        out.append((t, total / (i - start + 1)))
+    return out
 
 
 def mean_import(samples: list[Any], since: float, until: float) -> float:
@@ -599,7 +653,36 @@ def step_lines(step: Mapping[str, Any]) -> str:
         f"{s(step['time_to_1pct_of_optimum_at_own_import_at_low_s'])} and "
         f"{s(step['time_to_1pct_of_optimum_at_own_import_after_restore_s'])}; the sleepers' "
         f"own wake bounds the restore at {s(step['restore_physical_bound_s'])}; worst "
-        f"overshoot during the restore {step['restore_overshoot_kw']:.2f} kW" + prepare_line(step)
+        f"overshoot during the restore {step['restore_overshoot_kw']:.2f} kW"
+        + prepare_line(step)
+        + drop_line(step)
+    )
+
+
+def drop_line(step: Mapping[str, Any]) -> str:
+    """The drop side both ways, instantaneous and on the 60-s mean of hashrate."""
+    if "time_to_1pct_of_optimum_at_low_avg60_s" not in step:
+        return ""
+
+    def s(v: Any) -> str:
+        return "never" if v is None else f"{v:.0f} s"
+
+    def r(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    return (
+        f"; after the drop (import {step['import_over_cap_at_low']:.4f} of the cap), within "
+        f"1 % of the optimum at the cap and staying there: "
+        f"{s(step['time_to_1pct_of_optimum_at_low_s'])} instantaneous, "
+        f"{s(step['time_to_1pct_of_optimum_at_low_avg60_s'])} on the 60-s mean; of the "
+        f"optimum at its own import {s(step['time_to_1pct_of_optimum_at_own_import_at_low_s'])}"
+        f" and {s(step['time_to_1pct_of_optimum_at_own_import_at_low_avg60_s'])}; least "
+        f"ratio from 300 s on {r(step['min_ratio_at_low_after_300s'])} "
+        f"({r(step['min_ratio_at_low_after_300s_avg60'])} on the 60-s mean); after the "
+        f"restore, on the 60-s mean, within 1 % to the end "
+        f"{s(step['time_to_1pct_of_optimum_after_restore_avg60_s'])}, least ratio from 300 s "
+        f"on {r(step['min_ratio_after_restore_after_300s'])} "
+        f"({r(step['min_ratio_after_restore_after_300s_avg60'])})"
     )
 
 

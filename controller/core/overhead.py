@@ -26,7 +26,11 @@ that is not there).
 The short-term noise is measured from the residual's successive differences, which a slow
 drift does not inflate, and so is the rigs' own wander (their power ripples a little
 between readings, and the import with it); the planner sizes its headroom from both
-(`margin_kw`), with the configured headroom as a floor.
+(`margin_kw`), with the configured headroom as a floor. The meter's noise is kept as a
+share of the reading (a meter's accuracy class is a share of what it reads), so after a
+cap drop the margin shrinks with the import at once; kept in kW, it held the full farm's
+noise for some 1,000 s after a drop to 40 %. The rigs' wander is kept in kW (fewer rigs
+running ripple less in kW, but more as a share: in kW it errs high after a drop).
 """
 
 from __future__ import annotations
@@ -58,7 +62,11 @@ class ImportModel:
     sxy: float = 0.0
     resid_kw: float | None = None  # the meter beyond the model, smoothed
     last_resid_kw: float | None = None  # the latest raw residual, if nothing was in flight
-    noise_var: float | None = None  # kW^2: short-term variance of one reading
+    # Short-term variance of one reading, relative to the reading (a meter's accuracy is
+    # a share of what it reads): after a cap drop the noise in kW falls with the import
+    # at once, instead of the headroom keeping the full farm's noise for a thousand
+    # seconds while it is relearned.
+    noise_rel_var: float | None = None
     jumped: int = 0  # the last reading was far over (1) or under (-1) the estimate
     # The rigs' own short-term wander (ripple): the import moves by it between readings.
     last_rig_kw: float | None = None
@@ -77,16 +85,21 @@ class ImportModel:
         """How much the import moves per kW of rig power."""
         return 1.0 + self.frac
 
+    @property
+    def noise_known(self) -> bool:
+        """Has the meter's noise been measured yet?"""
+        return self.noise_rel_var is not None
+
     def noise_kw(self, import_kw: float) -> float:
         """Standard deviation of one reading's noise."""
-        var = self.noise_var if self.noise_var is not None else 0.0
-        return max(math.sqrt(var), MIN_NOISE_FRAC * abs(import_kw))
+        rel = self.noise_rel_var if self.noise_rel_var is not None else 0.0
+        return max(math.sqrt(rel), MIN_NOISE_FRAC) * abs(import_kw)
 
     def margin_kw(self, import_kw: float) -> float:
         """A margin for the filtered estimate's error and for the rigs' wander until the
         next reading: `MARGIN_SIGMA` of their joint standard deviation (smoothing leaves
         sqrt(SMOOTH / (2 - SMOOTH)) of one reading's noise)."""
-        if self.noise_var is None:
+        if self.noise_rel_var is None:
             return 0.0
         est = self.noise_kw(import_kw) ** 2 * SMOOTH / (2.0 - SMOOTH)
         wander = (self.rig_var or 0.0) * self.factor**2
@@ -116,7 +129,7 @@ class ImportModel:
             frac = m.frac
             # Fitted once the rigs' power has spread enough, over enough readings, for the
             # slope's standard error (noise / sqrt(readings x spread)) to be small.
-            y_var = m.noise_var if m.noise_var is not None else (0.01 * import_kw) ** 2
+            y_var = m.noise_kw(import_kw) ** 2 if m.noise_known else (0.01 * import_kw) ** 2
             if var_x > (MIN_SPREAD * max(mx, 1e-9)) ** 2 and y_var <= (FRAC_SE**2) * m.sw * var_x:
                 cov = m.sxy / m.sw - mx * my
                 frac = min(FRAC_MAX, max(0.0, cov / var_x))
@@ -130,16 +143,16 @@ class ImportModel:
             # estimate does not jump with it (only the new reading may move it).
             m = replace(m, resid_kw=m.resid_kw + before - after)
         raw = y - after
-        noise = m.noise_var
-        if settled and m.last_resid_kw is not None:
+        noise = m.noise_rel_var
+        if settled and m.last_resid_kw is not None and import_kw > 0:
             # Successive readings with nothing in flight between them: their difference is
             # the meter's noise (twice its variance), not a ramp.
-            d2 = (raw - m.last_resid_kw) ** 2 / 2.0
-            cap = (JUMP_SIGMA**2) * noise if noise is not None else (0.01 * import_kw) ** 2
+            d2 = ((raw - m.last_resid_kw) / import_kw) ** 2 / 2.0
+            cap = (JUMP_SIGMA**2) * noise if noise is not None else 0.01**2
             d2 = min(d2, max(cap, 1e-12))  # a step is not noise
             noise = d2 if noise is None else noise + NOISE_WEIGHT * (d2 - noise)
         resid = m.resid_kw
-        sigma = m.noise_kw(import_kw) if noise is not None else 0.01 * abs(import_kw)
+        sigma = m.noise_kw(import_kw) if m.noise_known else 0.01 * abs(import_kw)
         jumped = 0
         if resid is None:
             resid = raw
@@ -164,7 +177,7 @@ class ImportModel:
             m,
             resid_kw=resid,
             last_resid_kw=raw if settled else None,
-            noise_var=noise,
+            noise_rel_var=noise,
             jumped=jumped,
             last_rig_kw=rig_kw if settled else None,
             rig_var=rig_var,

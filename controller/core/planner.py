@@ -22,29 +22,37 @@ The policy, in order:
    the changes already in flight (rigs still ramping up, still going to sleep, rigs coming
    up after a boot rigd did not command), each times the losses, so a decision never
    double-counts or forgets one. The target is the cap minus the headroom: the configured
-   one, or the meter's measured noise margin where that is larger.
+   one, or the meter's measured noise margin where that is larger (four standard
+   deviations of the estimate: `sigma` below).
 4. Every decision is an allocation by marginal value (controller/core/allocation.py): the
    most hashrate, by each rig's learned curve (controller/core/curves.py), for a budget of
    rig power, across run, throttle and sleep, group priority first.
-5. Above the target: shed, to a quarter of the dead band under it, by the allocation of what
+5. Above the target: shed, to a quarter of the dead band under it (or `REST_SIGMA` sigma,
+   if less), by the allocation of what
    the rigs free to shed (settled, outside their minimum on-time) may keep, each only going
    down: throttled rigs end at equal marginal hashrate per kW, a rig sleeps when its
    whole-rig hashrate per kW is the lowest on offer. If that is not enough, the cap comes
    first: rigs inside their minimum on-time or still waking are slept, and a throttle still
    showing may become a sleep; then rigs without API sleep are switched off at their outlet.
    Under a grid deadline, sleep only, least hashrate per kW first. Every saving is counted
-   from the power the rig is heading for, so nothing in flight is counted twice.
-6. Below the target by more than the dead band: fill, to a quarter of the band under it, by
+   from the power the rig is heading for, so nothing in flight is counted twice. No shed
+   when the cap ends, to one the import is under, before the quickest shed could show.
+6. Below the target by more than the dead band: fill, to the same rest point, by
    the allocation of the room among the rigs rigd lowered (raising throttled rigs, waking
    slept ones at the power given to them), never adding more than `ramp_kw_per_interval`
    counting rigs still ramping, and never beyond the target; the room counts nothing still
    on its way down as gone. A rig slept less than `min_off_s` ago stays asleep. A wake
    counts from what the rig draws now (nothing, if unknown), so it is never under-counted.
-7. Inside the band, when asked (`reoptimize`): move towards a better plan when it gains at
+   While a rig rigd woke is still coming up (a restore in progress) the fill goes on to the
+   rest point, and a throttled rig still showing its last command keeps its share.
+7. Inside the band, when asked (`reoptimize`): a steady farm more than `TRIM_SIGMA` sigma
+   under the target is trimmed up (rigs not commanded within `reopt_hold_s` raised to
+   `TRIM_TO_SIGMA` under it). And move towards a better plan when it gains at
    least `reopt_gain_pct` of the hashrate beyond what raising alone would give: swaps, only
    from a steady state, no bigger than the ramp lets come back at once, on rigs outside
    their dwell and not commanded within `reopt_hold_s`; their increases wait for their
-   decreases to show.
+   decreases to show, so a swap is taken in steps whose decreases lose at most
+   `SWAP_DIP` of the farm's hashrate meanwhile (`_bounded_swap`).
 8. Fewer commands: a rig whose share of a change is small is held where it is while the
    others cover it, if that costs under 0.1 % of the hashrate.
 9. A cap that ends at a known time and lifts then: in its last minutes, slow-to-wake rigs
@@ -66,7 +74,7 @@ from typing import Any, Literal
 from controller.core.allocation import Allocation, Unit, allocate
 from controller.core.caps import Cap
 from controller.core.curves import Curve
-from controller.core.overhead import ImportModel
+from controller.core.overhead import MARGIN_SIGMA, ImportModel
 from controller.core.restore import PREPARE_LOSS, to_prepare
 from drivers.telemetry import RigState
 
@@ -343,6 +351,27 @@ def settle_s(kind: ActionKind, t: RigTiming) -> float:
 # leaves the band (above the target, or below it by the whole band).
 SHED_TO = 0.25
 FILL_TO = 0.25
+# With the meter's noise measured, sheds and fills rest closer: `REST_SIGMA` standard
+# deviations of the planner's estimate (its error and the rigs' wander: the headroom's
+# own sigma) under the target, where that is less than the quarter band. Inside the band
+# a steady farm more than `TRIM_SIGMA` of them under the target is topped up (a trim: the
+# fine throttle steps close the gap) to `TRIM_TO_SIGMA` under it, at most once per
+# re-optimisation pass. A trim starts on a reading low in its noise and the rigs' ripple
+# (that is what set it off), so it lands higher on the mean, about `REST_SIGMA` under the
+# target; closer, the sheds for the noise that follow undo it (measured on the simulated
+# farm: a trim to 4 sigma drew a shed within minutes, most times).
+REST_SIGMA = 3.0
+TRIM_SIGMA = 6.0
+TRIM_TO_SIGMA = 5.0
+# A re-optimisation swap lowers rigs before the better ones rise (or boot, for minutes):
+# it is taken in steps whose loss meanwhile stays under this share of the farm's hashrate.
+SWAP_DIP = 0.004
+SWAP_SHRINK = 5  # halvings of a swap's increases tried to fit that
+SWAP_STEP_GAIN = 0.25  # each step gains at least this share of `reopt_gain_pct`
+# ... and one that cannot fit `SWAP_DIP` loses at most this many times its gain meanwhile
+# (the gain lasts at least `reopt_hold_s`, the loss about one wake: minutes; 10 refused a
+# swap fleet 1 needs at a 10 % cap in bench.control, 40 let fleet 2 sleep a rig in two).
+SWAP_PAYBACK = 20.0
 MIN_CHANGE_W = 50.0  # a change of power target smaller than this is not worth a command
 REOPT_CUT_W = 200.0  # nor, for re-optimisation alone, a cut smaller than this
 HOLD_LOSS = 0.001  # share of hashrate worth giving up for fewer commands
@@ -478,9 +507,17 @@ def plan(inp: PlanInput) -> Plan:
     factor = model.factor if model is not None else 1.0
     headroom = _headroom(inp, measured if fresh else None)
     target = max(0.0, cap_kw - headroom)
+    # The estimate's own standard deviation (None: not measured, or no fresh reading).
+    sigma = (
+        model.margin_kw(measured) / MARGIN_SIGMA
+        if model is not None and fresh and model.noise_known
+        else None
+    )
+    rest = FILL_TO * deadband if sigma is None else min(FILL_TO * deadband, REST_SIGMA * sigma)
 
     in_flight = 0.0  # kW of rig power still to come (+) or go (-), not yet settled
     ramping_up = 0.0
+    waking = False  # a rig rigd woke is still coming up: a restore in progress
     going_down = 0.0  # kW still to go: what the prediction counts as gone already
     for r in inp.rigs:
         mm = m(r)
@@ -491,6 +528,7 @@ def plan(inp: PlanInput) -> Plan:
         in_flight += delta
         if delta > 0:
             ramping_up += delta
+            waking = waking or r.power_w < 0.5 * mm.expected_w
         else:
             going_down -= delta
     if actions:  # confirmations just planned
@@ -505,8 +543,13 @@ def plan(inp: PlanInput) -> Plan:
     shedding = predicted > upper
     # The slow rigs to have running when the cap lifts, in its last minutes (rule 9).
     keep = {} if inp.urgent or not cfg.prepare_restore else to_prepare(inp.cap, now, inp.rigs)
-    if shedding:
-        need = predicted - (upper - SHED_TO * deadband)
+    if shedding and not inp.urgent and _lifts_first(inp, predicted):
+        # No shed shows before the cap lifts, and the import is under the cap after it:
+        # a throttle sent now would only land under the higher cap, and linger there.
+        shedding = False
+        note = "over target in a cap's last seconds: it lifts before any shed shows"
+    elif shedding:
+        need = predicted - (upper - min(SHED_TO * deadband, rest))
         shed = _shed(inp, need / factor, free, settled, add)
         predicted -= factor * shed
         if predicted > upper + 1e-6:
@@ -516,19 +559,47 @@ def plan(inp: PlanInput) -> Plan:
         # land before the decrease that makes room for it.
         # The ramp limit is on the import: rig power coming back moves it by `factor`.
         room = min(
-            ((target - FILL_TO * deadband) - (predicted + factor * going_down)) / factor,
+            ((target - rest) - (predicted + factor * going_down)) / factor,
             ramp_limit / factor - ramping_up,
         )
-        fill = predicted < lower
+        steady_now = quiet and not actions and ramping_up <= _EPS_KW
+        # Inside the band, a steady farm resting well under the target is topped up (a
+        # trim), once per re-optimisation pass: it never sits at the band's bottom.
+        trim = (
+            sigma is not None
+            and inp.reoptimize
+            and steady_now
+            and going_down <= _EPS_KW
+            and not predicted < lower
+            and predicted < target - TRIM_SIGMA * sigma
+        )
+        # While a restore's wakes come up, it goes on filling to the rest point: a rig
+        # that was still showing a shed when it began is raised once that has shown
+        # (its share kept for it meanwhile: `_improve`'s `fill`).
+        restoring = waking and predicted < target - rest - max(sigma or 0.0, _EPS_KW)
+        fill = predicted < lower or trim or restoring
         if fill or inp.reoptimize or keep:
-            budget = ((target - FILL_TO * deadband) - predicted) / factor
+            budget = ((target - rest) - predicted) / factor
+            if trim:
+                # Sized from a reading low in its noise: see `TRIM_TO_SIGMA`.
+                assert sigma is not None
+                budget = (target - TRIM_TO_SIGMA * sigma - predicted) / factor
+                room = min(room, budget)
             # Swaps only from a steady state, and only as big as the ramp lets their other
             # half come back at once: a swap half done is a loss.
-            swap_kw = (
-                ramp_limit / factor if quiet and not actions and ramping_up <= _EPS_KW else 0.0
-            )
+            swap_kw = ramp_limit / factor if steady_now else 0.0
             predicted += factor * _improve(
-                inp, budget, room, fill, swap_kw, going_down > _EPS_KW, free, settled, add, keep
+                inp,
+                budget,
+                room,
+                fill,
+                swap_kw,
+                going_down > _EPS_KW,
+                free,
+                settled,
+                add,
+                keep,
+                trim=trim,
             )
     hashrate = attainable = None
     # What the plan gives up (a full allocation): not while shedding, when commands wait.
@@ -547,6 +618,20 @@ def plan(inp: PlanInput) -> Plan:
         hashrate,
         attainable,
     )
+
+
+def _lifts_first(inp: PlanInput, predicted_kw: float) -> bool:
+    """Does the cap end, to one the predicted import is under (less the configured
+    headroom), before the quickest shed could show (a sleep, the fastest way down)? On
+    the benchmark's step a shed for the meter's noise 3 s before a 40 % cap lifted left an
+    S19 XP at its minimum for the next half hour."""
+    cap = inp.cap
+    if cap.ends_at is None or cap.after_kw is None or not inp.rigs:
+        return False
+    cfg = inp.settings
+    quickest = min(r.timing.sleep_s for r in inp.rigs)
+    after = cap.after_kw - max(cfg.headroom_kw, cap.after_kw * cfg.headroom_pct / 100.0)
+    return inp.now + quickest >= cap.ends_at and predicted_kw <= after
 
 
 def _headroom(inp: PlanInput, import_kw: float | None) -> float:
@@ -785,6 +870,8 @@ def _improve(
     settled: _Pred,
     add: _Add,
     keep: Mapping[str, float] | None = None,
+    *,
+    trim: bool = False,
 ) -> float:
     """Under the target: move towards the best plan for the target, and return the rig
     power (kW) the commands add (less what they take off).
@@ -801,17 +888,32 @@ def _improve(
     way down, so room is coming: no partial increase now (it would take what is coming
     piecemeal, and the rest would go to the wrong rigs). `keep`: slow-to-wake rigs (id ->
     wake seconds) to have running when the cap lifts (`_prepared`): the swap that brings
-    them in is made even at a loss, within `PREPARE_LOSS`."""
+    them in is made even at a loss, within `PREPARE_LOSS`. `trim`: a top-up inside the band
+    (`fill` set for it): it raises only rigs not commanded within `reopt_hold_s`, so a rig
+    lowered by a shed for the meter's noise is not raised again straight after, and no rig
+    is topped up more than twice an hour."""
     cfg = inp.settings
     now = inp.now
     mem = inp.memory
     units: dict[str, Unit] = {}
     rig_of: dict[str, RigInput] = {}
     fixed_ths = 0.0
+    reserved: set[str] = set()  # rigs whose share of a fill is kept until they have settled
     for r in inp.rigs:
         mm = mem.get(r.id, _NO_MEMORY)
         f = _final_w(r, mm, now)
+        if fill and not trim and _reserve(inp, r, mm, f, free(r) and not settled(r)):
+            top = _top_w(inp, r)
+            units[r.id] = Unit(
+                r.id, _curve(r), f, True, f, top, _levels(r, f, top, f),
+                min(r.idle_w, f), True, False, r.priority,
+            )  # fmt: skip
+            rig_of[r.id] = r
+            reserved.add(r.id)
+            continue
         u = _unit(inp, r, mm, f, free(r) and settled(r))
+        if u is not None and trim and now < mm.commanded_at + cfg.reopt_hold_s:
+            u = None if not u.running else replace(u, hi=u.now_w, steps=_below(u.steps, u.now_w))
         if u is None:
             if _consuming(r):
                 fixed_ths += _ths(r, f)
@@ -837,15 +939,13 @@ def _improve(
     # What raising and waking alone would give: a swap (lowering one rig for another) is
     # worth it only for what it adds beyond that. (Room made by a swap still in flight
     # is counted as made: the swap is not made again while its other half waits.)
-    rising = allocate(
-        [
-            replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
-            if u.running
-            else u
-            for u in units.values()
-        ],
-        budget,
-    )
+    rising_units = {
+        uid: replace(u, lo=u.now_w, steps=_above(u.steps, u.now_w), may_stop=False)
+        if u.running
+        else u
+        for uid, u in units.items()
+    }
+    rising = allocate(rising_units.values(), budget)
     rising_ths = rising.ths if rising.feasible else now_ths
     threshold = cfg.reopt_gain_pct / 100.0 * (now_ths + fixed_ths)
     gain = alloc.ths - rising_ths
@@ -883,11 +983,21 @@ def _improve(
         ):
             break
         units, alloc, gain = held, again, again.ths - rising_ths
+    bounded = worth and not prepare
+    if bounded:
+        # (`_fewer_commands` applied within: the bound is on the commands sent.)
+        units, alloc, worth = _bounded_swap(
+            units, alloc, budget, rising_ths, now_ths + fixed_ths, threshold * SWAP_STEP_GAIN
+        )
+        gain = alloc.ths - rising_ths
     if not worth:
         if not (fill or prepare) or not rising.feasible:
             return 0.0
-        alloc = rising
-    units, alloc = _fewer_commands(units, alloc, budget)
+        # Raising alone, with units that may only rise: `_fewer_commands` re-plans on
+        # them, and on the free units it would plan a swap (one never sent).
+        units, alloc = rising_units, rising
+    if not (bounded and worth):
+        units, alloc = _fewer_commands(units, alloc, budget)
     ups: list[tuple[float, Unit, float]] = []
     removed = 0.0  # W the swaps' decreases take off, once they show
     for uid, u in units.items():
@@ -918,6 +1028,8 @@ def _improve(
                 removed += u.now_w - cut
     added = 0.0
     for _, u, goal in sorted(ups, key=lambda x: (-x[1].priority, -x[0], x[1].id)):
+        if u.id in reserved:
+            continue  # raised once its shed has shown (the room is kept for it)
         left = room_kw * 1000.0 - added
         r = rig_of[u.id]
         mm = mem.get(u.id, _NO_MEMORY)
@@ -972,6 +1084,87 @@ def _improve(
     return (added - removed) / 1000.0
 
 
+def _swap_dip(units: Mapping[str, Unit], alloc: Allocation) -> float:
+    """Hashrate (TH/s) a swap's decreases take off before its increases show."""
+    dip = 0.0
+    for uid, u in units.items():
+        if not u.running:
+            continue
+        if uid not in alloc.running:
+            dip += u.ths(u.now_w)
+        elif alloc.watts[uid] < u.now_w:
+            dip += u.ths(u.now_w) - u.ths(alloc.watts[uid])
+    return dip
+
+
+def _bounded_swap(
+    units: dict[str, Unit],
+    alloc: Allocation,
+    budget: float,
+    rising_ths: float,
+    farm_ths: float,
+    min_gain: float,
+) -> tuple[dict[str, Unit], Allocation, bool]:
+    """A re-optimisation swap whose decreases lose at most `SWAP_DIP` of the farm's
+    hashrate while its increases wait to show (a woken rig boots for minutes): the
+    increases are cut to a share of their way (`SWAP_SHRINK` tries, halving it) and the
+    allocation planned again, so the swap is taken in steps, one per pass, each of them a
+    gain. A sleep cannot be split, so the steps are planned with every running rig kept
+    running (throttled, not slept: a sleep gives up the rig's whole hashrate at once); the
+    rig a better one replaces is slept in a later pass, once that one shows. Where no step
+    fits the bound, the step that loses least meanwhile is taken, if that loss is at most
+    `SWAP_PAYBACK` times what it gains (else no swap now: on a small farm a sleep can give
+    up a fifth of its hashrate for minutes). A step gains at least `min_gain` (a share of
+    the re-optimisation's threshold): smaller ones are churn.
+    The last bool: a step was found (else no swap now)."""
+    bound = SWAP_DIP * farm_ths
+    # Measured on the commands it will send: fewer, larger cuts (`_fewer_commands`).
+    best = _fewer_commands(units, alloc, budget)
+    least = _swap_dip(*best)
+    if least <= bound:
+        return best[0], best[1], True
+    gain = best[1].ths - rising_ths
+    share = 1.0
+    for _ in range(SWAP_SHRINK + 1):
+        limited = dict(units)
+        for uid, u in units.items():
+            base = u.now_w if u.running else 0.0
+            goal = alloc.watts[uid] if uid in alloc.running else 0.0
+            if u.running and u.may_stop:
+                u = replace(u, may_stop=False)
+            if uid in alloc.running and goal > base + MIN_CHANGE_W and share < 1.0:
+                hi = max(base + share * (goal - base), u.lo if not u.running else base)
+                u = replace(u, hi=hi, steps=tuple(x for x in u.steps if x <= hi + 1e-6))
+            limited[uid] = u
+        share /= 2.0
+        again = allocate(limited.values(), budget)
+        if not again.feasible or again.ths < rising_ths + min_gain:
+            continue  # not enough gain in a step this size without a sleep
+        step = _fewer_commands(limited, again, budget)
+        if step[1].ths < rising_ths + min_gain:
+            continue
+        dip = _swap_dip(*step)
+        if dip <= bound:
+            return step[0], step[1], True
+        if dip < least:
+            least, best, gain = dip, step, step[1].ths - rising_ths
+    return best[0], best[1], least <= SWAP_PAYBACK * gain
+
+
+def _reserve(inp: PlanInput, r: RigInput, mm: RigMemory, f: float, waiting: bool) -> bool:
+    """A rig rigd throttled, free but still showing that throttle (`waiting`), that a fill
+    would raise: the fill keeps its share for it rather than give it to worse rigs."""
+    return (
+        waiting
+        and mm.mode is Mode.THROTTLE
+        and r.id in inp.memory
+        and _can_throttle(inp, r)
+        and r.min_w is not None
+        and _consuming(r)
+        and _top_w(inp, r) > f + MIN_CHANGE_W
+    )
+
+
 def _prepared(
     units: dict[str, Unit], keep: Mapping[str, float], budget: float
 ) -> tuple[dict[str, Unit], bool]:
@@ -1005,6 +1198,11 @@ def _prepared(
 def _cmd(full: bool, watts: float) -> float | None:
     """The power target to send: None (the rig's default) for its full power."""
     return None if full else watts
+
+
+def _below(steps: tuple[float, ...], w: float) -> tuple[float, ...]:
+    """Steps at or below `w`, with `w` itself: a unit that may not rise."""
+    return tuple(sorted({x for x in steps if x < w} | {w})) if steps else ()
 
 
 def _above(steps: tuple[float, ...], w: float) -> tuple[float, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.control import FLEETS, Plan, build_farm, main, run
+from bench.control import FLEETS, Plan, build_farm, main, run, trailing_mean
 from bench.optimum import ModelGroup, groups_of, optimum, solve
 from simulators.clock import ManualClock
 from simulators.farm import MODELS, Farm, SimRig
@@ -97,6 +97,16 @@ async def test_a_tiny_fleet_through_a_cap_and_a_step(tmp_path: Path) -> None:
     assert bound is not None
     took = step["time_to_1pct_of_optimum_at_own_import_after_restore_s"]
     assert took is None or took >= bound - 1
+    # The drop side both ways, instantaneous and on the 60-s mean (counted from a whole
+    # window after the step).
+    for key in ("time_to_1pct_of_optimum_at_low_s", "time_to_1pct_of_optimum_at_low_avg60_s",
+                "time_to_1pct_of_optimum_at_own_import_at_low_s",
+                "time_to_1pct_of_optimum_at_own_import_at_low_avg60_s",
+                "min_ratio_at_low_after_300s", "min_ratio_at_low_after_300s_avg60",
+                "import_over_cap_at_low"):  # fmt: skip
+        assert key in step
+    avg = step["time_to_1pct_of_optimum_at_own_import_at_low_avg60_s"]
+    assert avg is None or avg >= 60
     assert "machine" in result
 
 
@@ -109,3 +119,11 @@ def test_the_command_line_writes_json(tmp_path: Path, monkeypatch: pytest.Monkey
     assert set(doc) == {"machine", "rows", "step", "budget"}
     assert doc["step"] is None and doc["budget"] is None
     assert doc["rows"][0]["cap_pct"] == 30
+
+
+def test_the_trailing_mean_of_hashrate() -> None:
+    series = [(float(t), 10.0 if t < 60 else 20.0) for t in range(0, 200, 2)]
+    avg = dict(trailing_mean(series, 60.0))
+    assert avg[0.0] == 10.0 and avg[58.0] == 10.0
+    assert avg[90.0] == pytest.approx((14 * 10 + 16 * 20) / 30)  # 32..90: 30 samples
+    assert avg[120.0] == 20.0

@@ -14,8 +14,13 @@ import pytest
 
 from controller.core.caps import MAX_IMPORT, Limit, effective_cap
 from controller.core.curves import Curve
+from controller.core.overhead import MARGIN_SIGMA, ImportModel
 from controller.core.planner import (
     IDLE_W,
+    REST_SIGMA,
+    SWAP_DIP,
+    TRIM_SIGMA,
+    TRIM_TO_SIGMA,
     Action,
     ActionKind,
     Mode,
@@ -575,3 +580,135 @@ def test_plan_and_action_documents() -> None:
         "basis": "meter",
         "note": "",
     }
+
+
+# -- margins from measured noise: where the import rests, trims, bounded swaps -------------
+
+
+WIDE = {"can_power_target": True, "min_w": 1000.0, "max_w": 3000.0}
+
+
+def noisy(inp: PlanInput, rel_sd: float) -> tuple[PlanInput, float]:
+    """`inp` with an import model that explains the meter exactly (its non-rig load
+    learned) and has measured a noise of `rel_sd` of the reading; and the estimate's
+    standard deviation the planner sizes its margins from."""
+    assert inp.import_kw is not None
+    rig_kw = sum(r.power_w or 0.0 for r in inp.rigs) / 1000.0
+    model = ImportModel(base_kw=inp.import_kw - rig_kw, noise_rel_var=rel_sd**2, resid_kw=0.0)
+    return replace(inp, model=model), model.margin_kw(inp.import_kw) / MARGIN_SIGMA
+
+
+def test_with_noise_measured_a_shed_rests_three_sigma_under_the_target() -> None:
+    rigs = [rig(f"r{i:02d}", eff=20.0 + i % 7, **WIDE) for i in range(34)]  # 102 kW
+    inp, sigma = noisy(farm(rigs, deadband_kw=8.0), 0.01)
+    assert 0.2 < sigma < 0.5  # 3 sigma is under the quarter band (2 kW)
+    p = plan(inp)
+    assert p.target_kw == pytest.approx(100.0 - MARGIN_SIGMA * sigma)
+    assert p.predicted_kw == pytest.approx(p.target_kw - REST_SIGMA * sigma, abs=0.06)
+    # Unmeasured noise: a quarter of the band, as before.
+    p = plan(farm(rigs, deadband_kw=8.0))
+    assert p.predicted_kw == pytest.approx(100.0 - 2.0, abs=0.06)
+
+
+def trimmable(**memory_kw: Any) -> tuple[list[RigInput], dict[str, RigMemory]]:
+    """30 rigs at full and two rigd throttled to 2 kW: 94 kW of rigs."""
+    rigs = [rig(f"r{i:02d}", eff=25.0, **WIDE) for i in range(30)]
+    rigs += [rig(f"t{i}", 2000.0, eff=20.0, **WIDE) for i in range(2)]
+    throttled = RigMemory(Mode.THROTTLE, since=NOW - 5000, expected_w=2000.0, target_w=2000.0)
+    memory = {f"t{i}": replace(throttled, **memory_kw) for i in range(2)}
+    return rigs, memory
+
+
+def test_inside_the_band_a_steady_farm_is_trimmed_up_to_its_rest_point() -> None:
+    rigs, memory = trimmable(commanded_at=NOW - 5000)
+    # 96 kW against a target of about 99: inside the 8-kW band, over 4 sigma under it.
+    inp, sigma = noisy(farm(rigs, nonrig_kw=2.0, deadband_kw=8.0, memory=memory), 0.01)
+    target = 100.0 - MARGIN_SIGMA * sigma
+    assert target - 8.0 < 96.0 < target - TRIM_SIGMA * sigma
+    p = plan(inp)
+    assert p.actions and {a.kind for a in p.actions} == {ActionKind.SET_POWER}
+    assert all(a.reason.startswith("under target") for a in p.actions)
+    # It is sized to land `TRIM_TO_SIGMA` under the target (the reading that set it off
+    # was low in its noise: on the mean, it lands higher).
+    assert p.predicted_kw == pytest.approx(target - TRIM_TO_SIGMA * sigma, abs=0.06)
+    # Only on a re-optimisation pass.
+    assert plan(replace(inp, reoptimize=False)).actions == ()
+    # Not with a change in flight.
+    waking = replace(memory["t0"], settle_until=NOW + 30, expected_w=2500.0)
+    busy, _ = noisy(
+        farm(rigs, nonrig_kw=2.0, deadband_kw=8.0, memory={**memory, "t0": waking}), 0.01
+    )
+    assert not [a for a in plan(busy).actions if a.rig_id != "t0"]
+    # Within `TRIM_SIGMA` of the target: nothing to do.
+    close, _ = noisy(
+        farm(
+            rigs,
+            nonrig_kw=target - 94.0 - (TRIM_SIGMA - 0.5) * sigma,
+            deadband_kw=8.0,
+            memory=memory,
+        ),
+        0.01,
+    )
+    assert plan(close).actions == ()
+
+
+def test_a_trim_leaves_rigs_commanded_within_the_hold() -> None:
+    rigs, memory = trimmable(commanded_at=NOW - 5000)
+    memory["t0"] = replace(memory["t0"], commanded_at=NOW - 600)  # a shed lowered it lately
+    inp, _ = noisy(farm(rigs, nonrig_kw=2.0, deadband_kw=8.0, memory=memory), 0.01)
+    assert set(watts(plan(inp))) == {"t1"}
+    # Below the band it is an ordinary fill, which may raise it.
+    inp, _ = noisy(farm(rigs, nonrig_kw=2.0, deadband_kw=1.0, memory=memory), 0.01)
+    assert "t0" in watts(plan(inp))
+
+
+def test_a_swap_is_taken_in_steps_that_lose_little_meanwhile() -> None:
+    # 40 rigs of 30 J/TH at full, and one of 15 J/TH rigd throttled to its minimum: the
+    # best plan raises it by 2 kW and lowers the others by as much, losing about 1.5 %
+    # of the farm's hashrate until the raise shows. Taken in steps, each loses <= 0.4 %.
+    rigs = [rig(f"r{i:02d}", eff=30.0, **WIDE) for i in range(40)]
+    rigs.append(rig("good", 1000.0, eff=15.0, **WIDE))
+    memory = {
+        "good": RigMemory(Mode.THROTTLE, since=NOW - 5000, expected_w=1000.0, target_w=1000.0)
+    }
+    inp = farm(rigs, cap_kw=122.0, deadband_kw=4.0, memory=memory, ramp_kw_per_interval=20.0)
+    p = plan(inp)
+    cuts = [a for a in p.actions if a.reason.startswith("re-optimising")]
+    assert cuts, p.actions
+    curve = Curve.through(3000.0, 100.0)
+    farm_ths = 40 * curve.ths(3000.0) + Curve.through(3000.0, 200.0).ths(1000.0)
+    lost = sum(curve.ths(3000.0) - (curve.ths(a.watts) if a.watts else 0.0) for a in cuts)
+    assert 0 < lost <= SWAP_DIP * farm_ths + 1e-9
+    # Without the bound, the whole swap at once would lose about four times as much.
+    whole = 2000.0 * curve.slope(3000.0)
+    assert whole > 3 * SWAP_DIP * farm_ths
+
+
+def test_no_shed_in_a_caps_last_seconds_when_it_lifts_first() -> None:
+    rigs = [rig(f"r{i}", eff=20.0 + i, **WIDE) for i in range(4)]  # 12 kW
+    base = farm(rigs, cap_kw=11.9)
+    # The cap lifts (to 100 kW) in 5 s: no shed shows before then (a sleep takes 15 s).
+    lifting = replace(base, cap=replace(base.cap, ends_at=NOW + 5, after_kw=100.0))
+    p = plan(lifting)
+    assert p.actions == () and "lifts" in p.note
+    # A minute before the end, or lifting to a cap still under the import: shed.
+    assert plan(replace(lifting, cap=replace(lifting.cap, ends_at=NOW + 60))).actions
+    assert plan(replace(lifting, cap=replace(lifting.cap, after_kw=11.95))).actions
+    # Under a grid deadline, shed regardless.
+    assert plan(replace(lifting, urgent=True)).actions
+
+
+def test_a_swap_step_keeps_running_rigs_running_and_a_costly_sleep_waits() -> None:
+    # Two rigs of 30 J/TH at full, and one of 29 rigd slept long ago; no room. The better
+    # plan runs it instead of one of the others: its first step throttles (wakes it at its
+    # minimum on the room a throttle makes), it does not sleep a rig first.
+    def inp(**pt: Any) -> PlanInput:
+        rigs = [rig("b1", eff=30.0, **pt), rig("b2", eff=30.0, **pt), asleep("g", 29.0, **pt)]
+        return farm(rigs, cap_kw=6.02, memory={"g": slept_memory(NOW - 5000)})
+
+    p = plan(inp(**WIDE))
+    assert p.actions and {a.kind for a in p.actions} == {ActionKind.SET_POWER}
+    assert all(a.reason.startswith("re-optimising") for a in p.actions)
+    # Without power targets the only swap sleeps a rig (100 TH/s given up while the other
+    # boots) for 3.4 TH/s: more than `SWAP_PAYBACK` times its gain, so not now.
+    assert plan(inp()).actions == ()
