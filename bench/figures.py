@@ -85,6 +85,14 @@ def derive(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any] | None]) -
     """Add each run's floor figures and ratios to it (in place)."""
     pdu_curve = fits.get("cpu_vs_pdus")
     pdu_ms = pdu_curve["slope_ms"] if pdu_curve is not None else None
+    # The PDUs' cost is the difference between runs with and without them. Once a PDU poll
+    # costs a fraction of a millisecond, 417 of them are less than the runs' own scatter of
+    # CPU per cycle, and the difference can come out negative: not a cost, so not a ratio
+    # (nor a pass). Then the rig-poll figure keeps the PDUs in (`rig_poll_includes_pdus`),
+    # and bench.floors' PDU ratio is the one to read.
+    below_noise = pdu_ms is not None and pdu_ms <= 0.0
+    if below_noise:
+        pdu_ms = None
     for r in runs:
         counts: dict[str, int] = r.get("rigs_by_driver") or {}
         floors = r.get("floors") or {}
@@ -97,6 +105,7 @@ def derive(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any] | None]) -
         r["floor_cpu_ms_per_pdu"] = None if floor_pdu is None else round(floor_pdu, 4)
         pdus_ms = r["pdus"] * pdu_ms if r["pdus"] and pdu_ms is not None else 0.0
         r["rig_poll_includes_pdus"] = bool(r["pdus"]) and pdu_ms is None
+        r["pdu_cost_below_noise"] = bool(r["pdus"]) and below_noise
         rig_ms = (cycle_ms - pdus_ms) / r["rigs"]
         r["daemon_cpu_ms_per_rig_poll"] = round(rig_ms, 4)
         r["daemon_cpu_ms_per_pdu_poll"] = (

@@ -158,3 +158,12 @@ def test_ratios_weigh_each_dialect_by_its_rigs() -> None:
     assert a["pdu_poll_cpu_ratio"] is None  # no PDUs in that run
     assert a["curtail_p99_ratio"] is None  # no command floor
     assert math.isclose(a["pyasic_cpu_ratio"], 10.0) and a["pyasic_dialects"] == ["whatsminer"]
+
+    # With the PDUs' run cheaper than the one without (their cost under the runs' scatter),
+    # there is no PDU cost to set against its floor: n/a, never a pass.
+    runs = [run_(0, 0.06), run_(4, 0.059)]
+    derive(runs, fit_curves(runs))
+    b = runs[1]
+    assert b["pdu_poll_cpu_ratio"] is None and b["daemon_cpu_ms_per_pdu_poll"] is None
+    assert b["pdu_cost_below_noise"] and b["rig_poll_includes_pdus"]
+    assert math.isclose(b["daemon_cpu_ms_per_rig_poll"], 0.59)  # the PDUs left in
