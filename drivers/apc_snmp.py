@@ -587,20 +587,26 @@ class ApcPdu:
             non_repeaters=non_repeaters or 0,
             repetitions=repetitions,
         )
-        try:
-            return reply.decoded()  # type: ignore[return-value]
-        except snmp_wire.BerError as exc:
-            raise MalformedReply(
-                f"malformed var-binds: {exc}", device=self.device, operation=operation
-            ) from exc
+        return self._decoded(reply, operation)
 
     def _var_binds(self, reply: snmp_wire.Reply, operation: str) -> list[tuple[bytes, Any]]:
+        """The reply's var-binds, raw; a reply that does not parse is a MalformedReply."""
         try:
             return reply.var_binds
         except snmp_wire.BerError as exc:
-            raise MalformedReply(
-                f"malformed var-binds: {exc}", device=self.device, operation=operation
-            ) from exc
+            raise self._malformed(exc, operation) from exc
+
+    def _decoded(self, reply: snmp_wire.Reply, operation: str) -> list[VarBind]:
+        """The reply's var-binds decoded to plain values, or a MalformedReply."""
+        try:
+            return reply.decoded()  # type: ignore[return-value]
+        except snmp_wire.BerError as exc:
+            raise self._malformed(exc, operation) from exc
+
+    def _malformed(self, exc: snmp_wire.BerError, operation: str) -> MalformedReply:
+        return MalformedReply(
+            f"malformed var-binds: {exc}", device=self.device, operation=operation
+        )
 
     async def _set_int(self, operation: str, oid: Oid, value: int) -> list[VarBind]:
         """A SET of one INTEGER (an outlet command) with the write community, or the v3
@@ -610,12 +616,7 @@ class ApcPdu:
             return await self._v3.set_int(operation, oid, value)
         binds = snmp_wire.encode_set_binds([(oid, value)])
         reply = await self._v2c(operation, snmp_wire.SET, binds, writing=True)
-        try:
-            return reply.decoded()  # type: ignore[return-value]
-        except snmp_wire.BerError as exc:
-            raise MalformedReply(
-                f"malformed var-binds: {exc}", device=self.device, operation=operation
-            ) from exc
+        return self._decoded(reply, operation)
 
     async def _v2c(
         self, operation: str, pdu_type: int, binds: bytes, *, non_repeaters: int = 0,
