@@ -111,8 +111,12 @@ def test_cli_writes_the_json_the_issue_names(tmp_path: Path) -> None:
     assert [(r["rigs"], r["pdus"]) for r in doc["runs"]] == [(10, 0), (10, 1)]
     for key in ("floor_cpu_ms_per_rig", "rig_poll_cpu_ratio", "floor_cpu_ms_per_pdu"):
         assert isinstance(doc[key], float) and doc[key] > 0, key
-    # One PDU's cost is the difference of two noisy runs: present, of either sign.
-    assert isinstance(doc["pdu_poll_cpu_ratio"], float)
+    # One PDU's cost is the difference of two noisy runs: a positive ratio, or n/a with the
+    # reason said (never a negative ratio).
+    if doc["pdu_cost_below_noise"]:
+        assert doc["pdu_poll_cpu_ratio"] is None and doc["rig_poll_includes_pdus"]
+    else:
+        assert isinstance(doc["pdu_poll_cpu_ratio"], float) and doc["pdu_poll_cpu_ratio"] > 0
     assert doc["fit"]["cpu_vs_pdus"]["x"] == "pdus"
     for key in ("curtail_p99_ratio", "pyasic_cpu_ratio", "curtail_commanded_first_s"):
         assert key in doc, key  # null where not measured (no command floor; --no-pyasic)
