@@ -633,10 +633,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(COLUMNS, rows, text=frozenset({"fleet"}))
 
 
-def step_lines(step: Mapping[str, Any]) -> str:
-    def s(v: Any) -> str:
-        return "never" if v is None else f"{v:.0f} s"
+def _secs(v: Any) -> str:
+    """A time to a state, or "never" where the run did not reach it."""
+    return "never" if v is None else f"{v:.0f} s"
 
+
+def step_lines(step: Mapping[str, Any]) -> str:
+    s = _secs
     return (
         f"step {step['fleet']} 100 -> {step['low_pct']:.0f} -> 100 %: under the cap "
         f"{s(step['time_under_cap_s'])} after the drop ({step['over_cap_s_after_stop']:.0f} s "
@@ -663,9 +666,7 @@ def drop_line(step: Mapping[str, Any]) -> str:
     """The drop side both ways, instantaneous and on the 60-s mean of hashrate."""
     if "time_to_1pct_of_optimum_at_low_avg60_s" not in step:
         return ""
-
-    def s(v: Any) -> str:
-        return "never" if v is None else f"{v:.0f} s"
+    s = _secs
 
     def r(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
