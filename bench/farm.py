@@ -60,8 +60,10 @@ import aiomqtt
 from bench import proc, ratios
 from controller.adapters.grid.sign import build, generate, sign, write_keypair
 from drivers.modbus_meter import ModbusMeter
+from simulators.avalon import AVALON_MODELS
 from simulators.farm import MODELS, SimMeter
 from simulators.shards import default_processes
+from simulators.whatsminer import WHATSMINER_MODELS
 
 SITE = "bench"
 # An order's way to its first command, as the daemon logs it (ms since it arrived).
@@ -130,13 +132,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def idle_floor_kw(rigs: int) -> float:
-    """What the simulated meter reads with every rig asleep: the farm model's own figures."""
+def idle_floor_kw(rigs: int, by_driver: dict[str, int] | None = None) -> float:
+    """What the simulated meter reads with every rig asleep, at most: the farm model's own
+    figures, each rig at the highest sleep draw of the models its dialect can be (a
+    Whatsminer or an Avalon is a rig of its own models and idles higher than an Antminer).
+    Without `by_driver`, every rig is taken for one of the farm's Antminer models."""
     meter = SimMeter.__dataclass_fields__
     base_w = float(meter["overhead_base_w"].default)  # type: ignore[arg-type]
     frac = float(meter["overhead_frac"].default)  # type: ignore[arg-type]
-    idle_w = max(m.idle_w for m in MODELS.values())
-    return (base_w + rigs * idle_w * (1.0 + frac)) / 1000.0
+    counts = by_driver if by_driver else {"antminer": rigs}
+    idle_w = sum(n * _dialect_idle_w(d) for d, n in counts.items())
+    return (base_w + idle_w * (1.0 + frac)) / 1000.0
+
+
+def _dialect_idle_w(driver: str) -> float:
+    if driver.startswith("whatsminer"):
+        return max(m.idle_w for m in WHATSMINER_MODELS.values())
+    if driver == "avalon":
+        return max(m.physics.idle_w for m in AVALON_MODELS.values())
+    return max(m.idle_w for m in MODELS.values())
 
 
 # -- the processes ---------------------------------------------------------------------------
@@ -472,7 +486,8 @@ async def _run(s: Settings, work: Path) -> dict[str, Any]:
 
         # -- the grid order ---------------------------------------------------------------
         import_kw = end.import_kw or 0.0
-        cap_kw = round(idle_floor_kw(s.rigs) * 1.05, 1)
+        by_driver = {d: len(t) for d, t in rig_targets.items()}
+        cap_kw = round(idle_floor_kw(s.rigs, by_driver) * 1.05, 1)
         when = end.ts + s.interval_s + s.order_phase_s  # into the next cycle's poll
         await asyncio.sleep(max(0.0, when - time.time()))
         msg = build(

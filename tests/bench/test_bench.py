@@ -30,6 +30,9 @@ def test_idle_floor_follows_the_farm_model() -> None:
     # 20 kW of facility load, plus 15 W per sleeping rig and 4 % losses.
     assert idle_floor_kw(0) == 20.0
     assert math.isclose(idle_floor_kw(1000), 20.0 + 15.6)
+    # A Whatsminer or an Avalon is a rig of its own models, and sleeps at its own draw.
+    mixed = idle_floor_kw(1000, {"antminer": 500, "whatsminer": 400, "avalon": 100})
+    assert math.isclose(mixed, 20.0 + (500 * 15.0 + 400 * 30.0 + 100 * 18.0) * 1.04 / 1000)
 
 
 def test_a_small_farm_is_polled_and_curtailed(tmp_path: Path) -> None:
